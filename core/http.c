@@ -1,0 +1,1205 @@
+/* http: see http.h.
+ *
+ * Life of a connection:
+ *   IDLE     waiting for the first byte of a request (keep-alive timer, or the
+ *            header timer for a brand-new connection)
+ *   READING  a request has begun: header timer, then body timer
+ *   HANDLING the parser is paused at the end of the message and the handler
+ *            runs; bytes that arrive meanwhile queue in `in`
+ * and back to IDLE after the response, or closed.
+ */
+#include "http.h"
+
+#include <ctype.h>
+#include <lauxlib.h>
+#include <llhttp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "log.h"
+#include "vm.h"
+
+#define MAX_HEADERS 100
+#define IN_QUEUE_MAX (256 * 1024)   /* unparsed bytes queued while handling */
+#define STREAM_HIGH_WATER (256 * 1024)
+
+enum { CONN_IDLE, CONN_READING, CONN_HANDLING };
+
+typedef struct hdr {
+  uint32_t name_off, name_len, value_off, value_len;
+} hdr_t;
+
+/* Our own checks of the header section, byte by byte, before llhttp sees the
+ * bytes. llhttp 8.1 still accepts obs-fold, a bare LF line end and a space in
+ * a header name; nginx and newer llhttp refuse them, and so do we. */
+typedef struct scanner {
+  int active;   /* scanning a header section (off while reading a body) */
+  int line;     /* 0 = request line */
+  int line_len; /* bytes on this line, CR excluded */
+  int in_name;  /* before the colon of a header line */
+  int saw_cr;
+} scanner_t;
+
+typedef struct wxd_conn wxd_conn_t;
+
+typedef struct wxd_req {
+  wxd_conn_t *conn;      /* NULL once the connection is gone */
+  wxd_worker_t *w;
+  wxd_co_t *co;          /* the handler's coroutine while it runs */
+  wxd_buf_t head;        /* URL then header names and values */
+  uint32_t url_len;
+  size_t header_bytes;   /* as counted against max_header_bytes */
+  hdr_t hdrs[MAX_HEADERS];
+  unsigned nhdrs;
+  int hstate;            /* 0 none, 1 in a name, 2 in a value */
+  wxd_buf_t body;
+  uint64_t start_ns;
+  char id[24];
+  uint8_t method, http_major, http_minor;
+  unsigned keep_alive : 1;
+  unsigned is_head : 1;
+  unsigned has_te : 1;
+  unsigned streaming : 1;    /* headers sent, chunks follow */
+  unsigned stream_raw : 1;   /* HTTP/1.0 stream: close-delimited */
+  unsigned drain_wait : 1;   /* coroutine waits for the write queue */
+  unsigned finished : 1;
+  int host_count;
+  int status;
+  size_t bytes_out;
+} wxd_req_t;
+
+struct wxd_conn {
+  uv_tcp_t tcp;
+  uv_timer_t timer;
+  llhttp_t parser;
+  wxd_worker_t *w;
+  wxd_conn_t *prev, *next;
+  wxd_req_t *req;        /* request being parsed or handled */
+  wxd_buf_t in;          /* unparsed bytes queued while handling */
+  scanner_t scan;
+  int state;
+  int err_status;        /* set by a parser callback before it fails */
+  const char *err_msg;
+  unsigned nreq;         /* requests dispatched on this connection */
+  int in_process;        /* re-entrancy guard for conn_process */
+  int writes_pending;
+  int handles_open;      /* tcp + timer; freed when 0 */
+  unsigned closing : 1;
+  unsigned close_after_write : 1;
+  unsigned discard_input : 1; /* after Connection: close or an error */
+  unsigned reading : 1;
+  unsigned peer_eof : 1;
+  char remote[64];
+  int remote_port;
+};
+
+static llhttp_settings_t parser_settings;
+static void conn_process(wxd_conn_t *c, const char *data, size_t len);
+static void conn_close(wxd_conn_t *c);
+static void conn_fail(wxd_conn_t *c, int status, const char *msg);
+static void req_finish(wxd_req_t *r);
+
+/* ---- small helpers ---- */
+
+int wxd_buf_reserve(wxd_buf_t *b, size_t need) {
+  if (b->len + need <= b->cap) return 0;
+  size_t cap = b->cap ? b->cap : 256;
+  while (cap < b->len + need) cap *= 2;
+  char *p = realloc(b->data, cap);
+  if (!p) return -1;
+  b->data = p;
+  b->cap = cap;
+  return 0;
+}
+
+int wxd_buf_append(wxd_buf_t *b, const void *p, size_t len) {
+  if (wxd_buf_reserve(b, len) != 0) return -1;
+  memcpy(b->data + b->len, p, len);
+  b->len += len;
+  return 0;
+}
+
+void wxd_buf_free(wxd_buf_t *b) {
+  free(b->data);
+  b->data = NULL;
+  b->len = b->cap = 0;
+}
+
+static const char *reason_phrase(int status) {
+  switch (status) {
+    case 100: return "Continue";
+    case 101: return "Switching Protocols";
+    case 200: return "OK";
+    case 201: return "Created";
+    case 202: return "Accepted";
+    case 204: return "No Content";
+    case 206: return "Partial Content";
+    case 301: return "Moved Permanently";
+    case 302: return "Found";
+    case 303: return "See Other";
+    case 304: return "Not Modified";
+    case 307: return "Temporary Redirect";
+    case 308: return "Permanent Redirect";
+    case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 403: return "Forbidden";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 408: return "Request Timeout";
+    case 409: return "Conflict";
+    case 410: return "Gone";
+    case 411: return "Length Required";
+    case 413: return "Content Too Large";
+    case 414: return "URI Too Long";
+    case 415: return "Unsupported Media Type";
+    case 417: return "Expectation Failed";
+    case 422: return "Unprocessable Content";
+    case 429: return "Too Many Requests";
+    case 431: return "Request Header Fields Too Large";
+    case 500: return "Internal Server Error";
+    case 501: return "Not Implemented";
+    case 502: return "Bad Gateway";
+    case 503: return "Service Unavailable";
+    case 504: return "Gateway Timeout";
+    default: return status < 300 ? "OK" : status < 400 ? "Redirect" : status < 500 ? "Client Error" : "Server Error";
+  }
+}
+
+const char *wxd_worker_date(wxd_worker_t *w, size_t *len) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME_COARSE, &ts);
+  if (ts.tv_sec != w->date_sec) {
+    struct tm tm;
+    gmtime_r(&ts.tv_sec, &tm);
+    w->date_len = strftime(w->date_hdr, sizeof w->date_hdr,
+                           "Date: %a, %d %b %Y %H:%M:%S GMT\r\n", &tm);
+    w->date_sec = ts.tv_sec;
+  }
+  *len = w->date_len;
+  return w->date_hdr;
+}
+
+/* ---- scanner ---- */
+
+static void scan_reset(scanner_t *s) {
+  memset(s, 0, sizeof *s);
+  s->active = 1;
+}
+
+/* Scans data[0..len). Returns -1 on a refused shape. Otherwise sets *upto to
+ * the number of bytes that belong to the header section (all of them, or up
+ * to and including the blank line that ends it, after which the scanner
+ * switches off until the next message). */
+static int scan_headers(scanner_t *s, const char *data, size_t len, size_t *upto) {
+  for (size_t i = 0; i < len; i++) {
+    unsigned char ch = (unsigned char)data[i];
+    if (ch == '\n') {
+      if (!s->saw_cr) return -1; /* bare LF */
+      s->saw_cr = 0;
+      if (s->line_len == 0) {
+        if (s->line == 0) continue; /* empty lines before the request line */
+        s->active = 0;
+        *upto = i + 1;
+        return 0;
+      }
+      s->line++;
+      s->line_len = 0;
+      s->in_name = 1;
+      continue;
+    }
+    if (s->saw_cr) return -1; /* CR not followed by LF */
+    if (ch == '\r') {
+      s->saw_cr = 1;
+      continue;
+    }
+    if (s->line > 0) {
+      if (s->line_len == 0 && (ch == ' ' || ch == '\t')) return -1; /* obs-fold */
+      if (s->in_name) {
+        if (ch == ':') s->in_name = 0;
+        else if (ch == ' ' || ch == '\t') return -1; /* space in a name */
+      }
+    }
+    s->line_len++;
+  }
+  *upto = len;
+  return 0;
+}
+
+/* ---- writing ---- */
+
+typedef struct write_req {
+  uv_write_t req;
+  wxd_conn_t *conn;
+  char data[];
+} write_req_t;
+
+static void maybe_resume_streamer(wxd_conn_t *c);
+
+static void on_write(uv_write_t *req, int status) {
+  write_req_t *wr = (write_req_t *)req;
+  wxd_conn_t *c = wr->conn;
+  free(wr);
+  c->writes_pending--;
+  if (status < 0 && !c->closing) {
+    conn_close(c);
+    return;
+  }
+  if (c->closing) return;
+  if (c->writes_pending == 0 && c->close_after_write) {
+    conn_close(c);
+    return;
+  }
+  maybe_resume_streamer(c);
+}
+
+/* Writes the buffers, copying whatever the socket does not take at once.
+ * Returns 0, or -1 when the connection is unusable (it is then closed). */
+static int conn_writev(wxd_conn_t *c, uv_buf_t *bufs, unsigned nbufs) {
+  if (c->closing) return -1;
+  size_t total = 0;
+  for (unsigned i = 0; i < nbufs; i++) total += bufs[i].len;
+  size_t done = 0;
+  if (c->writes_pending == 0) {
+    int n = uv_try_write((uv_stream_t *)&c->tcp, bufs, nbufs);
+    if (n >= 0) done = (size_t)n;
+    else if (n != UV_EAGAIN) {
+      conn_close(c);
+      return -1;
+    }
+  }
+  if (done == total) return 0;
+  write_req_t *wr = malloc(sizeof *wr + (total - done));
+  if (!wr) {
+    conn_close(c);
+    return -1;
+  }
+  size_t off = 0, skip = done;
+  for (unsigned i = 0; i < nbufs; i++) {
+    size_t l = bufs[i].len;
+    if (skip >= l) {
+      skip -= l;
+      continue;
+    }
+    memcpy(wr->data + off, bufs[i].base + skip, l - skip);
+    off += l - skip;
+    skip = 0;
+  }
+  wr->conn = c;
+  uv_buf_t b = uv_buf_init(wr->data, (unsigned)off);
+  if (uv_write(&wr->req, (uv_stream_t *)&c->tcp, &b, 1, on_write) != 0) {
+    free(wr);
+    conn_close(c);
+    return -1;
+  }
+  c->writes_pending++;
+  return 0;
+}
+
+static int conn_write(wxd_conn_t *c, const char *p, size_t len) {
+  uv_buf_t b = uv_buf_init((char *)p, (unsigned)len);
+  return conn_writev(c, &b, 1);
+}
+
+/* ---- access log ---- */
+
+static void access_log(wxd_worker_t *w, wxd_req_t *r, const char *method, int status,
+                       const char *remote) {
+  if (!w->cfg->access_log || wxd_log_level() > WXD_LOG_INFO) return;
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  if (ts.tv_sec != w->ts_sec) {
+    struct tm tm;
+    gmtime_r(&ts.tv_sec, &tm);
+    strftime(w->ts_prefix, sizeof w->ts_prefix, "%Y-%m-%dT%H:%M:%S", &tm);
+    w->ts_sec = ts.tv_sec;
+  }
+  char path[512];
+  size_t plen = 0;
+  if (r && r->url_len) {
+    /* The path only: query strings carry openids and codes. */
+    size_t ulen = r->url_len;
+    const char *q = memchr(r->head.data, '?', ulen);
+    if (q) ulen = (size_t)(q - r->head.data);
+    if (ulen > 256) ulen = 256;
+    plen = wxd_json_escape(path, sizeof path, r->head.data, ulen);
+  }
+  double ms = r ? (double)(uv_hrtime() - r->start_ns) / 1e6 : 0;
+  char line[1024];
+  int n = snprintf(line, sizeof line,
+                   "{\"ts\":\"%s.%03ldZ\",\"level\":\"info\",\"worker\":%d,\"msg\":\"access\","
+                   "\"id\":\"%s\",\"method\":\"%s\",\"path\":\"%.*s\",\"status\":%d,"
+                   "\"bytes\":%zu,\"ms\":%.3f,\"remote\":\"%s\"}\n",
+                   w->ts_prefix, ts.tv_nsec / 1000000, w->id, r ? r->id : "", method,
+                   (int)plen, path, status, r ? r->bytes_out : 0, ms, remote);
+  if (n > 0 && (size_t)n < sizeof line) wxd_logbuf_append(&w->access, line, (size_t)n);
+}
+
+/* ---- requests ---- */
+
+static wxd_req_t *req_new(wxd_conn_t *c) {
+  wxd_req_t *r = calloc(1, sizeof *r);
+  if (!r) return NULL;
+  r->conn = c;
+  r->w = c->w;
+  return r;
+}
+
+static void req_reset(wxd_req_t *r) {
+  r->head.len = 0;
+  r->body.len = 0;
+  r->url_len = 0;
+  r->header_bytes = 0;
+  r->nhdrs = 0;
+  r->hstate = 0;
+  r->keep_alive = r->is_head = r->has_te = r->streaming = r->stream_raw = 0;
+  r->drain_wait = r->finished = 0;
+  r->host_count = 0;
+  r->status = 0;
+  r->bytes_out = 0;
+  r->start_ns = uv_hrtime();
+}
+
+static void req_free(wxd_req_t *r) {
+  wxd_buf_free(&r->head);
+  wxd_buf_free(&r->body);
+  free(r);
+}
+
+static const char *req_header(wxd_req_t *r, const char *name, size_t *len) {
+  size_t nl = strlen(name);
+  for (unsigned i = 0; i < r->nhdrs; i++) {
+    hdr_t *h = &r->hdrs[i];
+    if (h->name_len == nl && memcmp(r->head.data + h->name_off, name, nl) == 0) {
+      *len = h->value_len;
+      return r->head.data + h->value_off;
+    }
+  }
+  return NULL;
+}
+
+/* ---- llhttp callbacks ---- */
+
+#define FAIL(c, st, m) \
+  do {                 \
+    (c)->err_status = (st); \
+    (c)->err_msg = (m);     \
+    return -1;         \
+  } while (0)
+
+static int on_message_begin(llhttp_t *p) {
+  wxd_conn_t *c = p->data;
+  if (!c->req) {
+    c->req = req_new(c);
+    if (!c->req) FAIL(c, 500, "out of memory");
+  }
+  req_reset(c->req);
+  return 0;
+}
+
+static int count_header_bytes(wxd_conn_t *c, size_t n) {
+  wxd_req_t *r = c->req;
+  r->header_bytes += n;
+  return r->header_bytes > c->w->cfg->limits.max_header_bytes ? -1 : 0;
+}
+
+static int on_url(llhttp_t *p, const char *at, size_t len) {
+  wxd_conn_t *c = p->data;
+  wxd_req_t *r = c->req;
+  if (r->url_len + len > c->w->cfg->limits.max_uri_bytes) FAIL(c, 414, "request target too long");
+  if (count_header_bytes(c, len)) FAIL(c, 431, "request header fields too large");
+  if (wxd_buf_append(&r->head, at, len)) FAIL(c, 500, "out of memory");
+  r->url_len += (uint32_t)len;
+  return 0;
+}
+
+static int on_header_field(llhttp_t *p, const char *at, size_t len) {
+  wxd_conn_t *c = p->data;
+  wxd_req_t *r = c->req;
+  if (r->hstate != 1) {
+    if (r->nhdrs == MAX_HEADERS) FAIL(c, 431, "too many header fields");
+    hdr_t *h = &r->hdrs[r->nhdrs++];
+    h->name_off = (uint32_t)r->head.len;
+    h->name_len = 0;
+    h->value_off = 0;
+    h->value_len = 0;
+    r->hstate = 1;
+    if (count_header_bytes(c, 4)) FAIL(c, 431, "request header fields too large");
+  }
+  if (count_header_bytes(c, len)) FAIL(c, 431, "request header fields too large");
+  if (wxd_buf_reserve(&r->head, len)) FAIL(c, 500, "out of memory");
+  char *dst = r->head.data + r->head.len;
+  for (size_t i = 0; i < len; i++) dst[i] = (char)tolower((unsigned char)at[i]);
+  r->head.len += len;
+  r->hdrs[r->nhdrs - 1].name_len += (uint32_t)len;
+  return 0;
+}
+
+static int on_header_value(llhttp_t *p, const char *at, size_t len) {
+  wxd_conn_t *c = p->data;
+  wxd_req_t *r = c->req;
+  hdr_t *h = &r->hdrs[r->nhdrs - 1];
+  if (r->hstate != 2) {
+    h->value_off = (uint32_t)r->head.len;
+    r->hstate = 2;
+  }
+  if (count_header_bytes(c, len)) FAIL(c, 431, "request header fields too large");
+  if (wxd_buf_append(&r->head, at, len)) FAIL(c, 500, "out of memory");
+  h->value_len += (uint32_t)len;
+  return 0;
+}
+
+static int on_header_value_complete(llhttp_t *p) {
+  wxd_conn_t *c = p->data;
+  wxd_req_t *r = c->req;
+  hdr_t *h = &r->hdrs[r->nhdrs - 1];
+  const char *name = r->head.data + h->name_off;
+  if (h->name_len == 17 && memcmp(name, "transfer-encoding", 17) == 0) r->has_te = 1;
+  else if (h->name_len == 4 && memcmp(name, "host", 4) == 0) r->host_count++;
+  r->hstate = 0;
+  return 0;
+}
+
+static void conn_set_timer(wxd_conn_t *c, uint64_t ms);
+
+static int on_headers_complete(llhttp_t *p) {
+  wxd_conn_t *c = p->data;
+  wxd_req_t *r = c->req;
+  const wxd_limits_t *lim = &c->w->cfg->limits;
+  r->method = llhttp_get_method(p);
+  r->http_major = llhttp_get_http_major(p);
+  r->http_minor = llhttp_get_http_minor(p);
+  if (r->http_major != 1) FAIL(c, 400, "unsupported HTTP version");
+  /* HTTP/1.0 has no chunked coding: a Transfer-Encoding there is a
+   * smuggling attempt (RFC 9112 section 6.1). */
+  if (r->http_minor == 0 && r->has_te) FAIL(c, 400, "transfer-encoding in HTTP/1.0");
+  if (r->http_minor == 1 && r->host_count != 1) FAIL(c, 400, "missing or repeated Host");
+  if (r->host_count > 1) FAIL(c, 400, "repeated Host");
+  if (r->method == HTTP_CONNECT) FAIL(c, 405, "CONNECT is not supported");
+  if (r->url_len == 0) FAIL(c, 400, "empty request target");
+  const char *url = r->head.data;
+  if (url[0] != '/' && !(r->url_len == 1 && url[0] == '*' && r->method == HTTP_OPTIONS)) {
+    /* absolute-form (RFC 9112 3.2.2): keep the path part. */
+    const char *sep = r->url_len > 8 ? memchr(url + 8, '/', r->url_len - 8) : NULL;
+    int http_scheme = (r->url_len > 7 && strncasecmp(url, "http://", 7) == 0) ||
+                      (r->url_len > 8 && strncasecmp(url, "https://", 8) == 0);
+    if (!http_scheme || !sep) FAIL(c, 400, "bad request target");
+    size_t skip = (size_t)(sep - url);
+    memmove(r->head.data, sep, r->url_len - skip);
+    /* Shift the headers stored after the URL. */
+    size_t tail = r->head.len - r->url_len;
+    memmove(r->head.data + r->url_len - skip, r->head.data + r->url_len, tail);
+    for (unsigned i = 0; i < r->nhdrs; i++) {
+      r->hdrs[i].name_off -= (uint32_t)skip;
+      r->hdrs[i].value_off -= (uint32_t)skip;
+    }
+    r->head.len -= skip;
+    r->url_len -= (uint32_t)skip;
+  }
+  int has_body = (p->flags & F_CHUNKED) || ((p->flags & F_CONTENT_LENGTH) && p->content_length > 0);
+  if ((p->flags & F_CONTENT_LENGTH) && p->content_length > lim->max_body_bytes)
+    FAIL(c, 413, "request body too large");
+  size_t elen;
+  const char *expect = req_header(r, "expect", &elen);
+  if (expect) {
+    if (elen == 12 && strncasecmp(expect, "100-continue", 12) == 0) {
+      if (r->http_minor == 1 && has_body) {
+        static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+        conn_write(c, cont, sizeof cont - 1);
+      }
+    } else {
+      FAIL(c, 417, "unsupported expectation");
+    }
+  }
+  r->is_head = r->method == HTTP_HEAD;
+  if (has_body) conn_set_timer(c, lim->body_timeout_ms);
+  return 0;
+}
+
+static int on_body(llhttp_t *p, const char *at, size_t len) {
+  wxd_conn_t *c = p->data;
+  wxd_req_t *r = c->req;
+  if (r->body.len + len > c->w->cfg->limits.max_body_bytes) FAIL(c, 413, "request body too large");
+  if (wxd_buf_append(&r->body, at, len)) FAIL(c, 500, "out of memory");
+  return 0;
+}
+
+static int on_message_complete(llhttp_t *p) {
+  (void)p;
+  return HPE_PAUSED; /* one request at a time: responses stay in order */
+}
+
+int wxd_http_selfcheck(char *err, size_t errlen) {
+  llhttp_settings_init(&parser_settings);
+  parser_settings.on_message_begin = on_message_begin;
+  parser_settings.on_url = on_url;
+  parser_settings.on_header_field = on_header_field;
+  parser_settings.on_header_value = on_header_value;
+  parser_settings.on_header_value_complete = on_header_value_complete;
+  parser_settings.on_headers_complete = on_headers_complete;
+  parser_settings.on_body = on_body;
+  parser_settings.on_message_complete = on_message_complete;
+  llhttp_t p;
+  llhttp_init(&p, HTTP_REQUEST, &parser_settings);
+  if (p.lenient_flags != 0) {
+    snprintf(err, errlen, "llhttp starts with lenient flags 0x%x; refusing to run", p.lenient_flags);
+    return -1;
+  }
+  return 0;
+}
+
+/* ---- timers ---- */
+
+static void on_timer(uv_timer_t *t) {
+  wxd_conn_t *c = t->data;
+  if (c->closing) return;
+  if (c->state == CONN_READING) conn_fail(c, 408, "request timeout");
+  else if (c->state == CONN_IDLE) conn_close(c);
+}
+
+static void conn_set_timer(wxd_conn_t *c, uint64_t ms) {
+  uv_timer_start(&c->timer, on_timer, ms, 0);
+}
+
+/* ---- responses ---- */
+
+static int tchar(unsigned char ch) {
+  return isalnum(ch) || strchr("!#$%&'*+-.^_`|~", ch) != NULL;
+}
+
+static int header_name_ok(const char *s, size_t n) {
+  if (n == 0) return 0;
+  for (size_t i = 0; i < n; i++)
+    if (!tchar((unsigned char)s[i])) return 0;
+  return 1;
+}
+
+static int header_value_ok(const char *s, size_t n) {
+  for (size_t i = 0; i < n; i++) {
+    unsigned char ch = (unsigned char)s[i];
+    if (ch == '\r' || ch == '\n' || ch == 0) return 0;
+  }
+  return 1;
+}
+
+/* Appends one user header; returns 0, or -1 for an invalid one. */
+static int append_header(wxd_buf_t *o, const char *name, size_t nl, const char *val, size_t vl) {
+  if (!header_value_ok(val, vl)) return -1;
+  if (wxd_buf_reserve(o, nl + vl + 4)) return -1;
+  memcpy(o->data + o->len, name, nl);
+  o->len += nl;
+  o->data[o->len++] = ':';
+  o->data[o->len++] = ' ';
+  memcpy(o->data + o->len, val, vl);
+  o->len += vl;
+  o->data[o->len++] = '\r';
+  o->data[o->len++] = '\n';
+  return 0;
+}
+
+/* Framing headers belong to the server. */
+static int reserved_header(const char *name, size_t nl) {
+  return (nl == 14 && strncasecmp(name, "content-length", 14) == 0) ||
+         (nl == 17 && strncasecmp(name, "transfer-encoding", 17) == 0) ||
+         (nl == 10 && strncasecmp(name, "connection", 10) == 0);
+}
+
+/* Serialises the headers table at `idx` of T into o. Returns 0 or -1 with a
+ * message in *why. Sets *has_date and *has_server when the app set them. */
+static int append_lua_headers(lua_State *T, int idx, wxd_buf_t *o, int *has_date, int *has_server,
+                              const char **why) {
+  if (lua_isnil(T, idx)) return 0;
+  if (!lua_istable(T, idx)) {
+    *why = "headers must be a table";
+    return -1;
+  }
+  lua_pushnil(T);
+  while (lua_next(T, idx) != 0) {
+    if (lua_type(T, -2) != LUA_TSTRING) {
+      lua_pop(T, 2);
+      *why = "header names must be strings";
+      return -1;
+    }
+    size_t nl;
+    const char *name = lua_tolstring(T, -2, &nl);
+    if (!header_name_ok(name, nl)) {
+      lua_pop(T, 2);
+      *why = "invalid header name";
+      return -1;
+    }
+    if (reserved_header(name, nl)) {
+      lua_pop(T, 1);
+      continue;
+    }
+    if (nl == 4 && strncasecmp(name, "date", 4) == 0) *has_date = 1;
+    if (nl == 6 && strncasecmp(name, "server", 6) == 0) *has_server = 1;
+    int t = lua_type(T, -1);
+    if (t == LUA_TSTRING || t == LUA_TNUMBER) {
+      size_t vl;
+      const char *v = lua_tolstring(T, -1, &vl);
+      if (append_header(o, name, nl, v, vl)) {
+        lua_pop(T, 2);
+        *why = "invalid header value (CR, LF or NUL)";
+        return -1;
+      }
+    } else if (t == LUA_TTABLE) {
+      int n = (int)lua_objlen(T, -1);
+      for (int i = 1; i <= n; i++) {
+        lua_rawgeti(T, -1, i);
+        size_t vl;
+        const char *v = lua_tolstring(T, -1, &vl);
+        if (!v || append_header(o, name, nl, v, vl)) {
+          lua_pop(T, 3);
+          *why = "invalid header value in list";
+          return -1;
+        }
+        lua_pop(T, 1);
+      }
+    } else {
+      lua_pop(T, 2);
+      *why = "header values must be strings, numbers or lists of strings";
+      return -1;
+    }
+    lua_pop(T, 1);
+  }
+  return 0;
+}
+
+static void start_head(wxd_buf_t *o, int status) {
+  o->len = 0;
+  wxd_buf_reserve(o, 256);
+  o->len = (size_t)snprintf(o->data, o->cap, "HTTP/1.1 %d %s\r\n", status, reason_phrase(status));
+}
+
+static void end_head(wxd_worker_t *w, wxd_buf_t *o, int has_date, int has_server, int keep_alive) {
+  size_t dl;
+  const char *date = wxd_worker_date(w, &dl);
+  if (!has_server) wxd_buf_append(o, "Server: wxd\r\n", 13);
+  if (!has_date) wxd_buf_append(o, date, dl);
+  if (keep_alive) wxd_buf_append(o, "Connection: keep-alive\r\n\r\n", 26);
+  else wxd_buf_append(o, "Connection: close\r\n\r\n", 21);
+}
+
+static int status_has_body(int status) {
+  return !(status < 200 || status == 204 || status == 304);
+}
+
+/* Writes a plain-text response produced by the server itself, then closes. */
+static void conn_fail(wxd_conn_t *c, int status, const char *msg) {
+  if (c->closing) return;
+  wxd_worker_t *w = c->w;
+  wxd_buf_t *o = &w->out;
+  char body[256];
+  int bl = snprintf(body, sizeof body, "%s\n", msg);
+  start_head(o, status);
+  char cl[96];
+  int n = snprintf(cl, sizeof cl, "Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n", bl);
+  wxd_buf_append(o, cl, (size_t)n);
+  end_head(w, o, 0, 0, 0);
+  wxd_buf_append(o, body, (size_t)bl);
+  c->discard_input = 1;
+  c->close_after_write = 1;
+  uv_timer_stop(&c->timer);
+  wxd_req_t *r = c->req;
+  if (r) r->bytes_out = o->len;
+  access_log(w, r, r && r->url_len ? llhttp_method_name(llhttp_get_method(&c->parser)) : "-", status,
+             c->remote);
+  if (conn_write(c, o->data, o->len) == 0 && c->writes_pending == 0) conn_close(c);
+}
+
+/* Pushes the raw request table the Lua side wraps (lua/wxd/app.lua). */
+static void push_raw_request(lua_State *T, wxd_req_t *r) {
+  wxd_conn_t *c = r->conn;
+  lua_createtable(T, 0, 10);
+  lua_pushstring(T, llhttp_method_name(r->method));
+  lua_setfield(T, -2, "method");
+  const char *url = r->head.data;
+  const char *q = memchr(url, '?', r->url_len);
+  size_t plen = q ? (size_t)(q - url) : r->url_len;
+  lua_pushlstring(T, url, plen);
+  lua_setfield(T, -2, "path");
+  if (q) lua_pushlstring(T, q + 1, r->url_len - plen - 1);
+  else lua_pushliteral(T, "");
+  lua_setfield(T, -2, "query");
+  lua_pushstring(T, r->http_minor == 1 ? "1.1" : "1.0");
+  lua_setfield(T, -2, "version");
+  lua_createtable(T, 0, (int)r->nhdrs);
+  for (unsigned i = 0; i < r->nhdrs; i++) {
+    hdr_t *h = &r->hdrs[i];
+    lua_pushlstring(T, r->head.data + h->name_off, h->name_len);
+    lua_pushvalue(T, -1);
+    lua_rawget(T, -3);
+    if (lua_isnil(T, -1)) {
+      lua_pop(T, 1);
+      lua_pushlstring(T, r->head.data + h->value_off, h->value_len);
+    } else {
+      /* Repeated field: join as RFC 9110 5.3 allows. */
+      lua_pushliteral(T, ", ");
+      lua_pushlstring(T, r->head.data + h->value_off, h->value_len);
+      lua_concat(T, 3);
+    }
+    lua_rawset(T, -3);
+  }
+  lua_setfield(T, -2, "headers");
+  lua_pushlstring(T, r->body.data ? r->body.data : "", r->body.len);
+  lua_setfield(T, -2, "body");
+  lua_pushstring(T, c->remote);
+  lua_setfield(T, -2, "remote_addr");
+  lua_pushinteger(T, c->remote_port);
+  lua_setfield(T, -2, "remote_port");
+  lua_pushstring(T, r->id);
+  lua_setfield(T, -2, "id");
+}
+
+static void respond_error_500(wxd_req_t *r) {
+  wxd_conn_t *c = r->conn;
+  wxd_buf_t *o = &r->w->out;
+  char body[128];
+  int bl = snprintf(body, sizeof body, "internal server error (request id %s)\n", r->id);
+  r->status = 500;
+  start_head(o, 500);
+  char cl[96];
+  int n = snprintf(cl, sizeof cl, "Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n", bl);
+  wxd_buf_append(o, cl, (size_t)n);
+  end_head(r->w, o, 0, 0, r->keep_alive);
+  if (!r->is_head) wxd_buf_append(o, body, (size_t)bl);
+  r->bytes_out = o->len;
+  conn_write(c, o->data, o->len);
+}
+
+static void log_request_error(wxd_req_t *r, const char *what, const char *detail) {
+  char extra[4096];
+  char esc[3500];
+  size_t el = wxd_json_escape(esc, sizeof esc, detail, strlen(detail));
+  snprintf(extra, sizeof extra, "\"id\":\"%s\",\"error\":\"%.*s\"", r->id, (int)el, esc);
+  wxd_log(WXD_LOG_ERROR, r->w->id, what, extra);
+}
+
+/* Sends the handler's results (status, headers, body on T). */
+static void respond_from_lua(wxd_req_t *r, lua_State *T) {
+  wxd_conn_t *c = r->conn;
+  wxd_worker_t *w = r->w;
+  int top = lua_gettop(T);
+  if (r->streaming) {
+    /* A handler that streamed may still return a last piece of body. */
+    size_t bl = 0;
+    const char *body = top >= 3 && lua_type(T, 3) == LUA_TSTRING ? lua_tolstring(T, 3, &bl) : NULL;
+    if (r->stream_raw) {
+      if (bl) conn_write(c, body, bl);
+    } else {
+      char sz[32];
+      uv_buf_t b[3];
+      unsigned nb = 0;
+      int sl = 0;
+      if (bl) {
+        sl = snprintf(sz, sizeof sz, "%zx\r\n", bl);
+        b[nb++] = uv_buf_init(sz, (unsigned)sl);
+        b[nb++] = uv_buf_init((char *)body, (unsigned)bl);
+        b[nb++] = uv_buf_init("\r\n0\r\n\r\n", 7);
+      } else {
+        b[nb++] = uv_buf_init("0\r\n\r\n", 5);
+      }
+      conn_writev(c, b, nb);
+    }
+    r->bytes_out += bl;
+    return;
+  }
+  const char *why = NULL;
+  if (top < 1 || !lua_isnumber(T, 1)) why = "handler returned no status";
+  int status = why ? 500 : (int)lua_tointeger(T, 1);
+  if (!why && (status < 100 || status > 999 || status == 101)) why = "handler returned an invalid status";
+  size_t bl = 0;
+  const char *body = NULL;
+  if (!why && top >= 3 && !lua_isnil(T, 3)) {
+    if (lua_type(T, 3) != LUA_TSTRING) why = "handler returned a body that is not a string";
+    else body = lua_tolstring(T, 3, &bl);
+  }
+  wxd_buf_t *o = &w->out;
+  int has_date = 0, has_server = 0;
+  if (!why) {
+    start_head(o, status);
+    if (top >= 2) append_lua_headers(T, 2, o, &has_date, &has_server, &why);
+  }
+  if (why) {
+    log_request_error(r, "bad handler result", why);
+    respond_error_500(r);
+    return;
+  }
+  r->status = status;
+  if (status_has_body(status)) {
+    char cl[48];
+    int n = snprintf(cl, sizeof cl, "Content-Length: %zu\r\n", bl);
+    wxd_buf_append(o, cl, (size_t)n);
+  } else {
+    bl = 0;
+  }
+  end_head(w, o, has_date, has_server, r->keep_alive);
+  r->bytes_out = o->len + bl;
+  if (r->is_head || bl == 0) {
+    conn_write(c, o->data, o->len);
+  } else if (bl <= 16384) {
+    /* Small bodies go in the same buffer: one syscall, one packet. */
+    wxd_buf_append(o, body, bl);
+    conn_write(c, o->data, o->len);
+  } else {
+    uv_buf_t b[2] = {uv_buf_init(o->data, (unsigned)o->len), uv_buf_init((char *)body, (unsigned)bl)};
+    conn_writev(c, b, 2);
+  }
+}
+
+static void on_request_done(wxd_co_t *co, int status) {
+  wxd_req_t *r = co->data;
+  r->co = NULL;
+  if (status != 0) {
+    /* lua/wxd/server.lua catches handler errors; reaching here means the
+     * wrapper itself failed. */
+    const char *msg = lua_tostring(co->T, -1);
+    wxd_co_traceback(co, msg ? msg : "(error object is not a string)");
+    log_request_error(r, "request failed", lua_tostring(co->vm->L, -1));
+    lua_pop(co->vm->L, 1);
+    if (r->conn && !r->streaming) respond_error_500(r);
+  } else if (r->conn) {
+    respond_from_lua(r, co->T);
+  }
+  req_finish(r);
+}
+
+static void dispatch(wxd_conn_t *c) {
+  wxd_worker_t *w = c->w;
+  wxd_req_t *r = c->req;
+  c->state = CONN_HANDLING;
+  uv_timer_stop(&c->timer);
+  c->nreq++;
+  r->keep_alive = llhttp_should_keep_alive(&c->parser) && !w->draining &&
+                  c->nreq < w->cfg->limits.max_requests && !c->parser.upgrade && !c->peer_eof;
+  /* Bytes after a request that ends the connection are never parsed: a
+   * request smuggled behind "Connection: close" reaches no handler. */
+  if (!r->keep_alive) c->discard_input = 1;
+  w->seq++;
+  snprintf(r->id, sizeof r->id, "%08x%02x%08x", w->id_prefix, (unsigned)(w->id & 0xff),
+           (unsigned)(w->seq & 0xffffffffu));
+  wxd_co_t *co = wxd_co_new(w->vm, WXD_CO_REQUEST, on_request_done, r);
+  if (!co) {
+    respond_error_500(r);
+    req_finish(r);
+    return;
+  }
+  r->co = co;
+  lua_rawgeti(co->T, LUA_REGISTRYINDEX, w->handler_ref);
+  push_raw_request(co->T, r);
+  wxd_co_resume(co, 1);
+}
+
+static void process_queued(wxd_conn_t *c) {
+  if (c->in.len == 0) return;
+  wxd_buf_t q = c->in;
+  memset(&c->in, 0, sizeof c->in);
+  conn_process(c, q.data, q.len);
+  wxd_buf_free(&q);
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
+static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf);
+
+static void conn_start_reading(wxd_conn_t *c) {
+  if (c->reading || c->closing || c->peer_eof) return;
+  if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0) c->reading = 1;
+}
+
+static void req_finish(wxd_req_t *r) {
+  wxd_conn_t *c = r->conn;
+  wxd_worker_t *w = r->w;
+  r->finished = 1;
+  access_log(w, r, llhttp_method_name(r->method), r->status, c ? c->remote : "-");
+  if (!c) {
+    req_free(r);
+    return;
+  }
+  if (c->closing) return;
+  if (!r->keep_alive) {
+    c->close_after_write = 1;
+    if (c->writes_pending == 0) conn_close(c);
+    return;
+  }
+  c->state = CONN_IDLE;
+  scan_reset(&c->scan);
+  conn_set_timer(c, w->cfg->limits.keepalive_timeout_ms);
+  if (!c->in_process) {
+    process_queued(c);
+    if (!c->closing && c->state != CONN_HANDLING) conn_start_reading(c);
+  }
+}
+
+/* ---- reading ---- */
+
+static void conn_process(wxd_conn_t *c, const char *data, size_t len) {
+  c->in_process++;
+  while (len > 0 && !c->closing && !c->discard_input && c->state != CONN_HANDLING) {
+    if (c->state == CONN_IDLE) {
+      c->state = CONN_READING;
+      conn_set_timer(c, c->w->cfg->limits.header_timeout_ms);
+    }
+    size_t chunk = len;
+    if (c->scan.active && scan_headers(&c->scan, data, len, &chunk) != 0) {
+      conn_fail(c, 400, "bad request");
+      break;
+    }
+    llhttp_errno_t e = llhttp_execute(&c->parser, data, chunk);
+    if (e == HPE_PAUSED || e == HPE_PAUSED_UPGRADE) {
+      size_t used = (size_t)(llhttp_get_error_pos(&c->parser) - data);
+      if (e == HPE_PAUSED) llhttp_resume(&c->parser);
+      else llhttp_resume_after_upgrade(&c->parser);
+      data += used;
+      len -= used;
+      dispatch(c);
+      continue;
+    }
+    if (e != HPE_OK) {
+      conn_fail(c, c->err_status ? c->err_status : 400,
+                c->err_status ? c->err_msg : "bad request");
+      break;
+    }
+    data += chunk;
+    len -= chunk;
+  }
+  if (len > 0 && !c->closing && !c->discard_input) {
+    if (wxd_buf_append(&c->in, data, len) != 0) conn_close(c);
+    else if (c->in.len > IN_QUEUE_MAX && c->reading) {
+      /* A client pipelining faster than we answer: stop reading until the
+       * queue is worked off. */
+      uv_read_stop((uv_stream_t *)&c->tcp);
+      c->reading = 0;
+    }
+  }
+  c->in_process--;
+}
+
+static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
+  (void)hint;
+  wxd_conn_t *c = h->data;
+  wxd_worker_t *w = c->w;
+  /* Idle connections hold no read buffer: every read of this loop lands in
+   * the worker's buffer and is consumed (or copied) before the next. */
+  if (!w->readbuf_busy) {
+    w->readbuf_busy = 1;
+    *buf = uv_buf_init(w->readbuf, (unsigned)w->readbuf_size);
+  } else {
+    char *p = malloc(16384);
+    *buf = uv_buf_init(p, p ? 16384 : 0);
+  }
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+  wxd_conn_t *c = s->data;
+  wxd_worker_t *w = c->w;
+  if (nread > 0) {
+    if (c->state == CONN_HANDLING || c->in.len > 0) {
+      if (!c->discard_input && wxd_buf_append(&c->in, buf->base, (size_t)nread) != 0) conn_close(c);
+      else if (c->state != CONN_HANDLING) process_queued(c);
+      else if (c->in.len > IN_QUEUE_MAX) {
+        uv_read_stop(s);
+        c->reading = 0;
+      }
+    } else if (!c->discard_input) {
+      conn_process(c, buf->base, (size_t)nread);
+    }
+  } else if (nread < 0) {
+    uv_read_stop(s);
+    c->reading = 0;
+    if (c->state == CONN_HANDLING && nread == UV_EOF) {
+      c->peer_eof = 1; /* half-close: still answer, then close */
+      if (c->req) c->req->keep_alive = 0;
+    } else {
+      conn_close(c);
+    }
+  }
+  if (buf->base == w->readbuf) w->readbuf_busy = 0;
+  else free(buf->base);
+}
+
+/* ---- connection lifetime ---- */
+
+static void on_conn_handle_closed(uv_handle_t *h) {
+  wxd_conn_t *c = h->data;
+  if (--c->handles_open > 0) return;
+  wxd_worker_t *w = c->w;
+  if (c->prev) c->prev->next = c->next;
+  else w->conns = c->next;
+  if (c->next) c->next->prev = c->prev;
+  w->nconns--;
+  wxd_buf_free(&c->in);
+  free(c);
+  if (w->draining && w->nconns == 0) uv_async_send(&w->stop_async); /* re-check shutdown */
+}
+
+static void conn_close(wxd_conn_t *c) {
+  if (c->closing) return;
+  c->closing = 1;
+  uv_timer_stop(&c->timer);
+  wxd_req_t *r = c->req;
+  c->req = NULL;
+  if (r) {
+    if (r->co) {
+      /* The handler still runs: it finishes on its own and frees r. */
+      r->conn = NULL;
+      if (r->drain_wait) {
+        r->drain_wait = 0;
+        lua_State *T = r->co->T;
+        lua_pushnil(T);
+        lua_pushliteral(T, "closed");
+        wxd_co_resume(r->co, 2);
+      }
+    } else {
+      req_free(r);
+    }
+  }
+  uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
+  uv_close((uv_handle_t *)&c->timer, on_conn_handle_closed);
+}
+
+void wxd_http_on_connection(uv_stream_t *server, int status) {
+  wxd_worker_t *w = server->data;
+  if (status < 0 || w->draining) return;
+  wxd_conn_t *c = calloc(1, sizeof *c);
+  if (!c) return;
+  c->w = w;
+  uv_tcp_init(&w->loop, &c->tcp);
+  uv_timer_init(&w->loop, &c->timer);
+  c->tcp.data = c;
+  c->timer.data = c;
+  c->handles_open = 2;
+  c->next = w->conns;
+  if (w->conns) w->conns->prev = c;
+  w->conns = c;
+  w->nconns++;
+  if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) {
+    conn_close(c);
+    return;
+  }
+  uv_tcp_nodelay(&c->tcp, 1);
+  struct sockaddr_storage ss;
+  int sl = sizeof ss;
+  strcpy(c->remote, "-");
+  if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&ss, &sl) == 0) {
+    if (ss.ss_family == AF_INET) {
+      struct sockaddr_in *a = (struct sockaddr_in *)&ss;
+      uv_ip4_name(a, c->remote, sizeof c->remote);
+      c->remote_port = ntohs(a->sin_port);
+    } else if (ss.ss_family == AF_INET6) {
+      struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
+      uv_ip6_name(a, c->remote, sizeof c->remote);
+      c->remote_port = ntohs(a->sin6_port);
+    }
+  }
+  llhttp_init(&c->parser, HTTP_REQUEST, &parser_settings);
+  c->parser.data = c;
+  scan_reset(&c->scan);
+  c->state = CONN_IDLE;
+  /* Until the first byte, a new connection gets the header timeout: an
+   * opened-and-silent socket is the first step of slowloris. */
+  conn_set_timer(c, w->cfg->limits.header_timeout_ms);
+  conn_start_reading(c);
+}
+
+void wxd_http_drain(wxd_worker_t *w) {
+  wxd_conn_t *c = w->conns;
+  while (c) {
+    wxd_conn_t *next = c->next;
+    if (c->state == CONN_IDLE && c->writes_pending == 0) conn_close(c);
+    else if (c->req) c->req->keep_alive = 0;
+    c = next;
+  }
+}
+
+void wxd_http_close_all(wxd_worker_t *w) {
+  wxd_conn_t *c = w->conns;
+  while (c) {
+    wxd_conn_t *next = c->next;
+    conn_close(c);
+    c = next;
+  }
+}
+
+/* ---- Lua: response streaming ---- */
+
+static void maybe_resume_streamer(wxd_conn_t *c) {
+  wxd_req_t *r = c->req;
+  if (!r || !r->drain_wait || !r->co) return;
+  if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > STREAM_HIGH_WATER / 2) return;
+  r->drain_wait = 0;
+  lua_pushboolean(r->co->T, 1);
+  wxd_co_resume(r->co, 1);
+}
+
+/* wxd.core.http.write(chunk, status, headers): sends the status line and
+ * headers on the first call, then chunk after chunk (chunked encoding, or
+ * close-delimited for HTTP/1.0). Waits when the client reads slowly.
+ * Returns true, or nil, "closed". */
+static int http_write(lua_State *L) {
+  size_t len;
+  const char *chunk = luaL_checklstring(L, 1, &len);
+  wxd_co_t *co = wxd_co_current(L, "response write");
+  if (co->kind != WXD_CO_REQUEST) return luaL_error(L, "response write: not in a request handler");
+  wxd_req_t *r = co->data;
+  wxd_conn_t *c = r->conn;
+  if (!c || c->closing) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "closed");
+    return 2;
+  }
+  if (!r->streaming) {
+    int status = (int)luaL_optinteger(L, 2, 200);
+    if (status < 200 || status > 999) return luaL_argerror(L, 2, "status must be in 200..999");
+    if (!lua_isnoneornil(L, 3)) luaL_checktype(L, 3, LUA_TTABLE);
+    wxd_buf_t *o = &r->w->out;
+    int has_date = 0, has_server = 0;
+    const char *why = NULL;
+    start_head(o, status);
+    if (append_lua_headers(L, 3, o, &has_date, &has_server, &why) != 0)
+      return luaL_error(L, "response write: %s", why);
+    r->stream_raw = r->http_minor == 0;
+    if (r->stream_raw) r->keep_alive = 0;
+    else wxd_buf_append(o, "Transfer-Encoding: chunked\r\n", 28);
+    end_head(r->w, o, has_date, has_server, r->keep_alive);
+    r->status = status;
+    r->streaming = 1;
+    r->bytes_out += o->len;
+    if (conn_write(c, o->data, o->len) != 0) {
+      lua_pushnil(L);
+      lua_pushliteral(L, "closed");
+      return 2;
+    }
+  }
+  if (len > 0 && !r->is_head) {
+    int rc;
+    if (r->stream_raw) {
+      rc = conn_write(c, chunk, len);
+    } else {
+      char sz[32];
+      int sl = snprintf(sz, sizeof sz, "%zx\r\n", len);
+      uv_buf_t b[3] = {uv_buf_init(sz, (unsigned)sl), uv_buf_init((char *)chunk, (unsigned)len),
+                       uv_buf_init("\r\n", 2)};
+      rc = conn_writev(c, b, 3);
+    }
+    if (rc != 0) {
+      lua_pushnil(L);
+      lua_pushliteral(L, "closed");
+      return 2;
+    }
+    r->bytes_out += len;
+  }
+  if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > STREAM_HIGH_WATER) {
+    r->drain_wait = 1;
+    return wxd_co_yield(co, L, 0);
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+int wxd_open_http_lua(lua_State *L) {
+  static const luaL_Reg fns[] = {{"write", http_write}, {NULL, NULL}};
+  lua_createtable(L, 0, 1);
+  luaL_register(L, NULL, fns);
+  return 1;
+}

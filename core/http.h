@@ -1,0 +1,31 @@
+/* http: HTTP/1.1 connections on llhttp, and the request coroutine.
+ *
+ * A connection belongs to C: it is parsed by llhttp plus our own stricter
+ * header-section scanner, limited (sizes and timeouts), and answered in
+ * order. One request per connection runs at a time: the parser pauses at the
+ * end of each message, so pipelined requests queue as unparsed bytes and get
+ * their responses in order. Each request runs the app's handler in a wxd
+ * coroutine; the handler returns (status, headers, body) or streams with
+ * wxd.core.http.write().
+ */
+#ifndef WXD_HTTP_H
+#define WXD_HTTP_H
+
+#include <lua.h>
+#include <uv.h>
+
+#include "server.h"
+
+/* Checks at start-up that llhttp's lenient parsing is off by default. */
+int wxd_http_selfcheck(char *err, size_t errlen);
+/* The listener's connection callback; server->data is the worker. */
+void wxd_http_on_connection(uv_stream_t *server, int status);
+/* Shutdown: close idle connections, let in-flight requests finish and then
+ * close their connections. */
+void wxd_http_drain(wxd_worker_t *w);
+/* Shutdown deadline: close every connection now. */
+void wxd_http_close_all(wxd_worker_t *w);
+/* Lua module wxd.core.http (response streaming). */
+int wxd_open_http_lua(lua_State *L);
+
+#endif

@@ -1,0 +1,236 @@
+/* main: the command line. */
+#include <lauxlib.h>
+#include <luajit.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "server.h"
+#include "version.h"
+#include "vm.h"
+
+static const char usage[] =
+    "usage: wxd <command> [options]\n"
+    "\n"
+    "commands:\n"
+    "  run [APPDIR] [--listen HOST:PORT] [--workers N]\n"
+    "                      serve the app in APPDIR (default: .)\n"
+    "  check [APPDIR]      load the app and its config once, report errors, exit\n"
+    "  script FILE [ARGS]  run a Lua file inside the runtime (event loop and\n"
+    "                      native modules available; used to run the specs)\n"
+    "  --help, -h          this text\n"
+    "  --version, -v       print the version\n"
+    "\n"
+    "environment:\n"
+    "  WXD_LUA_DIR         where the wxd Lua library lives (default: next to the binary)\n"
+    "  WXD_LOG_LEVEL       debug, info, warn or error (overrides config log.level)\n"
+    "  WXD_ACCESS_LOG      off to disable the access log\n";
+
+static int file_exists(const char *p) {
+  struct stat st;
+  return stat(p, &st) == 0;
+}
+
+/* The Lua library: $WXD_LUA_DIR, else ../lua next to the binary (a build
+ * tree), else nothing and package.path finds an installed copy. */
+static void find_lua_dir(char *out, size_t cap) {
+  out[0] = 0;
+  const char *env = getenv("WXD_LUA_DIR");
+  if (env && *env) {
+    snprintf(out, cap, "%s", env);
+    return;
+  }
+  char exe[PATH_MAX];
+  ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+  if (n <= 0) return;
+  exe[n] = 0;
+  char *slash = strrchr(exe, '/');
+  if (!slash) return;
+  *slash = 0;
+  char cand[PATH_MAX + 32];
+  snprintf(cand, sizeof cand, "%s/../lua/wxd/init.lua", exe);
+  if (!file_exists(cand)) return;
+  snprintf(cand, sizeof cand, "%s/../lua", exe);
+  if (!realpath(cand, out)) out[0] = 0;
+}
+
+static void apply_env(wxd_config_t *cfg) {
+  const char *lv = getenv("WXD_LOG_LEVEL");
+  if (lv && wxd_log_parse_level(lv) >= 0) cfg->log_level = wxd_log_parse_level(lv);
+  const char *al = getenv("WXD_ACCESS_LOG");
+  if (al && (strcmp(al, "off") == 0 || strcmp(al, "0") == 0 || strcmp(al, "false") == 0))
+    cfg->access_log = 0;
+}
+
+static int prepare_app(wxd_config_t *cfg, const char *appdir) {
+  if (!realpath(appdir, cfg->app_dir)) {
+    fprintf(stderr, "wxd: app directory %s: not found\n", appdir);
+    return -1;
+  }
+  char app_lua[PATH_MAX + 16];
+  snprintf(app_lua, sizeof app_lua, "%s/app.lua", cfg->app_dir);
+  if (!file_exists(app_lua)) {
+    fprintf(stderr, "wxd: %s has no app.lua: not an app directory\n", cfg->app_dir);
+    return -1;
+  }
+  find_lua_dir(cfg->lua_dir, sizeof cfg->lua_dir);
+  char err[2048];
+  if (wxd_config_load(cfg, err, sizeof err) != 0) {
+    fprintf(stderr, "wxd: %s\n", err);
+    return -1;
+  }
+  return 0;
+}
+
+static int cmd_run(int argc, char **argv, int check_only) {
+  wxd_config_t cfg;
+  memset(&cfg, 0, sizeof cfg);
+  wxd_config_defaults(&cfg);
+  const char *appdir = ".";
+  const char *listen = NULL;
+  int workers = -1;
+  for (int i = 0; i < argc; i++) {
+    const char *a = argv[i];
+    if (strcmp(a, "--listen") == 0 || strcmp(a, "-l") == 0) {
+      if (++i >= argc) goto missing;
+      listen = argv[i];
+    } else if (strncmp(a, "--listen=", 9) == 0) {
+      listen = a + 9;
+    } else if (strcmp(a, "--workers") == 0 || strcmp(a, "-w") == 0 || strncmp(a, "--workers=", 10) == 0) {
+      const char *v = a[9] == '=' ? a + 10 : (++i < argc ? argv[i] : NULL);
+      if (!v) goto missing;
+      char *end;
+      long n = strtol(v, &end, 10);
+      if (*end || n < 1 || n > 256) {
+        fprintf(stderr, "wxd: --workers: expected 1..256, got \"%s\"\n", v);
+        return 2;
+      }
+      workers = (int)n;
+    } else if (a[0] == '-') {
+      fprintf(stderr, "wxd: unknown option %s (see wxd --help)\n", a);
+      return 2;
+    } else {
+      appdir = a;
+    }
+    continue;
+  missing:
+    fprintf(stderr, "wxd: %s needs a value\n", a);
+    return 2;
+  }
+  if (prepare_app(&cfg, appdir) != 0) return 1;
+  char err[512];
+  if (listen && wxd_config_set_listen(&cfg, listen, err, sizeof err) != 0) {
+    fprintf(stderr, "wxd: %s\n", err);
+    return 2;
+  }
+  if (workers > 0) cfg.workers = workers;
+  apply_env(&cfg);
+  wxd_log_set_level(cfg.log_level);
+  if (check_only) {
+    /* One worker's worth of loading, without listening. */
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    wxd_vm_options_t opts = {cfg.lua_dir[0] ? cfg.lua_dir : NULL, cfg.app_dir, 0};
+    wxd_vm_t *vm = wxd_vm_new(&loop, &opts);
+    int rc = 1;
+    if (vm) {
+      lua_State *L = vm->L;
+      lua_getglobal(L, "require");
+      lua_pushliteral(L, "wxd.server");
+      if (lua_pcall(L, 1, 1, 0) == 0) {
+        lua_getfield(L, -1, "load_app");
+        lua_pushstring(L, cfg.app_dir);
+        lua_pushinteger(L, 0);
+        if (lua_pcall(L, 2, 2, 0) == 0 && !lua_isnil(L, -2)) rc = 0;
+      }
+      if (rc != 0) fprintf(stderr, "wxd: %s\n", lua_tostring(L, -1));
+      else printf("ok: %s\n", cfg.app_dir);
+    }
+    wxd_vm_free(vm);
+    uv_walk(&loop, (uv_walk_cb)uv_close, NULL);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    uv_loop_close(&loop);
+    return rc;
+  }
+  return wxd_server_run(&cfg);
+}
+
+typedef struct script_state {
+  int exit_code;
+} script_state_t;
+
+static void on_script_done(wxd_co_t *co, int status) {
+  script_state_t *s = co->data;
+  if (status != 0) {
+    const char *msg = lua_tostring(co->T, -1);
+    wxd_co_traceback(co, msg ? msg : "(error object is not a string)");
+    fprintf(stderr, "wxd: %s\n", lua_tostring(co->vm->L, -1));
+    lua_pop(co->vm->L, 1);
+    s->exit_code = 1;
+  } else {
+    s->exit_code = 0;
+  }
+}
+
+static int cmd_script(int argc, char **argv) {
+  if (argc < 1) {
+    fprintf(stderr, "wxd: script needs a FILE (see wxd --help)\n");
+    return 2;
+  }
+  char lua_dir[PATH_MAX];
+  find_lua_dir(lua_dir, sizeof lua_dir);
+  const char *lv = getenv("WXD_LOG_LEVEL");
+  if (lv && wxd_log_parse_level(lv) >= 0) wxd_log_set_level(wxd_log_parse_level(lv));
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  wxd_vm_options_t opts = {lua_dir[0] ? lua_dir : NULL, NULL, -1};
+  wxd_vm_t *vm = wxd_vm_new(&loop, &opts);
+  if (!vm) return 1;
+  lua_State *L = vm->L;
+  /* arg, as the lua interpreter sets it: arg[0] is the script. */
+  lua_createtable(L, argc, 1);
+  for (int i = 0; i < argc; i++) {
+    lua_pushstring(L, argv[i]);
+    lua_rawseti(L, -2, i);
+  }
+  lua_setglobal(L, "arg");
+  script_state_t st = {1};
+  if (luaL_loadfile(L, argv[0]) != 0) {
+    fprintf(stderr, "wxd: %s\n", lua_tostring(L, -1));
+    wxd_vm_free(vm);
+    uv_loop_close(&loop);
+    return 1;
+  }
+  wxd_co_t *co = wxd_co_new(vm, WXD_CO_SCRIPT, on_script_done, &st);
+  lua_xmove(L, co->T, 1);
+  for (int i = 1; i < argc; i++) lua_pushstring(co->T, argv[i]);
+  wxd_co_resume(co, argc - 1);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  wxd_vm_free(vm);
+  uv_walk(&loop, (uv_walk_cb)uv_close, NULL);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  uv_loop_close(&loop);
+  return st.exit_code;
+}
+
+int main(int argc, char **argv) {
+  if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 ||
+      strcmp(argv[1], "help") == 0) {
+    fputs(usage, argc < 2 ? stderr : stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  if (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "-v") == 0 ||
+      strcmp(argv[1], "version") == 0) {
+    printf("wxd %s (%s, libuv %s)\n", WXD_VERSION, LUAJIT_VERSION, uv_version_string());
+    return 0;
+  }
+  if (strcmp(argv[1], "run") == 0) return cmd_run(argc - 2, argv + 2, 0);
+  if (strcmp(argv[1], "check") == 0) return cmd_run(argc - 2, argv + 2, 1);
+  if (strcmp(argv[1], "script") == 0) return cmd_script(argc - 2, argv + 2);
+  fprintf(stderr, "wxd: unknown command \"%s\" (see wxd --help)\n", argv[1]);
+  return 2;
+}

@@ -1,0 +1,273 @@
+/* vm: see vm.h. */
+#include "vm.h"
+
+#include <lauxlib.h>
+#include <luajit.h>
+#include <lualib.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+#include "version.h"
+
+/* lua-cjson, linked statically. */
+int luaopen_cjson(lua_State *L);
+int luaopen_cjson_safe(lua_State *L);
+int wxd_open_http_lua(lua_State *L);
+
+/* Registry keys: addresses of these statics are unique light userdata. */
+static const char vm_key = 0;
+static const char co_map_key = 0;
+
+wxd_vm_t *wxd_vm_get(lua_State *L) {
+  lua_pushlightuserdata(L, (void *)&vm_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  wxd_vm_t *vm = lua_touserdata(L, -1);
+  lua_pop(L, 1);
+  return vm;
+}
+
+void wxd_vm_preload(lua_State *L, const char *name, lua_CFunction open) {
+  lua_getglobal(L, "package");
+  lua_getfield(L, -1, "preload");
+  lua_pushcfunction(L, open);
+  lua_setfield(L, -2, name);
+  lua_pop(L, 2);
+}
+
+/* ---- wxd.core: the primitives every other module stands on ---- */
+
+typedef struct sleep_req {
+  uv_timer_t timer;
+  wxd_co_t *co;
+} sleep_req_t;
+
+static void sleep_closed(uv_handle_t *h) { free(h->data); }
+
+static void sleep_fired(uv_timer_t *t) {
+  sleep_req_t *s = t->data;
+  wxd_co_t *co = s->co;
+  uv_close((uv_handle_t *)t, sleep_closed);
+  wxd_co_resume(co, 0);
+}
+
+/* wxd.sleep(ms): suspends the calling coroutine, never the loop. */
+static int core_sleep(lua_State *L) {
+  lua_Number ms = luaL_checknumber(L, 1);
+  luaL_argcheck(L, ms >= 0 && ms < 1e10, 1, "expected milliseconds in 0..1e10");
+  wxd_co_t *co = wxd_co_current(L, "wxd.sleep");
+  sleep_req_t *s = malloc(sizeof *s);
+  if (!s) return luaL_error(L, "wxd.sleep: out of memory");
+  uv_timer_init(co->vm->loop, &s->timer);
+  s->timer.data = s;
+  s->co = co;
+  uv_timer_start(&s->timer, sleep_fired, (uint64_t)ms, 0);
+  return wxd_co_yield(co, L, 0);
+}
+
+/* wxd.now(): seconds since the epoch, with milliseconds (cached per loop turn). */
+static int core_now(lua_State *L) {
+  uv_timeval64_t tv;
+  uv_gettimeofday(&tv);
+  lua_pushnumber(L, (lua_Number)tv.tv_sec + (lua_Number)tv.tv_usec / 1e6);
+  return 1;
+}
+
+/* wxd.monotonic_ms(): the loop's monotonic clock, for measuring durations. */
+static int core_monotonic_ms(lua_State *L) {
+  lua_pushnumber(L, (lua_Number)uv_hrtime() / 1e6);
+  return 1;
+}
+
+/* core.log(level, msg [, extra_json]): extra_json is the inside of a JSON
+ * object, already encoded by lua/wxd/log.lua. */
+static int core_log(lua_State *L) {
+  const char *level = luaL_checkstring(L, 1);
+  const char *msg = luaL_checkstring(L, 2);
+  const char *extra = luaL_optstring(L, 3, NULL);
+  int lv = wxd_log_parse_level(level);
+  if (lv < 0) return luaL_argerror(L, 1, "expected debug, info, warn or error");
+  wxd_log(lv, wxd_vm_get(L)->worker, msg, extra);
+  return 0;
+}
+
+static int core_log_enabled(lua_State *L) {
+  int lv = wxd_log_parse_level(luaL_checkstring(L, 1));
+  lua_pushboolean(L, lv >= 0 && lv >= wxd_log_level());
+  return 1;
+}
+
+static int core_worker_id(lua_State *L) {
+  lua_pushinteger(L, wxd_vm_get(L)->worker);
+  return 1;
+}
+
+/* core.in_coroutine(): true when wxd primitives may yield here. */
+static int core_in_coroutine(lua_State *L) {
+  lua_pushboolean(L, wxd_co_lookup(L) != NULL);
+  return 1;
+}
+
+static int open_core(lua_State *L) {
+  static const luaL_Reg fns[] = {
+      {"sleep", core_sleep},
+      {"now", core_now},
+      {"monotonic_ms", core_monotonic_ms},
+      {"log", core_log},
+      {"log_enabled", core_log_enabled},
+      {"worker_id", core_worker_id},
+      {"in_coroutine", core_in_coroutine},
+      {NULL, NULL},
+  };
+  lua_createtable(L, 0, 8);
+  luaL_register(L, NULL, fns);
+  lua_pushstring(L, WXD_VERSION);
+  lua_setfield(L, -2, "version");
+  return 1;
+}
+
+/* ---- VM ---- */
+
+static void prepend_path(lua_State *L, const char *dir) {
+  lua_getglobal(L, "package");
+  lua_getfield(L, -1, "path");
+  const char *old = lua_tostring(L, -1);
+  lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;%s", dir, dir, old ? old : "");
+  lua_setfield(L, -3, "path");
+  lua_pop(L, 2);
+}
+
+wxd_vm_t *wxd_vm_new(uv_loop_t *loop, const wxd_vm_options_t *opts) {
+  wxd_vm_t *vm = calloc(1, sizeof *vm);
+  if (!vm) return NULL;
+  lua_State *L = luaL_newstate();
+  if (!L) {
+    free(vm);
+    return NULL;
+  }
+  vm->L = L;
+  vm->loop = loop;
+  vm->worker = opts->worker;
+  luaL_openlibs(L);
+
+  lua_pushlightuserdata(L, (void *)&vm_key);
+  lua_pushlightuserdata(L, vm);
+  lua_rawset(L, LUA_REGISTRYINDEX);
+  lua_pushlightuserdata(L, (void *)&co_map_key);
+  lua_newtable(L);
+  lua_rawset(L, LUA_REGISTRYINDEX);
+
+  /* The app's modules come first so that an app can shadow nothing of the
+   * framework by accident: framework dir is prepended last, i.e. searched
+   * first. */
+  if (opts->app_dir) prepend_path(L, opts->app_dir);
+  if (opts->lua_dir) prepend_path(L, opts->lua_dir);
+
+  wxd_vm_preload(L, "wxd.core", open_core);
+  wxd_vm_preload(L, "wxd.core.http", wxd_open_http_lua);
+  wxd_vm_preload(L, "cjson", luaopen_cjson);
+  wxd_vm_preload(L, "cjson.safe", luaopen_cjson_safe);
+  return vm;
+}
+
+static void co_unlink(wxd_co_t *co) {
+  wxd_vm_t *vm = co->vm;
+  if (co->prev) co->prev->next = co->next;
+  else vm->cos = co->next;
+  if (co->next) co->next->prev = co->prev;
+}
+
+void wxd_vm_free(wxd_vm_t *vm) {
+  if (!vm) return;
+  lua_close(vm->L);
+  wxd_co_t *co = vm->cos;
+  while (co) {
+    wxd_co_t *next = co->next;
+    free(co);
+    co = next;
+  }
+  free(vm);
+}
+
+wxd_co_t *wxd_co_new(wxd_vm_t *vm, int kind, wxd_co_done_cb done, void *data) {
+  wxd_co_t *co = calloc(1, sizeof *co);
+  if (!co) return NULL;
+  lua_State *L = vm->L;
+  lua_pushlightuserdata(L, (void *)&co_map_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  co->T = lua_newthread(L);
+  lua_pushvalue(L, -1);
+  co->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushlightuserdata(L, co);
+  lua_rawset(L, -3); /* map[T] = co */
+  lua_pop(L, 1);
+  co->vm = vm;
+  co->done = done;
+  co->data = data;
+  co->kind = kind;
+  co->next = vm->cos;
+  if (vm->cos) vm->cos->prev = co;
+  vm->cos = co;
+  return co;
+}
+
+static void co_free(wxd_co_t *co) {
+  lua_State *L = co->vm->L;
+  lua_pushlightuserdata(L, (void *)&co_map_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  lua_pushthread(co->T);
+  lua_xmove(co->T, L, 1);
+  lua_pushnil(L);
+  lua_rawset(L, -3);
+  lua_pop(L, 1);
+  luaL_unref(L, LUA_REGISTRYINDEX, co->ref);
+  co_unlink(co);
+  free(co);
+}
+
+wxd_co_t *wxd_co_lookup(lua_State *L) {
+  lua_pushlightuserdata(L, (void *)&co_map_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  lua_pushthread(L);
+  lua_rawget(L, -2);
+  wxd_co_t *co = lua_touserdata(L, -1);
+  lua_pop(L, 2);
+  return co;
+}
+
+wxd_co_t *wxd_co_current(lua_State *L, const char *what) {
+  wxd_co_t *co = wxd_co_lookup(L);
+  if (!co)
+    luaL_error(L,
+               "%s: cannot wait here: only in a request handler, a timer or a "
+               "script's main chunk (not inside your own coroutine)",
+               what);
+  return co;
+}
+
+int wxd_co_yield(wxd_co_t *co, lua_State *L, int nresults) {
+  co->waiting = 1;
+  return lua_yield(L, nresults);
+}
+
+int wxd_co_resume(wxd_co_t *co, int nargs) {
+  co->waiting = 0;
+  int status = lua_resume(co->T, nargs);
+  if (status == LUA_YIELD) {
+    if (co->waiting) return 0;
+    /* A bare coroutine.yield() at the top of a wxd coroutine: nothing would
+     * ever resume it, so end it with an error instead of hanging. */
+    lua_settop(co->T, 0);
+    lua_pushliteral(co->T,
+                    "coroutine.yield() called outside a coroutine of your own; "
+                    "nothing would resume it");
+    status = LUA_ERRRUN;
+  }
+  co->done(co, status);
+  co_free(co);
+  return 1;
+}
+
+void wxd_co_traceback(wxd_co_t *co, const char *msg) {
+  luaL_traceback(co->vm->L, co->T, msg, 0);
+}

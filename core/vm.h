@@ -1,0 +1,85 @@
+/* vm: one LuaJIT state with the wxd runtime, and the coroutine scheduler.
+ *
+ * Every piece of Lua that may wait (a request handler, a `wxd script` file)
+ * runs in a wxd coroutine (wxd_co_t). A native primitive that waits — sleep
+ * today; fetch, redis and locks later — follows one pattern:
+ *
+ *     wxd_co_t *co = wxd_co_current(L);          // raises if not yieldable
+ *     ... start the libuv operation, keep `co` in its request struct ...
+ *     return wxd_co_yield(co, L, 0);
+ *
+ * and its libuv callback pushes the results on co->T and calls
+ * wxd_co_resume(co, nresults). When the coroutine finishes (returns or
+ * raises), the owner's `done` callback runs with the results on co->T, and
+ * the wxd_co_t is freed right after it returns.
+ */
+#ifndef WXD_VM_H
+#define WXD_VM_H
+
+#include <lua.h>
+#include <uv.h>
+
+typedef struct wxd_co wxd_co_t;
+typedef struct wxd_vm wxd_vm_t;
+
+/* status is 0 on success (results are co->T's whole stack) or a Lua error
+ * code (the message is at the top of co->T's stack, and co->T is still
+ * inspectable for a traceback). */
+typedef void (*wxd_co_done_cb)(wxd_co_t *co, int status);
+
+struct wxd_co {
+  lua_State *T;          /* the coroutine's thread */
+  wxd_vm_t *vm;          /* owning VM */
+  wxd_co_done_cb done;   /* called once when the coroutine ends */
+  void *data;            /* owner's pointer (request, script, ...) */
+  int kind;              /* WXD_CO_* */
+  int ref;               /* registry reference anchoring T */
+  int waiting;           /* a native primitive will resume it */
+  wxd_co_t *prev, *next; /* vm's list of live coroutines */
+};
+
+enum { WXD_CO_SCRIPT = 1, WXD_CO_REQUEST = 2 };
+
+typedef struct wxd_vm_options {
+  const char *lua_dir; /* framework modules (lua/), or NULL for package.path */
+  const char *app_dir; /* app modules, or NULL */
+  int worker;          /* worker index, -1 outside workers */
+} wxd_vm_options_t;
+
+struct wxd_vm {
+  lua_State *L;
+  uv_loop_t *loop;
+  int worker;
+  wxd_co_t *cos;   /* live coroutines, freed with the VM */
+  void *owner;     /* the worker or script that owns this VM */
+};
+
+/* Creates a VM on `loop`. Returns NULL on allocation failure. */
+wxd_vm_t *wxd_vm_new(uv_loop_t *loop, const wxd_vm_options_t *opts);
+/* Closes the Lua state and frees every coroutine still alive. All libuv
+ * handles referring to coroutines must be closed before. */
+void wxd_vm_free(wxd_vm_t *vm);
+/* The VM of a Lua state (any of its threads). */
+wxd_vm_t *wxd_vm_get(lua_State *L);
+
+/* Creates a coroutine. Push the function and its arguments on co->T, then
+ * call wxd_co_resume(co, nargs). Returns NULL on allocation failure. */
+wxd_co_t *wxd_co_new(wxd_vm_t *vm, int kind, wxd_co_done_cb done, void *data);
+/* Runs the coroutine until it waits or ends. When it ends, `done` runs and
+ * the coroutine is freed: the caller must not touch `co` afterwards.
+ * Returns 1 when the coroutine ended, 0 when it is waiting. */
+int wxd_co_resume(wxd_co_t *co, int nargs);
+/* The wxd coroutine running `L`, or raises a Lua error naming `what` when L
+ * is not one (main state, or a user's own coroutine.create thread). */
+wxd_co_t *wxd_co_current(lua_State *L, const char *what);
+/* Same without raising: NULL when L is not a wxd coroutine. */
+wxd_co_t *wxd_co_lookup(lua_State *L);
+/* Marks the coroutine as waiting on a native primitive and yields. */
+int wxd_co_yield(wxd_co_t *co, lua_State *L, int nresults);
+/* Pushes onto co->vm->L a traceback of the ended coroutine for message `msg`. */
+void wxd_co_traceback(wxd_co_t *co, const char *msg);
+
+/* Registers a native module under `name` in package.preload. */
+void wxd_vm_preload(lua_State *L, const char *name, lua_CFunction open);
+
+#endif

@@ -1,0 +1,36 @@
+--- wxd: the runtime's Lua entry point.
+-- `local wxd = require "wxd"` gives the native primitives (sleep, now, log)
+-- and, loaded on first use, the library modules (wxd.app, wxd.config, ...).
+-- @module wxd
+
+local core = require "wxd.core"
+
+local _M = {
+  version = core.version,
+  --- Suspends the calling coroutine for `ms` milliseconds; the worker keeps
+  -- serving other requests meanwhile. Raises outside a request handler,
+  -- timer or script main chunk (e.g. inside your own coroutine.wrap).
+  sleep = core.sleep,
+  --- Wall-clock seconds since the epoch, with sub-second precision.
+  now = core.now,
+  --- A monotonic clock in milliseconds, for measuring durations.
+  monotonic_ms = core.monotonic_ms,
+  --- The worker index (0-based), -1 in `wxd script`.
+  worker_id = core.worker_id,
+  --- The running app's validated configuration (set when the app loads).
+  config = nil,
+}
+
+-- Library modules load lazily so that `require "wxd"` stays cheap and no
+-- module cycle forms (wxd.app may itself require "wxd").
+local lazy = { app = "wxd.app", log = "wxd.log", config_loader = "wxd.config" }
+
+return setmetatable(_M, {
+  __index = function(t, k)
+    local name = lazy[k]
+    if not name then return nil end
+    local m = require(name)
+    rawset(t, k, m)
+    return m
+  end,
+})

@@ -1,0 +1,56 @@
+--- wxd.server: the glue the C core calls to read config and load an app.
+-- Not for apps: use wxd.app.
+-- @module wxd.server
+
+local config = require "wxd.config"
+local log = require "wxd.log"
+local wxd = require "wxd"
+
+local type, xpcall, traceback, io_open = type, xpcall, debug.traceback, io.open
+
+local _M = {}
+
+local function exists(path)
+  local f = io_open(path, "r")
+  if f then f:close() return true end
+  return false
+end
+
+--- Reads and validates APPDIR/config.lua (defaults when there is none).
+-- @treturn table|nil config
+-- @treturn string error naming the file and the key
+function _M.read_config(appdir)
+  local path = appdir .. "/config.lua"
+  local cfg, err = config.load(exists(path) and path or nil)
+  if not cfg then return nil, path .. ": " .. tostring(err) end
+  return cfg
+end
+
+local PLAIN = { ["content-type"] = "text/plain; charset=utf-8" }
+
+--- Loads APPDIR/app.lua and returns the request handler the core calls with
+-- each raw request, in the request's coroutine.
+-- @treturn function|nil handler
+-- @treturn string error (file, line and message)
+function _M.load_app(appdir, worker)
+  local cfg, err = _M.read_config(appdir)
+  if not cfg then return nil, err end
+  wxd.config = cfg
+  local chunk, lerr = loadfile(appdir .. "/app.lua")
+  if not chunk then return nil, lerr end
+  local ok, app = xpcall(chunk, traceback)
+  if not ok then return nil, "app.lua failed while loading: " .. tostring(app) end
+  if type(app) ~= "table" or type(app.handle) ~= "function" then
+    return nil, appdir .. "/app.lua must return an app: local app = require(\"wxd.app\").new() ... return app"
+  end
+  local handle = app.handle
+
+  return function(raw)
+    local ok2, status, headers, body = xpcall(handle, traceback, app, raw)
+    if ok2 then return status, headers, body end
+    log.error("handler error", { id = raw.id, method = raw.method, path = raw.path, error = status })
+    return 500, PLAIN, "internal server error (request id " .. raw.id .. ")\n"
+  end
+end
+
+return _M
