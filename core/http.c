@@ -865,6 +865,13 @@ static void on_request_done(wxd_co_t *co, int status) {
   req_finish(r);
 }
 
+/* The worker stops while the handler still waits (shutdown deadline). */
+static void on_request_abandoned(wxd_co_t *co) {
+  wxd_req_t *r = co->data;
+  if (r->conn) r->conn->req = NULL;
+  req_free(r);
+}
+
 static void dispatch(wxd_conn_t *c) {
   wxd_worker_t *w = c->w;
   wxd_req_t *r = c->req;
@@ -886,6 +893,7 @@ static void dispatch(wxd_conn_t *c) {
     return;
   }
   r->co = co;
+  co->abandon = on_request_abandoned;
   lua_rawgeti(co->T, LUA_REGISTRYINDEX, w->handler_ref);
   push_raw_request(co->T, r);
   wxd_co_resume(co, 1);

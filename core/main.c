@@ -21,7 +21,8 @@ static const char usage[] =
     "                      serve the app in APPDIR (default: .)\n"
     "  check [APPDIR]      load the app and its config once, report errors, exit\n"
     "  script FILE [ARGS]  run a Lua file inside the runtime (event loop and\n"
-    "                      native modules available; used to run the specs)\n"
+    "                      native modules available; used to run the specs);\n"
+    "                      a number returned by the file is the exit code\n"
     "  --help, -h          this text\n"
     "  --version, -v       print the version\n"
     "\n"
@@ -51,11 +52,16 @@ static void find_lua_dir(char *out, size_t cap) {
   char *slash = strrchr(exe, '/');
   if (!slash) return;
   *slash = 0;
-  char cand[PATH_MAX + 32];
-  snprintf(cand, sizeof cand, "%s/../lua/wxd/init.lua", exe);
-  if (!file_exists(cand)) return;
-  snprintf(cand, sizeof cand, "%s/../lua", exe);
-  if (!realpath(cand, out)) out[0] = 0;
+  /* build/wxd and build/asan/wxd both find the source tree's lua/. */
+  static const char *const ups[] = {"..", "../.."};
+  for (size_t i = 0; i < sizeof ups / sizeof ups[0]; i++) {
+    char cand[PATH_MAX + 32];
+    snprintf(cand, sizeof cand, "%s/%s/lua/wxd/init.lua", exe, ups[i]);
+    if (!file_exists(cand)) continue;
+    snprintf(cand, sizeof cand, "%s/%s/lua", exe, ups[i]);
+    if (!realpath(cand, out)) out[0] = 0;
+    return;
+  }
 }
 
 static void apply_env(wxd_config_t *cfg) {
@@ -171,6 +177,10 @@ static void on_script_done(wxd_co_t *co, int status) {
     fprintf(stderr, "wxd: %s\n", lua_tostring(co->vm->L, -1));
     lua_pop(co->vm->L, 1);
     s->exit_code = 1;
+  } else if (lua_gettop(co->T) >= 1 && lua_type(co->T, 1) == LUA_TNUMBER) {
+    /* A main chunk may return its exit code: unlike os.exit, this closes
+     * the Lua state and the loop properly. */
+    s->exit_code = (int)lua_tointeger(co->T, 1);
   } else {
     s->exit_code = 0;
   }

@@ -151,6 +151,11 @@ typedef struct startup {
 
 static startup_t startup = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0};
 
+/* Workers tell the main thread when their loop has ended. */
+static pthread_mutex_t exited_mu = PTHREAD_MUTEX_INITIALIZER;
+static int exited_count;
+static uv_async_t *exited_async; /* set while the main loop runs */
+
 static int load_app(wxd_worker_t *w) {
   lua_State *L = w->vm->L;
   lua_getglobal(L, "require");
@@ -189,6 +194,9 @@ static void on_deadline(uv_timer_t *t) {
   if (w->nconns > 0)
     wxd_logf(WXD_LOG_WARN, w->id, "shutdown deadline reached; closing %u connection(s)", w->nconns);
   wxd_http_close_all(w);
+  /* Handlers still waiting (a long sleep, later a slow upstream) would keep
+   * the loop alive: their waits are closed and they never resume. */
+  wxd_vm_cancel_waits(w->vm);
   close_worker_handles(w);
 }
 
@@ -253,6 +261,10 @@ static void worker_main(void *arg) {
   wxd_logbuf_free(&w->access);
   wxd_vm_free(w->vm);
   w->vm = NULL;
+  pthread_mutex_lock(&exited_mu);
+  exited_count++;
+  if (exited_async) uv_async_send(exited_async);
+  pthread_mutex_unlock(&exited_mu);
 }
 
 static int make_listener(wxd_worker_t *w, const struct sockaddr *addr, char *err, size_t errlen) {
@@ -294,10 +306,12 @@ static int probe_port(const struct sockaddr *addr, socklen_t alen, char *err, si
 
 typedef struct main_ctx {
   uv_signal_t sigint, sigterm, sighup;
+  uv_async_t worker_exited; /* a worker's loop ended */
   wxd_worker_t *workers;
   int n;
   int signals;
 } main_ctx_t;
+
 
 static void on_signal(uv_signal_t *s, int signum) {
   main_ctx_t *m = s->data;
@@ -311,10 +325,25 @@ static void on_signal(uv_signal_t *s, int signum) {
              signum == SIGINT ? "SIGINT" : "SIGTERM",
              (unsigned long long)m->workers[0].cfg->limits.shutdown_timeout_ms);
     for (int i = 0; i < m->n; i++) uv_async_send(&m->workers[i].stop_async);
-    uv_close((uv_handle_t *)&m->sigint, NULL);
-    uv_close((uv_handle_t *)&m->sigterm, NULL);
-    uv_close((uv_handle_t *)&m->sighup, NULL);
+  } else if (signum == SIGINT) {
+    /* A second Ctrl-C: the operator does not want to wait. */
+    wxd_log(WXD_LOG_WARN, -1, "SIGINT again: exiting without waiting", NULL);
+    _exit(1);
+  } else {
+    wxd_log(WXD_LOG_INFO, -1, "already stopping", NULL);
   }
+}
+
+static void on_worker_exited(uv_async_t *a) {
+  main_ctx_t *m = a->data;
+  pthread_mutex_lock(&exited_mu);
+  int all = exited_count == m->n;
+  pthread_mutex_unlock(&exited_mu);
+  if (!all) return;
+  uv_close((uv_handle_t *)&m->sigint, NULL);
+  uv_close((uv_handle_t *)&m->sigterm, NULL);
+  uv_close((uv_handle_t *)&m->sighup, NULL);
+  uv_close((uv_handle_t *)&m->worker_exited, NULL);
 }
 
 int wxd_server_run(wxd_config_t *cfg) {
@@ -410,7 +439,16 @@ int wxd_server_run(wxd_config_t *cfg) {
     uv_signal_start(&m.sigint, on_signal, SIGINT);
     uv_signal_start(&m.sigterm, on_signal, SIGTERM);
     uv_signal_start(&m.sighup, on_signal, SIGHUP);
+    uv_async_init(loop, &m.worker_exited, on_worker_exited);
+    m.worker_exited.data = &m;
+    pthread_mutex_lock(&exited_mu);
+    exited_async = &m.worker_exited;
+    if (exited_count > 0) uv_async_send(exited_async);
+    pthread_mutex_unlock(&exited_mu);
     uv_run(loop, UV_RUN_DEFAULT);
+    pthread_mutex_lock(&exited_mu);
+    exited_async = NULL;
+    pthread_mutex_unlock(&exited_mu);
     uv_loop_close(loop);
     rc = 0;
   }

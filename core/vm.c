@@ -51,6 +51,11 @@ static void sleep_fired(uv_timer_t *t) {
   wxd_co_resume(co, 0);
 }
 
+static void sleep_cancel(void *wait) {
+  sleep_req_t *s = wait;
+  uv_close((uv_handle_t *)&s->timer, sleep_closed);
+}
+
 /* wxd.sleep(ms): suspends the calling coroutine, never the loop. */
 static int core_sleep(lua_State *L) {
   lua_Number ms = luaL_checknumber(L, 1);
@@ -60,9 +65,12 @@ static int core_sleep(lua_State *L) {
   if (!s) return luaL_error(L, "wxd.sleep: out of memory");
   uv_timer_init(co->vm->loop, &s->timer);
   s->timer.data = s;
+  /* The loop's clock is only refreshed once per turn; a long-running chunk
+   * (a script's start-up, a busy handler) would otherwise shorten the sleep. */
+  uv_update_time(co->vm->loop);
   s->co = co;
   uv_timer_start(&s->timer, sleep_fired, (uint64_t)ms, 0);
-  return wxd_co_yield(co, L, 0);
+  return wxd_co_yield_cancellable(co, L, sleep_cancel, s);
 }
 
 /* wxd.now(): seconds since the epoch, with milliseconds (cached per loop turn). */
@@ -177,15 +185,24 @@ static void co_unlink(wxd_co_t *co) {
   if (co->next) co->next->prev = co->prev;
 }
 
+void wxd_vm_cancel_waits(wxd_vm_t *vm) {
+  for (wxd_co_t *co = vm->cos; co; co = co->next) {
+    if (co->cancel) co->cancel(co->wait);
+    co->cancel = NULL;
+    co->wait = NULL;
+  }
+}
+
 void wxd_vm_free(wxd_vm_t *vm) {
   if (!vm) return;
-  lua_close(vm->L);
   wxd_co_t *co = vm->cos;
   while (co) {
     wxd_co_t *next = co->next;
+    if (co->abandon) co->abandon(co);
     free(co);
     co = next;
   }
+  lua_close(vm->L);
   free(vm);
 }
 
@@ -250,8 +267,17 @@ int wxd_co_yield(wxd_co_t *co, lua_State *L, int nresults) {
   return lua_yield(L, nresults);
 }
 
+int wxd_co_yield_cancellable(wxd_co_t *co, lua_State *L, void (*cancel)(void *), void *wait) {
+  co->cancel = cancel;
+  co->wait = wait;
+  co->waiting = 1;
+  return lua_yield(L, 0);
+}
+
 int wxd_co_resume(wxd_co_t *co, int nargs) {
   co->waiting = 0;
+  co->cancel = NULL;
+  co->wait = NULL;
   int status = lua_resume(co->T, nargs);
   if (status == LUA_YIELD) {
     if (co->waiting) return 0;

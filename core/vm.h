@@ -35,6 +35,9 @@ struct wxd_co {
   int kind;              /* WXD_CO_* */
   int ref;               /* registry reference anchoring T */
   int waiting;           /* a native primitive will resume it */
+  void (*cancel)(void *wait); /* closes the pending wait without resuming */
+  void *wait;            /* argument of cancel */
+  void (*abandon)(wxd_co_t *co); /* the VM goes while the coroutine waits */
   wxd_co_t *prev, *next; /* vm's list of live coroutines */
 };
 
@@ -74,8 +77,14 @@ int wxd_co_resume(wxd_co_t *co, int nargs);
 wxd_co_t *wxd_co_current(lua_State *L, const char *what);
 /* Same without raising: NULL when L is not a wxd coroutine. */
 wxd_co_t *wxd_co_lookup(lua_State *L);
-/* Marks the coroutine as waiting on a native primitive and yields. */
+/* Marks the coroutine as waiting on a native primitive and yields.
+ * `cancel(wait)` must close the primitive's handles without resuming the
+ * coroutine (used at a shutdown deadline); NULL if there is nothing to close. */
 int wxd_co_yield(wxd_co_t *co, lua_State *L, int nresults);
+int wxd_co_yield_cancellable(wxd_co_t *co, lua_State *L, void (*cancel)(void *), void *wait);
+/* Cancels every pending wait of the VM: no coroutine will be resumed after
+ * this; their owners learn it through `abandon` when the VM is freed. */
+void wxd_vm_cancel_waits(wxd_vm_t *vm);
 /* Pushes onto co->vm->L a traceback of the ended coroutine for message `msg`. */
 void wxd_co_traceback(wxd_co_t *co, const char *msg);
 

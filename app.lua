@@ -1,0 +1,7 @@
+-- The default app: `make run` serves it on 127.0.0.1:8080.
+-- Routes live in handlers/ (the part you edit); this file wires them up.
+local app = require("wxd.app").new()
+
+require("handlers.home")(app)
+
+return app

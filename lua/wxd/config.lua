@@ -1,0 +1,559 @@
+--- wxd.config: load and validate an app's `config.lua`.
+--
+-- A config file is Lua that returns a table. It runs in a small sandbox
+-- (no io, no require, no os but os.getenv) because it is read at every
+-- reload by every worker and should describe, not act. Secrets are never
+-- written in it: `env("WXD_MP_SECRET")` names an environment variable, and
+-- a literal string under a secret-looking key is refused.
+--
+-- Errors are returned, not raised (a bad config is an expected failure of
+-- a reload), as lines `config.<key>: <what is wrong>`; the caller prefixes
+-- the file name.
+--
+-- @module wxd.config
+-- @usage
+-- local cfg, err = require("wxd.config").load("config.lua")
+-- if not cfg then error("config.lua: " .. err) end
+
+local type         = type
+local pairs        = pairs
+local ipairs       = ipairs
+local next         = next
+local error        = error
+local pcall        = pcall
+local assert       = assert
+local select       = select
+local tostring     = tostring
+local tonumber     = tonumber
+local loadfile     = loadfile
+local setfenv      = setfenv
+local setmetatable = setmetatable
+local getmetatable = getmetatable
+local os_getenv    = os.getenv
+local io_open      = io.open
+local str_find     = string.find
+local str_sub      = string.sub
+local str_lower    = string.lower
+local str_upper    = string.upper
+local str_gsub     = string.gsub
+local str_format   = string.format
+local str_byte     = string.byte
+local tbl_concat   = table.concat
+local tbl_sort     = table.sort
+local math_min     = math.min
+local math_huge    = math.huge
+local string_lib   = string
+local table_lib    = table
+local math_lib     = math
+local unpack       = unpack or table.unpack
+
+local _M = { _VERSION = "0.1.0" }
+
+
+------------------------------------------------------------------------
+-- Defaults and schema
+------------------------------------------------------------------------
+
+-- Order matters only for error messages and docs.
+local LIMIT_KEYS = {
+    "max_header_bytes", "max_body_bytes", "max_uri_bytes",
+    "header_timeout_ms", "body_timeout_ms", "keepalive_timeout_ms",
+    "max_requests_per_connection", "shutdown_timeout_ms",
+}
+
+local LIMIT_DEFAULTS = {
+    max_header_bytes            = 16384,
+    max_body_bytes              = 1048576,
+    max_uri_bytes               = 8192,
+    header_timeout_ms           = 10000,
+    body_timeout_ms             = 30000,
+    keepalive_timeout_ms        = 75000,
+    max_requests_per_connection = 10000,
+    shutdown_timeout_ms         = 10000,
+}
+
+local LOG_LEVELS = { debug = true, info = true, warn = true, error = true }
+
+-- Sections that later features own; accepted as free-form tables for now
+-- (their modules validate them).
+local FREE_SECTIONS = { "mp", "pay", "redis", "miniprogram", "token", "store", "shdict", "app" }
+
+local TOP_KEYS = { "listen", "workers", "limits", "log" }
+for _, k in ipairs(FREE_SECTIONS) do
+    TOP_KEYS[#TOP_KEYS + 1] = k
+end
+
+--- A fresh table of defaults (callers may modify it).
+-- @treturn table defaults
+-- @usage local d = config.defaults(); print(d.listen) --> 127.0.0.1:8080
+function _M.defaults()
+    local limits = {}
+    for k, v in pairs(LIMIT_DEFAULTS) do
+        limits[k] = v
+    end
+    return {
+        listen  = "127.0.0.1:8080",
+        workers = "auto",
+        limits  = limits,
+        log     = { level = "info", access = true },
+    }
+end
+
+
+------------------------------------------------------------------------
+-- Environment markers
+------------------------------------------------------------------------
+
+local ENV_MT = { __tostring = function(m) return 'env("' .. m.name .. '")' end }
+
+--- Refer to an environment variable from a config file.
+-- The variable is read when the config is validated (at every load or
+-- reload), so rotating a secret needs no edit. An empty variable counts as
+-- unset.
+-- @tparam string name variable name, e.g. "WXD_MP_SECRET"
+-- @tparam[opt] string|number|boolean default used when the variable is unset
+-- @treturn table a marker, resolved by load()/validate()
+-- @usage secret = env("WXD_MP_SECRET")
+local function env(name, default)
+    if type(name) ~= "string" or not str_find(name, "^[%a_][%w_]*$") then
+        error("env(): expected an environment variable name, got " .. tostring(name), 2)
+    end
+    local td = type(default)
+    if default ~= nil and td ~= "string" and td ~= "number" and td ~= "boolean" then
+        error("env(" .. name .. "): the default must be a string, a number or a boolean", 2)
+    end
+    return setmetatable({ name = name, default = default }, ENV_MT)
+end
+_M.env = env
+
+--- Whether a value is an `env()` marker.
+-- @param v any value
+-- @treturn boolean
+function _M.is_env(v)
+    return type(v) == "table" and getmetatable(v) == ENV_MT
+end
+
+
+------------------------------------------------------------------------
+-- Helpers
+------------------------------------------------------------------------
+
+local function is_ident(k)
+    return type(k) == "string" and str_find(k, "^[%a_][%w_]*$") ~= nil
+end
+
+-- "config.a.b", "config.a[1]", 'config.a["x-y"]'
+local function join(path, k)
+    if is_ident(k) then
+        return path .. "." .. k
+    elseif type(k) == "string" then
+        return path .. '["' .. k .. '"]'
+    end
+    return path .. "[" .. tostring(k) .. "]"
+end
+
+local function repr(v)
+    if type(v) == "string" then
+        if #v > 60 then v = str_sub(v, 1, 57) .. "..." end
+        return '"' .. str_gsub(v, '[%c"\\]', function(c)
+            if c == '"' or c == "\\" then return "\\" .. c end
+            return str_format("\\%03d", str_byte(c))
+        end) .. '"'
+    elseif type(v) == "table" then
+        return "a table"
+    end
+    return tostring(v)
+end
+
+-- Optimal string alignment distance (Levenshtein plus transpositions), so
+-- "lsiten" is one edit from "listen" like "lisen" is.
+local function distance(a, b)
+    local la, lb = #a, #b
+    local d = {}
+    for i = 0, la do
+        d[i] = { [0] = i }
+    end
+    for j = 0, lb do
+        d[0][j] = j
+    end
+    for i = 1, la do
+        local ca = str_byte(a, i)
+        for j = 1, lb do
+            local cb = str_byte(b, j)
+            local cost = ca == cb and 0 or 1
+            local v = math_min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost)
+            if i > 1 and j > 1 and ca == str_byte(b, j - 1) and str_byte(a, i - 1) == cb then
+                v = math_min(v, d[i - 2][j - 2] + 1)
+            end
+            d[i][j] = v
+        end
+    end
+    return d[la][lb]
+end
+
+-- The closest known key within 2 edits, for "did you mean".
+local function suggest(k, known)
+    if type(k) ~= "string" then
+        return nil
+    end
+    local best, bestd
+    for _, name in ipairs(known) do
+        local d = distance(str_lower(k), name)
+        if d <= 2 and (bestd == nil or d < bestd) then
+            best, bestd = name, d
+        end
+    end
+    return best
+end
+
+-- Keys sorted so that error messages come out in a stable order.
+local function sorted_keys(t)
+    local keys = {}
+    for k in pairs(t) do
+        keys[#keys + 1] = k
+    end
+    tbl_sort(keys, function(a, b)
+        local ta, tb = type(a), type(b)
+        if ta ~= tb then
+            return ta < tb
+        end
+        if ta == "string" or ta == "number" then
+            return a < b
+        end
+        return tostring(a) < tostring(b)
+    end)
+    return keys
+end
+
+
+------------------------------------------------------------------------
+-- Secrets and env resolution
+------------------------------------------------------------------------
+
+-- Key names that hold secrets. Beyond the generic words, WeChat Pay's
+-- APIv3 key and v2 merchant key have their own usual spellings.
+local SECRET_PATTERNS = {
+    "secret", "password", "passwd", "token", "aes_key", "api_key", "private_key",
+    "apiv3_key", "api_v3_key", "mch_key", "sign_key",
+}
+
+-- Names that refer to a secret rather than hold one: a key file's path or
+-- a token endpoint's URL are not secrets (DESIGN: secrets come from the
+-- environment or from files).
+local REFERENCE_SUFFIXES = { "_file", "_path", "_url", "_uri" }
+
+local function is_secret_key(k)
+    if type(k) ~= "string" then
+        return false
+    end
+    local l = str_lower(k)
+    for _, suffix in ipairs(REFERENCE_SUFFIXES) do
+        if str_sub(l, -#suffix) == suffix then
+            return false
+        end
+    end
+    for _, p in ipairs(SECRET_PATTERNS) do
+        if str_find(l, p, 1, true) then
+            return true
+        end
+    end
+    return false
+end
+_M.is_secret_key = is_secret_key
+
+local function env_name_for(path)
+    local name = str_gsub(str_sub(path, #"config." + 1), "[^%w]+", "_")
+    return "WXD_" .. str_upper(name)
+end
+
+-- Copy the whole table, refusing literal secrets and replacing env markers
+-- by their values (strings, or the default as given). The caller's table is
+-- left as it was, so validating it again reads the environment again.
+-- Paths whose value came from the environment are noted, so that typed
+-- keys may accept "8080" for 8080; a missing variable leaves the key out
+-- (one error, not a second one about its type).
+local function resolve(t, path, ctx, seen)
+    if seen[t] then
+        ctx.errors[#ctx.errors + 1] = path .. ": the table contains itself"
+        return {}
+    end
+    seen[t] = true
+    local out = {}
+    for _, k in ipairs(sorted_keys(t)) do
+        local v = t[k]
+        local kpath = join(path, k)
+        if type(v) == "table" and getmetatable(v) == ENV_MT then
+            local value = ctx.getenv(v.name)
+            if value == "" then
+                value = nil
+            end
+            if value == nil then
+                value = v.default
+            else
+                ctx.from_env[kpath] = true
+            end
+            if value == nil then
+                ctx.errors[#ctx.errors + 1] = kpath .. ": environment variable " .. v.name .. " is not set"
+            end
+            v = value
+        elseif type(v) == "table" then
+            v = resolve(v, kpath, ctx, seen)
+        elseif type(v) == "string" and is_secret_key(k) then
+            ctx.errors[#ctx.errors + 1] = kpath
+                .. ': secrets must come from the environment; use env("' .. env_name_for(kpath) .. '")'
+        end
+        out[k] = v
+    end
+    seen[t] = nil -- only tables on the current path are a cycle
+    return out
+end
+
+
+------------------------------------------------------------------------
+-- Validation of known keys
+------------------------------------------------------------------------
+
+local function fail(ctx, path, msg)
+    ctx.errors[#ctx.errors + 1] = path .. ": " .. msg
+end
+
+local function positive_integer(ctx, path, v)
+    if type(v) == "string" and ctx.from_env[path] then
+        v = tonumber(v) or v
+    end
+    if type(v) ~= "number" or v % 1 ~= 0 or v < 1 or v ~= v or v == math_huge then
+        fail(ctx, path, "expected a positive integer, got " .. repr(v))
+        return nil
+    end
+    return v
+end
+
+local function boolean(ctx, path, v)
+    if type(v) == "string" and ctx.from_env[path] then
+        local l = str_lower(v)
+        if l == "true" or l == "1" or l == "yes" or l == "on" then
+            v = true
+        elseif l == "false" or l == "0" or l == "no" or l == "off" then
+            v = false
+        end
+    end
+    if type(v) ~= "boolean" then
+        fail(ctx, path, "expected true or false, got " .. repr(v))
+        return nil
+    end
+    return v
+end
+
+local LISTEN_HINT = 'expected "HOST:PORT" (e.g. "127.0.0.1:8080" or "[::1]:8080"), got '
+
+local function check_listen(ctx, path, v)
+    if type(v) ~= "string" then
+        fail(ctx, path, LISTEN_HINT .. repr(v))
+        return nil
+    end
+    local host, port = v:match("^%[([%x:%.]+)%]:(%d+)$")
+    if not host then
+        host, port = v:match("^([%w%.%-]+):(%d+)$")
+    end
+    if not host then
+        fail(ctx, path, LISTEN_HINT .. repr(v))
+        return nil
+    end
+    local n = tonumber(port)
+    if n < 1 or n > 65535 then
+        fail(ctx, path, "port must be in 1..65535, got " .. repr(v))
+        return nil
+    end
+    return v
+end
+
+local function check_workers(ctx, path, v)
+    if v == "auto" then
+        return v
+    end
+    if type(v) == "string" and ctx.from_env[path] then
+        v = tonumber(v) or v
+    end
+    if type(v) ~= "number" or v % 1 ~= 0 or v < 1 or v == math_huge then
+        fail(ctx, path, 'expected a positive integer or "auto", got ' .. repr(v))
+        return nil
+    end
+    return v
+end
+
+local function unknown(ctx, path, k, known)
+    local msg = "unknown key"
+    local s = suggest(k, known)
+    if s then
+        msg = msg .. ' (did you mean "' .. s .. '"?)'
+    end
+    fail(ctx, join(path, k), msg)
+end
+
+local function check_section(ctx, path, v)
+    if type(v) ~= "table" then
+        fail(ctx, path, "expected a table, got " .. repr(v))
+        return false
+    end
+    return true
+end
+
+local function check_limits(ctx, path, v, out)
+    if not check_section(ctx, path, v) then
+        return
+    end
+    for _, k in ipairs(sorted_keys(v)) do
+        if LIMIT_DEFAULTS[k] == nil then
+            unknown(ctx, path, k, LIMIT_KEYS)
+        else
+            out[k] = positive_integer(ctx, join(path, k), v[k])
+        end
+    end
+end
+
+local LOG_KEYS = { "level", "access" }
+
+local function check_log(ctx, path, v, out)
+    if not check_section(ctx, path, v) then
+        return
+    end
+    for _, k in ipairs(sorted_keys(v)) do
+        local x = v[k]
+        local kpath = join(path, k)
+        if k == "level" then
+            if type(x) ~= "string" or not LOG_LEVELS[x] then
+                fail(ctx, kpath, 'expected one of "debug", "info", "warn", "error", got ' .. repr(x))
+            else
+                out.level = x
+            end
+        elseif k == "access" then
+            out.access = boolean(ctx, kpath, x)
+        else
+            unknown(ctx, path, k, LOG_KEYS)
+        end
+    end
+end
+
+local FREE = {}
+for _, k in ipairs(FREE_SECTIONS) do
+    FREE[k] = true
+end
+
+--- Validate a config table (as a config file returns it) and merge it over
+-- the defaults. `env()` markers in it are resolved.
+-- @tparam table t the config
+-- @tparam[opt] table opts `getenv`: replaces os.getenv (tests, or a
+--   process that reads variables from elsewhere)
+-- @treturn ?table the validated config (a new table)
+-- @treturn ?string errors, one `config.<key>: ...` line each
+-- @usage local cfg, err = config.validate({ listen = "0.0.0.0:80" })
+function _M.validate(t, opts)
+    if type(t) ~= "table" or getmetatable(t) == ENV_MT then
+        return nil, "config: expected a table, got " .. repr(t)
+    end
+    local ctx = {
+        errors   = {},
+        from_env = {},
+        getenv   = opts and opts.getenv or os_getenv,
+    }
+    t = resolve(t, "config", ctx, {})
+
+    local out = _M.defaults()
+    for _, k in ipairs(sorted_keys(t)) do
+        local v = t[k]
+        local path = join("config", k)
+        if k == "listen" then
+            out.listen = check_listen(ctx, path, v)
+        elseif k == "workers" then
+            out.workers = check_workers(ctx, path, v)
+        elseif k == "limits" then
+            check_limits(ctx, path, v, out.limits)
+        elseif k == "log" then
+            check_log(ctx, path, v, out.log)
+        elseif FREE[k] then
+            if check_section(ctx, path, v) then
+                out[k] = v
+            end
+        else
+            unknown(ctx, "config", k, TOP_KEYS)
+        end
+    end
+
+    if ctx.errors[1] then
+        return nil, tbl_concat(ctx.errors, "\n")
+    end
+    return out
+end
+
+
+------------------------------------------------------------------------
+-- Loading
+------------------------------------------------------------------------
+
+local function copy(t)
+    local c = {}
+    for k, v in pairs(t) do
+        c[k] = v
+    end
+    return c
+end
+
+-- A fresh sandbox per load: the file may assign globals, and modules such
+-- as `string` are copies, so a config cannot alter the server's own.
+local function sandbox()
+    return {
+        string   = copy(string_lib),
+        table    = copy(table_lib),
+        math     = copy(math_lib),
+        os       = { getenv = os_getenv },
+        tonumber = tonumber,
+        tostring = tostring,
+        pairs    = pairs,
+        ipairs   = ipairs,
+        next     = next,
+        type     = type,
+        error    = error,
+        assert   = assert,
+        select   = select,
+        unpack   = unpack,
+        env      = env,
+    }
+end
+
+--- Load and validate a config file.
+-- @tparam ?string path file to load; nil gives the defaults
+-- @tparam[opt] table opts as for validate()
+-- @treturn ?table the validated config
+-- @treturn ?string what is wrong (load errors name the file; validation
+--   errors are `config.<key>: ...` lines, to be prefixed by the caller)
+-- @usage local cfg, err = config.load("config.lua")
+function _M.load(path, opts)
+    if path == nil then
+        return _M.defaults()
+    end
+    if type(path) ~= "string" then
+        error("wxd.config: path must be a string or nil", 2)
+    end
+    -- loadfile's message for a missing file is fine, but check first so the
+    -- message is the same on every Lua and says plainly what happened.
+    local f = io_open(path, "rb")
+    if not f then
+        return nil, "cannot open " .. path
+    end
+    f:close()
+    local chunk, err = loadfile(path)
+    if not chunk then
+        return nil, err
+    end
+    setfenv(chunk, sandbox())
+    local ok, t = pcall(chunk)
+    if not ok then
+        return nil, tostring(t)
+    end
+    if type(t) ~= "table" then
+        return nil, "config file must return a table, got " .. repr(t)
+    end
+    return _M.validate(t, opts)
+end
+
+return _M

@@ -1,0 +1,38 @@
+-- LuaRocks: `luarocks make rockspec/wxd-scm-1.rockspec` builds build/wxd with
+-- the Makefile and installs it with the Lua library. Every module under lua/
+-- must be listed below (spec/01-unit/rockspec_spec.lua checks it).
+rockspec_format = "3.0"
+package = "wxd"
+version = "scm-1"
+source = {
+  url = "git+file:///dev/null", -- replaced by the repository URL when published
+}
+description = {
+  summary = "Lua-scriptable application server for WeChat backends",
+  detailed = [[
+wxd is an HTTP/1.1 application server in C (libuv, llhttp, LuaJIT, OpenSSL)
+whose business handlers are Lua, for WeChat Official Account, Mini Program
+and WeChat Pay backends.
+]],
+  license = "MIT",
+}
+dependencies = {
+  "lua == 5.1",
+}
+build = {
+  type = "command",
+  build_command = "make",
+  install_command = "true",
+  install = {
+    bin = {
+      wxd = "build/wxd",
+    },
+    lua = {
+      ["wxd"] = "lua/wxd/init.lua",
+      ["wxd.app"] = "lua/wxd/app.lua",
+      ["wxd.config"] = "lua/wxd/config.lua",
+      ["wxd.log"] = "lua/wxd/log.lua",
+      ["wxd.server"] = "lua/wxd/server.lua",
+    },
+  },
+}

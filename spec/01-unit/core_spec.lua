@@ -1,0 +1,85 @@
+-- The native core module and the coroutine mechanism, from inside wxd.
+local wxd = require "wxd"
+local H = require "helpers"
+
+describe("wxd.sleep", function()
+  it("suspends the running coroutine for about the given time", function()
+    local t0 = wxd.monotonic_ms()
+    wxd.sleep(30)
+    local dt = wxd.monotonic_ms() - t0
+    assert.is_true(dt >= 29, "slept " .. dt .. " ms")
+  end)
+
+  it("accepts 0", function()
+    wxd.sleep(0)
+  end)
+
+  it("raises on a bad argument (programmer error)", function()
+    assert.has_error(function() wxd.sleep(-1) end)
+    assert.has_error(function() wxd.sleep("soon") end)
+  end)
+
+  it("raises a clear error inside the user's own coroutine", function()
+    local co = coroutine.create(function() wxd.sleep(1) end)
+    local ok, err = coroutine.resume(co)
+    assert.is_false(ok)
+    assert.truthy(err:find("cannot wait here", 1, true), err)
+  end)
+end)
+
+describe("wxd clocks", function()
+  it("now() is wall-clock seconds", function()
+    assert.is_true(math.abs(wxd.now() - os.time()) < 2)
+  end)
+
+  it("monotonic_ms() only goes forward", function()
+    local a = wxd.monotonic_ms()
+    local b = wxd.monotonic_ms()
+    assert.is_true(b >= a)
+  end)
+
+  it("worker_id() is -1 in a script", function()
+    assert.equal(-1, wxd.worker_id())
+  end)
+end)
+
+describe("wxd script", function()
+  local dir
+  before_each(function() dir = H.tmpdir() end)
+  after_each(function() os.execute("rm -rf " .. dir) end)
+
+  it("passes arguments and exits 0", function()
+    H.write_file(dir .. "/s.lua", "local a, b = ...\nio.write(arg[0], ' ', a, ' ', b, ' ', arg[2])\n")
+    local out, code = H.sh(H.WXD .. " script " .. dir .. "/s.lua one two")
+    assert.equal(0, code)
+    assert.equal(dir .. "/s.lua one two two", out)
+  end)
+
+  it("exits 1 with a traceback when the script raises", function()
+    H.write_file(dir .. "/s.lua", "local function f() error('nope') end\nf()\n")
+    local out, code = H.sh(H.WXD .. " script " .. dir .. "/s.lua")
+    assert.equal(1, code)
+    assert.truthy(out:find("s.lua:1: nope", 1, true), out)
+    assert.truthy(out:find("stack traceback", 1, true), out)
+  end)
+
+  it("runs the event loop: a sleep in the main chunk works", function()
+    H.write_file(dir .. "/s.lua", "local wxd = require 'wxd'\nwxd.sleep(20)\nio.write('done')\n")
+    local out, code = H.sh(H.WXD .. " script " .. dir .. "/s.lua")
+    assert.equal(0, code)
+    assert.equal("done", out)
+  end)
+
+  it("ends a bare coroutine.yield() at top level with an error instead of hanging", function()
+    H.write_file(dir .. "/s.lua", "coroutine.yield()\n")
+    local out, code = H.sh(H.WXD .. " script " .. dir .. "/s.lua")
+    assert.equal(1, code)
+    assert.truthy(out:find("nothing would resume it", 1, true), out)
+  end)
+
+  it("reports a missing file", function()
+    local out, code = H.sh(H.WXD .. " script " .. dir .. "/missing.lua")
+    assert.equal(1, code)
+    assert.truthy(out:find("missing.lua", 1, true), out)
+  end)
+end)

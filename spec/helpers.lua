@@ -1,0 +1,242 @@
+-- Spec helpers: start real wxd processes on free ports, talk to them over
+-- raw sockets (luasocket, blocking with timeouts), parse what comes back.
+local socket = require "socket"
+local wxd = require "wxd"
+
+local H = {}
+
+H.WXD = os.getenv("WXD") or "build/wxd"
+H.ROOT = os.getenv("PWD") or "."
+
+--- Runs a shell command; returns its output (stdout and stderr) and exit code.
+local function sh(cmd)
+  local p = assert(io.popen("(" .. cmd .. ") 2>&1; echo \"__rc=$?\""))
+  local out = p:read("*a")
+  p:close()
+  local code = tonumber(out:match("__rc=(%d+)%s*$"))
+  return (out:gsub("__rc=%d+%s*$", "")), code
+end
+H.sh = sh
+
+function H.read_file(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+function H.write_file(path, s)
+  local f = assert(io.open(path, "wb"))
+  f:write(s)
+  f:close()
+end
+
+function H.tmpdir()
+  local out = sh("mktemp -d /tmp/wxd-spec.XXXXXX")
+  return (out:gsub("%s+$", ""))
+end
+
+--- A TCP port nobody listens on right now.
+function H.free_port()
+  local s = assert(socket.bind("127.0.0.1", 0))
+  local _, port = s:getsockname()
+  s:close()
+  return tonumber(port)
+end
+
+--- Polls fn every 20 ms until it returns a truthy value or `timeout` s pass.
+function H.wait_until(fn, timeout, what)
+  local deadline = socket.gettime() + (timeout or 5)
+  while true do
+    local v = fn()
+    if v then return v end
+    if socket.gettime() > deadline then error("timed out waiting for " .. (what or "condition"), 2) end
+    wxd.sleep(20)
+  end
+end
+
+local Server = {}
+Server.__index = Server
+
+--- Starts `wxd run APPDIR` on a free port and waits until it accepts.
+-- opts: workers (default 1), env (string of VAR=value pairs), args.
+function H.start(appdir, opts)
+  opts = opts or {}
+  local dir = H.tmpdir()
+  local port = opts.port or H.free_port()
+  local self = setmetatable({ port = port, dir = dir, log = dir .. "/wxd.log",
+                              pidfile = dir .. "/pid", rcfile = dir .. "/rc" }, Server)
+  local cmd = string.format(
+    "(%s %s run %s --listen 127.0.0.1:%d --workers %d %s >%s 2>&1 & echo $! >%s; wait $!; echo $? >%s) >/dev/null 2>&1 &",
+    opts.env or "", H.WXD, appdir, port, opts.workers or 1, opts.args or "", self.log,
+    self.pidfile, self.rcfile)
+  os.execute(cmd)
+  H.wait_until(function() return H.read_file(self.pidfile) end, 5, "pid file")
+  self.pid = tonumber(H.read_file(self.pidfile):match("%d+"))
+  if opts.expect_failure then return self end
+  local ok = pcall(H.wait_until, function()
+    if H.read_file(self.rcfile) then error("wxd exited:\n" .. (H.read_file(self.log) or "")) end
+    local c = socket.connect("127.0.0.1", port)
+    if c then c:close() return true end
+  end, 10, "wxd to listen")
+  if not ok then
+    local log = H.read_file(self.log) or ""
+    self:kill()
+    error("wxd did not start:\n" .. log, 2)
+  end
+  return self
+end
+
+--- Exit code once the process ended (nil while it runs).
+function Server:exit_code()
+  local rc = H.read_file(self.rcfile)
+  return rc and tonumber(rc:match("%d+"))
+end
+
+function Server:signal(sig)
+  if sig == "TERM" or sig == "INT" then self.stopping = true end
+  os.execute(string.format("kill -%s %d 2>/dev/null", sig, self.pid))
+end
+
+--- Raises when the server's log holds a sanitizer report (make asan): a
+-- memory error in a server process must fail the spec that caused it.
+function Server:check_sanitizers()
+  local log = self:log_text()
+  local s = log:find("ERROR: AddressSanitizer", 1, true) or log:find("ERROR: LeakSanitizer", 1, true)
+    or log:find("runtime error:", 1, true)
+  if s then error("sanitizer report in the wxd log:\n" .. log:sub(s, s + 3000), 2) end
+end
+
+--- SIGTERM, then waits for the exit; returns the exit code.
+function Server:stop(timeout)
+  if not self:exit_code() and not self.stopping then self:signal("TERM") end
+  local ok = pcall(H.wait_until, function() return self:exit_code() end, timeout or 15, "wxd to exit")
+  if not ok then self:kill() end
+  self:check_sanitizers()
+  return self:exit_code()
+end
+
+function Server:kill()
+  self:signal("KILL")
+  pcall(H.wait_until, function() return self:exit_code() end, 5)
+end
+
+function Server:log_text() return H.read_file(self.log) or "" end
+
+function Server:cleanup()
+  if not self:exit_code() then self:kill() end
+  os.execute("rm -rf " .. self.dir)
+end
+
+--- Connects a client socket to the server.
+function Server:connect(timeout)
+  local c = assert(socket.tcp())
+  c:settimeout(timeout or 5)
+  assert(c:connect("127.0.0.1", self.port))
+  c:setoption("tcp-nodelay", true)
+  return c
+end
+
+--- Reads until the peer closes or `timeout` seconds of silence.
+-- Returns the bytes and whether the peer closed.
+function H.read_all(c, timeout)
+  c:settimeout(timeout or 5)
+  local parts = {}
+  while true do
+    local data, err, partial = c:receive(4096)
+    if data then parts[#parts + 1] = data
+    else
+      if partial and #partial > 0 then parts[#parts + 1] = partial end
+      return table.concat(parts), err == "closed"
+    end
+  end
+end
+
+--- Sends raw bytes (optionally one byte per write) and reads until close.
+-- opts.split: one byte per send; opts.timeout: read timeout (s).
+function Server:raw(bytes, opts)
+  opts = opts or {}
+  local c = self:connect()
+  if opts.split then
+    for i = 1, #bytes do
+      local ok, err = c:send(bytes:sub(i, i))
+      if not ok then break end -- the server may close early on a refused shape
+      if opts.split_delay then socket.sleep(opts.split_delay) end
+    end
+  else
+    c:send(bytes)
+  end
+  local out, closed = H.read_all(c, opts.timeout or 5)
+  c:close()
+  return out, closed
+end
+
+--- Parses a byte string into a list of HTTP responses.
+-- Each: { status, reason, headers (lower-case names), raw_headers, body, version }.
+function H.parse_responses(s, head_request)
+  local out = {}
+  local pos = 1
+  while pos <= #s do
+    local hend = s:find("\r\n\r\n", pos, true)
+    if not hend then error("incomplete response head: " .. s:sub(pos, pos + 200)) end
+    local head = s:sub(pos, hend - 1)
+    pos = hend + 4
+    local version, status, reason = head:match("^HTTP/(%d%.%d) (%d%d%d) ?([^\r\n]*)")
+    assert(version, "bad status line: " .. head:sub(1, 100))
+    local r = { version = version, status = tonumber(status), reason = reason, headers = {},
+                raw_headers = head, body = "" }
+    for name, value in head:gmatch("\r\n([^:\r\n]+): ?([^\r\n]*)") do
+      local k = name:lower()
+      r.headers[k] = r.headers[k] and (r.headers[k] .. ", " .. value) or value
+    end
+    local no_body = head_request or r.status < 200 or r.status == 204 or r.status == 304
+    if no_body then
+      -- nothing
+    elseif (r.headers["transfer-encoding"] or ""):lower() == "chunked" then
+      local parts = {}
+      while true do
+        local line_end = assert(s:find("\r\n", pos, true), "incomplete chunk size")
+        local size = tonumber(s:sub(pos, line_end - 1):match("^%x+"), 16)
+        pos = line_end + 2
+        if size == 0 then
+          local tend = assert(s:find("\r\n", pos, true), "incomplete trailer")
+          pos = tend + 2
+          break
+        end
+        parts[#parts + 1] = s:sub(pos, pos + size - 1)
+        pos = pos + size + 2
+      end
+      r.body = table.concat(parts)
+    elseif r.headers["content-length"] then
+      local n = tonumber(r.headers["content-length"])
+      r.body = s:sub(pos, pos + n - 1)
+      assert(#r.body == n, "truncated body")
+      pos = pos + n
+    else
+      r.body = s:sub(pos)
+      pos = #s + 1
+    end
+    out[#out + 1] = r
+    -- 1xx responses precede the final one
+  end
+  return out
+end
+
+--- One request on a fresh connection; returns the parsed response.
+function Server:request(method, path, headers, body)
+  local lines = { method .. " " .. path .. " HTTP/1.1", "Host: localhost", "Connection: close" }
+  for k, v in pairs(headers or {}) do lines[#lines + 1] = k .. ": " .. v end
+  if body then lines[#lines + 1] = "Content-Length: " .. #body end
+  local raw = table.concat(lines, "\r\n") .. "\r\n\r\n" .. (body or "")
+  local out = self:raw(raw)
+  local rs = H.parse_responses(out, method == "HEAD")
+  return rs[#rs], out
+end
+
+function Server:get(path, headers) return self:request("GET", path, headers) end
+
+--- Path of a spec fixture app.
+function H.app(name) return H.ROOT .. "/spec/fixtures/apps/" .. name end
+
+return H
