@@ -1,9 +1,9 @@
 /* http: see http.h.
  *
  * Life of a connection:
- *   IDLE     waiting for the first byte of a request (keep-alive timer, or the
- *            header timer for a brand-new connection)
- *   READING  a request has begun: header timer, then body timer
+ *   IDLE     waiting for the first byte of a request (keep-alive deadline, or
+ *            the header deadline for a brand-new connection)
+ *   READING  a request has begun: header deadline, then body deadline
  *   HANDLING the parser is paused at the end of the message and the handler
  *            runs; bytes that arrive meanwhile queue in `in`
  * and back to IDLE after the response, or closed.
@@ -72,7 +72,7 @@ typedef struct wxd_req {
 
 struct wxd_conn {
   uv_tcp_t tcp;
-  uv_timer_t timer;
+  uint64_t deadline;     /* loop time (ms) of the current timeout; 0 none */
   llhttp_t parser;
   wxd_worker_t *w;
   wxd_conn_t *prev, *next;
@@ -85,7 +85,7 @@ struct wxd_conn {
   unsigned nreq;         /* requests dispatched on this connection */
   int in_process;        /* re-entrancy guard for conn_process */
   int writes_pending;
-  int handles_open;      /* tcp + timer; freed when 0 */
+  int handles_open;      /* freed when 0 */
   unsigned closing : 1;
   unsigned close_after_write : 1;
   unsigned discard_input : 1; /* after Connection: close or an error */
@@ -125,6 +125,27 @@ void wxd_buf_free(wxd_buf_t *b) {
   free(b->data);
   b->data = NULL;
   b->len = b->cap = 0;
+}
+
+/* Hand-rolled formatting for the per-request path: snprintf showed up in
+ * profiles of /hello. */
+static size_t fmt_uint(char *out, uint64_t v) {
+  char tmp[24];
+  size_t n = 0;
+  do {
+    tmp[n++] = (char)('0' + v % 10);
+    v /= 10;
+  } while (v);
+  for (size_t i = 0; i < n; i++) out[i] = tmp[n - 1 - i];
+  return n;
+}
+
+static void fmt_hex(char *out, uint64_t v, int digits) {
+  static const char hex[] = "0123456789abcdef";
+  for (int i = digits - 1; i >= 0; i--) {
+    out[i] = hex[v & 15];
+    v >>= 4;
+  }
 }
 
 static const char *reason_phrase(int status) {
@@ -551,15 +572,28 @@ int wxd_http_selfcheck(char *err, size_t errlen) {
 
 /* ---- timers ---- */
 
-static void on_timer(uv_timer_t *t) {
-  wxd_conn_t *c = t->data;
-  if (c->closing) return;
-  if (c->state == CONN_READING) conn_fail(c, 408, "request timeout");
-  else if (c->state == CONN_IDLE) conn_close(c);
+/* Timeouts are deadlines checked by the worker's tick (wxd_http_sweep)
+ * rather than a libuv timer per connection: a request then costs no timer
+ * heap operations, and an idle connection no timer handle. They are
+ * accurate to the tick (100 ms). */
+static void conn_set_timer(wxd_conn_t *c, uint64_t ms) {
+  c->deadline = uv_now(&c->w->loop) + ms;
 }
 
-static void conn_set_timer(wxd_conn_t *c, uint64_t ms) {
-  uv_timer_start(&c->timer, on_timer, ms, 0);
+static void conn_stop_timer(wxd_conn_t *c) { c->deadline = 0; }
+
+void wxd_http_sweep(wxd_worker_t *w) {
+  uint64_t now = uv_now(&w->loop);
+  wxd_conn_t *c = w->conns;
+  while (c) {
+    wxd_conn_t *next = c->next;
+    if (c->deadline && now >= c->deadline && !c->closing) {
+      c->deadline = 0;
+      if (c->state == CONN_READING) conn_fail(c, 408, "request timeout");
+      else if (c->state == CONN_IDLE) conn_close(c);
+    }
+    c = next;
+  }
 }
 
 /* ---- responses ---- */
@@ -669,7 +703,15 @@ static int append_lua_headers(lua_State *T, int idx, wxd_buf_t *o, int *has_date
 static void start_head(wxd_buf_t *o, int status) {
   o->len = 0;
   wxd_buf_reserve(o, 256);
-  o->len = (size_t)snprintf(o->data, o->cap, "HTTP/1.1 %d %s\r\n", status, reason_phrase(status));
+  const char *reason = reason_phrase(status);
+  size_t rl = strlen(reason);
+  memcpy(o->data, "HTTP/1.1 ", 9);
+  o->len = 9 + fmt_uint(o->data + 9, (uint64_t)status);
+  o->data[o->len++] = ' ';
+  memcpy(o->data + o->len, reason, rl);
+  o->len += rl;
+  o->data[o->len++] = '\r';
+  o->data[o->len++] = '\n';
 }
 
 static void end_head(wxd_worker_t *w, wxd_buf_t *o, int has_date, int has_server, int keep_alive) {
@@ -700,7 +742,7 @@ static void conn_fail(wxd_conn_t *c, int status, const char *msg) {
   wxd_buf_append(o, body, (size_t)bl);
   c->discard_input = 1;
   c->close_after_write = 1;
-  uv_timer_stop(&c->timer);
+  conn_stop_timer(c);
   wxd_req_t *r = c->req;
   if (r) r->bytes_out = o->len;
   access_log(w, r, r && r->url_len ? llhttp_method_name(llhttp_get_method(&c->parser)) : "-", status,
@@ -711,7 +753,8 @@ static void conn_fail(wxd_conn_t *c, int status, const char *msg) {
 /* Pushes the raw request table the Lua side wraps (lua/wxd/app.lua). */
 static void push_raw_request(lua_State *T, wxd_req_t *r) {
   wxd_conn_t *c = r->conn;
-  lua_createtable(T, 0, 10);
+  /* Room for the fields below and the few wxd.app adds (params, query). */
+  lua_createtable(T, 0, 16);
   lua_pushstring(T, llhttp_method_name(r->method));
   lua_setfield(T, -2, "method");
   const char *url = r->head.data;
@@ -721,7 +764,7 @@ static void push_raw_request(lua_State *T, wxd_req_t *r) {
   lua_setfield(T, -2, "path");
   if (q) lua_pushlstring(T, q + 1, r->url_len - plen - 1);
   else lua_pushliteral(T, "");
-  lua_setfield(T, -2, "query");
+  lua_setfield(T, -2, "query_string");
   lua_pushstring(T, r->http_minor == 1 ? "1.1" : "1.0");
   lua_setfield(T, -2, "version");
   lua_createtable(T, 0, (int)r->nhdrs);
@@ -829,8 +872,11 @@ static void respond_from_lua(wxd_req_t *r, lua_State *T) {
   r->status = status;
   if (status_has_body(status)) {
     char cl[48];
-    int n = snprintf(cl, sizeof cl, "Content-Length: %zu\r\n", bl);
-    wxd_buf_append(o, cl, (size_t)n);
+    memcpy(cl, "Content-Length: ", 16);
+    size_t n = 16 + fmt_uint(cl + 16, bl);
+    cl[n++] = '\r';
+    cl[n++] = '\n';
+    wxd_buf_append(o, cl, n);
   } else {
     bl = 0;
   }
@@ -876,7 +922,7 @@ static void dispatch(wxd_conn_t *c) {
   wxd_worker_t *w = c->w;
   wxd_req_t *r = c->req;
   c->state = CONN_HANDLING;
-  uv_timer_stop(&c->timer);
+  conn_stop_timer(c);
   c->nreq++;
   r->keep_alive = llhttp_should_keep_alive(&c->parser) && !w->draining &&
                   c->nreq < w->cfg->limits.max_requests && !c->parser.upgrade && !c->peer_eof;
@@ -884,8 +930,11 @@ static void dispatch(wxd_conn_t *c) {
    * request smuggled behind "Connection: close" reaches no handler. */
   if (!r->keep_alive) c->discard_input = 1;
   w->seq++;
-  snprintf(r->id, sizeof r->id, "%08x%02x%08x", w->id_prefix, (unsigned)(w->id & 0xff),
-           (unsigned)(w->seq & 0xffffffffu));
+  /* 18 hex digits: random per worker and run, worker index, sequence. */
+  fmt_hex(r->id, w->id_prefix, 8);
+  fmt_hex(r->id + 8, (uint64_t)(w->id & 0xff), 2);
+  fmt_hex(r->id + 10, w->seq & 0xffffffffu, 8);
+  r->id[18] = 0;
   wxd_co_t *co = wxd_co_new(w->vm, WXD_CO_REQUEST, on_request_done, r);
   if (!co) {
     respond_error_500(r);
@@ -1044,7 +1093,7 @@ static void on_conn_handle_closed(uv_handle_t *h) {
 static void conn_close(wxd_conn_t *c) {
   if (c->closing) return;
   c->closing = 1;
-  uv_timer_stop(&c->timer);
+  conn_stop_timer(c);
   wxd_req_t *r = c->req;
   c->req = NULL;
   if (r) {
@@ -1063,7 +1112,6 @@ static void conn_close(wxd_conn_t *c) {
     }
   }
   uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
-  uv_close((uv_handle_t *)&c->timer, on_conn_handle_closed);
 }
 
 void wxd_http_on_connection(uv_stream_t *server, int status) {
@@ -1073,10 +1121,8 @@ void wxd_http_on_connection(uv_stream_t *server, int status) {
   if (!c) return;
   c->w = w;
   uv_tcp_init(&w->loop, &c->tcp);
-  uv_timer_init(&w->loop, &c->timer);
   c->tcp.data = c;
-  c->timer.data = c;
-  c->handles_open = 2;
+  c->handles_open = 1;
   c->next = w->conns;
   if (w->conns) w->conns->prev = c;
   w->conns = c;

@@ -23,6 +23,8 @@ void wxd_http_on_connection(uv_stream_t *server, int status);
 /* Shutdown: close idle connections, let in-flight requests finish and then
  * close their connections. */
 void wxd_http_drain(wxd_worker_t *w);
+/* Enforces connection timeouts; called by the worker's tick. */
+void wxd_http_sweep(wxd_worker_t *w);
 /* Shutdown deadline: close every connection now. */
 void wxd_http_close_all(wxd_worker_t *w);
 /* Lua module wxd.core.http (response streaming). */

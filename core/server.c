@@ -216,6 +216,7 @@ static void on_stop(uv_async_t *a) {
 
 static void on_tick(uv_timer_t *t) {
   wxd_worker_t *w = t->data;
+  wxd_http_sweep(w);
   wxd_logbuf_flush(&w->access);
 }
 

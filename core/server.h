@@ -57,7 +57,7 @@ typedef struct wxd_worker {
   uv_loop_t loop;
   uv_tcp_t listener;
   uv_async_t stop_async;    /* main thread asks us to drain */
-  uv_timer_t tick;          /* flushes the access log */
+  uv_timer_t tick;          /* connection timeouts, access log flush */
   uv_timer_t deadline;      /* shutdown grace period */
   uv_thread_t thread;
   wxd_vm_t *vm;

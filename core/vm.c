@@ -195,6 +195,11 @@ void wxd_vm_cancel_waits(wxd_vm_t *vm) {
 
 void wxd_vm_free(wxd_vm_t *vm) {
   if (!vm) return;
+  while (vm->pool) {
+    wxd_co_t *next = vm->pool->next;
+    free(vm->pool);
+    vm->pool = next;
+  }
   wxd_co_t *co = vm->cos;
   while (co) {
     wxd_co_t *next = co->next;
@@ -206,7 +211,28 @@ void wxd_vm_free(wxd_vm_t *vm) {
   free(vm);
 }
 
+/* Threads that ended normally are reused: creating a thread, anchoring it
+ * and mapping it cost more than a request's own Lua work on a fast path. */
+#define CO_POOL_MAX 256
+
+static void co_link(wxd_vm_t *vm, wxd_co_t *co) {
+  co->prev = NULL;
+  co->next = vm->cos;
+  if (vm->cos) vm->cos->prev = co;
+  vm->cos = co;
+}
+
 wxd_co_t *wxd_co_new(wxd_vm_t *vm, int kind, wxd_co_done_cb done, void *data) {
+  if (vm->pool) {
+    wxd_co_t *co = vm->pool;
+    vm->pool = co->next;
+    vm->npool--;
+    co->done = done;
+    co->data = data;
+    co->kind = kind;
+    co_link(vm, co);
+    return co;
+  }
   wxd_co_t *co = calloc(1, sizeof *co);
   if (!co) return NULL;
   lua_State *L = vm->L;
@@ -222,9 +248,7 @@ wxd_co_t *wxd_co_new(wxd_vm_t *vm, int kind, wxd_co_done_cb done, void *data) {
   co->done = done;
   co->data = data;
   co->kind = kind;
-  co->next = vm->cos;
-  if (vm->cos) vm->cos->prev = co;
-  vm->cos = co;
+  co_link(vm, co);
   return co;
 }
 
@@ -290,7 +314,18 @@ int wxd_co_resume(wxd_co_t *co, int nargs) {
     status = LUA_ERRRUN;
   }
   co->done(co, status);
-  co_free(co);
+  if (status == 0 && co->vm->npool < CO_POOL_MAX) {
+    wxd_vm_t *vm = co->vm;
+    lua_settop(co->T, 0);
+    co_unlink(co);
+    co->data = NULL;
+    co->abandon = NULL;
+    co->next = vm->pool;
+    vm->pool = co;
+    vm->npool++;
+  } else {
+    co_free(co);
+  }
   return 1;
 }
 

@@ -54,6 +54,8 @@ struct wxd_vm {
   uv_loop_t *loop;
   int worker;
   wxd_co_t *cos;   /* live coroutines, freed with the VM */
+  wxd_co_t *pool;  /* finished coroutines kept for reuse */
+  int npool;
   void *owner;     /* the worker or script that owns this VM */
 };
 

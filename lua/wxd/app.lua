@@ -48,6 +48,8 @@ local ANY = "\0any"
 
 local TEXT_CT = "text/plain; charset=utf-8"
 local JSON_CT = "application/json"
+local TEXT_HEADERS = { ["content-type"] = TEXT_CT }
+local JSON_HEADERS = { ["content-type"] = JSON_CT }
 
 local NOT_FOUND_BODY   = '{"error":"not found"}'
 local NOT_ALLOWED_BODY = '{"error":"method not allowed"}'
@@ -947,7 +949,12 @@ local function finish(res, ctype)
     end
     local h = rawget(res, "_headers")
     if h == nil then
-        if ctype then
+        -- Shared, never modified: the core only reads the headers table.
+        if ctype == TEXT_CT then
+            return status, TEXT_HEADERS, body
+        elseif ctype == JSON_CT then
+            return status, JSON_HEADERS, body
+        elseif ctype then
             return status, { ["content-type"] = ctype }, body
         end
         return status, nil, body
@@ -974,7 +981,7 @@ end
 
 --- Handle one request; called by the core inside the request's coroutine.
 -- The raw table becomes the request object (a metatable is set on it;
--- `raw.query` moves to `req.query_string`). Errors raised by middleware or
+-- the core passes `query_string`; a raw `query` is accepted too). Errors raised by middleware or
 -- handlers propagate: the core turns them into a 500 with the request id.
 -- @tparam table raw request built by the core (method, path, query,
 --   version, headers, body, remote_addr, remote_port, id)
@@ -994,8 +1001,11 @@ function app_methods.handle(self, req)
         route = match(self._root, path, 2, #path, method)
     end
 
-    req.query_string = req.query or ""
-    req.query = nil
+    -- The core sets query_string; a hand-built raw table may use `query`.
+    if req.query_string == nil then
+        req.query_string = req.query or ""
+        req.query = nil
+    end
     local rh = req.headers
     if rh then
         setmetatable(rh, REQ_HEADERS_MT)
