@@ -65,6 +65,7 @@ typedef struct wxd_req {
   unsigned stream_raw : 1;   /* HTTP/1.0 stream: close-delimited */
   unsigned drain_wait : 1;   /* coroutine waits for the write queue */
   unsigned finished : 1;
+  unsigned in_handler : 1;   /* dispatched and not yet finished: owned by the coroutine */
   int host_count;
   int status;
   size_t bytes_out;
@@ -929,6 +930,7 @@ static void dispatch(wxd_conn_t *c) {
   /* Bytes after a request that ends the connection are never parsed: a
    * request smuggled behind "Connection: close" reaches no handler. */
   if (!r->keep_alive) c->discard_input = 1;
+  r->in_handler = 1;
   w->seq++;
   /* 18 hex digits: random per worker and run, worker index, sequence. */
   fmt_hex(r->id, w->id_prefix, 8);
@@ -965,9 +967,10 @@ static void conn_start_reading(wxd_conn_t *c) {
 }
 
 static void req_finish(wxd_req_t *r) {
-  wxd_conn_t *c = r->conn;
+  wxd_conn_t *c = r->conn; /* NULL when the connection broke meanwhile */
   wxd_worker_t *w = r->w;
   r->finished = 1;
+  r->in_handler = 0;
   access_log(w, r, llhttp_method_name(r->method), r->status, c ? c->remote : "-");
   if (!c) {
     req_free(r);
@@ -1097,10 +1100,11 @@ static void conn_close(wxd_conn_t *c) {
   wxd_req_t *r = c->req;
   c->req = NULL;
   if (r) {
-    if (r->co) {
-      /* The handler still runs: it finishes on its own and frees r. */
+    if (r->in_handler) {
+      /* The handler still runs (or is writing its response right now): it
+       * finishes on its own and frees r. */
       r->conn = NULL;
-      if (r->drain_wait) {
+      if (r->drain_wait && r->co) {
         r->drain_wait = 0;
         lua_State *T = r->co->T;
         lua_pushnil(T);

@@ -169,6 +169,36 @@ describe("http server", function()
     assert.falsy(line:find("openid", 1, true), "query strings are not logged")
   end)
 
+  it("survives clients that leave while their handler waits (FIN and RST)", function()
+    for _, rst in ipairs({ false, true }) do
+      for _ = 1, 5 do
+        local c = srv:connect()
+        c:send("GET /sleep?ms=50 HTTP/1.1\r\nHost: x\r\n\r\n")
+        if rst then c:setoption("linger", { on = true, timeout = 0 }) end
+        c:close()
+      end
+    end
+    require("wxd").sleep(150)
+    assert.equal("hello world\n", srv:get("/hello").body)
+  end)
+
+  it("pauses a streaming handler for a slow reader and tells it when the client left", function()
+    local c = srv:connect()
+    c:send("GET /firehose HTTP/1.1\r\nHost: x\r\n\r\n")
+    local got = 0
+    while got < 300000 do
+      local data, err, partial = c:receive(8192)
+      got = got + #(data or partial or "")
+      if err == "closed" then break end
+      require("socket").sleep(0.001)
+    end
+    assert.equal("running", srv:get("/firehose/result").body, "the handler waits for the reader")
+    c:close()
+    H.wait_until(function()
+      return srv:get("/firehose/result").body == "stopped: closed"
+    end, 5, "the handler to see the close")
+  end)
+
   it("accepts absolute-form targets", function()
     local out = srv:raw("GET http://example.com/hello HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n")
     assert.equal("hello world\n", H.parse_responses(out)[1].body)
