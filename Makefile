@@ -1,5 +1,5 @@
 # wxd — see README.md. `make` builds build/wxd; `make run`, `make test`,
-# `make asan`, `make bench`, `make fuzz`, `make deps`.
+# `make asan`, `make bench`, `make deps`.
 
 CC       ?= cc
 MULTIARCH := $(shell $(CC) -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
@@ -29,7 +29,7 @@ LLHTTP_C := api.c http.c llhttp.c
 BUILD ?= build
 OBJ  := $(SRC:core/%.c=$(BUILD)/obj/%.o) $(LLHTTP_C:%.c=$(BUILD)/llhttp/%.o)
 
-.PHONY: all run test asan bench fuzz deps check-deps clean
+.PHONY: all run test asan bench deps deps-bench check-deps clean
 
 all: $(BUILD)/wxd
 
@@ -45,15 +45,23 @@ $(BUILD)/llhttp/%.o: $(LLHTTP_SRC)/%.c | check-deps
 	@mkdir -p $(dir $@)
 	$(CC) -std=c11 $(CFLAGS) -w -I$(LLHTTP_INC) -c -o $@ $<
 
-# Installs what is missing; a no-op when everything is there.
-deps:
-	@missing=""; for p in $(DEB_BUILD) $(DEB_TEST) $(DEB_BENCH); do \
+# Installs what is missing (apt-get; root or sudo); a no-op when everything
+# is there. deps-bench adds the peers of `make bench`.
+define install_missing
+	@missing=""; for p in $(1); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends $$missing; \
 	fi
+endef
+
+deps:
+	$(call install_missing,$(DEB_BUILD) $(DEB_TEST))
+
+deps-bench: deps
+	$(call install_missing,$(DEB_BENCH))
 
 check-deps:
 	@for f in $(LUAJIT_INC)/lua.h $(LLHTTP_SRC)/llhttp.c /usr/include/uv.h $(LIBDIR)/liblua5.1-cjson.a; do \
@@ -72,7 +80,7 @@ asan:
 	WXD=build/asan/wxd ASAN_OPTIONS=detect_leaks=1 spec/run.sh
 
 bench: $(BUILD)/wxd
-	@$(MAKE) --no-print-directory deps >/dev/null
+	@$(MAKE) --no-print-directory deps-bench >/dev/null
 	WXD=$(BUILD)/wxd spec/bench/run.sh
 
 clean:
