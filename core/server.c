@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <lauxlib.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <pthread.h>
 #include <signal.h>
@@ -305,6 +306,28 @@ static int probe_port(const struct sockaddr *addr, socklen_t alen, char *err, si
   return 0;
 }
 
+/* HOST may be an address or a name (e.g. localhost); a name is resolved once,
+ * at start-up, to its first address. */
+static int resolve_listen(const wxd_config_t *cfg, struct sockaddr_storage *ss, socklen_t *alen) {
+  struct addrinfo hints, *res = NULL;
+  memset(&hints, 0, sizeof hints);
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE;
+  char port[16];
+  snprintf(port, sizeof port, "%d", cfg->port);
+  int rc = getaddrinfo(cfg->host, port, &hints, &res);
+  if (rc != 0 || !res) {
+    wxd_logf(WXD_LOG_ERROR, -1, "listen: cannot resolve \"%s\": %s", cfg->host, gai_strerror(rc));
+    if (res) freeaddrinfo(res);
+    return -1;
+  }
+  memcpy(ss, res->ai_addr, res->ai_addrlen);
+  *alen = res->ai_addrlen;
+  freeaddrinfo(res);
+  return 0;
+}
+
 typedef struct main_ctx {
   uv_signal_t sigint, sigterm, sighup;
   uv_async_t worker_exited; /* a worker's loop ended */
@@ -359,14 +382,7 @@ int wxd_server_run(wxd_config_t *cfg) {
 
   struct sockaddr_storage ss;
   socklen_t alen;
-  if (uv_ip4_addr(cfg->host, cfg->port, (struct sockaddr_in *)&ss) == 0) {
-    alen = sizeof(struct sockaddr_in);
-  } else if (uv_ip6_addr(cfg->host, cfg->port, (struct sockaddr_in6 *)&ss) == 0) {
-    alen = sizeof(struct sockaddr_in6);
-  } else {
-    wxd_logf(WXD_LOG_ERROR, -1, "listen: \"%s\" is not an IP address", cfg->host);
-    return 1;
-  }
+  if (resolve_listen(cfg, &ss, &alen) != 0) return 1;
   if (cfg->port != 0 && probe_port((struct sockaddr *)&ss, alen, err, sizeof err, cfg) != 0) {
     wxd_log(WXD_LOG_ERROR, -1, err, NULL);
     return 1;
