@@ -932,6 +932,7 @@ static void dispatch(wxd_conn_t *c) {
   if (!r->keep_alive) c->discard_input = 1;
   r->in_handler = 1;
   w->seq++;
+  atomic_fetch_add_explicit(&w->stats.requests, 1, memory_order_relaxed);
   /* 18 hex digits: random per worker and run, worker index, sequence. */
   fmt_hex(r->id, w->id_prefix, 8);
   fmt_hex(r->id + 8, (uint64_t)(w->id & 0xff), 2);
@@ -945,7 +946,7 @@ static void dispatch(wxd_conn_t *c) {
   }
   r->co = co;
   co->abandon = on_request_abandoned;
-  lua_rawgeti(co->T, LUA_REGISTRYINDEX, w->handler_ref);
+  lua_rawgeti(co->T, LUA_REGISTRYINDEX, w->vm->entry_ref);
   push_raw_request(co->T, r);
   wxd_co_resume(co, 1);
 }
@@ -1088,6 +1089,7 @@ static void on_conn_handle_closed(uv_handle_t *h) {
   else w->conns = c->next;
   if (c->next) c->next->prev = c->prev;
   w->nconns--;
+  atomic_fetch_sub_explicit(&w->stats.connections, 1, memory_order_relaxed);
   wxd_buf_free(&c->in);
   free(c);
   if (w->draining && w->nconns == 0) uv_async_send(&w->stop_async); /* re-check shutdown */
@@ -1131,6 +1133,7 @@ void wxd_http_on_connection(uv_stream_t *server, int status) {
   if (w->conns) w->conns->prev = c;
   w->conns = c;
   w->nconns++;
+  atomic_fetch_add_explicit(&w->stats.connections, 1, memory_order_relaxed);
   if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) {
     conn_close(c);
     return;

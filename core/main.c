@@ -17,8 +17,15 @@ static const char usage[] =
     "usage: wxd <command> [options]\n"
     "\n"
     "commands:\n"
-    "  run [APPDIR] [--listen HOST:PORT] [--workers N]\n"
-    "                      serve the app in APPDIR (default: .)\n"
+    "  run [APPDIR] [--listen HOST:PORT] [--workers N] [--pid FILE] [--admin HOST:PORT]\n"
+    "                      serve the app in APPDIR (default: .); --pid writes a pid\n"
+    "                      file (and FILE.status); --admin serves GET /status there\n"
+    "  dev [APPDIR] [options of run]\n"
+    "                      like run, with one worker by default, reloading the app\n"
+    "                      whenever a .lua file under APPDIR changes\n"
+    "  reload [--pid FILE] hot-reload a running server (default FILE: wxd.pid) and\n"
+    "                      wait for the outcome: exit 0 when the new code serves,\n"
+    "                      1 with the error when the reload was refused\n"
     "  check [APPDIR]      load the app and its config once, report errors, exit\n"
     "  script FILE [ARGS]  run a Lua file inside the runtime (event loop and\n"
     "                      native modules available; used to run the specs);\n"
@@ -29,7 +36,9 @@ static const char usage[] =
     "environment:\n"
     "  WXD_LUA_DIR         where the wxd Lua library lives (default: next to the binary)\n"
     "  WXD_LOG_LEVEL       debug, info, warn or error (overrides config log.level)\n"
-    "  WXD_ACCESS_LOG      off to disable the access log\n";
+    "  WXD_ACCESS_LOG      off to disable the access log\n"
+    "\n"
+    "signals: SIGTERM/SIGINT stop gracefully, SIGHUP reloads the app\n";
 
 static int file_exists(const char *p) {
   struct stat st;
@@ -64,14 +73,6 @@ static void find_lua_dir(char *out, size_t cap) {
   }
 }
 
-static void apply_env(wxd_config_t *cfg) {
-  const char *lv = getenv("WXD_LOG_LEVEL");
-  if (lv && wxd_log_parse_level(lv) >= 0) cfg->log_level = wxd_log_parse_level(lv);
-  const char *al = getenv("WXD_ACCESS_LOG");
-  if (al && (strcmp(al, "off") == 0 || strcmp(al, "0") == 0 || strcmp(al, "false") == 0))
-    cfg->access_log = 0;
-}
-
 static int prepare_app(wxd_config_t *cfg, const char *appdir) {
   if (!realpath(appdir, cfg->app_dir)) {
     fprintf(stderr, "wxd: app directory %s: not found\n", appdir);
@@ -92,12 +93,16 @@ static int prepare_app(wxd_config_t *cfg, const char *appdir) {
   return 0;
 }
 
-static int cmd_run(int argc, char **argv, int check_only) {
-  wxd_config_t cfg;
+enum { MODE_RUN, MODE_CHECK, MODE_DEV };
+
+static int cmd_run(int argc, char **argv, int mode) {
+  static wxd_config_t cfg; /* large (paths); lives as long as the server */
   memset(&cfg, 0, sizeof cfg);
   wxd_config_defaults(&cfg);
   const char *appdir = ".";
   const char *listen = NULL;
+  const char *admin = NULL;
+  const char *pid_file = NULL;
   int workers = -1;
   for (int i = 0; i < argc; i++) {
     const char *a = argv[i];
@@ -106,6 +111,16 @@ static int cmd_run(int argc, char **argv, int check_only) {
       listen = argv[i];
     } else if (strncmp(a, "--listen=", 9) == 0) {
       listen = a + 9;
+    } else if (strcmp(a, "--admin") == 0) {
+      if (++i >= argc) goto missing;
+      admin = argv[i];
+    } else if (strncmp(a, "--admin=", 8) == 0) {
+      admin = a + 8;
+    } else if (strcmp(a, "--pid") == 0) {
+      if (++i >= argc) goto missing;
+      pid_file = argv[i];
+    } else if (strncmp(a, "--pid=", 6) == 0) {
+      pid_file = a + 6;
     } else if (strcmp(a, "--workers") == 0 || strcmp(a, "-w") == 0 || strncmp(a, "--workers=", 10) == 0) {
       const char *v = a[9] == '=' ? a + 10 : (++i < argc ? argv[i] : NULL);
       if (!v) goto missing;
@@ -133,10 +148,31 @@ static int cmd_run(int argc, char **argv, int check_only) {
     fprintf(stderr, "wxd: %s\n", err);
     return 2;
   }
+  if (admin) {
+    char e[400];
+    if (wxd_parse_listen(admin, cfg.admin_host, sizeof cfg.admin_host, &cfg.admin_port, e, sizeof e) != 0) {
+      fprintf(stderr, "wxd: --admin: %s\n", e);
+      return 2;
+    }
+  }
+  if (pid_file) {
+    /* Absolute, so that `wxd reload --pid` from elsewhere finds the same file. */
+    if (pid_file[0] == '/') snprintf(cfg.pid_file, sizeof cfg.pid_file, "%s", pid_file);
+    else {
+      char cwd[PATH_MAX];
+      if (!getcwd(cwd, sizeof cwd)) cwd[0] = 0;
+      if (snprintf(cfg.pid_file, sizeof cfg.pid_file, "%s/%s", cwd, pid_file) >= (int)sizeof cfg.pid_file) {
+        fprintf(stderr, "wxd: --pid: path too long\n");
+        return 2;
+      }
+    }
+  }
   if (workers > 0) cfg.workers = workers;
-  apply_env(&cfg);
+  else if (mode == MODE_DEV) cfg.workers = 1;
+  cfg.dev = mode == MODE_DEV;
+  wxd_config_apply_env(&cfg);
   wxd_log_set_level(cfg.log_level);
-  if (check_only) {
+  if (mode == MODE_CHECK) {
     /* One worker's worth of loading, without listening. */
     uv_loop_t loop;
     uv_loop_init(&loop);
@@ -151,7 +187,8 @@ static int cmd_run(int argc, char **argv, int check_only) {
         lua_getfield(L, -1, "load_app");
         lua_pushstring(L, cfg.app_dir);
         lua_pushinteger(L, 0);
-        if (lua_pcall(L, 2, 2, 0) == 0 && !lua_isnil(L, -2)) rc = 0;
+        lua_pushinteger(L, 1);
+        if (lua_pcall(L, 3, 2, 0) == 0 && !lua_isnil(L, -2)) rc = 0;
       }
       if (rc != 0) fprintf(stderr, "wxd: %s\n", lua_tostring(L, -1));
       else printf("ok: %s\n", cfg.app_dir);
@@ -186,6 +223,41 @@ static void on_script_done(wxd_co_t *co, int status) {
   }
 }
 
+/* Runs a chunk in a script coroutine on a fresh loop until both are done.
+ * The chunk is at the top of the VM's stack; args are pushed as strings. */
+static int run_chunk(wxd_vm_t *vm, uv_loop_t *loop, int argc, char **argv) {
+  script_state_t st = {1};
+  wxd_co_t *co = wxd_co_new(vm, WXD_CO_SCRIPT, on_script_done, &st);
+  if (!co) return 1;
+  lua_xmove(vm->L, co->T, 1);
+  for (int i = 0; i < argc; i++) lua_pushstring(co->T, argv[i]);
+  wxd_co_resume(co, argc);
+  uv_run(loop, UV_RUN_DEFAULT);
+  return st.exit_code;
+}
+
+/* Commands written in Lua (lua/wxd/cli.lua): `wxd reload`. */
+static int cmd_lua_cli(const char *name, int argc, char **argv) {
+  char lua_dir[PATH_MAX];
+  find_lua_dir(lua_dir, sizeof lua_dir);
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  wxd_vm_options_t opts = {lua_dir[0] ? lua_dir : NULL, NULL, -1};
+  wxd_vm_t *vm = wxd_vm_new(&loop, &opts);
+  if (!vm) return 1;
+  lua_State *L = vm->L;
+  char code[128];
+  snprintf(code, sizeof code, "return require('wxd.cli').%s(...)", name);
+  int rc = 1;
+  if (luaL_loadstring(L, code) != 0) fprintf(stderr, "wxd: %s\n", lua_tostring(L, -1));
+  else rc = run_chunk(vm, &loop, argc, argv);
+  wxd_vm_free(vm);
+  uv_walk(&loop, (uv_walk_cb)uv_close, NULL);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  uv_loop_close(&loop);
+  return rc;
+}
+
 static int cmd_script(int argc, char **argv) {
   if (argc < 1) {
     fprintf(stderr, "wxd: script needs a FILE (see wxd --help)\n");
@@ -208,23 +280,14 @@ static int cmd_script(int argc, char **argv) {
     lua_rawseti(L, -2, i);
   }
   lua_setglobal(L, "arg");
-  script_state_t st = {1};
-  if (luaL_loadfile(L, argv[0]) != 0) {
-    fprintf(stderr, "wxd: %s\n", lua_tostring(L, -1));
-    wxd_vm_free(vm);
-    uv_loop_close(&loop);
-    return 1;
-  }
-  wxd_co_t *co = wxd_co_new(vm, WXD_CO_SCRIPT, on_script_done, &st);
-  lua_xmove(L, co->T, 1);
-  for (int i = 1; i < argc; i++) lua_pushstring(co->T, argv[i]);
-  wxd_co_resume(co, argc - 1);
-  uv_run(&loop, UV_RUN_DEFAULT);
+  int rc = 1;
+  if (luaL_loadfile(L, argv[0]) != 0) fprintf(stderr, "wxd: %s\n", lua_tostring(L, -1));
+  else rc = run_chunk(vm, &loop, argc - 1, argv + 1);
   wxd_vm_free(vm);
   uv_walk(&loop, (uv_walk_cb)uv_close, NULL);
   uv_run(&loop, UV_RUN_DEFAULT);
   uv_loop_close(&loop);
-  return st.exit_code;
+  return rc;
 }
 
 int main(int argc, char **argv) {
@@ -238,8 +301,10 @@ int main(int argc, char **argv) {
     printf("wxd %s (%s, libuv %s)\n", WXD_VERSION, LUAJIT_VERSION, uv_version_string());
     return 0;
   }
-  if (strcmp(argv[1], "run") == 0) return cmd_run(argc - 2, argv + 2, 0);
-  if (strcmp(argv[1], "check") == 0) return cmd_run(argc - 2, argv + 2, 1);
+  if (strcmp(argv[1], "run") == 0) return cmd_run(argc - 2, argv + 2, MODE_RUN);
+  if (strcmp(argv[1], "dev") == 0) return cmd_run(argc - 2, argv + 2, MODE_DEV);
+  if (strcmp(argv[1], "check") == 0) return cmd_run(argc - 2, argv + 2, MODE_CHECK);
+  if (strcmp(argv[1], "reload") == 0) return cmd_lua_cli("reload", argc - 2, argv + 2);
   if (strcmp(argv[1], "script") == 0) return cmd_script(argc - 2, argv + 2);
   fprintf(stderr, "wxd: unknown command \"%s\" (see wxd --help)\n", argv[1]);
   return 2;

@@ -5,7 +5,6 @@
 #include <lauxlib.h>
 #include <netdb.h>
 #include <netinet/in.h>
-#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,131 +14,7 @@
 #include <unistd.h>
 
 #include "http.h"
-
-/* ---- configuration ---- */
-
-void wxd_config_defaults(wxd_config_t *cfg) {
-  snprintf(cfg->host, sizeof cfg->host, "127.0.0.1");
-  cfg->port = 8080;
-  cfg->workers = 0; /* auto */
-  cfg->access_log = 1;
-  cfg->log_level = WXD_LOG_INFO;
-  cfg->limits.max_header_bytes = 16384;
-  cfg->limits.max_body_bytes = 1048576;
-  cfg->limits.max_uri_bytes = 8192;
-  cfg->limits.header_timeout_ms = 10000;
-  cfg->limits.body_timeout_ms = 30000;
-  cfg->limits.keepalive_timeout_ms = 75000;
-  cfg->limits.shutdown_timeout_ms = 10000;
-  cfg->limits.max_requests = 10000;
-}
-
-int wxd_config_set_listen(wxd_config_t *cfg, const char *listen, char *err, size_t errlen) {
-  const char *colon = strrchr(listen, ':');
-  const char *host = listen;
-  size_t hl;
-  if (!colon) goto bad;
-  if (listen[0] == '[') {
-    const char *close = strchr(listen, ']');
-    if (!close || close + 1 != colon) goto bad;
-    host = listen + 1;
-    hl = (size_t)(close - host);
-  } else {
-    hl = (size_t)(colon - listen);
-  }
-  if (hl == 0 || hl >= sizeof cfg->host) goto bad;
-  char *end;
-  long port = strtol(colon + 1, &end, 10);
-  if (*end || end == colon + 1 || port < 0 || port > 65535) goto bad;
-  memcpy(cfg->host, host, hl);
-  cfg->host[hl] = 0;
-  cfg->port = (int)port;
-  return 0;
-bad:
-  snprintf(err, errlen, "listen: expected HOST:PORT or [IPV6]:PORT, got \"%s\"", listen);
-  return -1;
-}
-
-static lua_Integer field_int(lua_State *L, int idx, const char *name, lua_Integer dflt) {
-  lua_getfield(L, idx, name);
-  lua_Integer v = lua_isnumber(L, -1) ? lua_tointeger(L, -1) : dflt;
-  lua_pop(L, 1);
-  return v;
-}
-
-int wxd_config_load(wxd_config_t *cfg, char *err, size_t errlen) {
-  uv_loop_t loop;
-  uv_loop_init(&loop);
-  wxd_vm_options_t opts = {cfg->lua_dir[0] ? cfg->lua_dir : NULL, cfg->app_dir, -1};
-  wxd_vm_t *vm = wxd_vm_new(&loop, &opts);
-  int rc = -1;
-  if (!vm) {
-    snprintf(err, errlen, "out of memory");
-    goto out;
-  }
-  lua_State *L = vm->L;
-  lua_getglobal(L, "require");
-  lua_pushliteral(L, "wxd.server");
-  if (lua_pcall(L, 1, 1, 0) != 0) {
-    snprintf(err, errlen, "%s", lua_tostring(L, -1));
-    goto out;
-  }
-  lua_getfield(L, -1, "read_config");
-  lua_pushstring(L, cfg->app_dir);
-  if (lua_pcall(L, 1, 2, 0) != 0) {
-    snprintf(err, errlen, "%s", lua_tostring(L, -1));
-    goto out;
-  }
-  if (lua_isnil(L, -2)) {
-    snprintf(err, errlen, "%s", lua_tostring(L, -1));
-    goto out;
-  }
-  lua_pop(L, 1);
-  int c = lua_gettop(L);
-  lua_getfield(L, c, "listen");
-  if (lua_isstring(L, -1) && wxd_config_set_listen(cfg, lua_tostring(L, -1), err, errlen) != 0) goto out;
-  lua_pop(L, 1);
-  lua_getfield(L, c, "workers");
-  cfg->workers = lua_isnumber(L, -1) ? (int)lua_tointeger(L, -1) : 0;
-  lua_pop(L, 1);
-  lua_getfield(L, c, "limits");
-  if (lua_istable(L, -1)) {
-    int l = lua_gettop(L);
-    wxd_limits_t *lim = &cfg->limits;
-    lim->max_header_bytes = (size_t)field_int(L, l, "max_header_bytes", (lua_Integer)lim->max_header_bytes);
-    lim->max_body_bytes = (size_t)field_int(L, l, "max_body_bytes", (lua_Integer)lim->max_body_bytes);
-    lim->max_uri_bytes = (size_t)field_int(L, l, "max_uri_bytes", (lua_Integer)lim->max_uri_bytes);
-    lim->header_timeout_ms = (uint64_t)field_int(L, l, "header_timeout_ms", (lua_Integer)lim->header_timeout_ms);
-    lim->body_timeout_ms = (uint64_t)field_int(L, l, "body_timeout_ms", (lua_Integer)lim->body_timeout_ms);
-    lim->keepalive_timeout_ms =
-        (uint64_t)field_int(L, l, "keepalive_timeout_ms", (lua_Integer)lim->keepalive_timeout_ms);
-    lim->shutdown_timeout_ms =
-        (uint64_t)field_int(L, l, "shutdown_timeout_ms", (lua_Integer)lim->shutdown_timeout_ms);
-    lim->max_requests =
-        (unsigned)field_int(L, l, "max_requests_per_connection", (lua_Integer)lim->max_requests);
-  }
-  lua_pop(L, 1);
-  lua_getfield(L, c, "log");
-  if (lua_istable(L, -1)) {
-    lua_getfield(L, -1, "level");
-    if (lua_isstring(L, -1)) {
-      int lv = wxd_log_parse_level(lua_tostring(L, -1));
-      if (lv >= 0) cfg->log_level = lv;
-    }
-    lua_pop(L, 1);
-    lua_getfield(L, -1, "access");
-    if (lua_isboolean(L, -1)) cfg->access_log = lua_toboolean(L, -1);
-    lua_pop(L, 1);
-  }
-  lua_pop(L, 1);
-  rc = 0;
-out:
-  wxd_vm_free(vm);
-  uv_loop_close(&loop);
-  return rc;
-}
-
-/* ---- workers ---- */
+#include "reload.h"
 
 /* Start-up barrier: every worker loads the app, then all start listening
  * together, or none does. */
@@ -155,28 +30,82 @@ static startup_t startup = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
 /* Workers tell the main thread when their loop has ended. */
 static pthread_mutex_t exited_mu = PTHREAD_MUTEX_INITIALIZER;
 static int exited_count;
-static uv_async_t *exited_async; /* set while the main loop runs */
 
-static int load_app(wxd_worker_t *w) {
-  lua_State *L = w->vm->L;
+/* ---- generations ---- */
+
+/* A retired generation finished its last request. */
+static void on_vm_idle(wxd_vm_t *vm) {
+  wxd_worker_t *w = vm->owner;
+  wxd_vm_t **p = &w->retired;
+  while (*p && *p != vm) p = &(*p)->next_retired;
+  if (*p) *p = vm->next_retired;
+  wxd_vm_free(vm);
+  atomic_fetch_sub(&w->stats.retired, 1);
+}
+
+wxd_vm_t *wxd_worker_load(wxd_worker_t *w, unsigned gen, char *err, size_t errlen) {
+  wxd_vm_options_t opts = {w->cfg->lua_dir[0] ? w->cfg->lua_dir : NULL, w->cfg->app_dir, w->id};
+  wxd_vm_t *vm = wxd_vm_new(&w->loop, &opts);
+  if (!vm) {
+    snprintf(err, errlen, "out of memory");
+    return NULL;
+  }
+  vm->owner = w;
+  vm->generation = gen;
+  vm->on_idle = on_vm_idle;
+  lua_State *L = vm->L;
   lua_getglobal(L, "require");
   lua_pushliteral(L, "wxd.server");
   if (lua_pcall(L, 1, 1, 0) != 0) goto fail;
   lua_getfield(L, -1, "load_app");
   lua_pushstring(L, w->cfg->app_dir);
   lua_pushinteger(L, w->id);
-  if (lua_pcall(L, 2, 2, 0) != 0) goto fail;
+  lua_pushinteger(L, (lua_Integer)gen);
+  if (lua_pcall(L, 3, 2, 0) != 0) goto fail;
   if (lua_isnil(L, -2)) goto fail;
   lua_pop(L, 1);
-  w->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  lua_pop(L, 1);
-  return 0;
-fail:
-  snprintf(w->load_error, sizeof w->load_error, "%s",
-           lua_tostring(L, -1) ? lua_tostring(L, -1) : "unknown error");
+  vm->entry_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_settop(L, 0);
-  return -1;
+  return vm;
+fail:
+  snprintf(err, errlen, "%s", lua_tostring(L, -1) ? lua_tostring(L, -1) : "unknown error");
+  wxd_vm_free(vm);
+  return NULL;
 }
+
+/* The main thread's reload command (reload.c decides; this applies). */
+static void on_ctl(uv_async_t *a) {
+  wxd_worker_t *w = a->data;
+  wxd_reload_state_t *rs = &w->srv->reload;
+  pthread_mutex_lock(&rs->mu);
+  int cmd = w->ctl_cmd;
+  unsigned gen = rs->generation + 1;
+  w->ctl_cmd = WXD_CTL_NONE;
+  pthread_mutex_unlock(&rs->mu);
+  if (cmd == WXD_CTL_NONE) return;
+  char err[2048] = "";
+  if (cmd == WXD_CTL_PREPARE) {
+    if (w->next_vm) wxd_vm_free(w->next_vm);
+    w->next_vm = w->draining ? NULL : wxd_worker_load(w, gen, err, sizeof err);
+    if (w->draining) snprintf(err, sizeof err, "the server is stopping");
+  } else if (cmd == WXD_CTL_COMMIT && w->next_vm) {
+    /* Between two requests: the ones running keep their generation. */
+    wxd_vm_t *old = w->vm;
+    w->vm = w->next_vm;
+    w->next_vm = NULL;
+    atomic_store(&w->stats.generation, w->vm->generation);
+    old->next_retired = w->retired;
+    w->retired = old;
+    atomic_fetch_add(&w->stats.retired, 1);
+    wxd_vm_retire(old); /* freed now, or when its last request ends */
+  } else if (cmd == WXD_CTL_ABORT && w->next_vm) {
+    wxd_vm_free(w->next_vm);
+    w->next_vm = NULL;
+  }
+  wxd_reload_worker_reply(w, cmd == WXD_CTL_PREPARE && err[0] ? err : NULL);
+}
+
+/* ---- workers ---- */
 
 static void on_handle_closed(uv_handle_t *h) { (void)h; }
 
@@ -186,6 +115,7 @@ static void close_worker_handles(wxd_worker_t *w) {
   uv_close((uv_handle_t *)&w->tick, on_handle_closed);
   uv_close((uv_handle_t *)&w->deadline, on_handle_closed);
   uv_close((uv_handle_t *)&w->stop_async, on_handle_closed);
+  uv_close((uv_handle_t *)&w->ctl_async, on_handle_closed);
   if (!uv_is_closing((uv_handle_t *)&w->listener))
     uv_close((uv_handle_t *)&w->listener, on_handle_closed);
 }
@@ -198,6 +128,7 @@ static void on_deadline(uv_timer_t *t) {
   /* Handlers still waiting (a long sleep, later a slow upstream) would keep
    * the loop alive: their waits are closed and they never resume. */
   wxd_vm_cancel_waits(w->vm);
+  for (wxd_vm_t *vm = w->retired; vm; vm = vm->next_retired) wxd_vm_cancel_waits(vm);
   close_worker_handles(w);
 }
 
@@ -228,15 +159,9 @@ static void walk_close(uv_handle_t *h, void *arg) {
 
 static void worker_main(void *arg) {
   wxd_worker_t *w = arg;
-  wxd_vm_options_t opts = {w->cfg->lua_dir[0] ? w->cfg->lua_dir : NULL, w->cfg->app_dir, w->id};
-  w->vm = wxd_vm_new(&w->loop, &opts);
-  if (!w->vm) {
-    snprintf(w->load_error, sizeof w->load_error, "out of memory");
-    w->load_status = -1;
-  } else {
-    w->vm->owner = w;
-    w->load_status = load_app(w);
-  }
+  w->vm = wxd_worker_load(w, 1, w->load_error, sizeof w->load_error);
+  w->load_status = w->vm ? 0 : -1;
+  if (w->vm) atomic_store(&w->stats.generation, 1);
 
   pthread_mutex_lock(&startup.mu);
   startup.loaded++;
@@ -247,26 +172,29 @@ static void worker_main(void *arg) {
 
   if (go) {
     int rc = uv_listen((uv_stream_t *)&w->listener, 511, wxd_http_on_connection);
-    if (rc != 0) {
-      wxd_logf(WXD_LOG_ERROR, w->id, "listen: %s", uv_strerror(rc));
-    } else {
-      w->listening = 1;
-    }
+    if (rc != 0) wxd_logf(WXD_LOG_ERROR, w->id, "listen: %s", uv_strerror(rc));
     uv_run(&w->loop, UV_RUN_DEFAULT);
   } else {
     close_worker_handles(w);
   }
   /* Whatever is left (sleep timers of coroutines cut short by the deadline)
-   * is closed before the VM goes. */
+   * is closed before the VMs go. */
   uv_walk(&w->loop, walk_close, NULL);
   uv_run(&w->loop, UV_RUN_DEFAULT);
   wxd_logbuf_free(&w->access);
+  while (w->retired) {
+    wxd_vm_t *next = w->retired->next_retired;
+    wxd_vm_free(w->retired);
+    w->retired = next;
+  }
+  if (w->next_vm) wxd_vm_free(w->next_vm);
+  w->next_vm = NULL;
   wxd_vm_free(w->vm);
   w->vm = NULL;
   pthread_mutex_lock(&exited_mu);
   exited_count++;
-  if (exited_async) uv_async_send(exited_async);
   pthread_mutex_unlock(&exited_mu);
+  if (go) uv_async_send(&w->srv->worker_exited);
 }
 
 static int make_listener(wxd_worker_t *w, const struct sockaddr *addr, char *err, size_t errlen) {
@@ -291,7 +219,7 @@ fail:
 /* Without SO_REUSEPORT, so that another process already serving the port is
  * an error instead of a silent co-tenant. */
 static int probe_port(const struct sockaddr *addr, socklen_t alen, char *err, size_t errlen,
-                      const wxd_config_t *cfg) {
+                      const char *host, int port) {
   int fd = socket(addr->sa_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) return 0;
   int one = 1;
@@ -300,7 +228,7 @@ static int probe_port(const struct sockaddr *addr, socklen_t alen, char *err, si
   int e = errno;
   close(fd);
   if (rc != 0) {
-    snprintf(err, errlen, "cannot listen on %s:%d: %s", cfg->host, cfg->port, strerror(e));
+    snprintf(err, errlen, "cannot listen on %s:%d: %s", host, port, strerror(e));
     return -1;
   }
   return 0;
@@ -308,17 +236,17 @@ static int probe_port(const struct sockaddr *addr, socklen_t alen, char *err, si
 
 /* HOST may be an address or a name (e.g. localhost); a name is resolved once,
  * at start-up, to its first address. */
-static int resolve_listen(const wxd_config_t *cfg, struct sockaddr_storage *ss, socklen_t *alen) {
+int wxd_resolve(const char *host, int port, struct sockaddr_storage *ss, socklen_t *alen) {
   struct addrinfo hints, *res = NULL;
   memset(&hints, 0, sizeof hints);
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
   hints.ai_flags = AI_PASSIVE;
-  char port[16];
-  snprintf(port, sizeof port, "%d", cfg->port);
-  int rc = getaddrinfo(cfg->host, port, &hints, &res);
+  char ps[16];
+  snprintf(ps, sizeof ps, "%d", port);
+  int rc = getaddrinfo(host, ps, &hints, &res);
   if (rc != 0 || !res) {
-    wxd_logf(WXD_LOG_ERROR, -1, "listen: cannot resolve \"%s\": %s", cfg->host, gai_strerror(rc));
+    wxd_logf(WXD_LOG_ERROR, -1, "listen: cannot resolve \"%s\": %s", host, gai_strerror(rc));
     if (res) freeaddrinfo(res);
     return -1;
   }
@@ -328,27 +256,29 @@ static int resolve_listen(const wxd_config_t *cfg, struct sockaddr_storage *ss, 
   return 0;
 }
 
-typedef struct main_ctx {
-  uv_signal_t sigint, sigterm, sighup;
-  uv_async_t worker_exited; /* a worker's loop ended */
-  wxd_worker_t *workers;
-  int n;
-  int signals;
-} main_ctx_t;
+/* ---- main thread ---- */
 
+static void close_main_handles(wxd_server_t *s) {
+  uv_close((uv_handle_t *)&s->sigint, NULL);
+  uv_close((uv_handle_t *)&s->sigterm, NULL);
+  uv_close((uv_handle_t *)&s->sighup, NULL);
+  uv_close((uv_handle_t *)&s->worker_exited, NULL);
+  wxd_reload_close(s);
+}
 
-static void on_signal(uv_signal_t *s, int signum) {
-  main_ctx_t *m = s->data;
+static void on_signal(uv_signal_t *sig, int signum) {
+  wxd_server_t *s = sig->data;
   if (signum == SIGHUP) {
-    wxd_log(WXD_LOG_WARN, -1, "SIGHUP: hot reload is not implemented yet; ignoring", NULL);
+    wxd_reload_start(s, "SIGHUP");
     return;
   }
-  m->signals++;
-  if (m->signals == 1) {
+  s->signals++;
+  if (s->signals == 1) {
+    s->stopping = 1;
     wxd_logf(WXD_LOG_INFO, -1, "%s: stopping (in-flight requests get up to %llu ms)",
              signum == SIGINT ? "SIGINT" : "SIGTERM",
-             (unsigned long long)m->workers[0].cfg->limits.shutdown_timeout_ms);
-    for (int i = 0; i < m->n; i++) uv_async_send(&m->workers[i].stop_async);
+             (unsigned long long)s->cfg->limits.shutdown_timeout_ms);
+    for (int i = 0; i < s->n; i++) uv_async_send(&s->workers[i].stop_async);
   } else if (signum == SIGINT) {
     /* A second Ctrl-C: the operator does not want to wait. */
     wxd_log(WXD_LOG_WARN, -1, "SIGINT again: exiting without waiting", NULL);
@@ -359,15 +289,22 @@ static void on_signal(uv_signal_t *s, int signum) {
 }
 
 static void on_worker_exited(uv_async_t *a) {
-  main_ctx_t *m = a->data;
+  wxd_server_t *s = a->data;
   pthread_mutex_lock(&exited_mu);
-  int all = exited_count == m->n;
+  int all = exited_count == s->n;
   pthread_mutex_unlock(&exited_mu);
-  if (!all) return;
-  uv_close((uv_handle_t *)&m->sigint, NULL);
-  uv_close((uv_handle_t *)&m->sigterm, NULL);
-  uv_close((uv_handle_t *)&m->sighup, NULL);
-  uv_close((uv_handle_t *)&m->worker_exited, NULL);
+  if (all) close_main_handles(s);
+}
+
+static void write_pid_file(const wxd_config_t *cfg) {
+  if (!cfg->pid_file[0]) return;
+  FILE *f = fopen(cfg->pid_file, "w");
+  if (!f) {
+    wxd_logf(WXD_LOG_WARN, -1, "cannot write pid file %s: %s", cfg->pid_file, strerror(errno));
+    return;
+  }
+  fprintf(f, "%d\n", (int)getpid());
+  fclose(f);
 }
 
 int wxd_server_run(wxd_config_t *cfg) {
@@ -382,15 +319,33 @@ int wxd_server_run(wxd_config_t *cfg) {
 
   struct sockaddr_storage ss;
   socklen_t alen;
-  if (resolve_listen(cfg, &ss, &alen) != 0) return 1;
-  if (cfg->port != 0 && probe_port((struct sockaddr *)&ss, alen, err, sizeof err, cfg) != 0) {
+  if (wxd_resolve(cfg->host, cfg->port, &ss, &alen) != 0) return 1;
+  if (cfg->port != 0 && probe_port((struct sockaddr *)&ss, alen, err, sizeof err, cfg->host, cfg->port) != 0) {
     wxd_log(WXD_LOG_ERROR, -1, err, NULL);
     return 1;
   }
 
   int n = cfg->workers;
-  wxd_worker_t *workers = calloc((size_t)n, sizeof *workers);
-  if (!workers) return 1;
+  wxd_server_t srv;
+  memset(&srv, 0, sizeof srv);
+  srv.cfg = cfg;
+  srv.n = n;
+  srv.loop = uv_default_loop();
+  pthread_mutex_init(&srv.reload.mu, NULL);
+  srv.reload.generation = 1;
+  wxd_log_timestamp(srv.reload.loaded_at, sizeof srv.reload.loaded_at);
+  srv.workers = calloc((size_t)n, sizeof *srv.workers);
+  if (!srv.workers) return 1;
+  wxd_worker_t *workers = srv.workers;
+  /* Asyncs the workers signal must exist before the workers run. */
+  uv_async_init(srv.loop, &srv.worker_exited, on_worker_exited);
+  srv.worker_exited.data = &srv;
+  uv_signal_init(srv.loop, &srv.sigint);
+  uv_signal_init(srv.loop, &srv.sigterm);
+  uv_signal_init(srv.loop, &srv.sighup);
+  srv.sigint.data = srv.sigterm.data = srv.sighup.data = &srv;
+  wxd_reload_init(&srv);
+
   uint32_t rnd[256];
   if (getrandom(rnd, sizeof rnd, 0) != (ssize_t)sizeof rnd) memset(rnd, 0, sizeof rnd);
   int made = 0, rc = 1;
@@ -398,6 +353,7 @@ int wxd_server_run(wxd_config_t *cfg) {
     wxd_worker_t *w = &workers[made];
     w->id = made;
     w->cfg = cfg;
+    w->srv = &srv;
     w->id_prefix = rnd[made];
     w->readbuf_size = 65536;
     w->readbuf = malloc(w->readbuf_size);
@@ -420,6 +376,8 @@ int wxd_server_run(wxd_config_t *cfg) {
     }
     uv_async_init(&w->loop, &w->stop_async, on_stop);
     w->stop_async.data = w;
+    uv_async_init(&w->loop, &w->ctl_async, on_ctl);
+    w->ctl_async.data = w;
     uv_timer_init(&w->loop, &w->tick);
     w->tick.data = w;
     uv_timer_start(&w->tick, on_tick, 100, 100);
@@ -440,39 +398,38 @@ int wxd_server_run(wxd_config_t *cfg) {
 
   if (failed >= 0) {
     wxd_logf(WXD_LOG_ERROR, -1, "cannot load app %s: %s", cfg->app_dir, workers[failed].load_error);
+    for (int i = 0; i < n; i++) uv_thread_join(&workers[i].thread);
+    close_main_handles(&srv);
+    uv_run(srv.loop, UV_RUN_DEFAULT);
   } else {
+    if (wxd_reload_start_admin(&srv) != 0) {
+      for (int i = 0; i < n; i++) uv_async_send(&workers[i].stop_async);
+    }
+    write_pid_file(cfg);
     char app[1024], extra[1600];
     size_t al = wxd_json_escape(app, sizeof app, cfg->app_dir, strlen(cfg->app_dir));
     snprintf(extra, sizeof extra, "\"listen\":\"%s:%d\",\"workers\":%d,\"app\":\"%.*s\",\"pid\":%d",
              cfg->host, cfg->port, n, (int)al, app, (int)getpid());
-    wxd_log(WXD_LOG_INFO, -1, "listening", extra);
     /* The one line a human looks for; also what tests wait for. */
-    main_ctx_t m = {.workers = workers, .n = n};
-    uv_loop_t *loop = uv_default_loop();
-    uv_signal_init(loop, &m.sigint);
-    uv_signal_init(loop, &m.sigterm);
-    uv_signal_init(loop, &m.sighup);
-    m.sigint.data = m.sigterm.data = m.sighup.data = &m;
-    uv_signal_start(&m.sigint, on_signal, SIGINT);
-    uv_signal_start(&m.sigterm, on_signal, SIGTERM);
-    uv_signal_start(&m.sighup, on_signal, SIGHUP);
-    uv_async_init(loop, &m.worker_exited, on_worker_exited);
-    m.worker_exited.data = &m;
-    pthread_mutex_lock(&exited_mu);
-    exited_async = &m.worker_exited;
-    if (exited_count > 0) uv_async_send(exited_async);
-    pthread_mutex_unlock(&exited_mu);
-    uv_run(loop, UV_RUN_DEFAULT);
-    pthread_mutex_lock(&exited_mu);
-    exited_async = NULL;
-    pthread_mutex_unlock(&exited_mu);
-    uv_loop_close(loop);
+    wxd_log(WXD_LOG_INFO, -1, "listening", extra);
+    wxd_reload_write_status(&srv);
+    uv_signal_start(&srv.sigint, on_signal, SIGINT);
+    uv_signal_start(&srv.sigterm, on_signal, SIGTERM);
+    uv_signal_start(&srv.sighup, on_signal, SIGHUP);
+    if (cfg->dev) wxd_reload_watch(&srv);
+    uv_run(srv.loop, UV_RUN_DEFAULT);
+    for (int i = 0; i < n; i++) uv_thread_join(&workers[i].thread);
     rc = 0;
+    wxd_log(WXD_LOG_INFO, -1, "stopped", NULL);
+    if (cfg->pid_file[0]) unlink(cfg->pid_file);
   }
-  for (int i = 0; i < n; i++) uv_thread_join(&workers[i].thread);
-  if (rc == 0) wxd_log(WXD_LOG_INFO, -1, "stopped", NULL);
 
 cleanup:
+  if (made < n) {
+    /* Start-up failed before the workers ran: close what was opened. */
+    close_main_handles(&srv);
+    uv_run(srv.loop, UV_RUN_DEFAULT);
+  }
   for (int i = 0; i < made; i++) {
     wxd_worker_t *w = &workers[i];
     if (uv_loop_close(&w->loop) != 0) {
@@ -483,6 +440,8 @@ cleanup:
     wxd_buf_free(&w->out);
     free(w->readbuf);
   }
+  uv_loop_close(srv.loop);
+  pthread_mutex_destroy(&srv.reload.mu);
   free(workers);
   return rc;
 }

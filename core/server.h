@@ -1,42 +1,23 @@
-/* server: configuration, worker threads, listeners and signals.
+/* server: worker threads, listeners, signals, start-up and shutdown.
  *
- * One process runs N workers. Each worker owns a libuv loop, a VM with the
- * app loaded, and its own listening socket bound with SO_REUSEPORT, so the
- * kernel spreads connections and nothing Lua crosses threads. The main
- * thread only handles signals and coordinates start-up and shutdown.
+ * One process runs N workers. Each worker owns a libuv loop, the VM of the
+ * current app generation, and its own listening socket bound with
+ * SO_REUSEPORT, so the kernel spreads connections and nothing Lua crosses
+ * threads. The main thread handles signals, coordinates start-up, reloads
+ * (reload.c) and shutdown, and serves the optional status endpoint.
  */
 #ifndef WXD_SERVER_H
 #define WXD_SERVER_H
 
-#include <limits.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <uv.h>
 
+#include "config.h"
 #include "log.h"
 #include "vm.h"
-
-typedef struct wxd_limits {
-  size_t max_header_bytes;      /* request line + headers; 431 beyond */
-  size_t max_body_bytes;        /* decoded request body; 413 beyond */
-  size_t max_uri_bytes;         /* request target; 414 beyond */
-  uint64_t header_timeout_ms;   /* first byte to end of headers; 408 */
-  uint64_t body_timeout_ms;     /* end of headers to end of body; 408 */
-  uint64_t keepalive_timeout_ms;/* idle time between requests */
-  uint64_t shutdown_timeout_ms; /* in-flight grace period on SIGTERM */
-  unsigned max_requests;        /* per connection, then Connection: close */
-} wxd_limits_t;
-
-typedef struct wxd_config {
-  char app_dir[PATH_MAX];
-  char lua_dir[PATH_MAX];  /* empty: rely on package.path */
-  char host[256];
-  int port;
-  int workers;
-  int access_log;
-  int log_level;
-  wxd_limits_t limits;
-} wxd_config_t;
 
 typedef struct wxd_buf {
   char *data;
@@ -50,23 +31,36 @@ int wxd_buf_append(wxd_buf_t *b, const void *p, size_t len);
 void wxd_buf_free(wxd_buf_t *b);
 
 struct wxd_conn;
+typedef struct wxd_server wxd_server_t;
+
+/* Counters the main thread reads for the status endpoint. */
+typedef struct wxd_worker_stats {
+  atomic_uint_fast64_t requests;
+  atomic_uint connections;
+  atomic_uint generation;
+  atomic_uint retired; /* replaced generations still finishing requests */
+} wxd_worker_stats_t;
 
 typedef struct wxd_worker {
   int id;
   const wxd_config_t *cfg;
+  wxd_server_t *srv;
   uv_loop_t loop;
   uv_tcp_t listener;
   uv_async_t stop_async;    /* main thread asks us to drain */
+  uv_async_t ctl_async;     /* main thread's reload commands */
   uv_timer_t tick;          /* connection timeouts, access log flush */
   uv_timer_t deadline;      /* shutdown grace period */
   uv_thread_t thread;
-  wxd_vm_t *vm;
-  int handler_ref;          /* the app's request handler (registry) */
+  wxd_vm_t *vm;             /* the current generation: new requests go here */
+  wxd_vm_t *next_vm;        /* a prepared generation awaiting commit */
+  wxd_vm_t *retired;        /* replaced generations still finishing requests */
+  int ctl_cmd;              /* WXD_CTL_*, guarded by srv->reload.mu */
+  char prep_error[2048];    /* why preparing failed, guarded by srv->reload.mu */
   struct wxd_conn *conns;   /* every open connection */
   unsigned nconns;
   int draining;
   int stopping;             /* handles are being closed */
-  int listening;
   char *readbuf;            /* shared by all reads of this loop */
   size_t readbuf_size;
   int readbuf_busy;
@@ -81,18 +75,53 @@ typedef struct wxd_worker {
   uint64_t seq;             /* requests seen */
   int load_status;          /* 0 ok, -1 failed; set before the start barrier */
   char load_error[2048];
+  wxd_worker_stats_t stats;
 } wxd_worker_t;
 
-/* Parses "HOST:PORT" or "[V6]:PORT" into cfg->host/cfg->port. */
-int wxd_config_set_listen(wxd_config_t *cfg, const char *listen, char *err, size_t errlen);
-/* Defaults for every field except app_dir and lua_dir. */
-void wxd_config_defaults(wxd_config_t *cfg);
-/* Reads APPDIR/config.lua through lua/wxd/config.lua into cfg. Command-line
- * overrides are applied by the caller afterwards. */
-int wxd_config_load(wxd_config_t *cfg, char *err, size_t errlen);
+enum { WXD_CTL_NONE = 0, WXD_CTL_PREPARE, WXD_CTL_COMMIT, WXD_CTL_ABORT };
+
+/* Reload bookkeeping; every field is guarded by mu. */
+typedef struct wxd_reload_state {
+  pthread_mutex_t mu;
+  int phase;             /* 0 idle, 1 preparing, 2 committing or aborting */
+  int replies;           /* workers that answered the current phase */
+  int verdict_ok;        /* decision of phase 2 */
+  int pending;           /* another reload was asked for meanwhile */
+  uint64_t started_ns;
+  char why[64];          /* what triggered it: SIGHUP, file change */
+  char restart_needed[256]; /* config keys changed that only a restart applies */
+  unsigned generation;   /* the generation serving now */
+  unsigned attempts, succeeded, failed;
+  char loaded_at[40];    /* when the serving generation was loaded */
+  double last_ms;        /* duration of the last attempt */
+  int last_ok;
+  char last_error[2048]; /* the most recent refusal, kept after later successes */
+  char last_error_at[40];
+} wxd_reload_state_t;
+
+struct wxd_server {
+  wxd_config_t *cfg;
+  wxd_worker_t *workers;
+  int n;
+  uv_loop_t *loop;             /* the main thread's loop */
+  uv_signal_t sigint, sigterm, sighup;
+  uv_async_t worker_exited;    /* a worker's loop ended */
+  uv_async_t reload_async;     /* a worker answered a reload phase */
+  uv_tcp_t admin;              /* status endpoint, when configured */
+  int admin_open;
+  uv_timer_t watch_debounce;   /* wxd dev: coalesces bursts of file events */
+  struct wxd_watch *watches;   /* wxd dev: one fs_event per directory */
+  int signals;
+  int stopping;
+  wxd_reload_state_t reload;
+};
 
 /* Runs the server until SIGTERM/SIGINT; returns the process exit code. */
 int wxd_server_run(wxd_config_t *cfg);
+
+/* Creates a VM for worker w and loads the app into it, as generation gen.
+ * Returns NULL with err set when loading fails. */
+wxd_vm_t *wxd_worker_load(wxd_worker_t *w, unsigned gen, char *err, size_t errlen);
 
 /* The cached "Date: ...\r\n" header line for this second. */
 const char *wxd_worker_date(wxd_worker_t *w, size_t *len);

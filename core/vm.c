@@ -4,6 +4,7 @@
 #include <lauxlib.h>
 #include <luajit.h>
 #include <lualib.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -116,6 +117,28 @@ static int core_in_coroutine(lua_State *L) {
   return 1;
 }
 
+/* core.kill(pid, "HUP"|"TERM"|"INT"|0): signals a process (wxd reload).
+ * Returns true, or nil, err. */
+static int core_kill(lua_State *L) {
+  lua_Integer pid = luaL_checkinteger(L, 1);
+  const char *name = luaL_optstring(L, 2, "TERM");
+  int sig;
+  if (strcmp(name, "HUP") == 0) sig = SIGHUP;
+  else if (strcmp(name, "TERM") == 0) sig = SIGTERM;
+  else if (strcmp(name, "INT") == 0) sig = SIGINT;
+  else if (strcmp(name, "0") == 0) sig = 0;
+  else return luaL_argerror(L, 2, "expected HUP, TERM, INT or 0");
+  luaL_argcheck(L, pid > 0, 1, "expected a process id");
+  int rc = uv_kill((int)pid, sig);
+  if (rc != 0) {
+    lua_pushnil(L);
+    lua_pushstring(L, uv_strerror(rc));
+    return 2;
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 static int open_core(lua_State *L) {
   static const luaL_Reg fns[] = {
       {"sleep", core_sleep},
@@ -125,6 +148,7 @@ static int open_core(lua_State *L) {
       {"log_enabled", core_log_enabled},
       {"worker_id", core_worker_id},
       {"in_coroutine", core_in_coroutine},
+      {"kill", core_kill},
       {NULL, NULL},
   };
   lua_createtable(L, 0, 8);
@@ -156,6 +180,7 @@ wxd_vm_t *wxd_vm_new(uv_loop_t *loop, const wxd_vm_options_t *opts) {
   vm->L = L;
   vm->loop = loop;
   vm->worker = opts->worker;
+  vm->entry_ref = LUA_NOREF;
   luaL_openlibs(L);
 
   lua_pushlightuserdata(L, (void *)&vm_key);
@@ -183,6 +208,11 @@ static void co_unlink(wxd_co_t *co) {
   if (co->prev) co->prev->next = co->next;
   else vm->cos = co->next;
   if (co->next) co->next->prev = co->prev;
+}
+
+void wxd_vm_retire(wxd_vm_t *vm) {
+  vm->retired = 1;
+  if (vm->cos == NULL && vm->on_idle) vm->on_idle(vm);
 }
 
 void wxd_vm_cancel_waits(wxd_vm_t *vm) {
@@ -313,9 +343,9 @@ int wxd_co_resume(wxd_co_t *co, int nargs) {
                     "nothing would resume it");
     status = LUA_ERRRUN;
   }
+  wxd_vm_t *vm = co->vm;
   co->done(co, status);
-  if (status == 0 && co->vm->npool < CO_POOL_MAX) {
-    wxd_vm_t *vm = co->vm;
+  if (status == 0 && vm->npool < CO_POOL_MAX) {
     lua_settop(co->T, 0);
     co_unlink(co);
     co->data = NULL;
@@ -326,6 +356,8 @@ int wxd_co_resume(wxd_co_t *co, int nargs) {
   } else {
     co_free(co);
   }
+  /* The last request of a replaced generation just ended. */
+  if (vm->retired && vm->cos == NULL && vm->on_idle) vm->on_idle(vm);
   return 1;
 }
 

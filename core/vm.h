@@ -57,6 +57,12 @@ struct wxd_vm {
   wxd_co_t *pool;  /* finished coroutines kept for reuse */
   int npool;
   void *owner;     /* the worker or script that owns this VM */
+  int entry_ref;   /* the app's request handler (registry), LUA_NOREF if none */
+  unsigned generation; /* app generation this VM holds (hot reload) */
+  int retired;     /* replaced by a newer generation: serves no new request */
+  /* Called once a retired VM has no coroutine left; the owner frees it. */
+  void (*on_idle)(wxd_vm_t *vm);
+  wxd_vm_t *next_retired; /* owner's list of retired VMs still draining */
 };
 
 /* Creates a VM on `loop`. Returns NULL on allocation failure. */
@@ -84,6 +90,9 @@ wxd_co_t *wxd_co_lookup(lua_State *L);
  * coroutine (used at a shutdown deadline); NULL if there is nothing to close. */
 int wxd_co_yield(wxd_co_t *co, lua_State *L, int nresults);
 int wxd_co_yield_cancellable(wxd_co_t *co, lua_State *L, void (*cancel)(void *), void *wait);
+/* Marks the VM as replaced: it finishes the coroutines it has and then
+ * on_idle runs (at once when it has none). */
+void wxd_vm_retire(wxd_vm_t *vm);
 /* Cancels every pending wait of the VM: no coroutine will be resumed after
  * this; their owners learn it through `abandon` when the VM is freed. */
 void wxd_vm_cancel_waits(wxd_vm_t *vm);

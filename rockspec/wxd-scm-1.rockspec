@@ -30,6 +30,7 @@ build = {
     lua = {
       ["wxd"] = "lua/wxd/init.lua",
       ["wxd.app"] = "lua/wxd/app.lua",
+      ["wxd.cli"] = "lua/wxd/cli.lua",
       ["wxd.config"] = "lua/wxd/config.lua",
       ["wxd.log"] = "lua/wxd/log.lua",
       ["wxd.server"] = "lua/wxd/server.lua",

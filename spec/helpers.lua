@@ -60,16 +60,20 @@ local Server = {}
 Server.__index = Server
 
 --- Starts `wxd run APPDIR` on a free port and waits until it accepts.
--- opts: workers (default 1), env (string of VAR=value pairs), args.
+-- opts: workers (default 1), env (string of VAR=value pairs), args, mode
+-- ("run" or "dev"), pid (write DIR/wxd.pid, for `wxd reload`).
 function H.start(appdir, opts)
   opts = opts or {}
   local dir = H.tmpdir()
   local port = opts.port or H.free_port()
   local self = setmetatable({ port = port, dir = dir, log = dir .. "/wxd.log",
                               pidfile = dir .. "/pid", rcfile = dir .. "/rc" }, Server)
+  if opts.pid then
+    opts.args = (opts.args or "") .. " --pid " .. dir .. "/wxd.pid"
+  end
   local cmd = string.format(
-    "(%s %s run %s --listen 127.0.0.1:%d --workers %d %s >%s 2>&1 & echo $! >%s; wait $!; echo $? >%s) >/dev/null 2>&1 &",
-    opts.env or "", H.WXD, appdir, port, opts.workers or 1, opts.args or "", self.log,
+    "(%s %s %s %s --listen 127.0.0.1:%d --workers %d %s >%s 2>&1 & echo $! >%s; wait $!; echo $? >%s) >/dev/null 2>&1 &",
+    opts.env or "", H.WXD, opts.mode or "run", appdir, port, opts.workers or 1, opts.args or "", self.log,
     self.pidfile, self.rcfile)
   os.execute(cmd)
   H.wait_until(function() return H.read_file(self.pidfile) end, 5, "pid file")

@@ -78,7 +78,7 @@ local LOG_LEVELS = { debug = true, info = true, warn = true, error = true }
 -- (their modules validate them).
 local FREE_SECTIONS = { "mp", "pay", "redis", "miniprogram", "token", "store", "shdict", "app" }
 
-local TOP_KEYS = { "listen", "workers", "limits", "log" }
+local TOP_KEYS = { "listen", "workers", "limits", "log", "admin_listen" }
 for _, k in ipairs(FREE_SECTIONS) do
     TOP_KEYS[#TOP_KEYS + 1] = k
 end
@@ -466,6 +466,10 @@ function _M.validate(t, opts)
             out.listen = check_listen(ctx, path, v)
         elseif k == "workers" then
             out.workers = check_workers(ctx, path, v)
+        elseif k == "admin_listen" then
+            -- The status endpoint (off unless set): keep it on loopback or a
+            -- private network, it tells about the deployment.
+            out.admin_listen = check_listen(ctx, path, v)
         elseif k == "limits" then
             check_limits(ctx, path, v, out.limits)
         elseif k == "log" then

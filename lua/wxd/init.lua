@@ -19,6 +19,8 @@ local _M = {
   worker_id = core.worker_id,
   --- The running app's validated configuration (set when the app loads).
   config = nil,
+  --- The app generation this code belongs to: 1 at start, +1 per reload.
+  generation = nil,
 }
 
 -- Library modules load lazily so that `require "wxd"` stays cheap and no

@@ -32,10 +32,11 @@ local PLAIN = { ["content-type"] = "text/plain; charset=utf-8" }
 -- each raw request, in the request's coroutine.
 -- @treturn function|nil handler
 -- @treturn string error (file, line and message)
-function _M.load_app(appdir, worker)
+function _M.load_app(appdir, worker, generation)
   local cfg, err = _M.read_config(appdir)
   if not cfg then return nil, err end
   wxd.config = cfg
+  wxd.generation = generation or 1
   local chunk, lerr = loadfile(appdir .. "/app.lua")
   if not chunk then return nil, lerr end
   local ok, app = xpcall(chunk, traceback)

@@ -1,0 +1,168 @@
+/* config: see config.h. */
+#include "config.h"
+
+#include <lauxlib.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+
+#include "log.h"
+#include "vm.h"
+
+void wxd_config_defaults(wxd_config_t *cfg) {
+  snprintf(cfg->host, sizeof cfg->host, "127.0.0.1");
+  cfg->port = 8080;
+  cfg->workers = 0;
+  cfg->access_log = 1;
+  cfg->log_level = WXD_LOG_INFO;
+  cfg->limits.max_header_bytes = 16384;
+  cfg->limits.max_body_bytes = 1048576;
+  cfg->limits.max_uri_bytes = 8192;
+  cfg->limits.header_timeout_ms = 10000;
+  cfg->limits.body_timeout_ms = 30000;
+  cfg->limits.keepalive_timeout_ms = 75000;
+  cfg->limits.shutdown_timeout_ms = 10000;
+  cfg->limits.max_requests = 10000;
+  cfg->admin_host[0] = 0;
+  cfg->admin_port = 0;
+}
+
+int wxd_parse_listen(const char *listen, char *host_out, size_t hostcap, int *port_out, char *err,
+                     size_t errlen) {
+  const char *colon = strrchr(listen, ':');
+  const char *host = listen;
+  size_t hl;
+  if (!colon) goto bad;
+  if (listen[0] == '[') {
+    const char *close = strchr(listen, ']');
+    if (!close || close + 1 != colon) goto bad;
+    host = listen + 1;
+    hl = (size_t)(close - host);
+  } else {
+    hl = (size_t)(colon - listen);
+  }
+  if (hl == 0 || hl >= hostcap) goto bad;
+  char *end;
+  long port = strtol(colon + 1, &end, 10);
+  if (*end || end == colon + 1 || port < 0 || port > 65535) goto bad;
+  memcpy(host_out, host, hl);
+  host_out[hl] = 0;
+  *port_out = (int)port;
+  return 0;
+bad:
+  snprintf(err, errlen, "expected HOST:PORT or [IPV6]:PORT, got \"%s\"", listen);
+  return -1;
+}
+
+int wxd_config_set_listen(wxd_config_t *cfg, const char *listen, char *err, size_t errlen) {
+  char e[400];
+  if (wxd_parse_listen(listen, cfg->host, sizeof cfg->host, &cfg->port, e, sizeof e) == 0) return 0;
+  snprintf(err, errlen, "listen: %s", e);
+  return -1;
+}
+
+void wxd_config_apply_env(wxd_config_t *cfg) {
+  const char *lv = getenv("WXD_LOG_LEVEL");
+  if (lv && wxd_log_parse_level(lv) >= 0) cfg->log_level = wxd_log_parse_level(lv);
+  const char *al = getenv("WXD_ACCESS_LOG");
+  if (al && (strcmp(al, "off") == 0 || strcmp(al, "0") == 0 || strcmp(al, "false") == 0))
+    cfg->access_log = 0;
+}
+
+static lua_Integer field_int(lua_State *L, int idx, const char *name, lua_Integer dflt) {
+  lua_getfield(L, idx, name);
+  lua_Integer v = lua_isnumber(L, -1) ? lua_tointeger(L, -1) : dflt;
+  lua_pop(L, 1);
+  return v;
+}
+
+static void read_limits(lua_State *L, int l, wxd_limits_t *lim) {
+  lim->max_header_bytes = (size_t)field_int(L, l, "max_header_bytes", (lua_Integer)lim->max_header_bytes);
+  lim->max_body_bytes = (size_t)field_int(L, l, "max_body_bytes", (lua_Integer)lim->max_body_bytes);
+  lim->max_uri_bytes = (size_t)field_int(L, l, "max_uri_bytes", (lua_Integer)lim->max_uri_bytes);
+  lim->header_timeout_ms = (uint64_t)field_int(L, l, "header_timeout_ms", (lua_Integer)lim->header_timeout_ms);
+  lim->body_timeout_ms = (uint64_t)field_int(L, l, "body_timeout_ms", (lua_Integer)lim->body_timeout_ms);
+  lim->keepalive_timeout_ms =
+      (uint64_t)field_int(L, l, "keepalive_timeout_ms", (lua_Integer)lim->keepalive_timeout_ms);
+  lim->shutdown_timeout_ms =
+      (uint64_t)field_int(L, l, "shutdown_timeout_ms", (lua_Integer)lim->shutdown_timeout_ms);
+  lim->max_requests = (unsigned)field_int(L, l, "max_requests_per_connection", (lua_Integer)lim->max_requests);
+}
+
+/* Copies the validated table at index c into cfg. */
+static int read_table(lua_State *L, int c, wxd_config_t *cfg, char *err, size_t errlen) {
+  lua_getfield(L, c, "listen");
+  if (lua_isstring(L, -1)) {
+    snprintf(cfg->file_listen, sizeof cfg->file_listen, "%s", lua_tostring(L, -1));
+    if (wxd_config_set_listen(cfg, lua_tostring(L, -1), err, errlen) != 0) return -1;
+  }
+  lua_pop(L, 1);
+  lua_getfield(L, c, "workers");
+  cfg->workers = lua_isnumber(L, -1) ? (int)lua_tointeger(L, -1) : 0;
+  cfg->file_workers = cfg->workers;
+  lua_pop(L, 1);
+  lua_getfield(L, c, "admin_listen");
+  if (lua_isstring(L, -1)) {
+    snprintf(cfg->file_admin, sizeof cfg->file_admin, "%s", lua_tostring(L, -1));
+    char e[400];
+    if (wxd_parse_listen(lua_tostring(L, -1), cfg->admin_host, sizeof cfg->admin_host, &cfg->admin_port,
+                         e, sizeof e) != 0) {
+      snprintf(err, errlen, "admin_listen: %s", e);
+      return -1;
+    }
+  }
+  lua_pop(L, 1);
+  lua_getfield(L, c, "limits");
+  if (lua_istable(L, -1)) read_limits(L, lua_gettop(L), &cfg->limits);
+  lua_pop(L, 1);
+  lua_getfield(L, c, "log");
+  if (lua_istable(L, -1)) {
+    lua_getfield(L, -1, "level");
+    if (lua_isstring(L, -1)) {
+      int lv = wxd_log_parse_level(lua_tostring(L, -1));
+      if (lv >= 0) cfg->log_level = lv;
+    }
+    lua_pop(L, 1);
+    lua_getfield(L, -1, "access");
+    if (lua_isboolean(L, -1)) cfg->access_log = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  return 0;
+}
+
+int wxd_config_load(wxd_config_t *cfg, char *err, size_t errlen) {
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  wxd_vm_options_t opts = {cfg->lua_dir[0] ? cfg->lua_dir : NULL, cfg->app_dir, -1};
+  wxd_vm_t *vm = wxd_vm_new(&loop, &opts);
+  int rc = -1;
+  if (!vm) {
+    snprintf(err, errlen, "out of memory");
+    goto out;
+  }
+  lua_State *L = vm->L;
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "wxd.server");
+  if (lua_pcall(L, 1, 1, 0) != 0) {
+    snprintf(err, errlen, "%s", lua_tostring(L, -1));
+    goto out;
+  }
+  lua_getfield(L, -1, "read_config");
+  lua_pushstring(L, cfg->app_dir);
+  if (lua_pcall(L, 1, 2, 0) != 0) {
+    snprintf(err, errlen, "%s", lua_tostring(L, -1));
+    goto out;
+  }
+  if (lua_isnil(L, -2)) {
+    snprintf(err, errlen, "%s", lua_tostring(L, -1));
+    goto out;
+  }
+  lua_pop(L, 1);
+  rc = read_table(L, lua_gettop(L), cfg, err, errlen);
+out:
+  wxd_vm_free(vm);
+  uv_loop_close(&loop);
+  return rc;
+}
