@@ -65,6 +65,7 @@ int wxd_config_set_listen(wxd_config_t *cfg, const char *listen, char *err, size
 void wxd_config_apply_env(wxd_config_t *cfg) {
   const char *lv = getenv("WXD_LOG_LEVEL");
   if (lv && wxd_log_parse_level(lv) >= 0) cfg->log_level = wxd_log_parse_level(lv);
+  else if (lv && *lv) fprintf(stderr, "wxd: WXD_LOG_LEVEL=%s ignored: expected debug, info, warn or error\n", lv);
   const char *al = getenv("WXD_ACCESS_LOG");
   if (al && (strcmp(al, "off") == 0 || strcmp(al, "0") == 0 || strcmp(al, "false") == 0))
     cfg->access_log = 0;

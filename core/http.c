@@ -63,6 +63,7 @@ typedef struct wxd_req {
   unsigned has_te : 1;
   unsigned streaming : 1;    /* headers sent, chunks follow */
   unsigned stream_raw : 1;   /* HTTP/1.0 stream: close-delimited */
+  unsigned stream_nobody : 1; /* HEAD, 204 or 304: headers only */
   unsigned drain_wait : 1;   /* coroutine waits for the write queue */
   unsigned finished : 1;
   unsigned in_handler : 1;   /* dispatched and not yet finished: owned by the coroutine */
@@ -375,7 +376,7 @@ static void req_reset(wxd_req_t *r) {
   r->header_bytes = 0;
   r->nhdrs = 0;
   r->hstate = 0;
-  r->keep_alive = r->is_head = r->has_te = r->streaming = r->stream_raw = 0;
+  r->keep_alive = r->is_head = r->has_te = r->streaming = r->stream_raw = r->stream_nobody = 0;
   r->drain_wait = r->finished = 0;
   r->host_count = 0;
   r->status = 0;
@@ -829,6 +830,14 @@ static void respond_from_lua(wxd_req_t *r, lua_State *T) {
     /* A handler that streamed may still return a last piece of body. */
     size_t bl = 0;
     const char *body = top >= 3 && lua_type(T, 3) == LUA_TSTRING ? lua_tolstring(T, 3, &bl) : NULL;
+    if (top >= 4 && lua_toboolean(T, 4)) {
+      /* The handler failed after its status went out: the only honest
+       * signal left is to cut the response short. */
+      r->keep_alive = 0;
+      conn_close(c);
+      return;
+    }
+    if (r->stream_nobody) return;
     if (r->stream_raw) {
       if (bl) conn_write(c, body, bl);
     } else {
@@ -852,7 +861,8 @@ static void respond_from_lua(wxd_req_t *r, lua_State *T) {
   const char *why = NULL;
   if (top < 1 || !lua_isnumber(T, 1)) why = "handler returned no status";
   int status = why ? 500 : (int)lua_tointeger(T, 1);
-  if (!why && (status < 100 || status > 999 || status == 101)) why = "handler returned an invalid status";
+  /* 1xx are interim responses, never the answer to a request. */
+  if (!why && (status < 200 || status > 999)) why = "handler returned an invalid status (expected 200..999)";
   size_t bl = 0;
   const char *body = NULL;
   if (!why && top >= 3 && !lua_isnil(T, 3)) {
@@ -1219,9 +1229,10 @@ static int http_write(lua_State *L) {
     start_head(o, status);
     if (append_lua_headers(L, 3, o, &has_date, &has_server, &why) != 0)
       return luaL_error(L, "response write: %s", why);
-    r->stream_raw = r->http_minor == 0;
+    r->stream_nobody = r->is_head || !status_has_body(status);
+    r->stream_raw = r->http_minor == 0 && !r->stream_nobody;
     if (r->stream_raw) r->keep_alive = 0;
-    else wxd_buf_append(o, "Transfer-Encoding: chunked\r\n", 28);
+    else if (status_has_body(status)) wxd_buf_append(o, "Transfer-Encoding: chunked\r\n", 28);
     end_head(r->w, o, has_date, has_server, r->keep_alive);
     r->status = status;
     r->streaming = 1;
@@ -1232,7 +1243,7 @@ static int http_write(lua_State *L) {
       return 2;
     }
   }
-  if (len > 0 && !r->is_head) {
+  if (len > 0 && !r->stream_nobody) {
     int rc;
     if (r->stream_raw) {
       rc = conn_write(c, chunk, len);

@@ -90,7 +90,7 @@ void wxd_log_timestamp(char *buf, size_t cap) {
 
 void wxd_log(int level, int worker, const char *msg, const char *extra_json) {
   if (level < log_min_level) return;
-  char line[8192];
+  char line[16384];
   char ts[40];
   wxd_log_timestamp(ts, sizeof ts);
   size_t n = (size_t)snprintf(line, sizeof line, "{\"ts\":\"%s\",\"level\":\"%s\"", ts,

@@ -190,9 +190,8 @@ wxd_vm_t *wxd_vm_new(uv_loop_t *loop, const wxd_vm_options_t *opts) {
   lua_newtable(L);
   lua_rawset(L, LUA_REGISTRYINDEX);
 
-  /* The app's modules come first so that an app can shadow nothing of the
-   * framework by accident: framework dir is prepended last, i.e. searched
-   * first. */
+  /* The framework's directory is searched first (it is prepended last), so
+   * that an app's module cannot shadow a wxd module by accident. */
   if (opts->app_dir) prepend_path(L, opts->app_dir);
   if (opts->lua_dir) prepend_path(L, opts->lua_dir);
 
@@ -310,8 +309,8 @@ wxd_co_t *wxd_co_current(lua_State *L, const char *what) {
   wxd_co_t *co = wxd_co_lookup(L);
   if (!co)
     luaL_error(L,
-               "%s: cannot wait here: only in a request handler, a timer or a "
-               "script's main chunk (not inside your own coroutine)",
+               "%s: cannot wait here: only in a request handler or a script's "
+               "main chunk (not inside your own coroutine)",
                what);
   return co;
 }

@@ -12,10 +12,12 @@ end)
 
 -- Waits without blocking the worker: other requests are served meanwhile.
 app:get("/sleep", function(req)
-  local ms = tonumber(req.query.ms) or 0
-  if ms < 0 or ms > 60000 then return 400, "ms must be in 0..60000\n" end
+  local ms = tonumber(req.query.ms)
+  if not ms or ms < 0 or ms > 60000 or ms % 1 ~= 0 then
+    return 400, "ms must be an integer in 0..60000\n"
+  end
   wxd.sleep(ms)
-  return "slept " .. req.query.ms .. "\n"
+  return "slept " .. ms .. "\n"
 end)
 
 return app

@@ -13,15 +13,24 @@ local core_log, log_enabled = core.log, core.log_enabled
 
 local _M = {}
 
+-- Everything config refuses as a literal secret, plus what only shows up
+-- at run time (session keys, credentials in headers).
+local is_config_secret = require("wxd.config").is_secret_key
 local SECRET = { "secret", "password", "passwd", "token", "session_key", "aes_key", "api_key",
-                 "private_key", "authorization", "cookie", "ticket" }
+                 "private_key", "authorization", "cookie", "ticket", "sign_key", "mch_key" }
 
 local function is_secret(name)
+  if is_config_secret(name) then return true end
   for i = 1, #SECRET do
     if find(name, SECRET[i], 1, true) then return true end
   end
   return false
 end
+
+-- Fields of the line itself; a user field of the same name is renamed.
+local RESERVED = { ts = true, level = true, worker = true, msg = true }
+-- Long values (tracebacks, bodies) are cut so the line stays whole.
+local MAX_VALUE = 4000
 
 --- Masks the middle of an identifier, keeping enough to correlate lines.
 function _M.mask(v)
@@ -32,17 +41,20 @@ function _M.mask(v)
   return sub(v, 1, 4) .. "****" .. sub(v, -4)
 end
 
-local function scrub(fields)
+local function scrub(fields, depth)
   local out = {}
   for k, v in pairs(fields) do
     local name = lower(tostring(k))
+    if not depth and RESERVED[name] then k = "field_" .. tostring(k) end
     if is_secret(name) then
       out[k] = "***"
     elseif find(name, "openid", 1, true) or find(name, "unionid", 1, true)
         or find(name, "phone", 1, true) or find(name, "mobile", 1, true) then
       out[k] = _M.mask(v)
     elseif type(v) == "table" then
-      out[k] = scrub(v)
+      out[k] = scrub(v, (depth or 0) + 1)
+    elseif type(v) == "string" and #v > MAX_VALUE then
+      out[k] = sub(v, 1, MAX_VALUE) .. "...(truncated)"
     elseif type(v) == "function" or type(v) == "userdata" or type(v) == "thread" then
       out[k] = tostring(v)
     else
@@ -51,7 +63,7 @@ local function scrub(fields)
   end
   return out
 end
-_M.scrub = scrub
+_M.scrub = function(fields) return scrub(fields) end
 
 local function write(level, msg, fields)
   if not log_enabled(level) then return end

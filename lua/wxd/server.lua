@@ -22,7 +22,12 @@ end
 function _M.read_config(appdir)
   local path = appdir .. "/config.lua"
   local cfg, err = config.load(exists(path) and path or nil)
-  if not cfg then return nil, path .. ": " .. tostring(err) end
+  if not cfg then
+    err = tostring(err)
+    -- Syntax errors already name the file; validation errors do not.
+    if err:sub(1, #path) ~= path then err = path .. ": " .. err end
+    return nil, err
+  end
   return cfg
 end
 
@@ -50,7 +55,9 @@ function _M.load_app(appdir, worker, generation)
     local ok2, status, headers, body = xpcall(handle, traceback, app, raw)
     if ok2 then return status, headers, body end
     log.error("handler error", { id = raw.id, method = raw.method, path = raw.path, error = status })
-    return 500, PLAIN, "internal server error (request id " .. raw.id .. ")\n"
+    -- The fourth value tells the core the handler failed: a response that
+    -- was already streaming is cut short instead of ended cleanly.
+    return 500, PLAIN, "internal server error (request id " .. raw.id .. ")\n", true
   end
 end
 

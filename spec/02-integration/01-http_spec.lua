@@ -117,6 +117,43 @@ describe("http server", function()
     assert.equal("chunk 1\nchunk 2\n", H.parse_responses(out)[1].body)
   end)
 
+  it("answers HEAD to a streaming handler with headers only, and the next pipelined response stays intact", function()
+    local out = srv:raw("HEAD /stream?n=2 HTTP/1.1\r\nHost: x\r\n\r\n"
+      .. "GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    local head_end = out:find("\r\n\r\n", 1, true)
+    assert.truthy(out:sub(1, head_end):match("^HTTP/1.1 200"))
+    local rest = out:sub(head_end + 4)
+    assert.truthy(rest:match("^HTTP/1.1 200 OK\r\n"), "no chunk data after the HEAD response: " .. rest:sub(1, 40))
+    assert.equal("hello world\n", H.parse_responses(rest)[1].body)
+  end)
+
+  it("cuts a streamed response short when the handler fails after writing", function()
+    local out, closed = srv:raw("GET /stream/fail HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert.is_true(closed)
+    assert.truthy(out:find("partial\n", 1, true))
+    assert.falsy(out:find("\r\n0\r\n\r\n", 1, true), "no clean end of the chunked body")
+    assert.falsy(out:find("internal server error", 1, true))
+  end)
+
+  it("refuses an interim (1xx) status as a handler's answer", function()
+    assert.equal(500, srv:get("/status/100").status)
+    assert.equal(500, srv:get("/status/199").status)
+    assert.equal(200, srv:get("/status/200").status)
+  end)
+
+  it("logs a very long handler error with its request id (truncated, still one JSON line)", function()
+    local r = srv:get("/error/long")
+    local id = r.body:match("request id (%x+)")
+    local line = H.wait_until(function()
+      for l in srv:log_text():gmatch("[^\n]+") do
+        if l:find('"msg":"handler error"', 1, true) and l:find(id, 1, true) then return l end
+      end
+    end, 3, "error line")
+    local e = cjson.decode(line)
+    assert.equal(id, e.id)
+    assert.truthy(e.error:find("(truncated)", 1, true))
+  end)
+
   it("sends large bodies whole", function()
     local r = srv:get("/big?n=3000000")
     assert.equal(3000000, #r.body)
