@@ -82,6 +82,7 @@ asan:
 bench: $(BUILD)/wxd
 	@$(MAKE) --no-print-directory deps-bench >/dev/null
 	WXD=$(BUILD)/wxd spec/bench/run.sh
+	$(BUILD)/wxd script spec/bench/reload.lua
 
 clean:
 	rm -rf build
