@@ -10,6 +10,7 @@
 
 #include "log.h"
 #include "server.h"
+#include "timer.h"
 #include "version.h"
 #include "vm.h"
 
@@ -214,6 +215,9 @@ static void on_script_done(wxd_co_t *co, int status) {
     fprintf(stderr, "wxd: %s\n", lua_tostring(co->vm->L, -1));
     lua_pop(co->vm->L, 1);
     s->exit_code = 1;
+    /* A failed script ends now, whatever timers or waits it left. */
+    wxd_timers_close(co->vm);
+    wxd_vm_cancel_waits(co->vm);
   } else if (lua_gettop(co->T) >= 1 && lua_type(co->T, 1) == LUA_TNUMBER) {
     /* A main chunk may return its exit code: unlike os.exit, this closes
      * the Lua state and the loop properly. */
@@ -227,6 +231,7 @@ static void on_script_done(wxd_co_t *co, int status) {
  * The chunk is at the top of the VM's stack; args are pushed as strings. */
 static int run_chunk(wxd_vm_t *vm, uv_loop_t *loop, int argc, char **argv) {
   script_state_t st = {1};
+  wxd_timers_activate(vm);
   wxd_co_t *co = wxd_co_new(vm, WXD_CO_SCRIPT, on_script_done, &st);
   if (!co) return 1;
   lua_xmove(vm->L, co->T, 1);

@@ -15,6 +15,7 @@
 
 #include "http.h"
 #include "reload.h"
+#include "timer.h"
 
 /* Start-up barrier: every worker loads the app, then all start listening
  * together, or none does. */
@@ -94,6 +95,7 @@ static void on_ctl(uv_async_t *a) {
     w->vm = w->next_vm;
     w->next_vm = NULL;
     atomic_store(&w->stats.generation, w->vm->generation);
+    wxd_timers_activate(w->vm);
     old->next_retired = w->retired;
     w->retired = old;
     atomic_fetch_add(&w->stats.retired, 1);
@@ -138,6 +140,9 @@ static void on_stop(uv_async_t *a) {
   wxd_worker_t *w = a->data;
   if (!w->draining) {
     w->draining = 1;
+    /* No new background work while draining. */
+    wxd_timers_close(w->vm);
+    for (wxd_vm_t *vm = w->retired; vm; vm = vm->next_retired) wxd_timers_close(vm);
     if (!uv_is_closing((uv_handle_t *)&w->listener))
       uv_close((uv_handle_t *)&w->listener, on_handle_closed);
     wxd_http_drain(w);
@@ -171,14 +176,18 @@ static void worker_main(void *arg) {
   pthread_mutex_unlock(&startup.mu);
 
   if (go) {
+    wxd_timers_activate(w->vm);
     int rc = uv_listen((uv_stream_t *)&w->listener, 511, wxd_http_on_connection);
     if (rc != 0) wxd_logf(WXD_LOG_ERROR, w->id, "listen: %s", uv_strerror(rc));
     uv_run(&w->loop, UV_RUN_DEFAULT);
   } else {
     close_worker_handles(w);
   }
-  /* Whatever is left (sleep timers of coroutines cut short by the deadline)
-   * is closed before the VMs go. */
+  /* Whatever is left (sleep timers of coroutines cut short by the deadline,
+   * app timers) is closed before the VMs go. */
+  if (w->vm) wxd_timers_close(w->vm);
+  if (w->next_vm) wxd_timers_close(w->next_vm);
+  for (wxd_vm_t *vm = w->retired; vm; vm = vm->next_retired) wxd_timers_close(vm);
   uv_walk(&w->loop, walk_close, NULL);
   uv_run(&w->loop, UV_RUN_DEFAULT);
   wxd_logbuf_free(&w->access);

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "log.h"
+#include "timer.h"
 #include "version.h"
 
 /* lua-cjson, linked statically. */
@@ -197,6 +198,7 @@ wxd_vm_t *wxd_vm_new(uv_loop_t *loop, const wxd_vm_options_t *opts) {
 
   wxd_vm_preload(L, "wxd.core", open_core);
   wxd_vm_preload(L, "wxd.core.http", wxd_open_http_lua);
+  wxd_vm_preload(L, "wxd.core.timer", wxd_open_timer);
   wxd_vm_preload(L, "cjson", luaopen_cjson);
   wxd_vm_preload(L, "cjson.safe", luaopen_cjson_safe);
   return vm;
@@ -211,6 +213,7 @@ static void co_unlink(wxd_co_t *co) {
 
 void wxd_vm_retire(wxd_vm_t *vm) {
   vm->retired = 1;
+  wxd_timers_close(vm); /* a replaced generation runs no more jobs */
   if (vm->cos == NULL && vm->on_idle) vm->on_idle(vm);
 }
 
@@ -224,6 +227,7 @@ void wxd_vm_cancel_waits(wxd_vm_t *vm) {
 
 void wxd_vm_free(wxd_vm_t *vm) {
   if (!vm) return;
+  wxd_timers_close(vm);
   while (vm->pool) {
     wxd_co_t *next = vm->pool->next;
     free(vm->pool);

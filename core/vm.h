@@ -41,7 +41,7 @@ struct wxd_co {
   wxd_co_t *prev, *next; /* vm's list of live coroutines */
 };
 
-enum { WXD_CO_SCRIPT = 1, WXD_CO_REQUEST = 2 };
+enum { WXD_CO_SCRIPT = 1, WXD_CO_REQUEST = 2, WXD_CO_TIMER = 3 };
 
 typedef struct wxd_vm_options {
   const char *lua_dir; /* framework modules (lua/), or NULL for package.path */
@@ -63,6 +63,8 @@ struct wxd_vm {
   /* Called once a retired VM has no coroutine left; the owner frees it. */
   void (*on_idle)(wxd_vm_t *vm);
   wxd_vm_t *next_retired; /* owner's list of retired VMs still draining */
+  int active;      /* committed: its timers run (timer.c) */
+  struct wxd_timer *timers; /* timers this generation created (timer.c) */
 };
 
 /* Creates a VM on `loop`. Returns NULL on allocation failure. */

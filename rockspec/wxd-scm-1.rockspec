@@ -34,6 +34,7 @@ build = {
       ["wxd.config"] = "lua/wxd/config.lua",
       ["wxd.log"] = "lua/wxd/log.lua",
       ["wxd.server"] = "lua/wxd/server.lua",
+      ["wxd.timer"] = "lua/wxd/timer.lua",
     },
   },
 }

@@ -165,6 +165,39 @@ describe("hot reload", function()
     end
   end)
 
+  it("stops the timers of replaced generations: no duplicate jobs after reloads", function()
+    H.write_file(app .. "/config.lua", "return { app = { ticks = true } }")
+    start(2)
+    -- A long request keeps generation 1 alive (draining) through the window.
+    local slow = srv:connect()
+    slow:send("GET /slow?ms=2500 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    wxd.sleep(50)
+    for _ = 1, 5 do assert.equal(0, (reload(srv))) end
+    wxd.sleep(100)
+    local from = #srv:log_text()
+    wxd.sleep(600)
+    local ticks, jobs = { [0] = 0, [1] = 0 }, { [0] = 0, [1] = 0 }
+    for line in srv:log_text():sub(from + 1):gmatch("[^\n]+") do
+      local e = cjson.decode(line)
+      if e.msg == "tick" or e.msg == "job" then
+        assert.equal(6, e.generation, "only the serving generation runs timers: " .. line)
+        local t = e.msg == "tick" and ticks or jobs
+        t[e.worker] = t[e.worker] + 1
+      end
+    end
+    -- 600 ms at 50 ms: about 12 runs per worker, not 6 generations' worth.
+    for w = 0, 1 do
+      assert.is_true(ticks[w] >= 6 and ticks[w] <= 16, "worker " .. w .. ": " .. ticks[w] .. " ticks")
+    end
+    assert.is_true(jobs[0] >= 6 and jobs[0] <= 16, jobs[0] .. " jobs")
+    assert.equal(0, jobs[1], "the worker-0 job runs on worker 0 only")
+    local st = status(admin_port)
+    assert.equal(1, st.workers[1].retired_generations + st.workers[2].retired_generations,
+      "generation 1 was still draining during the window")
+    H.read_all(slow, 5)
+    slow:close()
+  end)
+
   it("reloads on save under `wxd dev`", function()
     srv = H.start(app, { workers = 1, args = "--admin 127.0.0.1:" .. admin_port, mode = "dev" })
     assert.equal("v1", srv:get("/version").body)
