@@ -32,6 +32,7 @@ build = {
       ["wxd.app"] = "lua/wxd/app.lua",
       ["wxd.cli"] = "lua/wxd/cli.lua",
       ["wxd.config"] = "lua/wxd/config.lua",
+      ["wxd.crypto"] = "lua/wxd/crypto.lua",
       ["wxd.log"] = "lua/wxd/log.lua",
       ["wxd.server"] = "lua/wxd/server.lua",
       ["wxd.timer"] = "lua/wxd/timer.lua",
