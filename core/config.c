@@ -23,9 +23,11 @@ void wxd_config_defaults(wxd_config_t *cfg) {
   cfg->limits.body_timeout_ms = 30000;
   cfg->limits.keepalive_timeout_ms = 75000;
   cfg->limits.shutdown_timeout_ms = 10000;
+  cfg->limits.send_timeout_ms = 60000;
   cfg->limits.max_requests = 10000;
   cfg->admin_host[0] = 0;
   cfg->admin_port = 0;
+  cfg->nshdicts = 0;
 }
 
 int wxd_parse_listen(const char *listen, char *host_out, size_t hostcap, int *port_out, char *err,
@@ -88,7 +90,34 @@ static void read_limits(lua_State *L, int l, wxd_limits_t *lim) {
       (uint64_t)field_int(L, l, "keepalive_timeout_ms", (lua_Integer)lim->keepalive_timeout_ms);
   lim->shutdown_timeout_ms =
       (uint64_t)field_int(L, l, "shutdown_timeout_ms", (lua_Integer)lim->shutdown_timeout_ms);
+  lim->send_timeout_ms = (uint64_t)field_int(L, l, "send_timeout_ms", (lua_Integer)lim->send_timeout_ms);
   lim->max_requests = (unsigned)field_int(L, l, "max_requests_per_connection", (lua_Integer)lim->max_requests);
+}
+
+static int shdict_cmp(const void *a, const void *b) {
+  return strcmp(((const wxd_shdict_conf_t *)a)->name, ((const wxd_shdict_conf_t *)b)->name);
+}
+
+/* The validated `shdict` section at index s: { name = bytes, ... }. */
+static int read_shdicts(lua_State *L, int s, wxd_config_t *cfg, char *err, size_t errlen) {
+  memset(cfg->shdicts, 0, sizeof cfg->shdicts);
+  cfg->nshdicts = 0;
+  lua_pushnil(L);
+  while (lua_next(L, s) != 0) {
+    if (lua_type(L, -2) == LUA_TSTRING && lua_isnumber(L, -1)) {
+      if (cfg->nshdicts == WXD_SHDICT_MAX) {
+        lua_pop(L, 2);
+        snprintf(err, errlen, "shdict: at most %d dictionaries", WXD_SHDICT_MAX);
+        return -1;
+      }
+      wxd_shdict_conf_t *c = &cfg->shdicts[cfg->nshdicts++];
+      snprintf(c->name, sizeof c->name, "%s", lua_tostring(L, -2));
+      c->bytes = (size_t)lua_tonumber(L, -1);
+    }
+    lua_pop(L, 1);
+  }
+  qsort(cfg->shdicts, (size_t)cfg->nshdicts, sizeof cfg->shdicts[0], shdict_cmp);
+  return 0;
 }
 
 /* Copies the validated table at index c into cfg. */
@@ -129,6 +158,9 @@ static int read_table(lua_State *L, int c, wxd_config_t *cfg, char *err, size_t 
     if (lua_isboolean(L, -1)) cfg->access_log = lua_toboolean(L, -1);
     lua_pop(L, 1);
   }
+  lua_pop(L, 1);
+  lua_getfield(L, c, "shdict");
+  if (lua_istable(L, -1) && read_shdicts(L, lua_gettop(L), cfg, err, errlen) != 0) return -1;
   lua_pop(L, 1);
   return 0;
 }

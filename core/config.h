@@ -19,8 +19,16 @@ typedef struct wxd_limits {
   uint64_t body_timeout_ms;      /* end of headers to end of body; 408 */
   uint64_t keepalive_timeout_ms; /* idle time between requests */
   uint64_t shutdown_timeout_ms;  /* in-flight grace period on SIGTERM */
+  uint64_t send_timeout_ms;      /* a response makes no progress: close */
   unsigned max_requests;         /* per connection, then Connection: close */
 } wxd_limits_t;
+
+/* One dictionary of the `shdict` section (sizes validated by config.lua). */
+#define WXD_SHDICT_MAX 32
+typedef struct wxd_shdict_conf {
+  char name[64];
+  size_t bytes;
+} wxd_shdict_conf_t;
 
 typedef struct wxd_config {
   char app_dir[PATH_MAX];
@@ -35,6 +43,8 @@ typedef struct wxd_config {
   int admin_port;
   char pid_file[PATH_MAX];/* empty: none */
   int dev;                /* wxd dev: reload when a file changes */
+  wxd_shdict_conf_t shdicts[WXD_SHDICT_MAX]; /* `shdict`, sorted by name */
+  int nshdicts;
   /* As the file says, before command-line and environment overrides: a
    * reload compares these to tell which changes need a restart. */
   char file_listen[300];

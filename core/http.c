@@ -31,15 +31,29 @@ typedef struct hdr {
   uint32_t name_off, name_len, value_off, value_len;
 } hdr_t;
 
-/* Our own checks of the header section, byte by byte, before llhttp sees the
- * bytes. llhttp 8.1 still accepts obs-fold, a bare LF line end and a space in
- * a header name; nginx and newer llhttp refuse them, and so do we. */
+/* Our own checks of the bytes llhttp sees, run before it sees them: the
+ * header section, and the framing of a chunked body (size lines, the CRLF
+ * after each chunk, trailers). llhttp 8.1 still accepts obs-fold, bare LF
+ * line ends, a space in a header name, any two bytes after chunk data and a
+ * bare LF ending the trailers; nginx and newer llhttp refuse them, and so
+ * do we. The scanner also bounds bytes that reach no llhttp callback
+ * (whitespace, chunk extensions), which the callbacks' limits cannot see. */
+enum { SCAN_OFF, SCAN_HEADERS, SCAN_CHUNKED };
+enum { CS_SIZE, CS_EXT, CS_SIZE_LF, CS_DATA, CS_DATA_CR, CS_DATA_LF, CS_TRAILERS };
+
+#define CHUNK_LINE_MAX 4096 /* a chunk-size line with its extensions */
+
 typedef struct scanner {
-  int active;   /* scanning a header section (off while reading a body) */
-  int line;     /* 0 = request line */
-  int line_len; /* bytes on this line, CR excluded */
-  int in_name;  /* before the colon of a header line */
+  int mode;          /* SCAN_* */
+  int line;          /* header section: 0 = request line */
+  int line_len;      /* bytes on this line, CR excluded */
+  int in_name;       /* before the colon of a header (or trailer) line */
   int saw_cr;
+  size_t bytes;      /* raw bytes of this header section or trailer part */
+  int cstate;        /* CS_*, in SCAN_CHUNKED */
+  uint64_t remaining;/* bytes of chunk data still to come */
+  int ndigits;
+  size_t chunk_line; /* bytes of the current chunk-size line */
 } scanner_t;
 
 typedef struct wxd_conn wxd_conn_t;
@@ -54,6 +68,7 @@ typedef struct wxd_req {
   hdr_t hdrs[MAX_HEADERS];
   unsigned nhdrs;
   int hstate;            /* 0 none, 1 in a name, 2 in a value */
+  int in_trailers;       /* fields after the body: counted, never stored */
   wxd_buf_t body;
   uint64_t start_ns;
   char id[24];
@@ -68,6 +83,7 @@ typedef struct wxd_req {
   unsigned finished : 1;
   unsigned in_handler : 1;   /* dispatched and not yet finished: owned by the coroutine */
   int host_count;
+  int te_count;
   int status;
   size_t bytes_out;
 } wxd_req_t;
@@ -75,6 +91,7 @@ typedef struct wxd_req {
 struct wxd_conn {
   uv_tcp_t tcp;
   uint64_t deadline;     /* loop time (ms) of the current timeout; 0 none */
+  uint64_t send_deadline;/* while writes are pending: last progress + send timeout */
   llhttp_t parser;
   wxd_worker_t *w;
   wxd_conn_t *prev, *next;
@@ -208,43 +225,131 @@ const char *wxd_worker_date(wxd_worker_t *w, size_t *len) {
 
 static void scan_reset(scanner_t *s) {
   memset(s, 0, sizeof *s);
-  s->active = 1;
+  s->mode = SCAN_HEADERS;
 }
 
-/* Scans data[0..len). Returns -1 on a refused shape. Otherwise sets *upto to
- * the number of bytes that belong to the header section (all of them, or up
- * to and including the blank line that ends it, after which the scanner
- * switches off until the next message). */
-static int scan_headers(scanner_t *s, const char *data, size_t len, size_t *upto) {
+/* Starts the check of a chunked body once its headers are accepted. */
+static void scan_chunked(scanner_t *s) {
+  memset(s, 0, sizeof *s);
+  s->mode = SCAN_CHUNKED;
+  s->cstate = CS_SIZE;
+}
+
+/* One byte of a header-like line (the header section, or trailers). Returns
+ * 1 at the blank line that ends the section, 0 to go on, -1 to refuse. */
+static int scan_line_byte(scanner_t *s, unsigned char ch, int first_is_request_line) {
+  if (ch == '\n') {
+    if (!s->saw_cr) return -1; /* bare LF */
+    s->saw_cr = 0;
+    if (s->line_len == 0) {
+      if (first_is_request_line && s->line == 0) return 0; /* empty lines before the request line */
+      return 1;
+    }
+    s->line++;
+    s->line_len = 0;
+    s->in_name = 1;
+    return 0;
+  }
+  if (s->saw_cr) return -1; /* CR not followed by LF */
+  if (ch == '\r') {
+    s->saw_cr = 1;
+    return 0;
+  }
+  if (s->line > 0 || !first_is_request_line) {
+    if (s->line_len == 0 && (ch == ' ' || ch == '\t')) return -1; /* obs-fold */
+    if (s->line_len == 0 && ch == ':') return -1;                  /* empty name */
+    if (s->in_name) {
+      if (ch == ':') s->in_name = 0;
+      else if (ch == ' ' || ch == '\t') return -1; /* space in a name */
+    }
+  }
+  s->line_len++;
+  return 0;
+}
+
+static int hexval(unsigned char ch) {
+  if (ch >= '0' && ch <= '9') return ch - '0';
+  if (ch >= 'a' && ch <= 'f') return ch - 'a' + 10;
+  if (ch >= 'A' && ch <= 'F') return ch - 'A' + 10;
+  return -1;
+}
+
+/* Scans data[0..len). Returns 0 or an HTTP status to refuse with (400,
+ * 413, 431). Sets *upto to the bytes that belong to the part being checked:
+ * all of them, or up to the end of the header section (or of the trailers),
+ * after which the scanner is off until the next message. */
+static int scan(scanner_t *s, const char *data, size_t len, size_t max_header_bytes, size_t *upto) {
+  /* Raw bytes may exceed what the callbacks count (delimiters, spaces); the
+   * slack keeps a request the callbacks accept from being refused here. */
+  size_t raw_max = 2 * max_header_bytes + 1024;
   for (size_t i = 0; i < len; i++) {
     unsigned char ch = (unsigned char)data[i];
-    if (ch == '\n') {
-      if (!s->saw_cr) return -1; /* bare LF */
-      s->saw_cr = 0;
-      if (s->line_len == 0) {
-        if (s->line == 0) continue; /* empty lines before the request line */
-        s->active = 0;
+    if (s->mode == SCAN_HEADERS || (s->mode == SCAN_CHUNKED && s->cstate == CS_TRAILERS)) {
+      if (++s->bytes > raw_max) return 431;
+      int r = scan_line_byte(s, ch, s->mode == SCAN_HEADERS);
+      if (r < 0) return 400;
+      if (r > 0) {
+        s->mode = SCAN_OFF;
         *upto = i + 1;
         return 0;
       }
-      s->line++;
-      s->line_len = 0;
-      s->in_name = 1;
       continue;
     }
-    if (s->saw_cr) return -1; /* CR not followed by LF */
-    if (ch == '\r') {
-      s->saw_cr = 1;
-      continue;
-    }
-    if (s->line > 0) {
-      if (s->line_len == 0 && (ch == ' ' || ch == '\t')) return -1; /* obs-fold */
-      if (s->in_name) {
-        if (ch == ':') s->in_name = 0;
-        else if (ch == ' ' || ch == '\t') return -1; /* space in a name */
+    switch (s->cstate) {
+      case CS_SIZE: {
+        int v = hexval(ch);
+        if (++s->chunk_line > CHUNK_LINE_MAX) return 413;
+        if (v >= 0) {
+          if (++s->ndigits > 15) return 400; /* no chunk is that large */
+          s->remaining = s->remaining * 16 + (uint64_t)v;
+        } else if (s->ndigits > 0 && ch == ';') {
+          s->cstate = CS_EXT;
+        } else if (s->ndigits > 0 && ch == '\r') {
+          s->cstate = CS_SIZE_LF;
+        } else {
+          return 400;
+        }
+        break;
       }
+      case CS_EXT:
+        if (++s->chunk_line > CHUNK_LINE_MAX) return 413;
+        if (ch == '\r') s->cstate = CS_SIZE_LF;
+        else if (ch == '\n' || ch == 0) return 400;
+        break;
+      case CS_SIZE_LF:
+        if (ch != '\n') return 400;
+        if (s->remaining == 0) {
+          /* The last chunk: trailers follow, as header lines. */
+          s->cstate = CS_TRAILERS;
+          s->line = 1;
+          s->line_len = 0;
+          s->in_name = 1;
+          s->saw_cr = 0;
+          s->bytes = 0;
+        } else {
+          s->cstate = CS_DATA;
+        }
+        break;
+      case CS_DATA: {
+        uint64_t take = len - i;
+        if (take > s->remaining) take = s->remaining;
+        s->remaining -= take;
+        i += (size_t)take - 1;
+        if (s->remaining == 0) s->cstate = CS_DATA_CR;
+        break;
+      }
+      case CS_DATA_CR:
+        if (ch != '\r') return 400;
+        s->cstate = CS_DATA_LF;
+        break;
+      case CS_DATA_LF:
+        if (ch != '\n') return 400;
+        s->cstate = CS_SIZE;
+        s->ndigits = 0;
+        s->remaining = 0;
+        s->chunk_line = 0;
+        break;
     }
-    s->line_len++;
   }
   *upto = len;
   return 0;
@@ -265,6 +370,8 @@ static void on_write(uv_write_t *req, int status) {
   wxd_conn_t *c = wr->conn;
   free(wr);
   c->writes_pending--;
+  /* Progress: the client is reading. */
+  c->send_deadline = c->writes_pending ? uv_now(&c->w->loop) + c->w->cfg->limits.send_timeout_ms : 0;
   if (status < 0 && !c->closing) {
     conn_close(c);
     return;
@@ -316,7 +423,8 @@ static int conn_writev(wxd_conn_t *c, uv_buf_t *bufs, unsigned nbufs) {
     conn_close(c);
     return -1;
   }
-  c->writes_pending++;
+  if (c->writes_pending++ == 0)
+    c->send_deadline = uv_now(&c->w->loop) + c->w->cfg->limits.send_timeout_ms;
   return 0;
 }
 
@@ -376,9 +484,11 @@ static void req_reset(wxd_req_t *r) {
   r->header_bytes = 0;
   r->nhdrs = 0;
   r->hstate = 0;
+  r->in_trailers = 0;
   r->keep_alive = r->is_head = r->has_te = r->streaming = r->stream_raw = r->stream_nobody = 0;
   r->drain_wait = r->finished = 0;
   r->host_count = 0;
+  r->te_count = 0;
   r->status = 0;
   r->bytes_out = 0;
   r->start_ns = uv_hrtime();
@@ -440,6 +550,12 @@ static int on_url(llhttp_t *p, const char *at, size_t len) {
 static int on_header_field(llhttp_t *p, const char *at, size_t len) {
   wxd_conn_t *c = p->data;
   wxd_req_t *r = c->req;
+  if (r->in_trailers) {
+    /* Chunked trailers never become request headers: a client could
+     * otherwise add fields a proxy in front already checked or stripped. */
+    if (count_header_bytes(c, len + 4)) FAIL(c, 431, "request header fields too large");
+    return 0;
+  }
   if (r->hstate != 1) {
     if (r->nhdrs == MAX_HEADERS) FAIL(c, 431, "too many header fields");
     hdr_t *h = &r->hdrs[r->nhdrs++];
@@ -462,6 +578,10 @@ static int on_header_field(llhttp_t *p, const char *at, size_t len) {
 static int on_header_value(llhttp_t *p, const char *at, size_t len) {
   wxd_conn_t *c = p->data;
   wxd_req_t *r = c->req;
+  if (r->in_trailers) {
+    if (count_header_bytes(c, len)) FAIL(c, 431, "request header fields too large");
+    return 0;
+  }
   hdr_t *h = &r->hdrs[r->nhdrs - 1];
   if (r->hstate != 2) {
     h->value_off = (uint32_t)r->head.len;
@@ -476,9 +596,13 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len) {
 static int on_header_value_complete(llhttp_t *p) {
   wxd_conn_t *c = p->data;
   wxd_req_t *r = c->req;
+  if (r->in_trailers || r->nhdrs == 0) return 0;
   hdr_t *h = &r->hdrs[r->nhdrs - 1];
   const char *name = r->head.data + h->name_off;
-  if (h->name_len == 17 && memcmp(name, "transfer-encoding", 17) == 0) r->has_te = 1;
+  if (h->name_len == 17 && memcmp(name, "transfer-encoding", 17) == 0) {
+    r->has_te = 1;
+    r->te_count++;
+  }
   else if (h->name_len == 4 && memcmp(name, "host", 4) == 0) r->host_count++;
   r->hstate = 0;
   return 0;
@@ -497,25 +621,44 @@ static int on_headers_complete(llhttp_t *p) {
   /* HTTP/1.0 has no chunked coding: a Transfer-Encoding there is a
    * smuggling attempt (RFC 9112 section 6.1). */
   if (r->http_minor == 0 && r->has_te) FAIL(c, 400, "transfer-encoding in HTTP/1.0");
+  if (r->has_te) {
+    /* Only "chunked" is a coding we decode; anything else (gzip, chunked)
+     * would hand the app bytes it did not expect. */
+    size_t tl;
+    const char *te = req_header(r, "transfer-encoding", &tl);
+    while (tl && (te[0] == ' ' || te[0] == '\t')) te++, tl--;
+    while (tl && (te[tl - 1] == ' ' || te[tl - 1] == '\t')) tl--;
+    if (r->te_count > 1) FAIL(c, 400, "repeated Transfer-Encoding");
+    if (!te || tl != 7 || strncasecmp(te, "chunked", 7) != 0) FAIL(c, 501, "transfer coding not supported");
+    scan_chunked(&c->scan);
+  }
   if (r->http_minor == 1 && r->host_count != 1) FAIL(c, 400, "missing or repeated Host");
   if (r->host_count > 1) FAIL(c, 400, "repeated Host");
   if (r->method == HTTP_CONNECT) FAIL(c, 405, "CONNECT is not supported");
   if (r->url_len == 0) FAIL(c, 400, "empty request target");
   const char *url = r->head.data;
   if (url[0] != '/' && !(r->url_len == 1 && url[0] == '*' && r->method == HTTP_OPTIONS)) {
-    /* absolute-form (RFC 9112 3.2.2): keep the path part. */
-    const char *sep = r->url_len > 8 ? memchr(url + 8, '/', r->url_len - 8) : NULL;
-    int http_scheme = (r->url_len > 7 && strncasecmp(url, "http://", 7) == 0) ||
-                      (r->url_len > 8 && strncasecmp(url, "https://", 8) == 0);
-    if (!http_scheme || !sep) FAIL(c, 400, "bad request target");
-    size_t skip = (size_t)(sep - url);
-    memmove(r->head.data, sep, r->url_len - skip);
+    /* absolute-form (RFC 9112 3.2.2): keep the path part ("/" when the
+     * target has none, as in http://host or http://host?q). */
+    size_t scheme = (r->url_len > 7 && strncasecmp(url, "http://", 7) == 0)    ? 7
+                    : (r->url_len > 8 && strncasecmp(url, "https://", 8) == 0) ? 8
+                                                                               : 0;
+    if (!scheme) FAIL(c, 400, "bad request target");
+    const char *sep = memchr(url + scheme, '/', r->url_len - scheme);
+    const char *q = memchr(url + scheme, '?', r->url_len - scheme);
+    if (!sep || (q && q < sep)) sep = q;
+    size_t skip = sep ? (size_t)(sep - url) : r->url_len;
+    /* One byte before the path is kept to hold the "/" when there is none. */
+    int add_slash = !sep || *sep == '?';
+    if (add_slash) skip--;
+    memmove(r->head.data, r->head.data + skip, r->url_len - skip);
+    if (add_slash) r->head.data[0] = '/';
     /* Shift the headers stored after the URL. */
     size_t tail = r->head.len - r->url_len;
     memmove(r->head.data + r->url_len - skip, r->head.data + r->url_len, tail);
     for (unsigned i = 0; i < r->nhdrs; i++) {
       r->hdrs[i].name_off -= (uint32_t)skip;
-      r->hdrs[i].value_off -= (uint32_t)skip;
+      if (r->hdrs[i].value_len) r->hdrs[i].value_off -= (uint32_t)skip;
     }
     r->head.len -= skip;
     r->url_len -= (uint32_t)skip;
@@ -529,13 +672,15 @@ static int on_headers_complete(llhttp_t *p) {
     if (elen == 12 && strncasecmp(expect, "100-continue", 12) == 0) {
       if (r->http_minor == 1 && has_body) {
         static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
-        conn_write(c, cont, sizeof cont - 1);
+        /* A failed write closes the connection and frees r: stop here. */
+        if (conn_write(c, cont, sizeof cont - 1) != 0 || c->closing) return -1;
       }
     } else {
       FAIL(c, 417, "unsupported expectation");
     }
   }
   r->is_head = r->method == HTTP_HEAD;
+  r->in_trailers = 1;
   if (has_body) conn_set_timer(c, lim->body_timeout_ms);
   return 0;
 }
@@ -589,9 +734,15 @@ void wxd_http_sweep(wxd_worker_t *w) {
   wxd_conn_t *c = w->conns;
   while (c) {
     wxd_conn_t *next = c->next;
-    if (c->deadline && now >= c->deadline && !c->closing) {
+    if (c->closing) {
+      /* nothing */
+    } else if (c->writes_pending && c->send_deadline && now >= c->send_deadline) {
+      /* A client that stopped reading holds our memory: let it go. */
+      conn_close(c);
+    } else if (c->deadline && now >= c->deadline) {
       c->deadline = 0;
       if (c->state == CONN_READING) conn_fail(c, 408, "request timeout");
+      else if (c->state == CONN_IDLE && c->writes_pending) conn_set_timer(c, c->w->cfg->limits.keepalive_timeout_ms);
       else if (c->state == CONN_IDLE) conn_close(c);
     }
     c = next;
@@ -915,7 +1066,13 @@ static void on_request_done(wxd_co_t *co, int status) {
     wxd_co_traceback(co, msg ? msg : "(error object is not a string)");
     log_request_error(r, "request failed", lua_tostring(co->vm->L, -1));
     lua_pop(co->vm->L, 1);
-    if (r->conn && !r->streaming) respond_error_500(r);
+    if (r->conn && !r->streaming) {
+      respond_error_500(r);
+    } else if (r->conn) {
+      /* Headers are out: cut the response short rather than end it. */
+      r->keep_alive = 0;
+      conn_close(r->conn);
+    }
   } else if (r->conn) {
     respond_from_lua(r, co->T);
   }
@@ -936,7 +1093,7 @@ static void dispatch(wxd_conn_t *c) {
   conn_stop_timer(c);
   c->nreq++;
   r->keep_alive = llhttp_should_keep_alive(&c->parser) && !w->draining &&
-                  c->nreq < w->cfg->limits.max_requests && !c->parser.upgrade && !c->peer_eof;
+                  c->nreq < w->cfg->limits.max_requests && !c->parser.upgrade;
   /* Bytes after a request that ends the connection are never parsed: a
    * request smuggled behind "Connection: close" reaches no handler. */
   if (!r->keep_alive) c->discard_input = 1;
@@ -1000,6 +1157,12 @@ static void req_finish(wxd_req_t *r) {
     process_queued(c);
     if (!c->closing && c->state != CONN_HANDLING) conn_start_reading(c);
   }
+  if (c->peer_eof && !c->in_process && !c->closing && c->state != CONN_HANDLING) {
+    /* Nothing more will come: whatever is left in `in` is an incomplete
+     * request. Close once the responses are written. */
+    c->close_after_write = 1;
+    if (c->writes_pending == 0) conn_close(c);
+  }
 }
 
 /* ---- reading ---- */
@@ -1012,9 +1175,13 @@ static void conn_process(wxd_conn_t *c, const char *data, size_t len) {
       conn_set_timer(c, c->w->cfg->limits.header_timeout_ms);
     }
     size_t chunk = len;
-    if (c->scan.active && scan_headers(&c->scan, data, len, &chunk) != 0) {
-      conn_fail(c, 400, "bad request");
-      break;
+    if (c->scan.mode != SCAN_OFF) {
+      int refused = scan(&c->scan, data, len, c->w->cfg->limits.max_header_bytes, &chunk);
+      if (refused) {
+        conn_fail(c, refused, refused == 400 ? "bad request" : refused == 413 ? "chunk line too long"
+                                                                               : "request header fields too large");
+        break;
+      }
     }
     llhttp_errno_t e = llhttp_execute(&c->parser, data, chunk);
     if (e == HPE_PAUSED || e == HPE_PAUSED_UPGRADE) {
@@ -1078,10 +1245,16 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   } else if (nread < 0) {
     uv_read_stop(s);
     c->reading = 0;
-    if (c->state == CONN_HANDLING && nread == UV_EOF) {
-      c->peer_eof = 1; /* half-close: still answer, then close */
-      if (c->req) c->req->keep_alive = 0;
+    if (nread == UV_EOF && (c->state == CONN_HANDLING || c->in.len > 0 || c->writes_pending > 0)) {
+      /* Half-close: the client sent all it will. Answer the requests that
+       * are complete, finish writing, then close (conn_finish_eof). */
+      c->peer_eof = 1;
+      if (c->state == CONN_IDLE && c->in.len == 0) {
+        c->close_after_write = 1;
+        if (c->writes_pending == 0) conn_close(c);
+      }
     } else {
+      /* An error, or EOF in the middle of a request that cannot complete. */
       conn_close(c);
     }
   }
@@ -1210,8 +1383,8 @@ static void maybe_resume_streamer(wxd_conn_t *c) {
 static int http_write(lua_State *L) {
   size_t len;
   const char *chunk = luaL_checklstring(L, 1, &len);
-  wxd_co_t *co = wxd_co_current(L, "response write");
-  if (co->kind != WXD_CO_REQUEST) return luaL_error(L, "response write: not in a request handler");
+  wxd_co_t *co = wxd_co_lookup(L);
+  if (!co || co->kind != WXD_CO_REQUEST) return luaL_error(L, "response write: not in a request handler");
   wxd_req_t *r = co->data;
   wxd_conn_t *c = r->conn;
   if (!c || c->closing) {
@@ -1261,7 +1434,9 @@ static int http_write(lua_State *L) {
     }
     r->bytes_out += len;
   }
-  if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > STREAM_HIGH_WATER) {
+  /* Waits for the client only where the coroutine can yield (not inside a
+   * string.gsub callback, say): the bytes are queued either way. */
+  if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > STREAM_HIGH_WATER && lua_isyieldable(L)) {
     r->drain_wait = 1;
     return wxd_co_yield(co, L, 0);
   }

@@ -123,7 +123,7 @@ static int cmd_run(int argc, char **argv, int mode) {
     } else if (strncmp(a, "--pid=", 6) == 0) {
       pid_file = a + 6;
     } else if (strcmp(a, "--workers") == 0 || strcmp(a, "-w") == 0 || strncmp(a, "--workers=", 10) == 0) {
-      const char *v = a[9] == '=' ? a + 10 : (++i < argc ? argv[i] : NULL);
+      const char *v = strncmp(a, "--workers=", 10) == 0 ? a + 10 : (++i < argc ? argv[i] : NULL);
       if (!v) goto missing;
       char *end;
       long n = strtol(v, &end, 10);

@@ -41,6 +41,12 @@ static void restart_needed(const wxd_config_t *old, const wxd_config_t *nw, char
   if (strcmp(old->file_admin, nw->file_admin) != 0) CHANGED("admin_listen");
   if (memcmp(&old->limits, &nw->limits, sizeof old->limits) != 0) CHANGED("limits");
   if (old->log_level != nw->log_level || old->access_log != nw->access_log) CHANGED("log");
+  /* Dictionaries are created once, before the workers: their data survives
+   * reloads, and so do their names and sizes. */
+  int shd = old->nshdicts != nw->nshdicts;
+  for (int i = 0; !shd && i < old->nshdicts; i++)
+    shd = strcmp(old->shdicts[i].name, nw->shdicts[i].name) != 0 || old->shdicts[i].bytes != nw->shdicts[i].bytes;
+  if (shd) CHANGED("shdict");
 #undef CHANGED
   if (n >= cap) out[cap - 1] = 0;
 }
@@ -150,7 +156,8 @@ static void on_reload_async(uv_async_t *a) {
   if (rs->phase == 1) {
     rs->phase = 2;
     rs->replies = 0;
-    int ok = rs->verdict_ok;
+    int ok = rs->verdict_ok && !s->stopping;
+    if (s->stopping) rs->verdict_ok = 0;
     pthread_mutex_unlock(&rs->mu);
     send_all(s, ok ? WXD_CTL_COMMIT : WXD_CTL_ABORT);
     return;
@@ -163,6 +170,7 @@ static void on_reload_async(uv_async_t *a) {
       s->workers[i].prep_error[0] = 0;
     }
   pthread_mutex_unlock(&rs->mu);
+  if (!ok && !err[0]) snprintf(err, sizeof err, "the server is stopping");
   finish(s, ok, err);
 }
 
@@ -242,9 +250,17 @@ void wxd_reload_write_status(wxd_server_t *s) {
 
 /* ---- admin endpoint: GET /status ---- */
 
+/* A status connection: answered once, then closed; one that says nothing
+ * is closed after ADMIN_TIMEOUT_MS, and every one is closed at shutdown. */
+#define ADMIN_TIMEOUT_MS 5000
+
 typedef struct admin_conn {
   uv_tcp_t tcp;
+  uv_timer_t timer;
   wxd_server_t *srv;
+  struct admin_conn *prev, *next;
+  int handles;  /* open handles; freed at 0 */
+  int closing;
   char buf[4096];
   size_t len;
   int answered;
@@ -256,12 +272,28 @@ typedef struct admin_write {
   wxd_buf_t out;
 } admin_write_t;
 
-static void admin_closed(uv_handle_t *h) { free(h->data); }
+static void admin_closed(uv_handle_t *h) {
+  admin_conn_t *c = h->data;
+  if (--c->handles == 0) free(c);
+}
+
+static void admin_close(admin_conn_t *c) {
+  if (c->closing) return;
+  c->closing = 1;
+  wxd_server_t *s = c->srv;
+  if (c->prev) c->prev->next = c->next;
+  else s->admin_conns = c->next;
+  if (c->next) c->next->prev = c->prev;
+  uv_close((uv_handle_t *)&c->tcp, admin_closed);
+  uv_close((uv_handle_t *)&c->timer, admin_closed);
+}
+
+static void admin_timeout(uv_timer_t *t) { admin_close(t->data); }
 
 static void admin_written(uv_write_t *req, int status) {
   (void)status;
   admin_write_t *aw = (admin_write_t *)req;
-  uv_close((uv_handle_t *)&aw->conn->tcp, admin_closed);
+  admin_close(aw->conn);
   wxd_buf_free(&aw->out);
   free(aw);
 }
@@ -277,7 +309,7 @@ static void admin_respond(admin_conn_t *c) {
   uv_read_stop((uv_stream_t *)&c->tcp);
   admin_write_t *aw = calloc(1, sizeof *aw);
   if (!aw) {
-    uv_close((uv_handle_t *)&c->tcp, admin_closed);
+    admin_close(c);
     return;
   }
   aw->conn = c;
@@ -302,7 +334,7 @@ static void admin_respond(admin_conn_t *c) {
   if (uv_write(&aw->req, (uv_stream_t *)&c->tcp, &b, 1, admin_written) != 0) {
     wxd_buf_free(&aw->out);
     free(aw);
-    uv_close((uv_handle_t *)&c->tcp, admin_closed);
+    admin_close(c);
   }
 }
 
@@ -311,7 +343,7 @@ static void admin_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
   admin_conn_t *c = st->data;
   if (c->answered) return;
   if (nread < 0) {
-    uv_close((uv_handle_t *)&c->tcp, admin_closed);
+    admin_close(c);
     return;
   }
   c->len += (size_t)nread;
@@ -326,10 +358,17 @@ static void admin_connection(uv_stream_t *server, int status) {
   if (!c) return;
   c->srv = s;
   uv_tcp_init(s->loop, &c->tcp);
+  uv_timer_init(s->loop, &c->timer);
   c->tcp.data = c;
+  c->timer.data = c;
+  c->handles = 2;
+  c->next = s->admin_conns;
+  if (c->next) c->next->prev = c;
+  s->admin_conns = c;
+  uv_timer_start(&c->timer, admin_timeout, ADMIN_TIMEOUT_MS, 0);
   if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0 ||
       uv_read_start((uv_stream_t *)&c->tcp, admin_alloc, admin_read) != 0)
-    uv_close((uv_handle_t *)&c->tcp, admin_closed);
+    admin_close(c);
 }
 
 int wxd_reload_start_admin(wxd_server_t *s) {
@@ -438,6 +477,7 @@ void wxd_reload_close(wxd_server_t *s) {
   uv_close((uv_handle_t *)&s->reload_async, NULL);
   uv_close((uv_handle_t *)&s->watch_debounce, NULL);
   unwatch_all(s);
+  while (s->admin_conns) admin_close(s->admin_conns);
   if (s->admin_open) {
     uv_close((uv_handle_t *)&s->admin, NULL);
     s->admin_open = 0;

@@ -15,6 +15,7 @@
 
 #include "http.h"
 #include "reload.h"
+#include "shdict.h"
 #include "timer.h"
 
 /* Start-up barrier: every worker loads the app, then all start listening
@@ -52,6 +53,7 @@ wxd_vm_t *wxd_worker_load(wxd_worker_t *w, unsigned gen, char *err, size_t errle
     return NULL;
   }
   vm->owner = w;
+  vm->shdicts = w->srv->shdicts; /* before app.lua runs: it may use them */
   vm->generation = gen;
   vm->on_idle = on_vm_idle;
   lua_State *L = vm->L;
@@ -89,6 +91,10 @@ static void on_ctl(uv_async_t *a) {
     if (w->next_vm) wxd_vm_free(w->next_vm);
     w->next_vm = w->draining ? NULL : wxd_worker_load(w, gen, err, sizeof err);
     if (w->draining) snprintf(err, sizeof err, "the server is stopping");
+  } else if (cmd == WXD_CTL_COMMIT && w->next_vm && w->draining) {
+    /* Stopping: the prepared generation will serve nothing. */
+    wxd_vm_free(w->next_vm);
+    w->next_vm = NULL;
   } else if (cmd == WXD_CTL_COMMIT && w->next_vm) {
     /* Between two requests: the ones running keep their generation. */
     wxd_vm_t *old = w->vm;
@@ -115,7 +121,9 @@ static void close_worker_handles(wxd_worker_t *w) {
   if (w->stopping) return;
   w->stopping = 1;
   uv_close((uv_handle_t *)&w->tick, on_handle_closed);
-  uv_close((uv_handle_t *)&w->deadline, on_handle_closed);
+  /* The deadline stays armed but no longer keeps the loop alive: if timer
+   * runs or handlers still wait, it ends them on time. */
+  uv_unref((uv_handle_t *)&w->deadline);
   uv_close((uv_handle_t *)&w->stop_async, on_handle_closed);
   uv_close((uv_handle_t *)&w->ctl_async, on_handle_closed);
   if (!uv_is_closing((uv_handle_t *)&w->listener))
@@ -140,9 +148,14 @@ static void on_stop(uv_async_t *a) {
   wxd_worker_t *w = a->data;
   if (!w->draining) {
     w->draining = 1;
-    /* No new background work while draining. */
+    /* No new background work while draining: timers stop, and timers
+     * created from now on (by a handler still running) never start. */
+    w->vm->active = 0;
     wxd_timers_close(w->vm);
-    for (wxd_vm_t *vm = w->retired; vm; vm = vm->next_retired) wxd_timers_close(vm);
+    for (wxd_vm_t *vm = w->retired; vm; vm = vm->next_retired) {
+      vm->active = 0;
+      wxd_timers_close(vm);
+    }
     if (!uv_is_closing((uv_handle_t *)&w->listener))
       uv_close((uv_handle_t *)&w->listener, on_handle_closed);
     wxd_http_drain(w);
@@ -207,8 +220,7 @@ static void worker_main(void *arg) {
 }
 
 static int make_listener(wxd_worker_t *w, const struct sockaddr *addr, char *err, size_t errlen) {
-  int rc = uv_tcp_init_ex(&w->loop, &w->listener, addr->sa_family);
-  if (rc != 0) goto fail;
+  int rc;
   w->listener.data = w;
   uv_os_fd_t fd;
   uv_fileno((uv_handle_t *)&w->listener, &fd);
@@ -343,8 +355,21 @@ int wxd_server_run(wxd_config_t *cfg) {
   pthread_mutex_init(&srv.reload.mu, NULL);
   srv.reload.generation = 1;
   wxd_log_timestamp(srv.reload.loaded_at, sizeof srv.reload.loaded_at);
-  srv.workers = calloc((size_t)n, sizeof *srv.workers);
-  if (!srv.workers) return 1;
+  /* The shared dictionaries exist before any thread that could use them,
+   * and the registry is read-only from here on. */
+  srv.shdicts = wxd_shdict_registry_new();
+  for (int i = 0; srv.shdicts && i < cfg->nshdicts; i++) {
+    if (wxd_shdict_registry_add(srv.shdicts, cfg->shdicts[i].name, cfg->shdicts[i].bytes, err, sizeof err) != 0) {
+      wxd_log(WXD_LOG_ERROR, -1, err, NULL);
+      wxd_shdict_registry_free(srv.shdicts);
+      return 1;
+    }
+  }
+  srv.workers = srv.shdicts ? calloc((size_t)n, sizeof *srv.workers) : NULL;
+  if (!srv.workers) {
+    wxd_shdict_registry_free(srv.shdicts);
+    return 1;
+  }
   wxd_worker_t *workers = srv.workers;
   /* Asyncs the workers signal must exist before the workers run. */
   uv_async_init(srv.loop, &srv.worker_exited, on_worker_exited);
@@ -366,11 +391,20 @@ int wxd_server_run(wxd_config_t *cfg) {
     w->id_prefix = rnd[made];
     w->readbuf_size = 65536;
     w->readbuf = malloc(w->readbuf_size);
+    /* Response heads are assembled here; sized once so that building one
+     * never has to allocate (and so never fails half-way). */
+    if (w->readbuf && wxd_buf_reserve(&w->out, 4096) != 0) {
+      free(w->readbuf);
+      w->readbuf = NULL;
+    }
     uv_loop_init(&w->loop);
-    if (!w->readbuf || make_listener(w, (struct sockaddr *)&ss, err, sizeof err) != 0) {
-      if (!w->readbuf) snprintf(err, sizeof err, "out of memory");
+    /* The listener is initialised first so that it can always be closed. */
+    int lrc = uv_tcp_init_ex(&w->loop, &w->listener, ss.ss_family);
+    if (lrc != 0 || !w->readbuf || make_listener(w, (struct sockaddr *)&ss, err, sizeof err) != 0) {
+      if (lrc != 0) snprintf(err, sizeof err, "cannot create a socket: %s", uv_strerror(lrc));
+      else if (!w->readbuf) snprintf(err, sizeof err, "out of memory");
       wxd_log(WXD_LOG_ERROR, -1, err, NULL);
-      uv_close((uv_handle_t *)&w->listener, NULL);
+      if (lrc == 0) uv_close((uv_handle_t *)&w->listener, NULL);
       uv_run(&w->loop, UV_RUN_DEFAULT);
       uv_loop_close(&w->loop);
       free(w->readbuf);
@@ -394,6 +428,12 @@ int wxd_server_run(wxd_config_t *cfg) {
     w->deadline.data = w;
   }
 
+  /* Signals are caught from here on; they are handled once the main loop
+   * runs (after start-up), so a SIGHUP or SIGTERM during a slow start is
+   * acted on then instead of killing the process. */
+  uv_signal_start(&srv.sigint, on_signal, SIGINT);
+  uv_signal_start(&srv.sigterm, on_signal, SIGTERM);
+  uv_signal_start(&srv.sighup, on_signal, SIGHUP);
   for (int i = 0; i < n; i++) uv_thread_create(&workers[i].thread, worker_main, &workers[i]);
 
   pthread_mutex_lock(&startup.mu);
@@ -422,9 +462,6 @@ int wxd_server_run(wxd_config_t *cfg) {
     /* The one line a human looks for; also what tests wait for. */
     wxd_log(WXD_LOG_INFO, -1, "listening", extra);
     wxd_reload_write_status(&srv);
-    uv_signal_start(&srv.sigint, on_signal, SIGINT);
-    uv_signal_start(&srv.sigterm, on_signal, SIGTERM);
-    uv_signal_start(&srv.sighup, on_signal, SIGHUP);
     if (cfg->dev) wxd_reload_watch(&srv);
     uv_run(srv.loop, UV_RUN_DEFAULT);
     for (int i = 0; i < n; i++) uv_thread_join(&workers[i].thread);
@@ -452,5 +489,7 @@ cleanup:
   uv_loop_close(srv.loop);
   pthread_mutex_destroy(&srv.reload.mu);
   free(workers);
+  /* Every worker thread has been joined (or never ran): nobody uses them. */
+  wxd_shdict_registry_free(srv.shdicts);
   return rc;
 }

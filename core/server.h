@@ -109,11 +109,13 @@ struct wxd_server {
   uv_async_t reload_async;     /* a worker answered a reload phase */
   uv_tcp_t admin;              /* status endpoint, when configured */
   int admin_open;
+  struct admin_conn *admin_conns; /* open status connections (reload.c) */
   uv_timer_t watch_debounce;   /* wxd dev: coalesces bursts of file events */
   struct wxd_watch *watches;   /* wxd dev: one fs_event per directory */
   int signals;
   int stopping;
   wxd_reload_state_t reload;
+  struct wxd_shdict_registry *shdicts; /* created before the workers, freed after */
 };
 
 /* Runs the server until SIGTERM/SIGINT; returns the process exit code. */

@@ -17,6 +17,7 @@ int luaopen_cjson(lua_State *L);
 int luaopen_cjson_safe(lua_State *L);
 int wxd_open_http_lua(lua_State *L);
 int wxd_open_crypto(lua_State *L);
+int wxd_open_shdict(lua_State *L);
 
 /* Registry keys: addresses of these statics are unique light userdata. */
 static const char vm_key = 0;
@@ -201,6 +202,7 @@ wxd_vm_t *wxd_vm_new(uv_loop_t *loop, const wxd_vm_options_t *opts) {
   wxd_vm_preload(L, "wxd.core.http", wxd_open_http_lua);
   wxd_vm_preload(L, "wxd.core.timer", wxd_open_timer);
   wxd_vm_preload(L, "wxd.core.crypto", wxd_open_crypto);
+  wxd_vm_preload(L, "wxd.core.shdict", wxd_open_shdict);
   wxd_vm_preload(L, "cjson", luaopen_cjson);
   wxd_vm_preload(L, "cjson.safe", luaopen_cjson_safe);
   return vm;
@@ -215,6 +217,7 @@ static void co_unlink(wxd_co_t *co) {
 
 void wxd_vm_retire(wxd_vm_t *vm) {
   vm->retired = 1;
+  vm->active = 0; /* a request still running on it cannot start timers */
   wxd_timers_close(vm); /* a replaced generation runs no more jobs */
   if (vm->cos == NULL && vm->on_idle) vm->on_idle(vm);
 }
@@ -312,6 +315,14 @@ wxd_co_t *wxd_co_lookup(lua_State *L) {
 }
 
 wxd_co_t *wxd_co_current(lua_State *L, const char *what) {
+  /* Checked before the caller starts anything: a yield that fails after a
+   * timer or write was set up would leave it to resume a coroutine that has
+   * moved on (or been reused by another request). */
+  if (!lua_isyieldable(L))
+    luaL_error(L,
+               "%s: cannot wait here: not from inside require, a metamethod, or a "
+               "callback of a C function such as string.gsub or table.sort",
+               what);
   wxd_co_t *co = wxd_co_lookup(L);
   if (!co)
     luaL_error(L,

@@ -65,6 +65,9 @@ struct wxd_vm {
   wxd_vm_t *next_retired; /* owner's list of retired VMs still draining */
   int active;      /* committed: its timers run (timer.c) */
   struct wxd_timer *timers; /* timers this generation created (timer.c) */
+  /* The server's shared dictionaries (shdict.c), set by the worker on each
+   * new VM; NULL outside a server. Not owned: it outlives every VM. */
+  struct wxd_shdict_registry *shdicts;
 };
 
 /* Creates a VM on `loop`. Returns NULL on allocation failure. */

@@ -58,7 +58,7 @@ local _M = { _VERSION = "0.1.0" }
 local LIMIT_KEYS = {
     "max_header_bytes", "max_body_bytes", "max_uri_bytes",
     "header_timeout_ms", "body_timeout_ms", "keepalive_timeout_ms",
-    "max_requests_per_connection", "shutdown_timeout_ms",
+    "max_requests_per_connection", "shutdown_timeout_ms", "send_timeout_ms",
 }
 
 local LIMIT_DEFAULTS = {
@@ -70,15 +70,16 @@ local LIMIT_DEFAULTS = {
     keepalive_timeout_ms        = 75000,
     max_requests_per_connection = 10000,
     shutdown_timeout_ms         = 10000,
+    send_timeout_ms             = 60000,
 }
 
 local LOG_LEVELS = { debug = true, info = true, warn = true, error = true }
 
 -- Sections that later features own; accepted as free-form tables for now
 -- (their modules validate them).
-local FREE_SECTIONS = { "mp", "pay", "redis", "miniprogram", "token", "store", "shdict", "app" }
+local FREE_SECTIONS = { "mp", "pay", "redis", "miniprogram", "token", "store", "app" }
 
-local TOP_KEYS = { "listen", "workers", "limits", "log", "admin_listen" }
+local TOP_KEYS = { "listen", "workers", "limits", "log", "admin_listen", "shdict" }
 for _, k in ipairs(FREE_SECTIONS) do
     TOP_KEYS[#TOP_KEYS + 1] = k
 end
@@ -434,6 +435,62 @@ local function check_log(ctx, path, v, out)
     end
 end
 
+-- Shared dictionaries (wxd.shdict): `shdict = { cache = "10m", sessions = 1048576 }`.
+-- The core creates them once, at start-up, with these capacities.
+local SHDICT_MIN, SHDICT_MAX, SHDICT_COUNT = 65536, 1024 ^ 4, 32
+local SIZE_UNITS = { [""] = 1, k = 1024, m = 1024 ^ 2, g = 1024 ^ 3 }
+
+--- A size in bytes: an integer, or a string of digits with an optional
+-- k, m or g suffix (powers of 1024, any case): "64k", "10m", "1g", "4096".
+-- @param v the value to read
+-- @treturn ?number bytes, or nil when `v` is not a size
+-- @usage config.parse_size("10m") --> 10485760
+function _M.parse_size(v)
+    if type(v) == "number" then
+        if v % 1 == 0 and v >= 0 and v < math_huge then
+            return v
+        end
+        return nil
+    end
+    if type(v) ~= "string" then
+        return nil
+    end
+    local digits, unit = v:match("^(%d+)([kKmMgG]?)$")
+    if not digits then
+        return nil
+    end
+    return tonumber(digits) * SIZE_UNITS[str_lower(unit)]
+end
+
+local function check_shdict(ctx, path, v, out)
+    if not check_section(ctx, path, v) then
+        return
+    end
+    local n = 0
+    for _, k in ipairs(sorted_keys(v)) do
+        local kpath = join(path, k)
+        if type(k) ~= "string" or not str_find(k, "^[a-z_][a-z0-9_]*$") or #k > 63 then
+            fail(ctx, kpath, "a dictionary name is 1..63 of a-z, 0-9 and _, not starting with a digit")
+        else
+            local bytes = _M.parse_size(v[k])
+            if bytes == nil then
+                fail(ctx, kpath, 'expected a size in bytes (an integer, or a string such as "64k" or "10m"), got '
+                    .. repr(v[k]))
+            elseif bytes < SHDICT_MIN then
+                fail(ctx, kpath, "must be at least 64k (65536 bytes), got " .. repr(v[k]))
+            elseif bytes > SHDICT_MAX then
+                fail(ctx, kpath, "must be at most 1024g, got " .. repr(v[k]))
+            else
+                out[k] = bytes
+                n = n + 1
+            end
+        end
+    end
+    if n > SHDICT_COUNT then
+        fail(ctx, path, "at most " .. SHDICT_COUNT .. " dictionaries, got " .. n)
+    end
+end
+
 local FREE = {}
 for _, k in ipairs(FREE_SECTIONS) do
     FREE[k] = true
@@ -474,6 +531,9 @@ function _M.validate(t, opts)
             check_limits(ctx, path, v, out.limits)
         elseif k == "log" then
             check_log(ctx, path, v, out.log)
+        elseif k == "shdict" then
+            out.shdict = {}
+            check_shdict(ctx, path, v, out.shdict)
         elseif FREE[k] then
             if check_section(ctx, path, v) then
                 out[k] = v

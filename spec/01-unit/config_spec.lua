@@ -55,6 +55,7 @@ describe("wxd.config", function()
                     keepalive_timeout_ms        = 75000,
                     max_requests_per_connection = 10000,
                     shutdown_timeout_ms         = 10000,
+                    send_timeout_ms             = 60000,
                 },
                 log = { level = "info", access = true },
             }, config.defaults())
@@ -276,7 +277,7 @@ describe("wxd.config", function()
         end)
 
         it("accepts the free-form sections as tables only", function()
-            for _, k in ipairs({ "mp", "pay", "redis", "miniprogram", "token", "store", "shdict", "app" }) do
+            for _, k in ipairs({ "mp", "pay", "redis", "miniprogram", "token", "store", "app" }) do
                 local cfg = assert(config.validate({ [k] = { anything = { 1, 2 } } }))
                 assert.same({ anything = { 1, 2 } }, cfg[k])
                 fails({ [k] = "x" }, "config." .. k .. ': expected a table, got "x"')

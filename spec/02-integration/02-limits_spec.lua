@@ -104,6 +104,39 @@ describe("limits", function()
     assert.is_true(closed)
   end)
 
+  it("closes the connection of a client that stops reading (send timeout)", function()
+    local c = srv:connect()
+    c:send("GET /big?n=30000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+    require("wxd").sleep(2500) -- send_timeout_ms is 1000 in the fixture
+    local out, closed = H.read_all(c, 5)
+    c:close()
+    assert.is_true(closed)
+    assert.is_true(#out < 30000000, "the response was cut: " .. #out .. " bytes")
+  end)
+
+  it("does not cut a slow but steady download at the keep-alive timeout", function()
+    local socket = require "socket"
+    local c = srv:connect()
+    c:send("GET /big?n=4000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+    local parts, got, t0 = {}, 0, socket.gettime()
+    while got < 4000000 + 100 do
+      local data, err, partial = c:receive(65536)
+      local piece = data or partial or ""
+      parts[#parts + 1] = piece
+      got = got + #piece
+      if err == "closed" then break end
+      if err ~= "timeout" then socket.sleep(0.02) end
+      local s = table.concat(parts)
+      local head_end = s:find("\r\n\r\n", 1, true)
+      if head_end and #s - head_end - 3 >= 4000000 then break end
+    end
+    c:close()
+    local elapsed = socket.gettime() - t0
+    local r = H.parse_responses(table.concat(parts))[1]
+    assert.equal(4000000, #r.body)
+    assert.is_true(elapsed > 1.0, "the download outlasted keepalive_timeout_ms (" .. elapsed .. " s)")
+  end)
+
   it("still serves after all of the above", function()
     assert.equal("hello world\n", srv:get("/hello").body)
   end)

@@ -48,6 +48,34 @@ local BAD = {
     "GET /hello HTTP/2.0\r\nHost: x\r\n\r\n",
   ["request target that is not a path"] =
     "GET hello HTTP/1.1\r\nHost: x\r\n\r\n",
+  ["empty header name"] =
+    "GET /hello HTTP/1.1\r\nHost: x\r\n: a\r\n\r\n",
+  ["two Transfer-Encoding fields"] =
+    "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+  ["bytes other than CRLF after chunk data"] =
+    "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
+  ["chunk data ended by a bare LF"] =
+    "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\n0\r\n\r\n",
+  ["trailers ended by a bare LF"] =
+    "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\nGET /orders/smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+  ["obs-fold in a trailer"] =
+    "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-T: a\r\n b\r\n\r\n",
+  ["space in a trailer name"] =
+    "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX T: a\r\n\r\n",
+  ["space inside a chunk size"] =
+    "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n 5\r\nhello\r\n0\r\n\r\n",
+  ["a chunk size of 16 hex digits"] =
+    "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0000000000000005\r\nhello\r\n0\r\n\r\n",
+}
+
+-- Refused with another status than 400, for the reason given.
+local REFUSED = {
+  ["a transfer coding other than chunked (501)"] = { 501,
+    "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n" },
+  ["a chunk extension longer than 4 KiB (413)"] = { 413,
+    "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5;x=" .. string.rep("a", 5000) .. "\r\nhello\r\n0\r\n\r\n" },
+  ["whitespace padding the headers past the limit (431)"] = { 431,
+    "GET /hello HTTP/1.1\r\nHost: x\r\nX-A:" .. string.rep(" ", 6000) .. "a\r\n\r\n" },
 }
 
 describe("malformed requests", function()
@@ -68,6 +96,23 @@ describe("malformed requests", function()
         assert.equal(1, #rs, "one response: " .. out)
         assert.equal(400, rs[1].status)
         assert.equal("close", rs[1].headers["connection"])
+        assert.is_true(closed, "connection closed")
+        assert.equal(before, calls(srv), "no handler ran")
+      end)
+    end
+  end
+
+  local refused = {}
+  for name in pairs(REFUSED) do refused[#refused + 1] = name end
+  table.sort(refused)
+  for _, name in ipairs(refused) do
+    for _, split in ipairs({ false, true }) do
+      it("refuses " .. name .. (split and ", one byte per write" or ", sent whole"), function()
+        local before = calls(srv)
+        local out, closed = srv:raw(REFUSED[name][2], { split = split })
+        local rs = H.parse_responses(out)
+        assert.equal(1, #rs, "one response: " .. out:sub(1, 200))
+        assert.equal(REFUSED[name][1], rs[1].status)
         assert.is_true(closed, "connection closed")
         assert.equal(before, calls(srv), "no handler ran")
       end)
