@@ -98,6 +98,19 @@ static int shdict_cmp(const void *a, const void *b) {
   return strcmp(((const wxd_shdict_conf_t *)a)->name, ((const wxd_shdict_conf_t *)b)->name);
 }
 
+/* wxd.store's memory backend needs a dictionary with zero setup: unless
+ * config.lua declares "wxd_store", it gets 16 MiB (memory is taken only as
+ * entries are written). */
+static void add_store_dict(wxd_config_t *cfg) {
+  for (int i = 0; i < cfg->nshdicts; i++)
+    if (strcmp(cfg->shdicts[i].name, "wxd_store") == 0) return;
+  if (cfg->nshdicts == WXD_SHDICT_MAX) return;
+  wxd_shdict_conf_t *c = &cfg->shdicts[cfg->nshdicts++];
+  snprintf(c->name, sizeof c->name, "wxd_store");
+  c->bytes = (size_t)16 << 20;
+  qsort(cfg->shdicts, (size_t)cfg->nshdicts, sizeof cfg->shdicts[0], shdict_cmp);
+}
+
 /* The validated `shdict` section at index s: { name = bytes, ... }. */
 static int read_shdicts(lua_State *L, int s, wxd_config_t *cfg, char *err, size_t errlen) {
   memset(cfg->shdicts, 0, sizeof cfg->shdicts);
@@ -161,6 +174,7 @@ static int read_table(lua_State *L, int c, wxd_config_t *cfg, char *err, size_t 
   lua_pop(L, 1);
   lua_getfield(L, c, "shdict");
   if (lua_istable(L, -1) && read_shdicts(L, lua_gettop(L), cfg, err, errlen) != 0) return -1;
+  add_store_dict(cfg);
   lua_pop(L, 1);
   return 0;
 }

@@ -655,6 +655,45 @@ static int dict_add(lua_State *L) { return write_op(L, MODE_ADD); }
 /* d:replace(key, value [, ttl]) -> true | nil, "not found" | nil, "no memory" */
 static int dict_replace(lua_State *L) { return write_op(L, MODE_REPLACE); }
 
+/* True when the entry holds exactly the value v (same type and content). */
+static int entry_equals(const shd_entry_t *e, const shd_value_t *v) {
+  if (e->type != v->type) return 0;
+  if (v->type == SHD_STRING) return e->vlen == v->len && memcmp(e->kv + e->klen, v->str, v->len) == 0;
+  return e->num == v->num;
+}
+
+/* d:cas(key, old, new [, ttl]) -> true | nil, "mismatch" | nil, "no memory"
+ * Atomically: when the key holds `old` (nil: the key is absent), it gets
+ * `new` (nil: the key is deleted). The building block of wxd.store's
+ * compare-and-set (e.g. replacing exactly the token another worker has not
+ * already replaced). */
+static int dict_cas(lua_State *L) {
+  wxd_shdict_t *d = check_dict(L, 1);
+  size_t klen;
+  const char *key = check_key(L, 2, &klen);
+  int want_absent = lua_isnil(L, 3);
+  int remove = lua_isnoneornil(L, 4);
+  shd_value_t old, nv;
+  if (!want_absent) check_value(L, 3, &old);
+  if (!remove) check_value(L, 4, &nv);
+  uint64_t now = uv_hrtime();
+  uint64_t expire = check_ttl(L, 5, now);
+  uint64_t h = hash_key(d, key, klen);
+  int rc = SHD_MISMATCH;
+  pthread_mutex_lock(&d->mu);
+  shd_entry_t *e = lookup(d, key, klen, h, now);
+  if (want_absent ? e == NULL : (e != NULL && entry_equals(e, &old))) {
+    if (remove) {
+      if (e) entry_drop(d, e);
+      rc = SHD_OK;
+    } else {
+      rc = store(d, MODE_SET, key, klen, h, &nv, expire, now, NULL);
+    }
+  }
+  pthread_mutex_unlock(&d->mu);
+  return push_result(L, rc);
+}
+
 /* d:incr(key [, by=1 [, init [, init_ttl]]]) -> new value | nil, err */
 static int dict_incr(lua_State *L) {
   wxd_shdict_t *d = check_dict(L, 1);
@@ -1035,6 +1074,7 @@ int wxd_open_shdict(lua_State *L) {
       {"replace", dict_replace}, {"incr", dict_incr},     {"delete", dict_delete},
       {"ttl", dict_ttl},         {"keys", dict_keys},     {"flush_all", dict_flush_all},
       {"stats", dict_stats},     {"_lock", dict_lock},    {"_unlock", dict_unlock},
+      {"cas", dict_cas},
       {NULL, NULL},
   };
   static const luaL_Reg fns[] = {

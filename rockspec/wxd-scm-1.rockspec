@@ -37,6 +37,7 @@ build = {
       ["wxd.log"] = "lua/wxd/log.lua",
       ["wxd.server"] = "lua/wxd/server.lua",
       ["wxd.shdict"] = "lua/wxd/shdict.lua",
+      ["wxd.store"] = "lua/wxd/store.lua",
       ["wxd.timer"] = "lua/wxd/timer.lua",
     },
   },

@@ -1,0 +1,68 @@
+-- wxd.store with the memory backend (a shared dictionary), in a script.
+local wxd = require "wxd"
+local store = require "wxd.store"
+
+describe("wxd.store (memory)", function()
+  it("gets, sets with a TTL, and deletes", function()
+    assert.is_true(store.set("s:a", "one"))
+    assert.equal("one", store.get("s:a"))
+    assert.is_true(store.set("s:b", 42, 0.05))
+    assert.equal(42, store.get("s:b"))
+    wxd.sleep(80)
+    assert.is_nil(store.get("s:b"))
+    store.delete("s:a")
+    assert.is_nil(store.get("s:a"))
+  end)
+
+  it("adds only when absent (deduplication)", function()
+    assert.is_true(store.add("s:msg:1", true, 30))
+    local ok, err = store.add("s:msg:1", true, 30)
+    assert.is_nil(ok)
+    assert.equal("exists", err)
+  end)
+
+  it("counts", function()
+    assert.equal(1, store.incr("s:n"))
+    assert.equal(6, store.incr("s:n", 5))
+    store.set("s:str", "x")
+    local v, err = store.incr("s:str")
+    assert.is_nil(v)
+    assert.equal("not a number", err)
+  end)
+
+  it("compares and sets atomically", function()
+    store.set("s:token", "t1")
+    assert.is_true(store.cas("s:token", "t1", "t2"))
+    local ok, err = store.cas("s:token", "t1", "t3")
+    assert.is_nil(ok)
+    assert.equal("mismatch", err)
+    assert.equal("t2", store.get("s:token"))
+    -- nil as old: only when absent; nil as new: delete.
+    assert.is_true(store.cas("s:fresh", nil, "v"))
+    assert.equal("mismatch", select(2, store.cas("s:fresh", nil, "w")))
+    assert.is_true(store.cas("s:fresh", "v", nil))
+    assert.is_nil(store.get("s:fresh"))
+    -- Types count: 1 is not "1".
+    store.set("s:typed", 1)
+    assert.equal("mismatch", select(2, store.cas("s:typed", "1", 2)))
+    assert.is_true(store.cas("s:typed", 1, 2))
+  end)
+
+  it("locks across coroutines, with a timeout", function()
+    local lk = assert(store.lock("s:job", { timeout = 0.2, expire = 5 }))
+    local got, err
+    wxd.timer.after(0, function() got, err = store.lock("s:job", { timeout = 0.05 }) end)
+    wxd.sleep(120)
+    assert.is_nil(got)
+    assert.equal("timeout", err)
+    assert.is_true(lk:unlock())
+    local again = assert(store.lock("s:job"))
+    again:unlock()
+  end)
+
+  it("raises on misuse", function()
+    assert.has_error(function() store.get(nil) end)
+    assert.has_error(function() store.set("", 1) end)
+    assert.has_error(function() store.set("s:t", {}) end)
+  end)
+end)
