@@ -11,7 +11,7 @@ LUAJIT_INC := /usr/include/luajit-2.1
 # Debian packages the build, the tests and the benchmarks need.
 DEB_BUILD := build-essential pkg-config libluajit2-5.1-dev luajit2 libuv1-dev node-llhttp \
              libssl-dev libhiredis-dev lua-cjson-dev libexpat1-dev
-DEB_TEST  := lua-busted lua-socket redis-server curl openssl
+DEB_TEST  := lua-busted lua-socket redis-server curl openssl wrk
 DEB_BENCH := wrk nginx libnginx-mod-http-lua lua-cjson
 DEB_FUZZ  := clang
 
