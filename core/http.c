@@ -903,23 +903,69 @@ static void conn_fail(wxd_conn_t *c, int status, const char *msg) {
   if (conn_write(c, o->data, o->len) == 0 && c->writes_pending == 0) conn_close(c);
 }
 
+/* The field names and common values of the raw request table, interned once
+ * per VM and fetched by index: profiles of /hello showed lua_setfield's
+ * string interning among the top costs. */
+enum {
+  S_METHOD = 1, S_PATH, S_QUERY_STRING, S_VERSION, S_HEADERS, S_BODY, S_REMOTE_ADDR,
+  S_REMOTE_PORT, S_ID, S_V11, S_V10, S_EMPTY, S_METHODS, S_COUNT = S_METHODS
+};
+
+static int push_http_strings(lua_State *T, wxd_vm_t *vm) {
+  if (vm->http_strings_ref == LUA_NOREF) {
+    static const char *const names[] = {"method", "path", "query_string", "version", "headers", "body",
+                                        "remote_addr", "remote_port", "id", "1.1", "1.0", ""};
+    lua_createtable(T, S_COUNT, 0);
+    for (int i = 0; i < S_COUNT - 1; i++) {
+      lua_pushstring(T, names[i]);
+      lua_rawseti(T, -2, i + 1);
+    }
+    /* Method names by llhttp's method number + 1, filled as methods come
+     * (llhttp_method_name aborts on numbers it does not know). */
+    lua_createtable(T, 8, 0);
+    lua_rawseti(T, -2, S_METHODS);
+    lua_pushvalue(T, -1);
+    vm->http_strings_ref = luaL_ref(T, LUA_REGISTRYINDEX);
+  } else {
+    lua_rawgeti(T, LUA_REGISTRYINDEX, vm->http_strings_ref);
+  }
+  return lua_gettop(T);
+}
+
+/* Sets tbl[strings[key]] = the value on top of the stack (popped). */
+static void set_field(lua_State *T, int tbl, int strings, int key) {
+  lua_rawgeti(T, strings, key);
+  lua_insert(T, -2);
+  lua_rawset(T, tbl);
+}
+
 /* Pushes the raw request table the Lua side wraps (lua/wxd/app.lua). */
-static void push_raw_request(lua_State *T, wxd_req_t *r) {
+static void push_raw_request(lua_State *T, wxd_req_t *r, wxd_vm_t *vm) {
   wxd_conn_t *c = r->conn;
+  int st = push_http_strings(T, vm);
   /* Room for the fields below and the few wxd.app adds (params, query). */
   lua_createtable(T, 0, 16);
-  lua_pushstring(T, llhttp_method_name(r->method));
-  lua_setfield(T, -2, "method");
+  int tbl = lua_gettop(T);
+  lua_rawgeti(T, st, S_METHODS);
+  lua_rawgeti(T, -1, r->method + 1);
+  if (lua_isnil(T, -1)) {
+    lua_pop(T, 1);
+    lua_pushstring(T, llhttp_method_name(r->method));
+    lua_pushvalue(T, -1);
+    lua_rawseti(T, -3, r->method + 1);
+  }
+  lua_remove(T, -2);
+  set_field(T, tbl, st, S_METHOD);
   const char *url = r->head.data;
   const char *q = memchr(url, '?', r->url_len);
   size_t plen = q ? (size_t)(q - url) : r->url_len;
   lua_pushlstring(T, url, plen);
-  lua_setfield(T, -2, "path");
+  set_field(T, tbl, st, S_PATH);
   if (q) lua_pushlstring(T, q + 1, r->url_len - plen - 1);
-  else lua_pushliteral(T, "");
-  lua_setfield(T, -2, "query_string");
-  lua_pushstring(T, r->http_minor == 1 ? "1.1" : "1.0");
-  lua_setfield(T, -2, "version");
+  else lua_rawgeti(T, st, S_EMPTY);
+  set_field(T, tbl, st, S_QUERY_STRING);
+  lua_rawgeti(T, st, r->http_minor == 1 ? S_V11 : S_V10);
+  set_field(T, tbl, st, S_VERSION);
   lua_createtable(T, 0, (int)r->nhdrs);
   for (unsigned i = 0; i < r->nhdrs; i++) {
     hdr_t *h = &r->hdrs[i];
@@ -937,15 +983,17 @@ static void push_raw_request(lua_State *T, wxd_req_t *r) {
     }
     lua_rawset(T, -3);
   }
-  lua_setfield(T, -2, "headers");
-  lua_pushlstring(T, r->body.data ? r->body.data : "", r->body.len);
-  lua_setfield(T, -2, "body");
+  set_field(T, tbl, st, S_HEADERS);
+  if (r->body.len) lua_pushlstring(T, r->body.data, r->body.len);
+  else lua_rawgeti(T, st, S_EMPTY);
+  set_field(T, tbl, st, S_BODY);
   lua_pushstring(T, c->remote);
-  lua_setfield(T, -2, "remote_addr");
+  set_field(T, tbl, st, S_REMOTE_ADDR);
   lua_pushinteger(T, c->remote_port);
-  lua_setfield(T, -2, "remote_port");
-  lua_pushstring(T, r->id);
-  lua_setfield(T, -2, "id");
+  set_field(T, tbl, st, S_REMOTE_PORT);
+  lua_pushlstring(T, r->id, 18);
+  set_field(T, tbl, st, S_ID);
+  lua_remove(T, st); /* the request table is left on top */
 }
 
 static void respond_error_500(wxd_req_t *r) {
@@ -1114,7 +1162,7 @@ static void dispatch(wxd_conn_t *c) {
   r->co = co;
   co->abandon = on_request_abandoned;
   lua_rawgeti(co->T, LUA_REGISTRYINDEX, w->vm->entry_ref);
-  push_raw_request(co->T, r);
+  push_raw_request(co->T, r, w->vm);
   wxd_co_resume(co, 1);
 }
 

@@ -184,6 +184,7 @@ wxd_vm_t *wxd_vm_new(uv_loop_t *loop, const wxd_vm_options_t *opts) {
   vm->loop = loop;
   vm->worker = opts->worker;
   vm->entry_ref = LUA_NOREF;
+  vm->http_strings_ref = LUA_NOREF;
   luaL_openlibs(L);
 
   lua_pushlightuserdata(L, (void *)&vm_key);

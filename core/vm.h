@@ -58,6 +58,7 @@ struct wxd_vm {
   int npool;
   void *owner;     /* the worker or script that owns this VM */
   int entry_ref;   /* the app's request handler (registry), LUA_NOREF if none */
+  int http_strings_ref; /* strings every request uses, made once (http.c) */
   unsigned generation; /* app generation this VM holds (hot reload) */
   int retired;     /* replaced by a newer generation: serves no new request */
   /* Called once a retired VM has no coroutine left; the owner frees it. */
