@@ -21,7 +21,7 @@ ALL_CFLAGS := -std=c11 -D_GNU_SOURCE $(WARN) $(CFLAGS) -I$(LUAJIT_INC) -I$(LLHTT
 # LuaJIT is linked whole and its symbols exported, so that Lua C modules
 # (luasocket, busted's helpers) load into wxd script.
 LDLIBS  := -Wl,-E -Wl,--whole-archive $(LIBDIR)/libluajit-5.1.a -Wl,--no-whole-archive \
-           $(LIBDIR)/liblua5.1-cjson.a -luv -lssl -lcrypto -lpthread -ldl -lm
+           $(LIBDIR)/liblua5.1-cjson.a -luv -lssl -lcrypto -lexpat -lpthread -ldl -lm
 
 SRC  := $(wildcard core/*.c)
 HDR  := $(wildcard core/*.h)
@@ -94,8 +94,9 @@ bench-crypto: $(BUILD)/wxd
 	$(BUILD)/wxd script spec/bench/crypto.lua
 
 # libFuzzer targets (spec/fuzz/*_fuzz.c) over the buffer functions of
-# core/crypto.c, each run for FUZZ_SECONDS from its seed corpus
-# (spec/fuzz/corpus/<target>/; new inputs go to build/fuzz/corpus-<target>).
+# core/crypto.c and the XML parser of core/xml.c, each run for
+# FUZZ_SECONDS from its seed corpus (spec/fuzz/corpus/<target>/; new
+# inputs go to build/fuzz/corpus-<target>).
 # Not part of `make test`.
 FUZZ_SECONDS ?= 60
 FUZZ_CC      ?= clang
@@ -113,6 +114,12 @@ build/fuzz/%: spec/fuzz/%.c core/crypto.c core/rsa.c core/crypto.h | deps-fuzz
 	@mkdir -p $(dir $@)
 	$(FUZZ_CC) -std=c11 -D_GNU_SOURCE $(WARN) -g -O1 -fsanitize=fuzzer,address,undefined \
 	  -I$(LUAJIT_INC) -Icore -o $@ $< core/crypto.c core/rsa.c $(LIBDIR)/libluajit-5.1.a -lcrypto -ldl -lm
+
+# An explicit rule wins over the pattern above: xml_fuzz links expat instead.
+build/fuzz/xml_fuzz: spec/fuzz/xml_fuzz.c core/xml.c core/xml.h | deps-fuzz
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) -std=c11 -D_GNU_SOURCE $(WARN) -g -O1 -fsanitize=fuzzer,address,undefined \
+	  -I$(LUAJIT_INC) -Icore -o $@ $< core/xml.c $(LIBDIR)/libluajit-5.1.a -lexpat -ldl -lm
 
 clean:
 	rm -rf build

@@ -3,5 +3,6 @@
 local app = require("wxd.app").new()
 
 require("handlers.home")(app)
+require("handlers.wechat")(app) -- /wx, when WXD_MP_APPID and WXD_MP_TOKEN are set
 
 return app

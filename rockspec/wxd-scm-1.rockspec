@@ -35,10 +35,13 @@ build = {
       ["wxd.crypto"] = "lua/wxd/crypto.lua",
       ["wxd.lock"] = "lua/wxd/lock.lua",
       ["wxd.log"] = "lua/wxd/log.lua",
+      ["wxd.mp"] = "lua/wxd/mp.lua",
       ["wxd.server"] = "lua/wxd/server.lua",
       ["wxd.shdict"] = "lua/wxd/shdict.lua",
       ["wxd.store"] = "lua/wxd/store.lua",
+      ["wxd.testing"] = "lua/wxd/testing.lua",
       ["wxd.timer"] = "lua/wxd/timer.lua",
+      ["wxd.xml"] = "lua/wxd/xml.lua",
     },
   },
 }

@@ -895,6 +895,17 @@ function app_methods.after(self, fn)
     return self
 end
 
+--- Mount a WeChat message callback (Official Account, Mini Program,
+-- WeCom) at `path`: GET verification and POST messages. See wxd.mp.
+-- @tparam string path e.g. "/wx"
+-- @tparam table cfg token, appid, aes_key, ... (docs/mp.md)
+-- @tparam table handlers by MsgType, `event`, `default`
+-- @treturn table the app
+function app_methods.mp(self, path, cfg, handlers)
+    -- A tail call (mount returns the app): a bad cfg is reported at the caller's line.
+    return require("wxd.mp").mount(self, path, cfg, handlers)
+end
+
 --- The route a request would reach, for tools and tests.
 -- @tparam string method request method
 -- @tparam string path raw request path

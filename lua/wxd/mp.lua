@@ -1,0 +1,717 @@
+--- wxd.mp: WeChat message callbacks — Official Account (公众号), Mini
+-- Program message push (小程序消息推送) and WeCom (企业微信).
+--
+-- `app:mp(path, cfg, handlers)` mounts one callback URL:
+--
+-- * GET: URL verification. Official Account and Mini Program: `signature`
+--   = sha1 of the sorted token, timestamp and nonce, answered with
+--   `echostr`. WeCom: `msg_signature` also covers `echostr`, which is
+--   encrypted; the answer is its plaintext.
+-- * POST: a message, in plaintext (`signature` only), compatible or safe
+--   mode (`encrypt_type=aes` and `msg_signature` = sha1 of the sorted
+--   token, timestamp, nonce and Encrypt, checked before anything is
+--   decrypted). AES-256-CBC, key = base64(EncodingAESKey .. "="), IV = its
+--   first 16 bytes, plaintext = 16 random bytes, 4-byte big-endian length,
+--   message, receive id (appid, or CorpID for WeCom), PKCS#7 to 32 bytes.
+--   Several EncodingAESKeys may be given (a key change); the reply uses the
+--   one that decrypted the message. A timestamp outside the window is
+--   refused. Every decryption failure gives the same answer.
+-- * Dispatch: `handlers[MsgType]`, and for events `handlers.event[Event]`
+--   (or `handlers.event` as one function), else `handlers.default`. A
+--   handler gets `(msg, ctx)` and returns a reply built with `mp.reply.*`,
+--   a string (a text reply), or nothing (the answer is "success").
+-- * A message is handled once: WeChat's retries of a message (same MsgId;
+--   for events the same FromUserName, CreateTime and Event) wait for the
+--   first run and get its reply, across workers (wxd.store).
+-- * Deadline: WeChat gives up after 5 s. A handler still running after
+--   `deadline_ms` (4500) is answered "success" in time and keeps running;
+--   its reply then goes to `cfg.on_late_reply(msg, reply, ctx)`. Without
+--   that hook the late reply is logged as dropped: sending it through the
+--   customer-service message API needs the outbound HTTP client and the
+--   credentials module, which wxd does not have yet.
+--
+-- docs/mp.md is the full contract.
+--
+-- @module wxd.mp
+-- @usage
+-- app:mp("/wx", wxd.config.mp, {
+--   text = function(msg, ctx) return ctx.reply.text("echo: " .. msg.Content) end,
+--   event = { subscribe = function(msg) return "welcome" end },
+-- })
+
+local cjson_safe = require "cjson.safe"
+local crypto = require "wxd.crypto"
+local xml = require "wxd.xml"
+local log = require "wxd.log"
+local store = require "wxd.store"
+local timer = require "wxd.timer"
+local core = require "wxd.core"
+
+local type, error, pairs, ipairs, tostring, tonumber = type, error, pairs, ipairs, tostring, tonumber
+local setmetatable, getmetatable, pcall, xpcall = setmetatable, getmetatable, pcall, xpcall
+local floor, abs, min = math.floor, math.abs, math.min
+local byte, char, sub, find, lower, format, match = string.byte, string.char, string.sub, string.find,
+  string.lower, string.format, string.match
+local concat, sort = table.concat, table.sort
+local traceback = debug.traceback
+local now, monotonic_ms = core.now, core.monotonic_ms
+local sha1_hex, equals = crypto.sha1_hex, crypto.equals
+
+local _M = { _VERSION = "0.1.0" }
+
+--- Message types and events the Official Account sends (handlers may
+-- also name others: Mini Program and WeCom have a few more).
+_M.MESSAGE_TYPES = { "text", "image", "voice", "video", "shortvideo", "location", "link" }
+_M.EVENTS = { "subscribe", "unsubscribe", "SCAN", "LOCATION", "CLICK", "VIEW", "scancode_push",
+              "scancode_waitmsg", "pic_sysphoto", "pic_photo_or_album", "pic_weixin", "location_select",
+              "TEMPLATESENDJOBFINISH" }
+
+local KINDS = { mp = true, miniprogram = true, wecom = true }
+
+-- Messages are small (WeChat's are a few KiB): these bound the work a
+-- request can cause before and after its signature is checked.
+local XML_OPTS = { arrays = { item = true }, max_depth = 10, max_elements = 1000 }
+
+------------------------------------------------------------------------
+-- Signatures and message encryption (the protocol, usable alone)
+------------------------------------------------------------------------
+
+--- WeChat's signature: sha1 (hex) of its arguments sorted as byte strings
+-- and concatenated. With (token, timestamp, nonce) it is the URL
+-- `signature`; with Encrypt added it is `msg_signature`.
+-- @treturn string 40 lower-case hex characters
+-- @usage mp.signature(token, timestamp, nonce, encrypt)
+function _M.signature(...)
+  local parts = { ... }
+  for i = 1, #parts do
+    if type(parts[i]) ~= "string" then
+      error("wxd.mp.signature: argument " .. i .. " must be a string, got a " .. type(parts[i]), 2)
+    end
+  end
+  sort(parts)
+  return sha1_hex(concat(parts))
+end
+local signature = _M.signature
+
+local KEY_MT = {
+  __tostring = function() return "wxd.mp.aes_key (hidden)" end,
+  __metatable = "wxd.mp.aes_key",
+}
+
+--- A message key from a 43-character EncodingAESKey.
+-- @tparam string encoding_aes_key
+-- @treturn[1] table an opaque key (tostring shows no byte of it)
+-- @treturn[2] nil
+-- @treturn[2] string "invalid aes key"
+function _M.aes_key(encoding_aes_key)
+  if type(encoding_aes_key) ~= "string" or #encoding_aes_key ~= 43 then
+    return nil, "invalid aes key"
+  end
+  local key = crypto.base64_decode(encoding_aes_key .. "=")
+  if not key or #key ~= 32 then return nil, "invalid aes key" end
+  return setmetatable({ key = key, iv = sub(key, 1, 16) }, KEY_MT)
+end
+
+local function as_key(k, fn)
+  if getmetatable(k) == "wxd.mp.aes_key" then return k end
+  local key = _M.aes_key(k)
+  if not key then error("wxd.mp." .. fn .. ": key must be a 43-character EncodingAESKey or mp.aes_key()", 3) end
+  return key
+end
+
+local function be32(n)
+  return char(floor(n / 16777216) % 256, floor(n / 65536) % 256, floor(n / 256) % 256, n % 256)
+end
+
+--- Encrypts a message for WeChat: base64 of AES-256-CBC over 16 random
+-- bytes, the message length (4 bytes, big-endian), the message and the
+-- receive id, padded (PKCS#7) to 32 bytes.
+-- @tparam string|table key EncodingAESKey or mp.aes_key()
+-- @tparam string message
+-- @tparam string receive_id appid (CorpID for WeCom)
+-- @tparam[opt] string random 16 bytes to use instead of fresh ones (tests
+--   reproducing a published ciphertext)
+-- @treturn string the Encrypt value
+function _M.encrypt(key, message, receive_id, random)
+  key = as_key(key, "encrypt")
+  if type(message) ~= "string" or type(receive_id) ~= "string" then
+    error("wxd.mp.encrypt: message and receive_id must be strings", 2)
+  end
+  if random ~= nil and (type(random) ~= "string" or #random ~= 16) then
+    error("wxd.mp.encrypt: random must be 16 bytes", 2)
+  end
+  local plain = (random or crypto.random_bytes(16)) .. be32(#message) .. message .. receive_id
+  return crypto.base64_encode(crypto.aes_cbc_encrypt(key.key, key.iv, plain, 32))
+end
+
+--- Decrypts an Encrypt value and checks the receive id inside.
+-- Check msg_signature first: an unauthenticated decryption answers
+-- whether the padding was right.
+-- @tparam string|table key EncodingAESKey or mp.aes_key()
+-- @tparam string encrypted the Encrypt value (base64)
+-- @tparam string receive_id the appid (CorpID) that must be inside
+-- @treturn[1] string the message
+-- @treturn[2] nil
+-- @treturn[2] string "decrypt failed" whatever went wrong (base64,
+--   padding, length, receive id)
+function _M.decrypt(key, encrypted, receive_id)
+  key = as_key(key, "decrypt")
+  if type(encrypted) ~= "string" or type(receive_id) ~= "string" then
+    error("wxd.mp.decrypt: encrypted and receive_id must be strings", 2)
+  end
+  local ct = crypto.base64_decode(encrypted)
+  local plain = ct and #ct > 0 and #ct % 16 == 0 and crypto.aes_cbc_decrypt(key.key, key.iv, ct, 32)
+  if not plain or #plain < 20 then return nil, "decrypt failed" end
+  local b1, b2, b3, b4 = byte(plain, 17, 20)
+  local len = ((b1 * 256 + b2) * 256 + b3) * 256 + b4
+  if 20 + len > #plain then return nil, "decrypt failed" end
+  if not equals(sub(plain, 21 + len), receive_id) then return nil, "decrypt failed" end
+  return sub(plain, 21, 20 + len)
+end
+
+------------------------------------------------------------------------
+-- Replies
+------------------------------------------------------------------------
+
+local REPLY_MT = { __metatable = "wxd.mp.reply" }
+
+local function is_reply(v)
+  return type(v) == "table" and getmetatable(v) == "wxd.mp.reply"
+end
+_M.is_reply = is_reply
+
+local function make_reply(t)
+  return setmetatable(t, REPLY_MT)
+end
+
+local function check_str(v, what, level, optional)
+  if optional and v == nil then return end
+  if type(v) ~= "string" then
+    error("wxd.mp.reply." .. what .. " must be a string, got a " .. type(v), level + 1)
+  end
+end
+
+local function pick(t, a, b)
+  local v = t[a]
+  if v == nil then v = t[b] end
+  return v
+end
+
+--- Passive reply builders. Each returns a reply object for a handler to
+-- return; the sender, the receiver and CreateTime are filled in.
+-- @table reply
+_M.reply = {}
+
+--- A text reply.
+-- @usage return mp.reply.text("hello")
+function _M.reply.text(content)
+  check_str(content, "text: content", 2)
+  return make_reply({ MsgType = "text", Content = content, _order = { "Content" } })
+end
+
+--- An image reply (a media_id from the material API).
+function _M.reply.image(media_id)
+  check_str(media_id, "image: media_id", 2)
+  return make_reply({ MsgType = "image", Image = { MediaId = media_id } })
+end
+
+--- A voice reply.
+function _M.reply.voice(media_id)
+  check_str(media_id, "voice: media_id", 2)
+  return make_reply({ MsgType = "voice", Voice = { MediaId = media_id } })
+end
+
+--- A video reply.
+-- @tparam string media_id
+-- @tparam[opt] string title
+-- @tparam[opt] string description
+function _M.reply.video(media_id, title, description)
+  check_str(media_id, "video: media_id", 2)
+  check_str(title, "video: title", 2, true)
+  check_str(description, "video: description", 2, true)
+  return make_reply({ MsgType = "video", Video = { MediaId = media_id, Title = title, Description = description,
+                                                   _order = { "MediaId", "Title", "Description" } } })
+end
+
+--- A music reply: `{ title, description, music_url, hq_music_url,
+-- thumb_media_id }` (WeChat's own names, MusicUrl and so on, work too).
+function _M.reply.music(m)
+  if type(m) ~= "table" then error("wxd.mp.reply.music: expected a table", 2) end
+  local music = {
+    Title = pick(m, "title", "Title"), Description = pick(m, "description", "Description"),
+    MusicUrl = pick(m, "music_url", "MusicUrl"), HQMusicUrl = pick(m, "hq_music_url", "HQMusicUrl"),
+    ThumbMediaId = pick(m, "thumb_media_id", "ThumbMediaId"),
+    _order = { "Title", "Description", "MusicUrl", "HQMusicUrl", "ThumbMediaId" },
+  }
+  for _, k in ipairs(music._order) do check_str(music[k], "music: " .. k, 2, k ~= "ThumbMediaId") end
+  return make_reply({ MsgType = "music", Music = music })
+end
+
+--- A news (图文) reply: an array of 1..8 articles `{ title, description,
+-- pic_url, url }` (or Title, Description, PicUrl, Url). WeChat shows only
+-- the first one in reply to a user's message.
+function _M.reply.news(articles)
+  if type(articles) ~= "table" or #articles < 1 or #articles > 8 then
+    error("wxd.mp.reply.news: expected an array of 1 to 8 articles", 2)
+  end
+  local items = {}
+  for i, a in ipairs(articles) do
+    if type(a) ~= "table" then error("wxd.mp.reply.news: article " .. i .. " must be a table", 2) end
+    local it = { Title = pick(a, "title", "Title"), Description = pick(a, "description", "Description"),
+                 PicUrl = pick(a, "pic_url", "PicUrl"), Url = pick(a, "url", "Url"),
+                 _order = { "Title", "Description", "PicUrl", "Url" } }
+    for _, k in ipairs(it._order) do check_str(it[k], "news: article " .. i .. " " .. k, 2, k ~= "Title") end
+    items[i] = it
+  end
+  return make_reply({ MsgType = "news", ArticleCount = #items, Articles = { item = items },
+                      _order = { "ArticleCount", "Articles" } })
+end
+
+--- Hands the conversation to the customer-service system (多客服),
+-- optionally to one agent ("kf2001@account").
+function _M.reply.transfer_customer_service(kf_account)
+  check_str(kf_account, "transfer_customer_service: kf_account", 2, true)
+  return make_reply({ MsgType = "transfer_customer_service",
+                      TransInfo = kf_account and { KfAccount = kf_account } or nil })
+end
+
+local HEAD_ORDER = { "ToUserName", "FromUserName", "CreateTime", "MsgType" }
+
+-- The reply's document (XML or JSON) for the message it answers.
+local function render(reply, msg, fmt)
+  local t = { ToUserName = msg.FromUserName, FromUserName = msg.ToUserName,
+              CreateTime = floor(now()), MsgType = reply.MsgType }
+  local order = { HEAD_ORDER[1], HEAD_ORDER[2], HEAD_ORDER[3], HEAD_ORDER[4] }
+  for _, k in ipairs(reply._order or {}) do order[#order + 1] = k end
+  for k, v in pairs(reply) do
+    if k ~= "_order" and t[k] == nil then t[k] = v end
+  end
+  if fmt == "json" then
+    local function strip(x)
+      if type(x) ~= "table" then return x end
+      local c = {}
+      for k, v in pairs(x) do if k ~= "_order" then c[k] = strip(v) end end
+      return c
+    end
+    return (cjson_safe.encode(strip(t)))
+  end
+  t._order = order
+  return xml.encode(t)
+end
+_M.render = render
+
+------------------------------------------------------------------------
+-- The endpoint
+------------------------------------------------------------------------
+
+local Endpoint = {}
+Endpoint.__index = Endpoint
+
+local TEXT_CT = "text/plain; charset=utf-8"
+
+local function positive(cfg, name, default, max)
+  local v = cfg[name]
+  if v == nil then return default end
+  if type(v) ~= "number" or v ~= v or v <= 0 or v > max then
+    error("wxd.mp: cfg." .. name .. " must be a number in (0, " .. max .. "], got " .. tostring(v), 4)
+  end
+  return v
+end
+
+local function load_keys(cfg)
+  local list = {}
+  local function add(v, name)
+    if v == nil or v == false or v == "" then return end -- env("...", false): unset
+    if type(v) == "string" then v = { v } end
+    if type(v) ~= "table" then error("wxd.mp: cfg." .. name .. " must be a string or an array of strings", 5) end
+    for i, s in ipairs(v) do
+      local k = _M.aes_key(s)
+      -- The key itself is never part of the message.
+      if not k then error("wxd.mp: cfg." .. name .. "[" .. i .. "] is not a 43-character EncodingAESKey", 5) end
+      list[#list + 1] = k
+    end
+  end
+  add(cfg.aes_key, "aes_key")
+  add(cfg.aes_keys, "aes_keys")
+  return list
+end
+
+local function new_endpoint(path, cfg, handlers)
+  if type(cfg) ~= "table" then error("wxd.mp: cfg must be a table (e.g. wxd.config.mp)", 3) end
+  if type(handlers) == "function" then handlers = { default = handlers } end
+  if type(handlers) ~= "table" then error("wxd.mp: handlers must be a table or a function", 3) end
+  for k, v in pairs(handlers) do
+    if type(k) ~= "string" then error("wxd.mp: handler names must be strings", 3) end
+    if k == "event" then
+      if type(v) == "table" then
+        for ek, ev in pairs(v) do
+          if type(ev) ~= "function" then error("wxd.mp: handlers.event." .. tostring(ek) .. " must be a function", 3) end
+        end
+      elseif type(v) ~= "function" then
+        error("wxd.mp: handlers.event must be a function or a table of functions by Event", 3)
+      end
+    elseif type(v) ~= "function" then
+      error("wxd.mp: handlers." .. k .. " must be a function", 3)
+    end
+  end
+  local kind = cfg.kind or "mp"
+  if not KINDS[kind] then error('wxd.mp: cfg.kind must be "mp", "miniprogram" or "wecom"', 3) end
+  if type(cfg.token) ~= "string" or cfg.token == "" then
+    error("wxd.mp: cfg.token must be a non-empty string (set it from the environment)", 3)
+  end
+  local keys = load_keys(cfg)
+  local receive_id = cfg.receive_id or (kind == "wecom" and cfg.corp_id or cfg.appid) or nil
+  if receive_id ~= nil and (type(receive_id) ~= "string" or receive_id == "") then
+    error("wxd.mp: cfg." .. (kind == "wecom" and "corp_id" or "appid") .. " must be a non-empty string", 3)
+  end
+  if #keys > 0 and not receive_id then
+    error("wxd.mp: cfg." .. (kind == "wecom" and "corp_id" or "appid") .. " is needed to check encrypted messages", 3)
+  end
+  if kind == "wecom" and #keys == 0 then error("wxd.mp: WeCom callbacks need cfg.aes_key", 3) end
+  local window = cfg.timestamp_window
+  if window == nil then window = 300 end
+  if window ~= false and (type(window) ~= "number" or window <= 0) then
+    error("wxd.mp: cfg.timestamp_window must be a number of seconds, or false to turn the check off", 3)
+  end
+  if cfg.on_late_reply ~= nil and type(cfg.on_late_reply) ~= "function" then
+    error("wxd.mp: cfg.on_late_reply must be a function(msg, reply, ctx)", 3)
+  end
+  local deadline_ms = positive(cfg, "deadline_ms", 4500, 60000)
+  local allow_plaintext = cfg.allow_plaintext
+  if allow_plaintext == nil then allow_plaintext = #keys == 0 end
+  local self = setmetatable({
+    path = path,
+    kind = kind,
+    token = cfg.token,
+    keys = keys,
+    receive_id = receive_id,
+    window = window,
+    allow_plaintext = allow_plaintext and kind ~= "wecom",
+    json = kind == "miniprogram",
+    deadline_ms = deadline_ms,
+    max_body_bytes = positive(cfg, "max_body_bytes", 64 * 1024, 1024 * 1024 * 1024),
+    dedup_ttl = positive(cfg, "dedup_ttl", (window or 300) + 60, 86400 * 30),
+    -- The running handler's lock outlives the deadline by far, so that a
+    -- retry never starts a second run of a slow handler.
+    lock_expire = positive(cfg, "handler_timeout", math.max(60, deadline_ms / 1000 * 4), 86400),
+    on_late_reply = cfg.on_late_reply,
+    handlers = handlers,
+    prefix = "wxd:mp:" .. kind .. ":" .. (receive_id or sha1_hex(cfg.token):sub(1, 12)) .. ":",
+  }, Endpoint)
+  return self
+end
+
+-- Refusals: logged with the reason; the sender learns only the status.
+local BODIES = { [400] = "bad request\n", [403] = "forbidden\n", [413] = "request body too large\n" }
+
+local function refuse(self, req, status, reason)
+  log.warn("mp: request refused", { reason = reason, path = self.path, status = status,
+                                     remote = req.remote_addr })
+  return status, BODIES[status]
+end
+
+-- The query's timestamp, checked against the window.
+local function check_query(self, req, q, names)
+  for _, name in ipairs(names) do
+    local v = q[name]
+    if type(v) ~= "string" or v == "" or #v > 4096 then return 400, "missing or oversized " .. name end
+  end
+  if not find(q.timestamp, "^%d+$") or #q.timestamp > 12 then return 400, "malformed timestamp" end
+  if #q.nonce > 128 then return 400, "nonce too long" end
+  if self.window and abs(now() - tonumber(q.timestamp)) > self.window then
+    return 403, "timestamp outside the window"
+  end
+  return nil
+end
+
+local function set_text(res)
+  res.headers["content-type"] = TEXT_CT
+  res.headers["x-content-type-options"] = "nosniff"
+end
+
+-- GET: URL verification.
+function Endpoint:verify(req, res)
+  local q = req.query
+  if self.kind == "wecom" then
+    local st, why = check_query(self, req, q, { "msg_signature", "timestamp", "nonce", "echostr" })
+    if st then return refuse(self, req, st, why) end
+    if not equals(signature(self.token, q.timestamp, q.nonce, q.echostr), q.msg_signature) then
+      return refuse(self, req, 403, "bad msg_signature")
+    end
+    for _, key in ipairs(self.keys) do
+      local plain = _M.decrypt(key, q.echostr, self.receive_id)
+      if plain then
+        set_text(res)
+        return 200, plain
+      end
+    end
+    return refuse(self, req, 400, "echostr does not decrypt")
+  end
+  local st, why = check_query(self, req, q, { "signature", "timestamp", "nonce", "echostr" })
+  if st then return refuse(self, req, st, why) end
+  if not equals(signature(self.token, q.timestamp, q.nonce), q.signature) then
+    return refuse(self, req, 403, "bad signature")
+  end
+  set_text(res)
+  return 200, q.echostr
+end
+
+-- Parses a body (XML or, for the Mini Program, JSON): table, format | nil, reason.
+local function parse(self, body)
+  local first = match(body, "^%s*(.)")
+  if first == "<" then
+    local t, err, detail = xml.decode(body, { arrays = XML_OPTS.arrays, max_depth = XML_OPTS.max_depth,
+                                              max_elements = XML_OPTS.max_elements,
+                                              max_bytes = self.max_body_bytes })
+    if not t then return nil, err .. (detail and (" (" .. detail .. ")") or "") end
+    return t, "xml"
+  elseif first == "{" and self.json then
+    local t = cjson_safe.decode(body)
+    if type(t) ~= "table" then return nil, "invalid json" end
+    -- A MsgId is a 64-bit integer: as a JSON number it loses digits in a
+    -- double, so it is read again from the text (the XML form is a string).
+    if type(t.MsgId) == "number" then
+      t.MsgId = match(body, '"MsgId"%s*:%s*(%-?%d+)') or format("%.17g", t.MsgId)
+    end
+    return t, "json"
+  end
+  return nil, "not " .. (self.json and "XML or JSON" or "XML")
+end
+
+-- The id under which retries of a message are recognised.
+local function dedup_id(msg)
+  local id = msg.MsgId or msg.MsgID
+  if id ~= nil and msg.MsgType ~= "event" then return "m:" .. tostring(id) end
+  if msg.MsgType == "event" and msg.FromUserName and msg.CreateTime then
+    return "e:" .. tostring(msg.FromUserName) .. ":" .. tostring(msg.CreateTime) .. ":" .. tostring(msg.Event)
+  end
+  return nil
+end
+
+local function find_handler(handlers, msg)
+  local mt = msg.MsgType
+  if mt == "event" then
+    local ev = handlers.event
+    if type(ev) == "function" then return ev end
+    if type(ev) == "table" then
+      local e = msg.Event
+      if type(e) == "string" then
+        local f = ev[e] or ev[lower(e)]
+        if f then return f end
+      end
+      if ev.default then return ev.default end
+    end
+  elseif type(mt) == "string" and mt ~= "default" then
+    local f = handlers[mt]
+    if f then return f end
+  end
+  return handlers.default
+end
+
+-- Records in the store: a run in progress, or the reply sent (plain).
+local PENDING = "p"
+
+local function late(self, task, reply)
+  if self.on_late_reply then
+    local ok, err = pcall(self.on_late_reply, task.msg, reply, task.ctx)
+    if not ok then
+      log.error("mp: on_late_reply failed", { error = tostring(err), path = self.path })
+    end
+    return
+  end
+  log.warn("late reply dropped: no customer-service sender yet",
+           { path = self.path, openid = task.msg.FromUserName, msg_type = task.msg.MsgType })
+end
+
+-- Runs the handler (in a timer's coroutine: the request can answer in
+-- time while it goes on), records its reply, releases the run lock.
+local function run_task(self, task)
+  task.started = true
+  local msg, ctx = task.msg, task.ctx
+  local ok, out = xpcall(function() return task.fn(msg, ctx) end, traceback)
+  local reply, body = nil, "success"
+  if not ok then
+    log.error("mp: handler error", { error = tostring(out), path = self.path, msg_type = msg.MsgType })
+  elseif type(out) == "string" then
+    reply = _M.reply.text(out)
+  elseif is_reply(out) then
+    reply = out
+  elseif out ~= nil then
+    log.error("mp: a handler returned a " .. type(out) .. "; expected a reply (mp.reply.*), a string or nothing",
+              { path = self.path, msg_type = msg.MsgType })
+  end
+  if reply then
+    local rok, rendered = pcall(render, reply, msg, task.format)
+    if rok and rendered then
+      body = rendered
+    else
+      log.error("mp: reply cannot be rendered", { error = tostring(rendered), path = self.path })
+      reply = nil
+    end
+  end
+  if task.answered then
+    -- The request already answered "success" at the deadline.
+    if reply then late(self, task, reply) end
+    body = "success"
+  end
+  task.body = body
+  local sok, serr = store.set(task.key, "r" .. body, self.dedup_ttl)
+  if not sok then log.warn("mp: reply not recorded for retries", { error = serr, path = self.path }) end
+  task.done = true
+  task.lock:unlock()
+end
+
+local function record_body(rec)
+  if rec and sub(rec, 1, 1) == "r" then return sub(rec, 2) end
+  return nil
+end
+
+local function seconds_left(deadline)
+  local left = deadline - monotonic_ms()
+  return left > 0 and left / 1000 or 0
+end
+
+-- How often a waiting request checks that the handler's timer was not
+-- cancelled by a reload before it fired (it is woken at once when the
+-- handler finishes; this only bounds the detection of that rare case).
+local CHECK_MS = 500
+
+-- Runs the message's handler once (across retries and workers) and
+-- returns the plain reply body, or nil to answer "success".
+function Endpoint:dispatch(req, msg, ctx)
+  local deadline = monotonic_ms() + self.deadline_ms
+  local id = dedup_id(msg)
+  local key = self.prefix .. (id or ("once:" .. crypto.nonce(24)))
+  local runkey = key .. ":run"
+  -- Whoever holds the run lock is running this message's handler; a
+  -- retry waits here for the first run to finish.
+  local lk = store.lock(runkey, { timeout = seconds_left(deadline), expire = self.lock_expire })
+  if not lk then return nil end -- still running past our deadline
+  local rec = store.get(key)
+  if rec then
+    lk:unlock()
+    return record_body(rec) -- a retry: the same reply (nil while in progress)
+  end
+  store.add(key, PENDING, self.dedup_ttl)
+  local task = { msg = msg, ctx = ctx, fn = find_handler(self.handlers, msg), key = key, lock = lk,
+                 format = ctx.format }
+  if not task.fn then
+    lk:unlock()
+    store.set(key, "rsuccess", self.dedup_ttl)
+    return nil
+  end
+  task.timer = timer.after(0, function() run_task(self, task) end)
+  while true do
+    local left = deadline - monotonic_ms()
+    if left <= 0 or task.done then break end
+    local w = store.lock(runkey, { timeout = min(left, CHECK_MS) / 1000, expire = 5 })
+    if w then
+      w:unlock()
+      break
+    end
+    if not task.started and not task.timer:active() then
+      run_task(self, task) -- a reload closed the timer before it fired
+    end
+  end
+  if task.done then return task.body end
+  task.answered = true
+  log.warn("mp: handler past the deadline; answered success",
+           { path = self.path, deadline_ms = self.deadline_ms, msg_type = msg.MsgType })
+  return nil
+end
+
+-- The reply as sent: encrypted and signed when the message was.
+function Endpoint:seal(body, key, fmt)
+  local enc = _M.encrypt(key, body, self.receive_id)
+  local ts = tostring(floor(now()))
+  local nonce = crypto.nonce(16)
+  local sig = signature(self.token, ts, nonce, enc)
+  if fmt == "json" then
+    return (cjson_safe.encode({ Encrypt = enc, MsgSignature = sig, TimeStamp = tonumber(ts), Nonce = nonce }))
+  end
+  return xml.encode({ Encrypt = enc, MsgSignature = sig, TimeStamp = tonumber(ts), Nonce = nonce,
+                      _order = { "Encrypt", "MsgSignature", "TimeStamp", "Nonce" } })
+end
+
+-- POST: a message.
+function Endpoint:receive(req, res)
+  local body = req.body or ""
+  if #body > self.max_body_bytes then return refuse(self, req, 413, "body over max_body_bytes") end
+  local q = req.query
+  local encrypted = self.kind == "wecom" or q.encrypt_type == "aes"
+  if q.encrypt_type ~= nil and q.encrypt_type ~= "aes" and q.encrypt_type ~= "raw" then
+    return refuse(self, req, 400, "unknown encrypt_type")
+  end
+  local msg, fmt, mode, key
+  if encrypted then
+    if #self.keys == 0 then return refuse(self, req, 400, "encrypted message but no aes_key configured") end
+    local st, why = check_query(self, req, q, { "msg_signature", "timestamp", "nonce" })
+    if st then return refuse(self, req, st, why) end
+    local outer, ofmt = parse(self, body)
+    if not outer then return refuse(self, req, 400, ofmt) end
+    local enc = outer.Encrypt
+    if type(enc) ~= "string" or enc == "" then return refuse(self, req, 400, "no Encrypt field") end
+    -- The signature covers the ciphertext: nothing is decrypted before it holds.
+    if not equals(signature(self.token, q.timestamp, q.nonce, enc), q.msg_signature) then
+      return refuse(self, req, 403, "bad msg_signature")
+    end
+    local plain
+    for _, k in ipairs(self.keys) do
+      plain = _M.decrypt(k, enc, self.receive_id)
+      if plain then
+        key = k
+        break
+      end
+    end
+    if not plain then return refuse(self, req, 400, "decrypt failed") end
+    local inner, ifmt = parse(self, plain)
+    if not inner then return refuse(self, req, 400, "decrypted message: " .. ifmt) end
+    msg, fmt = inner, ifmt
+    mode = (self.kind ~= "wecom" and outer.MsgType ~= nil) and "compatible" or "safe"
+  else
+    if not self.allow_plaintext then
+      return refuse(self, req, 403, "plaintext message but encryption is configured (cfg.allow_plaintext)")
+    end
+    local st, why = check_query(self, req, q, { "signature", "timestamp", "nonce" })
+    if st then return refuse(self, req, st, why) end
+    if not equals(signature(self.token, q.timestamp, q.nonce), q.signature) then
+      return refuse(self, req, 403, "bad signature")
+    end
+    local m, mfmt = parse(self, body)
+    if not m then return refuse(self, req, 400, mfmt) end
+    msg, fmt, mode = m, mfmt, "plaintext"
+  end
+
+  local ctx = { req = req, kind = self.kind, mode = mode, format = fmt, appid = self.receive_id,
+                reply = _M.reply, path = self.path }
+  local out = self:dispatch(req, msg, ctx)
+  if out == nil or out == "success" or out == "" then
+    set_text(res)
+    return 200, "success"
+  end
+  if key then out = self:seal(out, key, fmt) end
+  res.headers["content-type"] = fmt == "json" and "application/json" or "application/xml; charset=utf-8"
+  return 200, out
+end
+
+--- Mounts a callback URL on an app (what `app:mp` calls).
+-- @tparam table app a wxd.app
+-- @tparam string path e.g. "/wx"
+-- @tparam table cfg `token` (required), `appid` (the receive id; `corp_id`
+--   for WeCom), `aes_key` (one EncodingAESKey or an array: a key change),
+--   `kind` ("mp", "miniprogram" or "wecom"), `timestamp_window` (seconds,
+--   default 300; false: off), `deadline_ms` (4500), `dedup_ttl` (seconds,
+--   window + 60), `max_body_bytes` (64 KiB), `allow_plaintext` (default:
+--   only when no aes_key is set), `on_late_reply(msg, reply, ctx)`
+-- @tparam table|function handlers by MsgType (`text`, `image`, ...),
+--   `event` (a function, or a table by Event), `default`
+-- @treturn table the app
+function _M.mount(app, path, cfg, handlers)
+  if type(path) ~= "string" then error("wxd.mp: path must be a string", 2) end
+  local self = new_endpoint(path, cfg, handlers)
+  app:get(path, function(req, res) return self:verify(req, res) end)
+  app:post(path, function(req, res) return self:receive(req, res) end)
+  return app
+end
+
+return _M
