@@ -13,6 +13,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "fetch.h"
 #include "http.h"
 #include "reload.h"
 #include "shdict.h"
@@ -54,6 +55,7 @@ wxd_vm_t *wxd_worker_load(wxd_worker_t *w, unsigned gen, char *err, size_t errle
   }
   vm->owner = w;
   vm->shdicts = w->srv->shdicts; /* before app.lua runs: it may use them */
+  vm->fetch = w->fetch;
   vm->generation = gen;
   vm->on_idle = on_vm_idle;
   lua_State *L = vm->L;
@@ -167,6 +169,7 @@ static void on_stop(uv_async_t *a) {
 static void on_tick(uv_timer_t *t) {
   wxd_worker_t *w = t->data;
   wxd_http_sweep(w);
+  wxd_fetch_pool_sweep(w->fetch);
   wxd_logbuf_flush(&w->access);
 }
 
@@ -177,6 +180,7 @@ static void walk_close(uv_handle_t *h, void *arg) {
 
 static void worker_main(void *arg) {
   wxd_worker_t *w = arg;
+  w->fetch = wxd_fetch_pool_new(&w->loop); /* NULL: each VM makes its own */
   w->vm = wxd_worker_load(w, 1, w->load_error, sizeof w->load_error);
   w->load_status = w->vm ? 0 : -1;
   if (w->vm) atomic_store(&w->stats.generation, 1);
@@ -213,6 +217,9 @@ static void worker_main(void *arg) {
   w->next_vm = NULL;
   wxd_vm_free(w->vm);
   w->vm = NULL;
+  /* The loop has run out: no outbound request is in flight. */
+  wxd_fetch_pool_free(w->fetch);
+  w->fetch = NULL;
   pthread_mutex_lock(&exited_mu);
   exited_count++;
   pthread_mutex_unlock(&exited_mu);

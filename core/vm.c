@@ -19,6 +19,7 @@ int wxd_open_http_lua(lua_State *L);
 int wxd_open_crypto(lua_State *L);
 int wxd_open_shdict(lua_State *L);
 int wxd_open_xml(lua_State *L);
+int wxd_open_fetch(lua_State *L);
 
 /* Registry keys: addresses of these statics are unique light userdata. */
 static const char vm_key = 0;
@@ -206,6 +207,7 @@ wxd_vm_t *wxd_vm_new(uv_loop_t *loop, const wxd_vm_options_t *opts) {
   wxd_vm_preload(L, "wxd.core.crypto", wxd_open_crypto);
   wxd_vm_preload(L, "wxd.core.shdict", wxd_open_shdict);
   wxd_vm_preload(L, "wxd.core.xml", wxd_open_xml);
+  wxd_vm_preload(L, "wxd.core.fetch", wxd_open_fetch);
   wxd_vm_preload(L, "cjson", luaopen_cjson);
   wxd_vm_preload(L, "cjson.safe", luaopen_cjson_safe);
   return vm;

@@ -69,6 +69,10 @@ struct wxd_vm {
   /* The server's shared dictionaries (shdict.c), set by the worker on each
    * new VM; NULL outside a server. Not owned: it outlives every VM. */
   struct wxd_shdict_registry *shdicts;
+  /* The worker's outbound connection pool (fetch.c), set like shdicts so
+   * that keep-alive connections outlive generations. Not owned; NULL
+   * outside a server (the VM then makes its own). */
+  struct wxd_fetch_pool *fetch;
 };
 
 /* Creates a VM on `loop`. Returns NULL on allocation failure. */

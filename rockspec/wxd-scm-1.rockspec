@@ -33,6 +33,7 @@ build = {
       ["wxd.cli"] = "lua/wxd/cli.lua",
       ["wxd.config"] = "lua/wxd/config.lua",
       ["wxd.crypto"] = "lua/wxd/crypto.lua",
+      ["wxd.http"] = "lua/wxd/http.lua",
       ["wxd.lock"] = "lua/wxd/lock.lua",
       ["wxd.log"] = "lua/wxd/log.lua",
       ["wxd.mp"] = "lua/wxd/mp.lua",
