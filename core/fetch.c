@@ -22,6 +22,8 @@
 
 #include "fetch.h"
 
+#include "httpscan.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <lauxlib.h>
@@ -43,7 +45,6 @@
 #define DNS_MAX 1024         /* names cached per pool */
 #define CTX_MAX 32           /* TLS contexts cached per pool */
 #define MAX_RESP_HEADERS 256 /* header fields in one response */
-#define CHUNK_LINE_MAX 4096  /* a chunk-size line with its extensions */
 #define READBUF_SIZE 65536
 #define PLAINBUF_SIZE 16384
 
@@ -127,28 +128,9 @@ typedef struct hdr {
   uint32_t name_off, name_len, value_off, value_len;
 } hdr_t;
 
-/* The checks llhttp 8.1 lacks, run on the raw bytes before it sees them
- * (the server's scanner in http.c does the same for requests): the status
- * line and header lines must end in CRLF, no obs-fold, no whitespace in or
- * after a field name; chunk-size lines are hex digits, optionally with
- * extensions, then CRLF; chunk data is followed by exactly CRLF; trailers
- * follow the header rules. It also bounds the raw bytes of the head, of
- * the trailers and of each chunk-size line. */
-enum { SC_OFF = 0, SC_HEAD, SC_CHUNKED };
-enum { CS_SIZE, CS_EXT, CS_SIZE_LF, CS_DATA, CS_DATA_CR, CS_DATA_LF, CS_TRAILERS };
-
-typedef struct scan {
-  int mode;
-  int cs;
-  int line;           /* head: 0 is the status line */
-  size_t line_len;
-  int in_name;
-  int saw_cr;
-  size_t bytes;       /* raw bytes of this head or trailer part */
-  uint64_t remaining; /* chunk data still to come */
-  int ndigits;
-  size_t chunk_line;
-} scan_t;
+/* The checks llhttp 8.1 lacks (httpscan.c, shared with the server) run on
+ * the raw bytes of the response head and of a chunked body before llhttp
+ * sees them. */
 
 struct fetch_req {
   uv_tcp_t tcp;
@@ -156,7 +138,7 @@ struct fetch_req {
   uv_connect_t connect;
   uv_write_t write;        /* plain HTTP: the request bytes */
   llhttp_t parser;
-  scan_t scan;
+  wxd_scan_t scan;
   wxd_fetch_pool_t *pool;
   wxd_co_t *co;            /* NULL once resumed or cancelled */
   fetch_host_t *host;
@@ -217,138 +199,6 @@ static uint64_t now_ms(wxd_fetch_pool_t *p) { return uv_now(p->loop); }
 
 static void host_label(const fetch_host_t *h, char *out, size_t len) {
   snprintf(out, len, strchr(h->name, ':') ? "[%s]:%d" : "%s:%d", h->name, h->port);
-}
-
-/* ---- scanner ---- */
-
-static void scan_head(scan_t *s) {
-  memset(s, 0, sizeof *s);
-  s->mode = SC_HEAD;
-}
-
-static void scan_chunked(scan_t *s) {
-  memset(s, 0, sizeof *s);
-  s->mode = SC_CHUNKED;
-  s->cs = CS_SIZE;
-}
-
-/* One byte of a header-like line. 1 at the blank line ending the part, 0 to
- * go on, -1 to refuse. */
-static int scan_line(scan_t *s, unsigned char ch, int has_start_line) {
-  if (ch == '\n') {
-    if (!s->saw_cr) return -1; /* bare LF */
-    s->saw_cr = 0;
-    if (s->line_len == 0 && (s->line > 0 || !has_start_line)) return 1;
-    if (s->line_len == 0) return -1; /* an empty status line */
-    s->line++;
-    s->line_len = 0;
-    s->in_name = 1;
-    return 0;
-  }
-  if (s->saw_cr) return -1; /* CR without LF */
-  if (ch == '\r') {
-    s->saw_cr = 1;
-    return 0;
-  }
-  if (s->line > 0 || !has_start_line) {
-    if (s->line_len == 0 && (ch == ' ' || ch == '\t' || ch == ':')) return -1; /* obs-fold, empty name */
-    if (s->in_name) {
-      if (ch == ':') s->in_name = 0;
-      else if (ch == ' ' || ch == '\t') return -1;
-    }
-  }
-  s->line_len++;
-  return 0;
-}
-
-static int hexval(unsigned char ch) {
-  if (ch >= '0' && ch <= '9') return ch - '0';
-  if (ch >= 'a' && ch <= 'f') return ch - 'a' + 10;
-  if (ch >= 'A' && ch <= 'F') return ch - 'A' + 10;
-  return -1;
-}
-
-/* Scans data[0..len). Returns 0 with *upto set to the bytes of the part
- * being checked (the scanner is off after the head or the trailers), or
- * K_PROTOCOL / K_TOO_LARGE with *why set. */
-static int scan(scan_t *s, const char *data, size_t len, size_t max_head, size_t *upto, const char **why) {
-  for (size_t i = 0; i < len; i++) {
-    unsigned char ch = (unsigned char)data[i];
-    if (s->mode == SC_HEAD || s->cs == CS_TRAILERS) {
-      if (++s->bytes > max_head) {
-        *why = s->mode == SC_HEAD ? "response headers too large" : "response trailers too large";
-        return K_TOO_LARGE;
-      }
-      int r = scan_line(s, ch, s->mode == SC_HEAD);
-      if (r < 0) {
-        *why = "malformed response head (bare LF, obs-fold or a space in a field name)";
-        return K_PROTOCOL;
-      }
-      if (r > 0) {
-        s->mode = SC_OFF;
-        *upto = i + 1;
-        return 0;
-      }
-      continue;
-    }
-    *why = "malformed chunked body";
-    switch (s->cs) {
-      case CS_SIZE: {
-        int v = hexval(ch);
-        if (++s->chunk_line > CHUNK_LINE_MAX) return K_PROTOCOL;
-        if (v >= 0) {
-          if (++s->ndigits > 15) return K_PROTOCOL;
-          s->remaining = s->remaining * 16 + (uint64_t)v;
-        } else if (s->ndigits > 0 && ch == ';') {
-          s->cs = CS_EXT;
-        } else if (s->ndigits > 0 && ch == '\r') {
-          s->cs = CS_SIZE_LF;
-        } else {
-          return K_PROTOCOL;
-        }
-        break;
-      }
-      case CS_EXT:
-        if (++s->chunk_line > CHUNK_LINE_MAX) return K_PROTOCOL;
-        if (ch == '\r') s->cs = CS_SIZE_LF;
-        else if (ch == '\n' || ch == 0) return K_PROTOCOL;
-        break;
-      case CS_SIZE_LF:
-        if (ch != '\n') return K_PROTOCOL;
-        if (s->remaining == 0) {
-          s->cs = CS_TRAILERS;
-          s->line = 1;
-          s->line_len = 0;
-          s->in_name = 1;
-          s->saw_cr = 0;
-          s->bytes = 0;
-        } else {
-          s->cs = CS_DATA;
-        }
-        break;
-      case CS_DATA: {
-        uint64_t take = len - i;
-        if (take > s->remaining) take = s->remaining;
-        s->remaining -= take;
-        i += (size_t)take - 1;
-        if (s->remaining == 0) s->cs = CS_DATA_CR;
-        break;
-      }
-      case CS_DATA_CR:
-        if (ch != '\r') return K_PROTOCOL;
-        s->cs = CS_DATA_LF;
-        break;
-      case CS_DATA_LF:
-        if (ch != '\n') return K_PROTOCOL;
-        s->cs = CS_SIZE;
-        s->ndigits = 0;
-        s->remaining = 0;
-        s->chunk_line = 0;
-        break;
-    }
-  }
-  *upto = len;
-  return 0;
 }
 
 /* ---- parser callbacks ---- */
@@ -438,7 +288,7 @@ static int on_headers_complete(llhttp_t *p) {
   if ((p->flags & F_CONTENT_LENGTH) && p->content_length > r->max_body && !r->is_head && status != 204 &&
       status != 304)
     CB_FAIL(r, K_TOO_LARGE, "response body larger than max_body");
-  if (p->flags & F_CHUNKED) scan_chunked(&r->scan);
+  if (p->flags & F_CHUNKED) wxd_scan_chunked(&r->scan);
   /* A response to HEAD has no body whatever its headers say. */
   return r->is_head ? 1 : 0;
 }
@@ -954,7 +804,7 @@ static int req_retry(fetch_req_t *r) {
   c->tls = NULL;
   llhttp_init(&r->parser, HTTP_RESPONSE, &parser_settings);
   r->parser.data = r;
-  scan_head(&r->scan);
+  wxd_scan_head(&r->scan, 0);
   resp_reset(r);
   req_phase(r, P_CONNECT, r->connect_ms);
   tcp_close(r, AC_RETRY);
@@ -974,12 +824,20 @@ static int req_parse(fetch_req_t *r, const char *data, size_t len) {
   if (len > 0) r->got_bytes = 1;
   while (len > 0) {
     size_t chunk = len;
-    if (r->scan.mode != SC_OFF) {
-      const char *why = NULL;
-      int k = scan(&r->scan, data, len, r->max_header, &chunk, &why);
-      if (k) {
-        req_fail(r, k, "%s", why);
-        return -1;
+    if (r->scan.mode != WXD_SCAN_OFF) {
+      int head = r->scan.mode == WXD_SCAN_HEAD;
+      switch (wxd_scan(&r->scan, data, len, r->max_header, &chunk)) {
+        case WXD_SCAN_OK: break;
+        case WXD_SCAN_HEAD_TOO_LARGE:
+          req_fail(r, K_TOO_LARGE, "%s", head ? "response headers too large" : "response trailers too large");
+          return -1;
+        case WXD_SCAN_MALFORMED:
+          req_fail(r, K_PROTOCOL, "%s", head ? "malformed response head (bare LF, obs-fold or a space in a field name)"
+                                             : "malformed chunked body");
+          return -1;
+        default:
+          req_fail(r, K_PROTOCOL, "%s", "malformed chunked body");
+          return -1;
       }
     }
     llhttp_errno_t e = llhttp_execute(&r->parser, data, chunk);
@@ -995,7 +853,7 @@ static int req_parse(fetch_req_t *r, const char *data, size_t len) {
       /* An interim 1xx: its head is done, the real response follows. */
       r->interim = 0;
       r->in_trailers = 0;
-      scan_head(&r->scan);
+      wxd_scan_head(&r->scan, 0);
       continue;
     }
     if (e != HPE_OK) {
@@ -1581,7 +1439,7 @@ static int fetch_request(lua_State *L) {
   r->keepalive = opt_bool(L, 1, "keepalive");
   llhttp_init(&r->parser, HTTP_RESPONSE, &parser_settings);
   r->parser.data = r;
-  scan_head(&r->scan);
+  wxd_scan_head(&r->scan, 0);
   r->next = p->reqs;
   if (p->reqs) p->reqs->prev = r;
   p->reqs = r;

@@ -18,6 +18,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "httpscan.h"
 #include "log.h"
 #include "vm.h"
 
@@ -31,30 +32,9 @@ typedef struct hdr {
   uint32_t name_off, name_len, value_off, value_len;
 } hdr_t;
 
-/* Our own checks of the bytes llhttp sees, run before it sees them: the
- * header section, and the framing of a chunked body (size lines, the CRLF
- * after each chunk, trailers). llhttp 8.1 still accepts obs-fold, bare LF
- * line ends, a space in a header name, any two bytes after chunk data and a
- * bare LF ending the trailers; nginx and newer llhttp refuse them, and so
- * do we. The scanner also bounds bytes that reach no llhttp callback
- * (whitespace, chunk extensions), which the callbacks' limits cannot see. */
-enum { SCAN_OFF, SCAN_HEADERS, SCAN_CHUNKED };
-enum { CS_SIZE, CS_EXT, CS_SIZE_LF, CS_DATA, CS_DATA_CR, CS_DATA_LF, CS_TRAILERS };
-
-#define CHUNK_LINE_MAX 4096 /* a chunk-size line with its extensions */
-
-typedef struct scanner {
-  int mode;          /* SCAN_* */
-  int line;          /* header section: 0 = request line */
-  int line_len;      /* bytes on this line, CR excluded */
-  int in_name;       /* before the colon of a header (or trailer) line */
-  int saw_cr;
-  size_t bytes;      /* raw bytes of this header section or trailer part */
-  int cstate;        /* CS_*, in SCAN_CHUNKED */
-  uint64_t remaining;/* bytes of chunk data still to come */
-  int ndigits;
-  size_t chunk_line; /* bytes of the current chunk-size line */
-} scanner_t;
+/* The byte-level checks llhttp 8.1 lacks live in httpscan.c (shared with
+ * the client): every byte of a request head and of a chunked body's framing
+ * goes through them before llhttp sees it. */
 
 typedef struct wxd_conn wxd_conn_t;
 
@@ -97,7 +77,7 @@ struct wxd_conn {
   wxd_conn_t *prev, *next;
   wxd_req_t *req;        /* request being parsed or handled */
   wxd_buf_t in;          /* unparsed bytes queued while handling */
-  scanner_t scan;
+  wxd_scan_t scan;
   int state;
   int err_status;        /* set by a parser callback before it fails */
   const char *err_msg;
@@ -219,140 +199,6 @@ const char *wxd_worker_date(wxd_worker_t *w, size_t *len) {
   }
   *len = w->date_len;
   return w->date_hdr;
-}
-
-/* ---- scanner ---- */
-
-static void scan_reset(scanner_t *s) {
-  memset(s, 0, sizeof *s);
-  s->mode = SCAN_HEADERS;
-}
-
-/* Starts the check of a chunked body once its headers are accepted. */
-static void scan_chunked(scanner_t *s) {
-  memset(s, 0, sizeof *s);
-  s->mode = SCAN_CHUNKED;
-  s->cstate = CS_SIZE;
-}
-
-/* One byte of a header-like line (the header section, or trailers). Returns
- * 1 at the blank line that ends the section, 0 to go on, -1 to refuse. */
-static int scan_line_byte(scanner_t *s, unsigned char ch, int first_is_request_line) {
-  if (ch == '\n') {
-    if (!s->saw_cr) return -1; /* bare LF */
-    s->saw_cr = 0;
-    if (s->line_len == 0) {
-      if (first_is_request_line && s->line == 0) return 0; /* empty lines before the request line */
-      return 1;
-    }
-    s->line++;
-    s->line_len = 0;
-    s->in_name = 1;
-    return 0;
-  }
-  if (s->saw_cr) return -1; /* CR not followed by LF */
-  if (ch == '\r') {
-    s->saw_cr = 1;
-    return 0;
-  }
-  if (s->line > 0 || !first_is_request_line) {
-    if (s->line_len == 0 && (ch == ' ' || ch == '\t')) return -1; /* obs-fold */
-    if (s->line_len == 0 && ch == ':') return -1;                  /* empty name */
-    if (s->in_name) {
-      if (ch == ':') s->in_name = 0;
-      else if (ch == ' ' || ch == '\t') return -1; /* space in a name */
-    }
-  }
-  s->line_len++;
-  return 0;
-}
-
-static int hexval(unsigned char ch) {
-  if (ch >= '0' && ch <= '9') return ch - '0';
-  if (ch >= 'a' && ch <= 'f') return ch - 'a' + 10;
-  if (ch >= 'A' && ch <= 'F') return ch - 'A' + 10;
-  return -1;
-}
-
-/* Scans data[0..len). Returns 0 or an HTTP status to refuse with (400,
- * 413, 431). Sets *upto to the bytes that belong to the part being checked:
- * all of them, or up to the end of the header section (or of the trailers),
- * after which the scanner is off until the next message. */
-static int scan(scanner_t *s, const char *data, size_t len, size_t max_header_bytes, size_t *upto) {
-  /* Raw bytes may exceed what the callbacks count (delimiters, spaces); the
-   * slack keeps a request the callbacks accept from being refused here. */
-  size_t raw_max = 2 * max_header_bytes + 1024;
-  for (size_t i = 0; i < len; i++) {
-    unsigned char ch = (unsigned char)data[i];
-    if (s->mode == SCAN_HEADERS || (s->mode == SCAN_CHUNKED && s->cstate == CS_TRAILERS)) {
-      if (++s->bytes > raw_max) return 431;
-      int r = scan_line_byte(s, ch, s->mode == SCAN_HEADERS);
-      if (r < 0) return 400;
-      if (r > 0) {
-        s->mode = SCAN_OFF;
-        *upto = i + 1;
-        return 0;
-      }
-      continue;
-    }
-    switch (s->cstate) {
-      case CS_SIZE: {
-        int v = hexval(ch);
-        if (++s->chunk_line > CHUNK_LINE_MAX) return 413;
-        if (v >= 0) {
-          if (++s->ndigits > 15) return 400; /* no chunk is that large */
-          s->remaining = s->remaining * 16 + (uint64_t)v;
-        } else if (s->ndigits > 0 && ch == ';') {
-          s->cstate = CS_EXT;
-        } else if (s->ndigits > 0 && ch == '\r') {
-          s->cstate = CS_SIZE_LF;
-        } else {
-          return 400;
-        }
-        break;
-      }
-      case CS_EXT:
-        if (++s->chunk_line > CHUNK_LINE_MAX) return 413;
-        if (ch == '\r') s->cstate = CS_SIZE_LF;
-        else if (ch == '\n' || ch == 0) return 400;
-        break;
-      case CS_SIZE_LF:
-        if (ch != '\n') return 400;
-        if (s->remaining == 0) {
-          /* The last chunk: trailers follow, as header lines. */
-          s->cstate = CS_TRAILERS;
-          s->line = 1;
-          s->line_len = 0;
-          s->in_name = 1;
-          s->saw_cr = 0;
-          s->bytes = 0;
-        } else {
-          s->cstate = CS_DATA;
-        }
-        break;
-      case CS_DATA: {
-        uint64_t take = len - i;
-        if (take > s->remaining) take = s->remaining;
-        s->remaining -= take;
-        i += (size_t)take - 1;
-        if (s->remaining == 0) s->cstate = CS_DATA_CR;
-        break;
-      }
-      case CS_DATA_CR:
-        if (ch != '\r') return 400;
-        s->cstate = CS_DATA_LF;
-        break;
-      case CS_DATA_LF:
-        if (ch != '\n') return 400;
-        s->cstate = CS_SIZE;
-        s->ndigits = 0;
-        s->remaining = 0;
-        s->chunk_line = 0;
-        break;
-    }
-  }
-  *upto = len;
-  return 0;
 }
 
 /* ---- writing ---- */
@@ -630,7 +476,7 @@ static int on_headers_complete(llhttp_t *p) {
     while (tl && (te[tl - 1] == ' ' || te[tl - 1] == '\t')) tl--;
     if (r->te_count > 1) FAIL(c, 400, "repeated Transfer-Encoding");
     if (!te || tl != 7 || strncasecmp(te, "chunked", 7) != 0) FAIL(c, 501, "transfer coding not supported");
-    scan_chunked(&c->scan);
+    wxd_scan_chunked(&c->scan);
   }
   if (r->http_minor == 1 && r->host_count != 1) FAIL(c, 400, "missing or repeated Host");
   if (r->host_count > 1) FAIL(c, 400, "repeated Host");
@@ -1199,7 +1045,7 @@ static void req_finish(wxd_req_t *r) {
     return;
   }
   c->state = CONN_IDLE;
-  scan_reset(&c->scan);
+  wxd_scan_head(&c->scan, 1);
   conn_set_timer(c, w->cfg->limits.keepalive_timeout_ms);
   if (!c->in_process) {
     process_queued(c);
@@ -1223,11 +1069,19 @@ static void conn_process(wxd_conn_t *c, const char *data, size_t len) {
       conn_set_timer(c, c->w->cfg->limits.header_timeout_ms);
     }
     size_t chunk = len;
-    if (c->scan.mode != SCAN_OFF) {
-      int refused = scan(&c->scan, data, len, c->w->cfg->limits.max_header_bytes, &chunk);
-      if (refused) {
-        conn_fail(c, refused, refused == 400 ? "bad request" : refused == 413 ? "chunk line too long"
-                                                                               : "request header fields too large");
+    if (c->scan.mode != WXD_SCAN_OFF) {
+      /* Raw bytes exceed what the callbacks count (delimiters, spaces): the
+       * slack keeps a head the callbacks accept from being refused here. */
+      size_t raw_max = 2 * c->w->cfg->limits.max_header_bytes + 1024;
+      int refused = wxd_scan(&c->scan, data, len, raw_max, &chunk);
+      if (refused == WXD_SCAN_MALFORMED) {
+        conn_fail(c, 400, "bad request");
+        break;
+      } else if (refused == WXD_SCAN_CHUNK_LINE_LONG) {
+        conn_fail(c, 413, "chunk line too long");
+        break;
+      } else if (refused) {
+        conn_fail(c, 431, "request header fields too large");
         break;
       }
     }
@@ -1386,7 +1240,7 @@ void wxd_http_on_connection(uv_stream_t *server, int status) {
   }
   llhttp_init(&c->parser, HTTP_REQUEST, &parser_settings);
   c->parser.data = c;
-  scan_reset(&c->scan);
+  wxd_scan_head(&c->scan, 1);
   c->state = CONN_IDLE;
   /* Until the first byte, a new connection gets the header timeout: an
    * opened-and-silent socket is the first step of slowloris. */
