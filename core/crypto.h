@@ -76,6 +76,20 @@ int wxd_random_bytes(void *buf, size_t len);
 /* Lua module wxd.core.crypto; returns the module table. */
 int wxd_open_crypto(lua_State *L);
 
+/* Reads a PKCS#12 bundle (DER) in a private library context with the
+ * legacy provider, because WeChat Pay's apiclient_cert.p12 is encrypted
+ * with RC2-40, which OpenSSL 3 keeps out of the default context (loading
+ * that provider process-wide would change every other user of OpenSSL).
+ * The key, leaf and chain are copied into the default context; on success
+ * the caller owns them. Returns 0 or one of WXD_PKCS12_* (nothing to free).
+ * Used by wxd.crypto.load_pkcs12 and by the TLS client (tls.c). */
+enum { WXD_PKCS12_INVALID = -1, WXD_PKCS12_BAD_PASSPHRASE = -2, WXD_PKCS12_NOMEM = -3 };
+struct evp_pkey_st;
+struct x509_st;
+struct stack_st_X509;
+int wxd_pkcs12_read(const void *der, size_t len, const char *pass, struct evp_pkey_st **key,
+                    struct x509_st **leaf, struct stack_st_X509 **chain);
+
 /* Internal to crypto.c and rsa.c: adds the RSA, certificate and PKCS#12
  * functions to the module table at the top of the stack. */
 void wxd__crypto_open_rsa(lua_State *L);

@@ -645,72 +645,92 @@ static int p12_mac_ok(PKCS12 *p12, const char *pass) {
   return pass[0] == 0 && PKCS12_verify_mac(p12, NULL, 0);
 }
 
+int wxd_pkcs12_read(const void *der, size_t len, const char *pass, EVP_PKEY **key, X509 **leaf,
+                    STACK_OF(X509) **chain) {
+  *key = NULL;
+  *leaf = NULL;
+  *chain = NULL;
+  OSSL_LIB_CTX *lib = OSSL_LIB_CTX_new();
+  OSSL_PROVIDER *def = lib ? OSSL_PROVIDER_load(lib, "default") : NULL;
+  OSSL_PROVIDER *legacy = def ? OSSL_PROVIDER_load(lib, "legacy") : NULL; /* optional */
+  PKCS12 *p12 = def ? PKCS12_init_ex(NID_pkcs7_data, lib, NULL) : NULL;
+  EVP_PKEY *pk = NULL;
+  X509 *x = NULL;
+  STACK_OF(X509) *cas = NULL;
+  int rc = WXD_PKCS12_INVALID;
+  const unsigned char *p = der;
+  if (!p12) {
+    rc = WXD_PKCS12_NOMEM;
+    goto done;
+  }
+  if (!d2i_PKCS12(&p12, &p, (long)len) || (size_t)(p - (const unsigned char *)der) != len) goto done;
+  if (!p12_mac_ok(p12, pass)) {
+    rc = WXD_PKCS12_BAD_PASSPHRASE;
+    goto done;
+  }
+  if (!PKCS12_parse(p12, pass, &pk, &x, &cas) || !pk || !x) goto done;
+  if (!(*key = key_to_default_ctx(pk)) || !(*leaf = cert_to_default_ctx(x)) || !(*chain = sk_X509_new_null()))
+    goto done;
+  for (int i = 0; cas && i < sk_X509_num(cas); i++) {
+    X509 *c = cert_to_default_ctx(sk_X509_value(cas, i));
+    if (!c || !sk_X509_push(*chain, c)) {
+      X509_free(c);
+      goto done;
+    }
+  }
+  rc = 0;
+done:
+  ERR_clear_error();
+  if (rc != 0) {
+    EVP_PKEY_free(*key);
+    X509_free(*leaf);
+    sk_X509_pop_free(*chain, X509_free);
+    *key = NULL;
+    *leaf = NULL;
+    *chain = NULL;
+  }
+  EVP_PKEY_free(pk);
+  X509_free(x);
+  sk_X509_pop_free(cas, X509_free);
+  PKCS12_free(p12);
+  if (legacy) OSSL_PROVIDER_unload(legacy);
+  if (def) OSSL_PROVIDER_unload(def);
+  OSSL_LIB_CTX_free(lib);
+  return rc;
+}
+
 /* load_pkcs12(der, passphrase) -> key, certificate, { ca certificate, ... }
- * | nil, "bad passphrase" | nil, "invalid pkcs12".
- * The bundle is read in a private library context with the legacy provider
- * loaded, because WeChat Pay's apiclient_cert.p12 (like every bundle made
- * by `openssl pkcs12 -legacy` or older tools) is encrypted with RC2-40,
- * which OpenSSL 3 keeps out of its default context. Loading that provider
- * globally would change every other user of OpenSSL in the process. */
+ * | nil, "bad passphrase" | nil, "invalid pkcs12" (see wxd_pkcs12_read). */
 static int crypto_load_pkcs12(lua_State *L) {
   size_t len, plen;
   const char *der = check_bytes(L, 1, &len);
   const char *pass = check_bytes(L, 2, &plen);
   if (strlen(pass) != plen) return luaL_argerror(L, 2, "passphrase contains a NUL byte");
+  /* Every Lua object first, in a safe empty state: nothing below raises
+   * while OpenSSL objects are unowned. */
   crypto_key_t *k = key_new(L);
   crypto_cert_t *c = cert_new(L);
   crypto_guard_t *g = guard_new(L);
-  const char *err = "invalid pkcs12";
-  if (!(g->libctx = OSSL_LIB_CTX_new()) || !(g->prov[0] = OSSL_PROVIDER_load(g->libctx, "default"))) {
+  EVP_PKEY *pk;
+  X509 *x;
+  int rc = wxd_pkcs12_read(der, len, pass, &pk, &x, &g->certs);
+  if (rc == WXD_PKCS12_NOMEM) return luaL_error(L, "cannot set up OpenSSL for PKCS#12");
+  if (rc != 0) return push_fail(L, rc == WXD_PKCS12_BAD_PASSPHRASE ? "bad passphrase" : "invalid pkcs12");
+  k->pkey = pk;
+  c->x509 = x;
+  if (!pkey_is_rsa(k->pkey)) {
+    EVP_PKEY_free(k->pkey);
+    k->pkey = NULL;
+    X509_free(c->x509);
+    c->x509 = NULL;
     guard_release(g);
-    ERR_clear_error();
-    return luaL_error(L, "cannot set up OpenSSL for PKCS#12");
+    return push_fail(L, "invalid pkcs12");
   }
-  g->prov[1] = OSSL_PROVIDER_load(g->libctx, "legacy"); /* optional */
-  const unsigned char *p = (const unsigned char *)der;
-  if (!(g->p12 = PKCS12_init_ex(NID_pkcs7_data, g->libctx, NULL)) || !d2i_PKCS12(&g->p12, &p, (long)len) ||
-      (size_t)(p - (const unsigned char *)der) != len)
-    goto fail;
-  if (!p12_mac_ok(g->p12, pass)) {
-    err = "bad passphrase";
-    goto fail;
-  }
-  EVP_PKEY *pk = NULL;
-  X509 *x = NULL;
-  if (!PKCS12_parse(g->p12, pass, &pk, &x, &g->certs)) goto fail;
-  g->pkey = pk;
-  g->x509 = x;
-  if (!pkey_is_rsa(g->pkey) || !g->x509) goto fail;
-  if (!(k->pkey = key_to_default_ctx(g->pkey)) || !(c->x509 = cert_to_default_ctx(g->x509))) goto fail;
   k->priv = 1;
-  for (int i = 0; g->certs && i < sk_X509_num(g->certs); i++) {
-    X509 *copy = cert_to_default_ctx(sk_X509_value(g->certs, i));
-    if (!copy) goto fail;
-    X509_free(sk_X509_value(g->certs, i));
-    sk_X509_set(g->certs, i, copy);
-  }
-  /* Everything left in the guard now belongs to the default context except
-   * the bundle's own objects, freed here with the private context. */
-  EVP_PKEY_free(g->pkey);
-  g->pkey = NULL;
-  X509_free(g->x509);
-  g->x509 = NULL;
-  PKCS12_free(g->p12);
-  g->p12 = NULL;
-  ERR_clear_error();
   push_cert_list(L, g);
   guard_release(g);
   lua_remove(L, -2); /* the guard: key, certificate and list are the results */
   return 3;
-fail:
-  guard_release(g);
-  ERR_clear_error();
-  EVP_PKEY_free(k->pkey); /* copies made before a later step failed */
-  k->pkey = NULL;
-  k->priv = 0;
-  X509_free(c->x509);
-  c->x509 = NULL;
-  return push_fail(L, err);
 }
 
 /* ---- registration ---- */

@@ -3,6 +3,8 @@
 
 #include "tls.h"
 
+#include "crypto.h"
+
 #include <arpa/inet.h>
 #include <errno.h>
 #include <openssl/err.h>
@@ -84,78 +86,18 @@ static int load_pem_pair(const wxd_tls_client_conf_t *conf, X509 **leaf, EVP_PKE
   return 0;
 }
 
-/* DER round trips that move a key or a certificate out of the private
- * library context a PKCS#12 bundle was read in. */
-static EVP_PKEY *key_out_of(EVP_PKEY *pk) {
-  unsigned char *der = NULL;
-  int n = i2d_PrivateKey(pk, &der);
-  if (n <= 0) return NULL;
-  const unsigned char *p = der;
-  EVP_PKEY *copy = d2i_AutoPrivateKey_ex(NULL, &p, n, NULL, NULL);
-  OPENSSL_clear_free(der, (size_t)n);
-  return copy;
-}
-
-static X509 *cert_out_of(X509 *x) {
-  unsigned char *der = NULL;
-  int n = i2d_X509(x, &der);
-  if (n <= 0) return NULL;
-  const unsigned char *p = der;
-  X509 *copy = d2i_X509(NULL, &p, n);
-  OPENSSL_free(der);
-  return copy;
-}
-
-/* Leaf, key and chain from a PKCS#12 bundle. It is read in a private
- * library context with the legacy provider, because WeChat Pay's
- * apiclient_cert.p12 is encrypted with RC2-40, which OpenSSL 3 keeps out of
- * the default context (and loading that provider process-wide would change
- * every other user of OpenSSL). Returns 0 or -1 with err set. */
+/* Leaf, key and chain from a PKCS#12 bundle (wxd_pkcs12_read in rsa.c:
+ * WeChat Pay's legacy RC2 bundles included). Returns 0 or -1 with err set. */
 static int load_pkcs12(const wxd_tls_client_conf_t *conf, X509 **leaf, EVP_PKEY **key,
                        STACK_OF(X509) **chain, char *err, size_t errlen) {
-  const char *pass = conf->passphrase ? conf->passphrase : "";
-  OSSL_LIB_CTX *lib = OSSL_LIB_CTX_new();
-  OSSL_PROVIDER *def = lib ? OSSL_PROVIDER_load(lib, "default") : NULL;
-  OSSL_PROVIDER *legacy = def ? OSSL_PROVIDER_load(lib, "legacy") : NULL; /* optional */
-  PKCS12 *p12 = def ? PKCS12_init_ex(NID_pkcs7_data, lib, NULL) : NULL;
-  EVP_PKEY *pk = NULL;
-  X509 *x = NULL;
-  STACK_OF(X509) *cas = NULL;
-  int rc = -1;
-  const unsigned char *p = (const unsigned char *)conf->pkcs12;
-  snprintf(err, errlen, "client certificate: invalid PKCS#12 bundle");
-  if (!p12) {
-    snprintf(err, errlen, "out of memory");
-    goto done;
-  }
-  if (!d2i_PKCS12(&p12, &p, (long)conf->pkcs12_len) ||
-      (size_t)(p - (const unsigned char *)conf->pkcs12) != conf->pkcs12_len)
-    goto done;
-  if (PKCS12_mac_present(p12) && !PKCS12_verify_mac(p12, pass, -1) &&
-      !(pass[0] == 0 && PKCS12_verify_mac(p12, NULL, 0))) {
-    snprintf(err, errlen, "client certificate: wrong PKCS#12 passphrase");
-    goto done;
-  }
-  if (!PKCS12_parse(p12, pass, &pk, &x, &cas) || !pk || !x) goto done;
-  if (!(*key = key_out_of(pk)) || !(*leaf = cert_out_of(x)) || !(*chain = sk_X509_new_null())) goto done;
-  for (int i = 0; cas && i < sk_X509_num(cas); i++) {
-    X509 *c = cert_out_of(sk_X509_value(cas, i));
-    if (!c || !sk_X509_push(*chain, c)) {
-      X509_free(c);
-      goto done;
-    }
-  }
-  rc = 0;
-done:
-  ERR_clear_error();
-  EVP_PKEY_free(pk);
-  X509_free(x);
-  sk_X509_pop_free(cas, X509_free);
-  PKCS12_free(p12);
-  if (legacy) OSSL_PROVIDER_unload(legacy);
-  if (def) OSSL_PROVIDER_unload(def);
-  OSSL_LIB_CTX_free(lib);
-  return rc;
+  int rc = wxd_pkcs12_read(conf->pkcs12, conf->pkcs12_len, conf->passphrase ? conf->passphrase : "", key,
+                           leaf, chain);
+  if (rc == 0) return 0;
+  snprintf(err, errlen, "%s",
+           rc == WXD_PKCS12_BAD_PASSPHRASE ? "client certificate: wrong PKCS#12 passphrase"
+           : rc == WXD_PKCS12_NOMEM        ? "out of memory"
+                                           : "client certificate: invalid PKCS#12 bundle");
+  return -1;
 }
 
 SSL_CTX *wxd_tls_client_ctx(const wxd_tls_client_conf_t *conf, char *err, size_t errlen) {
