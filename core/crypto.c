@@ -277,6 +277,17 @@ static int push_fail(lua_State *L, const char *err) {
 
 /* ---- digests and MACs ---- */
 
+/* Pushes a digest or MAC, raw or as lower-case hex. */
+static void push_md(lua_State *L, const unsigned char *md, size_t mdlen, int hex) {
+  if (hex) {
+    char out[2 * EVP_MAX_MD_SIZE];
+    wxd_hex_encode(md, mdlen, out, 0);
+    lua_pushlstring(L, out, 2 * mdlen);
+  } else {
+    lua_pushlstring(L, (const char *)md, mdlen);
+  }
+}
+
 /* digest(s): upvalues are the algs, the MD_* index and a hex flag. */
 static int crypto_digest(lua_State *L) {
   size_t len;
@@ -290,13 +301,7 @@ static int crypto_digest(lua_State *L) {
     ERR_clear_error();
     return luaL_error(L, "%s is not available in this OpenSSL", md_names[which]);
   }
-  if (hex) {
-    char out[2 * EVP_MAX_MD_SIZE];
-    wxd_hex_encode(md, mdlen, out, 0);
-    lua_pushlstring(L, out, 2 * (size_t)mdlen);
-  } else {
-    lua_pushlstring(L, (const char *)md, mdlen);
-  }
+  push_md(L, md, mdlen, hex);
   return 1;
 }
 
@@ -309,25 +314,17 @@ static int crypto_hmac(lua_State *L) {
   int which = (int)lua_tointeger(L, lua_upvalueindex(2));
   int hex = lua_toboolean(L, lua_upvalueindex(3));
   unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int mdlen = 0;
   /* EVP_Q_mac wants a non-NULL key pointer even for an empty key. */
   static const unsigned char empty[1];
-  size_t outlen = 0;
+  size_t mdlen = 0;
   if (!a->md[which] ||
       !EVP_Q_mac(NULL, "HMAC", NULL, EVP_MD_get0_name(a->md[which]), NULL,
                  klen ? (const void *)key : empty, klen, (const unsigned char *)msg, mlen, md, sizeof md,
-                 &outlen)) {
+                 &mdlen)) {
     ERR_clear_error();
     return luaL_error(L, "HMAC-%s is not available in this OpenSSL", md_names[which]);
   }
-  mdlen = (unsigned int)outlen;
-  if (hex) {
-    char out[2 * EVP_MAX_MD_SIZE];
-    wxd_hex_encode(md, mdlen, out, 0);
-    lua_pushlstring(L, out, 2 * (size_t)mdlen);
-  } else {
-    lua_pushlstring(L, (const char *)md, mdlen);
-  }
+  push_md(L, md, mdlen, hex);
   OPENSSL_cleanse(md, sizeof md);
   return 1;
 }

@@ -892,8 +892,8 @@ static void req_sent_some(fetch_req_t *r) {
   if (r->sent && r->writes_pending == 0 && r->phase == P_SEND) req_phase(r, P_READ, r->read_ms);
 }
 
-static void on_tls_flushed(void *arg, int status) {
-  fetch_req_t *r = arg;
+/* A write of the request ended (plain or TLS). */
+static void req_write_done(fetch_req_t *r, int status) {
   r->writes_pending--;
   /* ECANCELED: we closed the socket (a retry); not the peer's doing. */
   if (r->done || r->failed || status == UV_ECANCELED) return;
@@ -903,6 +903,8 @@ static void on_tls_flushed(void *arg, int status) {
   }
   req_sent_some(r);
 }
+
+static void on_tls_flushed(void *arg, int status) { req_write_done(arg, status); }
 
 static int tls_flush(fetch_req_t *r) {
   int rc = wxd_tls_flush(r->conn->tls, (uv_stream_t *)&r->tcp, on_tls_flushed, r);
@@ -914,16 +916,7 @@ static int tls_flush(fetch_req_t *r) {
   return 0;
 }
 
-static void on_written(uv_write_t *w, int status) {
-  fetch_req_t *r = w->data;
-  r->writes_pending--;
-  if (r->done || r->failed || status == UV_ECANCELED) return;
-  if (status < 0) {
-    io_fail(r, status, "writing to");
-    return;
-  }
-  req_sent_some(r);
-}
+static void on_written(uv_write_t *w, int status) { req_write_done(w->data, status); }
 
 /* The connection is ready: send the request. */
 static void req_send(fetch_req_t *r) {

@@ -331,7 +331,7 @@ wxd_co_t *wxd_co_current(lua_State *L, const char *what) {
   wxd_co_t *co = wxd_co_lookup(L);
   if (!co)
     luaL_error(L,
-               "%s: cannot wait here: only in a request handler or a script's "
+               "%s: cannot wait here: only in a request handler, a timer run or a script's "
                "main chunk (not inside your own coroutine)",
                what);
   return co;
