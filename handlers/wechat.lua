@@ -3,11 +3,14 @@
 --
 -- Set WXD_MP_APPID and WXD_MP_TOKEN (and WXD_MP_AES_KEY for compatible or
 -- safe mode) to mount /wx; without them the app serves its other routes and
--- says so in one log line. An `mp` section in config.lua, if you add one,
--- takes precedence:
+-- says so in one log line. With WXD_MP_SECRET too, a reply that misses
+-- WeChat's 5 seconds goes out through the customer-service API, and
+-- GET /jssdk/config?url=... serves the JS-SDK configuration of a page
+-- (WXD_WECHAT_API_BASE points both at another API host, e.g. a test fake).
+-- An `mp` section in config.lua, if you add one, takes precedence:
 --
 --   mp = { appid = env("WXD_MP_APPID"), token = env("WXD_MP_TOKEN"),
---          aes_key = env("WXD_MP_AES_KEY", false) },
+--          aes_key = env("WXD_MP_AES_KEY", false), secret = env("WXD_MP_SECRET", false) },
 local wxd = require "wxd"
 local log = require "wxd.log"
 
@@ -32,9 +35,11 @@ end
 local function settings()
   local mp = wxd.config and wxd.config.mp
   if type(mp) == "table" and mp.token then
-    return { appid = mp.appid or nil, token = mp.token, aes_key = mp.aes_key or nil }
+    return { appid = mp.appid or nil, token = mp.token, aes_key = mp.aes_key or nil, secret = mp.secret or nil,
+             api_base = mp.api_base or nil }
   end
-  return { appid = getenv("WXD_MP_APPID"), token = getenv("WXD_MP_TOKEN"), aes_key = getenv("WXD_MP_AES_KEY") }
+  return { appid = getenv("WXD_MP_APPID"), token = getenv("WXD_MP_TOKEN"), aes_key = getenv("WXD_MP_AES_KEY"),
+           secret = getenv("WXD_MP_SECRET"), api_base = getenv("WXD_WECHAT_API_BASE") }
 end
 
 return function(app)
@@ -46,4 +51,13 @@ return function(app)
     return
   end
   app:mp("/wx", cfg, handlers)
+  if cfg.secret then
+    local wx = require("wxd.wechat").client(cfg)
+    app:get("/jssdk/config", function(req)
+      local conf, err = wx:jssdk_config(req.query.url)
+      if conf then return conf end
+      if err == "invalid url" then return 400, { error = "url must be the page's http(s) URL" } end
+      return 502, { error = "wechat unavailable", kind = err }
+    end)
+  end
 end

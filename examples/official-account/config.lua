@@ -5,8 +5,9 @@
 --   WXD_MP_TOKEN         the Token of the server configuration (服务器配置)
 --   WXD_MP_AES_KEY       the EncodingAESKey, for compatible and safe mode;
 --                        leave it unset in plaintext mode
---   WXD_MP_SECRET        the AppSecret: for the customer-service message API,
---                        once wxd has credentials (not used yet)
+--   WXD_MP_SECRET        the AppSecret: for the access_token (late replies
+--                        through the customer-service API, /jssdk/config);
+--                        optional
 --   WXD_WECHAT_API_BASE  default https://api.weixin.qq.com
 return {
   listen = "127.0.0.1:8080",

@@ -25,10 +25,9 @@
 --   first run and get its reply, across workers (wxd.store).
 -- * Deadline: WeChat gives up after 5 s. A handler still running after
 --   `deadline_ms` (4500) is answered "success" in time and keeps running;
---   its reply then goes to `cfg.on_late_reply(msg, reply, ctx)`. Without
---   that hook the late reply is logged as dropped: sending it through the
---   customer-service message API needs the outbound HTTP client and the
---   credentials module, which wxd does not have yet.
+--   its reply then goes out through the customer-service message API
+--   (when `cfg.secret` is set: wxd.wechat fetches the access_token), or to
+--   `cfg.on_late_reply(msg, reply, ctx)`; else it is logged as dropped.
 --
 -- docs/mp.md is the full contract.
 --
@@ -300,6 +299,39 @@ local function render(reply, msg, fmt)
 end
 _M.render = render
 
+--- The customer-service message (客服消息, /cgi-bin/message/custom/send)
+-- that carries a reply to `openid`: how a reply goes out once the passive
+-- answer's 5 seconds are over.
+-- @treturn[1] table the message
+-- @treturn[2] nil
+-- @treturn[2] string why there is none ("transfer_customer_service" has no
+--   equivalent)
+function _M.custom_message(reply, openid)
+  if not is_reply(reply) then error("wxd.mp.custom_message: expected a reply (mp.reply.*)", 2) end
+  if type(openid) ~= "string" or openid == "" then error("wxd.mp.custom_message: openid must be a string", 2) end
+  local t = reply.MsgType
+  local m = { touser = openid, msgtype = t }
+  if t == "text" then
+    m.text = { content = reply.Content }
+  elseif t == "image" or t == "voice" then
+    m[t] = { media_id = reply[t == "image" and "Image" or "Voice"].MediaId }
+  elseif t == "video" then
+    local v = reply.Video
+    m.video = { media_id = v.MediaId, title = v.Title, description = v.Description }
+  elseif t == "music" then
+    local v = reply.Music
+    m.music = { title = v.Title, description = v.Description, musicurl = v.MusicUrl, hqmusicurl = v.HQMusicUrl,
+                thumb_media_id = v.ThumbMediaId }
+  elseif t == "news" then
+    -- The API takes one article (WeChat's rule since 2018).
+    local a = reply.Articles.item[1]
+    m.news = { articles = { { title = a.Title, description = a.Description, url = a.Url, picurl = a.PicUrl } } }
+  else
+    return nil, "a " .. tostring(t) .. " reply has no customer-service equivalent"
+  end
+  return m
+end
+
 ------------------------------------------------------------------------
 -- The endpoint
 ------------------------------------------------------------------------
@@ -376,6 +408,16 @@ local function new_endpoint(path, cfg, handlers)
   if cfg.on_late_reply ~= nil and type(cfg.on_late_reply) ~= "function" then
     error("wxd.mp: cfg.on_late_reply must be a function(msg, reply, ctx)", 3)
   end
+  -- Late replies go out through the customer-service API when the app's
+  -- secret is known (Official Account and Mini Program; WeCom's API differs).
+  local client = cfg.client
+  if client == nil and type(cfg.secret) == "string" and cfg.secret ~= "" and kind ~= "wecom" and receive_id then
+    client = require("wxd.wechat").client({ appid = receive_id, secret = cfg.secret, api_base = cfg.api_base or nil,
+                                            token_mode = cfg.token_mode })
+  end
+  if client ~= nil and (type(client) ~= "table" or type(client.send_custom) ~= "function") then
+    error("wxd.mp: cfg.client must be a wxd.wechat client", 3)
+  end
   local deadline_ms = positive(cfg, "deadline_ms", 4500, 60000)
   local allow_plaintext = cfg.allow_plaintext
   if allow_plaintext == nil then allow_plaintext = #keys == 0 end
@@ -395,6 +437,7 @@ local function new_endpoint(path, cfg, handlers)
     -- retry never starts a second run of a slow handler.
     lock_expire = positive(cfg, "handler_timeout", math.max(60, deadline_ms / 1000 * 4), 86400),
     on_late_reply = cfg.on_late_reply,
+    client = client or nil,
     handlers = handlers,
     prefix = "wxd:mp:" .. kind .. ":" .. (receive_id or sha1_hex(cfg.token):sub(1, 12)) .. ":",
   }, Endpoint)
@@ -519,8 +562,24 @@ local function late(self, task, reply)
     end
     return
   end
-  log.warn("late reply dropped: no customer-service sender yet",
-           { path = self.path, openid = task.msg.FromUserName, msg_type = task.msg.MsgType })
+  local openid = task.msg.FromUserName
+  if not self.client then
+    log.warn("late reply dropped: no customer-service sender (set cfg.secret, or cfg.on_late_reply)",
+             { path = self.path, openid = openid, msg_type = task.msg.MsgType })
+    return
+  end
+  local message, why = _M.custom_message(reply, openid)
+  if not message then
+    log.warn("late reply dropped: " .. why, { path = self.path, openid = openid, reply_type = reply.MsgType })
+    return
+  end
+  local ok, err, info = self.client:send_custom(message)
+  if ok then
+    log.info("mp: late reply sent through the customer-service API", { path = self.path, openid = openid })
+  else
+    log.warn("mp: late reply not sent", { path = self.path, openid = openid, error = err,
+                                          errcode = info and info.errcode, errmsg = info and info.errmsg })
+  end
 end
 
 -- Runs the handler (in a timer's coroutine: the request can answer in
@@ -702,7 +761,9 @@ end
 --   `kind` ("mp", "miniprogram" or "wecom"), `timestamp_window` (seconds,
 --   default 300; false: off), `deadline_ms` (4500), `dedup_ttl` (seconds,
 --   window + 60), `max_body_bytes` (64 KiB), `allow_plaintext` (default:
---   only when no aes_key is set), `on_late_reply(msg, reply, ctx)`
+--   only when no aes_key is set), `secret` and `api_base` (late replies go
+--   out through the customer-service API: see wxd.wechat), `client` (a
+--   wxd.wechat client instead), `on_late_reply(msg, reply, ctx)`
 -- @tparam table|function handlers by MsgType (`text`, `image`, ...),
 --   `event` (a function, or a table by Event), `default`
 -- @treturn table the app

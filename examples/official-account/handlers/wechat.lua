@@ -18,19 +18,32 @@ M.handlers = {
   },
 }
 
---- Mounts the callback URL at /wx.
+--- Mounts the callback URL at /wx and, with the AppSecret, the JS-SDK
+-- configuration endpoint.
 -- @tparam table app
--- @tparam table mp wxd.config.mp: appid, token, aes_key (false in plaintext mode)
+-- @tparam table mp wxd.config.mp: appid, token, aes_key (false in plaintext
+--   mode), secret and api_base (false: no secret)
 function M.mount(app, mp)
   app:mp("/wx", {
     appid = mp.appid,
     token = mp.token,
     aes_key = mp.aes_key or nil,
-    -- The reply of a handler that ends after the deadline would go out through
-    -- the customer-service message API: that needs wxd's credentials module
-    -- (mp.secret, mp.api_base), which does not exist yet. wxd logs such a
-    -- reply as dropped.
+    -- With the secret, a reply of a handler that ends after the deadline goes
+    -- out through the customer-service message API (wxd.wechat fetches and
+    -- shares the access_token); without it such a reply is logged as dropped.
+    secret = mp.secret or nil,
+    api_base = mp.api_base,
   }, M.handlers)
+  if not mp.secret then return end
+  local wx = require("wxd.wechat").client({ appid = mp.appid, secret = mp.secret, api_base = mp.api_base })
+  -- GET /jssdk/config?url=<the page's URL> → { appId, timestamp, nonceStr,
+  -- signature } for wx.config on that page.
+  app:get("/jssdk/config", function(req)
+    local conf, err = wx:jssdk_config(req.query.url)
+    if conf then return conf end
+    if err == "invalid url" then return 400, { error = "url must be the page's http(s) URL" } end
+    return 502, { error = "wechat unavailable", kind = err }
+  end)
 end
 
 return M
