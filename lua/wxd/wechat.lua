@@ -178,6 +178,15 @@ function Cred:tick(t)
   if nv and not info then
     self.backoff = 0
     self.next_check = t + c.check_ms
+    -- A credential that lives less than refresh_before is due at once
+    -- again: look at most every half of its remaining life, so that a short
+    -- expires_in cannot turn the job into a refresh loop (with /cgi-bin/token
+    -- each refresh would also cut the previous token's life).
+    local _, e2 = self:read()
+    local left = e2 and e2 - now()
+    if left and left <= c.refresh_before then
+      self.next_check = t + math.max(c.check_ms, left * 500)
+    end
     return
   end
   if err == "busy" then -- another caller is fetching right now

@@ -6,6 +6,7 @@ local mini = require "wxd.miniprogram"
 local http = require "wxd.http"
 local store = require "wxd.store"
 local cjson = require "cjson"
+local wxd = require "wxd"
 
 local APPID, SECRET = "wxfake0000000001", "fake-secret-0123456789"
 
@@ -338,5 +339,33 @@ describe("wxd.wechat client against the fake WeChat server", function()
     assert.has_error(function() c:call(1, "/x") end)
     assert.has_error(function() c:get("/x", "query") end)
     assert.has_error(function() c:post("/x", "body") end)
+  end)
+end)
+
+describe("wxd.wechat background refresh", function()
+  local fake, base
+  local function ctl(method, path, body)
+    local res = assert(http.request({ method = method, url = base .. path, body = body and cjson.encode(body) }))
+    return cjson.decode(res.body)
+  end
+  setup(function()
+    fake = H.start(H.app("fakewx"), { workers = 1 })
+    base = "http://127.0.0.1:" .. fake.port
+  end)
+  teardown(function() fake:stop(); fake:cleanup() end)
+
+  it("does not loop when tokens live shorter than refresh_before", function()
+    ctl("POST", "/_ctl/reset")
+    ctl("POST", "/_ctl/config", { expires_in = 4, renew_window = 3600 }) -- every stable_token call renews
+    store.delete("wxd:wechat:" .. APPID .. ":access_token")
+    local c = wechat.client({ appid = APPID, secret = SECRET, api_base = base, background = true,
+                              check_ms = 50, refresh_before = 300, expiry_margin = 1 })
+    assert(c:access_token())
+    wxd.sleep(1500)
+    c.job:cancel()
+    -- Ticks every 50 ms for 1.5 s: at most one refresh per half remaining
+    -- life (2 s, then 1 s, ...), not one per tick.
+    local n = ctl("GET", "/_ctl/counts").stable_token
+    assert.is_true(n >= 2 and n <= 3, n .. " fetches")
   end)
 end)
