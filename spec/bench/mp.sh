@@ -126,11 +126,13 @@ gen() {
     local file=$1 count=$2 bad=${3:-} jobs part i first n pids=() failed=0
     FIRST_SEQ=$NEXT_SEQ
     jobs=$(nproc)
+    ((jobs <= 8)) || jobs=8
     ((count >= 10000 && jobs > 1)) || jobs=1
     part=$(((count + jobs - 1) / jobs))
     for ((i = 0; i < jobs; i++)); do
         first=$((NEXT_SEQ + i * part))
         n=$((count - i * part < part ? count - i * part : part))
+        ((n > 0)) || { jobs=$i; break; }
         "$WXD" script "$TOOL" gen "$file.$i" "$n" "$RUN_ID" "$first" ${bad:+"$bad"} &
         pids+=($!)
     done
