@@ -30,7 +30,7 @@ LLHTTP_C := api.c http.c llhttp.c
 BUILD ?= build
 OBJ  := $(SRC:core/%.c=$(BUILD)/obj/%.o) $(LLHTTP_C:%.c=$(BUILD)/llhttp/%.o)
 
-.PHONY: all run test asan bench bench-crypto fuzz deps deps-bench deps-fuzz check-deps clean
+.PHONY: all run test asan bench bench-crypto bench-mp fuzz deps deps-bench deps-bench-mp deps-fuzz check-deps clean
 
 all: $(BUILD)/wxd
 
@@ -64,6 +64,21 @@ deps:
 deps-bench: deps
 	$(call install_missing,$(DEB_BENCH))
 
+# The Node.js peer of bench-mp: the npm packages pinned in
+# spec/bench/node/package-lock.json (the `wechat` middleware), installed
+# into build/bench/node, never into the repository. Needs node and npm and
+# the npm registry the first time; afterwards nothing is fetched until the
+# lock file changes.
+NODE_PEER := build/bench/node
+deps-bench-mp: $(NODE_PEER)/node_modules/.installed
+
+$(NODE_PEER)/node_modules/.installed: spec/bench/node/package.json spec/bench/node/package-lock.json
+	@command -v npm >/dev/null || { echo "deps-bench-mp: npm is not installed (Node.js 20 with npm is needed)"; exit 1; }
+	@mkdir -p $(NODE_PEER)
+	cp spec/bench/node/package.json spec/bench/node/package-lock.json $(NODE_PEER)/
+	cd $(NODE_PEER) && npm ci --no-audit --no-fund
+	@touch $@
+
 deps-fuzz: deps
 	$(call install_missing,$(DEB_FUZZ))
 
@@ -88,6 +103,13 @@ bench: $(BUILD)/wxd
 	WXD=$(BUILD)/wxd spec/bench/run.sh
 	$(BUILD)/wxd script spec/bench/reload.lua
 	@$(MAKE) --no-print-directory bench-crypto
+	@$(MAKE) --no-print-directory bench-mp
+
+# An encrypted WeChat text message round trip, wxd next to the npm `wechat`
+# middleware (spec/bench/mp.sh, spec/bench/README.md).
+bench-mp: $(BUILD)/wxd deps-bench-mp
+	@$(MAKE) --no-print-directory deps-bench >/dev/null
+	WXD=$(BUILD)/wxd spec/bench/mp.sh
 
 # AES-256-CBC decrypt and RSA-2048 verify per second, next to `openssl speed`.
 bench-crypto: $(BUILD)/wxd

@@ -29,8 +29,9 @@ NGX_MODULES=/usr/lib/nginx/modules
 EXPECT_HELLO=$'hello world\n'
 EXPECT_JSON='{"message":"hello world"}'
 
-die() { echo "bench: $*" >&2; exit 1; }
-note() { echo "bench: $*" >&2; }
+BENCH_NAME=bench
+# shellcheck source=spec/bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # ---------------------------------------------------------------- arguments
 
@@ -74,99 +75,7 @@ fi
 
 # ------------------------------------------------------- process management
 
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/wxd-bench.XXXXXX")
-STARTED=()   # pids of every server this script started
-
-# The pid and all of its descendants (nginx master + workers; wxd is one
-# process with threads, but count children too in case that ever changes).
-tree_pids() {
-    local pid=$1 child
-    [[ -d /proc/$pid ]] || return 0
-    echo "$pid"
-    for child in $(ps -o pid= --ppid "$pid" 2>/dev/null); do
-        tree_pids "$child"
-    done
-}
-
-stop_tree() {
-    local pid=$1 p alive i
-    local pids
-    pids=$(tree_pids "$pid")
-    [[ -n $pids ]] || return 0
-    kill -TERM "$pid" 2>/dev/null
-    for ((i = 0; i < 30; i++)); do
-        alive=0
-        for p in $pids; do kill -0 "$p" 2>/dev/null && alive=1; done
-        ((alive)) || break
-        sleep 0.1
-    done
-    for p in $pids; do
-        if kill -0 "$p" 2>/dev/null; then
-            note "pid $p did not exit 3 s after TERM, sending KILL"
-            kill -KILL "$p" 2>/dev/null
-        fi
-    done
-    wait "$pid" 2>/dev/null
-}
-
-cleanup() {
-    local rc=$? pid
-    set +e
-    trap - EXIT INT TERM
-    for pid in "${STARTED[@]}"; do stop_tree "$pid"; done
-    if [[ ${BENCH_KEEP_TMP:-0} == 1 ]]; then
-        note "kept $TMP"
-    else
-        rm -rf "$TMP"
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# Sets FREE_PORT to a port nobody on this machine uses in any TCP state
-# (listening or not) and that we have not handed out already.  There is a
-# window between the check and the bind; the start-up wait catches a lost
-# race.  Not meant to run in $(...): it records the port in TAKEN_PORTS.
-TAKEN_PORTS=" "
-free_port() {
-    local used p i
-    used=" $(ss -Htan 2>/dev/null | awk '{n = split($4, a, ":"); print a[n]}' | tr '\n' ' ') "
-    for ((i = 0; i < 200; i++)); do
-        p=$((20000 + ((RANDOM << 15) | RANDOM) % 40000))
-        [[ $used == *" $p "* || $TAKEN_PORTS == *" $p "* ]] && continue
-        if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then continue; fi
-        TAKEN_PORTS+="$p "
-        FREE_PORT=$p
-        return 0
-    done
-    die "could not find a free TCP port"
-}
-
-show_log() {
-    local f=$1
-    [[ -s $f ]] || return 0
-    echo "---- last lines of $f ----" >&2
-    tail -n 20 "$f" >&2
-    echo "----" >&2
-}
-
-# Wait until url answers with any HTTP status, failing early if pid died.
-wait_http() {
-    local name=$1 pid=$2 url=$3 log=$4 deadline
-    deadline=$((SECONDS + START_TIMEOUT))
-    while ((SECONDS < deadline)); do
-        if ! kill -0 "$pid" 2>/dev/null; then
-            show_log "$log"
-            die "$name exited during start-up"
-        fi
-        if curl -s -o /dev/null -m 1 "$url"; then return 0; fi
-        sleep 0.1
-    done
-    show_log "$log"
-    die "$name did not answer $url within ${START_TIMEOUT}s"
-}
+bench_setup
 
 # Write an nginx config serving the two endpoints under prefix dir $1 on $2.
 write_nginx_conf() {
@@ -245,23 +154,6 @@ start_wxd() {
     wait_http "wxd" "$WXD_PID" "http://127.0.0.1:$port/hello" "$log"
 }
 
-# Resident memory of a process tree: "rss_kb pss_kb nprocs".  RSS summed over
-# processes counts shared pages (code, COW pages of nginx workers) more than
-# once; PSS divides them among the sharers, so it is the fairer total.
-tree_mem() {
-    local p rss=0 pss=0 n=0 v
-    for p in $(tree_pids "$1"); do
-        v=$(awk '/^VmRSS:/{print $2}' "/proc/$p/status" 2>/dev/null || true)
-        rss=$((rss + ${v:-0}))
-        v=$(awk '/^Pss:/{print $2}' "/proc/$p/smaps_rollup" 2>/dev/null || true)
-        pss=$((pss + ${v:-0}))
-        n=$((n + 1))
-    done
-    echo "$rss $pss $n"
-}
-
-mb() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
-
 # ------------------------------------------------------------ sanity checks
 
 FAILURES=()
@@ -332,33 +224,24 @@ echo
 # run_wrk LABEL PEER PATH SECONDS -> sets RPS, prints one line, records
 # errors in FAILURES (so it must not run in a subshell).
 run_wrk() {
-    local label=$1 peer=$2 path=$3 secs=$4 out rc=0 rps non2xx sockerr lat
+    local label=$1 peer=$2 path=$3 secs=$4 out rc=0 rps
     out=$(wrk -t"$THREADS" -c"$CONNS" -d"${secs}s" "${URL_BASE[$peer]}$path" 2>&1) || rc=$?
-    rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
-    lat=$(awk '$1 == "Latency" {print $2; exit}' <<<"$out")
-    non2xx=$(awk -F': *' '/Non-2xx or 3xx responses/ {print $2}' <<<"$out")
-    # "Socket errors: connect 0, read 0, write 0, timeout 0" -> sum
-    sockerr=$(awk '/Socket errors:/ {s = 0; for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+,?$/) s += $i; print s}' <<<"$out")
+    wrk_parse "$out"
+    rps=$WRK_RPS
     if ((rc != 0)) || [[ -z $rps ]]; then
         FAILURES+=("$label $peer $path: wrk failed (exit $rc)")
         echo "$out" >&2
         rps=0
     fi
-    if [[ -n $non2xx && $non2xx != 0 ]]; then
-        FAILURES+=("$label $peer $path: $non2xx non-2xx/3xx responses")
+    if [[ -n $WRK_NON2XX && $WRK_NON2XX != 0 ]]; then
+        FAILURES+=("$label $peer $path: $WRK_NON2XX non-2xx/3xx responses")
     fi
-    if [[ -n $sockerr && $sockerr != 0 ]]; then
-        FAILURES+=("$label $peer $path: $(grep -m1 'Socket errors' <<<"$out" | sed 's/^ *//')")
+    if [[ -n $WRK_SOCKERR && $WRK_SOCKERR != 0 ]]; then
+        FAILURES+=("$label $peer $path: $WRK_SOCKERR_LINE")
     fi
     printf '  %-8s %-6s %-9s %12s req/s   latency avg %-8s non-2xx %-4s socket errors %s\n' \
-        "$label" "$path" "$peer" "$rps" "${lat:-?}" "${non2xx:-0}" "${sockerr:-0}"
+        "$label" "$path" "$peer" "$rps" "${WRK_LAT:-?}" "${WRK_NON2XX:-0}" "${WRK_SOCKERR:-0}"
     RPS=$rps
-}
-
-median() {
-    printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 }
-        END { if (NR % 2) printf "%.2f", v[(NR + 1) / 2];
-              else printf "%.2f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
 echo "rounds (order alternates every round):"
@@ -409,14 +292,6 @@ done
 echo
 
 # ------------------------------------------------------------ idle memory
-
-# Stop a server started above and forget it.
-stop_server() {
-    local pid=$1 i keep=()
-    stop_tree "$pid" || true
-    for i in "${STARTED[@]}"; do [[ $i == "$pid" ]] || keep+=("$i"); done
-    STARTED=("${keep[@]}")
-}
 
 # Memory is read twice: from the benchmark servers one second after the load
 # stopped, and from fresh instances that served a single request.  The fresh
