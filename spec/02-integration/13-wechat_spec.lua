@@ -107,6 +107,40 @@ describe("wxd.wechat credentials across workers", function()
     end)
   end)
 
+  it("fetches one token for two processes sharing one Redis", function()
+    local url = os.getenv("WXD_TEST_REDIS_URL")
+    assert(url, "spec/run.sh starts a redis-server and sets WXD_TEST_REDIS_URL")
+    local prefix = "spec:" .. wxd.crypto.nonce(8) .. ":" -- no token of an earlier run
+    local a = start_client({ SPEC_REDIS_URL = url, SPEC_STORE_PREFIX = prefix })
+    local b = start_client({ SPEC_REDIS_URL = url, SPEC_STORE_PREFIX = prefix })
+    local ok, err = pcall(function()
+      ctl("POST", "/_ctl/config", { token_delay_ms = 300 })
+      -- 100 connections to each process, all sent before any is read.
+      local conns = {}
+      for i = 1, 200 do conns[i] = (i % 2 == 0 and a or b):connect(10) end
+      for i = 1, 200 do conns[i]:send("GET /api HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n") end
+      local tokens = {}
+      for i = 1, 200 do
+        local r = H.parse_responses(H.read_all(conns[i], 15))[1]
+        conns[i]:close()
+        assert.equal(200, r and r.status, "request " .. i .. ": " .. tostring(r and r.body))
+        tokens[json(r).token] = true
+      end
+      assert.equal(1, counts().stable_token)
+      local n = 0
+      for _ in pairs(tokens) do n = n + 1 end
+      assert.equal(1, n)
+      ctl("POST", "/_ctl/config", { token_delay_ms = 0 })
+      -- A revocation seen by both processes: still one refresh in all.
+      ctl("POST", "/_ctl/revoke", { rotate = true })
+      for _, s in ipairs({ a, b, a, b }) do assert.equal(200, s:get("/api").status) end
+      assert.equal(2, counts().stable_token)
+    end)
+    a:stop(); a:cleanup()
+    b:stop(); b:cleanup()
+    assert(ok, err)
+  end)
+
   it("refreshes before expiry in the background; no request waits for it", function()
     -- Tokens live 12 s; renewal is due 8 s before the end, so after ~4 s.
     ctl("POST", "/_ctl/config", { expires_in = 12 })
