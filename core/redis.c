@@ -89,6 +89,8 @@ struct rd_conn {
   wxd_buf_t out;            /* formatted commands not yet written */
   rd_cmd_t *fifo_head, *fifo_tail; /* sent, awaiting replies */
   rd_cmd_t *wait_head, *wait_tail; /* waiting for the connection */
+  struct sockaddr_storage addrs[4]; /* what the name resolved to */
+  int naddrs, addr_i;
   int hs[2];                /* handshake replies expected (HS_*) */
   int nhs, hs_i;
   uint64_t connect_ms;
@@ -134,6 +136,7 @@ struct wxd_redis_sub {
 };
 
 static void conn_connect(rd_conn_t *c);
+static void tcp_connect(rd_conn_t *c);
 static void conn_fail(rd_conn_t *c, int kind, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static void conn_maybe_free(rd_conn_t *c);
 static void cmd_on_timer(uv_timer_t *t);
@@ -389,6 +392,7 @@ static void conn_fail(rd_conn_t *c, int kind, const char *fmt, ...) {
   vsnprintf(detail, sizeof detail, fmt, ap);
   va_end(ap);
   int lost = c->state == ST_READY;
+  if (!lost && kind == K_CLOSED) kind = K_CONNECT; /* never usable: a failure to connect */
   link_drop(c);
   if (c->gai) {
     c->gai->conn = NULL;
@@ -555,6 +559,13 @@ static void on_connect(uv_connect_t *req, int status) {
   rd_link_t *link = req->data;
   rd_conn_t *c = link->conn;
   if (!c) return; /* abandoned (timeout, pool closed) */
+  if (status != 0 && c->addr_i + 1 < c->naddrs) {
+    /* "localhost" may be ::1 first while Redis listens on 127.0.0.1. */
+    link_drop(c);
+    c->addr_i++;
+    tcp_connect(c);
+    return;
+  }
   if (status != 0) {
     conn_fail(c, K_CONNECT, "connect to %s: %s", c->label, uv_strerror(status));
     return;
@@ -579,7 +590,8 @@ static rd_link_t *link_new(rd_conn_t *c) {
   return link;
 }
 
-static void tcp_connect(rd_conn_t *c, const struct sockaddr *addr) {
+static void tcp_connect(rd_conn_t *c) {
+  const struct sockaddr *addr = (const struct sockaddr *)&c->addrs[c->addr_i];
   rd_link_t *link = link_new(c);
   if (!link) {
     conn_fail(c, K_CONNECT, "out of memory");
@@ -594,7 +606,14 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
   rd_conn_t *c = g->conn;
   free(g);
   if (c) c->gai = NULL;
-  if (c && status == 0 && res) tcp_connect(c, res->ai_addr);
+  if (c && status == 0) {
+    c->naddrs = c->addr_i = 0;
+    for (struct addrinfo *ai = res; ai && c->naddrs < 4; ai = ai->ai_next) {
+      if ((ai->ai_family != AF_INET && ai->ai_family != AF_INET6) || ai->ai_addrlen > sizeof c->addrs[0]) continue;
+      memcpy(&c->addrs[c->naddrs++], ai->ai_addr, ai->ai_addrlen);
+    }
+  }
+  if (c && status == 0 && c->naddrs > 0) tcp_connect(c);
   else if (c) conn_fail(c, K_CONNECT, "cannot resolve %s: %s", c->label, uv_strerror(status ? status : UV_EAI_NODATA));
   if (res) uv_freeaddrinfo(res);
 }
@@ -612,11 +631,13 @@ static void conn_connect(rd_conn_t *c) {
     uv_pipe_connect(&link->connect, &link->u.pipe, c->path, on_connect);
     return;
   }
-  struct sockaddr_storage ss;
-  memset(&ss, 0, sizeof ss);
-  if (uv_ip4_addr(c->host, c->port, (struct sockaddr_in *)&ss) == 0 ||
-      uv_ip6_addr(c->host, c->port, (struct sockaddr_in6 *)&ss) == 0) {
-    tcp_connect(c, (struct sockaddr *)&ss);
+  struct sockaddr_storage *ss = &c->addrs[0];
+  memset(ss, 0, sizeof *ss);
+  c->addr_i = 0;
+  c->naddrs = 1;
+  if (uv_ip4_addr(c->host, c->port, (struct sockaddr_in *)ss) == 0 ||
+      uv_ip6_addr(c->host, c->port, (struct sockaddr_in6 *)ss) == 0) {
+    tcp_connect(c);
     return;
   }
   rd_gai_t *g = calloc(1, sizeof *g);

@@ -374,9 +374,9 @@ function Client:psubscribe(pattern, fn)
   return subscribe(self, true, pattern, fn, "psubscribe")
 end
 
---- The state of this worker's connection: `{ state = "idle"|"connecting"|
+--- The state of this worker's connection (not Redis's INFO: r:info() is that): `{ state = "idle"|"connecting"|
 -- "ready"|"down", pending = N, error = "last failure", subscriptions = N }`.
-function Client:info()
+function Client:status()
   local i = core.info(self.conn)
   local sub = rawget(self, "subconn")
   if sub then i.subscriber = core.info(sub) end
