@@ -37,6 +37,7 @@ build = {
       ["wxd.lock"] = "lua/wxd/lock.lua",
       ["wxd.log"] = "lua/wxd/log.lua",
       ["wxd.mp"] = "lua/wxd/mp.lua",
+      ["wxd.redis"] = "lua/wxd/redis.lua",
       ["wxd.server"] = "lua/wxd/server.lua",
       ["wxd.shdict"] = "lua/wxd/shdict.lua",
       ["wxd.store"] = "lua/wxd/store.lua",
