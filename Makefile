@@ -68,7 +68,7 @@ deps-fuzz: deps
 	$(call install_missing,$(DEB_FUZZ))
 
 check-deps:
-	@for f in $(LUAJIT_INC)/lua.h $(LLHTTP_SRC)/llhttp.c /usr/include/uv.h $(LIBDIR)/liblua5.1-cjson.a; do \
+	@for f in $(LUAJIT_INC)/lua.h $(LLHTTP_SRC)/llhttp.c /usr/include/uv.h /usr/include/hiredis/hiredis.h $(LIBDIR)/liblua5.1-cjson.a; do \
 	  [ -e $$f ] || { $(MAKE) --no-print-directory deps; break; }; done
 
 run: $(BUILD)/wxd

@@ -1142,6 +1142,8 @@ static int rd_subscribe(lua_State *L) {
   *box = s;
   if (c->state == ST_READY) {
     if (first) sub_send(c, s, 1);
+  } else if (!vm->redis && !vm->active) {
+    /* `wxd check` loads the app without running it: no connection. */
   } else if (c->state == ST_IDLE || (c->state == ST_DOWN && !uv_is_active((uv_handle_t *)&c->timer))) {
     conn_connect(c);
   }
