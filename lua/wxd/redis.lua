@@ -62,12 +62,16 @@ local REFUSED = {
   UNWATCH = "the connection is shared", SYNC = "not a client command", PSYNC = "not a client command",
 }
 
-local function check_command(name, where)
+local function check_command(name, where, arg1)
   if type(name) ~= "string" or name == "" then
     error("wxd.redis: " .. where .. ": the command name must be a non-empty string, got " .. type(name), 3)
   end
-  local why = REFUSED[str_upper(name)]
-  if why then error("wxd.redis: " .. str_upper(name) .. " is not allowed here (" .. why .. ")", 3) end
+  local cmd = str_upper(name)
+  local why = REFUSED[cmd]
+  if why then error("wxd.redis: " .. cmd .. " is not allowed here (" .. why .. ")", 3) end
+  if cmd == "CLIENT" and type(arg1) == "string" and str_upper(arg1) == "REPLY" then
+    error("wxd.redis: CLIENT REPLY is not allowed here (the connection is shared)", 3)
+  end
 end
 
 ------------------------------------------------------------------------
@@ -248,10 +252,7 @@ end
 -- @treturn ?string "timeout", "closed", "connect", "auth", or the server's error
 -- @treturn ?string detail
 function Client:call(name, ...)
-  check_command(name, "call")
-  if str_upper(name) == "CLIENT" and type((...)) == "string" and str_upper((...)) == "REPLY" then
-    error("wxd.redis: CLIENT REPLY is not allowed here (the connection is shared)", 2)
-  end
+  check_command(name, "call", (...))
   return core.call(self.conn, self.timeout, name, ...)
 end
 
@@ -267,7 +268,7 @@ function Client:pipeline(cmds)
   end
   for i = 1, #cmds do
     if type(cmds[i]) ~= "table" then error("wxd.redis: pipeline command " .. i .. " must be a table", 2) end
-    check_command(cmds[i][1], "pipeline command " .. i)
+    check_command(cmds[i][1], "pipeline command " .. i, cmds[i][2])
   end
   return core.pipeline(self.conn, self.timeout, cmds)
 end
@@ -285,7 +286,7 @@ function Client:transaction(cmds)
   local all = { { "MULTI" } }
   for i = 1, #cmds do
     if type(cmds[i]) ~= "table" then error("wxd.redis: transaction command " .. i .. " must be a table", 2) end
-    check_command(cmds[i][1], "transaction command " .. i)
+    check_command(cmds[i][1], "transaction command " .. i, cmds[i][2])
     all[i + 1] = cmds[i]
   end
   all[#all + 1] = { "EXEC" }

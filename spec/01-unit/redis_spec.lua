@@ -457,6 +457,8 @@ describe("wxd.redis", function()
         assert.has_error(function() r:pipeline({ { cmd, "x" } }) end)
       end
       assert.has_error(function() r:call("CLIENT", "REPLY", "OFF") end)
+      assert.has_error(function() r:client("reply", "OFF") end)
+      assert.has_error(function() r:pipeline({ { "CLIENT", "REPLY", "SKIP" } }) end)
       assert.is_nil(r.select) -- no method for a refused command
       assert.is_nil(r["not a name"])
     end)
