@@ -71,6 +71,7 @@ typedef struct rd_write {
 
 struct wxd_redis_pool {
   uv_loop_t *loop;
+  int worker;               /* for the log; -1 outside a server */
   rd_conn_t *conns;
 };
 
@@ -78,6 +79,7 @@ struct rd_conn {
   rd_conn_t *next;          /* pool->conns */
   wxd_redis_pool_t *pool;   /* NULL once the pool closed it */
   uv_loop_t *loop;
+  int worker;
   uv_timer_t timer;         /* connect deadline, or reconnect (subscriber) */
   uv_prepare_t flush;       /* writes `out` once per loop turn */
   int handles;              /* embedded handles not yet closed */
@@ -340,7 +342,7 @@ static void conn_ready(rd_conn_t *c) {
   c->state = ST_READY;
   c->backoff_ms = 0;
   c->err_kind = K_NONE;
-  if (c->was_ready == 2) wxd_logf(WXD_LOG_INFO, -1, "redis: reconnected to %s", c->label);
+  if (c->was_ready == 2) wxd_logf(WXD_LOG_INFO, c->worker, "redis: reconnected to %s", c->label);
   c->was_ready = 1;
   uv_timer_stop(&c->timer);
   /* Waiting commands go out in one write, in the order they were made. */
@@ -413,12 +415,12 @@ static void conn_fail(rd_conn_t *c, int kind, const char *fmt, ...) {
     c->backoff_ms = 0;
     c->retry_at = now;
     c->was_ready = 2;
-    wxd_logf(WXD_LOG_WARN, -1, "redis: %s", detail);
+    wxd_logf(WXD_LOG_WARN, c->worker, "redis: %s", detail);
   } else {
     c->backoff_ms = c->backoff_ms ? c->backoff_ms * 2 : BACKOFF_MIN_MS;
     if (c->backoff_ms > BACKOFF_MAX_MS) c->backoff_ms = BACKOFF_MAX_MS;
     c->retry_at = now + c->backoff_ms;
-    wxd_logf(c->backoff_ms == BACKOFF_MIN_MS ? WXD_LOG_WARN : WXD_LOG_DEBUG, -1, "redis: %s", detail);
+    wxd_logf(c->backoff_ms == BACKOFF_MIN_MS ? WXD_LOG_WARN : WXD_LOG_DEBUG, c->worker, "redis: %s", detail);
   }
   while (c->fifo_head) {
     rd_cmd_t *cmd = c->fifo_head;
@@ -695,7 +697,7 @@ static int reply_is(const redisReply *r, const char *s) {
 
 static void sub_dispatch(rd_conn_t *c, redisReply *r) {
   if (r->type == REDIS_REPLY_ERROR) {
-    wxd_logf(WXD_LOG_ERROR, -1, "redis: subscriber connection to %s: %.*s", c->label, (int)r->len, r->str);
+    wxd_logf(WXD_LOG_ERROR, c->worker, "redis: subscriber connection to %s: %.*s", c->label, (int)r->len, r->str);
     return;
   }
   if (r->type != REDIS_REPLY_ARRAY || r->elements < 3) return;
@@ -812,10 +814,11 @@ static void conn_close(rd_conn_t *c) {
   uv_close((uv_handle_t *)&c->flush, conn_handle_closed);
 }
 
-wxd_redis_pool_t *wxd_redis_pool_new(uv_loop_t *loop) {
+wxd_redis_pool_t *wxd_redis_pool_new(uv_loop_t *loop, int worker) {
   wxd_redis_pool_t *p = calloc(1, sizeof *p);
   if (!p) return NULL;
   p->loop = loop;
+  p->worker = worker;
   /* A peer that resets the connection while we write must cost an error,
    * not the process (SIGPIPE's default). */
   struct sigaction sa;
@@ -846,7 +849,7 @@ static wxd_redis_pool_t *pool_of(lua_State *L) {
   wxd_vm_t *vm = wxd_vm_get(L);
   if (vm->redis) return vm->redis;
   rd_state_t *st = lua_touserdata(L, lua_upvalueindex(1));
-  if (!st->own) st->own = wxd_redis_pool_new(vm->loop);
+  if (!st->own) st->own = wxd_redis_pool_new(vm->loop, vm->worker);
   if (!st->own) luaL_error(L, "wxd.redis: out of memory");
   return st->own;
 }
@@ -923,6 +926,7 @@ static int rd_connection(lua_State *L) {
   c->sub = sub;
   c->pool = p;
   c->loop = p->loop;
+  c->worker = p->worker;
   uv_timer_init(c->loop, &c->timer);
   c->timer.data = c;
   uv_unref((uv_handle_t *)&c->timer);

@@ -47,8 +47,9 @@
 
 typedef struct wxd_redis_pool wxd_redis_pool_t;
 
-/* A pool for connections on `loop`, or NULL when out of memory. */
-wxd_redis_pool_t *wxd_redis_pool_new(uv_loop_t *loop);
+/* A pool for connections on `loop` (worker: for the log, -1 outside a
+ * server), or NULL when out of memory. */
+wxd_redis_pool_t *wxd_redis_pool_new(uv_loop_t *loop, int worker);
 /* Closes every connection and frees the pool. Pending commands are dropped
  * without resuming their coroutines (cancel them first); their memory, and
  * each connection's, is freed by the close callbacks, so the loop must run

@@ -183,7 +183,7 @@ static void walk_close(uv_handle_t *h, void *arg) {
 static void worker_main(void *arg) {
   wxd_worker_t *w = arg;
   w->fetch = wxd_fetch_pool_new(&w->loop); /* NULL: each VM makes its own */
-  w->redis = wxd_redis_pool_new(&w->loop);
+  w->redis = wxd_redis_pool_new(&w->loop, w->id); /* NULL: each VM makes its own */
   w->vm = wxd_worker_load(w, 1, w->load_error, sizeof w->load_error);
   w->load_status = w->vm ? 0 : -1;
   if (w->vm) atomic_store(&w->stats.generation, 1);
