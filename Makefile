@@ -21,7 +21,7 @@ ALL_CFLAGS := -std=c11 -D_GNU_SOURCE $(WARN) $(CFLAGS) -I$(LUAJIT_INC) -I$(LLHTT
 # LuaJIT is linked whole and its symbols exported, so that Lua C modules
 # (luasocket, busted's helpers) load into wxd script.
 LDLIBS  := -Wl,-E -Wl,--whole-archive $(LIBDIR)/libluajit-5.1.a -Wl,--no-whole-archive \
-           $(LIBDIR)/liblua5.1-cjson.a -luv -lssl -lcrypto -lexpat -lpthread -ldl -lm
+           $(LIBDIR)/liblua5.1-cjson.a -lhiredis -luv -lssl -lcrypto -lexpat -lpthread -ldl -lm
 
 SRC  := $(wildcard core/*.c)
 HDR  := $(wildcard core/*.h)
@@ -83,7 +83,7 @@ deps-fuzz: deps
 	$(call install_missing,$(DEB_FUZZ))
 
 check-deps:
-	@for f in $(LUAJIT_INC)/lua.h $(LLHTTP_SRC)/llhttp.c /usr/include/uv.h $(LIBDIR)/liblua5.1-cjson.a; do \
+	@for f in $(LUAJIT_INC)/lua.h $(LLHTTP_SRC)/llhttp.c /usr/include/uv.h /usr/include/hiredis/hiredis.h $(LIBDIR)/liblua5.1-cjson.a; do \
 	  [ -e $$f ] || { $(MAKE) --no-print-directory deps; break; }; done
 
 run: $(BUILD)/wxd

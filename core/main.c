@@ -14,6 +14,13 @@
 #include "version.h"
 #include "vm.h"
 
+/* Closes what is left on a loop; handles already closing (Redis
+ * connections closed with the Lua state) are left to their callbacks. */
+static void close_unclosed(uv_handle_t *h, void *arg) {
+  (void)arg;
+  if (!uv_is_closing(h)) uv_close(h, NULL);
+}
+
 static const char usage[] =
     "usage: wxd <command> [options]\n"
     "\n"
@@ -195,7 +202,7 @@ static int cmd_run(int argc, char **argv, int mode) {
       else printf("ok: %s\n", cfg.app_dir);
     }
     wxd_vm_free(vm);
-    uv_walk(&loop, (uv_walk_cb)uv_close, NULL);
+    uv_walk(&loop, close_unclosed, NULL);
     uv_run(&loop, UV_RUN_DEFAULT);
     uv_loop_close(&loop);
     return rc;
@@ -257,7 +264,7 @@ static int cmd_lua_cli(const char *name, int argc, char **argv) {
   if (luaL_loadstring(L, code) != 0) fprintf(stderr, "wxd: %s\n", lua_tostring(L, -1));
   else rc = run_chunk(vm, &loop, argc, argv);
   wxd_vm_free(vm);
-  uv_walk(&loop, (uv_walk_cb)uv_close, NULL);
+  uv_walk(&loop, close_unclosed, NULL);
   uv_run(&loop, UV_RUN_DEFAULT);
   uv_loop_close(&loop);
   return rc;
@@ -289,7 +296,7 @@ static int cmd_script(int argc, char **argv) {
   if (luaL_loadfile(L, argv[0]) != 0) fprintf(stderr, "wxd: %s\n", lua_tostring(L, -1));
   else rc = run_chunk(vm, &loop, argc - 1, argv + 1);
   wxd_vm_free(vm);
-  uv_walk(&loop, (uv_walk_cb)uv_close, NULL);
+  uv_walk(&loop, close_unclosed, NULL);
   uv_run(&loop, UV_RUN_DEFAULT);
   uv_loop_close(&loop);
   return rc;

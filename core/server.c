@@ -15,6 +15,7 @@
 
 #include "fetch.h"
 #include "http.h"
+#include "redis.h"
 #include "reload.h"
 #include "shdict.h"
 #include "timer.h"
@@ -56,6 +57,7 @@ wxd_vm_t *wxd_worker_load(wxd_worker_t *w, unsigned gen, char *err, size_t errle
   vm->owner = w;
   vm->shdicts = w->srv->shdicts; /* before app.lua runs: it may use them */
   vm->fetch = w->fetch;
+  vm->redis = w->redis;
   vm->generation = gen;
   vm->on_idle = on_vm_idle;
   lua_State *L = vm->L;
@@ -181,6 +183,7 @@ static void walk_close(uv_handle_t *h, void *arg) {
 static void worker_main(void *arg) {
   wxd_worker_t *w = arg;
   w->fetch = wxd_fetch_pool_new(&w->loop); /* NULL: each VM makes its own */
+  w->redis = wxd_redis_pool_new(&w->loop, w->id); /* NULL: each VM makes its own */
   w->vm = wxd_worker_load(w, 1, w->load_error, sizeof w->load_error);
   w->load_status = w->vm ? 0 : -1;
   if (w->vm) atomic_store(&w->stats.generation, 1);
@@ -205,6 +208,14 @@ static void worker_main(void *arg) {
   if (w->vm) wxd_timers_close(w->vm);
   if (w->next_vm) wxd_timers_close(w->next_vm);
   for (wxd_vm_t *vm = w->retired; vm; vm = vm->next_retired) wxd_timers_close(vm);
+  /* Redis connections close with callbacks that free them (before the walk
+   * below would close their handles without). Subscriptions are released
+   * while their VMs still exist. */
+  wxd_redis_pool_close(w->redis);
+  w->redis = NULL;
+  if (w->vm) w->vm->redis = NULL;
+  if (w->next_vm) w->next_vm->redis = NULL;
+  for (wxd_vm_t *vm = w->retired; vm; vm = vm->next_retired) vm->redis = NULL;
   uv_walk(&w->loop, walk_close, NULL);
   uv_run(&w->loop, UV_RUN_DEFAULT);
   wxd_logbuf_free(&w->access);

@@ -77,6 +77,7 @@ typedef struct wxd_worker {
   char load_error[2048];
   wxd_worker_stats_t stats;
   struct wxd_fetch_pool *fetch; /* outbound connections, shared by the generations */
+  struct wxd_redis_pool *redis; /* Redis connections, shared by the generations */
 } wxd_worker_t;
 
 enum { WXD_CTL_NONE = 0, WXD_CTL_PREPARE, WXD_CTL_COMMIT, WXD_CTL_ABORT };

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "log.h"
+#include "redis.h"
 #include "timer.h"
 #include "version.h"
 
@@ -208,6 +209,7 @@ wxd_vm_t *wxd_vm_new(uv_loop_t *loop, const wxd_vm_options_t *opts) {
   wxd_vm_preload(L, "wxd.core.shdict", wxd_open_shdict);
   wxd_vm_preload(L, "wxd.core.xml", wxd_open_xml);
   wxd_vm_preload(L, "wxd.core.fetch", wxd_open_fetch);
+  wxd_vm_preload(L, "wxd.core.redis", wxd_open_redis);
   wxd_vm_preload(L, "cjson", luaopen_cjson);
   wxd_vm_preload(L, "cjson.safe", luaopen_cjson_safe);
   return vm;
@@ -224,6 +226,7 @@ void wxd_vm_retire(wxd_vm_t *vm) {
   vm->retired = 1;
   vm->active = 0; /* a request still running on it cannot start timers */
   wxd_timers_close(vm); /* a replaced generation runs no more jobs */
+  wxd_redis_vm_close(vm); /* nor receives pub/sub messages */
   if (vm->cos == NULL && vm->on_idle) vm->on_idle(vm);
 }
 
@@ -238,6 +241,7 @@ void wxd_vm_cancel_waits(wxd_vm_t *vm) {
 void wxd_vm_free(wxd_vm_t *vm) {
   if (!vm) return;
   wxd_timers_close(vm);
+  wxd_redis_vm_close(vm);
   while (vm->pool) {
     wxd_co_t *next = vm->pool->next;
     free(vm->pool);

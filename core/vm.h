@@ -41,7 +41,7 @@ struct wxd_co {
   wxd_co_t *prev, *next; /* vm's list of live coroutines */
 };
 
-enum { WXD_CO_SCRIPT = 1, WXD_CO_REQUEST = 2, WXD_CO_TIMER = 3 };
+enum { WXD_CO_SCRIPT = 1, WXD_CO_REQUEST = 2, WXD_CO_TIMER = 3, WXD_CO_REDIS = 4 };
 
 typedef struct wxd_vm_options {
   const char *lua_dir; /* framework modules (lua/), or NULL for package.path */
@@ -73,6 +73,12 @@ struct wxd_vm {
    * that keep-alive connections outlive generations. Not owned; NULL
    * outside a server (the VM then makes its own). */
   struct wxd_fetch_pool *fetch;
+  /* The worker's Redis connections (redis.c), set like fetch; NULL outside
+   * a server. Not owned. */
+  struct wxd_redis_pool *redis;
+  /* Pub/sub subscriptions this generation made (redis.c): dropped when it
+   * retires or is freed. */
+  struct wxd_redis_sub *redis_subs;
 };
 
 /* Creates a VM on `loop`. Returns NULL on allocation failure. */

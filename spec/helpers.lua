@@ -243,4 +243,57 @@ function Server:get(path, headers) return self:request("GET", path, headers) end
 --- Path of a spec fixture app.
 function H.app(name) return H.ROOT .. "/spec/fixtures/apps/" .. name end
 
+--- The URL of the redis-server spec/run.sh started (raises without one).
+function H.redis_url()
+  local url = os.getenv("WXD_TEST_REDIS_URL")
+  if not url or url == "" then error("WXD_TEST_REDIS_URL is not set: run the specs with spec/run.sh", 2) end
+  return url
+end
+
+local RedisServer = {}
+RedisServer.__index = RedisServer
+
+--- Starts an extra redis-server of its own (a free port, a temp dir), for
+-- specs that stop and restart Redis or need other settings.
+-- opts: args (more redis-server arguments, e.g. "--requirepass s3cret").
+-- Returns an object with url, port, dir, start(), stop(), cleanup().
+function H.redis_server(opts)
+  opts = opts or {}
+  local self = setmetatable({ dir = H.tmpdir(), port = opts.port or H.free_port(), args = opts.args or "" }, RedisServer)
+  self.url = "redis://127.0.0.1:" .. self.port .. "/0"
+  self:start()
+  return self
+end
+
+function RedisServer:ping()
+  local out = sh("redis-cli -p " .. self.port .. " " .. (self.cli_auth or "") .. " ping 2>/dev/null")
+  return out:find("PONG", 1, true) ~= nil or out:find("NOAUTH", 1, true) ~= nil
+end
+
+--- Starts (again, on the same port) and waits until it answers.
+function RedisServer:start()
+  os.execute(string.format(
+    "(redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --dir %s --daemonize no --logfile %s/redis.log %s"
+      .. " & echo $! >%s/pid) >/dev/null 2>&1", self.port, self.dir, self.dir, self.args, self.dir))
+  H.wait_until(function() return self:ping() end, 5, "redis-server on port " .. self.port)
+  self.pid = tonumber((H.read_file(self.dir .. "/pid") or ""):match("%d+"))
+end
+
+--- Stops it (SIGKILL: like a crash) and waits until the port is closed.
+function RedisServer:stop()
+  if not self.pid then return end
+  os.execute("kill -9 " .. self.pid .. " 2>/dev/null")
+  self.pid = nil
+  H.wait_until(function()
+    local c = socket.connect("127.0.0.1", self.port)
+    if c then c:close() return false end
+    return true
+  end, 5, "redis-server to stop")
+end
+
+function RedisServer:cleanup()
+  self:stop()
+  os.execute("rm -rf " .. self.dir)
+end
+
 return H

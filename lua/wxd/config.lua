@@ -77,9 +77,9 @@ local LOG_LEVELS = { debug = true, info = true, warn = true, error = true }
 
 -- Sections that later features own; accepted as free-form tables for now
 -- (their modules validate them).
-local FREE_SECTIONS = { "mp", "pay", "redis", "miniprogram", "token", "store", "app" }
+local FREE_SECTIONS = { "mp", "pay", "miniprogram", "token", "app" }
 
-local TOP_KEYS = { "listen", "workers", "limits", "log", "admin_listen", "shdict" }
+local TOP_KEYS = { "listen", "workers", "limits", "log", "admin_listen", "shdict", "redis", "store" }
 for _, k in ipairs(FREE_SECTIONS) do
     TOP_KEYS[#TOP_KEYS + 1] = k
 end
@@ -491,6 +491,106 @@ local function check_shdict(ctx, path, v, out)
     end
 end
 
+-- Redis (wxd.redis, and the store's redis backend):
+-- `redis = "redis://host:6379/0"` or `redis = { url = ..., timeout = ms,
+-- connect_timeout = ms, user = ..., password = env(...) }`. A password in a
+-- URL must come from the environment, like every secret.
+local REDIS_KEYS = { "url", "timeout", "connect_timeout", "user", "password" }
+
+local function check_redis(ctx, path, v)
+    local t, upath = v, join(path, "url")
+    if type(v) == "string" then
+        t, upath = { url = v }, path
+    elseif type(v) ~= "table" then
+        fail(ctx, path, 'expected a URL (e.g. "redis://127.0.0.1:6379/0") or a table { url = ..., timeout = ms }, got '
+            .. repr(v))
+        return nil
+    end
+    local out, ok = {}, true
+    for _, k in ipairs(sorted_keys(t)) do
+        local x, kpath = t[k], join(path, k)
+        if k == "url" then
+            if type(x) ~= "string" then
+                fail(ctx, upath, 'expected a URL such as "redis://127.0.0.1:6379/0", got ' .. repr(x))
+                ok = false
+            else
+                -- Parse errors never quote the credentials.
+                local u, err = require("wxd.redis").parse_url(x)
+                if not u then
+                    fail(ctx, upath, err)
+                    ok = false
+                elseif u.password and not ctx.from_env[upath] then
+                    fail(ctx, upath, 'a password in the URL must come from the environment: use env("'
+                        .. env_name_for(upath) .. '"), or password = env(...)')
+                    ok = false
+                end
+                out.url = x
+            end
+        elseif k == "timeout" or k == "connect_timeout" then
+            local n = positive_integer(ctx, kpath, x)
+            if n and n > 1e9 then
+                fail(ctx, kpath, "at most 1e9 ms")
+                n = nil
+            end
+            out[k] = n
+            ok = ok and n ~= nil
+        elseif k == "user" or k == "password" then
+            if type(x) ~= "string" or x == "" then
+                fail(ctx, kpath, "expected a non-empty string")
+                ok = false
+            end
+            out[k] = x
+        else
+            unknown(ctx, path, k, REDIS_KEYS)
+            ok = false
+        end
+    end
+    if out.url == nil and ok then
+        fail(ctx, upath, 'missing: the URL of the server, e.g. "redis://127.0.0.1:6379/0"')
+        ok = false
+    end
+    if ok and out.user and not out.password then
+        fail(ctx, join(path, "user"), "a user needs a password")
+        ok = false
+    end
+    return ok and out or nil
+end
+
+-- The store: `store = { backend = "memory", shdict = NAME }` or
+-- `store = { backend = "redis", prefix = "app:" }` (with `redis`).
+local STORE_KEYS = { "backend", "shdict", "prefix" }
+
+local function check_store(ctx, path, v, has_redis)
+    if not check_section(ctx, path, v) then
+        return nil
+    end
+    local out = {}
+    for _, k in ipairs(sorted_keys(v)) do
+        local x, kpath = v[k], join(path, k)
+        if k == "backend" then
+            if x ~= "memory" and x ~= "redis" then
+                fail(ctx, kpath, 'expected "memory" or "redis", got ' .. repr(x))
+            elseif x == "redis" and not has_redis then
+                fail(ctx, kpath, 'the redis backend needs redis = "redis://host:6379/0" in the config')
+            end
+            out.backend = x
+        elseif k == "shdict" then
+            if type(x) ~= "string" or not str_find(x, "^[a-z_][a-z0-9_]*$") then
+                fail(ctx, kpath, "expected the name of a shared dictionary, got " .. repr(x))
+            end
+            out.shdict = x
+        elseif k == "prefix" then
+            if type(x) ~= "string" then
+                fail(ctx, kpath, "expected a string, got " .. repr(x))
+            end
+            out.prefix = x
+        else
+            unknown(ctx, path, k, STORE_KEYS)
+        end
+    end
+    return out
+end
+
 local FREE = {}
 for _, k in ipairs(FREE_SECTIONS) do
     FREE[k] = true
@@ -534,6 +634,10 @@ function _M.validate(t, opts)
         elseif k == "shdict" then
             out.shdict = {}
             check_shdict(ctx, path, v, out.shdict)
+        elseif k == "redis" then
+            out.redis = check_redis(ctx, path, v)
+        elseif k == "store" then
+            out.store = check_store(ctx, path, v, t.redis ~= nil)
         elseif FREE[k] then
             if check_section(ctx, path, v) then
                 out[k] = v

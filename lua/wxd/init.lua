@@ -27,7 +27,7 @@ local _M = {
 -- module cycle forms (wxd.app may itself require "wxd").
 local lazy = { app = "wxd.app", log = "wxd.log", config_loader = "wxd.config", timer = "wxd.timer", crypto = "wxd.crypto",
                shdict = "wxd.shdict", lock = "wxd.lock", store = "wxd.store", xml = "wxd.xml",
-               mp = "wxd.mp", testing = "wxd.testing", http = "wxd.http",
+               mp = "wxd.mp", testing = "wxd.testing", http = "wxd.http", redis = "wxd.redis",
                wechat = "wxd.wechat", miniprogram = "wxd.miniprogram" }
 
 return setmetatable(_M, {

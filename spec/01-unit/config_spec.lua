@@ -92,7 +92,7 @@ describe("wxd.config", function()
                     limits = { max_body_bytes = 2 * 1024 * 1024 },
                     log = { level = "debug", access = false },
                     mp = { appid = "wx123", secret = env("WXD_MP_SECRET") },
-                    redis = { host = "127.0.0.1", port = 6379 },
+                    redis = { url = "redis://127.0.0.1:6379/0", timeout = 200 },
                 }
             ]], { WXD_MP_SECRET = "s3cr3t" })
             assert.is_nil(err)
@@ -101,7 +101,7 @@ describe("wxd.config", function()
             assert.equal(2097152, cfg.limits.max_body_bytes)
             assert.same({ level = "debug", access = false }, cfg.log)
             assert.same({ appid = "wx123", secret = "s3cr3t" }, cfg.mp)
-            assert.same({ host = "127.0.0.1", port = 6379 }, cfg.redis)
+            assert.same({ url = "redis://127.0.0.1:6379/0", timeout = 200 }, cfg.redis)
         end)
 
         it("refuses a path that does not exist", function()
@@ -277,7 +277,7 @@ describe("wxd.config", function()
         end)
 
         it("accepts the free-form sections as tables only", function()
-            for _, k in ipairs({ "mp", "pay", "redis", "miniprogram", "token", "store", "app" }) do
+            for _, k in ipairs({ "mp", "pay", "miniprogram", "token", "app" }) do
                 local cfg = assert(config.validate({ [k] = { anything = { 1, 2 } } }))
                 assert.same({ anything = { 1, 2 } }, cfg[k])
                 fails({ [k] = "x" }, "config." .. k .. ': expected a table, got "x"')
@@ -364,5 +364,58 @@ describe("wxd.config", function()
             assert.is_nil(cfg)
             assert.is_string(err)
         end)
+    end)
+end)
+
+describe("wxd.config: redis and store", function()
+    it("accepts a URL or a table for redis", function()
+        local cfg = assert(config.validate({ redis = "redis://127.0.0.1:6379/0" }))
+        assert.same({ url = "redis://127.0.0.1:6379/0" }, cfg.redis)
+        cfg = assert(config.validate({ redis = { url = "unix:///run/redis.sock?db=2", timeout = 100,
+                                                 connect_timeout = 50 } }))
+        assert.same({ url = "unix:///run/redis.sock?db=2", timeout = 100, connect_timeout = 50 }, cfg.redis)
+        -- Secrets from the environment.
+        cfg = assert(config.validate({ redis = config.env("REDIS_URL") }, fake_env({ REDIS_URL = "redis://:pw@h:1/0" })))
+        assert.same({ url = "redis://:pw@h:1/0" }, cfg.redis)
+        cfg = assert(config.validate({ redis = { url = "redis://h", user = "app", password = config.env("REDIS_PW") } },
+            fake_env({ REDIS_PW = "pw" })))
+        assert.equal("pw", cfg.redis.password)
+        cfg = assert(config.validate({ redis = { url = "redis://h", timeout = config.env("REDIS_TIMEOUT") } },
+            fake_env({ REDIS_TIMEOUT = "250" })))
+        assert.equal(250, cfg.redis.timeout)
+    end)
+
+    it("names the key of a bad redis setting, and never shows a password", function()
+        fails({ redis = 6379 }, "config.redis: expected a URL")
+        fails({ redis = "http://h:1" }, 'config.redis: expected "redis://')
+        fails({ redis = "redis://h:99999" }, "config.redis: the port of a Redis URL is 1..65535")
+        fails({ redis = { url = "redis://h/x" } }, "config.redis.url: bad database number")
+        fails({ redis = { url = 1 } }, "config.redis.url: expected a URL")
+        fails({ redis = {} }, "config.redis.url: missing")
+        fails({ redis = { url = "redis://h", timeout = 0 } }, "config.redis.timeout: expected a positive integer")
+        fails({ redis = { url = "redis://h", connect_timeout = 2e9 } }, "config.redis.connect_timeout: at most 1e9 ms")
+        fails({ redis = { url = "redis://h", tiemout = 5 } }, 'config.redis.tiemout: unknown key (did you mean "timeout"?)')
+        fails({ redis = { url = "redis://h", user = "u", password = config.env("P") } }, "config.redis.password",
+            {})
+        fails({ redis = { url = "redis://h", user = "u" } }, "config.redis.user: a user needs a password")
+        local err = fails({ redis = "redis://:hunter2@h:1/0" }, "config.redis: a password in the URL must come from the environment")
+        assert.falsy(err:find("hunter2", 1, true))
+        err = fails({ redis = { url = "redis://u:hunter2@h:1/0" } }, "config.redis.url: a password in the URL")
+        assert.falsy(err:find("hunter2", 1, true))
+        err = fails({ redis = { url = "redis://h", password = "hunter2" } }, "secrets must come from the environment")
+        assert.falsy(err:find("hunter2", 1, true))
+    end)
+
+    it("checks store", function()
+        local cfg = assert(config.validate({ store = { backend = "memory", shdict = "mine" } }))
+        assert.same({ backend = "memory", shdict = "mine" }, cfg.store)
+        cfg = assert(config.validate({ redis = "redis://h", store = { backend = "redis", prefix = "app:" } }))
+        assert.same({ backend = "redis", prefix = "app:" }, cfg.store)
+        fails({ store = "redis" }, 'config.store: expected a table, got "redis"')
+        fails({ store = { backend = "mongo" } }, 'config.store.backend: expected "memory" or "redis", got "mongo"')
+        fails({ store = { backend = "redis" } }, "config.store.backend: the redis backend needs redis =")
+        fails({ store = { shdict = "Bad-Name" } }, "config.store.shdict: expected the name of a shared dictionary")
+        fails({ store = { prefix = 1 } }, "config.store.prefix: expected a string")
+        fails({ store = { backnd = "memory" } }, 'config.store.backnd: unknown key (did you mean "backend"?)')
     end)
 end)
