@@ -202,6 +202,15 @@ describe("HTTPS listener", function()
     -- TLS 1.2 suites without forward secrecy or AEAD are not offered.
     ok, out = handshake_ok(srv.https_port, "-tls1_2 -cipher AES128-SHA256")
     assert.is_false(ok, out)
+    -- A client's renegotiation (s_client's "R" command) is refused.
+    out = s_client(srv.https_port, "-tls1_2", "R\n", 1)
+    assert.truthy(out:find("RENEGOTIATING", 1, true), out)
+    assert.truthy(out:find("no renegotiation", 1, true), out)
+    -- ALPN: http/1.1 when offered, nothing for an h2-only client.
+    out = s_client(srv.https_port, "-alpn h2,http/1.1", "", 0.2)
+    assert.truthy(out:find("ALPN protocol: http/1.1", 1, true), out)
+    out = s_client(srv.https_port, "-alpn h2", "", 0.2)
+    assert.truthy(out:find("No ALPN negotiated", 1, true), out)
   end)
 
   it("closes a connection that speaks plain HTTP to the TLS port, and keeps serving", function()
@@ -370,6 +379,18 @@ describe("HTTPS configuration", function()
     finally(function() srv:stop() srv:cleanup() end)
     local t = cjson.decode((curl("--cacert " .. certs .. "/ca.pem --tls-max 1.2 " .. srv.base .. "/tls"))).tls
     assert.truthy(t.cipher:find("^ECDHE%-RSA%-"), t.cipher)
+  end)
+
+  it("--https-listen needs an https section", function()
+    local plain = H.tmpdir()
+    finally(function() os.execute("rm -rf " .. plain) end)
+    H.write_file(plain .. "/app.lua", 'return require("wxd.app").new()')
+    local out, code = H.sh(H.WXD .. " run " .. plain .. " --https-listen 127.0.0.1:1")
+    assert.equal(2, code, out)
+    assert.truthy(out:find("--https-listen needs an https section", 1, true), out)
+    out, code = H.sh(H.WXD .. " run " .. app .. " --https-listen nope")
+    assert.equal(2, code, out)
+    assert.truthy(out:find("--https-listen: expected HOST:PORT", 1, true), out)
   end)
 
   it("min_version = 1.3 refuses TLS 1.2", function()
