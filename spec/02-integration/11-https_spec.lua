@@ -377,8 +377,9 @@ describe("HTTPS configuration", function()
   it("reads an encrypted key with its passphrase from the environment, and an RSA chain", function()
     local srv = start(app, { env = "WXD_TEST_CERT=certs/rsa.pem WXD_TEST_KEY=certs/rsa-enc.key WXD_TEST_KEY_PASS=s3cret-pass" })
     finally(function() srv:stop() srv:cleanup() end)
-    local t = cjson.decode((curl("--cacert " .. certs .. "/ca.pem --tls-max 1.2 " .. srv.base .. "/tls"))).tls
-    assert.truthy(t.cipher:find("^ECDHE%-RSA%-"), t.cipher)
+    local r = cjson.decode((curl("--cacert " .. certs .. "/ca.pem --tls-max 1.2 " .. srv.base .. "/tls")))
+    assert.truthy(r.tls.cipher:find("^ECDHE%-RSA%-"), r.tls.cipher)
+    assert.is_false(r.passphrase_visible, "wxd.config.https.key_passphrase is removed")
   end)
 
   it("--https-listen needs an https section", function()
