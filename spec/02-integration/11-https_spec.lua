@@ -238,6 +238,20 @@ describe("HTTPS listener", function()
       assert.equal("closed", err)
       assert.is_true(elapsed > 0.3 and elapsed < 2, "closed after " .. elapsed .. " s")
     end
+    -- Handshake bytes do not extend the deadline: a ClientHello dripped a
+    -- byte at a time is cut at the header timeout too.
+    local c = assert(socket.connect("127.0.0.1", srv.https_port))
+    c:settimeout(0.15)
+    local t0, hello, closed = socket.gettime(), "\22\3\1\2\0\1\0\1\252\3\3" .. string.rep("\0", 40), false
+    for i = 1, #hello do
+      if not c:send(hello:sub(i, i)) then closed = true break end
+      local _, err = c:receive(1)
+      if err == "closed" then closed = true break end
+    end
+    local elapsed = socket.gettime() - t0
+    c:close()
+    assert.is_true(closed, "still open after " .. elapsed .. " s")
+    assert.is_true(elapsed < 2, "closed after " .. elapsed .. " s")
   end)
 
   it("survives a client that cuts the connection mid-request or mid-record", function()
@@ -282,6 +296,17 @@ describe("HTTPS listener", function()
     out, code = H.sh(H.WXD .. " reload --pid " .. srv.dir .. "/wxd.pid")
     assert.equal(1, code, out)
     assert.truthy(out:find("does not match the certificate", 1, true), out)
+    assert.equal("hello world\n", curl("--cacert " .. certs .. "/ca.pem " .. srv.base .. "/hello"))
+    -- The status tells where HTTPS listens; moving it needs a restart.
+    local status = cjson.decode(H.read_file(srv.dir .. "/wxd.pid.status"))
+    assert.equal("127.0.0.1:" .. srv.https_port, status.https)
+    os.execute(string.format("cp %s/server2.pem %s/certs/server.pem", certs, app))
+    local conf = H.read_file(app .. "/config.lua")
+    H.write_file(app .. "/config.lua", (conf:gsub("127%.0%.0%.1:8443", "127.0.0.1:8444")))
+    out, code = H.sh(H.WXD .. " reload --pid " .. srv.dir .. "/wxd.pid")
+    assert.equal(0, code, out)
+    assert.truthy(out:find("https.listen", 1, true) and out:find("restart", 1, true), out)
+    assert.same({ "https.listen" }, cjson.decode(H.read_file(srv.dir .. "/wxd.pid.status")).restart_needed)
     assert.equal("hello world\n", curl("--cacert " .. certs .. "/ca.pem " .. srv.base .. "/hello"))
   end)
 end)
