@@ -91,7 +91,17 @@ SSL_CTX *wxd_https_ctx(wxd_https_conf_t *h, char *err, size_t errlen) {
   char e[900];
   SSL_CTX *ctx = wxd_tls_server_ctx(&tc, e, sizeof e);
   OPENSSL_cleanse(h->passphrase, sizeof h->passphrase);
-  if (!ctx) snprintf(err, errlen, "https: %s", e);
+  if (!ctx) {
+    snprintf(err, errlen, "https: %s", e);
+    return NULL;
+  }
+  /* Served anyway (clients decide), but an operator should hear of it. */
+  X509 *leaf = SSL_CTX_get0_certificate(ctx);
+  int days = 0, secs = 0;
+  if (leaf && ASN1_TIME_diff(&days, &secs, NULL, X509_get0_notAfter(leaf)) && (days < 0 || secs < 0))
+    wxd_logf(WXD_LOG_WARN, -1, "https: the certificate in %s has expired", h->cert);
+  else if (leaf && days < 14)
+    wxd_logf(WXD_LOG_WARN, -1, "https: the certificate in %s expires in %d day%s", h->cert, days, days == 1 ? "" : "s");
   return ctx;
 }
 

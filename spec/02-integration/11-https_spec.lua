@@ -118,6 +118,8 @@ describe("HTTPS listener", function()
     assert.equal(0, code)
     assert.equal(body, out)
     assert.equal("hello world\n", srv:get("/hello").body)
+    -- The spec's certificates are valid for 2 days: wxd warns.
+    assert.truthy(srv:log_text():find("https: the certificate in " .. app .. "/certs/server.pem expires in", 1, true))
   end)
 
   it("tells the handler about TLS: req.tls and req.scheme", function()
