@@ -421,6 +421,22 @@ describe("HTTPS configuration", function()
     assert.truthy(out:find("--https-listen: expected HOST:PORT", 1, true), out)
   end)
 
+  it("a reload swaps the certificate in every worker", function()
+    local srv = start(app, { workers = 2, pid = true })
+    finally(function()
+      srv:stop() srv:cleanup()
+      os.execute(string.format("cp %s/server.pem %s/server.key %s/certs/", certs, certs, app))
+    end)
+    os.execute(string.format("cp %s/server2.pem %s/certs/server.pem && cp %s/server2.key %s/certs/server.key",
+      certs, app, certs, app))
+    local out, code = H.sh(H.WXD .. " reload --pid " .. srv.dir .. "/wxd.pid")
+    assert.equal(0, code, out)
+    local want = cert_field(certs .. "/server2.pem", "serial")
+    for _ = 1, 8 do -- SO_REUSEPORT spreads these over both workers
+      assert.equal(want, server_cert(srv.https_port):match("serial=(%x+)"))
+    end
+  end)
+
   it("min_version = 1.3 refuses TLS 1.2", function()
     local srv = start(app, { env = "WXD_TEST_MIN_TLS=1.3" })
     finally(function() srv:stop() srv:cleanup() end)
