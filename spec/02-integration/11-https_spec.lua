@@ -394,6 +394,7 @@ describe("HTTPS configuration", function()
       assert.truthy(out:find("https: " .. case[2], 1, true), case[1] .. ": " .. out)
       assert.is_nil(out:find("wrong-pass-123", 1, true), "the passphrase is never printed")
       assert.is_nil(out:find("PRIVATE KEY", 1, true), "key material is never printed")
+      assert.is_nil(out:find("Sanitizer", 1, true) or out:find("runtime error:", 1, true), out)
       -- wxd check finds the same.
       out, code = H.sh(case[1] .. " " .. H.WXD .. " check " .. app)
       assert.equal(1, code, out)
