@@ -28,6 +28,8 @@ void wxd_config_defaults(wxd_config_t *cfg) {
   cfg->admin_host[0] = 0;
   cfg->admin_port = 0;
   cfg->nshdicts = 0;
+  cfg->plain = 1;
+  memset(&cfg->https, 0, sizeof cfg->https);
 }
 
 int wxd_parse_listen(const char *listen, char *host_out, size_t hostcap, int *port_out, char *err,
@@ -59,8 +61,19 @@ bad:
 
 int wxd_config_set_listen(wxd_config_t *cfg, const char *listen, char *err, size_t errlen) {
   char e[400];
-  if (wxd_parse_listen(listen, cfg->host, sizeof cfg->host, &cfg->port, e, sizeof e) == 0) return 0;
+  if (wxd_parse_listen(listen, cfg->host, sizeof cfg->host, &cfg->port, e, sizeof e) == 0) {
+    cfg->plain = 1;
+    return 0;
+  }
   snprintf(err, errlen, "listen: %s", e);
+  return -1;
+}
+
+int wxd_config_set_https_listen(wxd_config_t *cfg, const char *listen, char *err, size_t errlen) {
+  char e[400];
+  wxd_https_conf_t *h = &cfg->https;
+  if (wxd_parse_listen(listen, h->host, sizeof h->host, &h->port, e, sizeof e) == 0) return 0;
+  snprintf(err, errlen, "https.listen: %s", e);
   return -1;
 }
 
@@ -92,6 +105,61 @@ static void read_limits(lua_State *L, int l, wxd_limits_t *lim) {
       (uint64_t)field_int(L, l, "shutdown_timeout_ms", (lua_Integer)lim->shutdown_timeout_ms);
   lim->send_timeout_ms = (uint64_t)field_int(L, l, "send_timeout_ms", (lua_Integer)lim->send_timeout_ms);
   lim->max_requests = (unsigned)field_int(L, l, "max_requests_per_connection", (lua_Integer)lim->max_requests);
+}
+
+/* A string field of the table on top as a path: absolute ones as they
+ * are, relative ones against the app directory. Returns 0, or -1 when it
+ * does not fit. */
+static int field_path(lua_State *L, const char *name, const char *app_dir, char *out, size_t cap) {
+  lua_getfield(L, -1, name);
+  const char *v = lua_tostring(L, -1);
+  int n = 0;
+  if (v && v[0] == '/') n = snprintf(out, cap, "%s", v);
+  else if (v) n = snprintf(out, cap, "%s/%s", app_dir, v);
+  else out[0] = 0;
+  lua_pop(L, 1);
+  return n < 0 || (size_t)n >= cap ? -1 : 0;
+}
+
+/* The validated `https` section, on top of the stack. */
+static int read_https(lua_State *L, wxd_config_t *cfg, char *err, size_t errlen) {
+  wxd_https_conf_t *h = &cfg->https;
+  memset(h, 0, sizeof *h);
+  h->enabled = 1;
+  lua_getfield(L, -1, "listen");
+  const char *listen = lua_tostring(L, -1);
+  snprintf(h->file_listen, sizeof h->file_listen, "%s", listen ? listen : "");
+  int rc = listen ? wxd_config_set_https_listen(cfg, listen, err, errlen) : -1;
+  lua_pop(L, 1);
+  if (rc != 0) return -1;
+  if (field_path(L, "cert", cfg->app_dir, h->cert, sizeof h->cert) != 0 ||
+      field_path(L, "key", cfg->app_dir, h->key, sizeof h->key) != 0 ||
+      field_path(L, "client_ca", cfg->app_dir, h->client_ca, sizeof h->client_ca) != 0) {
+    snprintf(err, errlen, "https: a file path is too long");
+    return -1;
+  }
+  lua_getfield(L, -1, "key_passphrase");
+  size_t pl;
+  const char *pass = lua_tolstring(L, -1, &pl);
+  if (pass && pl >= sizeof h->passphrase) {
+    lua_pop(L, 1);
+    snprintf(err, errlen, "https.key_passphrase: longer than %zu bytes", sizeof h->passphrase - 1);
+    return -1;
+  }
+  if (pass) {
+    memcpy(h->passphrase, pass, pl + 1);
+    h->has_passphrase = 1;
+  }
+  lua_pop(L, 1);
+  lua_getfield(L, -1, "client_verify");
+  const char *cv = lua_tostring(L, -1);
+  h->client_verify = !cv || strcmp(cv, "off") == 0 ? 0 : strcmp(cv, "optional") == 0 ? 1 : 2;
+  lua_pop(L, 1);
+  lua_getfield(L, -1, "min_version");
+  const char *mv = lua_tostring(L, -1);
+  h->min_version = mv && strcmp(mv, "1.3") == 0 ? 13 : 12;
+  lua_pop(L, 1);
+  return 0;
 }
 
 static int shdict_cmp(const void *a, const void *b) {
@@ -136,7 +204,10 @@ static int read_shdicts(lua_State *L, int s, wxd_config_t *cfg, char *err, size_
 /* Copies the validated table at index c into cfg. */
 static int read_table(lua_State *L, int c, wxd_config_t *cfg, char *err, size_t errlen) {
   lua_getfield(L, c, "listen");
-  if (lua_isstring(L, -1)) {
+  if (lua_isboolean(L, -1) && !lua_toboolean(L, -1)) {
+    cfg->plain = 0; /* listen = false: HTTPS only */
+    snprintf(cfg->file_listen, sizeof cfg->file_listen, "false");
+  } else if (lua_isstring(L, -1)) {
     snprintf(cfg->file_listen, sizeof cfg->file_listen, "%s", lua_tostring(L, -1));
     if (wxd_config_set_listen(cfg, lua_tostring(L, -1), err, errlen) != 0) return -1;
   }
@@ -171,6 +242,9 @@ static int read_table(lua_State *L, int c, wxd_config_t *cfg, char *err, size_t 
     if (lua_isboolean(L, -1)) cfg->access_log = lua_toboolean(L, -1);
     lua_pop(L, 1);
   }
+  lua_pop(L, 1);
+  lua_getfield(L, c, "https");
+  if (lua_istable(L, -1) && read_https(L, cfg, err, errlen) != 0) return -1;
   lua_pop(L, 1);
   lua_getfield(L, c, "shdict");
   if (lua_istable(L, -1) && read_shdicts(L, lua_gettop(L), cfg, err, errlen) != 0) return -1;

@@ -30,6 +30,22 @@ typedef struct wxd_shdict_conf {
   size_t bytes;
 } wxd_shdict_conf_t;
 
+/* The `https` section: an HTTPS listener (validated by config.lua; paths
+ * made absolute against the app directory). */
+typedef struct wxd_https_conf {
+  int enabled;
+  char host[256];
+  int port;
+  char cert[PATH_MAX];
+  char key[PATH_MAX];
+  char client_ca[PATH_MAX]; /* empty: none */
+  char passphrase[1024];    /* of the key; wiped once the context is made */
+  int has_passphrase;
+  int client_verify;        /* WXD_TLS_VERIFY_* (tls.h) */
+  int min_version;          /* 12 or 13 */
+  char file_listen[300];    /* https.listen as the file says (reload compares) */
+} wxd_https_conf_t;
+
 typedef struct wxd_config {
   char app_dir[PATH_MAX];
   char lua_dir[PATH_MAX]; /* empty: rely on package.path */
@@ -45,6 +61,8 @@ typedef struct wxd_config {
   int dev;                /* wxd dev: reload when a file changes */
   wxd_shdict_conf_t shdicts[WXD_SHDICT_MAX]; /* `shdict`, sorted by name */
   int nshdicts;
+  int plain;              /* 1: the plain HTTP listener is on (listen = false turns it off) */
+  wxd_https_conf_t https;
   /* As the file says, before command-line and environment overrides: a
    * reload compares these to tell which changes need a restart. */
   char file_listen[300];
@@ -58,6 +76,7 @@ void wxd_config_defaults(wxd_config_t *cfg);
 int wxd_parse_listen(const char *listen, char *host, size_t hostcap, int *port, char *err,
                      size_t errlen);
 int wxd_config_set_listen(wxd_config_t *cfg, const char *listen, char *err, size_t errlen);
+int wxd_config_set_https_listen(wxd_config_t *cfg, const char *listen, char *err, size_t errlen);
 /* Reads cfg->app_dir/config.lua into cfg. Returns 0, or -1 with err set
  * (file and key named). */
 int wxd_config_load(wxd_config_t *cfg, char *err, size_t errlen);

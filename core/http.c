@@ -20,11 +20,14 @@
 
 #include "httpscan.h"
 #include "log.h"
+#include "tls.h"
 #include "vm.h"
 
 #define MAX_HEADERS 100
 #define IN_QUEUE_MAX (256 * 1024)   /* unparsed bytes queued while handling */
 #define STREAM_HIGH_WATER (256 * 1024)
+#define TLS_SLICE (64 * 1024)       /* plaintext encrypted per step */
+#define TLS_SCRATCH (80 * 1024)     /* ciphertext of one slice, with room */
 
 enum { CONN_IDLE, CONN_READING, CONN_HANDLING };
 
@@ -90,6 +93,10 @@ struct wxd_conn {
   unsigned discard_input : 1; /* after Connection: close or an error */
   unsigned reading : 1;
   unsigned peer_eof : 1;
+  unsigned tls_done : 1;      /* handshake finished */
+  unsigned tls_failed : 1;    /* no more TLS records: no close_notify either */
+  wxd_tls_t *tls;             /* HTTPS: NULL on plain connections */
+  wxd_tls_info_t *tls_info;   /* HTTPS: what the handshake settled */
   char remote[64];
   int remote_port;
 };
@@ -230,9 +237,10 @@ static void on_write(uv_write_t *req, int status) {
   maybe_resume_streamer(c);
 }
 
-/* Writes the buffers, copying whatever the socket does not take at once.
- * Returns 0, or -1 when the connection is unusable (it is then closed). */
-static int conn_writev(wxd_conn_t *c, uv_buf_t *bufs, unsigned nbufs) {
+/* Writes the buffers to the socket, copying whatever it does not take at
+ * once. Returns 0, or -1 when the connection is unusable (it is then
+ * closed). */
+static int sock_writev(wxd_conn_t *c, uv_buf_t *bufs, unsigned nbufs) {
   if (c->closing) return -1;
   size_t total = 0;
   for (unsigned i = 0; i < nbufs; i++) total += bufs[i].len;
@@ -272,6 +280,46 @@ static int conn_writev(wxd_conn_t *c, uv_buf_t *bufs, unsigned nbufs) {
   if (c->writes_pending++ == 0)
     c->send_deadline = uv_now(&c->w->loop) + c->w->cfg->limits.send_timeout_ms;
   return 0;
+}
+
+/* Sends the ciphertext OpenSSL has produced, through the same write path
+ * as plain bytes (order, send timeout, backpressure). Returns 0 or -1. */
+static int tls_send(wxd_conn_t *c) {
+  wxd_worker_t *w = c->w;
+  while (wxd_tls_pending(c->tls) > 0) {
+    if (!w->tls_scratch && !(w->tls_scratch = malloc(TLS_SCRATCH))) {
+      conn_close(c);
+      return -1;
+    }
+    uv_buf_t b = uv_buf_init(w->tls_scratch, (unsigned)wxd_tls_take(c->tls, w->tls_scratch, TLS_SCRATCH));
+    if (sock_writev(c, &b, 1) != 0) return -1;
+  }
+  return 0;
+}
+
+/* HTTPS: encrypts the buffers slice by slice, so the scratch stays small
+ * whatever a handler returns. */
+static int tls_writev(wxd_conn_t *c, uv_buf_t *bufs, unsigned nbufs) {
+  if (c->closing) return -1;
+  for (unsigned i = 0; i < nbufs; i++) {
+    size_t off = 0;
+    while (off < bufs[i].len) {
+      size_t n = bufs[i].len - off < TLS_SLICE ? bufs[i].len - off : TLS_SLICE;
+      if (wxd_tls_write(c->tls, bufs[i].base + off, n) != WXD_TLS_OK) {
+        c->tls_failed = 1;
+        conn_close(c);
+        return -1;
+      }
+      off += n;
+      if (tls_send(c) != 0) return -1;
+    }
+  }
+  return 0;
+}
+
+static int conn_writev(wxd_conn_t *c, uv_buf_t *bufs, unsigned nbufs) {
+  if (c->tls) return tls_writev(c, bufs, nbufs);
+  return sock_writev(c, bufs, nbufs);
 }
 
 static int conn_write(wxd_conn_t *c, const char *p, size_t len) {
@@ -785,6 +833,27 @@ static void set_field(lua_State *T, int tbl, int strings, int key) {
   lua_rawset(T, tbl);
 }
 
+/* raw.tls on HTTPS connections (wxd.app derives req.scheme from it). */
+static void push_tls_info(lua_State *T, const wxd_tls_info_t *ti, int tbl) {
+  lua_createtable(T, 0, 7);
+  lua_pushstring(T, ti->version);
+  lua_setfield(T, -2, "version");
+  lua_pushstring(T, ti->cipher);
+  lua_setfield(T, -2, "cipher");
+  lua_pushboolean(T, ti->client_verified);
+  lua_setfield(T, -2, "client_verified");
+  const char *opt[4][2] = {{"server_name", ti->server_name},
+                           {"client_subject", ti->client_subject},
+                           {"client_issuer", ti->client_issuer},
+                           {"client_serial", ti->client_serial}};
+  for (int i = 0; i < 4; i++) {
+    if (!opt[i][1]) continue;
+    lua_pushstring(T, opt[i][1]);
+    lua_setfield(T, -2, opt[i][0]);
+  }
+  lua_setfield(T, tbl, "tls");
+}
+
 /* Pushes the raw request table the Lua side wraps (lua/wxd/app.lua). */
 static void push_raw_request(lua_State *T, wxd_req_t *r, wxd_vm_t *vm) {
   wxd_conn_t *c = r->conn;
@@ -839,6 +908,7 @@ static void push_raw_request(lua_State *T, wxd_req_t *r, wxd_vm_t *vm) {
   set_field(T, tbl, st, S_REMOTE_PORT);
   lua_pushlstring(T, r->id, 18);
   set_field(T, tbl, st, S_ID);
+  if (c->tls_info) push_tls_info(T, c->tls_info, tbl);
   lua_remove(T, st); /* the request table is left on top */
 }
 
@@ -1130,35 +1200,113 @@ static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
   }
 }
 
+/* Bytes of the request stream (plaintext, after TLS when there is TLS). */
+static void conn_input(wxd_conn_t *c, const char *data, size_t len) {
+  if (c->state == CONN_HANDLING || c->in.len > 0) {
+    if (!c->discard_input && wxd_buf_append(&c->in, data, len) != 0) conn_close(c);
+    else if (c->state != CONN_HANDLING) process_queued(c);
+    else if (c->in.len > IN_QUEUE_MAX && c->reading) {
+      uv_read_stop((uv_stream_t *)&c->tcp);
+      c->reading = 0;
+    }
+  } else if (!c->discard_input) {
+    conn_process(c, data, len);
+  }
+}
+
+/* The client sent all it will (TCP EOF, or TLS close_notify). */
+static void conn_input_end(wxd_conn_t *c) {
+  if (c->reading) uv_read_stop((uv_stream_t *)&c->tcp);
+  c->reading = 0;
+  if (c->state == CONN_HANDLING || c->in.len > 0 || c->writes_pending > 0) {
+    /* Half-close: answer the requests that are complete, finish writing,
+     * then close. */
+    c->peer_eof = 1;
+    if (c->state == CONN_IDLE && c->in.len == 0) {
+      c->close_after_write = 1;
+      if (c->writes_pending == 0) conn_close(c);
+    }
+  } else {
+    /* Nothing to answer, or EOF in the middle of a request that cannot
+     * complete. */
+    conn_close(c);
+  }
+}
+
+static void tls_log_failure(wxd_conn_t *c, const char *when) {
+  char extra[512], esc[256];
+  const char *why = wxd_tls_error(c->tls);
+  size_t el = wxd_json_escape(esc, sizeof esc, why, strlen(why));
+  snprintf(extra, sizeof extra, "\"remote\":\"%s\",\"error\":\"%.*s\"", c->remote, (int)el, esc);
+  /* Scanners and clients speaking plain HTTP to this port are routine:
+   * debug, not noise in the error log. */
+  wxd_log(WXD_LOG_DEBUG, c->w->id, when, extra);
+}
+
+/* Ciphertext arrived: advance the handshake, then decrypt every complete
+ * record into the request stream. */
+static void tls_input(wxd_conn_t *c, const char *data, size_t len) {
+  if (wxd_tls_feed(c->tls, data, len) != 0) {
+    conn_close(c);
+    return;
+  }
+  if (!c->tls_done) {
+    int rc = wxd_tls_handshake(c->tls);
+    /* The alert of a failed handshake goes out too. */
+    if (tls_send(c) != 0) return;
+    if (rc == WXD_TLS_AGAIN) return;
+    if (rc != WXD_TLS_OK) {
+      tls_log_failure(c, "tls handshake failed");
+      c->tls_failed = 1;
+      c->close_after_write = 1;
+      c->discard_input = 1;
+      if (c->writes_pending == 0) conn_close(c);
+      return;
+    }
+    c->tls_done = 1;
+    c->tls_info = wxd_tls_info_new(c->tls);
+    if (!c->tls_info) {
+      conn_close(c);
+      return;
+    }
+  }
+  char plain[16384];
+  while (!c->closing && !c->discard_input) {
+    size_t n = 0;
+    int rc = wxd_tls_read(c->tls, plain, sizeof plain, &n);
+    if (rc == WXD_TLS_OK) {
+      conn_input(c, plain, n);
+      continue;
+    }
+    /* Reads may produce records of their own (alerts, key updates). */
+    if (tls_send(c) != 0) return;
+    if (rc == WXD_TLS_AGAIN) return;
+    if (rc == WXD_TLS_CLOSED) {
+      conn_input_end(c);
+      return;
+    }
+    tls_log_failure(c, "tls error");
+    c->tls_failed = 1;
+    conn_close(c);
+    return;
+  }
+}
+
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   wxd_conn_t *c = s->data;
   wxd_worker_t *w = c->w;
   if (nread > 0) {
-    if (c->state == CONN_HANDLING || c->in.len > 0) {
-      if (!c->discard_input && wxd_buf_append(&c->in, buf->base, (size_t)nread) != 0) conn_close(c);
-      else if (c->state != CONN_HANDLING) process_queued(c);
-      else if (c->in.len > IN_QUEUE_MAX) {
-        uv_read_stop(s);
-        c->reading = 0;
-      }
-    } else if (!c->discard_input) {
-      conn_process(c, buf->base, (size_t)nread);
-    }
-  } else if (nread < 0) {
-    uv_read_stop(s);
-    c->reading = 0;
-    if (nread == UV_EOF && (c->state == CONN_HANDLING || c->in.len > 0 || c->writes_pending > 0)) {
-      /* Half-close: the client sent all it will. Answer the requests that
-       * are complete, finish writing, then close (conn_finish_eof). */
-      c->peer_eof = 1;
-      if (c->state == CONN_IDLE && c->in.len == 0) {
-        c->close_after_write = 1;
-        if (c->writes_pending == 0) conn_close(c);
-      }
+    if (c->tls) {
+      if (!c->discard_input) tls_input(c, buf->base, (size_t)nread);
     } else {
-      /* An error, or EOF in the middle of a request that cannot complete. */
-      conn_close(c);
+      conn_input(c, buf->base, (size_t)nread);
     }
+  } else if (nread == UV_EOF) {
+    /* On TLS, an EOF without close_notify: the HTTP framing tells whether
+     * a request was cut (then closed unanswered), like on plain HTTP. */
+    conn_input_end(c);
+  } else if (nread < 0) {
+    conn_close(c);
   }
   if (buf->base == w->readbuf) w->readbuf_busy = 0;
   else free(buf->base);
@@ -1176,6 +1324,8 @@ static void on_conn_handle_closed(uv_handle_t *h) {
   w->nconns--;
   atomic_fetch_sub_explicit(&w->stats.connections, 1, memory_order_relaxed);
   wxd_buf_free(&c->in);
+  wxd_tls_free(c->tls); /* drops its reference to the SSL_CTX */
+  free(c->tls_info);
   free(c);
   if (w->draining && w->nconns == 0) uv_async_send(&w->stop_async); /* re-check shutdown */
 }
@@ -1202,10 +1352,18 @@ static void conn_close(wxd_conn_t *c) {
       req_free(r);
     }
   }
+  if (c->tls && c->tls_done && !c->tls_failed && c->writes_pending == 0) {
+    /* A clean end for the client: close_notify, best effort (a socket
+     * that would block gets none). */
+    wxd_tls_shutdown(c->tls);
+    char alert[128];
+    uv_buf_t b = uv_buf_init(alert, (unsigned)wxd_tls_take(c->tls, alert, sizeof alert));
+    if (b.len) uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
+  }
   uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
 }
 
-void wxd_http_on_connection(uv_stream_t *server, int status) {
+static void accept_conn(uv_stream_t *server, int status, int tls) {
   wxd_worker_t *w = server->data;
   if (status < 0 || w->draining) return;
   wxd_conn_t *c = calloc(1, sizeof *c);
@@ -1220,6 +1378,10 @@ void wxd_http_on_connection(uv_stream_t *server, int status) {
   w->nconns++;
   atomic_fetch_add_explicit(&w->stats.connections, 1, memory_order_relaxed);
   if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) {
+    conn_close(c);
+    return;
+  }
+  if (tls && !(c->tls = wxd_tls_new_server(w->tls_ctx))) {
     conn_close(c);
     return;
   }
@@ -1243,10 +1405,16 @@ void wxd_http_on_connection(uv_stream_t *server, int status) {
   wxd_scan_head(&c->scan, 1);
   c->state = CONN_IDLE;
   /* Until the first byte, a new connection gets the header timeout: an
-   * opened-and-silent socket is the first step of slowloris. */
+   * opened-and-silent socket is the first step of slowloris. On HTTPS it
+   * covers the handshake: the timer is reset by the first byte of a
+   * request, not by handshake bytes. */
   conn_set_timer(c, w->cfg->limits.header_timeout_ms);
   conn_start_reading(c);
 }
+
+void wxd_http_on_connection(uv_stream_t *server, int status) { accept_conn(server, status, 0); }
+
+void wxd_http_on_tls_connection(uv_stream_t *server, int status) { accept_conn(server, status, 1); }
 
 void wxd_http_drain(wxd_worker_t *w) {
   wxd_conn_t *c = w->conns;

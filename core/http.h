@@ -18,8 +18,11 @@
 
 /* Checks at start-up that llhttp's lenient parsing is off by default. */
 int wxd_http_selfcheck(char *err, size_t errlen);
-/* The listener's connection callback; server->data is the worker. */
+/* The listeners' connection callbacks; server->data is the worker. On the
+ * HTTPS listener a connection first does the TLS handshake (within the
+ * header timeout), then runs the same parser on the decrypted bytes. */
 void wxd_http_on_connection(uv_stream_t *server, int status);
+void wxd_http_on_tls_connection(uv_stream_t *server, int status);
 /* Shutdown: close idle connections, let in-flight requests finish and then
  * close their connections. */
 void wxd_http_drain(wxd_worker_t *w);

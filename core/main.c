@@ -11,6 +11,7 @@
 #include "log.h"
 #include "server.h"
 #include "timer.h"
+#include "tls.h"
 #include "version.h"
 #include "vm.h"
 
@@ -25,9 +26,11 @@ static const char usage[] =
     "usage: wxd <command> [options]\n"
     "\n"
     "commands:\n"
-    "  run [APPDIR] [--listen HOST:PORT] [--workers N] [--pid FILE] [--admin HOST:PORT]\n"
+    "  run [APPDIR] [--listen HOST:PORT] [--https-listen HOST:PORT] [--workers N]\n"
+    "      [--pid FILE] [--admin HOST:PORT]\n"
     "                      serve the app in APPDIR (default: .); --pid writes a pid\n"
-    "                      file (and FILE.status); --admin serves GET /status there\n"
+    "                      file (and FILE.status); --admin serves GET /status there;\n"
+    "                      --https-listen needs https.cert and https.key in config.lua\n"
     "  dev [APPDIR] [options of run]\n"
     "                      like run, with one worker by default, reloading the app\n"
     "                      whenever a .lua file under APPDIR changes\n"
@@ -109,6 +112,7 @@ static int cmd_run(int argc, char **argv, int mode) {
   wxd_config_defaults(&cfg);
   const char *appdir = ".";
   const char *listen = NULL;
+  const char *https_listen = NULL;
   const char *admin = NULL;
   const char *pid_file = NULL;
   int workers = -1;
@@ -119,6 +123,11 @@ static int cmd_run(int argc, char **argv, int mode) {
       listen = argv[i];
     } else if (strncmp(a, "--listen=", 9) == 0) {
       listen = a + 9;
+    } else if (strcmp(a, "--https-listen") == 0) {
+      if (++i >= argc) goto missing;
+      https_listen = argv[i];
+    } else if (strncmp(a, "--https-listen=", 15) == 0) {
+      https_listen = a + 15;
     } else if (strcmp(a, "--admin") == 0) {
       if (++i >= argc) goto missing;
       admin = argv[i];
@@ -156,6 +165,17 @@ static int cmd_run(int argc, char **argv, int mode) {
     fprintf(stderr, "wxd: %s\n", err);
     return 2;
   }
+  if (https_listen) {
+    if (!cfg.https.enabled) {
+      fprintf(stderr, "wxd: --https-listen needs an https section with cert and key in config.lua\n");
+      return 2;
+    }
+    char e[400];
+    if (wxd_parse_listen(https_listen, cfg.https.host, sizeof cfg.https.host, &cfg.https.port, e, sizeof e) != 0) {
+      fprintf(stderr, "wxd: --https-listen: %s\n", e);
+      return 2;
+    }
+  }
   if (admin) {
     char e[400];
     if (wxd_parse_listen(admin, cfg.admin_host, sizeof cfg.admin_host, &cfg.admin_port, e, sizeof e) != 0) {
@@ -180,6 +200,15 @@ static int cmd_run(int argc, char **argv, int mode) {
   cfg.dev = mode == MODE_DEV;
   wxd_config_apply_env(&cfg);
   wxd_log_set_level(cfg.log_level);
+  if (mode == MODE_CHECK && cfg.https.enabled) {
+    char terr[1024];
+    SSL_CTX *ctx = wxd_https_ctx(&cfg.https, terr, sizeof terr);
+    if (!ctx) {
+      fprintf(stderr, "wxd: %s\n", terr);
+      return 1;
+    }
+    SSL_CTX_free(ctx);
+  }
   if (mode == MODE_CHECK) {
     /* One worker's worth of loading, without listening. */
     uv_loop_t loop;

@@ -9,6 +9,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "tls.h"
+
 int wxd_resolve(const char *host, int port, struct sockaddr_storage *ss, socklen_t *alen);
 
 static void on_reload_async(uv_async_t *a);
@@ -39,6 +41,9 @@ static void restart_needed(const wxd_config_t *old, const wxd_config_t *nw, char
   if (strcmp(old->file_listen, nw->file_listen) != 0) CHANGED("listen");
   if (old->file_workers != nw->file_workers) CHANGED("workers");
   if (strcmp(old->file_admin, nw->file_admin) != 0) CHANGED("admin_listen");
+  /* The HTTPS listener's socket stays; its certificate and key do not. */
+  if (old->https.enabled != nw->https.enabled) CHANGED("https");
+  else if (strcmp(old->https.file_listen, nw->https.file_listen) != 0) CHANGED("https.listen");
   if (memcmp(&old->limits, &nw->limits, sizeof old->limits) != 0) CHANGED("limits");
   if (old->log_level != nw->log_level || old->access_log != nw->access_log) CHANGED("log");
   /* Dictionaries are created once, before the workers: their data survives
@@ -125,7 +130,21 @@ void wxd_reload_start(wxd_server_t *s, const char *why) {
     restart_needed(s->cfg, nc, rs->restart_needed, sizeof rs->restart_needed);
     pthread_mutex_unlock(&rs->mu);
   }
+  /* Certificates are read again (renewed files take effect): here, once,
+   * so that a bad pair refuses the reload before any worker switches. */
+  SSL_CTX *tls = NULL;
+  if (rc == 0 && s->cfg->https.enabled && nc->https.enabled) {
+    tls = wxd_https_ctx(&nc->https, err, sizeof err);
+    if (!tls) rc = -1;
+  }
+  OPENSSL_cleanse(nc->https.passphrase, sizeof nc->https.passphrase);
   free(nc);
+  if (tls) {
+    pthread_mutex_lock(&rs->mu);
+    SSL_CTX_free(s->tls_next);
+    s->tls_next = tls; /* workers take it at COMMIT; released when the reload ends */
+    pthread_mutex_unlock(&rs->mu);
+  }
   if (rc != 0) {
     finish(s, 0, err);
     return;
@@ -163,6 +182,9 @@ static void on_reload_async(uv_async_t *a) {
     return;
   }
   int ok = rs->verdict_ok;
+  /* Every worker has committed (and referenced the new context) or aborted. */
+  SSL_CTX_free(s->tls_next);
+  s->tls_next = NULL;
   char err[2048] = "";
   for (int i = 0; i < s->n && !ok; i++)
     if (s->workers[i].prep_error[0]) {
@@ -194,9 +216,16 @@ static void status_json(wxd_server_t *s, wxd_buf_t *b) {
   wxd_reload_state_t *rs = &s->reload;
   char tmp[512];
   pthread_mutex_lock(&rs->mu);
-  snprintf(tmp, sizeof tmp, "{\"pid\":%d,\"listen\":\"%s:%d\",\"app\":", (int)getpid(), s->cfg->host,
-           s->cfg->port);
+  if (s->cfg->plain)
+    snprintf(tmp, sizeof tmp, "{\"pid\":%d,\"listen\":\"%s:%d\",", (int)getpid(), s->cfg->host, s->cfg->port);
+  else
+    snprintf(tmp, sizeof tmp, "{\"pid\":%d,\"listen\":null,", (int)getpid());
   append_str(b, tmp);
+  if (s->cfg->https.enabled) {
+    snprintf(tmp, sizeof tmp, "\"https\":\"%s:%d\",", s->cfg->https.host, s->cfg->https.port);
+    append_str(b, tmp);
+  }
+  append_str(b, "\"app\":");
   append_json_string(b, s->cfg->app_dir);
   snprintf(tmp, sizeof tmp,
            ",\"generation\":%u,\"loaded_at\":\"%s\",\"reloads\":{\"attempts\":%u,\"succeeded\":%u,"

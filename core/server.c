@@ -19,6 +19,7 @@
 #include "reload.h"
 #include "shdict.h"
 #include "timer.h"
+#include "tls.h"
 
 /* Start-up barrier: every worker loads the app, then all start listening
  * together, or none does. */
@@ -80,6 +81,32 @@ fail:
   return NULL;
 }
 
+SSL_CTX *wxd_https_ctx(wxd_https_conf_t *h, char *err, size_t errlen) {
+  wxd_tls_server_conf_t tc = {
+      .cert_file = h->cert,
+      .key_file = h->key,
+      .passphrase = h->has_passphrase ? h->passphrase : NULL,
+      .client_ca = h->client_ca[0] ? h->client_ca : NULL,
+      .client_verify = h->client_verify,
+      .min_version = h->min_version == 13 ? TLS1_3_VERSION : TLS1_2_VERSION,
+  };
+  char e[900];
+  SSL_CTX *ctx = wxd_tls_server_ctx(&tc, e, sizeof e);
+  OPENSSL_cleanse(h->passphrase, sizeof h->passphrase);
+  if (!ctx) {
+    snprintf(err, errlen, "https: %s", e);
+    return NULL;
+  }
+  /* Served anyway (clients decide), but an operator should hear of it. */
+  X509 *leaf = SSL_CTX_get0_certificate(ctx);
+  int days = 0, secs = 0;
+  if (leaf && ASN1_TIME_diff(&days, &secs, NULL, X509_get0_notAfter(leaf)) && (days < 0 || secs < 0))
+    wxd_logf(WXD_LOG_WARN, -1, "https: the certificate in %s has expired", h->cert);
+  else if (leaf && days < 14)
+    wxd_logf(WXD_LOG_WARN, -1, "https: the certificate in %s expires in %d day%s", h->cert, days, days == 1 ? "" : "s");
+  return ctx;
+}
+
 /* The main thread's reload command (reload.c decides; this applies). */
 static void on_ctl(uv_async_t *a) {
   wxd_worker_t *w = a->data;
@@ -106,6 +133,16 @@ static void on_ctl(uv_async_t *a) {
     w->next_vm = NULL;
     atomic_store(&w->stats.generation, w->vm->generation);
     wxd_timers_activate(w->vm);
+    /* New HTTPS connections get the context read by this reload; open ones
+     * keep theirs (each SSL holds a reference). */
+    pthread_mutex_lock(&rs->mu);
+    SSL_CTX *tls = w->srv->tls_next;
+    if (tls) SSL_CTX_up_ref(tls);
+    pthread_mutex_unlock(&rs->mu);
+    if (tls) {
+      SSL_CTX_free(w->tls_ctx);
+      w->tls_ctx = tls;
+    }
     old->next_retired = w->retired;
     w->retired = old;
     atomic_fetch_add(&w->stats.retired, 1);
@@ -121,6 +158,12 @@ static void on_ctl(uv_async_t *a) {
 
 static void on_handle_closed(uv_handle_t *h) { (void)h; }
 
+static void close_listeners(wxd_worker_t *w) {
+  if (!uv_is_closing((uv_handle_t *)&w->listener)) uv_close((uv_handle_t *)&w->listener, on_handle_closed);
+  if (w->cfg->https.enabled && !uv_is_closing((uv_handle_t *)&w->https_listener))
+    uv_close((uv_handle_t *)&w->https_listener, on_handle_closed);
+}
+
 static void close_worker_handles(wxd_worker_t *w) {
   if (w->stopping) return;
   w->stopping = 1;
@@ -130,8 +173,7 @@ static void close_worker_handles(wxd_worker_t *w) {
   uv_unref((uv_handle_t *)&w->deadline);
   uv_close((uv_handle_t *)&w->stop_async, on_handle_closed);
   uv_close((uv_handle_t *)&w->ctl_async, on_handle_closed);
-  if (!uv_is_closing((uv_handle_t *)&w->listener))
-    uv_close((uv_handle_t *)&w->listener, on_handle_closed);
+  close_listeners(w);
 }
 
 static void on_deadline(uv_timer_t *t) {
@@ -160,8 +202,7 @@ static void on_stop(uv_async_t *a) {
       vm->active = 0;
       wxd_timers_close(vm);
     }
-    if (!uv_is_closing((uv_handle_t *)&w->listener))
-      uv_close((uv_handle_t *)&w->listener, on_handle_closed);
+    close_listeners(w);
     wxd_http_drain(w);
     uv_timer_start(&w->deadline, on_deadline, w->cfg->limits.shutdown_timeout_ms, 0);
   }
@@ -197,8 +238,10 @@ static void worker_main(void *arg) {
 
   if (go) {
     wxd_timers_activate(w->vm);
-    int rc = uv_listen((uv_stream_t *)&w->listener, 511, wxd_http_on_connection);
+    int rc = w->cfg->plain ? uv_listen((uv_stream_t *)&w->listener, 511, wxd_http_on_connection) : 0;
     if (rc != 0) wxd_logf(WXD_LOG_ERROR, w->id, "listen: %s", uv_strerror(rc));
+    rc = w->cfg->https.enabled ? uv_listen((uv_stream_t *)&w->https_listener, 511, wxd_http_on_tls_connection) : 0;
+    if (rc != 0) wxd_logf(WXD_LOG_ERROR, w->id, "https listen: %s", uv_strerror(rc));
     uv_run(&w->loop, UV_RUN_DEFAULT);
   } else {
     close_worker_handles(w);
@@ -228,31 +271,42 @@ static void worker_main(void *arg) {
   w->next_vm = NULL;
   wxd_vm_free(w->vm);
   w->vm = NULL;
-  /* The loop has run out: no outbound request is in flight. */
+  /* The loop has run out: no outbound request is in flight, and every
+   * connection (so every SSL) is gone. */
   wxd_fetch_pool_free(w->fetch);
   w->fetch = NULL;
+  SSL_CTX_free(w->tls_ctx);
+  w->tls_ctx = NULL;
   pthread_mutex_lock(&exited_mu);
   exited_count++;
   pthread_mutex_unlock(&exited_mu);
   if (go) uv_async_send(&w->srv->worker_exited);
 }
 
-static int make_listener(wxd_worker_t *w, const struct sockaddr *addr, char *err, size_t errlen) {
+static int make_listener(wxd_worker_t *w, uv_tcp_t *l, const struct sockaddr *addr, const char *host, int port,
+                         char *err, size_t errlen) {
   int rc;
-  w->listener.data = w;
+  l->data = w;
   uv_os_fd_t fd;
-  uv_fileno((uv_handle_t *)&w->listener, &fd);
+  uv_fileno((uv_handle_t *)l, &fd);
   int one = 1;
   if (setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0) {
     rc = uv_translate_sys_error(errno);
     goto fail;
   }
-  rc = uv_tcp_bind(&w->listener, addr, 0);
+  rc = uv_tcp_bind(l, addr, 0);
   if (rc != 0) goto fail;
   return 0;
 fail:
-  snprintf(err, errlen, "cannot listen on %s:%d: %s", w->cfg->host, w->cfg->port, uv_strerror(rc));
+  snprintf(err, errlen, "cannot listen on %s:%d: %s", host, port, uv_strerror(rc));
   return -1;
+}
+
+static int bound_port(uv_tcp_t *l, struct sockaddr_storage *ss) {
+  int sl = sizeof *ss;
+  uv_tcp_getsockname(l, (struct sockaddr *)ss, &sl);
+  return ntohs(ss->ss_family == AF_INET ? ((struct sockaddr_in *)ss)->sin_port
+                                        : ((struct sockaddr_in6 *)ss)->sin6_port);
 }
 
 /* Without SO_REUSEPORT, so that another process already serving the port is
@@ -356,12 +410,31 @@ int wxd_server_run(wxd_config_t *cfg) {
   if (cfg->workers > 256) cfg->workers = 256;
   signal(SIGPIPE, SIG_IGN);
 
-  struct sockaddr_storage ss;
-  socklen_t alen;
-  if (wxd_resolve(cfg->host, cfg->port, &ss, &alen) != 0) return 1;
-  if (cfg->port != 0 && probe_port((struct sockaddr *)&ss, alen, err, sizeof err, cfg->host, cfg->port) != 0) {
-    wxd_log(WXD_LOG_ERROR, -1, err, NULL);
-    return 1;
+  struct sockaddr_storage ss, hss;
+  socklen_t alen, halen;
+  wxd_https_conf_t *https = &cfg->https;
+  if (cfg->plain) {
+    if (wxd_resolve(cfg->host, cfg->port, &ss, &alen) != 0) return 1;
+    if (cfg->port != 0 && probe_port((struct sockaddr *)&ss, alen, err, sizeof err, cfg->host, cfg->port) != 0) {
+      wxd_log(WXD_LOG_ERROR, -1, err, NULL);
+      return 1;
+    }
+  }
+  /* Certificate and key are read before anything listens: a bad pair
+   * stops the start with the file named. */
+  SSL_CTX *tls_ctx = NULL;
+  if (https->enabled) {
+    if (wxd_resolve(https->host, https->port, &hss, &halen) != 0) return 1;
+    if (https->port != 0 &&
+        probe_port((struct sockaddr *)&hss, halen, err, sizeof err, https->host, https->port) != 0) {
+      wxd_log(WXD_LOG_ERROR, -1, err, NULL);
+      return 1;
+    }
+    tls_ctx = wxd_https_ctx(https, err, sizeof err);
+    if (!tls_ctx) {
+      wxd_log(WXD_LOG_ERROR, -1, err, NULL);
+      return 1;
+    }
   }
 
   int n = cfg->workers;
@@ -380,12 +453,14 @@ int wxd_server_run(wxd_config_t *cfg) {
     if (wxd_shdict_registry_add(srv.shdicts, cfg->shdicts[i].name, cfg->shdicts[i].bytes, err, sizeof err) != 0) {
       wxd_log(WXD_LOG_ERROR, -1, err, NULL);
       wxd_shdict_registry_free(srv.shdicts);
+      SSL_CTX_free(tls_ctx);
       return 1;
     }
   }
   srv.workers = srv.shdicts ? calloc((size_t)n, sizeof *srv.workers) : NULL;
   if (!srv.workers) {
     wxd_shdict_registry_free(srv.shdicts);
+    SSL_CTX_free(tls_ctx);
     return 1;
   }
   wxd_worker_t *workers = srv.workers;
@@ -416,24 +491,31 @@ int wxd_server_run(wxd_config_t *cfg) {
       w->readbuf = NULL;
     }
     uv_loop_init(&w->loop);
-    /* The listener is initialised first so that it can always be closed. */
-    int lrc = uv_tcp_init_ex(&w->loop, &w->listener, ss.ss_family);
-    if (lrc != 0 || !w->readbuf || make_listener(w, (struct sockaddr *)&ss, err, sizeof err) != 0) {
-      if (lrc != 0) snprintf(err, sizeof err, "cannot create a socket: %s", uv_strerror(lrc));
+    /* The listeners are initialised first so that they can always be
+     * closed (an unused plain one is never bound). */
+    int lrc = cfg->plain ? uv_tcp_init_ex(&w->loop, &w->listener, ss.ss_family) : uv_tcp_init(&w->loop, &w->listener);
+    int hrc = https->enabled ? uv_tcp_init_ex(&w->loop, &w->https_listener, hss.ss_family) : 0;
+    if (lrc != 0 || hrc != 0 || !w->readbuf ||
+        (cfg->plain && make_listener(w, &w->listener, (struct sockaddr *)&ss, cfg->host, cfg->port, err,
+                                     sizeof err) != 0) ||
+        (https->enabled && make_listener(w, &w->https_listener, (struct sockaddr *)&hss, https->host,
+                                         https->port, err, sizeof err) != 0)) {
+      if (lrc != 0 || hrc != 0) snprintf(err, sizeof err, "cannot create a socket: %s", uv_strerror(lrc ? lrc : hrc));
       else if (!w->readbuf) snprintf(err, sizeof err, "out of memory");
       wxd_log(WXD_LOG_ERROR, -1, err, NULL);
       if (lrc == 0) uv_close((uv_handle_t *)&w->listener, NULL);
+      if (https->enabled && hrc == 0) uv_close((uv_handle_t *)&w->https_listener, NULL);
       uv_run(&w->loop, UV_RUN_DEFAULT);
       uv_loop_close(&w->loop);
       free(w->readbuf);
       goto cleanup;
     }
-    if (made == 0 && cfg->port == 0) {
-      /* Port 0: every worker must share the port the first one got. */
-      int sl = sizeof ss;
-      uv_tcp_getsockname(&w->listener, (struct sockaddr *)&ss, &sl);
-      cfg->port = ntohs(ss.ss_family == AF_INET ? ((struct sockaddr_in *)&ss)->sin_port
-                                                : ((struct sockaddr_in6 *)&ss)->sin6_port);
+    /* Port 0: every worker must share the port the first one got. */
+    if (made == 0 && cfg->plain && cfg->port == 0) cfg->port = bound_port(&w->listener, &ss);
+    if (made == 0 && https->enabled && https->port == 0) https->port = bound_port(&w->https_listener, &hss);
+    if (tls_ctx) {
+      SSL_CTX_up_ref(tls_ctx);
+      w->tls_ctx = tls_ctx;
     }
     uv_async_init(&w->loop, &w->stop_async, on_stop);
     w->stop_async.data = w;
@@ -473,10 +555,12 @@ int wxd_server_run(wxd_config_t *cfg) {
       for (int i = 0; i < n; i++) uv_async_send(&workers[i].stop_async);
     }
     write_pid_file(cfg);
-    char app[1024], extra[1600];
+    char app[1024], extra[1600], plain[300] = "", tls[300] = "";
     size_t al = wxd_json_escape(app, sizeof app, cfg->app_dir, strlen(cfg->app_dir));
-    snprintf(extra, sizeof extra, "\"listen\":\"%s:%d\",\"workers\":%d,\"app\":\"%.*s\",\"pid\":%d",
-             cfg->host, cfg->port, n, (int)al, app, (int)getpid());
+    if (cfg->plain) snprintf(plain, sizeof plain, "\"listen\":\"%s:%d\",", cfg->host, cfg->port);
+    if (https->enabled) snprintf(tls, sizeof tls, "\"https\":\"%s:%d\",", https->host, https->port);
+    snprintf(extra, sizeof extra, "%s%s\"workers\":%d,\"app\":\"%.*s\",\"pid\":%d", plain, tls, n, (int)al,
+             app, (int)getpid());
     /* The one line a human looks for; also what tests wait for. */
     wxd_log(WXD_LOG_INFO, -1, "listening", extra);
     wxd_reload_write_status(&srv);
@@ -494,8 +578,14 @@ cleanup:
     close_main_handles(&srv);
     uv_run(srv.loop, UV_RUN_DEFAULT);
   }
+  /* The workers hold their own references (released when they end). */
+  SSL_CTX_free(tls_ctx);
+  SSL_CTX_free(srv.tls_next);
   for (int i = 0; i < made; i++) {
     wxd_worker_t *w = &workers[i];
+    SSL_CTX_free(w->tls_ctx); /* a worker that never ran */
+    w->tls_ctx = NULL;
+    free(w->tls_scratch);
     if (uv_loop_close(&w->loop) != 0) {
       uv_walk(&w->loop, walk_close, NULL);
       uv_run(&w->loop, UV_RUN_DEFAULT);

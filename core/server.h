@@ -46,7 +46,11 @@ typedef struct wxd_worker {
   const wxd_config_t *cfg;
   wxd_server_t *srv;
   uv_loop_t loop;
-  uv_tcp_t listener;
+  uv_tcp_t listener;        /* plain HTTP (bound unless cfg->plain is 0) */
+  uv_tcp_t https_listener;  /* HTTPS, when cfg->https.enabled */
+  struct ssl_ctx_st *tls_ctx; /* HTTPS: this worker's reference to the context
+                               * new connections use; a reload swaps it */
+  char *tls_scratch;        /* HTTPS: ciphertext on its way to the socket */
   uv_async_t stop_async;    /* main thread asks us to drain */
   uv_async_t ctl_async;     /* main thread's reload commands */
   uv_timer_t tick;          /* connection timeouts, access log flush */
@@ -118,6 +122,7 @@ struct wxd_server {
   int stopping;
   wxd_reload_state_t reload;
   struct wxd_shdict_registry *shdicts; /* created before the workers, freed after */
+  struct ssl_ctx_st *tls_next; /* HTTPS context a reload prepared; guarded by reload.mu */
 };
 
 /* Runs the server until SIGTERM/SIGINT; returns the process exit code. */
@@ -126,6 +131,11 @@ int wxd_server_run(wxd_config_t *cfg);
 /* Creates a VM for worker w and loads the app into it, as generation gen.
  * Returns NULL with err set when loading fails. */
 wxd_vm_t *wxd_worker_load(wxd_worker_t *w, unsigned gen, char *err, size_t errlen);
+
+/* The HTTPS context of cfg->https (certificate, key, client CA read now),
+ * or NULL with err set ("https: ..." naming the file). The passphrase in
+ * cfg is wiped either way. */
+struct ssl_ctx_st *wxd_https_ctx(wxd_https_conf_t *h, char *err, size_t errlen);
 
 /* The cached "Date: ...\r\n" header line for this second. */
 const char *wxd_worker_date(wxd_worker_t *w, size_t *len);

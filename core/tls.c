@@ -52,18 +52,15 @@ static void set_err(char *err, size_t errlen, const char *what) {
   ERR_clear_error();
 }
 
-/* Leaf, key and chain from PEM. Returns 0 or -1 with err set. */
-static int load_pem_pair(const wxd_tls_client_conf_t *conf, X509 **leaf, EVP_PKEY **key,
-                         STACK_OF(X509) **chain, char *err, size_t errlen) {
-  BIO *b = BIO_new_mem_buf(conf->cert_pem, (int)conf->cert_len);
-  if (!b) return set_err(err, errlen, "out of memory"), -1;
+/* The first certificate of a PEM buffer and the ones after it (its
+ * chain). Returns 0, or -1 when there is no certificate (or no memory). */
+static int parse_pem_chain(const char *pem, size_t len, X509 **leaf, STACK_OF(X509) **chain) {
+  *leaf = NULL;
+  *chain = NULL;
+  BIO *b = BIO_new_mem_buf(pem, (int)len);
+  if (!b) return -1;
   *leaf = PEM_read_bio_X509(b, NULL, pass_cb, NULL);
-  if (!*leaf) {
-    BIO_free(b);
-    set_err(err, errlen, "client certificate: not a PEM certificate");
-    return -1;
-  }
-  *chain = sk_X509_new_null();
+  if (*leaf) *chain = sk_X509_new_null();
   X509 *x;
   while (*chain && (x = PEM_read_bio_X509(b, NULL, pass_cb, NULL)) != NULL) {
     if (!sk_X509_push(*chain, x)) {
@@ -73,13 +70,31 @@ static int load_pem_pair(const wxd_tls_client_conf_t *conf, X509 **leaf, EVP_PKE
   }
   ERR_clear_error(); /* the end of the PEM data */
   BIO_free(b);
-  if (!*chain) return set_err(err, errlen, "out of memory"), -1;
-  b = BIO_new_mem_buf(conf->key_pem, (int)conf->key_len);
-  if (!b) return set_err(err, errlen, "out of memory"), -1;
-  *key = PEM_read_bio_PrivateKey(b, NULL, pass_cb, (void *)conf->passphrase);
+  if (*leaf && *chain) return 0;
+  X509_free(*leaf);
+  *leaf = NULL;
+  return -1;
+}
+
+/* A PEM private key, maybe encrypted; NULL when unreadable. */
+static EVP_PKEY *parse_pem_key(const char *pem, size_t len, const char *passphrase) {
+  BIO *b = BIO_new_mem_buf(pem, (int)len);
+  if (!b) return NULL;
+  EVP_PKEY *key = PEM_read_bio_PrivateKey(b, NULL, pass_cb, (void *)passphrase);
   BIO_free(b);
+  ERR_clear_error();
+  return key;
+}
+
+/* Leaf, key and chain from PEM. Returns 0 or -1 with err set. */
+static int load_pem_pair(const wxd_tls_client_conf_t *conf, X509 **leaf, EVP_PKEY **key,
+                         STACK_OF(X509) **chain, char *err, size_t errlen) {
+  if (parse_pem_chain(conf->cert_pem, conf->cert_len, leaf, chain) != 0) {
+    snprintf(err, errlen, "client certificate: not a PEM certificate");
+    return -1;
+  }
+  *key = parse_pem_key(conf->key_pem, conf->key_len, conf->passphrase);
   if (!*key) {
-    ERR_clear_error();
     snprintf(err, errlen, "client key: not a PEM private key, or a wrong passphrase");
     return -1;
   }
@@ -156,42 +171,202 @@ fail:
   return NULL;
 }
 
+/* A PEM file of at most 1 MiB, read whole (NUL-terminated). Returns the
+ * bytes (free() them), or NULL with err naming the file. */
+static char *read_pem_file(const char *what, const char *path, size_t *len, char *err, size_t errlen) {
+  FILE *f = fopen(path, "rb");
+  if (!f) {
+    snprintf(err, errlen, "cannot read %s %.300s: %s", what, path, strerror(errno));
+    return NULL;
+  }
+  size_t cap = 1 << 20, n = 0;
+  char *buf = malloc(cap + 1);
+  if (buf) n = fread(buf, 1, cap + 1, f);
+  int bad = buf && (ferror(f) || n > cap);
+  int e = errno;
+  fclose(f);
+  if (!buf || bad) {
+    if (buf) OPENSSL_cleanse(buf, n > cap ? cap : n);
+    free(buf);
+    if (!buf) snprintf(err, errlen, "out of memory");
+    else if (n > cap) snprintf(err, errlen, "%s %.300s: larger than 1 MiB, not a PEM file", what, path);
+    else snprintf(err, errlen, "cannot read %s %.300s: %s", what, path, strerror(e));
+    return NULL;
+  }
+  buf[n] = 0;
+  *len = n;
+  return buf;
+}
+
+/* Only http/1.1 is spoken: chosen when the client offers it, otherwise the
+ * handshake goes on without ALPN (a client that offers only h2 then fails
+ * at its own pace rather than on an alert). */
+static int alpn_select(SSL *ssl, const unsigned char **out, unsigned char *outlen, const unsigned char *in,
+                       unsigned int inlen, void *arg) {
+  (void)ssl;
+  (void)arg;
+  static const unsigned char ours[] = "\x08http/1.1";
+  unsigned char *sel = NULL;
+  if (SSL_select_next_proto(&sel, outlen, ours, sizeof ours - 1, in, inlen) == OPENSSL_NPN_NEGOTIATED) {
+    *out = sel;
+    return SSL_TLSEXT_ERR_OK;
+  }
+  return SSL_TLSEXT_ERR_NOACK;
+}
+
+/* TLS 1.2 suites: forward secrecy (ECDHE) and AEAD only. TLS 1.3 suites
+ * are all of that already; OpenSSL's default list for them stays. */
+#define SERVER_CIPHERS_12                                                                   \
+  "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:" \
+  "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+
+SSL_CTX *wxd_tls_server_ctx(const wxd_tls_server_conf_t *conf, char *err, size_t errlen) {
+  ERR_clear_error();
+  char *cert_pem = NULL, *key_pem = NULL;
+  size_t cert_len = 0, key_len = 0;
+  X509 *leaf = NULL;
+  EVP_PKEY *key = NULL;
+  STACK_OF(X509) *chain = NULL;
+  SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
+  if (!ctx) {
+    set_err(err, errlen, "cannot create a TLS context");
+    return NULL;
+  }
+  SSL_CTX_set_min_proto_version(ctx, conf->min_version ? conf->min_version : TLS1_2_VERSION);
+  SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE);
+  /* Idle keep-alive connections give their record buffers back. */
+  SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+  if (!SSL_CTX_set_cipher_list(ctx, SERVER_CIPHERS_12)) {
+    set_err(err, errlen, "cannot set the TLS 1.2 cipher list");
+    goto fail;
+  }
+  /* Sessions (tickets and the cache) belong to this context: resumption
+   * needs an id context once client certificates are checked. */
+  SSL_CTX_set_session_id_context(ctx, (const unsigned char *)"wxd", 3);
+  SSL_CTX_set_alpn_select_cb(ctx, alpn_select, NULL);
+
+  cert_pem = read_pem_file("certificate file", conf->cert_file, &cert_len, err, errlen);
+  if (!cert_pem) goto fail;
+  if (parse_pem_chain(cert_pem, cert_len, &leaf, &chain) != 0) {
+    snprintf(err, errlen, "certificate file %.300s holds no PEM certificate", conf->cert_file);
+    goto fail;
+  }
+  key_pem = read_pem_file("key file", conf->key_file, &key_len, err, errlen);
+  if (!key_pem) goto fail;
+  key = parse_pem_key(key_pem, key_len, conf->passphrase);
+  if (!key) {
+    int encrypted = strstr(key_pem, "ENCRYPTED") != NULL;
+    if (encrypted && !conf->passphrase)
+      snprintf(err, errlen, "key file %.300s is encrypted and no passphrase was given", conf->key_file);
+    else if (encrypted)
+      snprintf(err, errlen, "key file %.300s: wrong passphrase", conf->key_file);
+    else
+      snprintf(err, errlen, "key file %.300s holds no PEM private key", conf->key_file);
+    goto fail;
+  }
+  if (!X509_check_private_key(leaf, key)) {
+    ERR_clear_error();
+    snprintf(err, errlen, "the key in %.300s does not match the certificate in %.300s", conf->key_file,
+             conf->cert_file);
+    goto fail;
+  }
+  if (!SSL_CTX_use_cert_and_key(ctx, leaf, key, chain, 1)) {
+    set_err(err, errlen, "cannot use the certificate and key");
+    goto fail;
+  }
+  if (conf->client_verify != WXD_TLS_VERIFY_OFF) {
+    if (!conf->client_ca) {
+      snprintf(err, errlen, "client certificates are verified but no client CA file is given");
+      goto fail;
+    }
+    FILE *f = fopen(conf->client_ca, "r");
+    if (!f) {
+      snprintf(err, errlen, "cannot read client CA file %.300s: %s", conf->client_ca, strerror(errno));
+      goto fail;
+    }
+    fclose(f);
+    STACK_OF(X509_NAME) *names = SSL_load_client_CA_file(conf->client_ca);
+    if (!names || !SSL_CTX_load_verify_file(ctx, conf->client_ca)) {
+      sk_X509_NAME_pop_free(names, X509_NAME_free);
+      ERR_clear_error();
+      snprintf(err, errlen, "client CA file %.300s holds no PEM certificate", conf->client_ca);
+      goto fail;
+    }
+    /* Tells clients which CAs we accept (they pick their certificate). */
+    SSL_CTX_set_client_CA_list(ctx, names);
+    int mode = SSL_VERIFY_PEER;
+    if (conf->client_verify == WXD_TLS_VERIFY_REQUIRE) mode |= SSL_VERIFY_FAIL_IF_NO_PEER_CERT;
+    SSL_CTX_set_verify(ctx, mode, NULL);
+  }
+  X509_free(leaf);
+  EVP_PKEY_free(key);
+  sk_X509_pop_free(chain, X509_free);
+  free(cert_pem);
+  OPENSSL_cleanse(key_pem, key_len);
+  free(key_pem);
+  ERR_clear_error();
+  return ctx;
+fail:
+  X509_free(leaf);
+  EVP_PKEY_free(key);
+  sk_X509_pop_free(chain, X509_free);
+  free(cert_pem);
+  if (key_pem) OPENSSL_cleanse(key_pem, key_len);
+  free(key_pem);
+  SSL_CTX_free(ctx);
+  ERR_clear_error();
+  return NULL;
+}
+
 /* ---- connections ---- */
 
-wxd_tls_t *wxd_tls_new_client(SSL_CTX *ctx, const char *host) {
+/* A connection with its two memory BIOs, or NULL. */
+static wxd_tls_t *tls_new(SSL_CTX *ctx) {
   wxd_tls_t *t = calloc(1, sizeof *t);
   if (!t) return NULL;
   t->ssl = SSL_new(ctx);
   t->in = BIO_new(BIO_s_mem());
   t->out = BIO_new(BIO_s_mem());
-  if (!t->ssl || !t->in || !t->out) goto fail;
+  if (!t->ssl || !t->in || !t->out) {
+    BIO_free(t->in);
+    BIO_free(t->out);
+    SSL_free(t->ssl);
+    free(t);
+    ERR_clear_error();
+    return NULL;
+  }
   /* An empty input BIO means "wait for more", not EOF. */
   BIO_set_mem_eof_return(t->in, -1);
   SSL_set_bio(t->ssl, t->in, t->out); /* SSL owns both from here */
+  return t;
+}
+
+wxd_tls_t *wxd_tls_new_client(SSL_CTX *ctx, const char *host) {
+  wxd_tls_t *t = tls_new(ctx);
+  if (!t) return NULL;
   SSL_set_connect_state(t->ssl);
   unsigned char ip[16];
   int is_ip = inet_pton(AF_INET, host, ip) == 1 || inet_pton(AF_INET6, host, ip) == 1;
-  if (!is_ip && !SSL_set_tlsext_host_name(t->ssl, host)) goto fail_ssl;
+  if (!is_ip && !SSL_set_tlsext_host_name(t->ssl, host)) goto fail;
   if (SSL_get_verify_mode(t->ssl) & SSL_VERIFY_PEER) {
     if (is_ip) {
-      if (!X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(t->ssl), host)) goto fail_ssl;
+      if (!X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(t->ssl), host)) goto fail;
     } else {
       SSL_set_hostflags(t->ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
-      if (!SSL_set1_host(t->ssl, host)) goto fail_ssl;
+      if (!SSL_set1_host(t->ssl, host)) goto fail;
     }
   }
   return t;
 fail:
-  BIO_free(t->in);
-  BIO_free(t->out);
-  SSL_free(t->ssl);
-  free(t);
-  ERR_clear_error();
-  return NULL;
-fail_ssl:
   wxd_tls_free(t);
   ERR_clear_error();
   return NULL;
+}
+
+wxd_tls_t *wxd_tls_new_server(SSL_CTX *ctx) {
+  wxd_tls_t *t = tls_new(ctx);
+  if (t) SSL_set_accept_state(t->ssl);
+  return t;
 }
 
 void wxd_tls_free(wxd_tls_t *t) {
@@ -301,3 +476,70 @@ int wxd_tls_flush(wxd_tls_t *t, uv_stream_t *s, void (*cb)(void *arg, int status
 }
 
 const char *wxd_tls_error(const wxd_tls_t *t) { return t->err[0] ? t->err : "TLS error"; }
+
+
+/* ---- what was negotiated ---- */
+
+/* An RFC 2253 name as a malloc'd string (UTF-8 left unescaped), or NULL. */
+static char *name_string(const X509_NAME *name) {
+  BIO *b = BIO_new(BIO_s_mem());
+  if (!b) return NULL;
+  char *s = NULL;
+  if (X509_NAME_print_ex(b, name, 0, XN_FLAG_RFC2253 & ~ASN1_STRFLGS_ESC_MSB) >= 0) {
+    char *p;
+    long n = BIO_get_mem_data(b, &p);
+    s = malloc((size_t)n + 1);
+    if (s) {
+      memcpy(s, p, (size_t)n);
+      s[n] = 0;
+    }
+  }
+  BIO_free(b);
+  return s;
+}
+
+static char *serial_string(X509 *x) {
+  BIGNUM *bn = ASN1_INTEGER_to_BN(X509_get0_serialNumber(x), NULL);
+  char *hex = bn ? BN_bn2hex(bn) : NULL;
+  BN_free(bn);
+  char *s = hex ? strdup(hex) : NULL;
+  OPENSSL_free(hex);
+  return s;
+}
+
+wxd_tls_info_t *wxd_tls_info_new(wxd_tls_t *t) {
+  SSL *ssl = t->ssl;
+  const char *parts[6] = {SSL_get_version(ssl), SSL_get_cipher_name(ssl),
+                          SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name), NULL, NULL, NULL};
+  char *owned[3] = {NULL, NULL, NULL};
+  X509 *peer = SSL_get0_peer_certificate(ssl);
+  if (peer) {
+    owned[0] = name_string(X509_get_subject_name(peer));
+    owned[1] = name_string(X509_get_issuer_name(peer));
+    owned[2] = serial_string(peer);
+    for (int i = 0; i < 3; i++) parts[3 + i] = owned[i];
+  }
+  size_t need = sizeof(wxd_tls_info_t);
+  for (int i = 0; i < 6; i++)
+    if (parts[i]) need += strlen(parts[i]) + 1;
+  wxd_tls_info_t *info = calloc(1, need);
+  if (info) {
+    char *p = (char *)(info + 1);
+    const char **fields[6] = {&info->version, &info->cipher, &info->server_name,
+                              &info->client_subject, &info->client_issuer, &info->client_serial};
+    for (int i = 0; i < 6; i++) {
+      if (!parts[i]) continue;
+      size_t n = strlen(parts[i]) + 1;
+      memcpy(p, parts[i], n);
+      *fields[i] = p;
+      p += n;
+    }
+    /* A certificate that failed verification ends the handshake, so one
+     * that is here was verified, unless verification is off. */
+    info->client_verified =
+        peer && (SSL_get_verify_mode(ssl) & SSL_VERIFY_PEER) && SSL_get_verify_result(ssl) == X509_V_OK;
+  }
+  for (int i = 0; i < 3; i++) free(owned[i]);
+  ERR_clear_error();
+  return info;
+}

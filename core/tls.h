@@ -12,9 +12,14 @@
  * Contexts: wxd_tls_client_ctx() makes an SSL_CTX for clients: TLS 1.2 at
  * least, peer verification and host name checks on unless conf->verify is
  * 0, the system trust store or conf->ca_file, and an optional client
- * certificate from a PEM pair or a PKCS#12 bundle. The caller owns the
- * returned SSL_CTX (SSL_CTX_free); every wxd_tls_t made from it holds its
- * own reference.
+ * certificate from a PEM pair or a PKCS#12 bundle. wxd_tls_server_ctx()
+ * makes one for HTTPS listeners from files: TLS 1.2 at least, ECDHE with
+ * AEAD ciphers only for 1.2, server cipher preference, no compression, no
+ * renegotiation, session tickets, ALPN http/1.1, optional client
+ * certificates checked against a CA file. The caller owns the returned
+ * SSL_CTX (SSL_CTX_free); every wxd_tls_t made from it holds its own
+ * reference, so a context replaced by a reload lives on in the connections
+ * that use it.
  *
  * Errors are short sentences without secrets: no key, passphrase or
  * plaintext is ever copied into one.
@@ -46,10 +51,27 @@ typedef struct wxd_tls_client_conf {
 /* A client context, or NULL with err set. */
 SSL_CTX *wxd_tls_client_ctx(const wxd_tls_client_conf_t *conf, char *err, size_t errlen);
 
+enum { WXD_TLS_VERIFY_OFF = 0, WXD_TLS_VERIFY_OPTIONAL, WXD_TLS_VERIFY_REQUIRE };
+
+typedef struct wxd_tls_server_conf {
+  const char *cert_file;  /* PEM: the leaf first, then its chain */
+  const char *key_file;   /* PEM private key, maybe encrypted */
+  const char *passphrase; /* of the key; NULL: none */
+  const char *client_ca;  /* PEM bundle the client certificates must chain to */
+  int client_verify;      /* WXD_TLS_VERIFY_* */
+  int min_version;        /* TLS1_2_VERSION or TLS1_3_VERSION */
+} wxd_tls_server_conf_t;
+
+/* A server context, or NULL with err set: it names the file at fault and
+ * never quotes key material or the passphrase. */
+SSL_CTX *wxd_tls_server_ctx(const wxd_tls_server_conf_t *conf, char *err, size_t errlen);
+
 /* A connection in client mode for `host` (used for SNI and, when the
  * context verifies, for the name check; an IP literal is checked against
  * the certificate's IP addresses), or NULL when out of memory. */
 wxd_tls_t *wxd_tls_new_client(SSL_CTX *ctx, const char *host);
+/* A connection in server mode, or NULL when out of memory. */
+wxd_tls_t *wxd_tls_new_server(SSL_CTX *ctx);
 void wxd_tls_free(wxd_tls_t *t);
 
 /* Ciphertext read from the network. Returns 0, or -1 when out of memory. */
@@ -82,5 +104,21 @@ int wxd_tls_flush(wxd_tls_t *t, uv_stream_t *s, void (*cb)(void *arg, int status
 /* Why the last call failed, as a short sentence (the certificate check's
  * verdict when that was the cause). */
 const char *wxd_tls_error(const wxd_tls_t *t);
+
+/* What a server connection negotiated, once the handshake is done: one
+ * allocation (free() it). Strings are NUL-terminated; the client_* ones
+ * are NULL without a client certificate. Names are RFC 2253 strings
+ * ("CN=client,O=Shop", most specific first, UTF-8 kept as is). */
+typedef struct wxd_tls_info {
+  const char *version;     /* "TLSv1.3" */
+  const char *cipher;      /* OpenSSL's name, e.g. "TLS_AES_256_GCM_SHA384" */
+  const char *server_name; /* SNI, or NULL */
+  const char *client_subject;
+  const char *client_issuer;
+  const char *client_serial; /* upper-case hex, as `openssl x509 -serial` */
+  int client_verified;     /* a client certificate was presented and verified */
+} wxd_tls_info_t;
+
+wxd_tls_info_t *wxd_tls_info_new(wxd_tls_t *t);
 
 #endif

@@ -291,6 +291,11 @@ function req_lazy.http_version(self)
     return rawget(self, "version")
 end
 
+-- "https" on an HTTPS listener (the core sets req.tls there), else "http".
+function req_lazy.scheme(self)
+    return rawget(self, "tls") and "https" or "http"
+end
+
 local REQ_MT = {
     __index = function(self, k)
         local m = req_methods[k]

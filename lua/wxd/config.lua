@@ -79,7 +79,7 @@ local LOG_LEVELS = { debug = true, info = true, warn = true, error = true }
 -- (their modules validate them).
 local FREE_SECTIONS = { "mp", "pay", "miniprogram", "token", "app" }
 
-local TOP_KEYS = { "listen", "workers", "limits", "log", "admin_listen", "shdict", "redis", "store" }
+local TOP_KEYS = { "listen", "workers", "limits", "log", "admin_listen", "shdict", "https", "redis", "store" }
 for _, k in ipairs(FREE_SECTIONS) do
     TOP_KEYS[#TOP_KEYS + 1] = k
 end
@@ -235,7 +235,7 @@ end
 -- APIv3 key and v2 merchant key have their own usual spellings.
 local SECRET_PATTERNS = {
     "secret", "password", "passwd", "token", "aes_key", "api_key", "private_key",
-    "apiv3_key", "api_v3_key", "mch_key", "sign_key",
+    "apiv3_key", "api_v3_key", "mch_key", "sign_key", "passphrase",
 }
 
 -- Names that refer to a secret rather than hold one: a key file's path or
@@ -591,6 +591,58 @@ local function check_store(ctx, path, v, has_redis)
     return out
 end
 
+-- The HTTPS listener: `https = { listen, cert, key, key_passphrase,
+-- client_ca, client_verify, min_version }`. Files are read by the core
+-- (relative paths against the app directory), which names the file at fault.
+local HTTPS_KEYS = { "listen", "cert", "key", "key_passphrase", "client_ca", "client_verify", "min_version" }
+local CLIENT_VERIFY = { off = true, optional = true, require = true }
+
+local function check_https(ctx, path, v)
+    if not check_section(ctx, path, v) then
+        return nil
+    end
+    local out = { client_verify = "off", min_version = "1.2" }
+    for _, k in ipairs(sorted_keys(v)) do
+        local x, kpath = v[k], join(path, k)
+        if k == "listen" then
+            out.listen = check_listen(ctx, kpath, x)
+        elseif k == "cert" or k == "key" or k == "client_ca" or k == "key_passphrase" then
+            if type(x) ~= "string" or x == "" then
+                fail(ctx, kpath, "expected a non-empty string, got " .. (k == "key_passphrase" and type(x) or repr(x)))
+            else
+                out[k] = x
+            end
+        elseif k == "client_verify" then
+            if not CLIENT_VERIFY[x] then
+                fail(ctx, kpath, 'expected "off", "optional" or "require", got ' .. repr(x))
+            else
+                out.client_verify = x
+            end
+        elseif k == "min_version" then
+            local s = (x == 1.2 or x == 1.3) and str_format("%.1f", x) or x
+            if s ~= "1.2" and s ~= "1.3" then
+                fail(ctx, kpath, 'expected "1.2" or "1.3", got ' .. repr(x))
+            else
+                out.min_version = s
+            end
+        else
+            unknown(ctx, path, k, HTTPS_KEYS)
+        end
+    end
+    for _, k in ipairs { "listen", "cert", "key" } do
+        if v[k] == nil then fail(ctx, join(path, k), "required") end
+    end
+    -- A CA without verification would look like mutual TLS and be none.
+    if v.client_ca ~= nil and v.client_verify == nil then
+        out.client_verify = "require"
+    elseif out.client_verify ~= "off" and v.client_ca == nil then
+        fail(ctx, join(path, "client_ca"), 'required when client_verify is "' .. out.client_verify .. '"')
+    elseif out.client_verify == "off" and v.client_ca ~= nil then
+        fail(ctx, join(path, "client_verify"), 'is "off" but client_ca is set; say "optional" or "require", or drop client_ca')
+    end
+    return out
+end
+
 local FREE = {}
 for _, k in ipairs(FREE_SECTIONS) do
     FREE[k] = true
@@ -620,7 +672,13 @@ function _M.validate(t, opts)
         local v = t[k]
         local path = join("config", k)
         if k == "listen" then
-            out.listen = check_listen(ctx, path, v)
+            if v == false then
+                out.listen = false -- no plain HTTP: HTTPS only (checked below)
+            else
+                out.listen = check_listen(ctx, path, v)
+            end
+        elseif k == "https" then
+            out.https = check_https(ctx, path, v)
         elseif k == "workers" then
             out.workers = check_workers(ctx, path, v)
         elseif k == "admin_listen" then
@@ -647,6 +705,9 @@ function _M.validate(t, opts)
         end
     end
 
+    if t.listen == false and t.https == nil then
+        fail(ctx, "config.listen", "false turns plain HTTP off, which needs an https section")
+    end
     if ctx.errors[1] then
         return nil, tbl_concat(ctx.errors, "\n")
     end

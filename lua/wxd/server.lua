@@ -40,6 +40,8 @@ local PLAIN = { ["content-type"] = "text/plain; charset=utf-8" }
 function _M.load_app(appdir, worker, generation)
   local cfg, err = _M.read_config(appdir)
   if not cfg then return nil, err end
+  -- The core has read the key with it; the app has no use for it.
+  if cfg.https then cfg.https.key_passphrase = nil end
   wxd.config = cfg
   wxd.generation = generation or 1
   local chunk, lerr = loadfile(appdir .. "/app.lua")
