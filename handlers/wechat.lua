@@ -52,12 +52,6 @@ return function(app)
   end
   app:mp("/wx", cfg, handlers)
   if cfg.secret then
-    local wx = require("wxd.wechat").client(cfg)
-    app:get("/jssdk/config", function(req)
-      local conf, err = wx:jssdk_config(req.query.url)
-      if conf then return conf end
-      if err == "invalid url" then return 400, { error = "url must be the page's http(s) URL" } end
-      return 502, { error = "wechat unavailable", kind = err }
-    end)
+    app:get("/jssdk/config", require("wxd.wechat").client(cfg):jssdk_handler())
   end
 end

@@ -372,6 +372,19 @@ function Client:jssdk_config(url)
            signature = _M.jssdk_signature(ticket, nonce, ts, url) }
 end
 
+--- A route handler that serves jssdk_config for `?url=<the page's URL>`:
+-- 200 with the JSON, 400 for a missing or bad url, 502 when WeChat cannot
+-- give a ticket.
+-- @usage app:get("/jssdk/config", wx:jssdk_handler())
+function Client:jssdk_handler()
+  return function(req)
+    local conf, err = self:jssdk_config(req.query.url)
+    if conf then return conf end
+    if err == "invalid url" then return 400, { error = "url must be the page's http(s) URL" } end
+    return 502, { error = "wechat unavailable", kind = err }
+  end
+end
+
 --- Sends a customer-service message (客服消息): a table as WeChat's
 -- /cgi-bin/message/custom/send takes it (`touser`, `msgtype`, ...).
 function Client:send_custom(message)

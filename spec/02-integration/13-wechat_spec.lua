@@ -261,6 +261,20 @@ describe("wxd.wechat credentials across workers", function()
     end)
   end)
 
+  it("serves /jssdk/config from the default app when WXD_MP_SECRET is set", function()
+    local srv = H.start(H.ROOT, { workers = 1, env = env({ WXD_MP_APPID = APPID, WXD_MP_TOKEN = "t",
+      WXD_MP_SECRET = SECRET, WXD_WECHAT_API_BASE = base }) })
+    local ok, err = pcall(function()
+      local r = srv:get("/jssdk/config?url=" .. crypto.url_encode("https://a.example/p"))
+      assert.equal(200, r.status, r.body)
+      local conf = json(r)
+      assert.equal(require("wxd.wechat").jssdk_signature(ctl("GET", "/_ctl/state").jsapi, conf.nonceStr,
+        conf.timestamp, "https://a.example/p"), conf.signature)
+    end)
+    srv:stop(); srv:cleanup()
+    assert(ok, err)
+  end)
+
   it("sends a reply that missed the deadline through the customer-service API", function()
     local C = require "fixtures.mp.conf"
     local srv = H.start(H.app("mp"), { workers = 2, env = env({

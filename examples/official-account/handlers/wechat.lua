@@ -38,12 +38,7 @@ function M.mount(app, mp)
   local wx = require("wxd.wechat").client({ appid = mp.appid, secret = mp.secret, api_base = mp.api_base })
   -- GET /jssdk/config?url=<the page's URL> → { appId, timestamp, nonceStr,
   -- signature } for wx.config on that page.
-  app:get("/jssdk/config", function(req)
-    local conf, err = wx:jssdk_config(req.query.url)
-    if conf then return conf end
-    if err == "invalid url" then return 400, { error = "url must be the page's http(s) URL" } end
-    return 502, { error = "wechat unavailable", kind = err }
-  end)
+  app:get("/jssdk/config", wx:jssdk_handler())
 end
 
 return M
