@@ -8,6 +8,7 @@
 #include <uv.h>
 
 #include "log.h"
+#include "steer.h"
 #include "vm.h"
 
 void wxd_config_defaults(wxd_config_t *cfg) {
@@ -81,6 +82,9 @@ void wxd_config_apply_env(wxd_config_t *cfg) {
   const char *lv = getenv("WXD_LOG_LEVEL");
   if (lv && wxd_log_parse_level(lv) >= 0) cfg->log_level = wxd_log_parse_level(lv);
   else if (lv && *lv) fprintf(stderr, "wxd: WXD_LOG_LEVEL=%s ignored: expected debug, info, warn or error\n", lv);
+  const char *st = getenv("WXD_STEERING");
+  if (st && wxd_steer_parse(st) >= 0) cfg->steering = wxd_steer_parse(st);
+  else if (st && *st) fprintf(stderr, "wxd: WXD_STEERING=%s ignored: expected auto, cpu or hash\n", st);
   const char *al = getenv("WXD_ACCESS_LOG");
   if (al && (strcmp(al, "off") == 0 || strcmp(al, "0") == 0 || strcmp(al, "false") == 0))
     cfg->access_log = 0;
@@ -215,6 +219,10 @@ static int read_table(lua_State *L, int c, wxd_config_t *cfg, char *err, size_t 
   lua_getfield(L, c, "workers");
   cfg->workers = lua_isnumber(L, -1) ? (int)lua_tointeger(L, -1) : 0;
   cfg->file_workers = cfg->workers;
+  lua_pop(L, 1);
+  lua_getfield(L, c, "steering");
+  if (lua_isstring(L, -1) && wxd_steer_parse(lua_tostring(L, -1)) >= 0) cfg->steering = wxd_steer_parse(lua_tostring(L, -1));
+  cfg->file_steering = cfg->steering;
   lua_pop(L, 1);
   lua_getfield(L, c, "admin_listen");
   if (lua_isstring(L, -1)) {

@@ -52,6 +52,7 @@ typedef struct wxd_config {
   char host[256];
   int port;
   int workers;            /* 0: one per CPU */
+  int steering;           /* WXD_STEER_* (steer.h): which worker gets a connection */
   int access_log;
   int log_level;
   wxd_limits_t limits;
@@ -67,6 +68,7 @@ typedef struct wxd_config {
    * reload compares these to tell which changes need a restart. */
   char file_listen[300];
   int file_workers;
+  int file_steering;
   char file_admin[300];
 } wxd_config_t;
 

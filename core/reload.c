@@ -40,6 +40,7 @@ static void restart_needed(const wxd_config_t *old, const wxd_config_t *nw, char
   n += (size_t)snprintf(out + n, n < cap ? cap - n : 0, "%s\"%s\"", n ? "," : "", name)
   if (strcmp(old->file_listen, nw->file_listen) != 0) CHANGED("listen");
   if (old->file_workers != nw->file_workers) CHANGED("workers");
+  if (old->file_steering != nw->file_steering) CHANGED("steering");
   if (strcmp(old->file_admin, nw->file_admin) != 0) CHANGED("admin_listen");
   /* The HTTPS listener's socket stays; its certificate and key do not. */
   if (old->https.enabled != nw->https.enabled) CHANGED("https");
@@ -240,17 +241,19 @@ static void status_json(wxd_server_t *s, wxd_buf_t *b) {
   append_json_string(b, rs->last_error);
   append_str(b, ",\"last_error_at\":");
   append_json_string(b, rs->last_error_at);
-  snprintf(tmp, sizeof tmp, ",\"restart_needed\":[%s],\"workers\":[", rs->restart_needed);
+  snprintf(tmp, sizeof tmp, ",\"restart_needed\":[%s],\"steering\":{\"mode\":\"%s\",\"now\":\"%s\",\"changes\":%u}"
+           ",\"workers\":[", rs->restart_needed, wxd_steer_name(s->steer.mode), wxd_steer_current(&s->steer),
+           s->steer.switches);
   append_str(b, tmp);
   pthread_mutex_unlock(&rs->mu);
   for (int i = 0; i < s->n; i++) {
     wxd_worker_stats_t *st = &s->workers[i].stats;
     snprintf(tmp, sizeof tmp,
              "%s{\"id\":%d,\"generation\":%u,\"requests\":%llu,\"connections\":%u,"
-             "\"retired_generations\":%u}",
+             "\"retired_generations\":%u,\"busy\":%.2f}",
              i ? "," : "", i, atomic_load(&st->generation),
              (unsigned long long)atomic_load(&st->requests), atomic_load(&st->connections),
-             atomic_load(&st->retired));
+             atomic_load(&st->retired), atomic_load(&st->busy_permille) / 1000.0);
     append_str(b, tmp);
   }
   append_str(b, "]}\n");

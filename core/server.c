@@ -211,6 +211,8 @@ static void on_stop(uv_async_t *a) {
 
 static void on_tick(uv_timer_t *t) {
   wxd_worker_t *w = t->data;
+  if (++w->ticks % 10 == 0)
+    atomic_store(&w->stats.busy_permille, wxd_steer_busy_permille(&w->loop, &w->meter));
   wxd_http_sweep(w);
   wxd_fetch_pool_sweep(w->fetch);
   wxd_logbuf_flush(&w->access);
@@ -351,11 +353,18 @@ int wxd_resolve(const char *host, int port, struct sockaddr_storage *ss, socklen
 
 /* ---- main thread ---- */
 
+/* The steering monitor's view of a worker (steer.h). */
+static unsigned worker_busy(void *arg, int worker) {
+  wxd_server_t *s = arg;
+  return atomic_load(&s->workers[worker].stats.busy_permille);
+}
+
 static void close_main_handles(wxd_server_t *s) {
   uv_close((uv_handle_t *)&s->sigint, NULL);
   uv_close((uv_handle_t *)&s->sigterm, NULL);
   uv_close((uv_handle_t *)&s->sighup, NULL);
   uv_close((uv_handle_t *)&s->worker_exited, NULL);
+  wxd_steer_stop(&s->steer);
   wxd_reload_close(s);
 }
 
@@ -368,6 +377,9 @@ static void on_signal(uv_signal_t *sig, int signum) {
   s->signals++;
   if (s->signals == 1) {
     s->stopping = 1;
+    /* Before the workers close their listeners: the monitor must not
+     * touch a descriptor that is gone (or already reused). */
+    wxd_steer_stop(&s->steer);
     wxd_logf(WXD_LOG_INFO, -1, "%s: stopping (in-flight requests get up to %llu ms)",
              signum == SIGINT ? "SIGINT" : "SIGTERM",
              (unsigned long long)s->cfg->limits.shutdown_timeout_ms);
@@ -491,6 +503,7 @@ int wxd_server_run(wxd_config_t *cfg) {
       w->readbuf = NULL;
     }
     uv_loop_init(&w->loop);
+    wxd_steer_loop_init(&w->loop);
     /* The listeners are initialised first so that they can always be
      * closed (an unused plain one is never bound). */
     int lrc = cfg->plain ? uv_tcp_init_ex(&w->loop, &w->listener, ss.ss_family) : uv_tcp_init(&w->loop, &w->listener);
@@ -528,6 +541,23 @@ int wxd_server_run(wxd_config_t *cfg) {
     w->deadline.data = w;
   }
 
+  /* Steering: the by-CPU program picks a socket by its index in the
+   * SO_REUSEPORT group, which is the order the sockets started listening,
+   * and it can only go on a listening socket. So the main thread makes
+   * them listen here, worker by worker (index = worker id), before the
+   * workers' own uv_listen (which only repeats the listen() call). */
+  uv_os_fd_t plain_fd = -1, https_fd = -1;
+  if (wxd_steer_wanted(cfg->steering, n)) {
+    for (int i = 0; i < n; i++) {
+      uv_os_fd_t fd;
+      if (cfg->plain && uv_fileno((uv_handle_t *)&workers[i].listener, &fd) == 0) listen(fd, 511);
+      if (https->enabled && uv_fileno((uv_handle_t *)&workers[i].https_listener, &fd) == 0) listen(fd, 511);
+    }
+    if (cfg->plain) uv_fileno((uv_handle_t *)&workers[0].listener, &plain_fd);
+    if (https->enabled) uv_fileno((uv_handle_t *)&workers[0].https_listener, &https_fd);
+  }
+  wxd_steer_start(&srv.steer, srv.loop, cfg->steering, n, plain_fd, https_fd, worker_busy, &srv);
+
   /* Signals are caught from here on; they are handled once the main loop
    * runs (after start-up), so a SIGHUP or SIGTERM during a slow start is
    * acted on then instead of killing the process. */
@@ -552,6 +582,7 @@ int wxd_server_run(wxd_config_t *cfg) {
     uv_run(srv.loop, UV_RUN_DEFAULT);
   } else {
     if (wxd_reload_start_admin(&srv) != 0) {
+      wxd_steer_stop(&srv.steer);
       for (int i = 0; i < n; i++) uv_async_send(&workers[i].stop_async);
     }
     write_pid_file(cfg);

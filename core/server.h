@@ -17,6 +17,7 @@
 
 #include "config.h"
 #include "log.h"
+#include "steer.h"
 #include "vm.h"
 
 typedef struct wxd_buf {
@@ -39,6 +40,7 @@ typedef struct wxd_worker_stats {
   atomic_uint connections;
   atomic_uint generation;
   atomic_uint retired; /* replaced generations still finishing requests */
+  atomic_uint busy_permille; /* share of the last second the loop was not idle */
 } wxd_worker_stats_t;
 
 typedef struct wxd_worker {
@@ -80,6 +82,8 @@ typedef struct wxd_worker {
   int load_status;          /* 0 ok, -1 failed; set before the start barrier */
   char load_error[2048];
   wxd_worker_stats_t stats;
+  wxd_steer_meter_t meter;  /* feeds stats.busy_permille */
+  unsigned ticks;
   struct wxd_fetch_pool *fetch; /* outbound connections, shared by the generations */
   struct wxd_redis_pool *redis; /* Redis connections, shared by the generations */
 } wxd_worker_t;
@@ -123,6 +127,7 @@ struct wxd_server {
   wxd_reload_state_t reload;
   struct wxd_shdict_registry *shdicts; /* created before the workers, freed after */
   struct ssl_ctx_st *tls_next; /* HTTPS context a reload prepared; guarded by reload.mu */
+  wxd_steer_t steer;           /* which worker gets a new connection (main thread) */
 };
 
 /* Runs the server until SIGTERM/SIGINT; returns the process exit code. */

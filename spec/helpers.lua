@@ -61,7 +61,8 @@ Server.__index = Server
 
 --- Starts `wxd run APPDIR` on a free port and waits until it accepts.
 -- opts: workers (default 1), env (string of VAR=value pairs), args, mode
--- ("run" or "dev"), pid (write DIR/wxd.pid, for `wxd reload`).
+-- ("run" or "dev"), pid (write DIR/wxd.pid, for `wxd reload`), steering
+-- (WXD_STEERING; default "hash").
 function H.start(appdir, opts)
   opts = opts or {}
   local dir = H.tmpdir()
@@ -71,9 +72,11 @@ function H.start(appdir, opts)
   if opts.pid then
     opts.args = (opts.args or "") .. " --pid " .. dir .. "/wxd.pid"
   end
+  -- Specs about several workers need connections spread over them: by
+  -- default they get hash steering (the steering spec sets opts.steering).
   local cmd = string.format(
-    "(%s %s %s %s --listen 127.0.0.1:%d --workers %d %s >%s 2>&1 & echo $! >%s; wait $!; echo $? >%s) >/dev/null 2>&1 &",
-    opts.env or "", H.WXD, opts.mode or "run", appdir, port, opts.workers or 1, opts.args or "", self.log,
+    "(WXD_STEERING=%s %s %s %s %s --listen 127.0.0.1:%d --workers %d %s >%s 2>&1 & echo $! >%s; wait $!; echo $? >%s) >/dev/null 2>&1 &",
+    opts.steering or "hash", opts.env or "", H.WXD, opts.mode or "run", appdir, port, opts.workers or 1, opts.args or "", self.log,
     self.pidfile, self.rcfile)
   os.execute(cmd)
   H.wait_until(function() return H.read_file(self.pidfile) end, 5, "pid file")

@@ -79,7 +79,7 @@ local LOG_LEVELS = { debug = true, info = true, warn = true, error = true }
 -- (their modules validate them).
 local FREE_SECTIONS = { "mp", "pay", "miniprogram", "token", "app" }
 
-local TOP_KEYS = { "listen", "workers", "limits", "log", "admin_listen", "shdict", "https", "redis", "store" }
+local TOP_KEYS = { "listen", "workers", "steering", "limits", "log", "admin_listen", "shdict", "https", "redis", "store" }
 for _, k in ipairs(FREE_SECTIONS) do
     TOP_KEYS[#TOP_KEYS + 1] = k
 end
@@ -95,6 +95,7 @@ function _M.defaults()
     return {
         listen  = "127.0.0.1:8080",
         workers = "auto",
+        steering = "auto",
         limits  = limits,
         log     = { level = "info", access = true },
     }
@@ -681,6 +682,13 @@ function _M.validate(t, opts)
             out.https = check_https(ctx, path, v)
         elseif k == "workers" then
             out.workers = check_workers(ctx, path, v)
+        elseif k == "steering" then
+            -- Which worker gets a new connection (core/steer.h).
+            if v ~= "auto" and v ~= "cpu" and v ~= "hash" then
+                fail(ctx, path, 'expected "auto", "cpu" or "hash", got ' .. repr(v))
+            else
+                out.steering = v
+            end
         elseif k == "admin_listen" then
             -- The status endpoint (off unless set): keep it on loopback or a
             -- private network, it tells about the deployment.

@@ -46,6 +46,7 @@ describe("wxd.config", function()
             assert.same({
                 listen  = "127.0.0.1:8080",
                 workers = "auto",
+                steering = "auto",
                 limits  = {
                     max_header_bytes            = 16384,
                     max_body_bytes              = 1048576,

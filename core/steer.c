@@ -1,0 +1,177 @@
+/* steer: see steer.h. */
+#include "steer.h"
+
+#include <errno.h>
+#include <linux/filter.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include "log.h"
+
+#define SATURATED 900   /* permille busy: a worker that cannot take more */
+#define QUIET 500       /* permille busy: every worker has room again */
+#define HOT_SECONDS 3
+#define CALM_SECONDS 30
+#define IDLE_CPU 0.75   /* idle CPUs (fraction of one) that make spreading worth it */
+
+int wxd_steer_parse(const char *s) {
+  if (!s) return -1;
+  if (strcmp(s, "auto") == 0) return WXD_STEER_AUTO;
+  if (strcmp(s, "cpu") == 0) return WXD_STEER_CPU;
+  if (strcmp(s, "hash") == 0) return WXD_STEER_HASH;
+  return -1;
+}
+
+const char *wxd_steer_name(int mode) {
+  return mode == WXD_STEER_CPU ? "cpu" : mode == WXD_STEER_HASH ? "hash" : "auto";
+}
+
+int wxd_steer_wanted(int mode, int nworkers) {
+  return mode != WXD_STEER_HASH && nworkers >= 2 && (unsigned)nworkers <= uv_available_parallelism();
+}
+
+int wxd_steer_set(uv_os_fd_t fd, int nworkers, int by_cpu) {
+  if (!by_cpu) {
+    int dummy = 0;
+    if (setsockopt(fd, SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, &dummy, sizeof dummy) != 0 && errno != ENOENT)
+      return -errno;
+    return 0;
+  }
+  /* A = the CPU that runs this (the SYN's softirq); return A % workers: the
+   * index of the socket in the group, in bind order. */
+  struct sock_filter code[] = {
+      {BPF_LD | BPF_W | BPF_ABS, 0, 0, (uint32_t)(SKF_AD_OFF + SKF_AD_CPU)},
+      {BPF_ALU | BPF_MOD | BPF_K, 0, 0, (uint32_t)nworkers},
+      {BPF_RET | BPF_A, 0, 0, 0},
+  };
+  struct sock_fprog prog = {.len = sizeof code / sizeof code[0], .filter = code};
+  if (setsockopt(fd, SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &prog, sizeof prog) != 0) return -errno;
+  return 0;
+}
+
+int wxd_steer_loop_init(uv_loop_t *loop) { return uv_loop_configure(loop, UV_METRICS_IDLE_TIME); }
+
+unsigned wxd_steer_busy_permille(uv_loop_t *loop, wxd_steer_meter_t *m) {
+  uint64_t now = uv_hrtime(), idle = uv_metrics_idle_time(loop);
+  uint64_t dt = now - m->last_ns, di = idle - m->last_idle_ns;
+  m->last_ns = now;
+  m->last_idle_ns = idle;
+  if (dt == 0 || dt == now) return 0; /* the first sample */
+  if (di > dt) di = dt;
+  return (unsigned)((dt - di) * 1000 / dt);
+}
+
+/* Idle CPUs (in CPUs) since the last sample, from /proc/stat; -1 when it
+ * cannot be read (then auto never spreads: nothing to go by). */
+static double idle_cpus(wxd_steer_t *s, double seconds) {
+  FILE *f = fopen("/proc/stat", "r");
+  if (!f) return -1;
+  unsigned long long v[10] = {0};
+  int n = fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3], &v[4],
+                 &v[5], &v[6], &v[7], &v[8], &v[9]);
+  fclose(f);
+  if (n < 5) return -1;
+  uint64_t total = 0;
+  for (int i = 0; i < 8 && i < n; i++) total += v[i]; /* guest time is already in user */
+  uint64_t idle = v[3] + v[4];
+  double out = -1;
+  if (s->cpu_total && total > s->cpu_total && seconds > 0) {
+    /* Jiffies are 1/100 s (USER_HZ): idle jiffies per second / 100 = CPUs. */
+    out = (double)(idle - s->cpu_idle) / 100.0 / seconds;
+  }
+  s->cpu_total = total;
+  s->cpu_idle = idle;
+  return out;
+}
+
+static void apply(wxd_steer_t *s, int by_cpu, const char *why, unsigned busiest, int worker, double idle) {
+  for (int i = 0; i < 2; i++) {
+    if (s->fds[i] < 0) continue;
+    int rc = wxd_steer_set(s->fds[i], s->nworkers, by_cpu);
+    if (rc != 0) {
+      wxd_logf(WXD_LOG_WARN, -1, "steering: cannot %s the by-CPU program: %s", by_cpu ? "attach" : "detach",
+               strerror(-rc));
+      return;
+    }
+  }
+  s->by_cpu = by_cpu;
+  s->switches++;
+  char extra[256];
+  snprintf(extra, sizeof extra, "\"steering\":\"%s\",\"reason\":\"%s\",\"busiest_worker\":%d,\"busy\":%.2f,"
+           "\"idle_cpus\":%.2f",
+           by_cpu ? "cpu" : "hash", why, worker, busiest / 1000.0, idle);
+  wxd_log(WXD_LOG_INFO, -1, "steering changed", extra);
+}
+
+static void on_tick(uv_timer_t *t) {
+  wxd_steer_t *s = t->data;
+  unsigned busiest = 0;
+  int who = 0;
+  for (int i = 0; i < s->nworkers; i++) {
+    unsigned b = s->busy(s->arg, i);
+    if (b > busiest) busiest = b, who = i;
+  }
+  double idle = idle_cpus(s, 1.0);
+  if (s->by_cpu) {
+    s->hot_seconds = (busiest >= SATURATED && idle >= IDLE_CPU) ? s->hot_seconds + 1 : 0;
+    if (s->hot_seconds >= HOT_SECONDS) {
+      apply(s, 0, "a worker is saturated while CPUs are idle", busiest, who, idle);
+      s->hot_seconds = 0;
+      s->calm_seconds = 0;
+    }
+  } else {
+    s->calm_seconds = busiest < QUIET ? s->calm_seconds + 1 : 0;
+    if (s->calm_seconds >= s->calm_needed) {
+      apply(s, 1, "every worker has room", busiest, who, idle);
+      s->calm_seconds = 0;
+      s->hot_seconds = 0;
+    }
+  }
+}
+
+int wxd_steer_start(wxd_steer_t *s, uv_loop_t *loop, int mode, int nworkers, uv_os_fd_t plain_fd,
+                    uv_os_fd_t https_fd, unsigned (*busy)(void *arg, int worker), void *arg) {
+  memset(s, 0, sizeof *s);
+  s->mode = mode;
+  s->nworkers = nworkers;
+  s->fds[0] = plain_fd;
+  s->fds[1] = https_fd;
+  s->busy = busy;
+  s->arg = arg;
+  /* The specs shorten the wait (seconds, 1..3600). */
+  const char *calm = getenv("WXD_STEERING_CALM_S");
+  s->calm_needed = calm && atoi(calm) >= 1 && atoi(calm) <= 3600 ? atoi(calm) : CALM_SECONDS;
+  uv_timer_init(loop, &s->timer);
+  s->timer.data = s;
+  if (!wxd_steer_wanted(mode, nworkers)) {
+    if (mode == WXD_STEER_CPU && nworkers >= 2)
+      wxd_logf(WXD_LOG_WARN, -1, "steering: %d workers on %u CPUs: spreading by hash (by CPU, workers beyond "
+               "the CPU count would get no connection)", nworkers, uv_available_parallelism());
+    return 0;
+  }
+  for (int i = 0; i < 2; i++) {
+    if (s->fds[i] < 0) continue;
+    int rc = wxd_steer_set(s->fds[i], nworkers, 1);
+    if (rc != 0) {
+      wxd_logf(WXD_LOG_WARN, -1, "steering: cannot attach the by-CPU program (%s): spreading by hash",
+               strerror(-rc));
+      for (int j = 0; j < i; j++)
+        if (s->fds[j] >= 0) wxd_steer_set(s->fds[j], nworkers, 0);
+      return 0;
+    }
+  }
+  s->by_cpu = 1;
+  if (mode == WXD_STEER_AUTO) {
+    idle_cpus(s, 0); /* the first sample */
+    uv_timer_start(&s->timer, on_tick, 1000, 1000);
+  }
+  return 0;
+}
+
+void wxd_steer_stop(wxd_steer_t *s) {
+  if (!uv_is_closing((uv_handle_t *)&s->timer)) uv_close((uv_handle_t *)&s->timer, NULL);
+}
+
+const char *wxd_steer_current(const wxd_steer_t *s) { return s->by_cpu ? "cpu" : "hash"; }
