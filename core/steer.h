@@ -64,6 +64,7 @@ typedef struct wxd_steer {
   int hot_seconds;      /* consecutive seconds of saturation with idle CPU */
   int calm_seconds;     /* consecutive quiet seconds while spread by hash */
   int calm_needed;      /* how many make auto steer by CPU again (30) */
+  double idle_needed;   /* idle CPUs that make spreading worth it (0.75) */
   uint64_t cpu_total, cpu_idle; /* last /proc/stat sample (jiffies) */
   unsigned switches;    /* how many times auto changed the steering */
 } wxd_steer_t;
