@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include "log.h"
 
@@ -78,8 +79,10 @@ static double idle_cpus(wxd_steer_t *s, double seconds) {
   uint64_t idle = v[3] + v[4];
   double out = -1;
   if (s->cpu_total && total > s->cpu_total && seconds > 0) {
-    /* Jiffies are 1/100 s (USER_HZ): idle jiffies per second / 100 = CPUs. */
-    out = (double)(idle - s->cpu_idle) / 100.0 / seconds;
+    /* /proc/stat counts in clock ticks: idle ticks per second / ticks per
+     * second = idle CPUs. */
+    long hz = sysconf(_SC_CLK_TCK);
+    out = (double)(idle - s->cpu_idle) / (double)(hz > 0 ? hz : 100) / seconds;
   }
   s->cpu_total = total;
   s->cpu_idle = idle;
