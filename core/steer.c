@@ -151,6 +151,7 @@ int wxd_steer_start(wxd_steer_t *s, uv_loop_t *loop, int mode, int nworkers, uv_
   s->idle_needed = idle && atof(idle) >= 0 && atof(idle) <= 64 ? atof(idle) : IDLE_CPU;
   uv_timer_init(loop, &s->timer);
   s->timer.data = s;
+  s->timer_open = 1;
   if (!wxd_steer_wanted(mode, nworkers)) {
     if (mode == WXD_STEER_CPU && nworkers >= 2)
       wxd_logf(WXD_LOG_WARN, -1, "steering: %d workers on %u CPUs: spreading by hash (by CPU, workers beyond "
@@ -177,7 +178,10 @@ int wxd_steer_start(wxd_steer_t *s, uv_loop_t *loop, int mode, int nworkers, uv_
 }
 
 void wxd_steer_stop(wxd_steer_t *s) {
-  if (!uv_is_closing((uv_handle_t *)&s->timer)) uv_close((uv_handle_t *)&s->timer, NULL);
+  /* Also called when start-up failed before wxd_steer_start (s zeroed). */
+  if (!s->timer_open) return;
+  s->timer_open = 0;
+  uv_close((uv_handle_t *)&s->timer, NULL);
 }
 
 const char *wxd_steer_current(const wxd_steer_t *s) { return s->by_cpu ? "cpu" : "hash"; }

@@ -55,6 +55,7 @@ unsigned wxd_steer_busy_permille(uv_loop_t *loop, wxd_steer_meter_t *m);
 /* The main thread's monitor of "auto" mode. */
 typedef struct wxd_steer {
   uv_timer_t timer;
+  int timer_open;       /* initialised and not closed yet */
   int mode;             /* WXD_STEER_* as configured */
   int by_cpu;           /* the program is attached */
   int nworkers;
@@ -74,7 +75,8 @@ typedef struct wxd_steer {
  * Returns 0. */
 int wxd_steer_start(wxd_steer_t *s, uv_loop_t *loop, int mode, int nworkers, uv_os_fd_t plain_fd,
                     uv_os_fd_t https_fd, unsigned (*busy)(void *arg, int worker), void *arg);
-/* Stops the monitor (the timer is closed; s stays valid until then). */
+/* Stops the monitor (the timer is closed; s stays valid until then).
+ * Idempotent, and a no-op on a zeroed s that was never started. */
 void wxd_steer_stop(wxd_steer_t *s);
 /* "cpu" or "hash": how new connections are placed now. */
 const char *wxd_steer_current(const wxd_steer_t *s);
