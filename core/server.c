@@ -541,23 +541,6 @@ int wxd_server_run(wxd_config_t *cfg) {
     w->deadline.data = w;
   }
 
-  /* Steering: the by-CPU program picks a socket by its index in the
-   * SO_REUSEPORT group, which is the order the sockets started listening,
-   * and it can only go on a listening socket. So the main thread makes
-   * them listen here, worker by worker (index = worker id), before the
-   * workers' own uv_listen (which only repeats the listen() call). */
-  uv_os_fd_t plain_fd = -1, https_fd = -1;
-  if (wxd_steer_wanted(cfg->steering, n)) {
-    for (int i = 0; i < n; i++) {
-      uv_os_fd_t fd;
-      if (cfg->plain && uv_fileno((uv_handle_t *)&workers[i].listener, &fd) == 0) listen(fd, 511);
-      if (https->enabled && uv_fileno((uv_handle_t *)&workers[i].https_listener, &fd) == 0) listen(fd, 511);
-    }
-    if (cfg->plain) uv_fileno((uv_handle_t *)&workers[0].listener, &plain_fd);
-    if (https->enabled) uv_fileno((uv_handle_t *)&workers[0].https_listener, &https_fd);
-  }
-  wxd_steer_start(&srv.steer, srv.loop, cfg->steering, n, plain_fd, https_fd, worker_busy, &srv);
-
   /* Signals are caught from here on; they are handled once the main loop
    * runs (after start-up), so a SIGHUP or SIGTERM during a slow start is
    * acted on then instead of killing the process. */
@@ -571,6 +554,26 @@ int wxd_server_run(wxd_config_t *cfg) {
   int failed = -1;
   for (int i = 0; i < n; i++)
     if (workers[i].load_status != 0) failed = i;
+  if (failed < 0) {
+    /* Steering: the by-CPU program picks a socket by its index in the
+     * SO_REUSEPORT group, which is the order the sockets started listening,
+     * and it can only go on a listening socket. So the main thread makes
+     * them listen here, worker by worker (index = worker id), before the
+     * workers' own uv_listen (which only repeats the listen() call): once
+     * every worker has loaded the app and before any is told to go, so that
+     * nothing is accepted into a backlog while the app loads (or fails to). */
+    uv_os_fd_t plain_fd = -1, https_fd = -1;
+    if (wxd_steer_wanted(cfg->steering, n)) {
+      for (int i = 0; i < n; i++) {
+        uv_os_fd_t fd;
+        if (cfg->plain && uv_fileno((uv_handle_t *)&workers[i].listener, &fd) == 0) listen(fd, 511);
+        if (https->enabled && uv_fileno((uv_handle_t *)&workers[i].https_listener, &fd) == 0) listen(fd, 511);
+      }
+      if (cfg->plain) uv_fileno((uv_handle_t *)&workers[0].listener, &plain_fd);
+      if (https->enabled) uv_fileno((uv_handle_t *)&workers[0].https_listener, &https_fd);
+    }
+    wxd_steer_start(&srv.steer, srv.loop, cfg->steering, n, plain_fd, https_fd, worker_busy, &srv);
+  }
   startup.verdict = failed >= 0 ? -1 : 1;
   pthread_cond_broadcast(&startup.cv);
   pthread_mutex_unlock(&startup.mu);

@@ -80,9 +80,12 @@ static double idle_cpus(wxd_steer_t *s, double seconds) {
   double out = -1;
   if (s->cpu_total && total > s->cpu_total && seconds > 0) {
     /* /proc/stat counts in clock ticks: idle ticks per second / ticks per
-     * second = idle CPUs. */
+     * second = idle CPUs. iowait may go backwards (proc(5)): no idle then,
+     * not 2^64 ticks of it. */
     long hz = sysconf(_SC_CLK_TCK);
-    out = (double)(idle - s->cpu_idle) / (double)(hz > 0 ? hz : 100) / seconds;
+    uint64_t di = idle > s->cpu_idle ? idle - s->cpu_idle : 0;
+    if (di > total - s->cpu_total) di = total - s->cpu_total;
+    out = (double)di / (double)(hz > 0 ? hz : 100) / seconds;
   }
   s->cpu_total = total;
   s->cpu_idle = idle;
@@ -110,13 +113,18 @@ static void apply(wxd_steer_t *s, int by_cpu, const char *why, unsigned busiest,
 
 static void on_tick(uv_timer_t *t) {
   wxd_steer_t *s = t->data;
-  unsigned busiest = 0;
+  unsigned busiest = 0, sum = 0;
   int who = 0;
   for (int i = 0; i < s->nworkers; i++) {
     unsigned b = s->busy(s->arg, i);
+    sum += b;
     if (b > busiest) busiest = b, who = i;
   }
-  double idle = idle_cpus(s, 1.0);
+  /* The time since the last sample, not the nominal second: the main loop
+   * may have been held up (a reload reads the config and certificates). */
+  uint64_t t_now = uv_now(t->loop);
+  double idle = idle_cpus(s, (double)(t_now - s->last_ms) / 1000.0);
+  s->last_ms = t_now;
   if (s->by_cpu) {
     s->hot_seconds = (busiest >= SATURATED && idle >= s->idle_needed) ? s->hot_seconds + 1 : 0;
     if (s->hot_seconds >= HOT_SECONDS) {
@@ -125,7 +133,10 @@ static void on_tick(uv_timer_t *t) {
       s->calm_seconds = 0;
     }
   } else {
-    s->calm_seconds = busiest < QUIET ? s->calm_seconds + 1 : 0;
+    /* Steering by CPU may put every new connection on one worker again:
+     * only when all the load would fit there with room to spare, or a load
+     * between SATURATED and nworkers * QUIET flaps every calm_needed s. */
+    s->calm_seconds = sum < QUIET ? s->calm_seconds + 1 : 0;
     if (s->calm_seconds >= s->calm_needed) {
       apply(s, 1, "every worker has room", busiest, who, idle);
       s->calm_seconds = 0;
@@ -172,6 +183,7 @@ int wxd_steer_start(wxd_steer_t *s, uv_loop_t *loop, int mode, int nworkers, uv_
   s->by_cpu = 1;
   if (mode == WXD_STEER_AUTO) {
     idle_cpus(s, 0); /* the first sample */
+    s->last_ms = uv_now(loop);
     uv_timer_start(&s->timer, on_tick, 1000, 1000);
   }
   return 0;

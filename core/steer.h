@@ -14,8 +14,9 @@
  * the default, "auto", steers by CPU and watches: when one worker has been
  * saturated (busy more than 90% of the time) for 3 seconds while the
  * machine has most of a CPU idle, it detaches the program (new connections
- * are spread by hash); after 30 quiet seconds (every worker busy less than
- * half the time) it steers by CPU again. Existing connections stay where
+ * are spread by hash); after 30 quiet seconds (all workers together busy
+ * less than half of one worker's time: the load fits on one worker) it
+ * steers by CPU again. Existing connections stay where
  * they are. Steering is off (hash) when there are more workers than CPUs,
  * since the workers beyond the CPU count would never get a connection.
  *
@@ -67,6 +68,7 @@ typedef struct wxd_steer {
   int calm_needed;      /* how many make auto steer by CPU again (30) */
   double idle_needed;   /* idle CPUs that make spreading worth it (0.75) */
   uint64_t cpu_total, cpu_idle; /* last /proc/stat sample (jiffies) */
+  uint64_t last_ms;     /* uv_now of that sample */
   unsigned switches;    /* how many times auto changed the steering */
 } wxd_steer_t;
 

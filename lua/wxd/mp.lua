@@ -573,7 +573,8 @@ local function late(self, task, reply)
     log.warn("late reply dropped: " .. why, { path = self.path, openid = openid, reply_type = reply.MsgType })
     return
   end
-  local ok, err, info = self.client:send_custom(message)
+  local pok, ok, err, info = pcall(self.client.send_custom, self.client, message)
+  if not pok then ok, err, info = nil, "error", { errmsg = tostring(ok) } end
   if ok then
     log.info("mp: late reply sent through the customer-service API", { path = self.path, openid = openid })
   else

@@ -85,7 +85,7 @@ Cred.__index = Cred
 local function new_cred(client, name, fetch)
   local key = "wxd:wechat:" .. client.appid .. ":" .. name
   return setmetatable({ client = client, name = name, key = key, lock_key = key .. ":refresh",
-                        fetch = fetch, next_check = 0, backoff = 0 }, Cred)
+                        fail_key = key .. ":failed", fetch = fetch, next_check = 0, backoff = 0 }, Cred)
 end
 
 -- value, expires_at, the record as stored (for compare-and-set)
@@ -115,6 +115,7 @@ end
 -- and skip when the value is no longer due (someone renewed it).
 function Cred:refresh(background)
   local c = self.client
+  local asked = now()
   local lk, lerr = store.lock(self.lock_key, { timeout = background and 0 or c.lock_timeout,
                                                expire = c.lock_expire })
   if not lk then
@@ -129,12 +130,22 @@ function Cred:refresh(background)
       return v, rec -- fetched by someone else meanwhile
     end
   end
+  -- The fetch this caller waited for failed: share its outcome instead of
+  -- queueing one more fetch per waiter.
+  local f = not background and cjson_safe.decode(store.get(self.fail_key) or "")
+  if type(f) == "table" and type(f.at) == "number" and f.at >= asked then
+    lk:unlock()
+    return nil, f.kind, f.info
+  end
   local ok, nv, expires_in, info = pcall(self.fetch, self, v)
   if not ok then
     lk:unlock()
     error(nv, 0)
   end
   if not nv then
+    local i = type(info) == "table" and info or {}
+    store.set(self.fail_key, cjson_safe.encode({ at = now(), kind = expires_in,
+      info = { errcode = i.errcode, errmsg = i.errmsg, status = i.status, detail = i.detail } }), 10)
     lk:unlock()
     return nil, expires_in, info
   end
@@ -153,11 +164,14 @@ end
 --- Marks exactly this record bad: a record another caller already put in
 -- its place is left alone.
 function Cred:invalidate(rec)
+  -- Marked bad before it leaves the store: a caller that fetches as soon
+  -- as the record is gone must already see that stable_token's answer is
+  -- the refused token.
+  local v = match(rec, "^%d+:(.+)$")
+  if v then store.set(self.key .. ":bad", v, BAD_TTL) end
   local ok = store.cas(self.key, rec, nil)
   if ok then
     self.client.counters.invalidations = self.client.counters.invalidations + 1
-    local v = match(rec, "^%d+:(.+)$")
-    store.set(self.key .. ":bad", v, BAD_TTL)
   end
   return ok
 end
@@ -536,7 +550,11 @@ function _M.client(cfg)
   if c then return c end
   c = setmetatable({ appid = appid, secret = secret, token_mode = mode, api_base = base,
                      refresh_before = refresh_before, expiry_margin = expiry_margin, check_ms = check_ms,
-                     lock_timeout = lock_timeout, lock_expire = lock_timeout + 30,
+                     -- The lock outlives the longest fetch: a ticket fetch may
+                     -- wait for the token's lock, then make two calls and a retry.
+                     lock_timeout = lock_timeout,
+                     lock_expire = lock_timeout + 4 * (type(cfg.timeout) == "table" and (cfg.timeout.total or 30)
+                                                       or cfg.timeout or 10) + 30,
                      timeout = cfg.timeout or 10,
                      counters = { blocking_refreshes = 0, background_refreshes = 0, background_failures = 0,
                                invalidations = 0 } }, Client)

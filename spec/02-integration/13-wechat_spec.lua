@@ -144,6 +144,25 @@ describe("wxd.wechat credentials across workers", function()
     assert(ok, err)
   end)
 
+  it("shares a failed fetch with the callers that waited for it: 50 requests while WeChat is down, 1 call", function()
+    for _, url in ipairs({ false, os.getenv("WXD_TEST_REDIS_URL") }) do
+      ctl("POST", "/_ctl/reset")
+      local srv = start_client({ SPEC_REDIS_URL = url or nil, SPEC_STORE_PREFIX = "down:" .. wxd.crypto.nonce(8) .. ":" })
+      local ok, err = pcall(function()
+        ctl("POST", "/_ctl/config", { down = true, token_delay_ms = 20 })
+        local rs = concurrent_get(srv, "/api", 50)
+        for i, r in ipairs(rs) do
+          assert.equal(502, r.status, "request " .. i)
+          assert.equal("status", json(r).error)
+        end
+        assert.equal(1, counts().stable_token, url and "with the Redis store" or "with the memory store")
+        ctl("POST", "/_ctl/config", { down = false, token_delay_ms = 0 })
+      end)
+      srv:stop(); srv:cleanup()
+      assert(ok, err)
+    end
+  end)
+
   it("refreshes before expiry in the background; no request waits for it", function()
     -- Tokens live 12 s; renewal is due 8 s before the end, so after ~4 s.
     ctl("POST", "/_ctl/config", { expires_in = 12 })
