@@ -297,24 +297,44 @@ static int tls_send(wxd_conn_t *c) {
   return 0;
 }
 
+/* Encrypts len bytes and, once enough ciphertext is waiting, sends it. */
+static int tls_put(wxd_conn_t *c, const char *p, size_t len, int flush) {
+  if (len && wxd_tls_write(c->tls, p, len) != WXD_TLS_OK) {
+    c->tls_failed = 1;
+    conn_close(c);
+    return -1;
+  }
+  return flush || wxd_tls_pending(c->tls) >= TLS_SLICE ? tls_send(c) : 0;
+}
+
 /* HTTPS: encrypts the buffers slice by slice, so the scratch stays small
- * whatever a handler returns. */
+ * whatever a handler returns. Small pieces (a chunk's size line and CRLF,
+ * a head before a large body) are gathered first: one record and one send
+ * for them rather than one each. */
 static int tls_writev(wxd_conn_t *c, uv_buf_t *bufs, unsigned nbufs) {
   if (c->closing) return -1;
+  char stage[16384];
+  size_t sl = 0;
   for (unsigned i = 0; i < nbufs; i++) {
-    size_t off = 0;
-    while (off < bufs[i].len) {
-      size_t n = bufs[i].len - off < TLS_SLICE ? bufs[i].len - off : TLS_SLICE;
-      if (wxd_tls_write(c->tls, bufs[i].base + off, n) != WXD_TLS_OK) {
-        c->tls_failed = 1;
-        conn_close(c);
-        return -1;
+    const char *p = bufs[i].base;
+    size_t len = bufs[i].len;
+    while (len > 0) {
+      if (sl > 0 || len < sizeof stage) {
+        size_t n = len < sizeof stage - sl ? len : sizeof stage - sl;
+        memcpy(stage + sl, p, n);
+        sl += n, p += n, len -= n;
+        if (sl == sizeof stage) {
+          if (tls_put(c, stage, sl, 0) != 0) return -1;
+          sl = 0;
+        }
+      } else {
+        size_t n = len < TLS_SLICE ? len : TLS_SLICE;
+        if (tls_put(c, p, n, 0) != 0) return -1;
+        p += n, len -= n;
       }
-      off += n;
-      if (tls_send(c) != 0) return -1;
     }
   }
-  return 0;
+  return tls_put(c, stage, sl, 1);
 }
 
 static int conn_writev(wxd_conn_t *c, uv_buf_t *bufs, unsigned nbufs) {
@@ -1117,6 +1137,7 @@ static void req_finish(wxd_req_t *r) {
   c->state = CONN_IDLE;
   wxd_scan_head(&c->scan, 1);
   conn_set_timer(c, w->cfg->limits.keepalive_timeout_ms);
+  if (c->tls) wxd_tls_trim(c->tls);
   if (!c->in_process) {
     process_queued(c);
     if (!c->closing && c->state != CONN_HANDLING) conn_start_reading(c);
@@ -1336,6 +1357,9 @@ static void conn_close(wxd_conn_t *c) {
   conn_stop_timer(c);
   wxd_req_t *r = c->req;
   c->req = NULL;
+  /* No close_notify after a streamed response cut short: for an HTTP/1.0
+   * (close-delimited) stream it would make the truncated body look whole. */
+  int cut = r && r->streaming && !r->finished;
   if (r) {
     if (r->in_handler) {
       /* The handler still runs (or is writing its response right now): it
@@ -1352,7 +1376,7 @@ static void conn_close(wxd_conn_t *c) {
       req_free(r);
     }
   }
-  if (c->tls && c->tls_done && !c->tls_failed && c->writes_pending == 0) {
+  if (c->tls && c->tls_done && !c->tls_failed && !cut && c->writes_pending == 0) {
     /* A clean end for the client: close_notify, best effort (a socket
      * that would block gets none). */
     wxd_tls_shutdown(c->tls);

@@ -443,6 +443,28 @@ void wxd_tls_shutdown(wxd_tls_t *t) {
   ERR_clear_error();
 }
 
+/* A memory BIO keeps the largest buffer it ever needed: an empty one that
+ * grew past a record's worth is swapped for a fresh one. */
+static BIO *fresh_if_big(BIO *b) {
+  BUF_MEM *bm = NULL;
+  if (BIO_ctrl_pending(b) != 0 || BIO_get_mem_ptr(b, &bm) <= 0 || !bm || bm->max <= 2 * 16384) return NULL;
+  return BIO_new(BIO_s_mem());
+}
+
+void wxd_tls_trim(wxd_tls_t *t) {
+  BIO *in = fresh_if_big(t->in), *out = fresh_if_big(t->out);
+  if (in) {
+    BIO_set_mem_eof_return(in, -1);
+    SSL_set0_rbio(t->ssl, in); /* frees the old one */
+    t->in = in;
+  }
+  if (out) {
+    SSL_set0_wbio(t->ssl, out);
+    t->out = out;
+  }
+  ERR_clear_error();
+}
+
 size_t wxd_tls_pending(const wxd_tls_t *t) { return BIO_ctrl_pending(t->out); }
 
 size_t wxd_tls_take(wxd_tls_t *t, void *buf, size_t cap) {

@@ -91,6 +91,10 @@ int wxd_tls_write(wxd_tls_t *t, const void *data, size_t len);
 /* Queues a close_notify alert (flush it, or take it with wxd_tls_take). */
 void wxd_tls_shutdown(wxd_tls_t *t);
 
+/* Gives back the memory of buffers that are empty (call when the
+ * connection goes idle; not after wxd_tls_feed_eof). */
+void wxd_tls_trim(wxd_tls_t *t);
+
 /* Ciphertext waiting to be sent. */
 size_t wxd_tls_pending(const wxd_tls_t *t);
 /* Moves up to cap bytes of it into buf; returns how many. */

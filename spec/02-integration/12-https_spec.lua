@@ -257,7 +257,8 @@ describe("HTTPS listener", function()
   end)
 
   it("survives a client that cuts the connection mid-request or mid-record", function()
-    -- A request cut short, then close_notify (s_client at the end of stdin).
+    -- A request cut short, then the client goes away (-quiet implies
+    -- -ign_eof: no close_notify; close_notify is the next spec's).
     local out = s_client(srv.https_port, "-quiet", "GET /hello HTTP/1.1\r\nHost:", 0.2)
     assert.is_nil(out:find("HTTP/1.1 200", 1, true))
     -- A TLS record cut short (raw bytes after a real handshake are not
@@ -265,6 +266,30 @@ describe("HTTPS listener", function()
     local c = assert(socket.connect("127.0.0.1", srv.https_port))
     c:send("\22\3\1\2\0\1\0\1\252\3\3")
     c:close()
+    assert.equal("hello world\n", curl("--cacert " .. certs .. "/ca.pem " .. srv.base .. "/hello"))
+  end)
+
+  it("ends a response with close_notify, but not one cut short (HTTP/1.0 streams are close-delimited)", function()
+    -- s_client prints "closed" only when the server's close_notify arrives.
+    local req = "GET %s HTTP/1.0\r\nHost: x\r\n\r\n"
+    local out = s_client(srv.https_port, "-ign_eof", req:format("/hello"), 0.5)
+    assert.truthy(out:find("hello world", 1, true), out)
+    assert.truthy(out:find("\nclosed", 1, true), out)
+    out = s_client(srv.https_port, "-ign_eof", req:format("/cut"), 0.5)
+    assert.truthy(out:find(string.rep("c", 1000), 1, true), out)
+    assert.is_nil(out:find("\nclosed", 1, true), "a truncated body must not look complete: " .. out)
+  end)
+
+  it("answers a request followed by close_notify, and closes at once on close_notify mid-request", function()
+    local count = function(pat) local _, n = srv:log_text():gsub(pat, "") return n end
+    local answered = count('"path":"/tls","status":200')
+    -- s_client sends close_notify at the end of its stdin (no -quiet, no -ign_eof).
+    s_client(srv.https_port, "", "GET /tls HTTP/1.1\r\nHost: x\r\n\r\n", 0)
+    H.wait_until(function() return count('"path":"/tls","status":200') == answered + 1 end, 3)
+    local timeouts = count('"status":408')
+    s_client(srv.https_port, "", "GET /hello HTTP/1.1\r\nHost:", 0)
+    socket.sleep(1) -- past the header timeout (600 ms)
+    assert.equal(timeouts, count('"status":408'), "closed on close_notify, not by the header timeout")
     assert.equal("hello world\n", curl("--cacert " .. certs .. "/ca.pem " .. srv.base .. "/hello"))
   end)
 
