@@ -106,6 +106,22 @@ static int prepare_app(wxd_config_t *cfg, const char *appdir) {
 
 enum { MODE_RUN, MODE_CHECK, MODE_DEV };
 
+/* Matches argv[*i] against "--name VALUE", "--name=VALUE" or "-s VALUE".
+ * Returns 1 with *value set (and *i past a separate value), 0 when it is
+ * another argument, -1 when the value is missing. */
+static int option(int argc, char **argv, int *i, const char *name, const char *shortname, const char **value) {
+  const char *a = argv[*i];
+  size_t n = strlen(name);
+  if (strncmp(a, name, n) == 0 && a[n] == '=') {
+    *value = a + n + 1;
+    return 1;
+  }
+  if (strcmp(a, name) != 0 && !(shortname && strcmp(a, shortname) == 0)) return 0;
+  if (++*i >= argc) return -1;
+  *value = argv[*i];
+  return 1;
+}
+
 static int cmd_run(int argc, char **argv, int mode) {
   static wxd_config_t cfg; /* large (paths); lives as long as the server */
   memset(&cfg, 0, sizeof cfg);
@@ -118,29 +134,22 @@ static int cmd_run(int argc, char **argv, int mode) {
   int workers = -1;
   for (int i = 0; i < argc; i++) {
     const char *a = argv[i];
-    if (strcmp(a, "--listen") == 0 || strcmp(a, "-l") == 0) {
-      if (++i >= argc) goto missing;
-      listen = argv[i];
-    } else if (strncmp(a, "--listen=", 9) == 0) {
-      listen = a + 9;
-    } else if (strcmp(a, "--https-listen") == 0) {
-      if (++i >= argc) goto missing;
-      https_listen = argv[i];
-    } else if (strncmp(a, "--https-listen=", 15) == 0) {
-      https_listen = a + 15;
-    } else if (strcmp(a, "--admin") == 0) {
-      if (++i >= argc) goto missing;
-      admin = argv[i];
-    } else if (strncmp(a, "--admin=", 8) == 0) {
-      admin = a + 8;
-    } else if (strcmp(a, "--pid") == 0) {
-      if (++i >= argc) goto missing;
-      pid_file = argv[i];
-    } else if (strncmp(a, "--pid=", 6) == 0) {
-      pid_file = a + 6;
-    } else if (strcmp(a, "--workers") == 0 || strcmp(a, "-w") == 0 || strncmp(a, "--workers=", 10) == 0) {
-      const char *v = strncmp(a, "--workers=", 10) == 0 ? a + 10 : (++i < argc ? argv[i] : NULL);
-      if (!v) goto missing;
+    const char *v;
+    int m;
+    if ((m = option(argc, argv, &i, "--listen", "-l", &v)) != 0) {
+      if (m < 0) goto missing;
+      listen = v;
+    } else if ((m = option(argc, argv, &i, "--https-listen", NULL, &v)) != 0) {
+      if (m < 0) goto missing;
+      https_listen = v;
+    } else if ((m = option(argc, argv, &i, "--admin", NULL, &v)) != 0) {
+      if (m < 0) goto missing;
+      admin = v;
+    } else if ((m = option(argc, argv, &i, "--pid", NULL, &v)) != 0) {
+      if (m < 0) goto missing;
+      pid_file = v;
+    } else if ((m = option(argc, argv, &i, "--workers", "-w", &v)) != 0) {
+      if (m < 0) goto missing;
       char *end;
       long n = strtol(v, &end, 10);
       if (*end || n < 1 || n > 256) {

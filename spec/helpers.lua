@@ -243,6 +243,42 @@ end
 
 function Server:get(path, headers) return self:request("GET", path, headers) end
 
+--- GETs path and decodes its JSON body, asserting a 200.
+function Server:get_json(path)
+  local r = self:get(path)
+  assert(r.status == 200, "GET " .. path .. ": " .. r.status .. " " .. r.body)
+  return require("cjson").decode(r.body)
+end
+
+--- A raw POST request (no Connection header: H.pipelined adds it).
+function H.post_raw(path, body)
+  body = body or ""
+  return "POST " .. path .. " HTTP/1.1\r\nHost: x\r\nContent-Length: " .. #body .. "\r\n\r\n" .. body
+end
+
+--- Opens one connection per batch, sends every batch (all connections in
+-- flight at once), then reads each connection to its close. Each batch is
+-- a list of raw requests; the last one of each gets Connection: close.
+-- Returns a list of response lists, one per batch.
+function H.pipelined(srv, batches)
+  local conns = {}
+  for i = 1, #batches do conns[i] = srv:connect(20) end
+  for i, reqs in ipairs(batches) do
+    local copy = { unpack(reqs) }
+    copy[#copy] = copy[#copy]:gsub("\r\n\r\n", "\r\nConnection: close\r\n\r\n", 1)
+    assert(conns[i]:send(table.concat(copy)))
+  end
+  local out = {}
+  for i, c in ipairs(conns) do
+    local raw = H.read_all(c, 30)
+    c:close()
+    local ok, resps = pcall(H.parse_responses, raw)
+    if not ok then error(resps .. "\nraw: " .. raw:sub(1, 800), 2) end
+    out[i] = resps
+  end
+  return out
+end
+
 --- Path of a spec fixture app.
 function H.app(name) return H.ROOT .. "/spec/fixtures/apps/" .. name end
 

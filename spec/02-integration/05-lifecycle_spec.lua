@@ -25,6 +25,16 @@ describe("wxd command line", function()
     out, code = H.sh(H.WXD .. " run examples/hello --listen nonsense")
     assert.equal(2, code)
     assert.truthy(out:find("HOST:PORT", 1, true))
+    for _, opt in ipairs({ "--listen", "-l", "--https-listen", "--admin", "--pid", "--workers", "-w" }) do
+      out, code = H.sh(H.WXD .. " check examples/hello " .. opt)
+      assert.equal(2, code, opt)
+      assert.truthy(out:find(opt .. " needs a value", 1, true), out)
+    end
+    out, code = H.sh(H.WXD .. " run examples/hello --workers=0")
+    assert.equal(2, code)
+    assert.truthy(out:find('expected 1..256, got "0"', 1, true), out)
+    out, code = H.sh(H.WXD .. " check examples/hello --listen=127.0.0.1:1 -w 2")
+    assert.equal(0, code, out)
   end)
 
   it("refuses a directory without app.lua", function()

@@ -7,38 +7,8 @@ local socket = require "socket"
 
 local APP = H.app("shdict")
 
--- Opens one connection per batch, then sends every batch (all connections
--- in flight at once), then reads each connection to its close. Each batch
--- is a list of raw requests; the last one of each gets Connection: close.
--- Returns a list of response lists, one per batch.
-local function pipelined(srv, batches)
-  local conns = {}
-  for i = 1, #batches do conns[i] = srv:connect(20) end
-  for i, reqs in ipairs(batches) do
-    local last = reqs[#reqs]:gsub("\r\n\r\n", "\r\nConnection: close\r\n\r\n", 1)
-    local copy = { unpack(reqs, 1, #reqs - 1) }
-    copy[#copy + 1] = last
-    assert(conns[i]:send(table.concat(copy)))
-  end
-  local out = {}
-  for i, c in ipairs(conns) do
-    local bytes = H.read_all(c, 20)
-    c:close()
-    out[i] = H.parse_responses(bytes)
-  end
-  return out
-end
-
-local function post(path, body)
-  body = body or ""
-  return "POST " .. path .. " HTTP/1.1\r\nHost: x\r\nContent-Length: " .. #body .. "\r\n\r\n" .. body
-end
-
-local function get_json(srv, path)
-  local r = srv:get(path)
-  assert.equal(200, r.status, r.body)
-  return cjson.decode(r.body)
-end
+local post, pipelined = H.post_raw, H.pipelined
+local function get_json(srv, path) return srv:get_json(path) end
 
 describe("shdict across 2 workers", function()
   local srv

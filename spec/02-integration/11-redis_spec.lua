@@ -10,37 +10,22 @@ local wxd = require "wxd"
 local APP = H.app("redis")
 local DB = 9
 
--- Sends every batch on its own connection at once, then reads them all.
+local post = H.post_raw
+local function get_json(srv, path) return srv:get_json(path) end
+
+-- n_conns connections at once, each with per_conn pipelined copies of req;
+-- every response in one list.
 local function burst(srv, n_conns, per_conn, req)
-  local conns = {}
-  for i = 1, n_conns do conns[i] = srv:connect(20) end
-  for _, c in ipairs(conns) do
-    local reqs = {}
-    for j = 1, per_conn do
-      reqs[j] = req:gsub("\r\n\r\n", j == per_conn and "\r\nConnection: close\r\n\r\n" or "\r\n\r\n", 1)
-    end
-    assert(c:send(table.concat(reqs)))
+  local batches = {}
+  for i = 1, n_conns do
+    batches[i] = {}
+    for j = 1, per_conn do batches[i][j] = req end
   end
   local out = {}
-  for _, c in ipairs(conns) do
-    local raw = H.read_all(c, 30)
-    local ok, resps = pcall(H.parse_responses, raw)
-    if not ok then error(resps .. "\nraw: " .. raw:sub(1, 800)) end
+  for _, resps in ipairs(H.pipelined(srv, batches)) do
     for _, resp in ipairs(resps) do out[#out + 1] = resp end
-    c:close()
   end
   return out
-end
-
-local function post(path, body)
-  body = body or ""
-  return "POST " .. path .. " HTTP/1.1\r\nHost: x\r\nContent-Length: " .. #body .. "\r\n\r\n" .. body
-end
-
-local function get_json(srv, path)
-  local r = srv:get(path)
-  assert.equal(200, r.status, r.body)
-  return cjson.decode(r.body)
 end
 
 describe("wxd.redis in a server", function()

@@ -19,14 +19,12 @@ end
 
 -- n requests at once, each on its own connection; the parsed responses.
 local function concurrent_get(srv, path, n)
-  local conns = {}
-  for i = 1, n do conns[i] = srv:connect(10) end
-  for i = 1, n do conns[i]:send("GET " .. path .. " HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n") end
+  local batches = {}
+  for i = 1, n do batches[i] = { "GET " .. path .. " HTTP/1.1\r\nHost: x\r\n\r\n" } end
   local out = {}
-  for i = 1, n do
-    local raw = H.read_all(conns[i], 15)
-    conns[i]:close()
-    out[i] = H.parse_responses(raw)[1] or { status = 0, body = raw }
+  for i, resps in ipairs(H.pipelined(srv, batches)) do
+    assert(#resps == 1, "request " .. i .. ": " .. #resps .. " responses")
+    out[i] = resps[1]
   end
   return out
 end
