@@ -11,7 +11,9 @@ LUAJIT_INC := /usr/include/luajit-2.1
 # Debian packages the build, the tests and the benchmarks need.
 DEB_BUILD := build-essential pkg-config libluajit2-5.1-dev luajit2 libuv1-dev node-llhttp \
              libssl-dev libhiredis-dev lua-cjson-dev libexpat1-dev
-DEB_TEST  := lua-busted lua-socket redis-server curl openssl wrk
+# nodejs and nginx are independent peers of specs (AES-GCM against Node's
+# crypto, the client's TLS pool against nginx); python3 parses log lines.
+DEB_TEST  := lua-busted lua-socket redis-server curl openssl wrk nodejs nginx python3
 DEB_BENCH := wrk nginx libnginx-mod-http-lua lua-cjson
 DEB_FUZZ  := clang
 
@@ -42,9 +44,16 @@ $(BUILD)/obj/%.o: core/%.c $(HDR) | check-deps
 	$(CC) $(ALL_CFLAGS) -c -o $@ $<
 
 # llhttp is third-party C compiled in as shipped: not held to our warnings.
-$(BUILD)/llhttp/%.o: $(LLHTTP_SRC)/%.c | check-deps
+# Its sources come with node-llhttp, which check-deps may install only now:
+# make decides which rule builds a target before that, so the rule must not
+# need the sources to exist yet (a pattern rule with them as prerequisites
+# would not match on a machine without them, and the first `make` would stop
+# with "No rule to make target"). The wildcard adds them as prerequisites
+# where they exist, so an upgraded package still rebuilds.
+LLHTTP_OBJ := $(LLHTTP_C:%.c=$(BUILD)/llhttp/%.o)
+$(LLHTTP_OBJ): $(BUILD)/llhttp/%.o: $(wildcard $(LLHTTP_C:%=$(LLHTTP_SRC)/%)) | check-deps
 	@mkdir -p $(dir $@)
-	$(CC) -std=c11 $(CFLAGS) -w -I$(LLHTTP_INC) -c -o $@ $<
+	$(CC) -std=c11 $(CFLAGS) -w -I$(LLHTTP_INC) -c -o $@ $(LLHTTP_SRC)/$*.c
 
 # Installs what is missing (apt-get; root or sudo); a no-op when everything
 # is there. deps-bench adds the peers of `make bench`.

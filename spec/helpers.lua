@@ -74,13 +74,23 @@ function H.start(appdir, opts)
   end
   -- Specs about several workers need connections spread over them: by
   -- default they get hash steering (the steering spec sets opts.steering).
+  -- spec/run.sh checks after the suite that every server it records here
+  -- ended, and none by a crash.
+  local record = os.getenv("WXD_SPEC_SERVERS")
+  local started, ended = "", ""
+  if record then
+    started = string.format("; echo \"start $p\" >>%s", record)
+    ended = string.format("; echo \"exit $p $rc\" >>%s", record)
+  end
   local cmd = string.format(
-    "(WXD_STEERING=%s %s %s %s %s --listen 127.0.0.1:%d --workers %d %s >%s 2>&1 & echo $! >%s; wait $!; echo $? >%s) >/dev/null 2>&1 &",
+    "(WXD_STEERING=%s %s %s %s %s --listen 127.0.0.1:%d --workers %d %s >%s 2>&1 & p=$!%s; echo $p >%s.tmp; mv %s.tmp %s; "
+      .. "wait $p; rc=$?%s; echo $rc >%s.tmp; mv %s.tmp %s) >/dev/null 2>&1 &",
     opts.steering or "hash", opts.env or "", H.WXD, opts.mode or "run", appdir, port, opts.workers or 1, opts.args or "", self.log,
-    self.pidfile, self.rcfile)
+    started, self.pidfile, self.pidfile, self.pidfile, ended, self.rcfile, self.rcfile, self.rcfile)
   os.execute(cmd)
-  H.wait_until(function() return H.read_file(self.pidfile) end, 5, "pid file")
-  self.pid = tonumber(H.read_file(self.pidfile):match("%d+"))
+  -- The files are written whole and renamed: a reader never sees them empty.
+  H.wait_until(function() return H.read_file(self.pidfile) end, 10, "pid file")
+  self.pid = assert(tonumber(H.read_file(self.pidfile):match("%d+")), "no pid in " .. self.pidfile)
   if opts.expect_failure then return self end
   local ok = pcall(H.wait_until, function()
     if H.read_file(self.rcfile) then error("wxd exited:\n" .. (H.read_file(self.log) or "")) end
@@ -102,6 +112,7 @@ function Server:exit_code()
 end
 
 function Server:signal(sig)
+  if not self.pid then error("Server:signal(" .. tostring(sig) .. "): the server has no pid (it did not start)", 2) end
   if sig == "TERM" or sig == "INT" then self.stopping = true end
   os.execute(string.format("kill -%s %d 2>/dev/null", sig, self.pid))
 end

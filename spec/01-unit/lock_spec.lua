@@ -50,22 +50,31 @@ describe("wxd.lock", function()
   end)
 
   it("wakes a waiter when the holder unlocks, not at a poll interval", function()
-    local unlocked_at, acquired_at
-    local holder = lock.new("locks", { expire = 10 })
-    assert(holder:lock("k"))
-    wxd.timer.after(0, function()
-      local lk = lock.new("locks", { timeout = 2 })
-      assert(lk:lock("k"))
-      acquired_at = now()
-      lk:unlock()
-    end)
-    wxd.sleep(60)
-    unlocked_at = now()
-    assert.is_true(holder:unlock())
-    wxd.sleep(20)
-    assert.truthy(acquired_at, "the waiter got the lock")
-    local lag = acquired_at - unlocked_at
-    assert.is_true(lag >= 0 and lag < 10, string.format("woken %.2f ms after the unlock", lag))
+    -- A loaded machine may delay any single wake-up, so this looks at the
+    -- median of several: a waiter that polled (or waited for its 2 s
+    -- timeout) would be late on most rounds, not on one.
+    local lags = {}
+    for round = 1, 5 do
+      local acquired_at
+      local holder = lock.new("locks", { expire = 10 })
+      assert(holder:lock("k"))
+      wxd.timer.after(0, function()
+        local lk = lock.new("locks", { timeout = 2 })
+        assert(lk:lock("k"))
+        acquired_at = now()
+        lk:unlock()
+      end)
+      wxd.sleep(30)
+      local unlocked_at = now()
+      assert.is_true(holder:unlock())
+      while not acquired_at and now() - unlocked_at < 3000 do wxd.sleep(1) end
+      assert.truthy(acquired_at, "round " .. round .. ": the waiter got the lock")
+      lags[round] = acquired_at - unlocked_at
+      assert.is_true(lags[round] >= 0)
+    end
+    table.sort(lags)
+    assert.is_true(lags[3] < 50, string.format("median wake-up %.2f ms after the unlock (%s)",
+      lags[3], table.concat(lags, ", ")))
   end)
 
   it("wakes a waiter when the key is deleted or flushed", function()
@@ -81,9 +90,10 @@ describe("wxd.lock", function()
       wxd.sleep(30)
       local t0 = now()
       remove()
-      wxd.sleep(20)
+      while not got and now() - t0 < 3000 do wxd.sleep(1) end
       assert.truthy(got)
-      assert.is_true(got - t0 < 10)
+      -- Long before the waiter's 2 s timeout or the holder's 10 s expiry.
+      assert.is_true(got - t0 < 1000, string.format("woken %.2f ms after the removal", got - t0))
       assert.equal("expired", select(2, holder:unlock()), "its lock was removed")
     end
   end)
@@ -97,12 +107,14 @@ describe("wxd.lock", function()
     local waited = now() - t0
     assert.is_nil(ok)
     assert.equal("timeout", err)
-    assert.is_true(waited >= 49 and waited < 150, "waited " .. waited .. " ms")
+    -- Never early; late only by what a loaded machine adds (the holder's
+    -- lock lasts 30 s, so this is the waiter's own timeout).
+    assert.is_true(waited >= 49 and waited < 2000, "waited " .. waited .. " ms")
     assert.is_nil(lk:held())
     -- timeout = 0: one try, no wait.
     t0 = now()
     assert.equal("timeout", select(2, lock.new("locks", { timeout = 0 }):lock("k")))
-    assert.is_true(now() - t0 < 5)
+    assert.is_true(now() - t0 < 1000, "no wait (the default timeout is 5 s)")
     holder:unlock()
   end)
 

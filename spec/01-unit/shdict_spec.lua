@@ -2,6 +2,7 @@
 -- declare their dictionaries (a server takes them from config.lua; the
 -- cross-thread side is in spec/02-integration/07-shdict_spec.lua).
 local wxd = require "wxd"
+local H = require "helpers"
 local shdict = require "wxd.shdict"
 local config = require "wxd.config"
 
@@ -162,12 +163,17 @@ describe("wxd.shdict", function()
       assert.equal(12, d:incr("n"))
       assert.equal(9.5, d:incr("n", -2.5))
       assert.equal(0, d:ttl("n"))
-      assert.equal(5, d:incr("t", 5, 0, 0.03))
+      -- TTLs long enough that a descheduled spec cannot see the key expire
+      -- between two lines; the expiry itself is waited for.
+      assert.equal(5, d:incr("t", 5, 0, 0.5))
       assert.is_true(d:ttl("t") > 0)
       assert.equal(6, d:incr("t", 1, 0, 100), "an existing key keeps its TTL")
-      assert.is_true(d:ttl("t") <= 0.03)
-      wxd.sleep(40)
+      local left = d:ttl("t")
+      assert.is_true(left == nil or left <= 0.5, "TTL " .. tostring(left))
+      local t0 = wxd.monotonic_ms()
+      while d:get("t") ~= nil and wxd.monotonic_ms() - t0 < 5000 do wxd.sleep(20) end
       assert.is_nil(d:get("t"))
+      assert.is_true(wxd.monotonic_ms() - t0 < 5000, "the 0.5 s TTL ended")
       d:set("s", "12")
       v, err = d:incr("s", 1)
       assert.is_nil(v)
@@ -222,12 +228,14 @@ describe("wxd.shdict", function()
 
   describe("TTL", function()
     it("expires entries (fractions of a second allowed)", function()
-      assert.is_true(d:set("k", "v", 0.05))
+      -- Half a second: a descheduled spec cannot miss the entry before the
+      -- checks; the expiry is then waited for, not slept for.
+      assert.is_true(d:set("k", "v", 0.5))
       assert.equal("v", d:get("k"))
       local ttl = d:ttl("k")
-      assert.is_true(ttl > 0 and ttl <= 0.05, tostring(ttl))
-      wxd.sleep(70)
-      assert.is_nil(d:get("k"))
+      assert.is_true(ttl > 0 and ttl <= 0.5, tostring(ttl))
+      wxd.sleep(500)
+      H.wait_until(function() return d:get("k") == nil end, 5, "the expiry")
       local t, err = d:ttl("k")
       assert.is_nil(t)
       assert.equal("not found", err)
@@ -243,9 +251,9 @@ describe("wxd.shdict", function()
       d:set("c", 2)
       wxd.sleep(30)
       assert.equal(2, d:get("c"))
-      d:set("e", "x", 0.02)
+      d:set("e", "x", 0.5)
       assert.is_true(d:replace("e", "y", 10))
-      wxd.sleep(30)
+      wxd.sleep(550)
       assert.equal("y", d:get("e"), "replace sets the new TTL")
     end)
 

@@ -47,9 +47,11 @@ local function start(steering, extra_env)
 end
 
 describe("connection steering", function()
+  -- Steering by CPU needs two CPUs to tell apart: on a smaller machine
+  -- these specs are skipped, and counted as skipped.
+  local it = it
   if NCPU < 2 then
-    it("needs 2 CPUs (skipped: " .. tostring(NCPU) .. ")", function() end)
-    return
+    it = function(name) pending(name .. " (needs 2 CPUs, this machine has " .. tostring(NCPU) .. ")") end
   end
 
   it("by CPU: every connection made from one CPU goes to one worker, another CPU's to the other", function()
@@ -88,19 +90,21 @@ describe("connection steering", function()
       local job = H.sh(string.format("(taskset -c 0 wrk -t1 -c4 -d8s 'http://127.0.0.1:%d/spin?ms=50' "
         .. ">/dev/null 2>&1 &) ; echo started", srv.port))
       assert.matches("started", job)
-      wait_steering(srv, "hash", 15, "the switch to hash")
+      -- A generous deadline: on a loaded machine wrk's CPU may come late.
+      wait_steering(srv, "hash", 60, "the switch to hash")
       local line
       for l in srv:log_text():gmatch("[^\n]+") do
         if l:find("steering changed", 1, true) then line = cjson.decode(l) end
       end
       assert.equal("hash", line.steering)
-      assert.is_true(line.busy >= 0.9)
+      -- The switch is made only for a saturated worker (steer.c: busy >= 0.9).
+      assert.is_true(line.busy >= 0.9, "busy " .. tostring(line.busy))
       -- New connections from one CPU are spread now.
       local _, seen = workers_from(srv, 1, 24)
       assert.equal(2, count(seen))
       -- Once the load is gone (wrk ends after 8 s) and the workers are quiet
       -- for WXD_STEERING_CALM_S, it steers by CPU again.
-      wait_steering(srv, "cpu", 20, "the switch back to cpu")
+      wait_steering(srv, "cpu", 60, "the switch back to cpu")
       assert.equal(2, status(srv).steering.changes)
     end)
     if not ok then print(srv:log_text(), cjson.encode(status(srv)), H.sh("ps aux | grep wrk")) end
@@ -116,8 +120,23 @@ describe("connection steering", function()
     local out, code = H.sh(H.WXD .. " check " .. dir)
     assert.are_not.equal(0, code)
     assert.matches('steering: expected "auto", "cpu" or "hash"', out)
-    local out2 = H.sh("WXD_STEERING=bogus " .. H.WXD .. " check " .. dir .. " 2>&1; true")
-    assert.is_string(out2)
     os.execute("rm -rf " .. dir)
+  end)
+
+  it("ignores an unknown WXD_STEERING with a warning naming it, and keeps the configured steering", function()
+    local dir = H.tmpdir()
+    H.write_file(dir .. "/config.lua", 'return { steering = "hash" }')
+    H.write_file(dir .. "/app.lua", 'return require("wxd.app").new()')
+    local out, code = H.sh("WXD_STEERING=bogus " .. H.WXD .. " check " .. dir)
+    assert.equal(0, code, out)
+    assert.matches("WXD_STEERING=bogus ignored: expected auto, cpu or hash", out, 1, true)
+    local srv = start("bogus")
+    local ok, err = pcall(function()
+      assert.matches("WXD_STEERING=bogus ignored", srv:log_text(), 1, true)
+      assert.equal("auto", status(srv).steering.mode)
+    end)
+    srv:stop(); srv:cleanup()
+    os.execute("rm -rf " .. dir)
+    assert(ok, err)
   end)
 end)
