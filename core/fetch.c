@@ -37,7 +37,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "server.h" /* wxd_buf_t */
+#include "buf.h"
 #include "tls.h"
 #include "vm.h"
 

@@ -109,30 +109,6 @@ static void req_finish(wxd_req_t *r);
 
 /* ---- small helpers ---- */
 
-int wxd_buf_reserve(wxd_buf_t *b, size_t need) {
-  if (b->len + need <= b->cap) return 0;
-  size_t cap = b->cap ? b->cap : 256;
-  while (cap < b->len + need) cap *= 2;
-  char *p = realloc(b->data, cap);
-  if (!p) return -1;
-  b->data = p;
-  b->cap = cap;
-  return 0;
-}
-
-int wxd_buf_append(wxd_buf_t *b, const void *p, size_t len) {
-  if (wxd_buf_reserve(b, len) != 0) return -1;
-  memcpy(b->data + b->len, p, len);
-  b->len += len;
-  return 0;
-}
-
-void wxd_buf_free(wxd_buf_t *b) {
-  free(b->data);
-  b->data = NULL;
-  b->len = b->cap = 0;
-}
-
 /* Hand-rolled formatting for the per-request path: snprintf showed up in
  * profiles of /hello. */
 static size_t fmt_uint(char *out, uint64_t v) {

@@ -26,7 +26,7 @@
 #include <strings.h>
 
 #include "log.h"
-#include "server.h" /* wxd_buf_t */
+#include "buf.h"
 
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 2000

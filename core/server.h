@@ -15,21 +15,11 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "buf.h"
 #include "config.h"
 #include "log.h"
 #include "steer.h"
 #include "vm.h"
-
-typedef struct wxd_buf {
-  char *data;
-  size_t len;
-  size_t cap;
-} wxd_buf_t;
-
-/* Grows b to hold at least `need` more bytes; returns 0 or -1 (ENOMEM). */
-int wxd_buf_reserve(wxd_buf_t *b, size_t need);
-int wxd_buf_append(wxd_buf_t *b, const void *p, size_t len);
-void wxd_buf_free(wxd_buf_t *b);
 
 struct wxd_conn;
 typedef struct wxd_server wxd_server_t;
