@@ -147,10 +147,10 @@ build/fuzz/%: spec/fuzz/%.c core/crypto.c core/rsa.c core/crypto.h | deps-fuzz
 	  -I$(LUAJIT_INC) -Icore -o $@ $< core/crypto.c core/rsa.c $(LIBDIR)/libluajit-5.1.a -lcrypto -ldl -lm
 
 # An explicit rule wins over the pattern above: xml_fuzz links expat instead.
-build/fuzz/xml_fuzz: spec/fuzz/xml_fuzz.c core/xml.c core/xml.h | deps-fuzz
+build/fuzz/xml_fuzz: spec/fuzz/xml_fuzz.c core/xml.c core/xml.h core/buf.c core/buf.h | deps-fuzz
 	@mkdir -p $(dir $@)
 	$(FUZZ_CC) -std=c11 -D_GNU_SOURCE $(WARN) -g -O1 -fsanitize=fuzzer,address,undefined \
-	  -I$(LUAJIT_INC) -Icore -o $@ $< core/xml.c $(LIBDIR)/libluajit-5.1.a -lexpat -ldl -lm
+	  -I$(LUAJIT_INC) -Icore -o $@ $< core/xml.c core/buf.c $(LIBDIR)/libluajit-5.1.a -lexpat -ldl -lm
 
 clean:
 	rm -rf build

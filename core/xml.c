@@ -1,9 +1,13 @@
 /* xml: see xml.h. */
 #include "xml.h"
 
+#include "buf.h"
+
+#include <ctype.h>
 #include <expat.h>
 #include <lauxlib.h>
 #include <limits.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -389,8 +393,251 @@ static int xml_decode(lua_State *L) {
   return 2;
 }
 
+
+/* ---- encoding ---- */
+
+/* encode(tbl [, root]) builds the document in the state's scratch buffer.
+ * Failures in the caller's data are collected in `err` (not raised at the
+ * spot) so that nothing is left half-done; the caller raises them. */
+typedef struct xml_enc {
+  lua_State *L;
+  wxd_buf_t *b;
+  char err[200];
+} xml_enc_t;
+
+#define ENC_MAX_DEPTH 64
+
+static int enc_fail(xml_enc_t *e, const char *fmt, const char *name, size_t nlen) {
+  if (!e->err[0]) snprintf(e->err, sizeof e->err, fmt, (int)(nlen > 64 ? 64 : nlen), name ? name : "");
+  return -1;
+}
+
+static int enc_put(xml_enc_t *e, const char *p, size_t n) {
+  if (wxd_buf_append(e->b, p, n) != 0) return enc_fail(e, "%.*sout of memory", "", 0);
+  return 0;
+}
+#define ENC_LIT(e, s) enc_put(e, s, sizeof(s) - 1)
+
+/* ^[A-Za-z_][A-Za-z0-9_.-]*$ */
+static int valid_name(const char *s, size_t n) {
+  if (n == 0 || !(isalpha((unsigned char)s[0]) || s[0] == '_')) return 0;
+  for (size_t i = 1; i < n; i++) {
+    unsigned char c = (unsigned char)s[i];
+    if (!(isalnum(c) || c == '_' || c == '.' || c == '-')) return 0;
+  }
+  return 1;
+}
+
+/* XML 1.0 cannot carry control characters other than tab, LF and CR. */
+static int is_forbidden(unsigned char c) { return c < 0x20 && c != '\t' && c != '\n' && c != '\r'; }
+
+static int enc_cdata(xml_enc_t *e, const char *s, size_t n) {
+  for (size_t i = 0; i < n; i++) {
+    if (is_forbidden((unsigned char)s[i]))
+      return enc_fail(e, "%.*sa string contains a control character XML cannot carry", "", 0);
+  }
+  if (ENC_LIT(e, "<![CDATA[")) return -1;
+  size_t from = 0;
+  /* "]]>" would end the section: split it between two. */
+  for (size_t i = 0; i + 2 < n; i++) {
+    if (s[i] == ']' && s[i + 1] == ']' && s[i + 2] == '>') {
+      if (enc_put(e, s + from, i + 2 - from) || ENC_LIT(e, "]]><![CDATA[")) return -1;
+      from = i + 2;
+    }
+  }
+  if (enc_put(e, s + from, n - from)) return -1;
+  return ENC_LIT(e, "]]>");
+}
+
+static int enc_number(xml_enc_t *e, lua_Number d) {
+  char tmp[40];
+  int n;
+  if (d != d) return enc_fail(e, "%.*scannot encode nan", "", 0);
+  if (isinf(d)) return enc_fail(e, d > 0 ? "%.*scannot encode inf" : "%.*scannot encode -inf", "", 0);
+  if (d == floor(d) && d > -9007199254740992.0 && d < 9007199254740992.0)
+    n = snprintf(tmp, sizeof tmp, "%lld", (long long)d);
+  else
+    n = snprintf(tmp, sizeof tmp, "%.17g", d);
+  return enc_put(e, tmp, (size_t)n);
+}
+
+static int is_array(lua_State *L, int t) {
+  lua_rawgeti(L, t, 1);
+  int yes = !lua_isnil(L, -1);
+  lua_pop(L, 1);
+  return yes;
+}
+
+static int enc_fields(xml_enc_t *e, int t, int depth);
+
+/* <name>value</name>, or one such element per item of an array; the value
+ * is at index v. */
+static int enc_value(xml_enc_t *e, const char *name, size_t nlen, int v, int depth) {
+  lua_State *L = e->L;
+  int tv = lua_type(L, v);
+  if (tv == LUA_TTABLE && is_array(L, v)) {
+    size_t len = lua_objlen(L, v);
+    for (size_t i = 1; i <= len; i++) {
+      lua_rawgeti(L, v, (int)i);
+      int item = lua_gettop(L);
+      if (lua_type(L, item) == LUA_TTABLE && is_array(L, item))
+        return enc_fail(e, "%.*s: nested arrays have no XML form", name, nlen);
+      int rc = lua_isnil(L, item) ? 0 : enc_value(e, name, nlen, item, depth);
+      lua_settop(L, item - 1);
+      if (rc) return -1;
+    }
+    return 0;
+  }
+  if (ENC_LIT(e, "<") || enc_put(e, name, nlen) || ENC_LIT(e, ">")) return -1;
+  int rc = 0;
+  switch (tv) {
+    case LUA_TSTRING: {
+      size_t n;
+      const char *s = lua_tolstring(L, v, &n);
+      rc = enc_cdata(e, s, n);
+      break;
+    }
+    case LUA_TNUMBER: rc = enc_number(e, lua_tonumber(L, v)); break;
+    case LUA_TBOOLEAN: rc = lua_toboolean(L, v) ? ENC_LIT(e, "true") : ENC_LIT(e, "false"); break;
+    case LUA_TTABLE:
+      if (depth > ENC_MAX_DEPTH) return enc_fail(e, "%.*s: nested too deep (a cycle?)", name, nlen);
+      rc = enc_fields(e, v, depth + 1);
+      break;
+    default: {
+      char fmt[80];
+      snprintf(fmt, sizeof fmt, "%%.*s: cannot encode a %s", lua_typename(L, tv));
+      return enc_fail(e, fmt, name, nlen);
+    }
+  }
+  if (rc) return -1;
+  if (ENC_LIT(e, "</") || enc_put(e, name, nlen)) return -1;
+  return ENC_LIT(e, ">");
+}
+
+typedef struct enc_key {
+  const char *s;
+  size_t n;
+} enc_key_t;
+
+static int key_cmp(const void *a, const void *b) {
+  const enc_key_t *x = a, *y = b;
+  size_t n = x->n < y->n ? x->n : y->n;
+  int c = memcmp(x->s, y->s, n);
+  if (c) return c;
+  return x->n < y->n ? -1 : x->n > y->n;
+}
+
+/* Whether name is among the first `count` names of the _order array. */
+static int in_order(lua_State *L, int order, size_t count, const char *s, size_t n) {
+  for (size_t i = 1; i <= count; i++) {
+    lua_rawgeti(L, order, (int)i);
+    size_t m;
+    const char *o = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &m) : NULL;
+    int same = o && m == n && memcmp(o, s, n) == 0;
+    lua_pop(L, 1);
+    if (same) return 1;
+  }
+  return 0;
+}
+
+/* Fields of the table at t: those named in t._order first, in that order,
+ * then the others sorted as byte strings. */
+static int enc_fields(xml_enc_t *e, int t, int depth) {
+  lua_State *L = e->L;
+  luaL_checkstack(L, 8, "wxd.xml.encode: nested too deep");
+  int base = lua_gettop(L);
+  lua_pushliteral(L, "_order");
+  lua_rawget(L, t);
+  int order = lua_gettop(L);
+  size_t norder = 0;
+  if (!lua_isnil(L, order)) {
+    if (!lua_istable(L, order)) return enc_fail(e, "%.*s_order must be an array of names", "", 0);
+    norder = lua_objlen(L, order);
+    for (size_t i = 1; i <= norder; i++) {
+      lua_rawgeti(L, order, (int)i);
+      size_t n = 0;
+      const char *name = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &n) : NULL;
+      if (name && !in_order(L, order, i - 1, name, n)) { /* a repeated name counts once */
+        lua_pushvalue(L, -1);
+        lua_rawget(L, t);
+        if (!lua_isnil(L, -1)) {
+          if (!valid_name(name, n)) return enc_fail(e, "invalid element name %.*s", name, n);
+          if (enc_value(e, name, n, lua_gettop(L), depth)) return -1;
+        }
+      }
+      lua_settop(L, order);
+    }
+  }
+  /* The other keys, sorted: counted first, so that a table with many gets
+   * an array that the state owns (a userdata: a raise cannot leak it). */
+  size_t nkeys = 0;
+  lua_pushnil(L);
+  while (lua_next(L, t)) {
+    lua_pop(L, 1);
+    if (lua_type(L, -1) != LUA_TSTRING) {
+      int number = lua_type(L, -1) == LUA_TNUMBER;
+      lua_settop(L, base);
+      return enc_fail(e, number ? "%.*skeys must be element names, got a number (an array is only allowed as a field's value)"
+                                : "%.*skeys must be element names", "", 0);
+    }
+    nkeys++;
+  }
+  enc_key_t small[16], *keys = small;
+  if (nkeys > 16) keys = lua_newuserdata(L, nkeys * sizeof *keys);
+  int scratch_top = lua_gettop(L);
+  size_t k = 0;
+  lua_pushnil(L);
+  while (lua_next(L, t)) {
+    lua_pop(L, 1);
+    size_t n;
+    const char *s = lua_tolstring(L, -1, &n); /* a string: checked above */
+    if ((n == 6 && memcmp(s, "_order", 6) == 0) || (norder && in_order(L, order, norder, s, n))) continue;
+    if (k < nkeys) { /* anchored by the table, which nothing modifies meanwhile */
+      keys[k].s = s;
+      keys[k].n = n;
+      k++;
+    }
+  }
+  qsort(keys, k, sizeof *keys, key_cmp);
+  for (size_t i = 0; i < k; i++) {
+    if (!valid_name(keys[i].s, keys[i].n)) return enc_fail(e, "invalid element name %.*s", keys[i].s, keys[i].n);
+    lua_pushlstring(L, keys[i].s, keys[i].n);
+    lua_rawget(L, t);
+    int rc = enc_value(e, keys[i].s, keys[i].n, lua_gettop(L), depth);
+    lua_settop(L, scratch_top);
+    if (rc) return -1;
+  }
+  lua_settop(L, base);
+  return 0;
+}
+
+/* encode(tbl [, root]) -> string; raises on data XML cannot carry (a bug
+ * in the caller). */
+static int xml_encode(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  size_t rlen = 3;
+  const char *root = "xml";
+  if (!lua_isnoneornil(L, 2)) {
+    if (lua_type(L, 2) != LUA_TSTRING) return luaL_error(L, "wxd.xml.encode: invalid root name %s", luaL_typename(L, 2));
+    root = lua_tolstring(L, 2, &rlen);
+  }
+  if (!valid_name(root, rlen)) return luaL_error(L, "wxd.xml.encode: invalid root name %s", root);
+  lua_settop(L, 2);
+  if (is_array(L, 1)) return luaL_error(L, "wxd.xml.encode: the root table must have named fields, not be an array");
+  xml_enc_t e = {.L = L, .b = wxd_scratch(L), .err = {0}};
+  int rc = ENC_LIT(&e, "<") || enc_put(&e, root, rlen) || ENC_LIT(&e, ">") || enc_fields(&e, 1, 1) ||
+           ENC_LIT(&e, "</") || enc_put(&e, root, rlen) || ENC_LIT(&e, ">");
+  if (rc) {
+    wxd_scratch_release(e.b);
+    return luaL_error(L, "wxd.xml.encode: %s", e.err[0] ? e.err : "failed");
+  }
+  lua_pushlstring(L, e.b->data, e.b->len);
+  wxd_scratch_release(e.b);
+  return 1;
+}
+
 int wxd_open_xml(lua_State *L) {
-  static const luaL_Reg fns[] = {{"decode", xml_decode}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"decode", xml_decode}, {"encode", xml_encode}, {NULL, NULL}};
   luaL_newmetatable(L, DOC_MT);
   lua_pushcfunction(L, doc_gc);
   lua_setfield(L, -2, "__gc");

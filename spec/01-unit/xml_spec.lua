@@ -183,6 +183,151 @@ describe("wxd.xml.decode", function()
   end)
 end)
 
+-- The reference: the Lua encoder wxd had before core/xml.c took over,
+-- kept here to check the native one against, table for table.
+local reference_encode
+do
+  local floor, huge = math.floor, math.huge
+  local find, format, gsub = string.find, string.format, string.gsub
+  local concat, sort = table.concat, table.sort
+  local function check_name(name)
+    if type(name) ~= "string" or not find(name, "^[%a_][%w_%.%-]*$") then
+      error("wxd.xml.encode: invalid element name " .. tostring(name), 4)
+    end
+  end
+
+  -- CDATA cannot contain "]]>": split it between two sections. Characters
+  -- XML 1.0 forbids (control characters but tab, CR, LF) are an error in the
+  -- caller's data; they are refused rather than sent to break the receiver.
+  local function cdata(s)
+    if find(s, "[%z\1-\8\11\12\14-\31]") then
+      error("wxd.xml.encode: a string contains a control character XML cannot carry", 5)
+    end
+    return "<![CDATA[" .. gsub(s, "%]%]>", "]]]]><![CDATA[>") .. "]]>"
+  end
+
+  local function number_text(n)
+    if n ~= n or n == huge or n == -huge then
+      error("wxd.xml.encode: cannot encode " .. tostring(n), 5)
+    end
+    if n == floor(n) and n > -2^53 and n < 2^53 then return format("%d", n) end
+    return format("%.17g", n)
+  end
+
+  local function is_array(t)
+    return t[1] ~= nil
+  end
+
+  local encode_fields
+
+  -- Appends <name>value</name> (or one element per item of an array).
+  local function encode_value(out, name, v, depth)
+    local tv = type(v)
+    if tv == "table" and is_array(v) then
+      for i = 1, #v do
+        if type(v[i]) == "table" and is_array(v[i]) then
+          error("wxd.xml.encode: " .. name .. ": nested arrays have no XML form", 4)
+        end
+        encode_value(out, name, v[i], depth)
+      end
+      return
+    end
+    out[#out + 1] = "<" .. name .. ">"
+    if tv == "string" then
+      out[#out + 1] = cdata(v)
+    elseif tv == "number" then
+      out[#out + 1] = number_text(v)
+    elseif tv == "boolean" then
+      out[#out + 1] = v and "true" or "false"
+    elseif tv == "table" then
+      if depth > 64 then error("wxd.xml.encode: nested too deep (a cycle?)", 4) end
+      encode_fields(out, v, depth + 1)
+    else
+      error("wxd.xml.encode: " .. name .. ": cannot encode a " .. tv, 4)
+    end
+    out[#out + 1] = "</" .. name .. ">"
+  end
+
+  -- Fields in _order first (in that order), then the others sorted.
+  encode_fields = function(out, t, depth)
+    local order, seen = t._order, {}
+    if order ~= nil then
+      if type(order) ~= "table" then error("wxd.xml.encode: _order must be an array of names", 3) end
+      for i = 1, #order do
+        local name = order[i]
+        if not seen[name] then
+          seen[name] = true
+          local v = t[name]
+          if v ~= nil then
+            check_name(name)
+            encode_value(out, name, v, depth)
+          end
+        end
+      end
+    end
+    local rest = {}
+    for k in pairs(t) do
+      if k ~= "_order" and not seen[k] then
+        if type(k) ~= "string" then
+          error("wxd.xml.encode: keys must be element names, got a " .. type(k)
+                .. (type(k) == "number" and " (an array is only allowed as a field's value)" or ""), 3)
+        end
+        rest[#rest + 1] = k
+      end
+    end
+    sort(rest)
+    for i = 1, #rest do
+      local name = rest[i]
+      check_name(name)
+      encode_value(out, name, t[name], depth)
+    end
+  end
+  reference_encode = function(tbl, root)
+    root = root or "xml"
+    local out = { "<" .. root .. ">" }
+    encode_fields(out, tbl, 1)
+    out[#out + 1] = "</" .. root .. ">"
+    return concat(out)
+  end
+end
+
+-- A random table of the shapes messages and replies have.
+local function random_table(depth)
+  local t, n = {}, math.random(0, depth > 2 and 3 or 24)
+  local names = { "a", "B", "_c", "d.e", "f-g", "ToUserName", "Content", "x1", "item", "Zz", "aa", "a_" }
+  for i = 1, n do
+    local name = names[math.random(#names)] .. (math.random(3) == 1 and tostring(i) or "")
+    local r = math.random(10)
+    if r <= 4 then
+      local s = {}
+      for j = 1, math.random(0, 12) do
+        local pick = { "x", "]]>", "]", ">", "&", "<", "\t", "\n", "\r", "中", "\255", " ", "]]" }
+        s[j] = pick[math.random(#pick)]
+      end
+      t[name] = table.concat(s)
+    elseif r <= 6 then
+      local nums = { 0, -7, 1348831860, 2 ^ 53 - 1, 2 ^ 53, -2 ^ 53, 0.1, 1 / 3, -1.5e300, 1e-300, 2 ^ 63 }
+      t[name] = nums[math.random(#nums)]
+    elseif r == 7 then
+      t[name] = math.random(2) == 1
+    elseif r == 8 and depth < 4 then
+      t[name] = random_table(depth + 1)
+    elseif r == 9 and depth < 4 then
+      local arr = {}
+      for j = 1, math.random(1, 3) do arr[j] = math.random(2) == 1 and random_table(depth + 1) or ("v" .. j) end
+      t[name] = arr
+    end
+  end
+  if math.random(3) == 1 then
+    local order = {}
+    for k in pairs(t) do if math.random(2) == 1 then order[#order + 1] = k end end
+    order[#order + 1] = "Missing"
+    if order[1] then order[#order + 1] = order[1] end -- a repeated name counts once
+    t._order = order
+  end
+  return t
+end
+
 describe("wxd.xml.encode", function()
   it("writes strings as CDATA, numbers as text, in _order then sorted", function()
     local s = xml.encode({ Z = "z", CreateTime = 1348831860, Content = "hi", A = 1.5, B = true,
@@ -229,6 +374,64 @@ describe("wxd.xml.encode", function()
     local cyc = {}
     cyc.self = cyc
     assert.has_error(function() xml.encode(cyc) end)
+  end)
+
+  it("names the problem and the caller's line in its errors", function()
+    local function msg(f)
+      local ok, err = pcall(f)
+      assert.is_false(ok)
+      return err
+    end
+    assert.matches("xml_spec.lua:%d+: wxd.xml.encode: invalid element name bad name$",
+      msg(function() xml.encode({ ["bad name"] = "x" }) end))
+    assert.matches("wxd.xml.encode: a string contains a control character XML cannot carry",
+      msg(function() xml.encode({ a = "bell\7" }) end), 1, true)
+    assert.matches("wxd.xml.encode: a: nested arrays have no XML form",
+      msg(function() xml.encode({ a = { { "nested" } } }) end), 1, true)
+    assert.matches("wxd.xml.encode: a: cannot encode a function",
+      msg(function() xml.encode({ a = print }) end), 1, true)
+    assert.matches("wxd.xml.encode: cannot encode nan", msg(function() xml.encode({ a = 0 / 0 }) end), 1, true)
+    assert.matches("wxd.xml.encode: cannot encode -inf", msg(function() xml.encode({ a = -math.huge }) end), 1, true)
+    assert.matches("wxd.xml.encode: _order must be an array of names",
+      msg(function() xml.encode({ a = 1, _order = "a" }) end), 1, true)
+    assert.matches("keys must be element names, got a number",
+      msg(function() xml.encode({ a = 1, [2] = "x" }) end), 1, true)
+    assert.matches("the root table must have named fields",
+      msg(function() xml.encode({ "array at the root" }) end), 1, true)
+    assert.matches("self: nested too deep (a cycle?)", msg(function()
+      local cyc = {}
+      cyc.self = cyc
+      xml.encode(cyc)
+    end), 1, true)
+  end)
+
+  it("nests 64 levels below the root, not more", function()
+    local function nest(n)
+      local t = { leaf = "x" }
+      for _ = 1, n do t = { n = t } end
+      return t
+    end
+    assert.equal(reference_encode(nest(63)), xml.encode(nest(63)))
+    assert.has_error(function() xml.encode(nest(70)) end)
+  end)
+
+  it("sorts many fields as byte strings, as the reference does", function()
+    local t = {}
+    for i = 1, 300 do t[string.format("k%d", (i * 7919) % 1000)] = i end
+    t.K, t.k, t.kk, t["k-"], t._z = 1, 2, 3, 4, 5
+    assert.equal(reference_encode(t), xml.encode(t))
+  end)
+
+  it("writes exactly what the reference Lua encoder writes, for 3000 random tables", function()
+    math.randomseed(20261203)
+    for i = 1, 3000 do
+      local t = random_table(1)
+      local want = reference_encode(t)
+      local got = xml.encode(t)
+      if got ~= want then
+        error(string.format("table %d:\nwant %s\ngot  %s", i, want, got))
+      end
+    end
   end)
 end)
 
