@@ -504,6 +504,23 @@ static int aes_run(aes_t c, int enc, const unsigned char *iv, const unsigned cha
   return n1 + n2;
 }
 
+int wxd__crypto_aes256_cbc(lua_State *L, int enc, const unsigned char *key, const unsigned char *iv,
+                           const unsigned char *in, size_t len, unsigned char *out) {
+  aes_t c = {algs_get(L), MODE_CBC, 2, key};
+  if (!c.algs->cipher[MODE_CBC][2] || len > CRYPTO_MAX_INPUT) return -1;
+  return aes_run(c, enc, iv, in, len, out);
+}
+
+int wxd__crypto_sha1(lua_State *L, const void *data, size_t len, unsigned char *out) {
+  crypto_algs_t *a = algs_get(L);
+  unsigned int n = 0;
+  if (!a->md[MD_SHA1] || len > CRYPTO_MAX_INPUT || !EVP_Digest(data, len, out, &n, a->md[MD_SHA1], NULL)) {
+    ERR_clear_error();
+    return -1;
+  }
+  return 0;
+}
+
 /* Encrypts with PKCS#7 padding to `block`; pushes the ciphertext. */
 static int aes_encrypt_padded(lua_State *L, aes_t c, const unsigned char *iv, const char *plain, size_t len,
                               size_t block) {
@@ -727,6 +744,7 @@ int wxd_open_crypto(lua_State *L) {
     set_md_fn(L, algs, name, crypto_hmac, mds[i].which, 1);
   }
   wxd__crypto_open_rsa(L);
+  wxd__crypto_open_wxmsg(L, algs);
   lua_remove(L, algs);
   return 1;
 }

@@ -96,5 +96,16 @@ void wxd__crypto_open_rsa(lua_State *L);
 /* Internal: argument idx as bytes; raises unless it is a string (numbers
  * are not converted) of a size EVP can take. */
 const char *wxd__crypto_check_bytes(lua_State *L, int idx, size_t *len);
+/* Internal to crypto.c and wxmsg.c: adds the wx_* functions (WeChat
+ * message crypto) to the module table at the top; algs is the index of the
+ * algorithms userdata, which they keep as upvalue 1. */
+void wxd__crypto_open_wxmsg(lua_State *L, int algs);
+/* Internal, for functions whose upvalue 1 is the algorithms: AES-256-CBC
+ * without padding over in[0..len) into out (out == in allowed), with the
+ * state's cached context. Returns the output length, or -1. */
+int wxd__crypto_aes256_cbc(lua_State *L, int enc, const unsigned char *key, const unsigned char *iv,
+                           const unsigned char *in, size_t len, unsigned char *out);
+/* Internal, likewise: SHA-1 of data into out[20]. Returns 0 or -1. */
+int wxd__crypto_sha1(lua_State *L, const void *data, size_t len, unsigned char *out);
 
 #endif

@@ -55,6 +55,10 @@ local concat, sort = table.concat, table.sort
 local traceback = debug.traceback
 local now, monotonic_ms = core.now, core.monotonic_ms
 local sha1_hex, equals = crypto.sha1_hex, crypto.equals
+-- Each protocol step in one native call (core/wxmsg.c).
+local native = require "wxd.core.crypto"
+local wx_signature, wx_verify, wx_decrypt, wx_encrypt, wx_seal =
+  native.wx_signature, native.wx_verify, native.wx_decrypt, native.wx_encrypt, native.wx_seal
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -81,6 +85,11 @@ local XML_OPTS = { arrays = { item = true }, max_depth = 10, max_elements = 1000
 -- @treturn string 40 lower-case hex characters
 -- @usage mp.signature(token, timestamp, nonce, encrypt)
 function _M.signature(...)
+  local n, a, b, c, d = select("#", ...), ...
+  if (n == 3 or n == 4) and type(a) == "string" and type(b) == "string" and type(c) == "string"
+      and (d == nil or type(d) == "string") then
+    return wx_signature(a, b, c, d)
+  end
   local parts = { ... }
   for i = 1, #parts do
     if type(parts[i]) ~= "string" then
@@ -118,10 +127,6 @@ local function as_key(k, fn)
   return key
 end
 
-local function be32(n)
-  return char(floor(n / 16777216) % 256, floor(n / 65536) % 256, floor(n / 256) % 256, n % 256)
-end
-
 --- Encrypts a message for WeChat: base64 of AES-256-CBC over 16 random
 -- bytes, the message length (4 bytes, big-endian), the message and the
 -- receive id, padded (PKCS#7) to 32 bytes.
@@ -139,8 +144,7 @@ function _M.encrypt(key, message, receive_id, random)
   if random ~= nil and (type(random) ~= "string" or #random ~= 16) then
     error("wxd.mp.encrypt: random must be 16 bytes", 2)
   end
-  local plain = (random or crypto.random_bytes(16)) .. be32(#message) .. message .. receive_id
-  return crypto.base64_encode(crypto.aes_cbc_encrypt(key.key, key.iv, plain, 32))
+  return wx_encrypt(key.key, message, receive_id, random)
 end
 
 --- Decrypts an Encrypt value and checks the receive id inside.
@@ -158,14 +162,7 @@ function _M.decrypt(key, encrypted, receive_id)
   if type(encrypted) ~= "string" or type(receive_id) ~= "string" then
     error("wxd.mp.decrypt: encrypted and receive_id must be strings", 2)
   end
-  local ct = crypto.base64_decode(encrypted)
-  local plain = ct and #ct > 0 and #ct % 16 == 0 and crypto.aes_cbc_decrypt(key.key, key.iv, ct, 32)
-  if not plain or #plain < 20 then return nil, "decrypt failed" end
-  local b1, b2, b3, b4 = byte(plain, 17, 20)
-  local len = ((b1 * 256 + b2) * 256 + b3) * 256 + b4
-  if 20 + len > #plain then return nil, "decrypt failed" end
-  if not equals(sub(plain, 21 + len), receive_id) then return nil, "decrypt failed" end
-  return sub(plain, 21, 20 + len)
+  return wx_decrypt(key.key, encrypted, receive_id)
 end
 
 ------------------------------------------------------------------------
@@ -682,15 +679,7 @@ end
 
 -- The reply as sent: encrypted and signed when the message was.
 function Endpoint:seal(body, key, fmt)
-  local enc = _M.encrypt(key, body, self.receive_id)
-  local ts = tostring(floor(now()))
-  local nonce = crypto.nonce(16)
-  local sig = signature(self.token, ts, nonce, enc)
-  if fmt == "json" then
-    return (cjson_safe.encode({ Encrypt = enc, MsgSignature = sig, TimeStamp = tonumber(ts), Nonce = nonce }))
-  end
-  return xml.encode({ Encrypt = enc, MsgSignature = sig, TimeStamp = tonumber(ts), Nonce = nonce,
-                      _order = { "Encrypt", "MsgSignature", "TimeStamp", "Nonce" } })
+  return wx_seal(self.token, key.key, self.receive_id, body, floor(now()), fmt == "json" and "json" or "xml")
 end
 
 -- POST: a message.
@@ -712,7 +701,7 @@ function Endpoint:receive(req, res)
     local enc = outer.Encrypt
     if type(enc) ~= "string" or enc == "" then return refuse(self, req, 400, "no Encrypt field") end
     -- The signature covers the ciphertext: nothing is decrypted before it holds.
-    if not equals(signature(self.token, q.timestamp, q.nonce, enc), q.msg_signature) then
+    if not wx_verify(q.msg_signature, self.token, q.timestamp, q.nonce, enc) then
       return refuse(self, req, 403, "bad msg_signature")
     end
     local plain

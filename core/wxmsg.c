@@ -1,0 +1,288 @@
+/* wxmsg: WeChat message crypto, each step of the protocol in one native call.
+ *
+ * Official Account, Mini Program and WeCom callbacks sign and encrypt the
+ * same way (docs/mp.md has the contract):
+ *   signature     sha1, in lower-case hex, of the token, timestamp, nonce
+ *                 (and, for msg_signature, the Encrypt value) sorted as byte
+ *                 strings and concatenated;
+ *   Encrypt       base64 of AES-256-CBC, key = the 32 bytes of
+ *                 base64(EncodingAESKey "="), IV = its first 16 bytes, over
+ *                 16 random bytes, the message length (4 bytes, big-endian),
+ *                 the message and the receive id (appid or CorpID), padded
+ *                 with PKCS#7 to a 32-byte block.
+ * lua/wxd/mp.lua used to do this in several calls and Lua string work per
+ * message; here each step is one call into C, with the state's scratch
+ * buffer for the bytes in between (cleansed after use: it held plaintext).
+ *
+ * These functions are part of `wxd.core.crypto` (upvalue 1: the algorithms
+ * of crypto.c), as the wx_* names:
+ *   wx_signature(token, timestamp, nonce [, encrypt]) -> hex
+ *   wx_verify(signature, token, timestamp, nonce [, encrypt]) -> boolean
+ *       (constant-time compare)
+ *   wx_decrypt(key, encrypt, receive_id) -> message | nil, "decrypt failed"
+ *       (one error whatever failed: base64, padding, length, receive id)
+ *   wx_encrypt(key, message, receive_id [, random]) -> Encrypt
+ *   wx_seal(token, key, receive_id, message, timestamp [, fmt [, nonce
+ *       [, random]]]) -> the reply envelope, XML (fmt "xml", the default)
+ *       or JSON ("json"): Encrypt, MsgSignature, TimeStamp, Nonce
+ * `key` is the 32-byte AES key; `random` (16 bytes) and `nonce` exist so
+ * that specs can reproduce published values. Wrong argument types raise.
+ */
+#include "buf.h"
+#include "crypto.h"
+
+#include <errno.h>
+#include <lauxlib.h>
+#include <openssl/crypto.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#define WX_FAILED "decrypt failed"
+#define WX_PAD_BLOCK 32
+#define WX_MAX_PART (16 * 1024 * 1024) /* a message is a few KiB; bodies are capped far below */
+
+typedef struct part {
+  const char *s;
+  size_t n;
+} part_t;
+
+static const char *check_str(lua_State *L, int idx, size_t *len) {
+  const char *s = wxd__crypto_check_bytes(L, idx, len);
+  if (*len > WX_MAX_PART) luaL_argerror(L, idx, "too large");
+  return s;
+}
+
+/* Lua's string order: bytes, then length. */
+static int part_less(const part_t *a, const part_t *b) {
+  size_t n = a->n < b->n ? a->n : b->n;
+  int c = memcmp(a->s, b->s, n);
+  return c < 0 || (c == 0 && a->n < b->n);
+}
+
+/* The signature of parts[0..n) (n is 3 or 4) into hex[40]. */
+static void signature(lua_State *L, part_t *parts, int n, char hex[40]) {
+  for (int i = 1; i < n; i++) /* insertion sort: four items at most */
+    for (int j = i; j > 0 && part_less(&parts[j], &parts[j - 1]); j--) {
+      part_t t = parts[j];
+      parts[j] = parts[j - 1];
+      parts[j - 1] = t;
+    }
+  size_t total = 0;
+  for (int i = 0; i < n; i++) total += parts[i].n;
+  wxd_buf_t *b = wxd_scratch(L);
+  if (wxd_buf_reserve(b, total ? total : 1) != 0) luaL_error(L, "wx_signature: out of memory");
+  for (int i = 0; i < n; i++) {
+    memcpy(b->data + b->len, parts[i].s, parts[i].n);
+    b->len += parts[i].n;
+  }
+  unsigned char md[20];
+  int rc = wxd__crypto_sha1(L, b->data, b->len, md);
+  wxd_scratch_release(b);
+  if (rc != 0) luaL_error(L, "wx_signature: SHA-1 failed");
+  wxd_hex_encode(md, sizeof md, hex, 0);
+}
+
+/* Arguments first..first+2 (and first+3 when present) as the parts. */
+static int signature_parts(lua_State *L, int first, part_t parts[4]) {
+  int n = lua_isnoneornil(L, first + 3) ? 3 : 4;
+  for (int i = 0; i < n; i++) parts[i].s = check_str(L, first + i, &parts[i].n);
+  return n;
+}
+
+static int wx_signature(lua_State *L) {
+  part_t parts[4];
+  int n = signature_parts(L, 1, parts);
+  char hex[40];
+  signature(L, parts, n, hex);
+  lua_pushlstring(L, hex, sizeof hex);
+  return 1;
+}
+
+static int wx_verify(lua_State *L) {
+  size_t slen;
+  const char *sig = check_str(L, 1, &slen);
+  part_t parts[4];
+  int n = signature_parts(L, 2, parts);
+  char hex[40];
+  signature(L, parts, n, hex);
+  lua_pushboolean(L, wxd_ct_equal(hex, sizeof hex, sig, slen));
+  return 1;
+}
+
+static const unsigned char *check_key(lua_State *L, int idx) {
+  size_t n;
+  const char *k = wxd__crypto_check_bytes(L, idx, &n);
+  if (n != 32) luaL_argerror(L, idx, "expected the 32-byte AES key of an EncodingAESKey");
+  return (const unsigned char *)k;
+}
+
+static int wx_decrypt(lua_State *L) {
+  const unsigned char *key = check_key(L, 1);
+  size_t elen, rlen;
+  const char *enc = check_str(L, 2, &elen);
+  const char *rid = check_str(L, 3, &rlen);
+  wxd_buf_t *b = wxd_scratch(L);
+  if (wxd_buf_reserve(b, WXD_BASE64_DECODED_MAX(elen) + 16) != 0) return luaL_error(L, "wx_decrypt: out of memory");
+  unsigned char *buf = (unsigned char *)b->data;
+  size_t clen = 0, plen = 0;
+  int ok = wxd_base64_decode(enc, elen, buf, &clen, WXD_BASE64_STD) == 0 && clen >= 32 && clen % 16 == 0;
+  /* In place: EVP allows out == in exactly. */
+  ok = ok && wxd__crypto_aes256_cbc(L, 0, key, key, buf, clen, buf) == (int)clen;
+  ok = ok && wxd_pkcs7_unpad(buf, clen, WX_PAD_BLOCK, &plen) == 0 && plen >= 20;
+  size_t mlen = 0;
+  if (ok) {
+    mlen = (size_t)buf[16] << 24 | (size_t)buf[17] << 16 | (size_t)buf[18] << 8 | buf[19];
+    ok = mlen <= plen - 20 && wxd_ct_equal(buf + 20 + mlen, plen - 20 - mlen, rid, rlen);
+  }
+  if (ok) lua_pushlstring(L, (const char *)buf + 20, mlen);
+  OPENSSL_cleanse(b->data, WXD_BASE64_DECODED_MAX(elen) + 16);
+  wxd_scratch_release(b);
+  if (!ok) {
+    lua_pushnil(L);
+    lua_pushliteral(L, WX_FAILED);
+    return 2;
+  }
+  return 1;
+}
+
+/* Encrypts into the scratch buffer b: on return b->data[0..*b64len) is the
+ * Encrypt value (b holds the plaintext's bytes after it until cleansed). */
+static void encrypt_into(lua_State *L, wxd_buf_t *b, const unsigned char *key, const char *msg, size_t mlen,
+                         const char *rid, size_t rlen, const char *random, size_t *b64len) {
+  size_t plain = 20 + mlen + rlen;
+  size_t padded = plain + WX_PAD_BLOCK - plain % WX_PAD_BLOCK;
+  size_t enclen = WXD_BASE64_ENCODED_LEN(padded);
+  if (wxd_buf_reserve(b, enclen + padded + WX_PAD_BLOCK) != 0) luaL_error(L, "wx_encrypt: out of memory");
+  /* The base64 text goes first, the plaintext (then ciphertext) after it. */
+  unsigned char *p = (unsigned char *)b->data + enclen;
+  if (random) {
+    memcpy(p, random, 16);
+  } else if (wxd_random_bytes(p, 16) != 0) {
+    luaL_error(L, "wx_encrypt: getrandom failed (errno %d)", errno);
+  }
+  p[16] = (unsigned char)(mlen >> 24);
+  p[17] = (unsigned char)(mlen >> 16);
+  p[18] = (unsigned char)(mlen >> 8);
+  p[19] = (unsigned char)mlen;
+  memcpy(p + 20, msg, mlen);
+  memcpy(p + 20 + mlen, rid, rlen);
+  size_t n = wxd_pkcs7_pad(p, plain, WX_PAD_BLOCK);
+  b->len = enclen + n; /* what to cleanse */
+  if (wxd__crypto_aes256_cbc(L, 1, key, key, p, n, p) != (int)n) {
+    OPENSSL_cleanse(b->data, b->len);
+    luaL_error(L, "wx_encrypt: AES failed");
+  }
+  *b64len = wxd_base64_encode(p, n, b->data, WXD_BASE64_STD, 1);
+}
+
+static const char *opt_fixed(lua_State *L, int idx, size_t want, const char *what) {
+  if (lua_isnoneornil(L, idx)) return NULL;
+  size_t n;
+  const char *s = wxd__crypto_check_bytes(L, idx, &n);
+  if (n != want) luaL_argerror(L, idx, what);
+  return s;
+}
+
+static int wx_encrypt(lua_State *L) {
+  const unsigned char *key = check_key(L, 1);
+  size_t mlen, rlen, n;
+  const char *msg = check_str(L, 2, &mlen);
+  const char *rid = check_str(L, 3, &rlen);
+  const char *random = opt_fixed(L, 4, 16, "random must be 16 bytes");
+  wxd_buf_t *b = wxd_scratch(L);
+  encrypt_into(L, b, key, msg, mlen, rid, rlen, random, &n);
+  lua_pushlstring(L, b->data, n);
+  OPENSSL_cleanse(b->data, b->len);
+  wxd_scratch_release(b);
+  return 1;
+}
+
+static int wx_seal(lua_State *L) {
+  size_t tlen, mlen, rlen, nlen = 16, enclen;
+  const char *token = check_str(L, 1, &tlen);
+  const unsigned char *key = check_key(L, 2);
+  const char *rid = check_str(L, 3, &rlen);
+  const char *msg = check_str(L, 4, &mlen);
+  lua_Number tsn = luaL_checknumber(L, 5);
+  luaL_argcheck(L, tsn >= 0 && tsn < 1e12 && tsn == (lua_Number)(int64_t)tsn, 5, "timestamp must be whole seconds");
+  const char *fmt = luaL_optstring(L, 6, "xml");
+  int json = strcmp(fmt, "json") == 0;
+  luaL_argcheck(L, json || strcmp(fmt, "xml") == 0, 6, "fmt must be \"xml\" or \"json\"");
+  char nonce[64];
+  if (!lua_isnoneornil(L, 7)) {
+    const char *given = check_str(L, 7, &nlen);
+    luaL_argcheck(L, nlen >= 1 && nlen <= 32, 7, "nonce must be 1 to 32 characters");
+    for (size_t i = 0; i < nlen; i++)
+      luaL_argcheck(L, (given[i] >= '0' && given[i] <= '9') || (given[i] >= 'a' && given[i] <= 'z') ||
+                       (given[i] >= 'A' && given[i] <= 'Z'), 7, "nonce must be letters and digits");
+    memcpy(nonce, given, nlen);
+  } else {
+    static const char alnum[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    unsigned char rnd[48];
+    size_t got = 0;
+    while (got < nlen) {
+      if (wxd_random_bytes(rnd, sizeof rnd) != 0) return luaL_error(L, "wx_seal: getrandom failed (errno %d)", errno);
+      for (size_t i = 0; i < sizeof rnd && got < nlen; i++) /* no modulo bias: 248 = 4 * 62 */
+        if (rnd[i] < 248) nonce[got++] = alnum[rnd[i] % 62];
+    }
+  }
+  const char *random = opt_fixed(L, 8, 16, "random must be 16 bytes");
+  char ts[24];
+  int tslen = snprintf(ts, sizeof ts, "%lld", (long long)tsn);
+
+  wxd_buf_t *b = wxd_scratch(L);
+  encrypt_into(L, b, key, msg, mlen, rid, rlen, random, &enclen);
+  /* Room for the concatenation to sign and the document, after the
+   * plaintext; reserved before any pointer into b is taken (it may move). */
+  size_t total = tlen + (size_t)tslen + nlen + enclen;
+  size_t doc_cap = enclen + 256;
+  size_t at = b->len;
+  if (wxd_buf_reserve(b, total + doc_cap) != 0) {
+    OPENSSL_cleanse(b->data, b->len);
+    return luaL_error(L, "wx_seal: out of memory");
+  }
+  part_t parts[4] = {{token, tlen}, {ts, (size_t)tslen}, {nonce, nlen}, {b->data, enclen}};
+  for (int i = 1; i < 4; i++)
+    for (int j = i; j > 0 && part_less(&parts[j], &parts[j - 1]); j--) {
+      part_t t = parts[j];
+      parts[j] = parts[j - 1];
+      parts[j - 1] = t;
+    }
+  char *cat = b->data + at;
+  size_t off = 0;
+  for (int i = 0; i < 4; i++) {
+    memcpy(cat + off, parts[i].s, parts[i].n);
+    off += parts[i].n;
+  }
+  unsigned char md[20];
+  char hex[40];
+  if (wxd__crypto_sha1(L, cat, off, md) != 0) {
+    OPENSSL_cleanse(b->data, b->len);
+    return luaL_error(L, "wx_seal: SHA-1 failed");
+  }
+  wxd_hex_encode(md, sizeof md, hex, 0);
+  char *doc = cat + off;
+  int n = json ? snprintf(doc, doc_cap, "{\"Encrypt\":\"%.*s\",\"MsgSignature\":\"%.40s\",\"TimeStamp\":%s,\"Nonce\":\"%.*s\"}",
+                          (int)enclen, b->data, hex, ts, (int)nlen, nonce)
+               : snprintf(doc, doc_cap, "<xml><Encrypt><![CDATA[%.*s]]></Encrypt><MsgSignature><![CDATA[%.40s]]>"
+                          "</MsgSignature><TimeStamp>%s</TimeStamp><Nonce><![CDATA[%.*s]]></Nonce></xml>",
+                          (int)enclen, b->data, hex, ts, (int)nlen, nonce);
+  if (n > 0 && (size_t)n < doc_cap) lua_pushlstring(L, doc, (size_t)n);
+  OPENSSL_cleanse(b->data, at); /* the plaintext; the rest is public */
+  wxd_scratch_release(b);
+  if (n <= 0 || (size_t)n >= doc_cap) return luaL_error(L, "wx_seal: document too large");
+  return 1;
+}
+
+void wxd__crypto_open_wxmsg(lua_State *L, int algs) {
+  static const luaL_Reg fns[] = {
+      {"wx_signature", wx_signature}, {"wx_verify", wx_verify}, {"wx_decrypt", wx_decrypt},
+      {"wx_encrypt", wx_encrypt},     {"wx_seal", wx_seal},     {NULL, NULL},
+  };
+  for (const luaL_Reg *f = fns; f->name; f++) {
+    lua_pushvalue(L, algs);
+    lua_pushcclosure(L, f->func, 1);
+    lua_setfield(L, -2, f->name);
+  }
+}

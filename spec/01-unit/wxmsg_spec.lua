@@ -1,0 +1,154 @@
+-- WeChat message crypto in one native call per step (core/wxmsg.c: the
+-- wx_* functions of wxd.core.crypto), checked against WeChat's published
+-- sample (EasyWeChat's encryptor test), the openssl command line, and the
+-- protocol spelt out here step by step with the general crypto functions.
+local core = require "wxd.core.crypto"
+local crypto = require "wxd.crypto"
+local xml = require "wxd.xml"
+local cjson = require "cjson"
+local H = require "helpers"
+
+local TOKEN, APPID = "pamtest", "wxb11529c136998cb6"
+local KEY = assert(crypto.base64_decode("abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG="))
+local TS, NONCE, SIG = "1458300676", "260774613", "4f3ad57b6989f09f4eb392acce4f9e93942ed890"
+local ENC = "rTNFcsut4LfGuAFKEUVVpwcaCOTJzOd9twZdIW910jb3k+iicx2uvhttIZ3Qg9Qgty3BEF2xbOrz6boTfb30dMomcgrkTqdFPwnhqbk+kIQ7rZiwny9D7NUrTgA5kpX3KsZvrXzUZyP2x9YOlxbgm572lmxKvM7HAQQhIQ/p6HBmoY30bGXFK0BtIu1pW9TjhOYrLQoU18nWYjWqDA1ynkmOytpv7QRI1P1+0NoxL0q2zO1DgeSvnE8CZGo/o5Ap/WHK5W2RAsinpzN4/LjPnmB6U01I5XCoJoC0GK/yMZycd2Oh8Nq6+wBkC1U85oy0ktOY4nLvsQMLrourmMGdZHuTbqpeJ8Ao/5PRYJ+WBvRUwPfGKBL2+2IKZF49vAJqkcGWSHGE76ZN2erXeuNazf/o9o3lIE3q739o4c8t9QGPe31GT2Go/rOz1BsrASwvauNulCh+++yz+CQzBIuikA=="
+local MSG = "<xml><URL><![CDATA[http://wechat.laravel.so/server]]></URL><ToUserName><![CDATA[asdasdasd]]></ToUserName><FromUserName><![CDATA[asdasdasdsadasd]]></FromUserName><CreateTime>1234567898</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[hello]]></Content><MsgId>12345</MsgId></xml>"
+local RANDOM = "d43123b161a4ba84"
+
+-- The protocol step by step, with the general functions.
+local function be32(n) return string.char(math.floor(n / 16777216) % 256, math.floor(n / 65536) % 256,
+                                            math.floor(n / 256) % 256, n % 256) end
+local function reference_encrypt(key, msg, rid, random)
+  return crypto.base64_encode(crypto.aes_cbc_encrypt(key, key:sub(1, 16), random .. be32(#msg) .. msg .. rid, 32))
+end
+local function reference_signature(...)
+  local parts = { ... }
+  table.sort(parts)
+  return crypto.sha1_hex(table.concat(parts))
+end
+
+describe("wx_* (native WeChat message crypto)", function()
+  it("reproduces WeChat's published sample", function()
+    assert.equal(SIG, core.wx_signature(TOKEN, TS, NONCE, ENC))
+    assert.is_true(core.wx_verify(SIG, TOKEN, TS, NONCE, ENC))
+    assert.equal(MSG, core.wx_decrypt(KEY, ENC, APPID))
+    assert.equal(ENC, core.wx_encrypt(KEY, MSG, APPID, RANDOM))
+  end)
+
+  it("signs as the sorted concatenation, with three or four parts", function()
+    assert.equal("a9993e364706816aba3e25717850c26c9cd0d89d", core.wx_signature("c", "a", "b"))
+    for _ = 1, 200 do
+      local p = {}
+      for i = 1, 4 do p[i] = crypto.random_bytes(math.random(0, 40)) end
+      -- Prefixes of each other too: Lua orders "ab" before "abc".
+      if math.random(2) == 1 then p[2] = p[1] .. "x" end
+      assert.equal(reference_signature(p[1], p[2], p[3], p[4]), core.wx_signature(p[1], p[2], p[3], p[4]))
+      assert.equal(reference_signature(p[1], p[2], p[3]), core.wx_signature(p[1], p[2], p[3]))
+    end
+  end)
+
+  it("refuses a signature that differs anywhere, or in length", function()
+    assert.is_false(core.wx_verify(SIG:sub(1, 39) .. "1", TOKEN, TS, NONCE, ENC))
+    assert.is_false(core.wx_verify(SIG:upper(), TOKEN, TS, NONCE, ENC))
+    assert.is_false(core.wx_verify(SIG .. "0", TOKEN, TS, NONCE, ENC))
+    assert.is_false(core.wx_verify("", TOKEN, TS, NONCE, ENC))
+    assert.is_false(core.wx_verify(SIG, TOKEN, TS, NONCE, ENC .. "x"))
+    assert.is_false(core.wx_verify(SIG, TOKEN, TS, NONCE))
+  end)
+
+  it("round-trips any message and matches the step-by-step reference", function()
+    for _, n in ipairs({ 0, 1, 11, 12, 13, 31, 32, 33, 100, 4096, 70000 }) do
+      local msg, random = crypto.random_bytes(n), crypto.random_bytes(16)
+      local enc = core.wx_encrypt(KEY, msg, APPID, random)
+      assert.equal(reference_encrypt(KEY, msg, APPID, random), enc, "length " .. n)
+      assert.equal(msg, core.wx_decrypt(KEY, enc, APPID))
+      -- Fresh random bytes each time without the argument.
+      assert.are_not.equal(core.wx_encrypt(KEY, msg, APPID), core.wx_encrypt(KEY, msg, APPID))
+    end
+  end)
+
+  it("decrypts what the openssl command line encrypts, and the reverse", function()
+    local dir = H.tmpdir()
+    local msg = "<xml><Content><![CDATA[openssl]]></Content></xml>"
+    local plain = crypto.random_bytes(16) .. be32(#msg) .. msg .. APPID
+    local pad = 32 - #plain % 32
+    H.write_file(dir .. "/p", plain .. string.rep(string.char(pad), pad))
+    local hexkey, hexiv = crypto.hex_encode(KEY), crypto.hex_encode(KEY:sub(1, 16))
+    local out, code = H.sh(string.format("openssl enc -aes-256-cbc -nopad -K %s -iv %s -in %s/p -out %s/c",
+      hexkey, hexiv, dir, dir))
+    assert.equal(0, code, out)
+    assert.equal(msg, core.wx_decrypt(KEY, crypto.base64_encode(H.read_file(dir .. "/c")), APPID))
+    H.write_file(dir .. "/e", crypto.base64_decode(core.wx_encrypt(KEY, msg, APPID)))
+    out, code = H.sh(string.format("openssl enc -d -aes-256-cbc -nopad -K %s -iv %s -in %s/e -out %s/d",
+      hexkey, hexiv, dir, dir))
+    assert.equal(0, code, out)
+    local d = H.read_file(dir .. "/d")
+    assert.equal(msg .. APPID, d:sub(21, 20 + #msg + #APPID))
+    os.execute("rm -rf " .. dir)
+  end)
+
+  it("gives one error for every way a ciphertext can be wrong", function()
+    local function refused(enc, rid)
+      local v, err = core.wx_decrypt(KEY, enc, rid or APPID)
+      assert.is_nil(v)
+      assert.equal("decrypt failed", err)
+    end
+    refused(ENC, "wx0000000000000000")          -- another receive id
+    refused(ENC, APPID:sub(1, -2))              -- a prefix of it
+    refused(ENC, "")
+    refused("")
+    refused("not base64!")
+    refused(ENC:sub(1, -5))                     -- a truncated block
+    refused(crypto.base64_encode(crypto.random_bytes(16)))      -- one block: too short
+    refused(crypto.base64_encode(crypto.random_bytes(256)))     -- garbage: bad padding (almost surely)
+    -- Valid padding, but a length field past the end.
+    local p = crypto.random_bytes(16) .. be32(1000) .. "short" .. APPID
+    refused(crypto.base64_encode(crypto.aes_cbc_encrypt(KEY, KEY:sub(1, 16), p, 32)))
+    -- Padded to 16, not 32: the pad value is not what a 32-byte block gives.
+    local p16 = crypto.random_bytes(16) .. be32(3) .. "abc" .. APPID .. "1234567"
+    refused(crypto.base64_encode(crypto.aes_cbc_encrypt(KEY, KEY:sub(1, 16), p16, 16)))
+    -- Another key.
+    refused(core.wx_encrypt(crypto.random_bytes(32), MSG, APPID))
+  end)
+
+  it("seals a reply: XML or JSON, signed over its Encrypt, with the given time and nonce", function()
+    local doc = core.wx_seal(TOKEN, KEY, APPID, MSG, 1458300676, "xml", "260774613", RANDOM)
+    assert.equal("<xml><Encrypt><![CDATA[" .. ENC .. "]]></Encrypt><MsgSignature><![CDATA[" .. SIG
+      .. "]]></MsgSignature><TimeStamp>1458300676</TimeStamp><Nonce><![CDATA[260774613]]></Nonce></xml>", doc)
+    -- The same document as the general XML encoder writes.
+    assert.equal(xml.encode({ Encrypt = ENC, MsgSignature = SIG, TimeStamp = 1458300676, Nonce = "260774613",
+                              _order = { "Encrypt", "MsgSignature", "TimeStamp", "Nonce" } }), doc)
+    local j = cjson.decode(core.wx_seal(TOKEN, KEY, APPID, MSG, 1458300676, "json", "260774613", RANDOM))
+    assert.same({ Encrypt = ENC, MsgSignature = SIG, TimeStamp = 1458300676, Nonce = "260774613" }, j)
+    -- Fresh nonce and random bytes by default; always verifiable.
+    local t = xml.decode(core.wx_seal(TOKEN, KEY, APPID, "reply", 1796000000))
+    assert.matches("^%w%w%w%w%w%w%w%w%w%w%w%w%w%w%w%w$", t.Nonce)
+    assert.equal("1796000000", t.TimeStamp)
+    assert.is_true(core.wx_verify(t.MsgSignature, TOKEN, t.TimeStamp, t.Nonce, t.Encrypt))
+    assert.equal("reply", core.wx_decrypt(KEY, t.Encrypt, APPID))
+  end)
+
+  it("seals messages of every size verifiably (the scratch buffer grows and shrinks meanwhile)", function()
+    for _, n in ipairs({ 0, 100, 3000, 20000, 40000, 70000, 200000, 10, 150000 }) do
+      local msg = crypto.random_bytes(n)
+      for _, fmt in ipairs({ "xml", "json" }) do
+        local doc = core.wx_seal(TOKEN, KEY, APPID, msg, 1796000000, fmt)
+        local t = fmt == "xml" and xml.decode(doc, { max_bytes = 1e6 }) or cjson.decode(doc)
+        assert.is_true(core.wx_verify(t.MsgSignature, TOKEN, tostring(t.TimeStamp), t.Nonce, t.Encrypt),
+          fmt .. " " .. n .. " bytes")
+        assert.equal(msg, core.wx_decrypt(KEY, t.Encrypt, APPID))
+      end
+    end
+  end)
+
+  it("raises for arguments of the wrong type or size", function()
+    assert.has_error(function() core.wx_signature(TOKEN, 1458300676, NONCE) end)
+    assert.has_error(function() core.wx_signature(TOKEN, TS) end)
+    assert.has_error(function() core.wx_decrypt(KEY:sub(1, 16), ENC, APPID) end)
+    assert.has_error(function() core.wx_decrypt(KEY, nil, APPID) end)
+    assert.has_error(function() core.wx_encrypt(KEY, MSG, APPID, "short") end)
+    assert.has_error(function() core.wx_seal(TOKEN, KEY, APPID, MSG, 1.5) end)
+    assert.has_error(function() core.wx_seal(TOKEN, KEY, APPID, MSG, 1, "yaml") end)
+    assert.has_error(function() core.wx_seal(TOKEN, KEY, APPID, MSG, 1, "xml", "bad nonce!") end)
+  end)
+end)
