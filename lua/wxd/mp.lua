@@ -92,6 +92,8 @@ function _M.signature(...)
 end
 local signature = _M.signature
 
+local ANY_TAIL = { ignore_tail_bits = true }
+
 local KEY_MT = {
   __tostring = function() return "wxd.mp.aes_key (hidden)" end,
   __metatable = "wxd.mp.aes_key",
@@ -106,7 +108,9 @@ function _M.aes_key(encoding_aes_key)
   if type(encoding_aes_key) ~= "string" or #encoding_aes_key ~= 43 then
     return nil, "invalid aes key"
   end
-  local key = crypto.base64_decode(encoding_aes_key .. "=")
+  -- 43 random characters are not an encoder's output: the unused low bits
+  -- of the last one are rarely zero, and WeChat ignores them.
+  local key = crypto.base64_decode(encoding_aes_key .. "=", ANY_TAIL)
   if not key or #key ~= 32 then return nil, "invalid aes key" end
   return setmetatable({ key = key, iv = sub(key, 1, 16) }, KEY_MT)
 end
