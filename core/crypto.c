@@ -58,6 +58,8 @@ size_t wxd_base64_encode(const unsigned char *in, size_t len, char *out, int alp
  * leak them through the cache or the branch predictor. */
 static int in_range(int c, int lo, int hi) { return ((lo - 1 - c) & (c - (hi + 1))) >> 8; }
 static int is_char(int c, int ch) { return (((c ^ ch) - 1) >> 8); }
+/* -1 when 0 < x < 256, else 0 (x = 0), without a branch. */
+static int nonzero(int x) { return (0 - x) >> 8; }
 
 #define B64_CHUNK 64
 
@@ -77,7 +79,10 @@ static void b64_map(const unsigned char *restrict in, signed char *restrict v, i
   }
 }
 
-int wxd_base64_decode(const char *in, size_t len, unsigned char *out, size_t *outlen, int alphabet) {
+int wxd_base64_decode(const char *in, size_t len, unsigned char *out, size_t *outlen, int mode) {
+  int alphabet = mode & WXD_BASE64_URL;
+  /* All ones when the unused bits of the last character must be zero. */
+  int strict_tail = (mode & WXD_BASE64_ANY_TAIL) ? 0 : -1;
   size_t pad = 0;
   if (len >= 1 && in[len - 1] == '=') pad = (len >= 2 && in[len - 2] == '=') ? 2 : 1;
   /* Padded input is whole quanta; the standard alphabet requires padding. */
@@ -112,11 +117,11 @@ int wxd_base64_decode(const char *in, size_t len, unsigned char *out, size_t *ou
     /* B64_CHUNK is a multiple of 4, so a partial quantum ends the input. */
     if (m - i == 2) {
       int a = v[i], b = v[i + 1];
-      err |= a | b;
+      err |= a | b | (nonzero(b & 15) & strict_tail);
       out[o++] = (unsigned char)((a & 63) << 2 | (b & 63) >> 4);
     } else if (m - i == 3) {
       int a = v[i], b = v[i + 1], c = v[i + 2];
-      err |= a | b | c;
+      err |= a | b | c | (nonzero(c & 3) & strict_tail);
       out[o++] = (unsigned char)((a & 63) << 2 | (b & 63) >> 4);
       out[o++] = (unsigned char)(((b & 15) << 4) | (c & 63) >> 2);
     }
@@ -353,15 +358,15 @@ static int crypto_base64_encode(lua_State *L) {
   return 1;
 }
 
-/* base64_decode(s [, url]) -> bytes | nil, "invalid base64" */
+/* base64_decode(s [, url [, any_tail]]) -> bytes | nil, "invalid base64" */
 static int crypto_base64_decode(lua_State *L) {
   size_t len, n = 0;
   const char *s = check_bytes(L, 1, &len);
-  int url = lua_toboolean(L, 2);
+  int mode = (lua_toboolean(L, 2) ? WXD_BASE64_URL : WXD_BASE64_STD) | (lua_toboolean(L, 3) ? WXD_BASE64_ANY_TAIL : 0);
   unsigned char sbuf[STACK_SCRATCH];
   size_t cap = WXD_BASE64_DECODED_MAX(len);
   unsigned char *out = scratch(L, sbuf, cap);
-  int rc = wxd_base64_decode(s, len, out, &n, url ? WXD_BASE64_URL : WXD_BASE64_STD);
+  int rc = wxd_base64_decode(s, len, out, &n, mode);
   if (rc == 0) lua_pushlstring(L, (const char *)out, n);
   OPENSSL_cleanse(out, cap); /* it may be a key */
   if (rc != 0) return push_fail(L, "invalid base64");

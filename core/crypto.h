@@ -28,25 +28,28 @@
 /* Exact encoded size of `len` bytes with padding. */
 #define WXD_BASE64_ENCODED_LEN(len) (((len) + 2) / 3 * 4)
 
-enum { WXD_BASE64_STD = 0, WXD_BASE64_URL = 1 };
+/* Alphabets, and a flag of wxd_base64_decode's mode. */
+enum { WXD_BASE64_STD = 0, WXD_BASE64_URL = 1, WXD_BASE64_ANY_TAIL = 2 };
 
 /* Encodes in[0..len) into out (WXD_BASE64_ENCODED_LEN(len) bytes at most).
  * WXD_BASE64_STD always pads with '='; WXD_BASE64_URL pads only if `pad`.
  * Returns the number of characters written (no NUL is added). */
 size_t wxd_base64_encode(const unsigned char *in, size_t len, char *out, int alphabet, int pad);
 
-/* Strict decoding into out (WXD_BASE64_DECODED_MAX(len) bytes). Refused:
- * any character outside the alphabet (whitespace included), '=' anywhere but
- * in the last one or two places of the last quantum, and a length that
- * cannot come from an encoder. WXD_BASE64_STD requires the padding;
- * WXD_BASE64_URL accepts the input with or without it. The unused low bits
- * of the last character are ignored, as RFC 4648 section 3.5 allows: a
- * WeChat EncodingAESKey is 43 random characters plus "=", so its last
- * character rarely has them at zero.
+/* Strict decoding into out (WXD_BASE64_DECODED_MAX(len) bytes): only what
+ * an encoder writes is accepted, so every byte string has one encoding.
+ * Refused: any character outside the alphabet (whitespace included), '='
+ * anywhere but in the last one or two places of the last quantum, a length
+ * that cannot come from an encoder, and a last character whose unused low
+ * bits are not zero ("QR==" is not "QQ==", RFC 4648 section 3.5).
+ * `mode` is WXD_BASE64_STD (padding required) or WXD_BASE64_URL (padding
+ * optional), or'ed with WXD_BASE64_ANY_TAIL to ignore those unused bits:
+ * only for a WeChat EncodingAESKey, which is 43 random characters plus "=",
+ * not the output of an encoder, so its last character rarely has them at 0.
  * Returns 0 and sets *outlen, or -1 (out may then hold partial bytes: the
  * caller cleanses or ignores it).
  */
-int wxd_base64_decode(const char *in, size_t len, unsigned char *out, size_t *outlen, int alphabet);
+int wxd_base64_decode(const char *in, size_t len, unsigned char *out, size_t *outlen, int mode);
 
 /* Hex: encode writes 2*len characters (lower or upper case); decode accepts
  * both cases and returns -1 on an odd length or a non-hex character. */

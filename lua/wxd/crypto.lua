@@ -21,7 +21,7 @@
 -- @module wxd.crypto
 -- @usage
 -- local crypto = require "wxd.crypto"
--- local key = crypto.base64_decode(encoding_aes_key .. "=")
+-- local key = crypto.base64_decode(encoding_aes_key .. "=", { ignore_tail_bits = true })
 -- local xml, err = crypto.aes_cbc_decrypt(key, key:sub(1, 16), crypto.base64_decode(body), 32)
 -- if not xml then return 400, { error = err } end
 
@@ -73,12 +73,21 @@ function _M.base64_encode(s)
 end
 
 --- Strict standard base64 decoding: padding required, no whitespace, no
--- other alphabet, canonical last character.
+-- other alphabet, canonical last character (its unused low bits zero, so
+-- "QR==" is refused where "QQ==" is "A").
+-- @tparam string s
+-- @tparam[opt] table opts `ignore_tail_bits = true` accepts any unused
+--   bits in the last character: only for text that no encoder wrote, like
+--   a WeChat EncodingAESKey .. "=" (43 random characters)
 -- @treturn[1] string the bytes
 -- @treturn[2] nil
 -- @treturn[2] string "invalid base64"
-function _M.base64_decode(s)
-  local out, err = core.base64_decode(s)
+-- @usage local key = crypto.base64_decode(encoding_aes_key .. "=", { ignore_tail_bits = true })
+function _M.base64_decode(s, opts)
+  if opts ~= nil and type(opts) ~= "table" then
+    error("wxd.crypto.base64_decode: opts must be a table, got a " .. type(opts), 2)
+  end
+  local out, err = core.base64_decode(s, false, opts ~= nil and opts.ignore_tail_bits == true)
   return out, err
 end
 

@@ -2,29 +2,55 @@
 -- `log.info("order paid", { order = id, openid = o })` writes
 -- {"ts":...,"level":"info","worker":0,"msg":"order paid","order":"...","openid":"oAbc****wxyz"}.
 -- Secrets are never written: fields whose names look like a secret are
--- replaced by "***"; openids and phone numbers are masked.
+-- replaced by "***"; openids (FromUserName and ToUserName too) and phone
+-- numbers are masked. Names match in any case, with or without "-"/"_".
 -- @module wxd.log
 
 local core = require "wxd.core"
 local cjson = require "cjson.safe"
 
-local type, pairs, tostring, sub, lower, find = type, pairs, tostring, string.sub, string.lower, string.find
+local type, pairs, tostring, sub, lower, find, gsub = type, pairs, tostring, string.sub, string.lower,
+  string.find, string.gsub
 local core_log, log_enabled = core.log, core.log_enabled
 
 local _M = {}
 
--- Everything config refuses as a literal secret, plus what only shows up
--- at run time (session keys, credentials in headers).
+-- Names are compared normalised: lower case, without "-" and "_", so that
+-- sessionKey, session-key and session_key are one name. Everything config
+-- refuses as a literal secret is hidden too.
 local is_config_secret = require("wxd.config").is_secret_key
-local SECRET = { "secret", "password", "passwd", "token", "session_key", "aes_key", "api_key",
-                 "private_key", "authorization", "cookie", "ticket", "sign_key", "mch_key" }
+-- A name that contains one of these holds a secret: WeChat's and WeChat
+-- Pay's own names (AppSecret, EncodingAESKey, session_key, APIv3 key,
+-- merchant key, the js_code a session_key is bought with), and the generic
+-- ones (tokens, tickets, passwords, credentials in headers).
+local SECRET_PARTS = { "secret", "password", "passwd", "passphrase", "token", "ticket", "sessionkey",
+                       "aeskey", "apikey", "apiv3key", "mchkey", "privatekey", "signkey", "accesskey",
+                       "authorization", "cookie", "jscode" }
+-- Whole names that are secrets (a bare "key" is WeChat Pay v2's merchant key).
+local SECRET_NAMES = { key = true }
+-- Names that identify a person: openid and unionid, phone numbers, and
+-- WeChat's message fields that carry an openid. ToUserName is the account's
+-- own id in a message but the user's openid in a reply, so it is masked too.
+local PERSON_PARTS = { "openid", "unionid", "phone", "mobile" }
+local PERSON_NAMES = { fromusername = true, tousername = true, touser = true, externaluserid = true }
 
-local function is_secret(name)
-  if is_config_secret(name) then return true end
-  for i = 1, #SECRET do
-    if find(name, SECRET[i], 1, true) then return true end
+local function normalise(name)
+  return (gsub(lower(name), "[%-_]", ""))
+end
+
+local function contains_any(name, parts)
+  for i = 1, #parts do
+    if find(name, parts[i], 1, true) then return true end
   end
   return false
+end
+
+local function is_secret(name, norm)
+  return SECRET_NAMES[norm] or contains_any(norm, SECRET_PARTS) or is_config_secret(name)
+end
+
+local function is_person(norm)
+  return PERSON_NAMES[norm] or contains_any(norm, PERSON_PARTS)
 end
 
 -- Fields of the line itself; a user field of the same name is renamed.
@@ -45,11 +71,11 @@ local function scrub(fields, depth)
   local out = {}
   for k, v in pairs(fields) do
     local name = lower(tostring(k))
+    local norm = normalise(name)
     if not depth and RESERVED[name] then k = "field_" .. tostring(k) end
-    if is_secret(name) then
+    if is_secret(name, norm) then
       out[k] = "***"
-    elseif find(name, "openid", 1, true) or find(name, "unionid", 1, true)
-        or find(name, "phone", 1, true) or find(name, "mobile", 1, true) then
+    elseif is_person(norm) then
       out[k] = _M.mask(v)
     elseif type(v) == "table" then
       out[k] = scrub(v, (depth or 0) + 1)

@@ -20,9 +20,12 @@
 --   (or `handlers.event` as one function), else `handlers.default`. A
 --   handler gets `(msg, ctx)` and returns a reply built with `mp.reply.*`,
 --   a string (a text reply), or nothing (the answer is "success").
--- * A message is handled once: WeChat's retries of a message (same MsgId;
---   for events the same FromUserName, CreateTime and Event) wait for the
---   first run and get its reply, across workers (wxd.store).
+-- * A message is handled once: WeChat's retries of a message (the same
+--   MsgId from the same sender to the same account; for events and
+--   messages without a MsgId, the same document: a SHA-256 of the
+--   decrypted XML or JSON) wait for the first run and get its reply,
+--   across workers (wxd.store). The record outlives every request that
+--   could replay it (2 x timestamp_window + 60 s at least).
 -- * Deadline: WeChat gives up after 5 s. A handler still running after
 --   `deadline_ms` (4500) is answered "success" in time and keeps running;
 --   its reply then goes out through the customer-service message API
@@ -54,7 +57,7 @@ local byte, char, sub, find, lower, format, match = string.byte, string.char, st
 local concat, sort = table.concat, table.sort
 local traceback = debug.traceback
 local now, monotonic_ms = core.now, core.monotonic_ms
-local sha1_hex, equals = crypto.sha1_hex, crypto.equals
+local sha1_hex, sha256_hex, equals = crypto.sha1_hex, crypto.sha256_hex, crypto.equals
 -- Each protocol step in one native call (core/wxmsg.c).
 local native = require "wxd.core.crypto"
 local wx_signature, wx_verify, wx_decrypt, wx_encrypt, wx_seal =
@@ -101,6 +104,8 @@ function _M.signature(...)
 end
 local signature = _M.signature
 
+local ANY_TAIL = { ignore_tail_bits = true }
+
 local KEY_MT = {
   __tostring = function() return "wxd.mp.aes_key (hidden)" end,
   __metatable = "wxd.mp.aes_key",
@@ -115,7 +120,9 @@ function _M.aes_key(encoding_aes_key)
   if type(encoding_aes_key) ~= "string" or #encoding_aes_key ~= 43 then
     return nil, "invalid aes key"
   end
-  local key = crypto.base64_decode(encoding_aes_key .. "=")
+  -- 43 random characters are not an encoder's output: the unused low bits
+  -- of the last one are rarely zero, and WeChat ignores them.
+  local key = crypto.base64_decode(encoding_aes_key .. "=", ANY_TAIL)
   if not key or #key ~= 32 then return nil, "invalid aes key" end
   return setmetatable({ key = key, iv = sub(key, 1, 16) }, KEY_MT)
 end
@@ -416,6 +423,17 @@ local function new_endpoint(path, cfg, handlers)
     error("wxd.mp: cfg.client must be a wxd.wechat client", 3)
   end
   local deadline_ms = positive(cfg, "deadline_ms", 4500, 60000)
+  -- A signed request is accepted while |now - timestamp| <= window, which
+  -- is 2 x window seconds: a record that expired sooner would let a replay
+  -- of the request run the handler again. The margin covers the clocks of
+  -- nodes that share a Redis store.
+  local replay_span = window and 2 * window + 60 or 360
+  local dedup_ttl = positive(cfg, "dedup_ttl", replay_span, 86400 * 30)
+  if dedup_ttl < replay_span then
+    log.warn("mp: dedup_ttl raised to outlive the timestamp window (2 x window + 60 s)",
+             { path = path, dedup_ttl = dedup_ttl, used = replay_span })
+    dedup_ttl = replay_span
+  end
   local allow_plaintext = cfg.allow_plaintext
   if allow_plaintext == nil then allow_plaintext = #keys == 0 end
   local self = setmetatable({
@@ -429,7 +447,7 @@ local function new_endpoint(path, cfg, handlers)
     json = kind == "miniprogram",
     deadline_ms = deadline_ms,
     max_body_bytes = positive(cfg, "max_body_bytes", 64 * 1024, 1024 * 1024 * 1024),
-    dedup_ttl = positive(cfg, "dedup_ttl", (window or 300) + 60, 86400 * 30),
+    dedup_ttl = dedup_ttl,
     -- The running handler's lock outlives the deadline by far, so that a
     -- retry never starts a second run of a slow handler.
     lock_expire = positive(cfg, "handler_timeout", math.max(60, deadline_ms / 1000 * 4), 86400),
@@ -496,6 +514,61 @@ function Endpoint:verify(req, res)
   return 200, q.echostr
 end
 
+-- JSON that cjson already accepted, scanned without decoding: the index
+-- just past the string that opens at i, or past the value that starts at i.
+local function skip_string(s, i)
+  while true do
+    local j = find(s, '["\\]', i + 1)
+    if byte(s, j) == 34 then return j + 1 end
+    i = j + 1 -- a backslash: the next character is escaped
+  end
+end
+
+local OPEN = { [123] = true, [91] = true }   -- { [
+local CLOSE = { [125] = true, [93] = true }  -- } ]
+
+local function skip_value(s, i)
+  local c = byte(s, i)
+  if c == 34 then return skip_string(s, i) end
+  if not OPEN[c] then return (find(s, "[,}%]%s]", i)) or #s + 1 end
+  local depth = 0
+  while true do
+    c = byte(s, i)
+    if c == 34 then
+      i = skip_string(s, i)
+    else
+      if OPEN[c] then depth = depth + 1 elseif CLOSE[c] then depth = depth - 1 end
+      i = i + 1
+      if depth == 0 then return i end
+    end
+    i = find(s, '[][{}"]', i)
+  end
+end
+
+-- The text of the value of the object's own member `name` in a JSON body
+-- that cjson decoded (the last one, as cjson keeps), never one of a nested
+-- object; nil if absent.
+local function member_text(body, name)
+  local ok, text = pcall(function()
+    local found
+    local i = find(body, "{", 1, true) + 1
+    while true do
+      i = find(body, "%S", i)
+      local c = byte(body, i)
+      if c == 125 then return found end -- }
+      if c == 44 then i = find(body, "%S", i + 1) end -- ,
+      local after = skip_string(body, i)
+      local key = sub(body, i + 1, after - 2)
+      if find(key, "\\", 1, true) then key = cjson_safe.decode(sub(body, i, after - 1)) end
+      i = find(body, "%S", find(body, ":", after, true) + 1)
+      local stop = skip_value(body, i)
+      if key == name then found = sub(body, i, stop - 1) end
+      i = stop
+    end
+  end)
+  return ok and text or nil
+end
+
 -- Parses a body (XML or, for the Mini Program, JSON): table, format | nil, reason.
 local function parse(self, body)
   local first = match(body, "^%s*(.)")
@@ -509,23 +582,37 @@ local function parse(self, body)
     local t = cjson_safe.decode(body)
     if type(t) ~= "table" then return nil, "invalid json" end
     -- A MsgId is a 64-bit integer: as a JSON number it loses digits in a
-    -- double, so it is read again from the text (the XML form is a string).
+    -- double, so its digits are read again from the text of the object's
+    -- own member (the XML form is a string).
     if type(t.MsgId) == "number" then
-      t.MsgId = match(body, '"MsgId"%s*:%s*(%-?%d+)') or format("%.17g", t.MsgId)
+      local raw = member_text(body, "MsgId")
+      t.MsgId = raw and match(raw, "^%-?%d+$") or format("%.17g", t.MsgId)
     end
     return t, "json"
   end
   return nil, "not " .. (self.json and "XML or JSON" or "XML")
 end
 
--- The id under which retries of a message are recognised.
-local function dedup_id(msg)
-  local id = msg.MsgId or msg.MsgID
-  if id ~= nil and msg.MsgType ~= "event" then return "m:" .. tostring(id) end
-  if msg.MsgType == "event" and msg.FromUserName and msg.CreateTime then
-    return "e:" .. tostring(msg.FromUserName) .. ":" .. tostring(msg.CreateTime) .. ":" .. tostring(msg.Event)
+local function field(v)
+  v = v == nil and "" or tostring(v)
+  return #v .. ":" .. v
+end
+
+-- The identity under which WeChat's retries of a message are recognised.
+-- A message: its MsgId, which WeChat does not promise unique across users
+-- or accounts, scoped by sender and account (another user's MsgId never
+-- finds this one's reply). An event has no MsgId in general
+-- (TEMPLATESENDJOBFINISH has a MsgID; WeCom's contact changes all come from
+-- "sys"), and two distinct ones can share sender, CreateTime and Event: its
+-- identity is its whole document, which a retry repeats (the decrypted
+-- text: the encryption's random prefix does not count).
+local function dedup_id(msg, doc)
+  local id = msg.MsgId
+  if id == nil then id = msg.MsgID end
+  if id ~= nil and msg.MsgType ~= "event" then
+    return "m:" .. sha256_hex(field(msg.FromUserName) .. field(msg.ToUserName) .. field(id))
   end
-  return nil
+  return "d:" .. sha256_hex(doc)
 end
 
 local function find_handler(handlers, msg)
@@ -565,6 +652,10 @@ local function late(self, task, reply)
              { path = self.path, openid = openid, msg_type = task.msg.MsgType })
     return
   end
+  if type(openid) ~= "string" or openid == "" then
+    log.warn("late reply dropped: the message has no FromUserName", { path = self.path, msg_type = task.msg.MsgType })
+    return
+  end
   local message, why = _M.custom_message(reply, openid)
   if not message then
     log.warn("late reply dropped: " .. why, { path = self.path, openid = openid, reply_type = reply.MsgType })
@@ -580,12 +671,11 @@ local function late(self, task, reply)
   end
 end
 
--- Runs the handler (in a timer's coroutine: the request can answer in
--- time while it goes on), records its reply, releases the run lock.
-local function run_task(self, task)
-  task.started = true
+-- Runs the handler and sets task.body, the plain reply; a reply that
+-- comes after the request answered goes out late.
+local function run_handler(self, task)
   local msg, ctx = task.msg, task.ctx
-  local ok, out = xpcall(function() return task.fn(msg, ctx) end, traceback)
+  local ok, out = xpcall(task.fn, traceback, msg, ctx)
   local reply, body = nil, "success"
   if not ok then
     log.error("mp: handler error", { error = tostring(out), path = self.path, msg_type = msg.MsgType })
@@ -608,12 +698,29 @@ local function run_task(self, task)
   end
   if task.answered then
     -- The request already answered "success" at the deadline.
+    task.body = "success"
     if reply then late(self, task, reply) end
-    body = "success"
+  else
+    task.body = body
+  end
+end
+
+-- Runs the handler (in a timer's coroutine: the request can answer in
+-- time while it goes on), records its reply, releases the run lock. No
+-- error on the way may skip the release: retries would wait for the
+-- lock's expiry.
+local function run_task(self, task)
+  task.started = true
+  local ok, err = xpcall(run_handler, traceback, self, task)
+  if not ok then
+    log.error("mp: message handling failed", { error = tostring(err), path = self.path })
+  end
+  local body = task.body or "success"
+  local pok, set, serr = pcall(store.set, task.key, "r" .. body, self.dedup_ttl)
+  if not pok or not set then
+    log.warn("mp: reply not recorded for retries", { error = tostring(pok and serr or set), path = self.path })
   end
   task.body = body
-  local sok, serr = store.set(task.key, "r" .. body, self.dedup_ttl)
-  if not sok then log.warn("mp: reply not recorded for retries", { error = serr, path = self.path }) end
   task.done = true
   task.lock:unlock()
 end
@@ -634,11 +741,11 @@ end
 local CHECK_MS = 500
 
 -- Runs the message's handler once (across retries and workers) and
--- returns the plain reply body, or nil to answer "success".
-function Endpoint:dispatch(req, msg, ctx)
+-- returns the plain reply body, or nil to answer "success". `doc` is the
+-- message's document as received (decrypted if it was encrypted).
+function Endpoint:dispatch(req, msg, ctx, doc)
   local deadline = monotonic_ms() + self.deadline_ms
-  local id = dedup_id(msg)
-  local key = self.prefix .. (id or ("once:" .. crypto.nonce(24)))
+  local key = self.prefix .. dedup_id(msg, doc)
   local runkey = key .. ":run"
   -- Whoever holds the run lock is running this message's handler; a
   -- retry waits here for the first run to finish.
@@ -691,7 +798,7 @@ function Endpoint:receive(req, res)
   if q.encrypt_type ~= nil and q.encrypt_type ~= "aes" and q.encrypt_type ~= "raw" then
     return refuse(self, req, 400, "unknown encrypt_type")
   end
-  local msg, fmt, mode, key
+  local msg, fmt, mode, key, doc
   if encrypted then
     if #self.keys == 0 then return refuse(self, req, 400, "encrypted message but no aes_key configured") end
     local st, why = check_query(self, req, q, { "msg_signature", "timestamp", "nonce" })
@@ -715,7 +822,7 @@ function Endpoint:receive(req, res)
     if not plain then return refuse(self, req, 400, "decrypt failed") end
     local inner, ifmt = parse(self, plain)
     if not inner then return refuse(self, req, 400, "decrypted message: " .. ifmt) end
-    msg, fmt = inner, ifmt
+    msg, fmt, doc = inner, ifmt, plain
     mode = (self.kind ~= "wecom" and outer.MsgType ~= nil) and "compatible" or "safe"
   else
     if not self.allow_plaintext then
@@ -728,12 +835,12 @@ function Endpoint:receive(req, res)
     end
     local m, mfmt = parse(self, body)
     if not m then return refuse(self, req, 400, mfmt) end
-    msg, fmt, mode = m, mfmt, "plaintext"
+    msg, fmt, mode, doc = m, mfmt, "plaintext", body
   end
 
   local ctx = { req = req, kind = self.kind, mode = mode, format = fmt, appid = self.receive_id,
                 reply = _M.reply, path = self.path }
-  local out = self:dispatch(req, msg, ctx)
+  local out = self:dispatch(req, msg, ctx, doc)
   if out == nil or out == "success" or out == "" then
     set_text(res)
     return 200, "success"
@@ -750,8 +857,9 @@ end
 --   for WeCom), `aes_key` (one EncodingAESKey or an array: a key change),
 --   `kind` ("mp", "miniprogram" or "wecom"), `timestamp_window` (seconds,
 --   default 300; false: off), `deadline_ms` (4500), `dedup_ttl` (seconds,
---   window + 60), `max_body_bytes` (64 KiB), `allow_plaintext` (default:
---   only when no aes_key is set), `secret` and `api_base` (late replies go
+--   at least and by default 2 x window + 60), `max_body_bytes` (64 KiB),
+--   `allow_plaintext` (default: only when no aes_key is set), `secret` and
+--   `api_base` (late replies go
 --   out through the customer-service API: see wxd.wechat), `client` (a
 --   wxd.wechat client instead), `on_late_reply(msg, reply, ctx)`
 -- @tparam table|function handlers by MsgType (`text`, `image`, ...),

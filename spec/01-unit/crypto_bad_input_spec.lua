@@ -41,9 +41,43 @@ describe("base64 decoding is strict", function()
     end
   end)
 
-  it("ignores the unused bits of the last character (RFC 4648 3.5; EncodingAESKey)", function()
-    assert.equal("f", crypto.base64_decode("Zh=="))
-    assert.equal("fo", crypto.base64_decode("Zm9="))
+  it("refuses a last character whose unused bits are not zero (one encoding per byte string)", function()
+    assert.equal("A", crypto.base64_decode("QQ=="))
+    fails("invalid base64", crypto.base64_decode, "QR==")
+    fails("invalid base64", crypto.base64_decode, "Zh==")
+    fails("invalid base64", crypto.base64_decode, "Zm9=")
+    fails("invalid base64", crypto.base64url_decode, "QR")
+    fails("invalid base64", crypto.base64url_decode, "Zm9")
+    fails("invalid base64", crypto.base64url_decode, "Zm9=")
+  end)
+
+  it("accepts a last character only when re-encoding gives it back, for every tail", function()
+    local alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    for _, prefix in ipairs({ "", "x" }) do -- a last byte alone (4 unused bits), or after another (2)
+      for b = 0, 255 do
+        local enc = crypto.base64_encode(prefix .. string.char(b))
+        local head, pad = enc:match("^(.-).(=+)$")
+        local accepted = 0
+        for i = 1, 64 do
+          local s = head .. alphabet:sub(i, i) .. pad
+          local out = crypto.base64_decode(s)
+          if out then
+            accepted = accepted + 1
+            assert.equal(s, crypto.base64_encode(out))
+          end
+        end
+        -- 4 unused bits leave 4 characters of 64, 2 unused bits 16.
+        assert.equal(prefix == "" and 4 or 16, accepted, enc)
+      end
+    end
+  end)
+
+  it("ignores those bits only when asked (an EncodingAESKey is 43 random characters)", function()
+    assert.equal("f", crypto.base64_decode("Zh==", { ignore_tail_bits = true }))
+    assert.equal("fo", crypto.base64_decode("Zm9=", { ignore_tail_bits = true }))
+    fails("invalid base64", crypto.base64_decode, "Zh=", { ignore_tail_bits = true })
+    fails("invalid base64", crypto.base64_decode, "Z!==", { ignore_tail_bits = true })
+    assert.has_error(function() crypto.base64_decode("QQ==", true) end)
   end)
 
   it("a corrupted character anywhere is caught", function()

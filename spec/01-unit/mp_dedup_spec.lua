@@ -83,7 +83,7 @@ for _, mode in ipairs({ "plaintext", "safe" }) do
       end
     end)
 
-    it("tells events apart by sender, CreateTime and Event", function()
+    it("tells events apart by any field: sender, CreateTime, Event, EventKey", function()
       local ev = wx:message({ MsgType = "event", Event = "CLICK", EventKey = "K", CreateTime = 1700000000 })
       assert.equal("event run 1", (wx:send(app, ev)).Content)
       assert.equal("event run 1", (wx:send(app, ev)).Content)
@@ -93,7 +93,10 @@ for _, mode in ipairs({ "plaintext", "safe" }) do
       assert.equal("event run 3", (wx:send(app, ev)).Content)
       ev.Event = "VIEW"
       assert.equal("event run 4", (wx:send(app, ev)).Content)
-      assert.equal(4, runs)
+      ev.EventKey = "K2"
+      assert.equal("event run 5", (wx:send(app, ev)).Content)
+      assert.equal("event run 5", (wx:send(app, ev)).Content)
+      assert.equal(5, runs)
     end)
 
     it("runs different messages separately", function()

@@ -343,7 +343,7 @@ describe("wxd.mp for the Mini Program", function()
         assert.equal(wx.openid, reply.ToUserName)
         if fmt == "json" then assert.truthy(body:find("^{")) else assert.truthy(body:find("^<xml>")) end
         got = nil
-        -- Events are told apart by sender, CreateTime and Event: a new CreateTime each time.
+        -- An event is known by its whole document: a new CreateTime makes another one.
         events = events + 1
         assert.equal("success", (wx:send(app, { MsgType = "event", Event = "user_enter_tempsession",
                                                SessionFrom = "wxapp", CreateTime = events })))
@@ -363,6 +363,30 @@ describe("wxd.mp for the Mini Program", function()
       .. '"Content":"x","MsgId":23456789012345679}')
     assert.equal(200, status)
     assert.equal("23456789012345679", got.MsgId)
+  end)
+
+  it("reads the digits of the object's own MsgId, however the JSON is written", function()
+    local wx = testing.wechat({ token = C.token, mode = "plaintext", format = "json", path = "/mini" })
+    local head = '{"ToUserName":"gh","FromUserName":"o","CreateTime":1,"MsgType":"text","Content":"x",'
+    local cases = {
+      -- pretty-printed, nested ids before and after, brackets and quotes in strings
+      { '{\n  "MsgId" :\t 23456789012345677 ,\n  "A": {"MsgId": 1, "B": ["}", {"MsgId": 2}]},\n'
+        .. '  "C": "\\"MsgId\\": 3 ]}", "ToUserName": "gh", "MsgType": "text", "Content": "x"\n}',
+        "23456789012345677" },
+      { head .. '"N":{"MsgId":42},"MsgId":23456789012345681}', "23456789012345681" },
+      -- an escaped name is the same name to cjson
+      { head .. '"\\u004dsgId":23456789012345683}', "23456789012345683" },
+      -- a repeated member: cjson keeps the last one, and so does the id
+      { head .. '"MsgId":1,"MsgId":23456789012345685}', "23456789012345685" },
+      -- a MsgId that is not an integer keeps cjson's reading
+      { head .. '"MsgId":1.5}', "1.5" },
+    }
+    for i, c in ipairs(cases) do
+      got = nil
+      local _, status, body = wx:send(app, c[1])
+      assert.equal(200, status, body)
+      assert.equal(c[2], got.MsgId, "case " .. i)
+    end
   end)
 
   it("verifies its URL like the Official Account", function()
