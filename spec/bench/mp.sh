@@ -227,15 +227,31 @@ BEST_RPS=0
 WXD_LOG_LINES=0
 ((RUN_WXD)) && WXD_LOG_LINES=$(wc -l <"${LOG[wxd]}")
 
-# run_wrk LABEL PEER SECONDS -> sets RPS, prints one line, records errors in
-# FAILURES (so it must not run in a subshell).
+# cpu_ticks -> "idle total": the machine's CPU time so far (/proc/stat, all
+# CPUs), idle counting iowait too.
+cpu_ticks() {
+    awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print $5 + $6, t; exit }' /proc/stat
+}
+
+# idle_share BEFORE AFTER -> the idle share of the machine's CPUs between two
+# cpu_ticks readings, in percent with one decimal.
+idle_share() {
+    awk -v a="$1" -v b="$2" 'BEGIN { split(a, x, " "); split(b, y, " ");
+        t = y[2] - x[2]; if (t <= 0) print "n/a"; else printf "%.1f", 100 * (y[1] - x[1]) / t }'
+}
+
+# run_wrk LABEL PEER SECONDS -> sets RPS and IDLE, prints one line, records
+# errors in FAILURES (so it must not run in a subshell).
 run_wrk() {
-    local label=$1 peer=$2 secs=$3 out rc=0 rps pool rate nbad
+    local label=$1 peer=$2 secs=$3 out rc=0 rps pool rate nbad t0 t1
     rate=$(awk -v r="$RATE" -v b="$BEST_RPS" 'BEGIN { b = int(b * 1.5); print (b > r ? b : r) }')
     pool=$((rate * secs))
     gen "$TMP/pool.txt" "$pool"
+    t0=$(cpu_ticks)
     out=$(MP_REQUESTS="$TMP/pool.txt" MP_THREADS=$THREADS \
         wrk -t"$THREADS" -c"$CONNS" -d"${secs}s" -s spec/bench/mp_wrk.lua "${URL_BASE[$peer]}/wx" 2>&1) || rc=$?
+    t1=$(cpu_ticks)
+    IDLE=$(idle_share "$t0" "$t1")
     rm -f "$TMP/pool.txt"
     wrk_parse "$out"
     rps=$WRK_RPS
@@ -259,10 +275,26 @@ run_wrk() {
     if [[ -n $WRK_SOCKERR && $WRK_SOCKERR != 0 ]]; then
         FAILURES+=("$label $peer: $WRK_SOCKERR_LINE")
     fi
-    printf '  %-8s %-5s %10s req/s  latency avg %-8s requests %-7s of %-7s bad replies %-3s socket errors %s\n' \
-        "$label" "$peer" "$rps" "${WRK_LAT:-?}" "${WRK_REQUESTS:-?}" "$pool" "${nbad:-?}" "${WRK_SOCKERR:-0}"
+    printf '  %-8s %-5s %10s req/s  idle %5s%%  latency avg %-8s requests %-7s of %-7s bad replies %-3s socket errors %s\n' \
+        "$label" "$peer" "$rps" "$IDLE" "${WRK_LAT:-?}" "${WRK_REQUESTS:-?}" "$pool" "${nbad:-?}" "${WRK_SOCKERR:-0}"
     BEST_RPS=$(awk -v r="$rps" -v b="$BEST_RPS" 'BEGIN { print (r > b ? r : b) }')
     RPS=$rps
+}
+
+declare -A IDLES
+
+# run_hello LABEL -> sets RPS: plain GET /health on wxd, the same wrk shape.
+run_hello() {
+    local label=$1 out rc=0 t0 t1
+    t0=$(cpu_ticks)
+    out=$(wrk -t"$THREADS" -c"$CONNS" -d"${SECONDS_PER_RUN}s" "${URL_BASE[wxd]}/health" 2>&1) || rc=$?
+    t1=$(cpu_ticks)
+    wrk_parse "$out"
+    RPS=${WRK_RPS:-0}
+    if ((rc != 0)) || [[ -z $WRK_RPS ]]; then FAILURES+=("$label hello: wrk failed (exit $rc)"); RPS=0; fi
+    if [[ -n $WRK_NON2XX && $WRK_NON2XX != 0 ]]; then FAILURES+=("$label hello: $WRK_NON2XX non-2xx responses"); fi
+    printf '  %-8s %-5s %10s req/s  idle %5s%%  (GET /health on the same wxd: its HTTP layer alone)\n' \
+        "$label" hello "$RPS" "$(idle_share "$t0" "$t1")"
 }
 
 echo "rounds (messages are generated before each run, outside the measurement; the order alternates):"
@@ -277,7 +309,14 @@ for ((r = 1; r <= ROUNDS; r++)); do
     for peer in "${order[@]}"; do
         run_wrk "round $r" "$peer" "$SECONDS_PER_RUN"
         RESULTS[$peer]+="$RPS "
+        IDLES[$peer]+="$IDLE "
     done
+    # wxd's own HTTP layer in the same round: GET /health on the same
+    # server, so the WeChat layer's cost shows as a fraction of it.
+    if ((RUN_WXD)); then
+        run_hello "round $r"
+        RESULTS[hello]+="$RPS "
+    fi
 done
 echo
 
@@ -298,6 +337,19 @@ echo "per round (req/s, in round order):"
 for peer in "${PEERS[@]}"; do
     printf '  %-5s %s\n' "$peer" "$(echo "${RESULTS[$peer]% }" | tr ' ' '/')"
 done
+((RUN_WXD)) && printf '  %-5s %s\n' hello "$(echo "${RESULTS[hello]% }" | tr ' ' '/')"
+echo "CPU idle share of the machine during the rounds (median; /proc/stat, all CPUs):"
+for peer in "${PEERS[@]}"; do
+    # shellcheck disable=SC2086
+    printf '  %-5s %s%%   (rounds: %s)\n' "$peer" "$(median ${IDLES[$peer]})" "$(echo "${IDLES[$peer]% }" | tr ' ' '/')"
+done
+if ((RUN_WXD)); then
+    # shellcheck disable=SC2086
+    h=$(median ${RESULTS[hello]})
+    frac=$(awk -v w="$w" -v h="$h" 'BEGIN { if (h > 0) printf "%.2f", w / h; else print "n/a" }')
+    echo "wxd messages/s as a fraction of wxd's own GET /health req/s in this run: $frac ($w / $h)"
+fi
+echo "goals (docs: spec/bench/README.md): wxd/node >= 3.0; idle < 10% during the wxd rounds; messages/s >= 0.35 x /health"
 echo
 
 # ------------------------------------------------------------ after the load
