@@ -38,7 +38,7 @@
 --   event = { subscribe = function(msg) return "welcome" end },
 -- })
 
-local cjson_safe = require "cjson.safe"
+local json = require "wxd.json"
 local crypto = require "wxd.crypto"
 local xml = require "wxd.xml"
 local log = require "wxd.log"
@@ -292,7 +292,7 @@ local function render(reply, msg, fmt)
       for k, v in pairs(x) do if k ~= "_order" then c[k] = strip(v) end end
       return c
     end
-    return (cjson_safe.encode(strip(t)))
+    return json.encode(strip(t))
   end
   t._order = order
   return xml.encode(t)
@@ -509,7 +509,7 @@ local function parse(self, body)
     if not t then return nil, err .. (detail and (" (" .. detail .. ")") or "") end
     return t, "xml"
   elseif first == "{" and self.json then
-    local t = cjson_safe.decode(body)
+    local t = json.decode(body)
     if type(t) ~= "table" then return nil, "invalid json" end
     -- A MsgId is a 64-bit integer: as a JSON number it loses digits in a
     -- double, so it is read again from the text (the XML form is a string).
@@ -687,7 +687,7 @@ function Endpoint:seal(body, key, fmt)
   local nonce = crypto.nonce(16)
   local sig = signature(self.token, ts, nonce, enc)
   if fmt == "json" then
-    return (cjson_safe.encode({ Encrypt = enc, MsgSignature = sig, TimeStamp = tonumber(ts), Nonce = nonce }))
+    return json.encode({ Encrypt = enc, MsgSignature = sig, TimeStamp = tonumber(ts), Nonce = nonce })
   end
   return xml.encode({ Encrypt = enc, MsgSignature = sig, TimeStamp = tonumber(ts), Nonce = nonce,
                       _order = { "Encrypt", "MsgSignature", "TimeStamp", "Nonce" } })
