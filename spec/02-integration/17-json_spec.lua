@@ -3,9 +3,20 @@
 local H = require "helpers"
 local json = require "wxd.json"
 
+-- H.start reads the pid file as soon as it exists, which can be before the
+-- shell wrote the pid into it (then srv.pid is nil and srv:stop() raises);
+-- until spec/helpers.lua waits for the number, wait for it here.
+local function start(app, opts)
+  local srv = H.start(app, opts)
+  srv.pid = srv.pid or H.wait_until(function()
+    return tonumber((H.read_file(srv.pidfile) or ""):match("%d+"))
+  end, 5, "the pid in the pid file")
+  return srv
+end
+
 describe("JSON answers", function()
   local srv
-  setup(function() srv = H.start(H.app("json"), { workers = 1 }) end)
+  setup(function() srv = start(H.app("json"), { workers = 1 }) end)
   teardown(function() srv:stop(); srv:cleanup() end)
 
   local function expect(path, status, body)
@@ -72,7 +83,7 @@ describe("the README's shop example", function()
       assert(code, "README.md has no block for shop/" .. name)
       H.write_file(dir .. "/shop/" .. name, code)
     end
-    srv = H.start(dir .. "/shop", { workers = 1, env = "SHOP_TOKEN=s3cret" })
+    srv = start(dir .. "/shop", { workers = 1, env = "SHOP_TOKEN=s3cret" })
   end)
   teardown(function()
     if srv then srv:stop(); srv:cleanup() end
