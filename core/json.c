@@ -140,6 +140,7 @@ static void add_path(encoder_t *e, int levels, luaL_Buffer *lb) {
  * the innermost table itself. */
 static void fail(encoder_t *e, int of_table, const char *what, const char *hint) {
   lua_State *L = e->L;
+  luaL_checkstack(L, LUA_MINSTACK, "wxd.json: nested too deep"); /* room for the buffer */
   luaL_Buffer lb;
   luaL_buffinit(L, &lb);
   luaL_addstring(&lb, "wxd.json: ");

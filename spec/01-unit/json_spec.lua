@@ -137,6 +137,11 @@ print("checked", len(open(sys.argv[1], "rb").read().splitlines()), "bad", bad)
     assert.equal('wxd.json: cannot encode a userdata at $["a b"]["c\\xff"][2].x',
                  errors_of(json.encode, { ["a b"] = { ["c\255"] = { 1, { x = io.stdout } } } }))
     assert.equal("wxd.json: cannot encode a thread at $", errors_of(json.encode, coroutine.create(print)))
+    -- A deep path keeps its first 12 steps.
+    local deep = { f = print }
+    for _ = 1, 250 do deep = { deep } end
+    assert.equal("wxd.json: cannot encode a function at $[1][1][1][1][1][1][1][1][1][1][1][1]...",
+                 errors_of(json.encode, deep))
   end)
 
   it("stops at 256 levels, so a table that contains itself raises", function()
