@@ -125,7 +125,8 @@ bench-crypto: $(BUILD)/wxd
 	$(BUILD)/wxd script spec/bench/crypto.lua
 
 # libFuzzer targets (spec/fuzz/*_fuzz.c) over the buffer functions of
-# core/crypto.c and the XML parser of core/xml.c, each run for
+# core/crypto.c, the XML parser of core/xml.c and the JSON decoder, encoder
+# and string escaper of core/json.c and core/log.c, each run for
 # FUZZ_SECONDS from its seed corpus (spec/fuzz/corpus/<target>/; new
 # inputs go to build/fuzz/corpus-<target>).
 # Not part of `make test`.
@@ -151,6 +152,11 @@ build/fuzz/xml_fuzz: spec/fuzz/xml_fuzz.c core/xml.c core/xml.h core/buf.c core/
 	@mkdir -p $(dir $@)
 	$(FUZZ_CC) -std=c11 -D_GNU_SOURCE $(WARN) -g -O1 -fsanitize=fuzzer,address,undefined \
 	  -I$(LUAJIT_INC) -Icore -o $@ $< core/xml.c core/buf.c $(LIBDIR)/libluajit-5.1.a -lexpat -ldl -lm
+
+build/fuzz/json_fuzz: spec/fuzz/json_fuzz.c core/json.c core/json.h core/log.c core/log.h | deps-fuzz
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) -std=c11 -D_GNU_SOURCE $(WARN) -g -O1 -fsanitize=fuzzer,address,undefined \
+	  -I$(LUAJIT_INC) -Icore -o $@ $< core/json.c core/log.c $(LIBDIR)/libluajit-5.1.a -lpthread -ldl -lm
 
 clean:
 	rm -rf build

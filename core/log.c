@@ -43,38 +43,101 @@ static void write_all(const char *p, size_t len) {
   pthread_mutex_unlock(&log_mutex);
 }
 
+/* Length of the well-formed UTF-8 sequence at p (Unicode 15, table 3-7),
+ * or 0 when there is none; then *bad is the length of its maximal ill-formed
+ * prefix (at least 1), which becomes one U+FFFD as the Unicode standard
+ * recommends (and Python, browsers and Go do). */
+static size_t utf8_sequence(const unsigned char *p, size_t avail, size_t *bad) {
+  unsigned char c = p[0], lo = 0x80, hi = 0xbf;
+  size_t need;
+  if (c >= 0xc2 && c <= 0xdf) {
+    need = 2;
+  } else if (c >= 0xe0 && c <= 0xef) {
+    need = 3;
+    if (c == 0xe0) lo = 0xa0;      /* overlong */
+    else if (c == 0xed) hi = 0x9f; /* UTF-16 surrogates */
+  } else if (c >= 0xf0 && c <= 0xf4) {
+    need = 4;
+    if (c == 0xf0) lo = 0x90;      /* overlong */
+    else if (c == 0xf4) hi = 0x8f; /* above U+10FFFF */
+  } else {
+    *bad = 1; /* a continuation byte, C0, C1 or F5..FF */
+    return 0;
+  }
+  size_t i = 1;
+  for (; i < need && i < avail; i++) {
+    if (p[i] < lo || p[i] > hi) break;
+    lo = 0x80, hi = 0xbf;
+  }
+  if (i == need) return need;
+  *bad = i;
+  return 0;
+}
+
+/* Bytes copied as they are: printable ASCII but the quote and backslash. */
+static inline int json_plain(unsigned char c) { return c >= 0x20 && c < 0x7f && c != '"' && c != '\\'; }
+
 size_t wxd_json_escape(char *out, size_t cap, const char *s, size_t len) {
   static const char hex[] = "0123456789abcdef";
+  const unsigned char *p = (const unsigned char *)s, *end = p + len;
   size_t o = 0;
-  for (size_t i = 0; i < len; i++) {
-    unsigned char c = (unsigned char)s[i];
-    char esc[7];
-    size_t n;
-    if (c == '"' || c == '\\') {
-      esc[0] = '\\';
+  while (p < end) {
+    /* A run of plain ASCII and well-formed UTF-8 is copied at once. */
+    const unsigned char *run = p;
+    size_t bad = 0;
+    while (p < end) {
+      if (json_plain(*p)) {
+        p++;
+      } else if (*p >= 0x80) {
+        size_t k = utf8_sequence(p, (size_t)(end - p), &bad);
+        if (!k) break;
+        p += k;
+      } else {
+        break;
+      }
+    }
+    size_t n = (size_t)(p - run);
+    if (n > cap - o) {
+      /* Cut on a character boundary: never after a lead byte. */
+      n = cap - o;
+      while (n > 0 && (run[n] & 0xc0) == 0x80) n--;
+      memcpy(out + o, run, n);
+      return o + n;
+    }
+    memcpy(out + o, run, n);
+    o += n;
+    if (p == end) break;
+
+    unsigned char c = *p;
+    char esc[6];
+    size_t en = 2, skip = 1;
+    esc[0] = '\\';
+    if (bad) {
+      memcpy(esc, "\\ufffd", 6); /* invalid UTF-8: the replacement character */
+      en = 6;
+      skip = bad;
+    } else if (c == '"' || c == '\\') {
       esc[1] = (char)c;
-      n = 2;
     } else if (c == '\n') {
-      memcpy(esc, "\\n", 2);
-      n = 2;
+      esc[1] = 'n';
     } else if (c == '\t') {
-      memcpy(esc, "\\t", 2);
-      n = 2;
+      esc[1] = 't';
     } else if (c == '\r') {
-      memcpy(esc, "\\r", 2);
-      n = 2;
-    } else if (c < 0x20 || c == 0x7f) {
+      esc[1] = 'r';
+    } else if (c == '\b') {
+      esc[1] = 'b';
+    } else if (c == '\f') {
+      esc[1] = 'f';
+    } else { /* other control bytes and DEL */
       memcpy(esc, "\\u00", 4);
       esc[4] = hex[c >> 4];
       esc[5] = hex[c & 15];
-      n = 6;
-    } else {
-      esc[0] = (char)c;
-      n = 1;
+      en = 6;
     }
-    if (o + n > cap) break;
-    memcpy(out + o, esc, n);
-    o += n;
+    if (en > cap - o) break;
+    memcpy(out + o, esc, en);
+    o += en;
+    p += skip;
   }
   return o;
 }
@@ -89,6 +152,10 @@ void wxd_log_timestamp(char *buf, size_t cap) {
 }
 
 void wxd_log(int level, int worker, const char *msg, const char *extra_json) {
+  wxd_log_n(level, worker, msg, strlen(msg), extra_json);
+}
+
+void wxd_log_n(int level, int worker, const char *msg, size_t msg_len, const char *extra_json) {
   if (level < log_min_level) return;
   char line[16384];
   char ts[40];
@@ -102,7 +169,7 @@ void wxd_log(int level, int worker, const char *msg, const char *extra_json) {
   size_t extra_len = extra_json ? strlen(extra_json) : 0;
   if (extra_len + 2 < room / 2) room -= extra_len + 2;
   else extra_len = 0; /* an oversized extra is dropped rather than cut in half */
-  n += wxd_json_escape(line + n, room / 2, msg, strlen(msg));
+  n += wxd_json_escape(line + n, room / 2, msg, msg_len);
   line[n++] = '"';
   if (extra_len) {
     line[n++] = ',';

@@ -23,13 +23,20 @@ const char *wxd_log_level_name(int level);
  * either NULL or the inside of a JSON object ("\"k\":1,\"j\":\"v\""), already
  * escaped by the caller. worker < 0 omits the field. */
 void wxd_log(int level, int worker, const char *msg, const char *extra_json);
+/* The same with a message of msg_len bytes (it may hold NULs). */
+void wxd_log_n(int level, int worker, const char *msg, size_t msg_len, const char *extra_json);
 /* printf-style message, no extra fields. */
 void wxd_logf(int level, int worker, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
-/* Appends `s` (len bytes) to `out` as the body of a JSON string (no quotes).
- * Returns the number of bytes written, never more than `cap`; output is
- * truncated on a character boundary when it does not fit. */
+/* Appends `s` (len bytes) to `out` as the body of a JSON string (no quotes),
+ * so that the line stays valid JSON in valid UTF-8 whatever `s` holds:
+ * well-formed UTF-8 is copied; each maximal ill-formed piece of it (a stray
+ * 8-bit byte, an overlong form, a surrogate, a cut sequence) becomes the
+ * escape \ufffd (U+FFFD, the replacement character); quote, backslash,
+ * control bytes and DEL are escaped. Returns the number of bytes written,
+ * never more than `cap` (6 * len always suffices); output is truncated on a
+ * character boundary when it does not fit. */
 size_t wxd_json_escape(char *out, size_t cap, const char *s, size_t len);
 
 /* ISO-8601 UTC timestamp with milliseconds into buf (>= 32 bytes). */

@@ -544,7 +544,7 @@ static void check_value(lua_State *L, int idx, shd_value_t *v) {
     v->num = lua_toboolean(L, idx);
     break;
   default:
-    luaL_argerror(L, idx, "expected a string, number or boolean (encode a table, e.g. with cjson.encode)");
+    luaL_argerror(L, idx, "expected a string, number or boolean (encode a table, e.g. with wxd.json.encode)");
   }
 }
 

@@ -20,6 +20,7 @@ int wxd_open_http_lua(lua_State *L);
 int wxd_open_crypto(lua_State *L);
 int wxd_open_shdict(lua_State *L);
 int wxd_open_xml(lua_State *L);
+int wxd_open_json(lua_State *L);
 int wxd_open_fetch(lua_State *L);
 
 /* Registry keys: addresses of these statics are unique light userdata. */
@@ -98,11 +99,12 @@ static int core_monotonic_ms(lua_State *L) {
  * object, already encoded by lua/wxd/log.lua. */
 static int core_log(lua_State *L) {
   const char *level = luaL_checkstring(L, 1);
-  const char *msg = luaL_checkstring(L, 2);
+  size_t msg_len;
+  const char *msg = luaL_checklstring(L, 2, &msg_len);
   const char *extra = luaL_optstring(L, 3, NULL);
   int lv = wxd_log_parse_level(level);
   if (lv < 0) return luaL_argerror(L, 1, "expected debug, info, warn or error");
-  wxd_log(lv, wxd_vm_get(L)->worker, msg, extra);
+  wxd_log_n(lv, wxd_vm_get(L)->worker, msg, msg_len, extra);
   return 0;
 }
 
@@ -208,6 +210,7 @@ wxd_vm_t *wxd_vm_new(uv_loop_t *loop, const wxd_vm_options_t *opts) {
   wxd_vm_preload(L, "wxd.core.crypto", wxd_open_crypto);
   wxd_vm_preload(L, "wxd.core.shdict", wxd_open_shdict);
   wxd_vm_preload(L, "wxd.core.xml", wxd_open_xml);
+  wxd_vm_preload(L, "wxd.core.json", wxd_open_json);
   wxd_vm_preload(L, "wxd.core.fetch", wxd_open_fetch);
   wxd_vm_preload(L, "wxd.core.redis", wxd_open_redis);
   wxd_vm_preload(L, "cjson", luaopen_cjson);

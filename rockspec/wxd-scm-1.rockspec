@@ -34,6 +34,7 @@ build = {
       ["wxd.config"] = "lua/wxd/config.lua",
       ["wxd.crypto"] = "lua/wxd/crypto.lua",
       ["wxd.http"] = "lua/wxd/http.lua",
+      ["wxd.json"] = "lua/wxd/json.lua",
       ["wxd.lock"] = "lua/wxd/lock.lua",
       ["wxd.log"] = "lua/wxd/log.lua",
       ["wxd.miniprogram"] = "lua/wxd/miniprogram.lua",

@@ -13,7 +13,7 @@ local wxd = require "wxd"
 local wechat = require "wxd.wechat"
 local store = require "wxd.store"
 local crypto = require "wxd.crypto"
-local cjson = require "cjson.safe"
+local json = require "wxd.json"
 local log = require "wxd.log"
 local app = require("wxd.app").new()
 
@@ -29,7 +29,7 @@ local function session(req)
   local token = (req.headers.authorization or ""):match("^Bearer ([%w_-]+)$")
   if not token then return nil end
   local rec = store.get(session_key_of(token))
-  return rec and cjson.decode(rec)
+  return rec and json.decode(rec)
 end
 
 local function body(req)
@@ -49,7 +49,7 @@ app:post("/login", function(req)
     return 502, { error = "wechat unavailable" }
   end
   local token = crypto.nonce(40)
-  local ok = store.set(session_key_of(token), cjson.encode(s), SESSION_TTL)
+  local ok = store.set(session_key_of(token), json.encode(s), SESSION_TTL)
   if not ok then return 503, { error = "session store full" } end
   log.info("login", { openid = s.openid })
   return { token = token, openid = s.openid }

@@ -13,8 +13,7 @@
 -- app:get("/orders/:id", function(req, res) return { id = req.params.id } end)
 -- return app
 
-local cjson      = require("cjson")
-local cjson_safe = require("cjson.safe")
+local json       = require("wxd.json")
 
 local type         = type
 local next         = next
@@ -37,8 +36,8 @@ local str_gsub     = string.gsub
 local str_format   = string.format
 local tbl_concat   = table.concat
 local tbl_sort     = table.sort
-local json_encode  = cjson.encode
-local json_decode  = cjson_safe.decode
+local json_encode  = json.encode
+local json_decode  = json.decode
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -215,9 +214,9 @@ function req_methods.json(self)
     if body == nil or body == "" then
         return nil, "empty body"
     end
-    local v, err = json_decode(body)
-    if v == nil then
-        return nil, "invalid json", err
+    local v, err, detail = json_decode(body)
+    if err then
+        return nil, err, detail
     end
     if type(v) ~= "table" then
         return nil, "not a json object or array"

@@ -2,7 +2,7 @@
 -- @module wxd.cli
 
 local core = require "wxd.core"
-local cjson = require "cjson.safe"
+local json = require "wxd.json"
 
 local _M = {}
 
@@ -16,7 +16,7 @@ end
 
 local function status_of(pidfile)
   local s = read(pidfile .. ".status")
-  return s and cjson.decode(s)
+  return s and (json.decode(s))
 end
 
 local function fail(msg)

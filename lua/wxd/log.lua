@@ -7,10 +7,10 @@
 -- @module wxd.log
 
 local core = require "wxd.core"
-local cjson = require "cjson.safe"
+local json_encode = require("wxd.json").encode
 
-local type, pairs, tostring, sub, lower, find, gsub = type, pairs, tostring, string.sub, string.lower,
-  string.find, string.gsub
+local type, pairs, tostring, sub, lower, find, gsub, pcall = type, pairs, tostring, string.sub, string.lower,
+  string.find, string.gsub, pcall
 local core_log, log_enabled = core.log, core.log_enabled
 
 local _M = {}
@@ -96,8 +96,16 @@ local function write(level, msg, fields)
   local extra
   if fields ~= nil then
     if type(fields) ~= "table" then error("log fields must be a table", 3) end
-    local json = cjson.encode(scrub(fields))
-    if json and #json > 2 then extra = sub(json, 2, -2) end
+    -- wxd.json writes valid UTF-8 whatever the strings hold, so the line
+    -- stays valid JSON; fields it cannot encode are named, not dropped.
+    local scrubbed = scrub(fields)
+    local ok, json = pcall(json_encode, scrubbed)
+    if not ok then
+      json = json_encode({ log_fields_error = tostring(json) })
+    elseif sub(json, 1, 1) ~= "{" then -- a list: its items cannot be fields of the line
+      json = json_encode({ fields = scrubbed })
+    end
+    if #json > 2 then extra = sub(json, 2, -2) end
   end
   core_log(level, tostring(msg), extra)
 end

@@ -20,7 +20,7 @@
 -- if not data then return 400, { error = err } end
 
 local crypto = require "wxd.crypto"
-local cjson_safe = require "cjson.safe"
+local json = require "wxd.json"
 local now = require("wxd.core").now
 
 local type, error, tonumber = type, error, tonumber
@@ -60,7 +60,7 @@ function _M.decrypt(session_key, encrypted_data, iv, opts)
   local ct = crypto.base64_decode((encrypted_data:gsub("%s", "")))
   if not ct or #ct == 0 or #ct % 16 ~= 0 then return nil, "decrypt failed" end
   local plain = crypto.aes_cbc_decrypt(key, ivb, ct, 16)
-  local data = plain and cjson_safe.decode(plain)
+  local data = plain and json.decode(plain)
   if type(data) ~= "table" then return nil, "decrypt failed" end
   local wm = data.watermark
   if type(wm) ~= "table" or wm.appid ~= opts.appid then return nil, "watermark appid mismatch" end

@@ -41,7 +41,7 @@
 --   event = { subscribe = function(msg) return "welcome" end },
 -- })
 
-local cjson_safe = require "cjson.safe"
+local json = require "wxd.json"
 local crypto = require "wxd.crypto"
 local xml = require "wxd.xml"
 local log = require "wxd.log"
@@ -296,7 +296,7 @@ local function render(reply, msg, fmt)
       for k, v in pairs(x) do if k ~= "_order" then c[k] = strip(v) end end
       return c
     end
-    return (cjson_safe.encode(strip(t)))
+    return json.encode(strip(t))
   end
   t._order = order
   return xml.encode(t)
@@ -514,7 +514,7 @@ function Endpoint:verify(req, res)
   return 200, q.echostr
 end
 
--- JSON that cjson already accepted, scanned without decoding: the index
+-- JSON that the decoder already accepted, scanned without decoding: the index
 -- just past the string that opens at i, or past the value that starts at i.
 local function skip_string(s, i)
   while true do
@@ -546,7 +546,7 @@ local function skip_value(s, i)
 end
 
 -- The text of the value of the object's own member `name` in a JSON body
--- that cjson decoded (the last one, as cjson keeps), never one of a nested
+-- that json.decode accepted (the last one, as the decoder keeps), never one of a nested
 -- object; nil if absent.
 local function member_text(body, name)
   local ok, text = pcall(function()
@@ -559,7 +559,7 @@ local function member_text(body, name)
       if c == 44 then i = find(body, "%S", i + 1) end -- ,
       local after = skip_string(body, i)
       local key = sub(body, i + 1, after - 2)
-      if find(key, "\\", 1, true) then key = cjson_safe.decode(sub(body, i, after - 1)) end
+      if find(key, "\\", 1, true) then key = json.decode(sub(body, i, after - 1)) end
       i = find(body, "%S", find(body, ":", after, true) + 1)
       local stop = skip_value(body, i)
       if key == name then found = sub(body, i, stop - 1) end
@@ -579,7 +579,7 @@ local function parse(self, body)
     if not t then return nil, err .. (detail and (" (" .. detail .. ")") or "") end
     return t, "xml"
   elseif first == "{" and self.json then
-    local t = cjson_safe.decode(body)
+    local t = json.decode(body)
     if type(t) ~= "table" then return nil, "invalid json" end
     -- A MsgId is a 64-bit integer: as a JSON number it loses digits in a
     -- double, so its digits are read again from the text of the object's

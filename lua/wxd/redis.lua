@@ -9,7 +9,7 @@
 --
 -- Replies: a status is its string ("OK"), an integer a number, a bulk
 -- string a string, a nil bulk or nil array `redis.null` (so that nil stays
--- free for errors; it is `cjson.null`), an array a table (errors inside it
+-- free for errors; it is `wxd.json.null`, `cjson.null`), an array a table (errors inside it
 -- are `{ err = msg }`).
 --
 -- Failures return `nil, err [, detail]`: `err` is "timeout" (no reply
@@ -39,7 +39,7 @@ local unpack = unpack
 
 local _M = {}
 
---- The value of a nil reply (a missing key, a nil array); equal to cjson.null.
+--- The value of a nil reply (a missing key, a nil array); equal to wxd.json.null and cjson.null.
 _M.null = core.null
 
 local DEFAULT_TIMEOUT_MS = 5000

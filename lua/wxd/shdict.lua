@@ -6,7 +6,7 @@
 --
 -- and maps string keys (1..65535 bytes) to strings, numbers or booleans,
 -- each with an optional TTL in seconds. Values are copied in and out (a
--- table raises: encode it, e.g. with cjson). When a write does not fit,
+-- table raises: encode it, e.g. with wxd.json). When a write does not fit,
 -- expired entries are reclaimed first, then the least recently used entries
 -- are evicted. The data lives in the core, not in a Lua state: it survives
 -- hot reloads, and a restart empties it.
@@ -38,7 +38,7 @@
 -- @usage
 -- local shdict = require "wxd.shdict"
 -- local cache = assert(shdict.get_dict("cache"))
--- local ok, err = cache:set("user:42", cjson.encode(user), 300)
+-- local ok, err = cache:set("user:42", json.encode(user), 300)
 -- local hits = cache:incr("hits", 1, 0)
 
 local core = require "wxd.core.shdict"

@@ -20,7 +20,7 @@
 -- when config.lua does not declare one of that name. `prefix` (redis only,
 -- default none) is put before every key.
 --
--- Values are strings, numbers or booleans (encode tables with cjson).
+-- Values are strings, numbers or booleans (encode tables with wxd.json).
 -- Expected failures return nil, err; wrong argument types raise. With
 -- Redis, every call may also fail with the errors of wxd.redis ("timeout",
 -- "closed", "connect", "auth", or the server's message).

@@ -14,8 +14,7 @@
 -- local reply = wx:send(app, { MsgType = "text", Content = "hi" })
 -- assert.equal("echo: hi", reply.Content)
 
-local cjson = require "cjson"
-local cjson_safe = require "cjson.safe"
+local json = require "wxd.json"
 local mp = require "wxd.mp"
 local xml = require "wxd.xml"
 local crypto = require "wxd.crypto"
@@ -91,7 +90,7 @@ local HEAD = { "ToUserName", "FromUserName", "CreateTime", "MsgType" }
 
 local function serialize(self, msg)
   if type(msg) == "string" then return msg end
-  if self.format == "json" then return cjson.encode(msg) end
+  if self.format == "json" then return json.encode(msg) end
   local t = {}
   for k, v in pairs(msg) do t[k] = v end
   t._order = t._order or HEAD
@@ -149,7 +148,7 @@ function Sender:build(msg, opts)
       -- The plaintext fields and Encrypt side by side.
       local fields = msg
       if type(msg) == "string" then
-        fields = self.format == "json" and cjson_safe.decode(msg) or xml.decode(msg) or {}
+        fields = self.format == "json" and json.decode(msg) or xml.decode(msg) or {}
       end
       outer = {}
       for k, v in pairs(fields) do outer[k] = v end
@@ -163,7 +162,7 @@ function Sender:build(msg, opts)
     end
     if self.format == "json" then
       outer._order = nil
-      body = cjson.encode(outer)
+      body = json.encode(outer)
     else
       outer._order = outer._order or HEAD
       body = xml.encode(outer)
@@ -225,7 +224,7 @@ function Sender:open_reply(body)
   if type(body) ~= "string" then return nil, "no body" end
   local function parse(s)
     if s:match("^%s*{") then
-      local t = cjson_safe.decode(s)
+      local t = json.decode(s)
       if type(t) ~= "table" then return nil, "invalid json" end
       return t
     end

@@ -50,7 +50,7 @@ local store = require "wxd.store"
 local timer = require "wxd.timer"
 local crypto = require "wxd.crypto"
 local log = require "wxd.log"
-local cjson_safe = require "cjson.safe"
+local json = require "wxd.json"
 local core = require "wxd.core"
 
 local type, error, pairs, ipairs, tostring, tonumber, setmetatable, pcall =
@@ -132,7 +132,7 @@ function Cred:refresh(background)
   end
   -- The fetch this caller waited for failed: share its outcome instead of
   -- queueing one more fetch per waiter.
-  local f = not background and cjson_safe.decode(store.get(self.fail_key) or "")
+  local f = not background and json.decode(store.get(self.fail_key) or "")
   if type(f) == "table" and type(f.at) == "number" and f.at >= asked then
     lk:unlock()
     return nil, f.kind, f.info
@@ -144,7 +144,7 @@ function Cred:refresh(background)
   end
   if not nv then
     local i = type(info) == "table" and info or {}
-    store.set(self.fail_key, cjson_safe.encode({ at = now(), kind = expires_in,
+    store.set(self.fail_key, json.encode({ at = now(), kind = expires_in,
       info = { errcode = i.errcode, errmsg = i.errmsg, status = i.status, detail = i.detail } }), 10)
     lk:unlock()
     return nil, expires_in, info
@@ -266,11 +266,9 @@ function Client:request(method, path, opts, token)
   if token then qs = "access_token=" .. crypto.url_encode(token) .. (qs ~= "" and "&" .. qs or "") end
   local body, headers = opts.body, nil
   if opts.json ~= nil then
-    local err
-    body, err = cjson_safe.encode(opts.json)
-    if not body then fail("json body cannot be encoded: " .. tostring(err), 3) end
-    -- WeChat's JSON APIs take UTF-8 as is; cjson escapes "/" needlessly.
-    body = gsub(body, "\\/", "/")
+    local ok, encoded = pcall(json.encode, opts.json)
+    if not ok then fail("json body cannot be encoded: " .. tostring(encoded), 3) end
+    body = encoded -- UTF-8 as is, "/" unescaped: what WeChat's JSON APIs take
     headers = { ["Content-Type"] = "application/json; charset=utf-8" }
   end
   local res, kind, detail = http.request({
@@ -280,7 +278,7 @@ function Client:request(method, path, opts, token)
   if not res then return nil, kind, { detail = detail } end
   if res.status ~= 200 then return nil, "status", { status = res.status } end
   if opts.raw then return res end
-  local data = cjson_safe.decode(res.body)
+  local data = json.decode(res.body)
   if type(data) ~= "table" then return nil, "json", { status = res.status, detail = "the answer is not a JSON object" } end
   local code = data.errcode
   if code ~= nil and code ~= 0 then

@@ -1,5 +1,5 @@
 -- Unit specs for wxd.app: router, middleware, request and response.
--- Pure Lua: runs under `busted --lua=luajit` and inside wxd.
+-- Runs inside wxd (spec/run.sh): wxd.app encodes JSON with the native wxd.json.
 
 local wxd_app = require("wxd.app")
 local cjson = require("cjson")

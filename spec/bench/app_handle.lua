@@ -1,7 +1,8 @@
 -- Micro-benchmark of wxd.app's hot path: app:handle() on a raw request
 -- table like the one the core builds, without any I/O.
 --
---   luajit spec/bench/app_handle.lua [N]        (from the repository root)
+--   build/wxd script spec/bench/app_handle.lua [N]   (from the repository root;
+--   wxd.app needs the native wxd.json, so plain luajit cannot run it)
 --
 -- Each case builds a fresh raw table per call (as the core does), so the
 -- figures include that allocation. They measure the Lua side only; use
@@ -45,7 +46,7 @@ end
 
 print(string.format("wxd.app handle(), %d calls per case, %s", N, jit and jit.version or _VERSION))
 run("static GET /hello", app, "GET", "/hello")
-run("static GET /json (cjson)", app, "GET", "/json")
+run("static GET /json (wxd.json)", app, "GET", "/json")
 run("param GET /orders/:id", app, "GET", "/orders/12345")
 run("404", app, "GET", "/nope")
 run("static + before/after", mw, "GET", "/hello")
