@@ -47,6 +47,7 @@ build = {
       ["wxd.timer"] = "lua/wxd/timer.lua",
       ["wxd.wechat"] = "lua/wxd/wechat.lua",
       ["wxd.xml"] = "lua/wxd/xml.lua",
+      ["wxd.util"] = "lua/wxd/util.lua",
     },
   },
 }

@@ -14,6 +14,7 @@
 -- return app
 
 local json       = require("wxd.json")
+local util       = require("wxd.util")
 
 local type         = type
 local next         = next
@@ -80,39 +81,11 @@ end
 -- URL helpers
 ------------------------------------------------------------------------
 
-local function hex_to_char(h)
-    return str_char(tonumber(h, 16))
-end
-
---- Percent-decode a string.
--- Invalid escapes (`%zz`, a lone `%`) are left as they are rather than
--- rejected: a lenient decoder never turns a client's typo into a 500.
--- @tparam string s encoded string
--- @tparam[opt] boolean plus_as_space decode `+` as a space (query strings
---   and form bodies; never path segments, where `+` is a literal plus)
--- @treturn string decoded string
--- @usage local v = app.url_decode("a%20b")  --> "a b"
-local function url_decode(s, plus_as_space)
-    if plus_as_space and str_find(s, "+", 1, true) then
-        s = str_gsub(s, "%+", " ")
-    end
-    if str_find(s, "%", 1, true) then
-        s = str_gsub(s, "%%(%x%x)", hex_to_char)
-    end
-    return s
-end
-_M.url_decode = url_decode
-
-local function char_to_hex(c)
-    return str_format("%%%02X", str_byte(c))
-end
-
---- Percent-encode a string (RFC 3986: everything but unreserved characters).
--- @tparam string s raw string
--- @treturn string encoded string, safe in a path segment or a query value
-function _M.url_encode(s)
-    return (str_gsub(s, "[^%w%-%._~]", char_to_hex))
-end
+-- Percent-decoding and -encoding live in wxd.util (lower modules use
+-- them too); the app keeps exporting them.
+local url_decode = util.url_decode
+_M.url_decode = util.url_decode
+_M.url_encode = util.url_encode
 
 --- Parse an `application/x-www-form-urlencoded` string (a query string or a
 -- form body).

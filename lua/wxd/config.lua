@@ -47,6 +47,9 @@ local table_lib    = table
 local math_lib     = math
 local unpack       = unpack or table.unpack
 
+local util  = require "wxd.util"
+local redis = require "wxd.redis"
+
 local _M = { _VERSION = "0.1.0" }
 
 
@@ -232,35 +235,8 @@ end
 -- Secrets and env resolution
 ------------------------------------------------------------------------
 
--- Key names that hold secrets. Beyond the generic words, WeChat Pay's
--- APIv3 key and v2 merchant key have their own usual spellings.
-local SECRET_PATTERNS = {
-    "secret", "password", "passwd", "token", "aes_key", "api_key", "private_key",
-    "apiv3_key", "api_v3_key", "mch_key", "sign_key", "passphrase",
-}
-
--- Names that refer to a secret rather than hold one: a key file's path or
--- a token endpoint's URL are not secrets (DESIGN: secrets come from the
--- environment or from files).
-local REFERENCE_SUFFIXES = { "_file", "_path", "_url", "_uri" }
-
-local function is_secret_key(k)
-    if type(k) ~= "string" then
-        return false
-    end
-    local l = str_lower(k)
-    for _, suffix in ipairs(REFERENCE_SUFFIXES) do
-        if str_sub(l, -#suffix) == suffix then
-            return false
-        end
-    end
-    for _, p in ipairs(SECRET_PATTERNS) do
-        if str_find(l, p, 1, true) then
-            return true
-        end
-    end
-    return false
-end
+-- Key names that hold secrets: wxd.util decides (logs hide the same names).
+local is_secret_key = util.is_secret_key
 _M.is_secret_key = is_secret_key
 
 local function env_name_for(path)
@@ -439,29 +415,10 @@ end
 -- Shared dictionaries (wxd.shdict): `shdict = { cache = "10m", sessions = 1048576 }`.
 -- The core creates them once, at start-up, with these capacities.
 local SHDICT_MIN, SHDICT_MAX, SHDICT_COUNT = 65536, 1024 ^ 4, 32
-local SIZE_UNITS = { [""] = 1, k = 1024, m = 1024 ^ 2, g = 1024 ^ 3 }
-
---- A size in bytes: an integer, or a string of digits with an optional
--- k, m or g suffix (powers of 1024, any case): "64k", "10m", "1g", "4096".
--- @param v the value to read
--- @treturn ?number bytes, or nil when `v` is not a size
+--- A size in bytes (wxd.util.parse_size): an integer, or digits with an
+-- optional k, m or g suffix.
 -- @usage config.parse_size("10m") --> 10485760
-function _M.parse_size(v)
-    if type(v) == "number" then
-        if v % 1 == 0 and v >= 0 and v < math_huge then
-            return v
-        end
-        return nil
-    end
-    if type(v) ~= "string" then
-        return nil
-    end
-    local digits, unit = v:match("^(%d+)([kKmMgG]?)$")
-    if not digits then
-        return nil
-    end
-    return tonumber(digits) * SIZE_UNITS[str_lower(unit)]
-end
+_M.parse_size = util.parse_size
 
 local function check_shdict(ctx, path, v, out)
     if not check_section(ctx, path, v) then
@@ -516,7 +473,7 @@ local function check_redis(ctx, path, v)
                 ok = false
             else
                 -- Parse errors never quote the credentials.
-                local u, err = require("wxd.redis").parse_url(x)
+                local u, err = redis.parse_url(x)
                 if not u then
                     fail(ctx, upath, err)
                     ok = false

@@ -26,7 +26,7 @@
 -- if not xml then return 400, { error = err } end
 
 local core = require "wxd.core.crypto"
-local app  = require "wxd.app"
+local util = require "wxd.util"
 
 local type  = type
 local error = error
@@ -116,9 +116,9 @@ _M.hex_decode = core.hex_decode
 
 --- Percent-encoding (RFC 3986: everything but A-Z a-z 0-9 - . _ ~), and
 -- its lenient inverse. One implementation serves the whole library: these
--- are wxd.app's url_encode/url_decode.
-_M.url_encode = app.url_encode
-_M.url_decode = app.url_decode
+-- are wxd.util's url_encode/url_decode.
+_M.url_encode = util.url_encode
+_M.url_decode = util.url_decode
 
 ------------------------------------------------------------------------
 -- Randomness (the kernel's CSPRNG, getrandom(2))

@@ -9,8 +9,8 @@
 local core = require "wxd.core"
 local json_encode = require("wxd.json").encode
 
-local type, pairs, tostring, sub, lower, find, gsub, pcall = type, pairs, tostring, string.sub, string.lower,
-  string.find, string.gsub, pcall
+local type, pairs, tostring, sub, lower, find, pcall = type, pairs, tostring, string.sub, string.lower,
+  string.find, pcall
 local core_log, log_enabled = core.log, core.log_enabled
 
 local _M = {}
@@ -18,7 +18,8 @@ local _M = {}
 -- Names are compared normalised: lower case, without "-" and "_", so that
 -- sessionKey, session-key and session_key are one name. Everything config
 -- refuses as a literal secret is hidden too.
-local is_config_secret = require("wxd.config").is_secret_key
+local util = require "wxd.util"
+local is_config_secret = util.is_secret_key
 -- A name that contains one of these holds a secret: WeChat's and WeChat
 -- Pay's own names (AppSecret, EncodingAESKey, session_key, APIv3 key,
 -- merchant key, the js_code a session_key is bought with), and the generic
@@ -34,9 +35,7 @@ local SECRET_NAMES = { key = true }
 local PERSON_PARTS = { "openid", "unionid", "phone", "mobile" }
 local PERSON_NAMES = { fromusername = true, tousername = true, touser = true, externaluserid = true }
 
-local function normalise(name)
-  return (gsub(lower(name), "[%-_]", ""))
-end
+local normalise = util.key_name
 
 local function contains_any(name, parts)
   for i = 1, #parts do

@@ -85,7 +85,7 @@ function _M.declare(name, size)
     error("wxd.shdict.declare: a name is 1..63 of a-z, 0-9 and _, not starting with a digit, got "
       .. tostring(name), 2)
   end
-  local bytes = require("wxd.config").parse_size(size)
+  local bytes = require("wxd.util").parse_size(size)
   if not bytes then
     error('wxd.shdict.declare: expected a size in bytes or a string such as "64k", got ' .. tostring(size), 2)
   end
