@@ -6,13 +6,17 @@
  *   READING  a request has begun: header deadline, then body deadline
  *   HANDLING the parser is paused at the end of the message and the handler
  *            runs; bytes that arrive meanwhile queue in `in`
- * and back to IDLE after the response, or closed.
+ * and back to IDLE after the response, or closed. An IDLE connection whose
+ * client leaves more than OUTPUT_HIGH_WATER of responses unread is held
+ * (output_wait): nothing is read or dispatched until it took most of them,
+ * so a client pipelining without reading costs a bounded amount of memory.
  */
 #include "http.h"
 
 #include <ctype.h>
 #include <lauxlib.h>
 #include <llhttp.h>
+#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,7 +29,11 @@
 
 #define MAX_HEADERS 100
 #define IN_QUEUE_MAX (256 * 1024)   /* unparsed bytes queued while handling */
-#define STREAM_HIGH_WATER (256 * 1024)
+/* Unsent output a connection may hold: above it, a streaming handler waits
+ * and a connection's next request is not read nor dispatched; both go on
+ * once the client has taken it below half of this. */
+#define OUTPUT_HIGH_WATER (256 * 1024)
+#define OUTPUT_LOW_WATER (OUTPUT_HIGH_WATER / 2)
 #define TLS_SLICE (64 * 1024)       /* plaintext encrypted per step */
 #define TLS_SCRATCH (80 * 1024)     /* ciphertext of one slice, with room */
 
@@ -96,6 +104,8 @@ struct wxd_conn {
   unsigned discard_input : 1; /* after Connection: close or an error */
   unsigned reading : 1;
   unsigned peer_eof : 1;
+  unsigned output_wait : 1;   /* next requests held back until the output drains */
+  unsigned was_held : 1;      /* output_wait was set at least once */
   unsigned tls_done : 1;      /* handshake finished */
   unsigned tls_failed : 1;    /* no more TLS records: no close_notify either */
   wxd_tls_t *tls;             /* HTTPS: NULL on plain connections */
@@ -220,6 +230,10 @@ typedef struct write_req {
 } write_req_t;
 
 static void maybe_resume_streamer(wxd_conn_t *c);
+static void conn_continue(wxd_conn_t *c);
+static void conn_release_output(wxd_conn_t *c);
+
+static size_t conn_unsent(wxd_conn_t *c) { return uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp); }
 
 static void on_write(uv_write_t *req, int status) {
   write_req_t *wr = (write_req_t *)req;
@@ -235,6 +249,11 @@ static void on_write(uv_write_t *req, int status) {
   if (c->closing) return;
   if (c->writes_pending == 0 && c->close_after_write) {
     conn_close(c);
+    return;
+  }
+  if (c->output_wait && conn_unsent(c) <= OUTPUT_LOW_WATER) {
+    conn_release_output(c);
+    conn_continue(c);
     return;
   }
   maybe_resume_streamer(c);
@@ -742,6 +761,16 @@ static void conn_stop_timer(wxd_conn_t *c) { c->deadline = 0; }
 
 void wxd_http_sweep(wxd_worker_t *w) {
   uint64_t now = uv_now(&w->loop);
+  if (w->trim_wanted) {
+    /* Connections that were held for output have gone: hand their freed
+     * queues back to the system. glibc keeps freed memory in its arenas,
+     * and the 64 KiB-class blocks of write queues land between live
+     * allocations, where free() alone cannot return them. */
+    w->trim_wanted = 0;
+#ifdef __GLIBC__
+    malloc_trim(0);
+#endif
+  }
   wxd_conn_t *c = w->conns;
   while (c) {
     wxd_conn_t *next = c->next;
@@ -1210,8 +1239,29 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
 static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf);
 
 static void conn_start_reading(wxd_conn_t *c) {
-  if (c->reading || c->closing || c->peer_eof) return;
+  if (c->reading || c->closing || c->peer_eof || c->output_wait) return;
   if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0) c->reading = 1;
+}
+
+static void conn_stop_reading(wxd_conn_t *c) {
+  if (c->reading) uv_read_stop((uv_stream_t *)&c->tcp);
+  c->reading = 0;
+}
+
+/* The client leaves responses unread: read and dispatch nothing more until
+ * it has taken most of them (on_write releases). */
+static void conn_hold_output(wxd_conn_t *c) {
+  if (c->output_wait) return;
+  c->output_wait = 1;
+  c->was_held = 1;
+  atomic_fetch_add_explicit(&c->w->stats.paused_for_output, 1, memory_order_relaxed);
+  conn_stop_reading(c);
+}
+
+static void conn_release_output(wxd_conn_t *c) {
+  if (!c->output_wait) return;
+  c->output_wait = 0;
+  atomic_fetch_sub_explicit(&c->w->stats.paused_for_output, 1, memory_order_relaxed);
 }
 
 static void req_finish(wxd_req_t *r) {
@@ -1234,23 +1284,32 @@ static void req_finish(wxd_req_t *r) {
   wxd_scan_head(&c->scan, 1);
   conn_set_timer(c, w->cfg->limits.keepalive_timeout_ms);
   if (c->tls) wxd_tls_trim(c->tls);
-  if (!c->in_process) {
-    process_queued(c);
-    if (!c->closing && c->state != CONN_HANDLING) conn_start_reading(c);
-  }
-  if (c->peer_eof && !c->in_process && !c->closing && c->state != CONN_HANDLING) {
-    /* Nothing more will come: whatever is left in `in` is an incomplete
-     * request. Close once the responses are written. */
+  if (conn_unsent(c) > OUTPUT_HIGH_WATER) conn_hold_output(c);
+  /* Inside conn_process, its loop goes on with the queued bytes. */
+  if (!c->in_process) conn_continue(c);
+}
+
+/* An idle connection takes up its queued requests, then reads again. */
+static void conn_continue(wxd_conn_t *c) {
+  if (c->closing || c->output_wait || c->state == CONN_HANDLING) return;
+  process_queued(c);
+  if (c->closing || c->output_wait || c->state == CONN_HANDLING) return;
+  if (c->peer_eof || (c->w->draining && c->state == CONN_IDLE)) {
+    /* Nothing more will come (whatever is left in `in` is an incomplete
+     * request), or we are shutting down: close once the responses are
+     * written. */
     c->close_after_write = 1;
     if (c->writes_pending == 0) conn_close(c);
+    return;
   }
+  conn_start_reading(c);
 }
 
 /* ---- reading ---- */
 
 static void conn_process(wxd_conn_t *c, const char *data, size_t len) {
   c->in_process++;
-  while (len > 0 && !c->closing && !c->discard_input && c->state != CONN_HANDLING) {
+  while (len > 0 && !c->closing && !c->discard_input && !c->output_wait && c->state != CONN_HANDLING) {
     if (c->state == CONN_IDLE) {
       c->state = CONN_READING;
       conn_set_timer(c, c->w->cfg->limits.header_timeout_ms);
@@ -1299,12 +1358,9 @@ static void conn_process(wxd_conn_t *c, const char *data, size_t len) {
   }
   if (len > 0 && !c->closing && !c->discard_input) {
     if (wxd_buf_append(&c->in, data, len) != 0) conn_close(c);
-    else if (c->in.len > IN_QUEUE_MAX && c->reading) {
-      /* A client pipelining faster than we answer: stop reading until the
-       * queue is worked off. */
-      uv_read_stop((uv_stream_t *)&c->tcp);
-      c->reading = 0;
-    }
+    /* A client pipelining faster than we answer: stop reading until the
+     * queue is worked off. */
+    else if (c->in.len > IN_QUEUE_MAX) conn_stop_reading(c);
   }
   c->in_process--;
 }
@@ -1326,13 +1382,10 @@ static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
 
 /* Bytes of the request stream (plaintext, after TLS when there is TLS). */
 static void conn_input(wxd_conn_t *c, const char *data, size_t len) {
-  if (c->state == CONN_HANDLING || c->in.len > 0) {
+  if (c->state == CONN_HANDLING || c->in.len > 0 || c->output_wait) {
     if (!c->discard_input && wxd_buf_append(&c->in, data, len) != 0) conn_close(c);
-    else if (c->state != CONN_HANDLING) process_queued(c);
-    else if (c->in.len > IN_QUEUE_MAX && c->reading) {
-      uv_read_stop((uv_stream_t *)&c->tcp);
-      c->reading = 0;
-    }
+    else if (c->state != CONN_HANDLING && !c->output_wait) process_queued(c);
+    else if (c->in.len > IN_QUEUE_MAX) conn_stop_reading(c);
   } else if (!c->discard_input) {
     conn_process(c, data, len);
   }
@@ -1340,8 +1393,7 @@ static void conn_input(wxd_conn_t *c, const char *data, size_t len) {
 
 /* The client sent all it will (TCP EOF, or TLS close_notify). */
 static void conn_input_end(wxd_conn_t *c) {
-  if (c->reading) uv_read_stop((uv_stream_t *)&c->tcp);
-  c->reading = 0;
+  conn_stop_reading(c);
   if (c->state == CONN_HANDLING || c->in.len > 0 || c->writes_pending > 0) {
     /* Half-close: answer the requests that are complete, finish writing,
      * then close. */
@@ -1448,6 +1500,7 @@ static void on_conn_handle_closed(uv_handle_t *h) {
   w->nconns--;
   atomic_fetch_sub_explicit(&w->stats.connections, 1, memory_order_relaxed);
   wxd_buf_free(&c->in);
+  if (c->was_held) w->trim_wanted = 1;
   wxd_tls_free(c->tls); /* drops its reference to the SSL_CTX */
   free(c->tls_info);
   free(c);
@@ -1458,6 +1511,7 @@ static void conn_close(wxd_conn_t *c) {
   if (c->closing) return;
   c->closing = 1;
   conn_stop_timer(c);
+  conn_release_output(c);
   wxd_req_t *r = c->req;
   c->req = NULL;
   /* No close_notify after a streamed response cut short: for an HTTP/1.0
@@ -1567,7 +1621,7 @@ void wxd_http_close_all(wxd_worker_t *w) {
 static void maybe_resume_streamer(wxd_conn_t *c) {
   wxd_req_t *r = c->req;
   if (!r || !r->drain_wait || !r->co) return;
-  if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > STREAM_HIGH_WATER / 2) return;
+  if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > OUTPUT_LOW_WATER) return;
   r->drain_wait = 0;
   lua_pushboolean(r->co->T, 1);
   wxd_co_resume(r->co, 1);
@@ -1633,7 +1687,7 @@ static int http_write(lua_State *L) {
   }
   /* Waits for the client only where the coroutine can yield (not inside a
    * string.gsub callback, say): the bytes are queued either way. */
-  if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > STREAM_HIGH_WATER && lua_isyieldable(L)) {
+  if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > OUTPUT_HIGH_WATER && lua_isyieldable(L)) {
     r->drain_wait = 1;
     return wxd_co_yield(co, L, 0);
   }

@@ -92,6 +92,219 @@ describe("keep-alive decisions", function()
   end
 end)
 
+-- Memory of the server process, in KiB, from /proc. A sanitizer build's
+-- RSS is mostly its own quarantine and shadow memory: there the specs check
+-- that connections are held, not how much memory that saves.
+local MEASURE_RSS = os.getenv("WXD_SANITIZED") ~= "1"
+local function proc_kb(pid, field)
+  if not MEASURE_RSS then return 0 end
+  local s = H.read_file("/proc/" .. pid .. "/status") or ""
+  return tonumber(s:match(field .. ":%s*(%d+)"))
+end
+
+local function admin_status(port)
+  local c = assert(socket.connect("127.0.0.1", port))
+  c:settimeout(5)
+  c:send("GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+  local out = H.read_all(c, 5)
+  c:close()
+  return cjson.decode(H.parse_responses(out)[1].body)
+end
+
+-- Connections of all workers waiting for their output to drain.
+local function paused(port)
+  local n = 0
+  for _, w in ipairs(admin_status(port).workers) do n = n + (w.paused_for_output or 0) end
+  return n
+end
+
+--- Reads `count` responses to GET /big?n=1..count off c, one at a time
+-- (never the whole stream in memory); fails on the first out of order.
+-- pause_ms: sleep after each read of at most `step` bytes (a slow reader).
+local function read_big_responses(c, count, step, pause_ms)
+  c:settimeout(30)
+  local buf = ""
+  local function need(n)
+    while #buf < n do
+      local data, err, partial = c:receive(step or 65536)
+      data = data or partial
+      if data and #data > 0 then buf = buf .. data
+      elseif err then error("connection " .. err .. " after " .. #buf .. " bytes of a response") end
+      if pause_ms then wxd.sleep(pause_ms) end
+    end
+  end
+  for i = 1, count do
+    local hend
+    while true do
+      hend = buf:find("\r\n\r\n", 1, true)
+      if hend then break end
+      need(#buf + 1)
+    end
+    local head = buf:sub(1, hend - 1)
+    assert.equal("200", head:match("^HTTP/1%.1 (%d+)"), head)
+    assert.equal(tostring(i), head:match("\r\n[Xx]%-[Nn]: (%d+)"), "response " .. i .. " in order")
+    local len = tonumber(head:match("\r\n[Cc]ontent%-[Ll]ength: (%d+)"))
+    assert.equal(65536, len)
+    need(hend + 4 + len - 1)
+    assert.equal(string.rep("b", 64), buf:sub(hend + 4, hend + 4 + 63))
+    buf = buf:sub(hend + 4 + len)
+  end
+  assert.equal("", buf, "nothing after the last response")
+end
+
+local function pipeline_big(c, count)
+  local reqs = {}
+  for i = 1, count do
+    reqs[i] = "GET /big?n=" .. i .. " HTTP/1.1\r\nHost: x\r\n" .. (i == count and "Connection: close\r\n" or "") .. "\r\n"
+  end
+  assert(c:send(table.concat(reqs)))
+end
+
+describe("pipelining without reading", function()
+  local srv, admin
+  setup(function()
+    admin = H.free_port()
+    srv = H.start(H.app("hardening"), { args = "--admin 127.0.0.1:" .. admin })
+    -- Warm up (the first /big allocates what every later one reuses).
+    assert.equal(200, srv:get("/big?n=1").status)
+  end)
+  teardown(function() srv:stop(); srv:cleanup() end)
+
+  local MiB = 1024 -- in KiB, the unit of /proc
+
+  -- Sockets a failed assertion leaves open would keep an unfixed server
+  -- growing: close them however the spec ends.
+  local function closing(conns)
+    finally(function() for _, c in ipairs(conns) do c:close() end end)
+    return conns
+  end
+
+  it("keeps memory bounded, answers every request in order, and gives the memory back", function()
+    local base = proc_kb(srv.pid, "VmRSS")
+    local bound = 40 * MiB -- the unfixed server grew by ~230 MiB
+    local conns = closing({})
+    for i = 1, 4 do conns[i] = srv:connect(30) end
+    for i = 1, 4 do pipeline_big(conns[i], 1000) end
+    -- Until the server holds back every connection, or memory runs away.
+    H.wait_until(function()
+      return paused(admin) == 4 or proc_kb(srv.pid, "VmRSS") - base > bound
+    end, 60, "all four connections to wait for their output")
+    local grown = proc_kb(srv.pid, "VmRSS") - base
+    assert.is_true(grown < bound, "RSS grew by " .. grown .. " KiB while nobody read")
+    for i = 1, 4 do
+      read_big_responses(conns[i], 1000)
+      local _, err = conns[i]:receive(1)
+      assert.equal("closed", err)
+    end
+    local peak = proc_kb(srv.pid, "VmHWM") - base
+    assert.is_true(peak < bound, "peak RSS " .. peak .. " KiB above the start")
+    H.wait_until(function() return paused(admin) == 0 end, 10, "no connection to be held any more")
+    H.wait_until(function() return proc_kb(srv.pid, "VmRSS") - base < 4 * MiB end, 10,
+      "RSS back within 4 MiB of the start")
+    assert.equal(200, srv:get("/hello").status)
+  end)
+
+  it("bounds each of many connections, and gives the memory back once they close", function()
+    -- More than the kernel buffers of a connection take (the server's send
+    -- buffer grows up to tcp_wmem's maximum; the client's is kept small),
+    -- so that the rest queues in the server.
+    local wmem_max = tonumber((H.read_file("/proc/sys/net/ipv4/tcp_wmem") or ""):match("(%d+)%s*$")) or 4194304
+    local per_conn = math.ceil((wmem_max + 2 * 1024 * 1024) / 65536)
+    local nconns = 32
+    local base = proc_kb(srv.pid, "VmRSS")
+    local bound = nconns * MiB -- unfixed: per_conn * 64 KiB each (over 5 MiB)
+    local conns = closing({})
+    for i = 1, nconns do
+      local c = assert(socket.tcp4())
+      c:settimeout(30)
+      assert(c:setoption("recv-buffer-size", 4096))
+      assert(c:connect("127.0.0.1", srv.port))
+      conns[i] = c
+    end
+    for i = 1, nconns do pipeline_big(conns[i], per_conn) end
+    H.wait_until(function()
+      return paused(admin) == nconns or proc_kb(srv.pid, "VmRSS") - base > bound
+    end, 60, "every connection to be held")
+    local grown = proc_kb(srv.pid, "VmRSS") - base
+    assert.is_true(grown < bound, "RSS grew by " .. grown .. " KiB for " .. nconns .. " connections")
+    for _, c in ipairs(conns) do c:close() end
+    H.wait_until(function() return paused(admin) == 0 end, 10, "the connections to close")
+    H.wait_until(function() return proc_kb(srv.pid, "VmRSS") - base < 4 * MiB end, 10,
+      "RSS back within 4 MiB of the start")
+    assert.equal(200, srv:get("/hello").status)
+  end)
+
+  it("completes every response, in order, for a slow reader", function()
+    local c = closing({ srv:connect(30) })[1]
+    pipeline_big(c, 120)
+    read_big_responses(c, 120, 8192, 1)
+    local _, err = c:receive(1)
+    assert.equal("closed", err)
+  end)
+
+  it("finishes the queued requests of a client that half-closed", function()
+    local c = closing({ srv:connect(30) })[1]
+    pipeline_big(c, 50)
+    c:shutdown("send")
+    read_big_responses(c, 50)
+    local _, err = c:receive(1)
+    assert.equal("closed", err)
+  end)
+end)
+
+describe("pipelining over HTTPS without reading", function()
+  local srv, admin, dir
+  setup(function()
+    dir = H.tmpdir()
+    local out, code = H.sh(string.format("cd %s && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1"
+      .. " -nodes -keyout key.pem -out cert.pem -subj /CN=localhost -days 2", dir))
+    assert(code == 0, out)
+    admin = H.free_port()
+    srv = H.start(H.app("hardening"), {
+      env = "WXD_SPEC_TLS_CERT=" .. dir .. "/cert.pem WXD_SPEC_TLS_KEY=" .. dir .. "/key.pem",
+      args = "--admin 127.0.0.1:" .. admin .. " --https-listen 127.0.0.1:" .. H.free_port() })
+    srv.https_port = tonumber(srv:log_text():match('"https":"127%.0%.0%.1:(%d+)"'))
+    assert.equal(200, srv:get("/big?n=1").status)
+  end)
+  teardown(function()
+    srv:stop(); srv:cleanup()
+    os.execute("rm -rf " .. dir)
+  end)
+
+  it("holds the connection as on plain HTTP, and answers every request in order", function()
+    -- openssl s_client writes into a pipe nobody reads until `go` exists:
+    -- it stops reading the socket, as a client that never reads does.
+    local count = 300
+    local reqs = {}
+    for i = 1, count do
+      reqs[i] = "GET /big?n=" .. i .. " HTTP/1.1\r\nHost: x\r\n" .. (i == count and "Connection: close\r\n" or "") .. "\r\n"
+    end
+    H.write_file(dir .. "/reqs", table.concat(reqs))
+    local base = proc_kb(srv.pid, "VmRSS")
+    local bound = 8 * 1024 -- KiB; unfixed: count * 64 KiB, about 19 MiB
+    os.execute(string.format("((cat %s/reqs; sleep 60) | timeout 60 openssl s_client -quiet -connect 127.0.0.1:%d 2>/dev/null"
+      .. " | (while [ ! -e %s/go ]; do sleep 0.05; done; cat > %s/out; touch %s/done)) >/dev/null 2>&1 &",
+      dir, srv.https_port, dir, dir, dir))
+    finally(function() H.write_file(dir .. "/go", "") end)
+    H.wait_until(function()
+      return paused(admin) == 1 or proc_kb(srv.pid, "VmRSS") - base > bound
+    end, 60, "the connection to be held")
+    local grown = proc_kb(srv.pid, "VmRSS") - base
+    assert.is_true(grown < bound, "RSS grew by " .. grown .. " KiB while nobody read")
+    H.write_file(dir .. "/go", "")
+    H.wait_until(function() return H.read_file(dir .. "/done") end, 60, "s_client to finish")
+    local out = H.read_file(dir .. "/out")
+    local rs = H.parse_responses(out)
+    assert.equal(count, #rs)
+    for i, r in ipairs(rs) do
+      assert.equal(200, r.status)
+      assert.equal(tostring(i), r.headers["x-n"], "response " .. i .. " in order")
+      assert.equal(65536, #r.body)
+    end
+    H.wait_until(function() return paused(admin) == 0 end, 10, "the connection to be released")
+  end)
+end)
+
 describe("request shapes nginx refuses", function()
   local srv
   setup(function() srv = H.start(H.app("hardening")) end)
