@@ -437,3 +437,34 @@ describe("request shapes nginx refuses", function()
     assert.equal("traced TRACE\n", r.body)
   end)
 end)
+
+describe("the HTTP client's chunked bodies", function()
+  it("are refused as too_large as soon as a chunk size takes them over max_body", function()
+    local http = require "wxd.http"
+    local timer = require "wxd.timer"
+    local server = assert(socket.bind("127.0.0.1", 0))
+    server:settimeout(0)
+    local _, port = server:getsockname()
+    local result
+    timer.after(0, function()
+      local res, err, detail = http.get("http://127.0.0.1:" .. port .. "/", { max_body = 4096, timeout = 30 })
+      result = { res = res, err = err, detail = detail }
+    end)
+    local peer = H.wait_until(function() return server:accept() end, 5, "the client to connect")
+    finally(function() peer:close(); server:close() end)
+    peer:settimeout(0)
+    local got = ""
+    H.wait_until(function()
+      local data, _, partial = peer:receive(4096)
+      got = got .. (data or partial or "")
+      return got:find("\r\n\r\n", 1, true)
+    end, 5, "the request")
+    -- The size line and nothing more: before, the client waited for data
+    -- until its read timeout (30 s).
+    peer:send("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1001\r\n")
+    H.wait_until(function() return result end, 5, "the client to give up")
+    assert.is_nil(result.res)
+    assert.equal("too_large", result.err)
+    assert.truthy(result.detail:find("max_body", 1, true), result.detail)
+  end)
+end)
