@@ -285,10 +285,11 @@ static int on_headers_complete(llhttp_t *p) {
     return 0;
   }
   r->in_trailers = 1;
-  if ((p->flags & F_CONTENT_LENGTH) && p->content_length > r->max_body && !r->is_head && status != 204 &&
-      status != 304)
+  int bodiless = r->is_head || status == 204 || status == 304;
+  if ((p->flags & F_CONTENT_LENGTH) && p->content_length > r->max_body && !bodiless)
     CB_FAIL(r, K_TOO_LARGE, "response body larger than max_body");
-  if (p->flags & F_CHUNKED) wxd_scan_chunked(&r->scan);
+  /* Chunk sizes over max_body are refused as soon as their line is read. */
+  if (p->flags & F_CHUNKED) wxd_scan_chunked(&r->scan, bodiless ? UINT64_MAX : r->max_body);
   /* A response to HEAD has no body whatever its headers say. */
   return r->is_head ? 1 : 0;
 }
@@ -830,6 +831,9 @@ static int req_parse(fetch_req_t *r, const char *data, size_t len) {
         case WXD_SCAN_OK: break;
         case WXD_SCAN_HEAD_TOO_LARGE:
           req_fail(r, K_TOO_LARGE, "%s", head ? "response headers too large" : "response trailers too large");
+          return -1;
+        case WXD_SCAN_BODY_TOO_LARGE:
+          req_fail(r, K_TOO_LARGE, "%s", "response body larger than max_body");
           return -1;
         case WXD_SCAN_MALFORMED:
           req_fail(r, K_PROTOCOL, "%s", head ? "malformed response head (bare LF, obs-fold or a space in a field name)"

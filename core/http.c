@@ -6,13 +6,17 @@
  *   READING  a request has begun: header deadline, then body deadline
  *   HANDLING the parser is paused at the end of the message and the handler
  *            runs; bytes that arrive meanwhile queue in `in`
- * and back to IDLE after the response, or closed.
+ * and back to IDLE after the response, or closed. An IDLE connection whose
+ * client leaves more than OUTPUT_HIGH_WATER of responses unread is held
+ * (output_wait): nothing is read or dispatched until it took most of them,
+ * so a client pipelining without reading costs a bounded amount of memory.
  */
 #include "http.h"
 
 #include <ctype.h>
 #include <lauxlib.h>
 #include <llhttp.h>
+#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,7 +29,11 @@
 
 #define MAX_HEADERS 100
 #define IN_QUEUE_MAX (256 * 1024)   /* unparsed bytes queued while handling */
-#define STREAM_HIGH_WATER (256 * 1024)
+/* Unsent output a connection may hold: above it, a streaming handler waits
+ * and a connection's next request is not read nor dispatched; both go on
+ * once the client has taken it below half of this. */
+#define OUTPUT_HIGH_WATER (256 * 1024)
+#define OUTPUT_LOW_WATER (OUTPUT_HIGH_WATER / 2)
 #define TLS_SLICE (64 * 1024)       /* plaintext encrypted per step */
 #define TLS_SCRATCH (80 * 1024)     /* ciphertext of one slice, with room */
 
@@ -65,6 +73,9 @@ typedef struct wxd_req {
   unsigned drain_wait : 1;   /* coroutine waits for the write queue */
   unsigned finished : 1;
   unsigned in_handler : 1;   /* dispatched and not yet finished: owned by the coroutine */
+  unsigned conn_close : 1;   /* a Connection field lists "close" */
+  unsigned conn_keep_alive : 1; /* a Connection field lists "keep-alive" */
+  unsigned wants_keep_alive : 1; /* what the client asked for, decided at the end of the message */
   int host_count;
   int te_count;
   int status;
@@ -93,6 +104,8 @@ struct wxd_conn {
   unsigned discard_input : 1; /* after Connection: close or an error */
   unsigned reading : 1;
   unsigned peer_eof : 1;
+  unsigned output_wait : 1;   /* next requests held back until the output drains */
+  unsigned was_held : 1;      /* output_wait was set at least once */
   unsigned tls_done : 1;      /* handshake finished */
   unsigned tls_failed : 1;    /* no more TLS records: no close_notify either */
   wxd_tls_t *tls;             /* HTTPS: NULL on plain connections */
@@ -193,6 +206,10 @@ typedef struct write_req {
 } write_req_t;
 
 static void maybe_resume_streamer(wxd_conn_t *c);
+static void conn_continue(wxd_conn_t *c);
+static void conn_release_output(wxd_conn_t *c);
+
+static size_t conn_unsent(wxd_conn_t *c) { return uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp); }
 
 static void on_write(uv_write_t *req, int status) {
   write_req_t *wr = (write_req_t *)req;
@@ -208,6 +225,11 @@ static void on_write(uv_write_t *req, int status) {
   if (c->closing) return;
   if (c->writes_pending == 0 && c->close_after_write) {
     conn_close(c);
+    return;
+  }
+  if (c->output_wait && conn_unsent(c) <= OUTPUT_LOW_WATER) {
+    conn_release_output(c);
+    conn_continue(c);
     return;
   }
   maybe_resume_streamer(c);
@@ -377,6 +399,7 @@ static void req_reset(wxd_req_t *r) {
   r->in_trailers = 0;
   r->keep_alive = r->is_head = r->has_te = r->streaming = r->stream_raw = r->stream_nobody = 0;
   r->drain_wait = r->finished = 0;
+  r->conn_close = r->conn_keep_alive = r->wants_keep_alive = 0;
   r->host_count = 0;
   r->te_count = 0;
   r->status = 0;
@@ -431,6 +454,10 @@ static int on_url(llhttp_t *p, const char *at, size_t len) {
   wxd_conn_t *c = p->data;
   wxd_req_t *r = c->req;
   if (r->url_len + len > c->w->cfg->limits.max_uri_bytes) FAIL(c, 414, "request target too long");
+  /* llhttp lets a raw tab through; it and other control bytes must never
+   * reach routing or an app's logs. */
+  for (size_t i = 0; i < len; i++)
+    if ((unsigned char)at[i] < 0x20 || at[i] == 0x7f) FAIL(c, 400, "control byte in request target");
   if (count_header_bytes(c, len)) FAIL(c, 431, "request header fields too large");
   if (wxd_buf_append(&r->head, at, len)) FAIL(c, 500, "out of memory");
   r->url_len += (uint32_t)len;
@@ -483,6 +510,23 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len) {
   return 0;
 }
 
+/* Notes the options of one Connection field: a comma-separated list of
+ * tokens, any case, with optional whitespace around each. Every Connection
+ * field counts, so "close" wins however it is combined. Proxy-Connection
+ * is not Connection and is ignored (llhttp's F_CONNECTION_* flags count it
+ * too, which is why they are not used). */
+static void note_connection_options(wxd_req_t *r, const char *v, size_t n) {
+  size_t i = 0;
+  while (i < n) {
+    while (i < n && (v[i] == ' ' || v[i] == '\t' || v[i] == ',')) i++;
+    size_t start = i;
+    while (i < n && v[i] != ',' && v[i] != ' ' && v[i] != '\t') i++;
+    size_t len = i - start;
+    if (len == 5 && strncasecmp(v + start, "close", 5) == 0) r->conn_close = 1;
+    else if (len == 10 && strncasecmp(v + start, "keep-alive", 10) == 0) r->conn_keep_alive = 1;
+  }
+}
+
 static int on_header_value_complete(llhttp_t *p) {
   wxd_conn_t *c = p->data;
   wxd_req_t *r = c->req;
@@ -494,7 +538,88 @@ static int on_header_value_complete(llhttp_t *p) {
     r->te_count++;
   }
   else if (h->name_len == 4 && memcmp(name, "host", 4) == 0) r->host_count++;
+  else if (h->name_len == 10 && memcmp(name, "connection", 10) == 0)
+    note_connection_options(r, r->head.data + h->value_off, h->value_len);
   r->hstate = 0;
+  return 0;
+}
+
+/* A host an app can take for a name (RFC 9110 7.2, and what nginx
+ * accepts): a name, an address or a [literal], then an optional :port.
+ * Refused: nothing before the port (a trailing dot does not count), '/',
+ * '\\', whitespace, control bytes, "..". */
+static int host_ok(const char *h, size_t n) {
+  size_t name_len = n;
+  int literal = n > 0 && h[0] == '[', name_done = 0;
+  for (size_t i = 0; i < n; i++) {
+    unsigned char ch = (unsigned char)h[i];
+    if (ch <= 0x20 || ch == 0x7f || ch == '/' || ch == '\\') return 0;
+    if (ch == '.' && i > 0 && h[i - 1] == '.') return 0;
+    if (!name_done && (literal ? ch == ']' : ch == ':')) {
+      name_len = literal ? i + 1 : i;
+      name_done = 1;
+    }
+  }
+  if (literal && !name_done) return 0;
+  if (name_len > 0 && h[name_len - 1] == '.') name_len--;
+  return name_len > 0;
+}
+
+static int find_header(wxd_req_t *r, const char *name) {
+  size_t nl = strlen(name);
+  for (unsigned i = 0; i < r->nhdrs; i++) {
+    hdr_t *h = &r->hdrs[i];
+    if (h->name_len == nl && memcmp(r->head.data + h->name_off, name, nl) == 0) return (int)i;
+  }
+  return -1;
+}
+
+/* Rewrites an absolute-form target (RFC 9112 3.2.2) to the origin form
+ * apps route on ("/" when it has no path, as in http://host or
+ * http://host?q), and makes its authority the request's Host. Returns 0,
+ * or -1 with the refusal set. */
+static int take_absolute_form(wxd_conn_t *c, wxd_req_t *r, int host_idx) {
+  const char *url = r->head.data;
+  size_t scheme = (r->url_len > 7 && strncasecmp(url, "http://", 7) == 0)    ? 7
+                  : (r->url_len > 8 && strncasecmp(url, "https://", 8) == 0) ? 8
+                                                                             : 0;
+  if (!scheme) FAIL(c, 400, "bad request target");
+  size_t end = scheme; /* the authority ends at the path or the query */
+  while (end < r->url_len && url[end] != '/' && url[end] != '?') end++;
+  size_t alen = end - scheme;
+  /* No userinfo: a client has no business sending credentials there, and
+   * a name that looks like one host but is another is a classic trick. */
+  if (memchr(url + scheme, '@', alen)) FAIL(c, 400, "userinfo in request target");
+  if (!host_ok(url + scheme, alen)) FAIL(c, 400, "bad host in request target");
+  /* The authority moves behind the headers ("host" first, for a request
+   * that had no Host field), and is shifted with them below. */
+  if (host_idx < 0 && r->nhdrs == MAX_HEADERS) FAIL(c, 431, "too many header fields");
+  if (wxd_buf_reserve(&r->head, 4 + alen)) FAIL(c, 500, "out of memory");
+  size_t host_off = r->head.len;
+  memcpy(r->head.data + host_off, "host", 4);
+  memcpy(r->head.data + host_off + 4, r->head.data + scheme, alen);
+  r->head.len += 4 + alen;
+  /* One byte before the path is kept to hold the "/" when there is none. */
+  int add_slash = end == r->url_len || r->head.data[end] == '?';
+  size_t skip = add_slash ? end - 1 : end;
+  memmove(r->head.data, r->head.data + skip, r->url_len - skip);
+  if (add_slash) r->head.data[0] = '/';
+  size_t tail = r->head.len - r->url_len;
+  memmove(r->head.data + r->url_len - skip, r->head.data + r->url_len, tail);
+  for (unsigned i = 0; i < r->nhdrs; i++) {
+    r->hdrs[i].name_off -= (uint32_t)skip;
+    if (r->hdrs[i].value_len) r->hdrs[i].value_off -= (uint32_t)skip;
+  }
+  r->head.len -= skip;
+  r->url_len -= (uint32_t)skip;
+  host_off -= skip;
+  if (host_idx < 0) {
+    host_idx = (int)r->nhdrs++;
+    r->hdrs[host_idx].name_off = (uint32_t)host_off;
+    r->hdrs[host_idx].name_len = 4;
+  }
+  r->hdrs[host_idx].value_off = (uint32_t)(host_off + 4);
+  r->hdrs[host_idx].value_len = (uint32_t)alen;
   return 0;
 }
 
@@ -520,39 +645,26 @@ static int on_headers_complete(llhttp_t *p) {
     while (tl && (te[tl - 1] == ' ' || te[tl - 1] == '\t')) tl--;
     if (r->te_count > 1) FAIL(c, 400, "repeated Transfer-Encoding");
     if (!te || tl != 7 || strncasecmp(te, "chunked", 7) != 0) FAIL(c, 501, "transfer coding not supported");
-    wxd_scan_chunked(&c->scan);
+    wxd_scan_chunked(&c->scan, lim->max_body_bytes);
   }
   if (r->http_minor == 1 && r->host_count != 1) FAIL(c, 400, "missing or repeated Host");
   if (r->host_count > 1) FAIL(c, 400, "repeated Host");
+  int host_idx = find_header(r, "host");
+  if (host_idx >= 0) {
+    /* Checked even when an absolute-form target replaces it, as nginx
+     * does; the app gets it without surrounding whitespace. */
+    hdr_t *h = &r->hdrs[host_idx];
+    const char *v = r->head.data + h->value_off;
+    while (h->value_len && (v[0] == ' ' || v[0] == '\t')) v++, h->value_off++, h->value_len--;
+    while (h->value_len && (v[h->value_len - 1] == ' ' || v[h->value_len - 1] == '\t')) h->value_len--;
+    if (!host_ok(v, h->value_len)) FAIL(c, 400, "bad Host");
+  }
   if (r->method == HTTP_CONNECT) FAIL(c, 405, "CONNECT is not supported");
   if (r->url_len == 0) FAIL(c, 400, "empty request target");
   const char *url = r->head.data;
-  if (url[0] != '/' && !(r->url_len == 1 && url[0] == '*' && r->method == HTTP_OPTIONS)) {
-    /* absolute-form (RFC 9112 3.2.2): keep the path part ("/" when the
-     * target has none, as in http://host or http://host?q). */
-    size_t scheme = (r->url_len > 7 && strncasecmp(url, "http://", 7) == 0)    ? 7
-                    : (r->url_len > 8 && strncasecmp(url, "https://", 8) == 0) ? 8
-                                                                               : 0;
-    if (!scheme) FAIL(c, 400, "bad request target");
-    const char *sep = memchr(url + scheme, '/', r->url_len - scheme);
-    const char *q = memchr(url + scheme, '?', r->url_len - scheme);
-    if (!sep || (q && q < sep)) sep = q;
-    size_t skip = sep ? (size_t)(sep - url) : r->url_len;
-    /* One byte before the path is kept to hold the "/" when there is none. */
-    int add_slash = !sep || *sep == '?';
-    if (add_slash) skip--;
-    memmove(r->head.data, r->head.data + skip, r->url_len - skip);
-    if (add_slash) r->head.data[0] = '/';
-    /* Shift the headers stored after the URL. */
-    size_t tail = r->head.len - r->url_len;
-    memmove(r->head.data + r->url_len - skip, r->head.data + r->url_len, tail);
-    for (unsigned i = 0; i < r->nhdrs; i++) {
-      r->hdrs[i].name_off -= (uint32_t)skip;
-      if (r->hdrs[i].value_len) r->hdrs[i].value_off -= (uint32_t)skip;
-    }
-    r->head.len -= skip;
-    r->url_len -= (uint32_t)skip;
-  }
+  if (url[0] != '/' && !(r->url_len == 1 && url[0] == '*' && r->method == HTTP_OPTIONS) &&
+      take_absolute_form(c, r, host_idx) != 0)
+    return -1;
   int has_body = (p->flags & F_CHUNKED) || ((p->flags & F_CONTENT_LENGTH) && p->content_length > 0);
   if ((p->flags & F_CONTENT_LENGTH) && p->content_length > lim->max_body_bytes)
     FAIL(c, 413, "request body too large");
@@ -584,7 +696,11 @@ static int on_body(llhttp_t *p, const char *at, size_t len) {
 }
 
 static int on_message_complete(llhttp_t *p) {
-  (void)p;
+  wxd_conn_t *c = p->data;
+  wxd_req_t *r = c->req;
+  /* HTTP/1.1 stays open unless told to close; HTTP/1.0 closes unless told
+   * to stay open, and "close" wins over "keep-alive" on both. */
+  r->wants_keep_alive = !r->conn_close && (r->http_minor == 1 || r->conn_keep_alive) && !p->upgrade;
   return HPE_PAUSED; /* one request at a time: responses stay in order */
 }
 
@@ -621,6 +737,16 @@ static void conn_stop_timer(wxd_conn_t *c) { c->deadline = 0; }
 
 void wxd_http_sweep(wxd_worker_t *w) {
   uint64_t now = uv_now(&w->loop);
+  if (w->trim_wanted) {
+    /* Connections that were held for output have gone: hand their freed
+     * queues back to the system. glibc keeps freed memory in its arenas,
+     * and the 64 KiB-class blocks of write queues land between live
+     * allocations, where free() alone cannot return them. */
+    w->trim_wanted = 0;
+#ifdef __GLIBC__
+    malloc_trim(0);
+#endif
+  }
   wxd_conn_t *c = w->conns;
   while (c) {
     wxd_conn_t *next = c->next;
@@ -1052,8 +1178,7 @@ static void dispatch(wxd_conn_t *c) {
   c->state = CONN_HANDLING;
   conn_stop_timer(c);
   c->nreq++;
-  r->keep_alive = llhttp_should_keep_alive(&c->parser) && !w->draining &&
-                  c->nreq < w->cfg->limits.max_requests && !c->parser.upgrade;
+  r->keep_alive = r->wants_keep_alive && !w->draining && c->nreq < w->cfg->limits.max_requests;
   /* Bytes after a request that ends the connection are never parsed: a
    * request smuggled behind "Connection: close" reaches no handler. */
   if (!r->keep_alive) c->discard_input = 1;
@@ -1090,8 +1215,29 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
 static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf);
 
 static void conn_start_reading(wxd_conn_t *c) {
-  if (c->reading || c->closing || c->peer_eof) return;
+  if (c->reading || c->closing || c->peer_eof || c->output_wait) return;
   if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0) c->reading = 1;
+}
+
+static void conn_stop_reading(wxd_conn_t *c) {
+  if (c->reading) uv_read_stop((uv_stream_t *)&c->tcp);
+  c->reading = 0;
+}
+
+/* The client leaves responses unread: read and dispatch nothing more until
+ * it has taken most of them (on_write releases). */
+static void conn_hold_output(wxd_conn_t *c) {
+  if (c->output_wait) return;
+  c->output_wait = 1;
+  c->was_held = 1;
+  atomic_fetch_add_explicit(&c->w->stats.paused_for_output, 1, memory_order_relaxed);
+  conn_stop_reading(c);
+}
+
+static void conn_release_output(wxd_conn_t *c) {
+  if (!c->output_wait) return;
+  c->output_wait = 0;
+  atomic_fetch_sub_explicit(&c->w->stats.paused_for_output, 1, memory_order_relaxed);
 }
 
 static void req_finish(wxd_req_t *r) {
@@ -1114,23 +1260,32 @@ static void req_finish(wxd_req_t *r) {
   wxd_scan_head(&c->scan, 1);
   conn_set_timer(c, w->cfg->limits.keepalive_timeout_ms);
   if (c->tls) wxd_tls_trim(c->tls);
-  if (!c->in_process) {
-    process_queued(c);
-    if (!c->closing && c->state != CONN_HANDLING) conn_start_reading(c);
-  }
-  if (c->peer_eof && !c->in_process && !c->closing && c->state != CONN_HANDLING) {
-    /* Nothing more will come: whatever is left in `in` is an incomplete
-     * request. Close once the responses are written. */
+  if (conn_unsent(c) > OUTPUT_HIGH_WATER) conn_hold_output(c);
+  /* Inside conn_process, its loop goes on with the queued bytes. */
+  if (!c->in_process) conn_continue(c);
+}
+
+/* An idle connection takes up its queued requests, then reads again. */
+static void conn_continue(wxd_conn_t *c) {
+  if (c->closing || c->output_wait || c->state == CONN_HANDLING) return;
+  process_queued(c);
+  if (c->closing || c->output_wait || c->state == CONN_HANDLING) return;
+  if (c->peer_eof || (c->w->draining && c->state == CONN_IDLE)) {
+    /* Nothing more will come (whatever is left in `in` is an incomplete
+     * request), or we are shutting down: close once the responses are
+     * written. */
     c->close_after_write = 1;
     if (c->writes_pending == 0) conn_close(c);
+    return;
   }
+  conn_start_reading(c);
 }
 
 /* ---- reading ---- */
 
 static void conn_process(wxd_conn_t *c, const char *data, size_t len) {
   c->in_process++;
-  while (len > 0 && !c->closing && !c->discard_input && c->state != CONN_HANDLING) {
+  while (len > 0 && !c->closing && !c->discard_input && !c->output_wait && c->state != CONN_HANDLING) {
     if (c->state == CONN_IDLE) {
       c->state = CONN_READING;
       conn_set_timer(c, c->w->cfg->limits.header_timeout_ms);
@@ -1147,6 +1302,9 @@ static void conn_process(wxd_conn_t *c, const char *data, size_t len) {
       } else if (refused == WXD_SCAN_CHUNK_LINE_LONG) {
         conn_fail(c, 413, "chunk line too long");
         break;
+      } else if (refused == WXD_SCAN_BODY_TOO_LARGE) {
+        conn_fail(c, 413, "request body too large");
+        break;
       } else if (refused) {
         conn_fail(c, 431, "request header fields too large");
         break;
@@ -1155,7 +1313,11 @@ static void conn_process(wxd_conn_t *c, const char *data, size_t len) {
     llhttp_errno_t e = llhttp_execute(&c->parser, data, chunk);
     if (e == HPE_PAUSED || e == HPE_PAUSED_UPGRADE) {
       size_t used = (size_t)(llhttp_get_error_pos(&c->parser) - data);
-      if (e == HPE_PAUSED) llhttp_resume(&c->parser);
+      /* llhttp would refuse the next request after a Proxy-Connection:
+       * close we ignore: start it afresh instead. */
+      if (e == HPE_PAUSED && c->req->wants_keep_alive && !llhttp_should_keep_alive(&c->parser))
+        llhttp_reset(&c->parser);
+      else if (e == HPE_PAUSED) llhttp_resume(&c->parser);
       else llhttp_resume_after_upgrade(&c->parser);
       data += used;
       len -= used;
@@ -1172,12 +1334,9 @@ static void conn_process(wxd_conn_t *c, const char *data, size_t len) {
   }
   if (len > 0 && !c->closing && !c->discard_input) {
     if (wxd_buf_append(&c->in, data, len) != 0) conn_close(c);
-    else if (c->in.len > IN_QUEUE_MAX && c->reading) {
-      /* A client pipelining faster than we answer: stop reading until the
-       * queue is worked off. */
-      uv_read_stop((uv_stream_t *)&c->tcp);
-      c->reading = 0;
-    }
+    /* A client pipelining faster than we answer: stop reading until the
+     * queue is worked off. */
+    else if (c->in.len > IN_QUEUE_MAX) conn_stop_reading(c);
   }
   c->in_process--;
 }
@@ -1199,13 +1358,10 @@ static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
 
 /* Bytes of the request stream (plaintext, after TLS when there is TLS). */
 static void conn_input(wxd_conn_t *c, const char *data, size_t len) {
-  if (c->state == CONN_HANDLING || c->in.len > 0) {
+  if (c->state == CONN_HANDLING || c->in.len > 0 || c->output_wait) {
     if (!c->discard_input && wxd_buf_append(&c->in, data, len) != 0) conn_close(c);
-    else if (c->state != CONN_HANDLING) process_queued(c);
-    else if (c->in.len > IN_QUEUE_MAX && c->reading) {
-      uv_read_stop((uv_stream_t *)&c->tcp);
-      c->reading = 0;
-    }
+    else if (c->state != CONN_HANDLING && !c->output_wait) process_queued(c);
+    else if (c->in.len > IN_QUEUE_MAX) conn_stop_reading(c);
   } else if (!c->discard_input) {
     conn_process(c, data, len);
   }
@@ -1213,8 +1369,7 @@ static void conn_input(wxd_conn_t *c, const char *data, size_t len) {
 
 /* The client sent all it will (TCP EOF, or TLS close_notify). */
 static void conn_input_end(wxd_conn_t *c) {
-  if (c->reading) uv_read_stop((uv_stream_t *)&c->tcp);
-  c->reading = 0;
+  conn_stop_reading(c);
   if (c->state == CONN_HANDLING || c->in.len > 0 || c->writes_pending > 0) {
     /* Half-close: answer the requests that are complete, finish writing,
      * then close. */
@@ -1321,6 +1476,7 @@ static void on_conn_handle_closed(uv_handle_t *h) {
   w->nconns--;
   atomic_fetch_sub_explicit(&w->stats.connections, 1, memory_order_relaxed);
   wxd_buf_free(&c->in);
+  if (c->was_held) w->trim_wanted = 1;
   wxd_tls_free(c->tls); /* drops its reference to the SSL_CTX */
   free(c->tls_info);
   free(c);
@@ -1331,6 +1487,7 @@ static void conn_close(wxd_conn_t *c) {
   if (c->closing) return;
   c->closing = 1;
   conn_stop_timer(c);
+  conn_release_output(c);
   wxd_req_t *r = c->req;
   c->req = NULL;
   /* No close_notify after a streamed response cut short: for an HTTP/1.0
@@ -1440,7 +1597,7 @@ void wxd_http_close_all(wxd_worker_t *w) {
 static void maybe_resume_streamer(wxd_conn_t *c) {
   wxd_req_t *r = c->req;
   if (!r || !r->drain_wait || !r->co) return;
-  if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > STREAM_HIGH_WATER / 2) return;
+  if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > OUTPUT_LOW_WATER) return;
   r->drain_wait = 0;
   lua_pushboolean(r->co->T, 1);
   wxd_co_resume(r->co, 1);
@@ -1506,7 +1663,7 @@ static int http_write(lua_State *L) {
   }
   /* Waits for the client only where the coroutine can yield (not inside a
    * string.gsub callback, say): the bytes are queued either way. */
-  if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > STREAM_HIGH_WATER && lua_isyieldable(L)) {
+  if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > OUTPUT_HIGH_WATER && lua_isyieldable(L)) {
     r->drain_wait = 1;
     return wxd_co_yield(co, L, 0);
   }

@@ -4,9 +4,10 @@
  * header-section scanner, limited (sizes and timeouts), and answered in
  * order. One request per connection runs at a time: the parser pauses at the
  * end of each message, so pipelined requests queue as unparsed bytes and get
- * their responses in order. Each request runs the app's handler in a wxd
- * coroutine; the handler returns (status, headers, body) or streams with
- * wxd.core.http.write().
+ * their responses in order; none is read or started while the client leaves
+ * more than 256 KiB of responses unsent. Each request runs the app's handler
+ * in a wxd coroutine; the handler returns (status, headers, body) or streams
+ * with wxd.core.http.write().
  */
 #ifndef WXD_HTTP_H
 #define WXD_HTTP_H

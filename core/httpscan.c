@@ -11,10 +11,11 @@ void wxd_scan_head(wxd_scan_t *s, int is_request) {
   s->is_request = is_request;
 }
 
-void wxd_scan_chunked(wxd_scan_t *s) {
+void wxd_scan_chunked(wxd_scan_t *s, uint64_t max_body) {
   memset(s, 0, sizeof *s);
   s->mode = WXD_SCAN_CHUNKED;
   s->cs = CS_SIZE;
+  s->max_body = max_body;
 }
 
 /* One byte of a header-like line. Returns 1 at the blank line that ends the
@@ -80,6 +81,9 @@ int wxd_scan(wxd_scan_t *s, const char *data, size_t len, size_t max_head, size_
         if (v >= 0) {
           if (++s->ndigits > 15) return WXD_SCAN_MALFORMED; /* no chunk is that large */
           s->remaining = s->remaining * 16 + (uint64_t)v;
+          /* Digits only ever make the size larger: refuse as soon as it
+           * is over, without waiting for the rest of the line. */
+          if (s->remaining > s->max_body - s->announced) return WXD_SCAN_BODY_TOO_LARGE;
         } else if (s->ndigits > 0 && ch == ';') {
           s->cs = CS_EXT;
         } else if (s->ndigits > 0 && ch == '\r') {
@@ -105,6 +109,7 @@ int wxd_scan(wxd_scan_t *s, const char *data, size_t len, size_t max_head, size_
           s->saw_cr = 0;
           s->bytes = 0;
         } else {
+          s->announced += s->remaining;
           s->cs = CS_DATA;
         }
         break;

@@ -6,7 +6,9 @@
  * empty field name; chunk-size lines are hex digits (at most 15), optionally
  * with extensions, then CRLF; chunk data is followed by exactly CRLF;
  * trailers follow the header rules. It also bounds bytes that reach no
- * llhttp callback: the raw head, the trailers, each chunk-size line.
+ * llhttp callback: the raw head, the trailers, each chunk-size line; and a
+ * chunked body by the sizes its lines announce, so that a size over the
+ * limit is refused when its line is read, not once its data has come.
  *
  * A scanner checks one part at a time: a head (until its blank line), or a
  * chunked body (until the blank line after the trailers). *upto tells the
@@ -27,6 +29,7 @@ enum {
   WXD_SCAN_MALFORMED,       /* a refused shape */
   WXD_SCAN_HEAD_TOO_LARGE,  /* the head or the trailers exceed the bound */
   WXD_SCAN_CHUNK_LINE_LONG, /* a chunk-size line (with extensions) over 4 KiB */
+  WXD_SCAN_BODY_TOO_LARGE,  /* the chunk sizes add up to more than max_body */
 };
 
 #define WXD_SCAN_CHUNK_LINE_MAX 4096
@@ -43,12 +46,15 @@ typedef struct wxd_scan {
   uint64_t remaining; /* chunk data still to come */
   int ndigits;
   size_t chunk_line;  /* bytes of the current chunk-size line */
+  uint64_t max_body;  /* chunked: bound on the sum of the chunk sizes */
+  uint64_t announced; /* chunked: sum of the sizes of the chunks before this one */
 } wxd_scan_t;
 
 /* Starts checking a head: a request's (is_request) or a response's. */
 void wxd_scan_head(wxd_scan_t *s, int is_request);
-/* Starts checking a chunked body, once its head was accepted. */
-void wxd_scan_chunked(wxd_scan_t *s);
+/* Starts checking a chunked body, once its head was accepted; the chunk
+ * sizes may add up to max_body bytes at most. */
+void wxd_scan_chunked(wxd_scan_t *s, uint64_t max_body);
 /* Scans data[0..len) of the current part; max_head bounds the raw bytes of
  * a head and of the trailers. Returns WXD_SCAN_OK with *upto set (all of
  * len, or up to the end of the part, after which the scanner is off), or

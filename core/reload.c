@@ -250,10 +250,11 @@ static void status_json(wxd_server_t *s, wxd_buf_t *b) {
     wxd_worker_stats_t *st = &s->workers[i].stats;
     snprintf(tmp, sizeof tmp,
              "%s{\"id\":%d,\"generation\":%u,\"requests\":%llu,\"connections\":%u,"
-             "\"retired_generations\":%u,\"busy\":%.2f}",
+             "\"paused_for_output\":%u,\"retired_generations\":%u,\"busy\":%.2f}",
              i ? "," : "", i, atomic_load(&st->generation),
              (unsigned long long)atomic_load(&st->requests), atomic_load(&st->connections),
-             atomic_load(&st->retired), atomic_load(&st->busy_permille) / 1000.0);
+             atomic_load(&st->paused_for_output), atomic_load(&st->retired),
+             atomic_load(&st->busy_permille) / 1000.0);
     append_str(b, tmp);
   }
   append_str(b, "]}\n");

@@ -31,6 +31,7 @@ typedef struct wxd_worker_stats {
   atomic_uint generation;
   atomic_uint retired; /* replaced generations still finishing requests */
   atomic_uint busy_permille; /* share of the last second the loop was not idle */
+  atomic_uint paused_for_output; /* connections held until their client reads */
 } wxd_worker_stats_t;
 
 typedef struct wxd_worker {
@@ -56,6 +57,7 @@ typedef struct wxd_worker {
   struct wxd_conn *conns;   /* every open connection */
   unsigned nconns;
   int draining;
+  int trim_wanted;          /* memory to give back on the next tick */
   int stopping;             /* handles are being closed */
   char *readbuf;            /* shared by all reads of this loop */
   size_t readbuf_size;

@@ -518,7 +518,9 @@ local function new_node()
 end
 
 -- The route of a method table for a method: exact method first, then GET
--- for HEAD (the core strips the body), then app:any().
+-- for HEAD (the core strips the body), then app:any(), which never takes
+-- TRACE: echoing a request back (cookies, auth headers included) is
+-- something a route must ask for by name, e.g. app:route("TRACE", ...).
 local function pick(methods, method)
     local r = methods[method]
     if r then
@@ -530,7 +532,10 @@ local function pick(methods, method)
             return r
         end
     end
-    return methods[ANY]
+    if method ~= "TRACE" then
+        return methods[ANY]
+    end
+    return nil
 end
 
 -- Backtracking match: at each segment try the static child, then the
@@ -1027,10 +1032,12 @@ function app_methods.handle(self, req)
         end
     else
         local allow = allowed_methods(self, path)
-        if allow[1] then
+        if allow[1] or method == "TRACE" then
             rawset(res, "status", 405)
             rawset(res, "body", NOT_ALLOWED_BODY)
-            res.headers["allow"] = tbl_concat(allow, ", ")
+            if allow[1] then
+                res.headers["allow"] = tbl_concat(allow, ", ")
+            end
         else
             rawset(res, "status", 404)
             rawset(res, "body", NOT_FOUND_BODY)
