@@ -114,6 +114,9 @@ void wxd_vm_retire(wxd_vm_t *vm);
 void wxd_vm_cancel_waits(wxd_vm_t *vm);
 /* Pushes onto co->vm->L a traceback of the ended coroutine for message `msg`. */
 void wxd_co_traceback(wxd_co_t *co, const char *msg);
+/* Logs `what` at error level with the traceback of a coroutine that ended
+ * with an error (its error value at the top of co->T). */
+void wxd_co_log_error(wxd_co_t *co, const char *what);
 
 /* Registers a native module under `name` in package.preload. */
 void wxd_vm_preload(lua_State *L, const char *name, lua_CFunction open);
