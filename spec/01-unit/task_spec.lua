@@ -410,6 +410,25 @@ describe("wxd.task", function()
     assert.truthy(err:find("more than 200 tasks starting inside one another", 1, true), err)
   end)
 
+  it("refuses to spawn while app.lua loads (no coroutine of the generation runs yet)", function()
+    local dir = H.tmpdir()
+    H.write_file(dir .. "/app.lua", 'require("wxd").task.spawn(function() end)\nreturn require("wxd.app").new()\n')
+    local out, rc = H.sh(H.WXD .. " check " .. dir)
+    os.execute("rm -rf " .. dir)
+    assert.equal(1, rc, out)
+    assert.truthy(out:find("wxd.task.spawn: only in", 1, true), out)
+  end)
+
+  it("keeps a script running while a task sleeps after the main chunk ended", function()
+    local out, rc = run_script([[
+      local wxd = require "wxd"
+      wxd.task.spawn(function() wxd.sleep(20) io.stdout:write("task ended\n") end)
+      io.stdout:write("main chunk ended\n")
+    ]])
+    assert.equal(0, rc, out)
+    assert.equal("main chunk ended\ntask ended\n", out)
+  end)
+
   it("frees tasks and waiters left waiting when a script ends or fails", function()
     -- Two tasks waiting for each other, nothing else alive: the loop ends
     -- and the VM is freed with both (the sanitizer build checks the memory).
