@@ -241,6 +241,24 @@ describe("wxd.task", function()
     assert.is_false(outer_resumed)
   end)
 
+  it("cancels a task waiting for a wxd.lock; the lock goes to the next waiter", function()
+    local lock = require "wxd.lock"
+    wxd.shdict.declare("task_spec_locks", 65536)
+    local holder = lock.new("task_spec_locks", { timeout = 1, expire = 30 })
+    assert(holder:lock("k"))
+    local h = task.spawn(function() return lock.new("task_spec_locks", { timeout = 30 }):lock("k") end)
+    assert.same({ nil, "timeout" }, { h:wait(20) })
+    local nxt = task.spawn(function()
+      local lk = lock.new("task_spec_locks", { timeout = 30 })
+      local ok, err = lk:lock("k")
+      if ok then lk:unlock() end
+      return ok, err
+    end)
+    assert.is_true(h:cancel())
+    holder:unlock()
+    assert.same({ true }, { nxt:wait(10000) })
+  end)
+
   it("lets a task cancel itself: its waiters get cancelled at once, it stops at its next wait", function()
     local log = {}
     local function add(s) log[#log + 1] = s end

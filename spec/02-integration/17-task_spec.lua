@@ -66,17 +66,20 @@ describe("wxd.task in a server", function()
 
   it("finishes waiting requests and late tasks on the old generation across a reload, then frees it", function()
     -- In flight during the reload: three requests waiting for their tasks,
-    -- and one already answered whose task still runs.
+    -- and one already answered whose task runs until the spec releases it.
     local waiting = {}
     for i = 1, 3 do waiting[i] = send_get(srv, "/message?id=w" .. i .. "&work=800&deadline=30000") end
-    assert.equal("success", srv:get("/message?id=bg&work=800&deadline=1").body)
+    assert.equal("success", srv:get("/message?id=bg&gated=1&deadline=1").body)
     H.wait_until(function() return status(admin_port).workers[1].requests >= 4 end, 5, "the requests to start")
     H.write_file(app .. "/handlers/version.lua", 'return { name = "v2" }')
     local out, code = H.sh(H.WXD .. " reload --pid " .. srv.dir .. "/wxd.pid")
     assert.equal(0, code, out)
     assert.equal("v2", srv:get("/version").body)
-    assert.equal(1, status(admin_port).workers[1].retired_generations, "the old generation drains")
     for i = 1, 3 do assert.equal("reply w" .. i .. " from v1", read_body(waiting[i])) end
+    -- Every request of generation 1 has ended: its task alone keeps it.
+    assert.equal(1, status(admin_port).workers[1].retired_generations, "the task keeps the old generation")
+    assert.equal("", srv:get("/record?id=bg").body)
+    assert.equal("released", srv:get("/release?id=bg").body)
     H.wait_until(function() return srv:get("/record?id=bg").body == "reply bg from v1" end, 10,
       "the answered request's task to end on its old code")
     H.wait_until(function() return status(admin_port).workers[1].retired_generations == 0 end, 10,
