@@ -5,6 +5,7 @@
 #include <math.h>
 #include <stdlib.h>
 
+#include "log.h"
 #include "vm.h"
 
 #define TASK_MT "wxd.task"
@@ -27,6 +28,7 @@ typedef struct task {
   waiter_t *head, *tail; /* coroutines waiting for the end, oldest first */
   int state;             /* TASK_* */
   int nresults;          /* values kept in the handle's environment table */
+  int error_logged;      /* task_on_error logged the error it raised */
 } task_t;
 
 struct wxd_task_waiter {
@@ -80,8 +82,8 @@ static void ready_unlink(wxd_vm_t *vm, waiter_t *w) {
  * task returns. A waiter resumed here may end another task in turn, which
  * delivers again one level deeper; past TASK_MAX_DELIVERY_NESTING levels
  * the waiters are only queued, and the loop at that level resumes them as
- * soon as the coroutine it is running yields or ends: a chain of 10,000
- * tasks ending one another does not nest 10,000 resumes on the C stack.
+ * soon as the coroutine it is running yields or ends: a chain of 100,000
+ * tasks ending one another does not nest 100,000 resumes on the C stack.
  * The VM outlives the loop: a coroutine of it is alive while this runs
  * (the task in whose `done` we are, or the caller of cancel()). */
 static void deliver(wxd_vm_t *vm) {
@@ -99,7 +101,8 @@ static void deliver(wxd_vm_t *vm) {
 }
 
 /* Pushes onto W what wait() returns for the ended task t, the values taken
- * from T (first .. first+n-1). T has a free slot. Returns the count. */
+ * from T (first .. first+n-1; a failed task's message at `first`). T has a
+ * free slot when t is done. Returns the count. */
 static int push_outcome(lua_State *W, task_t *t, lua_State *T, int first, int n) {
   if (!lua_checkstack(W, n + 2)) {
     lua_pushnil(W);
@@ -113,11 +116,13 @@ static int push_outcome(lua_State *W, task_t *t, lua_State *T, int first, int n)
       lua_xmove(T, W, 1);
     }
     return n;
-  case TASK_FAILED:
+  case TASK_FAILED: {
+    size_t len;
+    const char *msg = lua_tolstring(T, first, &len);
     lua_pushnil(W);
-    lua_pushvalue(T, first);
-    lua_xmove(T, W, 1);
+    lua_pushlstring(W, msg, len); /* needs no slot on T, whose error may have filled it */
     return 2;
+  }
   default:
     lua_pushnil(W);
     lua_pushliteral(W, "cancelled");
@@ -161,8 +166,8 @@ static void waiter_cancel(void *p) {
 /* ---- the task's coroutine ---- */
 
 /* The handle, found in the entry wrapper's frame (its first local) after
- * the task raised: the stack is not unwound, and the stack index of the
- * wrapper's results is gone. Pushes it and returns 1, or returns 0. */
+ * the coroutine ended without returning (a bare coroutine.yield): the
+ * wrapper never handed it back. Pushes it and returns 1, or returns 0. */
 static int push_handle_from_frames(lua_State *T, task_t *t) {
   lua_Debug ar;
   int lo = 0, hi = 1;
@@ -195,37 +200,76 @@ static void store(lua_State *T, int h, int first, int n) {
   lua_setfenv(T, h);
 }
 
+/* The error value at the top of L as a string, in place. */
+static void error_to_string(lua_State *L) {
+  if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER) {
+    lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, -1));
+    lua_replace(L, -2);
+  }
+  lua_tostring(L, -1); /* a number becomes its string */
+}
+
+/* Called (through pcall) by the message handler of the xpcall around the
+ * task's function, where the error was raised: the logged traceback starts
+ * there (level 3: under this function, pcall and the handler). Returns the
+ * error as a string. After a stack overflow there may be no room left to
+ * call it; the handler then passes the error on as it is, and task_done
+ * logs it without a traceback. */
+static int task_on_error(lua_State *L) {
+  lua_settop(L, 1);
+  error_to_string(L);
+  wxd_vm_log_error(wxd_vm_get(L), L, 3, "task error");
+  wxd_co_t *co = wxd_co_lookup(L);
+  if (co && co->kind == WXD_CO_TASK) ((task_t *)co->data)->error_logged = 1;
+  return 1;
+}
+
+static void fail(wxd_co_t *co, task_t *t, int h, int msg) {
+  t->state = TASK_FAILED;
+  if (h) {
+    store(co->T, h, msg, 1);
+    t->nresults = 1;
+  }
+  wake_all(co->vm, t, co->T, msg, 1);
+}
+
 static void task_done(wxd_co_t *co, int status) {
   task_t *t = co->data;
   lua_State *T = co->T;
   t->co = NULL;
-  /* A slot for push_outcome, and a few for the table and the handle. */
-  int room = lua_checkstack(T, 4);
-  if (status == 0 && room && lua_touserdata(T, 1) == t) {
-    /* The wrapper returned the handle, then the function's results. */
-    int n = lua_gettop(T) - 1;
+  if (status == 0 && lua_touserdata(T, 1) == t) {
+    /* The wrapper returned the handle, then xpcall's results. */
+    int top = lua_gettop(T);
+    if (!lua_toboolean(T, 2)) { /* it raised; xpcall unwound its stack */
+      lua_settop(T, 3);
+      error_to_string(T);
+      if (!t->error_logged) wxd_vm_log_error(co->vm, T, 0, "task error");
+      fail(co, t, 1, 3);
+      return;
+    }
+    /* Room for the results table and push_outcome's copies, above the
+     * results (at most LUAI_MAXCSTACK slots in all). */
+    if (!lua_checkstack(T, 4)) {
+      lua_settop(T, 2);
+      lua_pushliteral(T, "too many results");
+      wxd_log(WXD_LOG_ERROR, co->vm->worker, "task error", "\"error\":\"too many results\"");
+      fail(co, t, 1, 3);
+      return;
+    }
+    int n = top - 2;
     t->state = TASK_DONE;
     t->nresults = n;
-    if (n > 0) store(T, 1, 2, n);
-    wake_all(co->vm, t, T, 2, n);
+    if (n > 0) store(T, 1, 3, n);
+    wake_all(co->vm, t, T, 3, n);
     return;
   }
-  if (status == 0) {
-    lua_settop(T, 0);
-    lua_pushliteral(T, "too many results");
-  }
-  if (lua_type(T, -1) != LUA_TSTRING && lua_type(T, -1) != LUA_TNUMBER)
-    lua_pushfstring(T, "(error object is a %s value)", luaL_typename(T, -1));
-  lua_tostring(T, -1); /* a number becomes its string */
-  int msg = lua_gettop(T);
+  /* Ended without returning: a bare coroutine.yield, which nothing would
+   * resume (vm.c turned it into this error), with the frames still there. */
+  error_to_string(T);
   wxd_co_log_error(co, "task error");
-  t->state = TASK_FAILED;
-  if (room && push_handle_from_frames(T, t)) {
-    store(T, msg + 1, msg, 1);
-    t->nresults = 1;
-    lua_pop(T, 1);
-  }
-  wake_all(co->vm, t, T, msg, 1);
+  int msg = lua_gettop(T);
+  int h = lua_checkstack(T, 4) && push_handle_from_frames(T, t) ? msg + 1 : 0;
+  fail(co, t, h, msg);
 }
 
 /* The VM is freed while the task still waits: its waiters (coroutines of
@@ -260,6 +304,7 @@ static int task_spawn(lua_State *L) {
   t->head = t->tail = NULL;
   t->state = TASK_RUNNING;
   t->nresults = 0;
+  t->error_logged = 0;
   lua_pushvalue(L, lua_upvalueindex(1));
   lua_setmetatable(L, -2);
   wxd_co_t *co = wxd_co_new(vm, WXD_CO_TASK, task_done, t);
@@ -382,10 +427,22 @@ static int task_tostring(lua_State *L) {
   return 1;
 }
 
-/* The coroutine's entry: `h` is a local of its bottom frame for as long as
- * the task runs (anchoring the handle, and findable after an error), and
- * the call is not a tail call, so that the frame stays. */
-static const char entry_wrapper[] = "return function(h, fn, ...) return h, fn(...) end";
+/* The coroutine's entry, made once per VM. `h` is a local of its bottom
+ * frame for as long as the task runs (anchoring the handle, and findable
+ * from C), and the call is not a tail call, so that the frame stays. Errors
+ * are caught inside the coroutine, so that the stack is unwound before
+ * task_done works on it: growing the stack of a thread that overflowed
+ * throws, with nothing to catch it outside the coroutine. The handler is
+ * Lua and calls task_on_error through pcall: after a stack overflow a C
+ * function may find no room to be called, a Lua one of a few slots does. */
+static const char entry_wrapper[] =
+    "local xpcall, pcall, on_error = ...\n"
+    "local function handler(e)\n"
+    "  local ok, s = pcall(on_error, e)\n"
+    "  if ok then return s end\n"
+    "  return e\n"
+    "end\n"
+    "return function(h, fn, ...) return h, xpcall(fn, handler, ...) end\n";
 
 int wxd_open_task(lua_State *L) {
   static const luaL_Reg methods[] = {{"wait", task_wait},
@@ -401,7 +458,10 @@ int wxd_open_task(lua_State *L) {
   lua_pushcfunction(L, task_tostring);
   lua_setfield(L, -2, "__tostring");
   if (luaL_loadbuffer(L, entry_wrapper, sizeof entry_wrapper - 1, "=wxd.task") != 0) return lua_error(L);
-  lua_call(L, 0, 1);
+  lua_getglobal(L, "xpcall");
+  lua_getglobal(L, "pcall");
+  lua_pushcfunction(L, task_on_error);
+  lua_call(L, 3, 1);
   lua_pushcclosure(L, task_spawn, 2);
   lua_setfield(L, -2, "spawn");
   return 1;

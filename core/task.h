@@ -8,11 +8,13 @@
  * Starting. spawn runs the task's coroutine (a pooled wxd_co_t of kind
  * WXD_CO_TASK) inside the call, until it first waits or ends: no timer
  * tick, and a task that never waits is done when spawn returns. Its entry
- * is a one-line Lua wrapper, `function(h, fn, ...) return h, fn(...) end`:
- * the wrapper's first local keeps the handle alive while the task runs (so
- * dropping the handle never loses a task), is found in its frame after an
- * error, and comes back first with the results. A start runs on the
- * spawner's C stack, so spawn raises past 200 starts inside one another.
+ * is a small Lua wrapper, `function(h, fn, ...) return h, xpcall(fn,
+ * handler, ...) end`: the wrapper's first local keeps the handle alive
+ * while the task runs (so dropping the handle never loses a task) and
+ * comes back first with the results; xpcall catches an error inside the
+ * coroutine, where the handler logs it with its traceback, and unwinds the
+ * stack before task_done works on it. A start runs on the spawner's C
+ * stack, so spawn raises past 200 starts inside one another.
  *
  * Ending. When the coroutine ends, each waiter gets the outcome pushed onto
  * its thread and is resumed from C, oldest first, before the call that

@@ -417,15 +417,17 @@ void wxd_co_traceback(wxd_co_t *co, const char *msg) {
   luaL_traceback(co->vm->L, co->T, msg, 0);
 }
 
-void wxd_co_log_error(wxd_co_t *co, const char *what) {
-  const char *msg = lua_tostring(co->T, -1);
-  wxd_co_traceback(co, msg ? msg : "(error object is not a string)");
+void wxd_vm_log_error(wxd_vm_t *vm, lua_State *T, int level, const char *what) {
+  const char *msg = lua_tostring(T, -1);
+  luaL_traceback(vm->L, T, msg ? msg : "(error object is not a string)", level);
   char extra[4200];
-  const char *tb = lua_tostring(co->vm->L, -1);
+  const char *tb = lua_tostring(vm->L, -1);
   size_t n = wxd_json_escape(extra + 9, sizeof extra - 12, tb, strlen(tb));
   memcpy(extra, "\"error\":\"", 9);
   extra[9 + n] = '"';
   extra[10 + n] = 0;
-  wxd_log(WXD_LOG_ERROR, co->vm->worker, what, extra);
-  lua_pop(co->vm->L, 1);
+  wxd_log(WXD_LOG_ERROR, vm->worker, what, extra);
+  lua_pop(vm->L, 1);
 }
+
+void wxd_co_log_error(wxd_co_t *co, const char *what) { wxd_vm_log_error(co->vm, co->T, 0, what); }

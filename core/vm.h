@@ -136,6 +136,9 @@ void wxd_co_traceback(wxd_co_t *co, const char *msg);
 /* Logs `what` at error level with the traceback of a coroutine that ended
  * with an error (its error value at the top of co->T). */
 void wxd_co_log_error(wxd_co_t *co, const char *what);
+/* The same for a thread of the VM that is still at the error (an xpcall
+ * message handler: T's traceback from `level`). */
+void wxd_vm_log_error(wxd_vm_t *vm, lua_State *T, int level, const char *what);
 
 /* Registers a native module under `name` in package.preload. */
 void wxd_vm_preload(lua_State *L, const char *name, lua_CFunction open);

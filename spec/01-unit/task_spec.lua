@@ -182,6 +182,27 @@ describe("wxd.task", function()
     assert.truthy(out:find("kaput", 1, true) and out:find("in function 'inner'", 1, true), out)
   end)
 
+  it("survives a task that overflows its Lua stack, or returns more than a stack holds", function()
+    local function recurse(n) return recurse(n + 1) + 1 end
+    local h = task.spawn(function()
+      wxd.sleep(1)
+      return recurse(1)
+    end)
+    local v, err = h:wait()
+    assert.is_nil(v)
+    -- LuaJIT cannot always call an error handler at the overflow point.
+    assert.truthy(err:find("stack overflow", 1, true) or err == "error in error handling", err)
+    assert.equal("failed", h:status())
+    assert.same({ nil, err }, { h:wait() })
+    local many = {}
+    for i = 1, 7990 do many[i] = i end
+    assert.equal(7990, select("#", task.spawn(unpack, many):wait()))
+    for i = 7991, 7999 do many[i] = i end
+    local t = task.spawn(unpack, many)
+    assert.equal("failed", t:status())
+    assert.same({ nil, "too many results" }, { t:wait() })
+  end)
+
   it("ends a task that yields to nobody (a bare coroutine.yield) as failed", function()
     local h = task.spawn(function() coroutine.yield() end)
     local v, err = h:wait()
