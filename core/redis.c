@@ -677,17 +677,7 @@ static int conn_use(rd_conn_t *c) {
 /* ---- subscriptions ---- */
 
 static void sub_run_done(wxd_co_t *co, int status) {
-  if (status == 0) return;
-  const char *msg = lua_tostring(co->T, -1);
-  wxd_co_traceback(co, msg ? msg : "(error object is not a string)");
-  char extra[4200];
-  const char *tb = lua_tostring(co->vm->L, -1);
-  size_t n = wxd_json_escape(extra + 9, sizeof extra - 12, tb, strlen(tb));
-  memcpy(extra, "\"error\":\"", 9);
-  extra[9 + n] = '"';
-  extra[10 + n] = 0;
-  wxd_log(WXD_LOG_ERROR, co->vm->worker, "redis subscriber error", extra);
-  lua_pop(co->vm->L, 1);
+  if (status != 0) wxd_co_log_error(co, "redis subscriber error");
 }
 
 static int reply_is(const redisReply *r, const char *s) {

@@ -50,18 +50,7 @@ static void timer_close(wxd_timer_t *t) {
 
 static void on_run_done(wxd_co_t *co, int status) {
   wxd_timer_t *t = co->data;
-  if (status != 0) {
-    const char *msg = lua_tostring(co->T, -1);
-    wxd_co_traceback(co, msg ? msg : "(error object is not a string)");
-    char extra[4200];
-    const char *tb = lua_tostring(co->vm->L, -1);
-    size_t n = wxd_json_escape(extra + 9, sizeof extra - 12, tb, strlen(tb));
-    memcpy(extra, "\"error\":\"", 9);
-    extra[9 + n] = '"';
-    extra[10 + n] = 0;
-    wxd_log(WXD_LOG_ERROR, co->vm->worker, "timer error", extra);
-    lua_pop(co->vm->L, 1);
-  }
+  if (status != 0) wxd_co_log_error(co, "timer error");
   t->running = 0;
   if (!t->closed && t->interval_ms == 0) timer_close(t); /* a one-shot is done */
   timer_maybe_free(t);

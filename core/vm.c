@@ -10,6 +10,7 @@
 
 #include "log.h"
 #include "redis.h"
+#include "task.h"
 #include "timer.h"
 #include "version.h"
 
@@ -213,6 +214,7 @@ wxd_vm_t *wxd_vm_new(uv_loop_t *loop, const wxd_vm_options_t *opts) {
   wxd_vm_preload(L, "wxd.core.json", wxd_open_json);
   wxd_vm_preload(L, "wxd.core.fetch", wxd_open_fetch);
   wxd_vm_preload(L, "wxd.core.redis", wxd_open_redis);
+  wxd_vm_preload(L, "wxd.core.task", wxd_open_task);
   wxd_vm_preload(L, "cjson", luaopen_cjson);
   wxd_vm_preload(L, "cjson.safe", luaopen_cjson_safe);
   return vm;
@@ -338,8 +340,8 @@ wxd_co_t *wxd_co_current(lua_State *L, const char *what) {
   wxd_co_t *co = wxd_co_lookup(L);
   if (!co)
     luaL_error(L,
-               "%s: cannot wait here: only in a request handler, a timer run or a script's "
-               "main chunk (not inside your own coroutine)",
+               "%s: cannot wait here: only in a request handler, a timer run, a task or a "
+               "script's main chunk (not inside your own coroutine)",
                what);
   return co;
 }
@@ -356,11 +358,36 @@ int wxd_co_yield_cancellable(wxd_co_t *co, lua_State *L, void (*cancel)(void *),
   return lua_yield(L, 0);
 }
 
+/* A killed coroutine's turn came: it is dropped instead of run on. */
+static int co_end_killed(wxd_co_t *co) {
+  wxd_vm_t *vm = co->vm;
+  co_free(co);
+  if (vm->retired && vm->cos == NULL && vm->on_idle) vm->on_idle(vm);
+  return 1;
+}
+
+void wxd_co_kill(wxd_co_t *co) {
+  if (co->waiting && co->cancel) {
+    co->cancel(co->wait);
+    co_free(co);
+    return;
+  }
+  co->killed = 1;
+}
+
 int wxd_co_resume(wxd_co_t *co, int nargs) {
+  if (co->killed) return co_end_killed(co); /* its primitive just let go of it */
   co->waiting = 0;
   co->cancel = NULL;
   co->wait = NULL;
   int status = lua_resume(co->T, nargs);
+  if (co->killed) {
+    if (status == LUA_YIELD && co->waiting) {
+      if (!co->cancel) return 0; /* its primitive resumes it, and then it ends */
+      co->cancel(co->wait);
+    }
+    return co_end_killed(co);
+  }
   if (status == LUA_YIELD) {
     if (co->waiting) return 0;
     /* A bare coroutine.yield() at the top of a wxd coroutine: nothing would
@@ -392,3 +419,18 @@ int wxd_co_resume(wxd_co_t *co, int nargs) {
 void wxd_co_traceback(wxd_co_t *co, const char *msg) {
   luaL_traceback(co->vm->L, co->T, msg, 0);
 }
+
+void wxd_vm_log_error(wxd_vm_t *vm, lua_State *T, int level, const char *what) {
+  const char *msg = lua_tostring(T, -1);
+  luaL_traceback(vm->L, T, msg ? msg : "(error object is not a string)", level);
+  char extra[4200];
+  const char *tb = lua_tostring(vm->L, -1);
+  size_t n = wxd_json_escape(extra + 9, sizeof extra - 12, tb, strlen(tb));
+  memcpy(extra, "\"error\":\"", 9);
+  extra[9 + n] = '"';
+  extra[10 + n] = 0;
+  wxd_log(WXD_LOG_ERROR, vm->worker, what, extra);
+  lua_pop(vm->L, 1);
+}
+
+void wxd_co_log_error(wxd_co_t *co, const char *what) { wxd_vm_log_error(co->vm, co->T, 0, what); }

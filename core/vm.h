@@ -12,6 +12,11 @@
  * wxd_co_resume(co, nresults). When the coroutine finishes (returns or
  * raises), the owner's `done` callback runs with the results on co->T, and
  * the wxd_co_t is freed right after it returns.
+ *
+ * A coroutine can also be ended from outside without being resumed
+ * (wxd_co_kill: a cancelled task, core/task.c): its pending wait is
+ * cancelled like at a shutdown deadline, `done` does not run, and its
+ * thread is dropped with whatever frames it had.
  */
 #ifndef WXD_VM_H
 #define WXD_VM_H
@@ -38,10 +43,11 @@ struct wxd_co {
   void (*cancel)(void *wait); /* closes the pending wait without resuming */
   void *wait;            /* argument of cancel */
   void (*abandon)(wxd_co_t *co); /* the VM goes while the coroutine waits */
+  int killed;            /* wxd_co_kill while it could not end at once */
   wxd_co_t *prev, *next; /* vm's list of live coroutines */
 };
 
-enum { WXD_CO_SCRIPT = 1, WXD_CO_REQUEST = 2, WXD_CO_TIMER = 3, WXD_CO_REDIS = 4 };
+enum { WXD_CO_SCRIPT = 1, WXD_CO_REQUEST = 2, WXD_CO_TIMER = 3, WXD_CO_REDIS = 4, WXD_CO_TASK = 5 };
 
 typedef struct wxd_vm_options {
   const char *lua_dir; /* framework modules (lua/), or NULL for package.path */
@@ -79,6 +85,11 @@ struct wxd_vm {
   /* Pub/sub subscriptions this generation made (redis.c): dropped when it
    * retires or is freed. */
   struct wxd_redis_sub *redis_subs;
+  /* Waiters of ended tasks with their results pushed, about to be resumed
+   * (task.c); empty between callbacks. */
+  struct wxd_task_waiter *task_ready, *task_ready_tail;
+  int task_delivering; /* deliveries of task_ready nested on the C stack */
+  int task_nesting; /* spawns running inside one another on the C stack */
 };
 
 /* Creates a VM on `loop`. Returns NULL on allocation failure. */
@@ -106,6 +117,14 @@ wxd_co_t *wxd_co_lookup(lua_State *L);
  * coroutine (used at a shutdown deadline); NULL if there is nothing to close. */
 int wxd_co_yield(wxd_co_t *co, lua_State *L, int nresults);
 int wxd_co_yield_cancellable(wxd_co_t *co, lua_State *L, void (*cancel)(void *), void *wait);
+/* Ends the coroutine without resuming it: at once when it waits on a
+ * cancellable primitive (the wait is cancelled and the coroutine freed);
+ * otherwise — it is running right now (it killed itself, or it is on the C
+ * stack below the caller), or its wait cannot be cancelled — it is marked
+ * and ends at its next yield, return, or resume by its primitive. `done`
+ * never runs for it. Does not run on_idle: the caller is running code of
+ * this VM. */
+void wxd_co_kill(wxd_co_t *co);
 /* Marks the VM as replaced: it finishes the coroutines it has and then
  * on_idle runs (at once when it has none). */
 void wxd_vm_retire(wxd_vm_t *vm);
@@ -114,6 +133,12 @@ void wxd_vm_retire(wxd_vm_t *vm);
 void wxd_vm_cancel_waits(wxd_vm_t *vm);
 /* Pushes onto co->vm->L a traceback of the ended coroutine for message `msg`. */
 void wxd_co_traceback(wxd_co_t *co, const char *msg);
+/* Logs `what` at error level with the traceback of a coroutine that ended
+ * with an error (its error value at the top of co->T). */
+void wxd_co_log_error(wxd_co_t *co, const char *what);
+/* The same for a thread of the VM that is still at the error (an xpcall
+ * message handler: T's traceback from `level`). */
+void wxd_vm_log_error(wxd_vm_t *vm, lua_State *T, int level, const char *what);
 
 /* Registers a native module under `name` in package.preload. */
 void wxd_vm_preload(lua_State *L, const char *name, lua_CFunction open);

@@ -43,6 +43,7 @@ build = {
       ["wxd.server"] = "lua/wxd/server.lua",
       ["wxd.shdict"] = "lua/wxd/shdict.lua",
       ["wxd.store"] = "lua/wxd/store.lua",
+      ["wxd.task"] = "lua/wxd/task.lua",
       ["wxd.testing"] = "lua/wxd/testing.lua",
       ["wxd.timer"] = "lua/wxd/timer.lua",
       ["wxd.wechat"] = "lua/wxd/wechat.lua",
