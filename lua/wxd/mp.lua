@@ -46,7 +46,7 @@ local crypto = require "wxd.crypto"
 local xml = require "wxd.xml"
 local log = require "wxd.log"
 local store = require "wxd.store"
-local timer = require "wxd.timer"
+local spawn = require("wxd.task").spawn
 local core = require "wxd.core"
 
 local type, error, pairs, ipairs, tostring, tonumber = type, error, pairs, ipairs, tostring, tonumber
@@ -705,12 +705,10 @@ local function run_handler(self, task)
   end
 end
 
--- Runs the handler (in a timer's coroutine: the request can answer in
--- time while it goes on), records its reply, releases the run lock. No
--- error on the way may skip the release: retries would wait for the
--- lock's expiry.
+-- Runs the handler (in a task: the request can answer in time while it
+-- goes on), records its reply, releases the run lock. No error on the way
+-- may skip the release: retries would wait for the lock's expiry.
 local function run_task(self, task)
-  task.started = true
   local ok, err = xpcall(run_handler, traceback, self, task)
   if not ok then
     log.error("mp: message handling failed", { error = tostring(err), path = self.path })
@@ -735,50 +733,45 @@ local function seconds_left(deadline)
   return left > 0 and left / 1000 or 0
 end
 
--- How often a waiting request checks that the handler's timer was not
--- cancelled by a reload before it fired (it is woken at once when the
--- handler finishes; this only bounds the detection of that rare case).
-local CHECK_MS = 500
-
 -- Runs the message's handler once (across retries and workers) and
 -- returns the plain reply body, or nil to answer "success". `doc` is the
 -- message's document as received (decrypted if it was encrypted).
+--
+-- The first delivery claims the message with one add (the run lock, taken
+-- without waiting) and runs the handler as a task, which usually ends
+-- inside spawn: no loop turn, no timer. A retry that arrives while the first
+-- run goes on finds the lock taken and waits for its release natively (the
+-- shdict wakes it; the Redis store polls), then answers with the recorded
+-- reply.
 function Endpoint:dispatch(req, msg, ctx, doc)
   local deadline = monotonic_ms() + self.deadline_ms
   local key = self.prefix .. dedup_id(msg, doc)
   local runkey = key .. ":run"
-  -- Whoever holds the run lock is running this message's handler; a
-  -- retry waits here for the first run to finish.
-  local lk = store.lock(runkey, { timeout = seconds_left(deadline), expire = self.lock_expire })
-  if not lk then return nil end -- still running past our deadline
-  local rec = store.get(key)
-  if rec then
+  local lk = store.lock(runkey, { timeout = 0, expire = self.lock_expire })
+  if not lk then
+    lk = store.lock(runkey, { timeout = seconds_left(deadline), expire = self.lock_expire })
+    if not lk then return nil end -- still running past our deadline
+  end
+  local added, why = store.add(key, PENDING, self.dedup_ttl)
+  if not added and why == "exists" then
+    local rec = store.get(key)
     lk:unlock()
     return record_body(rec) -- a retry: the same reply (nil while in progress)
   end
-  store.add(key, PENDING, self.dedup_ttl)
-  local task = { msg = msg, ctx = ctx, fn = find_handler(self.handlers, msg), key = key, lock = lk,
-                 format = ctx.format }
-  if not task.fn then
-    lk:unlock()
+  local fn = find_handler(self.handlers, msg)
+  if not fn then
     store.set(key, "rsuccess", self.dedup_ttl)
+    lk:unlock()
     return nil
   end
-  task.timer = timer.after(0, function() run_task(self, task) end)
-  while true do
+  local t = { msg = msg, ctx = ctx, fn = fn, key = key, lock = lk, format = ctx.format }
+  local h = spawn(run_task, self, t)
+  if not t.done then
     local left = deadline - monotonic_ms()
-    if left <= 0 or task.done then break end
-    local w = store.lock(runkey, { timeout = min(left, CHECK_MS) / 1000, expire = 5 })
-    if w then
-      w:unlock()
-      break
-    end
-    if not task.started and not task.timer:active() then
-      run_task(self, task) -- a reload closed the timer before it fired
-    end
+    h:wait(left > 0 and left or 0)
   end
-  if task.done then return task.body end
-  task.answered = true
+  if t.done then return t.body end
+  t.answered = true
   log.warn("mp: handler past the deadline; answered success",
            { path = self.path, deadline_ms = self.deadline_ms, msg_type = msg.MsgType })
   return nil
