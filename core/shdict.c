@@ -1,6 +1,8 @@
 /* shdict: see shdict.h. */
 #include "shdict.h"
 
+#include "crypto.h"
+
 #include <errno.h>
 #include <lauxlib.h>
 #include <math.h>
@@ -1041,11 +1043,7 @@ static int mod_names(lua_State *L) {
 /* shdict.token() -> 32 random hex digits (a lock holder's identity). */
 static int mod_token(lua_State *L) {
   unsigned char r[16];
-  if (getrandom(r, sizeof r, 0) != (ssize_t)sizeof r) {
-    uint64_t a = uv_hrtime(), b = (uint64_t)(uintptr_t)L ^ (a << 17);
-    memcpy(r, &a, 8);
-    memcpy(r + 8, &b, 8);
-  }
+  if (wxd_random_bytes(r, sizeof r) != 0) return luaL_error(L, "shdict.token: no random bytes (errno %d)", errno);
   static const char hex[] = "0123456789abcdef";
   char out[32];
   for (int i = 0; i < 16; i++) {

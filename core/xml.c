@@ -12,6 +12,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
+#include <time.h>
 
 /* ---- the document: an arena of chunks ---- */
 
@@ -202,6 +204,24 @@ static void XMLCALL on_skipped_entity(void *ud, const XML_Char *name, int is_par
   parse_fail(ud, WXD_XML_EDOCTYPE, "entities are not allowed");
 }
 
+/* Expat salts its hash tables (against hash flooding) with bytes it asks
+ * the kernel for on every parser, unless given a salt: two system calls
+ * per message on the hot path. Each thread draws one seed from the kernel
+ * and derives a fresh salt per parser from it (splitmix64): unpredictable
+ * from outside, as the salts are never shown. Per thread, so unshared. */
+static unsigned long next_salt(void) {
+  static _Thread_local uint64_t state;
+  static _Thread_local int seeded;
+  if (!seeded) {
+    if (getrandom(&state, sizeof state, 0) != (ssize_t)sizeof state) state = (uint64_t)(uintptr_t)&state ^ (uint64_t)time(NULL);
+    seeded = 1;
+  }
+  uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return (unsigned long)(z ^ (z >> 31));
+}
+
 int wxd_xml_parse(const char *buf, size_t len, const wxd_xml_limits_t *lim, wxd_xml_doc_t **out,
                   wxd_xml_error_t *err) {
   wxd_xml_error_t dummy;
@@ -218,6 +238,7 @@ int wxd_xml_parse(const char *buf, size_t len, const wxd_xml_limits_t *lim, wxd_
   c.doc = calloc(1, sizeof *c.doc);
   c.stack = calloc((size_t)lim->max_depth + 1, sizeof *c.stack);
   c.p = XML_ParserCreate(NULL);
+  if (c.p) XML_SetHashSalt(c.p, next_salt());
   int code = WXD_XML_OK;
   if (!c.doc || !c.stack || !c.p) {
     err->detail = "out of memory";

@@ -44,6 +44,8 @@
 local json = require "wxd.json"
 local crypto = require "wxd.crypto"
 local xml = require "wxd.xml"
+-- The arguments are checked once, here: the core's decode is called per message.
+local xml_decode = require("wxd.core.xml").decode
 local log = require "wxd.log"
 local store = require "wxd.store"
 local spawn = require("wxd.task").spawn
@@ -474,7 +476,12 @@ local function check_query(self, req, q, names)
     local v = q[name]
     if type(v) ~= "string" or v == "" or #v > 4096 then return 400, "missing or oversized " .. name end
   end
-  if not find(q.timestamp, "^%d+$") or #q.timestamp > 12 then return 400, "malformed timestamp" end
+  local ts = q.timestamp
+  if #ts > 12 then return 400, "malformed timestamp" end
+  for i = 1, #ts do -- digits only (no pattern: this runs per message)
+    local b = byte(ts, i)
+    if b < 48 or b > 57 then return 400, "malformed timestamp" end
+  end
   if #q.nonce > 128 then return 400, "nonce too long" end
   if self.window and abs(now() - tonumber(q.timestamp)) > self.window then
     return 403, "timestamp outside the window"
@@ -571,14 +578,17 @@ end
 
 -- Parses a body (XML or, for the Mini Program, JSON): table, format | nil, reason.
 local function parse(self, body)
-  local first = match(body, "^%s*(.)")
-  if first == "<" then
-    local t, err, detail = xml.decode(body, { arrays = XML_OPTS.arrays, max_depth = XML_OPTS.max_depth,
-                                              max_elements = XML_OPTS.max_elements,
-                                              max_bytes = self.max_body_bytes })
+  local first = byte(body, 1)
+  if first ~= 60 and first ~= 123 then -- leading white space: rare
+    local i = find(body, "[^ \t\r\n]")
+    first = i and byte(body, i)
+  end
+  if first == 60 then -- "<"
+    local t, err, detail = xml_decode(body, self.max_body_bytes, XML_OPTS.max_depth, XML_OPTS.max_elements,
+                                      XML_OPTS.arrays)
     if not t then return nil, err .. (detail and (" (" .. detail .. ")") or "") end
     return t, "xml"
-  elseif first == "{" and self.json then
+  elseif first == 123 and self.json then -- "{"
     local t = json.decode(body)
     if type(t) ~= "table" then return nil, "invalid json" end
     -- A MsgId is a 64-bit integer: as a JSON number it loses digits in a
@@ -705,6 +715,17 @@ local function run_handler(self, task)
   end
 end
 
+-- Ends a run: the first delivery's claim is deleted (a retry waiting on
+-- it is woken), a retry's lock unlocked.
+local function release(run)
+  if run.lock then
+    run.lock:unlock()
+  else
+    local ok, err = pcall(store.delete, run.runkey)
+    if not ok then log.warn("mp: run claim not released", { error = tostring(err) }) end
+  end
+end
+
 -- Runs the handler (in a task: the request can answer in time while it
 -- goes on), records its reply, releases the run lock. No error on the way
 -- may skip the release: retries would wait for the lock's expiry.
@@ -720,7 +741,7 @@ local function run_task(self, task)
   end
   task.body = body
   task.done = true
-  task.lock:unlock()
+  release(task)
 end
 
 local function record_body(rec)
@@ -737,9 +758,9 @@ end
 -- returns the plain reply body, or nil to answer "success". `doc` is the
 -- message's document as received (decrypted if it was encrypted).
 --
--- The first delivery claims the message with one add (the run lock, taken
--- without waiting) and runs the handler as a task, which usually ends
--- inside spawn: no loop turn, no timer. A retry that arrives while the first
+-- The first delivery claims the message with one add (its run key) and
+-- runs the handler as a task, which usually ends inside spawn: no loop
+-- turn, no timer, no lock object. A retry that arrives while the first
 -- run goes on finds the lock taken and waits for its release natively (the
 -- shdict wakes it; the Redis store polls), then answers with the recorded
 -- reply.
@@ -747,24 +768,26 @@ function Endpoint:dispatch(req, msg, ctx, doc)
   local deadline = monotonic_ms() + self.deadline_ms
   local key = self.prefix .. dedup_id(msg, doc)
   local runkey = key .. ":run"
-  local lk = store.lock(runkey, { timeout = 0, expire = self.lock_expire })
-  if not lk then
-    lk = store.lock(runkey, { timeout = seconds_left(deadline), expire = self.lock_expire })
-    if not lk then return nil end -- still running past our deadline
+  local run = { runkey = runkey }
+  if not store.add(runkey, "1", self.lock_expire) then
+    -- Taken: a run of this message goes on. Wait for its end (the key's
+    -- removal), then hold the key while reading what it recorded.
+    run.lock = store.lock(runkey, { timeout = seconds_left(deadline), expire = self.lock_expire })
+    if not run.lock then return nil end -- still running past our deadline
   end
   local added, why = store.add(key, PENDING, self.dedup_ttl)
   if not added and why == "exists" then
     local rec = store.get(key)
-    lk:unlock()
+    release(run)
     return record_body(rec) -- a retry: the same reply (nil while in progress)
   end
   local fn = find_handler(self.handlers, msg)
   if not fn then
     store.set(key, "rsuccess", self.dedup_ttl)
-    lk:unlock()
+    release(run)
     return nil
   end
-  local t = { msg = msg, ctx = ctx, fn = fn, key = key, lock = lk, format = ctx.format }
+  local t = { msg = msg, ctx = ctx, fn = fn, key = key, runkey = runkey, lock = run.lock, format = ctx.format }
   local h = spawn(run_task, self, t)
   if not t.done then
     local left = deadline - monotonic_ms()

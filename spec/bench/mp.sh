@@ -20,7 +20,10 @@
 #   BENCH_WARMUP     warm-up seconds per peer, 0 to skip (default 2: node's
 #                    JIT needs more than a second)
 #   BENCH_CONNS      wrk connections (default 64)
-#   BENCH_THREADS    wrk threads (default 1)
+#   BENCH_THREADS    wrk threads (default 2)
+#   BENCH_STEERING   wxd's WXD_STEERING (default hash: wrk opens its 64
+#                    connections in one burst from one or two CPUs, which
+#                    "auto" would put on one worker; see README)
 #   BENCH_MP_RATE    messages generated per second of a wrk run, at least
 #                    (default 30000; 1.5 times the best req/s seen so far in
 #                    this bench when that is more); a run that sends them
@@ -34,7 +37,9 @@ ROUNDS=${BENCH_ROUNDS:-3}
 SECONDS_PER_RUN=${BENCH_SECONDS:-5}
 WARMUP=${BENCH_WARMUP:-2}
 CONNS=${BENCH_CONNS:-64}
-THREADS=${BENCH_THREADS:-1}
+# Two wrk threads: one saturates at about 23k messages/s here (its Lua
+# script builds and checks every message), and then measures itself.
+THREADS=${BENCH_THREADS:-2}
 PEERS_SPEC=${BENCH_PEERS:-wxd,node}
 START_TIMEOUT=${BENCH_START_TIMEOUT:-15}
 RATE=${BENCH_MP_RATE:-30000}
@@ -96,7 +101,7 @@ bench_setup
 # start_wxd LOG PORT -> sets WXD_PID
 start_wxd() {
     local log=$1 port=$2
-    WXD_ACCESS_LOG=off "$WXD" run spec/bench/mp_app --listen "127.0.0.1:$port" --workers 2 \
+    WXD_ACCESS_LOG=off WXD_STEERING=${BENCH_STEERING:-hash} "$WXD" run spec/bench/mp_app --listen "127.0.0.1:$port" --workers 2 \
         >"$log" 2>&1 &
     WXD_PID=$!
     STARTED+=("$WXD_PID")
