@@ -291,6 +291,15 @@ function H.pipelined(srv, batches)
 end
 
 --- Path of a spec fixture app.
+--- The admin /status of a server (`--admin 127.0.0.1:PORT`), decoded.
+function H.status(port)
+  local c = assert(socket.connect("127.0.0.1", port))
+  c:send("GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+  local out = H.read_all(c, 5)
+  c:close()
+  return require("cjson").decode(H.parse_responses(out)[1].body)
+end
+
 function H.app(name) return H.ROOT .. "/spec/fixtures/apps/" .. name end
 
 --- The URL of the redis-server spec/run.sh started (raises without one).

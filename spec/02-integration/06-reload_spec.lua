@@ -19,13 +19,7 @@ local function reload(srv)
   return code, out
 end
 
-local function status(port)
-  local c = assert(socket.connect("127.0.0.1", port))
-  c:send("GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
-  local out = H.read_all(c, 5)
-  c:close()
-  return cjson.decode(H.parse_responses(out)[1].body)
-end
+local status = H.status
 
 local function rss_kb(pid)
   local s = H.read_file("/proc/" .. pid .. "/status") or ""

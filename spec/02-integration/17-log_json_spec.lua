@@ -3,16 +3,8 @@
 -- json module over the log decoded as strict UTF-8), not with our own.
 local H = require "helpers"
 
--- H.start reads the pid file as soon as it exists, which can be before the
--- shell wrote the pid into it (then srv.pid is nil and srv:stop() raises);
--- until spec/helpers.lua waits for the number, wait for it here.
-local function start(app, opts)
-  local srv = H.start(app, opts)
-  srv.pid = srv.pid or H.wait_until(function()
-    return tonumber((H.read_file(srv.pidfile) or ""):match("%d+"))
-  end, 5, "the pid in the pid file")
-  return srv
-end
+-- (spec/helpers.lua waits for the pid itself.)
+local start = H.start
 
 -- Prints "ok N" when each of the N lines of the file is a JSON object with
 -- ts, level and msg, in strict UTF-8, without NaN/Infinity; else names the

@@ -2,16 +2,8 @@
 -- deadline (the WeChat 5-second rule), hot reloads while they wait, 10,000
 -- tasks on one worker, and shutdown with tasks still waiting.
 local H = require "helpers"
-local cjson = require "cjson"
-local socket = require "socket"
 
-local function status(port)
-  local c = assert(socket.connect("127.0.0.1", port))
-  c:send("GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
-  local out = H.read_all(c, 5)
-  c:close()
-  return cjson.decode(H.parse_responses(out)[1].body)
-end
+local status = H.status
 
 -- Sends a GET on its own connection and returns the connection, to read
 -- the answer later (the request is in flight meanwhile).
