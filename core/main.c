@@ -34,15 +34,17 @@ static const char usage[] =
     "  dev [APPDIR] [options of run]\n"
     "                      like run, with one worker by default, reloading the app\n"
     "                      whenever a .lua file under APPDIR changes\n"
-    "  reload [--pid FILE] hot-reload a running server (default FILE: wxd.pid) and\n"
+    "  reload [--pid FILE] [--timeout SECONDS]\n"
+    "                      hot-reload a running server (default FILE: wxd.pid) and\n"
     "                      wait for the outcome: exit 0 when the new code serves,\n"
     "                      1 with the error when the reload was refused\n"
     "  check [APPDIR]      load the app and its config once, report errors, exit\n"
     "  script FILE [ARGS]  run a Lua file inside the runtime (event loop and\n"
     "                      native modules available; used to run the specs);\n"
     "                      a number returned by the file is the exit code\n"
-    "  --help, -h          this text\n"
-    "  --version, -v       print the version\n"
+    "  version             print the version (also --version, -v)\n"
+    "  help                this text (also --help, -h); `wxd COMMAND --help`\n"
+    "                      shows one command's\n"
     "\n"
     "environment:\n"
     "  WXD_LUA_DIR         where the wxd Lua library lives (default: next to the binary)\n"
@@ -50,6 +52,65 @@ static const char usage[] =
     "  WXD_ACCESS_LOG      off to disable the access log\n"
     "\n"
     "signals: SIGTERM/SIGINT stop gracefully, SIGHUP reloads the app\n";
+
+/* `wxd COMMAND --help`: the command's own text. */
+static const struct {
+  const char *name, *text;
+} command_help[] = {
+    {"run",
+     "usage: wxd run [APPDIR] [--listen HOST:PORT] [--https-listen HOST:PORT] [--workers N]\n"
+     "               [--pid FILE] [--admin HOST:PORT]\n"
+     "\n"
+     "Serves the app in APPDIR (default: .): app.lua, config.lua, handlers/.\n"
+     "  --listen, -l HOST:PORT   where to listen (default: config listen, 127.0.0.1:8080)\n"
+     "  --https-listen HOST:PORT an HTTPS listener (needs https.cert and https.key in config.lua)\n"
+     "  --workers, -w N          worker threads, 1..256 (default: config workers, or the CPUs)\n"
+     "  --pid FILE               write a pid file (and FILE.status), for `wxd reload`\n"
+     "  --admin HOST:PORT        serve GET /status there\n"
+     "SIGTERM or SIGINT stop gracefully; SIGHUP reloads the app.\n"},
+    {"dev",
+     "usage: wxd dev [APPDIR] [options of wxd run]\n"
+     "\n"
+     "Like run, with one worker by default, reloading the app whenever a .lua\n"
+     "file under APPDIR changes.\n"},
+    {"check",
+     "usage: wxd check [APPDIR]\n"
+     "\n"
+     "Loads the app in APPDIR (default: .) and its config once, reports errors\n"
+     "and exits: 0 when it loads, 1 otherwise.\n"},
+    {"reload",
+     "usage: wxd reload [--pid FILE] [--timeout SECONDS]\n"
+     "\n"
+     "Hot-reloads a running server (its pid file, default wxd.pid) and waits for\n"
+     "the outcome (at most SECONDS, default 60): exit 0 when the new code serves,\n"
+     "1 with the error when the reload was refused (the old code keeps serving).\n"},
+    {"script",
+     "usage: wxd script FILE [ARGS]\n"
+     "\n"
+     "Runs a Lua file inside the runtime: the event loop and the native modules\n"
+     "are there (wxd.sleep, wxd.http, ...). ARGS are `...` and arg[1..]; a number\n"
+     "the file returns is the exit code. Options after FILE belong to it.\n"},
+};
+
+/* 1 when argv asks for the command's help: any --help/-h among the
+ * options (for script, only before FILE). */
+static int wants_help(const char *cmd, int argc, char **argv) {
+  for (int i = 0; i < argc; i++) {
+    if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) return 1;
+    if (strcmp(cmd, "script") == 0) return 0;
+  }
+  return 0;
+}
+
+static int print_command_help(const char *cmd) {
+  for (size_t i = 0; i < sizeof command_help / sizeof command_help[0]; i++) {
+    if (strcmp(command_help[i].name, cmd) == 0) {
+      fputs(command_help[i].text, stdout);
+      return 0;
+    }
+  }
+  return 2;
+}
 
 static int file_exists(const char *p) {
   struct stat st;
@@ -351,6 +412,7 @@ int main(int argc, char **argv) {
     printf("wxd %s (%s, libuv %s)\n", WXD_VERSION, LUAJIT_VERSION, uv_version_string());
     return 0;
   }
+  if (wants_help(argv[1], argc - 2, argv + 2) && print_command_help(argv[1]) == 0) return 0;
   if (strcmp(argv[1], "run") == 0) return cmd_run(argc - 2, argv + 2, MODE_RUN);
   if (strcmp(argv[1], "dev") == 0) return cmd_run(argc - 2, argv + 2, MODE_DEV);
   if (strcmp(argv[1], "check") == 0) return cmd_run(argc - 2, argv + 2, MODE_CHECK);

@@ -43,6 +43,41 @@ describe("wxd clocks", function()
   end)
 end)
 
+describe("wxd COMMAND --help", function()
+  for _, cmd in ipairs({ "run", "dev", "check", "reload", "script" }) do
+    it(cmd .. " --help and -h print the command's usage and exit 0", function()
+      for _, flag in ipairs({ "--help", "-h" }) do
+        local out, code = H.sh(H.WXD .. " " .. cmd .. " " .. flag)
+        assert.equal(0, code, out)
+        assert.equal("usage: wxd " .. cmd, out:match("^usage: wxd %a+"), out)
+      end
+      -- After other options too (run: before it would start serving).
+      if cmd ~= "script" then
+        local out, code = H.sh(H.WXD .. " " .. cmd .. " . --help")
+        assert.equal(0, code, out)
+        assert.matches("^usage: wxd " .. cmd, out)
+      end
+    end)
+  end
+
+  it("leaves --help after a script's FILE to the script", function()
+    local dir = H.tmpdir()
+    H.write_file(dir .. "/s.lua", "io.write(table.concat({ ... }, ' '))\n")
+    local out, code = H.sh(H.WXD .. " script " .. dir .. "/s.lua --help x")
+    os.execute("rm -rf " .. dir)
+    assert.equal(0, code, out)
+    assert.equal("--help x", out)
+  end)
+
+  it("documents version and help in the main usage", function()
+    local out, code = H.sh(H.WXD .. " --help")
+    assert.equal(0, code)
+    assert.matches("version             print the version", out, 1, true)
+    assert.matches("wxd COMMAND --help", out, 1, true)
+    assert.matches("^wxd %d+%.%d+%.%d+", (H.sh(H.WXD .. " version")))
+  end)
+end)
+
 describe("wxd script", function()
   local dir
   before_each(function() dir = H.tmpdir() end)
