@@ -1,4 +1,5 @@
-/* fetch: see fetch.h.
+/* fetch: see fetch.h (and fetch_internal.h for its parts). This file: a
+ * request's life and exchange, and the Lua module wxd.core.fetch.
  *
  * Life of a request:
  *   ACQUIRE  take a parked connection of its host, or open a new one when
@@ -18,571 +19,21 @@
  * failures found while the coroutine has not yielded yet, or while another
  * request's callback walks a queue, must not resume Lua there.
  */
-#define OPENSSL_NO_DEPRECATED 1
+#include "fetch_internal.h"
 
-#include "fetch.h"
-
-#include "httpscan.h"
-
-#include <errno.h>
 #include <fcntl.h>
 #include <lauxlib.h>
-#include <llhttp.h>
-#include <openssl/evp.h>
-#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
-#include "buf.h"
-#include "tls.h"
-#include "vm.h"
-
-#define MAX_ADDRS 8          /* addresses kept per DNS answer */
-#define DNS_MAX 1024         /* names cached per pool */
-#define CTX_MAX 32           /* TLS contexts cached per pool */
-#define MAX_RESP_HEADERS 256 /* header fields in one response */
-#define READBUF_SIZE 65536
-#define PLAINBUF_SIZE 16384
-
-enum { K_NONE = 0, K_TIMEOUT, K_CONNECT, K_TLS, K_DNS, K_PROTOCOL, K_TOO_LARGE, K_CANCELLED };
 static const char *const kind_names[] = {"", "timeout", "connect", "tls", "dns", "protocol", "too_large", "cancelled"};
 
-enum { P_CONNECT = 1, P_SEND, P_READ };
-enum { SK_NONE = 0, SK_OPEN, SK_CLOSING };
-enum { AC_NONE = 0, AC_CONNECT, AC_RETRY }; /* what follows the close of a request's socket */
-
-typedef struct fetch_req fetch_req_t;
-typedef struct fetch_host fetch_host_t;
-
-typedef struct fetch_ctx {
-  unsigned char id[32]; /* SHA-256 of the TLS settings */
-  SSL_CTX *ctx;
-  unsigned refs;        /* hosts using it */
-  struct fetch_ctx *next;
-} fetch_ctx_t;
-
-typedef struct fetch_dns {
-  struct fetch_dns *next;
-  wxd_fetch_pool_t *pool;
-  uv_getaddrinfo_t gai;
-  fetch_req_t *waiters;  /* requests waiting for the answer */
-  uint64_t expires;      /* loop time (ms); 0: no answer */
-  int pending;           /* gai is running */
-  int naddrs;
-  struct sockaddr_storage addrs[MAX_ADDRS];
-  char name[];
-} fetch_dns_t;
-
-typedef struct fetch_conn {
-  fetch_host_t *host;
-  wxd_tls_t *tls;          /* HTTPS: kept across requests */
-  int fd;                  /* parked: the socket; -1 while a request's handle owns it */
-  uint64_t idle_since;     /* loop time it was parked */
-  struct fetch_conn *hnext;          /* host->idle, most recent first */
-  struct fetch_conn *newer, *older;  /* the pool's parked connections, for the sweep */
-} fetch_conn_t;
-
-struct fetch_host {
-  fetch_host_t *next;
-  wxd_fetch_pool_t *pool;
-  fetch_ctx_t *ctx;        /* HTTPS */
-  fetch_conn_t *idle;
-  unsigned nidle;
-  unsigned nconns;         /* open: connecting, in use or parked */
-  unsigned refs;           /* requests pointing here */
-  fetch_req_t *qhead, *qtail; /* waiting for a connection */
-  int dispatching;
-  int port;
-  int tls;
-  unsigned char ctx_id[32];
-  char name[];             /* lower case */
-};
-
-struct wxd_fetch_pool {
-  uv_loop_t *loop;
-  fetch_host_t *hosts;
-  fetch_dns_t *dns;
-  unsigned ndns;
-  fetch_ctx_t *ctxs;
-  unsigned nctxs;
-  fetch_conn_t *idle_newest, *idle_oldest;
-  fetch_req_t *reqs;       /* every request not yet freed */
-  unsigned nreqs, nqueued, nconns, nidle, nhosts;
-  unsigned nactive;        /* requests not yet answered */
-  uint64_t opened, reused; /* counters since the pool was made */
-  /* Limits (wxd.http.configure). */
-  unsigned max_idle;       /* parked connections per host */
-  unsigned max_conns;      /* open connections per host */
-  uint64_t idle_ms;        /* a parked connection older than this is closed */
-  uint64_t dns_ttl_ms;
-  int readbuf_busy;
-  char readbuf[READBUF_SIZE];
-  char plainbuf[PLAINBUF_SIZE];
-};
-
-typedef struct hdr {
-  uint32_t name_off, name_len, value_off, value_len;
-} hdr_t;
-
-/* The checks llhttp 8.1 lacks (httpscan.c, shared with the server) run on
- * the raw bytes of the response head and of a chunked body before llhttp
- * sees them. */
-
-struct fetch_req {
-  uv_tcp_t tcp;
-  uv_timer_t timer;
-  uv_connect_t connect;
-  uv_write_t write;        /* plain HTTP: the request bytes */
-  llhttp_t parser;
-  wxd_scan_t scan;
-  wxd_fetch_pool_t *pool;
-  wxd_co_t *co;            /* NULL once resumed or cancelled */
-  fetch_host_t *host;
-  fetch_conn_t *conn;      /* the connection in use (or being made) */
-  fetch_dns_t *dns;        /* waiting for this answer */
-  fetch_req_t *wprev, *wnext; /* dns->waiters or host queue */
-  fetch_req_t *prev, *next;   /* pool->reqs */
-  struct sockaddr_storage addrs[MAX_ADDRS];
-  int naddrs, addr_i;
-  char *out;               /* request bytes */
-  size_t out_len;
-  /* response */
-  wxd_buf_t head;          /* lower-case names and values */
-  hdr_t *hdrs;
-  unsigned nhdrs, hdrs_cap;
-  int hstate;              /* 0 none, 1 in a name, 2 in a value */
-  wxd_buf_t body;
-  size_t max_body, max_header;
-  int status;
-  /* deadlines, in loop time (ms) */
-  uint64_t total_at, phase_at;
-  uint64_t connect_ms, send_ms, read_ms, total_ms;
-  int phase;
-  int tcp_state;
-  int after_close;
-  int handles;             /* open handles: the timer, the socket */
-  int writes_pending;
-  int kind;                /* K_* once failed */
-  char detail[240];
-  unsigned tls_ready : 1;  /* handshake done (or plain HTTP) */
-  unsigned sent : 1;       /* every request byte handed to the socket or TLS */
-  unsigned queued : 1;
-  unsigned got_bytes : 1;  /* a byte of the response arrived */
-  unsigned in_trailers : 1;
-  unsigned interim : 1;    /* the message parsed is a 1xx */
-  unsigned complete : 1;   /* the final response is parsed */
-  unsigned leftover : 1;   /* bytes followed the response */
-  unsigned is_head : 1;
-  unsigned idempotent : 1;
-  unsigned keepalive : 1;
-  unsigned reused : 1;     /* on a parked connection */
-  unsigned retried : 1;
-  unsigned failed : 1;
-  unsigned done : 1;       /* resumed (or cancelled): only closing remains */
-  int cb_kind;             /* set by a parser callback before it fails */
-  const char *cb_err;
-};
-
-static void req_fail(fetch_req_t *r, int kind, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static void req_acquire(fetch_req_t *r);
-static void req_resolve(fetch_req_t *r);
-static void req_connect(fetch_req_t *r);
-static void host_dispatch(fetch_host_t *h);
 static void on_timer(uv_timer_t *t);
-static const llhttp_settings_t parser_settings;
-
-static uint64_t now_ms(wxd_fetch_pool_t *p) { return uv_now(p->loop); }
 
 static void host_label(const fetch_host_t *h, char *out, size_t len) {
   snprintf(out, len, strchr(h->name, ':') ? "[%s]:%d" : "%s:%d", h->name, h->port);
-}
-
-/* ---- parser callbacks ---- */
-
-#define CB_FAIL(r, k, m) \
-  do {                   \
-    (r)->cb_kind = (k);  \
-    (r)->cb_err = (m);   \
-    return -1;           \
-  } while (0)
-
-static void resp_reset(fetch_req_t *r) {
-  r->head.len = 0;
-  r->body.len = 0;
-  r->nhdrs = 0;
-  r->hstate = 0;
-  r->in_trailers = 0;
-  r->interim = 0;
-  r->status = 0;
-}
-
-static int on_message_begin(llhttp_t *p) {
-  resp_reset(p->data);
-  return 0;
-}
-
-static int on_header_field(llhttp_t *p, const char *at, size_t len) {
-  fetch_req_t *r = p->data;
-  if (r->in_trailers) return 0; /* checked and counted by the scanner, never kept */
-  if (r->hstate != 1) {
-    if (r->nhdrs == MAX_RESP_HEADERS) CB_FAIL(r, K_TOO_LARGE, "too many response header fields");
-    if (r->nhdrs == r->hdrs_cap) {
-      unsigned cap = r->hdrs_cap ? r->hdrs_cap * 2 : 16;
-      hdr_t *n = realloc(r->hdrs, cap * sizeof *n);
-      if (!n) CB_FAIL(r, K_PROTOCOL, "out of memory");
-      r->hdrs = n;
-      r->hdrs_cap = cap;
-    }
-    hdr_t *h = &r->hdrs[r->nhdrs++];
-    memset(h, 0, sizeof *h);
-    h->name_off = (uint32_t)r->head.len;
-    r->hstate = 1;
-  }
-  if (wxd_buf_reserve(&r->head, len)) CB_FAIL(r, K_PROTOCOL, "out of memory");
-  char *dst = r->head.data + r->head.len;
-  for (size_t i = 0; i < len; i++) {
-    unsigned char ch = (unsigned char)at[i];
-    dst[i] = (char)(ch >= 'A' && ch <= 'Z' ? ch + 32 : ch);
-  }
-  r->head.len += len;
-  r->hdrs[r->nhdrs - 1].name_len += (uint32_t)len;
-  return 0;
-}
-
-static int on_header_value(llhttp_t *p, const char *at, size_t len) {
-  fetch_req_t *r = p->data;
-  if (r->in_trailers) return 0;
-  hdr_t *h = &r->hdrs[r->nhdrs - 1];
-  if (r->hstate != 2) {
-    h->value_off = (uint32_t)r->head.len;
-    r->hstate = 2;
-  }
-  if (wxd_buf_append(&r->head, at, len)) CB_FAIL(r, K_PROTOCOL, "out of memory");
-  h->value_len += (uint32_t)len;
-  return 0;
-}
-
-static int on_header_value_complete(llhttp_t *p) {
-  fetch_req_t *r = p->data;
-  r->hstate = 0;
-  return 0;
-}
-
-static int on_headers_complete(llhttp_t *p) {
-  fetch_req_t *r = p->data;
-  int status = llhttp_get_status_code(p);
-  r->status = status;
-  if (llhttp_get_http_major(p) != 1) CB_FAIL(r, K_PROTOCOL, "unsupported HTTP version");
-  if (status == 101) CB_FAIL(r, K_PROTOCOL, "unexpected 101 Switching Protocols");
-  if (status < 100 || status > 999) CB_FAIL(r, K_PROTOCOL, "bad status code");
-  if (status < 200) {
-    /* 100 Continue, 103 Early Hints: interim, followed by the answer. */
-    r->interim = 1;
-    return 0;
-  }
-  r->in_trailers = 1;
-  int bodiless = r->is_head || status == 204 || status == 304;
-  if ((p->flags & F_CONTENT_LENGTH) && p->content_length > r->max_body && !bodiless)
-    CB_FAIL(r, K_TOO_LARGE, "response body larger than max_body");
-  /* Chunk sizes over max_body are refused as soon as their line is read. */
-  if (p->flags & F_CHUNKED) wxd_scan_chunked(&r->scan, bodiless ? UINT64_MAX : r->max_body);
-  /* A response to HEAD has no body whatever its headers say. */
-  return r->is_head ? 1 : 0;
-}
-
-static int on_body(llhttp_t *p, const char *at, size_t len) {
-  fetch_req_t *r = p->data;
-  if (r->body.len + len > r->max_body) CB_FAIL(r, K_TOO_LARGE, "response body larger than max_body");
-  if (wxd_buf_append(&r->body, at, len)) CB_FAIL(r, K_PROTOCOL, "out of memory");
-  return 0;
-}
-
-static int on_message_complete(llhttp_t *p) {
-  fetch_req_t *r = p->data;
-  if (!r->interim) r->complete = 1;
-  return HPE_PAUSED; /* one response per request: stop at its end */
-}
-
-static const llhttp_settings_t parser_settings = {
-    .on_message_begin = on_message_begin,
-    .on_header_field = on_header_field,
-    .on_header_value = on_header_value,
-    .on_header_value_complete = on_header_value_complete,
-    .on_headers_complete = on_headers_complete,
-    .on_body = on_body,
-    .on_message_complete = on_message_complete,
-};
-
-/* ---- DNS cache ---- */
-
-static void dns_unlink_waiter(fetch_req_t *r) {
-  fetch_dns_t *d = r->dns;
-  if (!d) return;
-  if (r->wprev) r->wprev->wnext = r->wnext;
-  else d->waiters = r->wnext;
-  if (r->wnext) r->wnext->wprev = r->wprev;
-  r->wprev = r->wnext = NULL;
-  r->dns = NULL;
-}
-
-static void dns_free(wxd_fetch_pool_t *p, fetch_dns_t *d) {
-  fetch_dns_t **pp = &p->dns;
-  while (*pp && *pp != d) pp = &(*pp)->next;
-  if (*pp) *pp = d->next;
-  p->ndns--;
-  free(d);
-}
-
-/* Drops answers that expired and are not being refreshed. */
-static void dns_sweep(wxd_fetch_pool_t *p, int all_idle) {
-  uint64_t now = now_ms(p);
-  fetch_dns_t *d = p->dns;
-  while (d) {
-    fetch_dns_t *next = d->next;
-    if (!d->pending && !d->waiters && (all_idle || d->expires <= now)) dns_free(p, d);
-    d = next;
-  }
-}
-
-static void set_port(struct sockaddr_storage *ss, int port);
-
-static void on_resolved(uv_getaddrinfo_t *gai, int status, struct addrinfo *res) {
-  fetch_dns_t *d = gai->data;
-  wxd_fetch_pool_t *p = d->pool;
-  if (!p) { /* the pool went first (see wxd_fetch_pool_free) */
-    if (res) uv_freeaddrinfo(res);
-    free(d);
-    return;
-  }
-  d->pending = 0;
-  d->naddrs = 0;
-  for (struct addrinfo *ai = res; status == 0 && ai && d->naddrs < MAX_ADDRS; ai = ai->ai_next) {
-    if ((ai->ai_family != AF_INET && ai->ai_family != AF_INET6) || ai->ai_addrlen > sizeof d->addrs[0]) continue;
-    memcpy(&d->addrs[d->naddrs++], ai->ai_addr, ai->ai_addrlen);
-  }
-  if (res) uv_freeaddrinfo(res);
-  if (status == 0 && d->naddrs == 0) status = UV_EAI_NODATA;
-  d->expires = status == 0 ? now_ms(p) + p->dns_ttl_ms : 0;
-  /* The waiters leave the entry first: moving them on may start requests
-   * that look the name up again, and a failed answer is dropped now. */
-  fetch_req_t *list = d->waiters;
-  d->waiters = NULL;
-  for (fetch_req_t *r = list; r; r = r->wnext) r->dns = NULL;
-  char name[256];
-  snprintf(name, sizeof name, "%s", d->name);
-  struct sockaddr_storage addrs[MAX_ADDRS];
-  int naddrs = d->naddrs;
-  memcpy(addrs, d->addrs, sizeof addrs);
-  if (status != 0) dns_free(p, d);
-  /* None of this resumes Lua (failures are reported by each request's
-   * timer). */
-  while (list) {
-    fetch_req_t *r = list;
-    list = r->wnext;
-    r->wnext = r->wprev = NULL;
-    if (status != 0) {
-      req_fail(r, K_DNS, "cannot resolve %s: %s", name, uv_strerror(status));
-      continue;
-    }
-    memcpy(r->addrs, addrs, sizeof addrs);
-    r->naddrs = naddrs;
-    r->addr_i = 0;
-    for (int i = 0; i < naddrs; i++) set_port(&r->addrs[i], r->host->port);
-    req_connect(r);
-  }
-}
-
-static fetch_dns_t *dns_get(wxd_fetch_pool_t *p, const char *name) {
-  for (fetch_dns_t *d = p->dns; d; d = d->next)
-    if (strcmp(d->name, name) == 0) return d;
-  if (p->ndns >= DNS_MAX) dns_sweep(p, 1);
-  size_t nl = strlen(name);
-  fetch_dns_t *d = calloc(1, sizeof *d + nl + 1);
-  if (!d) return NULL;
-  memcpy(d->name, name, nl + 1);
-  d->pool = p;
-  d->gai.data = d;
-  d->next = p->dns;
-  p->dns = d;
-  p->ndns++;
-  return d;
-}
-
-/* ---- TLS contexts ---- */
-
-/* Frees unused contexts while there are more than `keep`. */
-static void ctx_trim(wxd_fetch_pool_t *p, unsigned keep) {
-  fetch_ctx_t **pp = &p->ctxs;
-  while (*pp && p->nctxs > keep) {
-    fetch_ctx_t *c = *pp;
-    if (c->refs == 0) {
-      *pp = c->next;
-      SSL_CTX_free(c->ctx);
-      free(c);
-      p->nctxs--;
-    } else {
-      pp = &c->next;
-    }
-  }
-}
-
-/* The cached context for these settings, made on first use. NULL with err
- * set when the settings are unusable (a CA file that cannot be read, a bad
- * client certificate). */
-static fetch_ctx_t *ctx_get(wxd_fetch_pool_t *p, const unsigned char id[32], const wxd_tls_client_conf_t *conf,
-                            char *err, size_t errlen) {
-  for (fetch_ctx_t *c = p->ctxs; c; c = c->next)
-    if (memcmp(c->id, id, 32) == 0) return c;
-  SSL_CTX *ctx = wxd_tls_client_ctx(conf, err, errlen);
-  if (!ctx) return NULL;
-  ctx_trim(p, CTX_MAX - 1);
-  fetch_ctx_t *c = calloc(1, sizeof *c);
-  if (!c) {
-    SSL_CTX_free(ctx);
-    snprintf(err, errlen, "out of memory");
-    return NULL;
-  }
-  memcpy(c->id, id, 32);
-  c->ctx = ctx;
-  c->next = p->ctxs;
-  p->ctxs = c;
-  p->nctxs++;
-  return c;
-}
-
-/* ---- hosts and connections ---- */
-
-static void host_maybe_free(fetch_host_t *h) {
-  if (h->refs || h->nconns) return;
-  wxd_fetch_pool_t *p = h->pool;
-  fetch_host_t **pp = &p->hosts;
-  while (*pp && *pp != h) pp = &(*pp)->next;
-  if (*pp) *pp = h->next;
-  p->nhosts--;
-  if (h->ctx) h->ctx->refs--;
-  free(h);
-  ctx_trim(p, CTX_MAX);
-}
-
-static fetch_host_t *host_get(wxd_fetch_pool_t *p, const char *name, int port, int tls, const unsigned char id[32]) {
-  for (fetch_host_t *h = p->hosts; h; h = h->next)
-    if (h->port == port && h->tls == tls && strcmp(h->name, name) == 0 && memcmp(h->ctx_id, id, 32) == 0)
-      return h;
-  size_t nl = strlen(name);
-  fetch_host_t *h = calloc(1, sizeof *h + nl + 1);
-  if (!h) return NULL;
-  memcpy(h->name, name, nl + 1);
-  h->pool = p;
-  h->port = port;
-  h->tls = tls;
-  memcpy(h->ctx_id, id, 32);
-  h->next = p->hosts;
-  p->hosts = h;
-  p->nhosts++;
-  return h;
-}
-
-static void idle_unlink(fetch_conn_t *c) {
-  fetch_host_t *h = c->host;
-  wxd_fetch_pool_t *p = h->pool;
-  fetch_conn_t **pp = &h->idle;
-  while (*pp && *pp != c) pp = &(*pp)->hnext;
-  if (*pp) *pp = c->hnext;
-  c->hnext = NULL;
-  h->nidle--;
-  if (c->newer) c->newer->older = c->older;
-  else p->idle_newest = c->older;
-  if (c->older) c->older->newer = c->newer;
-  else p->idle_oldest = c->newer;
-  c->newer = c->older = NULL;
-  p->nidle--;
-}
-
-/* Closes a connection that no request holds (its socket, if parked, is a
- * plain fd) and gives its slot back: a queued request may take it. */
-static void conn_destroy(fetch_conn_t *c, int dispatch) {
-  fetch_host_t *h = c->host;
-  wxd_fetch_pool_t *p = h->pool;
-  if (c->fd >= 0) {
-    if (c->tls) {
-      /* Best effort: a close_notify if the socket takes it now. */
-      char buf[256];
-      wxd_tls_shutdown(c->tls);
-      size_t n = wxd_tls_take(c->tls, buf, sizeof buf);
-      if (n > 0 && send(c->fd, buf, n, MSG_NOSIGNAL | MSG_DONTWAIT) < 0) { /* ignored */ }
-    }
-    close(c->fd);
-  }
-  wxd_tls_free(c->tls);
-  free(c);
-  h->nconns--;
-  p->nconns--;
-  if (dispatch) host_dispatch(h);
-  host_maybe_free(h);
-}
-
-/* A parked connection is usable when the peer has neither closed it nor
- * sent anything (an idle HTTP connection has nothing to say; bytes there
- * are a close_notify or garbage). */
-static int conn_alive(fetch_conn_t *c) {
-  char b;
-  ssize_t n = recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
-  return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
-}
-
-static void conn_park(fetch_conn_t *c) {
-  fetch_host_t *h = c->host;
-  wxd_fetch_pool_t *p = h->pool;
-  if (h->nidle >= p->max_idle || h->nconns > p->max_conns) {
-    conn_destroy(c, 1);
-    return;
-  }
-  c->idle_since = now_ms(p);
-  c->hnext = h->idle;
-  h->idle = c;
-  h->nidle++;
-  c->older = p->idle_newest;
-  c->newer = NULL;
-  if (p->idle_newest) p->idle_newest->newer = c;
-  else p->idle_oldest = c;
-  p->idle_newest = c;
-  p->nidle++;
-  host_dispatch(h);
-}
-
-/* Queued requests take parked connections or free slots, in order. */
-static void host_dispatch(fetch_host_t *h) {
-  if (h->dispatching) return; /* the outer loop sees the new state */
-  h->dispatching = 1;
-  h->refs++; /* h stays while we walk */
-  while (h->qhead && (h->idle || h->nconns < h->pool->max_conns)) {
-    fetch_req_t *r = h->qhead;
-    h->qhead = r->wnext;
-    if (h->qhead) h->qhead->wprev = NULL;
-    else h->qtail = NULL;
-    r->wnext = r->wprev = NULL;
-    r->queued = 0;
-    h->pool->nqueued--;
-    req_acquire(r);
-  }
-  h->dispatching = 0;
-  h->refs--; /* the caller frees h if it is unused now */
-}
-
-static void queue_unlink(fetch_req_t *r) {
-  if (!r->queued) return;
-  fetch_host_t *h = r->host;
-  if (r->wprev) r->wprev->wnext = r->wnext;
-  else h->qhead = r->wnext;
-  if (r->wnext) r->wnext->wprev = r->wprev;
-  else h->qtail = r->wprev;
-  r->wprev = r->wnext = NULL;
-  r->queued = 0;
-  h->pool->nqueued--;
 }
 
 /* ---- requests: lifetime ---- */
@@ -614,8 +65,8 @@ static void on_tcp_closed(uv_handle_t *h) {
   int next = r->after_close;
   r->after_close = AC_NONE;
   if (!r->failed && !r->done) {
-    if (next == AC_CONNECT) req_connect(r);
-    else if (next == AC_RETRY) req_resolve(r);
+    if (next == AC_CONNECT) wxd__fetch_req_connect(r);
+    else if (next == AC_RETRY) wxd__fetch_req_resolve(r);
   }
   req_maybe_free(r);
 }
@@ -640,8 +91,8 @@ static void req_release_conn(fetch_req_t *r, int park) {
     if (uv_fileno((uv_handle_t *)&r->tcp, &fd) == 0) c->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
   }
   tcp_close(r, AC_NONE);
-  if (park && c->fd >= 0) conn_park(c);
-  else conn_destroy(c, 1);
+  if (park && c->fd >= 0) wxd__fetch_conn_park(c);
+  else wxd__fetch_conn_destroy(c, 1);
 }
 
 static void req_arm(fetch_req_t *r) {
@@ -658,7 +109,7 @@ static void req_phase(fetch_req_t *r, int phase, uint64_t ms) {
 
 /* Records the failure and lets go of everything but the timer, which then
  * reports it (see the top of this file). Idempotent. */
-static void req_fail(fetch_req_t *r, int kind, const char *fmt, ...) {
+void wxd__fetch_req_fail(fetch_req_t *r, int kind, const char *fmt, ...) {
   if (r->failed || r->done) return;
   r->failed = 1;
   r->kind = kind;
@@ -666,54 +117,11 @@ static void req_fail(fetch_req_t *r, int kind, const char *fmt, ...) {
   va_start(ap, fmt);
   vsnprintf(r->detail, sizeof r->detail, fmt, ap);
   va_end(ap);
-  queue_unlink(r);
-  dns_unlink_waiter(r);
+  wxd__fetch_queue_unlink(r);
+  wxd__fetch_dns_unlink_waiter(r);
   req_release_conn(r, 0);
   tcp_close(r, AC_NONE);
   uv_timer_start(&r->timer, on_timer, 0, 0);
-}
-
-static void push_response(fetch_req_t *r, lua_State *T) {
-  lua_createtable(T, 0, 3);
-  lua_pushinteger(T, r->status);
-  lua_setfield(T, -2, "status");
-  lua_createtable(T, 0, (int)r->nhdrs);
-  for (unsigned i = 0; i < r->nhdrs; i++) {
-    hdr_t *h = &r->hdrs[i];
-    const char *name = r->head.data + h->name_off;
-    const char *value = h->value_len ? r->head.data + h->value_off : "";
-    int cookie = h->name_len == 10 && memcmp(name, "set-cookie", 10) == 0;
-    lua_pushlstring(T, name, h->name_len);
-    lua_pushvalue(T, -1);
-    lua_rawget(T, -3);
-    if (cookie) {
-      /* Set-Cookie values may hold commas: always a list. */
-      if (lua_isnil(T, -1)) {
-        lua_pop(T, 1);
-        lua_newtable(T);
-        lua_pushvalue(T, -2);
-        lua_pushvalue(T, -2);
-        lua_rawset(T, -5);
-      }
-      lua_pushlstring(T, value, h->value_len);
-      lua_rawseti(T, -2, (int)lua_objlen(T, -2) + 1);
-      lua_pop(T, 2);
-      continue;
-    }
-    if (lua_isnil(T, -1)) {
-      lua_pop(T, 1);
-      lua_pushlstring(T, value, h->value_len);
-    } else {
-      /* Repeated fields join with ", " (RFC 9110 section 5.3). */
-      lua_pushliteral(T, ", ");
-      lua_pushlstring(T, value, h->value_len);
-      lua_concat(T, 3);
-    }
-    lua_rawset(T, -3);
-  }
-  lua_setfield(T, -2, "headers");
-  lua_pushlstring(T, r->body.data ? r->body.data : "", r->body.len);
-  lua_setfield(T, -2, "body");
 }
 
 /* Ends the request: the connection is already released or closed; the
@@ -723,8 +131,8 @@ static void req_finish(fetch_req_t *r) {
   if (r->done) return;
   r->done = 1;
   r->pool->nactive--;
-  queue_unlink(r);
-  dns_unlink_waiter(r);
+  wxd__fetch_queue_unlink(r);
+  wxd__fetch_dns_unlink_waiter(r);
   req_release_conn(r, 0);
   tcp_close(r, AC_NONE);
   uv_timer_stop(&r->timer);
@@ -732,7 +140,7 @@ static void req_finish(fetch_req_t *r) {
   fetch_host_t *h = r->host;
   r->host = NULL;
   h->refs--;
-  host_maybe_free(h);
+  wxd__fetch_host_maybe_free(h);
   wxd_co_t *co = r->co;
   r->co = NULL;
   if (!co) return; /* cancelled */
@@ -743,7 +151,7 @@ static void req_finish(fetch_req_t *r) {
     lua_pushstring(T, r->detail);
     wxd_co_resume(co, 3);
   } else {
-    push_response(r, T);
+    wxd__fetch_push_response(r, T);
     wxd_co_resume(co, 1);
   }
 }
@@ -772,14 +180,14 @@ static void on_timer(uv_timer_t *t) {
   host_label(r->host, where, sizeof where);
   if (r->phase_at && now >= r->phase_at && r->phase_at <= r->total_at) {
     if (r->phase == P_CONNECT)
-      req_fail(r, K_TIMEOUT, "connect timeout (%g s) %s %s", (double)r->connect_ms / 1000,
+      wxd__fetch_req_fail(r, K_TIMEOUT, "connect timeout (%g s) %s %s", (double)r->connect_ms / 1000,
                r->queued ? "waiting for a free connection to" : "connecting to", where);
     else if (r->phase == P_SEND)
-      req_fail(r, K_TIMEOUT, "send timeout (%g s) writing to %s", (double)r->send_ms / 1000, where);
+      wxd__fetch_req_fail(r, K_TIMEOUT, "send timeout (%g s) writing to %s", (double)r->send_ms / 1000, where);
     else
-      req_fail(r, K_TIMEOUT, "read timeout (%g s) reading from %s", (double)r->read_ms / 1000, where);
+      wxd__fetch_req_fail(r, K_TIMEOUT, "read timeout (%g s) reading from %s", (double)r->read_ms / 1000, where);
   } else if (now >= r->total_at) {
-    req_fail(r, K_TIMEOUT, "total timeout (%g s) for %s", (double)r->total_ms / 1000, where);
+    wxd__fetch_req_fail(r, K_TIMEOUT, "total timeout (%g s) for %s", (double)r->total_ms / 1000, where);
   } else {
     req_arm(r); /* early: the loop's clock was behind */
     return;
@@ -803,10 +211,10 @@ static int req_retry(fetch_req_t *r) {
   fetch_conn_t *c = r->conn;
   wxd_tls_free(c->tls); /* the connection keeps its slot, with a new socket */
   c->tls = NULL;
-  llhttp_init(&r->parser, HTTP_RESPONSE, &parser_settings);
+  llhttp_init(&r->parser, HTTP_RESPONSE, &wxd__fetch_parser_settings);
   r->parser.data = r;
   wxd_scan_head(&r->scan, 0);
-  resp_reset(r);
+  wxd__fetch_resp_reset(r);
   req_phase(r, P_CONNECT, r->connect_ms);
   tcp_close(r, AC_RETRY);
   return 1;
@@ -816,59 +224,7 @@ static void io_fail(fetch_req_t *r, int err, const char *doing) {
   if (req_retry(r)) return;
   char where[300];
   host_label(r->host, where, sizeof where);
-  req_fail(r, K_CONNECT, "%s %s: %s", doing, where, uv_strerror(err));
-}
-
-/* Feeds response bytes. Returns 0 for more, 1 when the response is
- * complete (r->leftover tells whether bytes followed it), -1 on failure. */
-static int req_parse(fetch_req_t *r, const char *data, size_t len) {
-  if (len > 0) r->got_bytes = 1;
-  while (len > 0) {
-    size_t chunk = len;
-    if (r->scan.mode != WXD_SCAN_OFF) {
-      int head = r->scan.mode == WXD_SCAN_HEAD;
-      switch (wxd_scan(&r->scan, data, len, r->max_header, &chunk)) {
-        case WXD_SCAN_OK: break;
-        case WXD_SCAN_HEAD_TOO_LARGE:
-          req_fail(r, K_TOO_LARGE, "%s", head ? "response headers too large" : "response trailers too large");
-          return -1;
-        case WXD_SCAN_BODY_TOO_LARGE:
-          req_fail(r, K_TOO_LARGE, "%s", "response body larger than max_body");
-          return -1;
-        case WXD_SCAN_MALFORMED:
-          req_fail(r, K_PROTOCOL, "%s", head ? "malformed response head (bare LF, obs-fold or a space in a field name)"
-                                             : "malformed chunked body");
-          return -1;
-        default:
-          req_fail(r, K_PROTOCOL, "%s", "malformed chunked body");
-          return -1;
-      }
-    }
-    llhttp_errno_t e = llhttp_execute(&r->parser, data, chunk);
-    if (e == HPE_PAUSED) {
-      size_t used = (size_t)(llhttp_get_error_pos(&r->parser) - data);
-      data += used;
-      len -= used;
-      llhttp_resume(&r->parser);
-      if (r->complete) {
-        r->leftover = len > 0;
-        return 1;
-      }
-      /* An interim 1xx: its head is done, the real response follows. */
-      r->interim = 0;
-      r->in_trailers = 0;
-      wxd_scan_head(&r->scan, 0);
-      continue;
-    }
-    if (e != HPE_OK) {
-      if (r->cb_kind) req_fail(r, r->cb_kind, "%s", r->cb_err);
-      else req_fail(r, K_PROTOCOL, "malformed response: %s", llhttp_get_error_reason(&r->parser));
-      return -1;
-    }
-    data += chunk;
-    len -= chunk;
-  }
-  return 0;
+  wxd__fetch_req_fail(r, K_CONNECT, "%s %s: %s", doing, where, uv_strerror(err));
 }
 
 /* The peer closed its side (or sent close_notify). */
@@ -882,14 +238,14 @@ static void req_eof(fetch_req_t *r) {
       return;
     }
     if (e != HPE_OK && e != HPE_PAUSED && r->cb_kind) {
-      req_fail(r, r->cb_kind, "%s", r->cb_err);
+      wxd__fetch_req_fail(r, r->cb_kind, "%s", r->cb_err);
       return;
     }
   }
   char where[300];
   host_label(r->host, where, sizeof where);
-  if (!r->got_bytes) req_fail(r, K_PROTOCOL, "%s closed the connection without a response", where);
-  else req_fail(r, K_PROTOCOL, "%s closed the connection before the response ended", where);
+  if (!r->got_bytes) wxd__fetch_req_fail(r, K_PROTOCOL, "%s closed the connection without a response", where);
+  else wxd__fetch_req_fail(r, K_PROTOCOL, "%s closed the connection before the response ended", where);
 }
 
 static void req_sent_some(fetch_req_t *r) {
@@ -927,7 +283,7 @@ static void req_send(fetch_req_t *r) {
   req_phase(r, P_SEND, r->send_ms);
   if (r->conn->tls) {
     if (wxd_tls_write(r->conn->tls, r->out, r->out_len) != WXD_TLS_OK) {
-      req_fail(r, K_TLS, "%s", wxd_tls_error(r->conn->tls));
+      wxd__fetch_req_fail(r, K_TLS, "%s", wxd_tls_error(r->conn->tls));
       return;
     }
     r->sent = 1;
@@ -954,7 +310,7 @@ static void tls_pump(fetch_req_t *r) {
     if (tls_flush(r) != 0) return;
     if (rc == WXD_TLS_AGAIN) return;
     if (rc != WXD_TLS_OK) {
-      req_fail(r, K_TLS, "%s", wxd_tls_error(t));
+      wxd__fetch_req_fail(r, K_TLS, "%s", wxd_tls_error(t));
       return;
     }
     r->tls_ready = 1;
@@ -965,7 +321,7 @@ static void tls_pump(fetch_req_t *r) {
     size_t n = 0;
     int rc = wxd_tls_read(t, r->pool->plainbuf, sizeof r->pool->plainbuf, &n);
     if (rc == WXD_TLS_OK) {
-      int pr = req_parse(r, r->pool->plainbuf, n);
+      int pr = wxd__fetch_req_parse(r, r->pool->plainbuf, n);
       if (pr < 0) return;
       if (pr > 0) {
         /* Anything after the response (but session tickets, which OpenSSL
@@ -988,7 +344,7 @@ static void tls_pump(fetch_req_t *r) {
       return;
     }
     if (!r->got_bytes && req_retry(r)) return;
-    req_fail(r, K_TLS, "%s", wxd_tls_error(t));
+    wxd__fetch_req_fail(r, K_TLS, "%s", wxd_tls_error(t));
     return;
   }
 }
@@ -1014,9 +370,9 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   } else if (nread > 0) {
     if (r->phase == P_READ) req_phase(r, P_READ, r->read_ms); /* silence is what times out */
     if (r->conn->tls) {
-      if (wxd_tls_feed(r->conn->tls, buf->base, (size_t)nread) != 0) req_fail(r, K_TLS, "out of memory");
+      if (wxd_tls_feed(r->conn->tls, buf->base, (size_t)nread) != 0) wxd__fetch_req_fail(r, K_TLS, "out of memory");
       else tls_pump(r);
-    } else if (req_parse(r, buf->base, (size_t)nread) > 0) {
+    } else if (wxd__fetch_req_parse(r, buf->base, (size_t)nread) > 0) {
       req_complete(r);
     }
   } else if (nread == UV_EOF) {
@@ -1034,7 +390,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   else free(buf->base);
 }
 
-static void req_start_io(fetch_req_t *r) {
+void wxd__fetch_req_start_io(fetch_req_t *r) {
   r->tcp.data = r;
   int rc = uv_read_start((uv_stream_t *)&r->tcp, on_alloc, on_read);
   if (rc != 0) {
@@ -1057,7 +413,7 @@ static void on_connect(uv_connect_t *creq, int status) {
     }
     char where[300];
     host_label(r->host, where, sizeof where);
-    req_fail(r, K_CONNECT, "connect to %s: %s", where, uv_strerror(status));
+    wxd__fetch_req_fail(r, K_CONNECT, "connect to %s: %s", where, uv_strerror(status));
     return;
   }
   r->pool->opened++;
@@ -1065,16 +421,16 @@ static void on_connect(uv_connect_t *creq, int status) {
   if (r->host->tls) {
     r->conn->tls = wxd_tls_new_client(r->host->ctx->ctx, r->host->name);
     if (!r->conn->tls) {
-      req_fail(r, K_TLS, "out of memory");
+      wxd__fetch_req_fail(r, K_TLS, "out of memory");
       return;
     }
   } else {
     r->tls_ready = 1;
   }
-  req_start_io(r);
+  wxd__fetch_req_start_io(r);
 }
 
-static void req_connect(fetch_req_t *r) {
+void wxd__fetch_req_connect(fetch_req_t *r) {
   if (r->failed || r->done) return;
   int rc = uv_tcp_init(r->pool->loop, &r->tcp);
   if (rc == 0) {
@@ -1092,116 +448,8 @@ static void req_connect(fetch_req_t *r) {
     }
     char where[300];
     host_label(r->host, where, sizeof where);
-    req_fail(r, K_CONNECT, "connect to %s: %s", where, uv_strerror(rc));
+    wxd__fetch_req_fail(r, K_CONNECT, "connect to %s: %s", where, uv_strerror(rc));
   }
-}
-
-static int parse_ip(const char *name, int port, struct sockaddr_storage *ss) {
-  memset(ss, 0, sizeof *ss);
-  if (uv_ip4_addr(name, port, (struct sockaddr_in *)ss) == 0) return 0;
-  if (uv_ip6_addr(name, port, (struct sockaddr_in6 *)ss) == 0) return 0;
-  return -1;
-}
-
-static void set_port(struct sockaddr_storage *ss, int port) {
-  if (ss->ss_family == AF_INET) ((struct sockaddr_in *)ss)->sin_port = htons((uint16_t)port);
-  else ((struct sockaddr_in6 *)ss)->sin6_port = htons((uint16_t)port);
-}
-
-static void req_resolve(fetch_req_t *r) {
-  if (r->failed || r->done) return;
-  fetch_host_t *h = r->host;
-  wxd_fetch_pool_t *p = r->pool;
-  r->addr_i = 0;
-  if (parse_ip(h->name, h->port, &r->addrs[0]) == 0) {
-    r->naddrs = 1;
-    req_connect(r);
-    return;
-  }
-  fetch_dns_t *d = dns_get(p, h->name);
-  if (!d) {
-    req_fail(r, K_DNS, "out of memory");
-    return;
-  }
-  if (!d->pending && d->naddrs > 0 && d->expires > now_ms(p)) {
-    memcpy(r->addrs, d->addrs, sizeof d->addrs);
-    r->naddrs = d->naddrs;
-    for (int i = 0; i < r->naddrs; i++) set_port(&r->addrs[i], h->port);
-    req_connect(r);
-    return;
-  }
-  if (!d->pending) {
-    struct addrinfo hints;
-    memset(&hints, 0, sizeof hints);
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    int rc = uv_getaddrinfo(p->loop, &d->gai, on_resolved, d->name, NULL, &hints);
-    if (rc != 0) {
-      req_fail(r, K_DNS, "cannot resolve %s: %s", h->name, uv_strerror(rc));
-      if (!d->waiters) dns_free(p, d);
-      return;
-    }
-    d->pending = 1;
-  }
-  r->dns = d;
-  r->wprev = NULL;
-  r->wnext = d->waiters;
-  if (d->waiters) d->waiters->wprev = r;
-  d->waiters = r;
-}
-
-/* Takes a parked connection, or a new one, or waits in the host's queue. */
-static void req_acquire(fetch_req_t *r) {
-  if (r->failed || r->done) return;
-  fetch_host_t *h = r->host;
-  wxd_fetch_pool_t *p = r->pool;
-  while (h->idle) {
-    fetch_conn_t *c = h->idle;
-    idle_unlink(c);
-    if (!conn_alive(c)) {
-      conn_destroy(c, 0);
-      continue;
-    }
-    int rc = uv_tcp_init(p->loop, &r->tcp);
-    if (rc == 0) {
-      r->tcp.data = r;
-      r->tcp_state = SK_OPEN;
-      r->handles++;
-      rc = uv_tcp_open(&r->tcp, c->fd);
-      if (rc == 0) c->fd = -1; /* the handle owns it now */
-    }
-    r->conn = c;
-    if (rc != 0) {
-      req_fail(r, K_CONNECT, "cannot reuse a connection: %s", uv_strerror(rc));
-      return;
-    }
-    r->reused = 1;
-    r->tls_ready = 1;
-    p->reused++;
-    req_start_io(r);
-    return;
-  }
-  if (h->nconns < p->max_conns) {
-    fetch_conn_t *c = calloc(1, sizeof *c);
-    if (!c) {
-      req_fail(r, K_CONNECT, "out of memory");
-      return;
-    }
-    c->host = h;
-    c->fd = -1;
-    h->nconns++;
-    p->nconns++;
-    r->conn = c;
-    req_resolve(r);
-    return;
-  }
-  r->queued = 1;
-  p->nqueued++;
-  r->wnext = NULL;
-  r->wprev = h->qtail;
-  if (h->qtail) h->qtail->wnext = r;
-  else h->qhead = r;
-  h->qtail = r;
 }
 
 /* The VM stops waiting (a shutdown deadline): close without resuming. */
@@ -1209,74 +457,9 @@ static void req_cancel(void *wait) {
   fetch_req_t *r = wait;
   r->co = NULL;
   fetch_dns_t *d = r->dns;
-  req_fail(r, K_CANCELLED, "cancelled");
+  wxd__fetch_req_fail(r, K_CANCELLED, "cancelled");
   /* A lookup nobody waits for would only keep the loop alive. */
   if (d && d->pending && !d->waiters) uv_cancel((uv_req_t *)&d->gai);
-}
-
-/* ---- pool ---- */
-
-wxd_fetch_pool_t *wxd_fetch_pool_new(uv_loop_t *loop) {
-  wxd_fetch_pool_t *p = calloc(1, sizeof *p);
-  if (!p) return NULL;
-  p->loop = loop;
-  p->max_idle = 16;
-  p->max_conns = 256;
-  p->idle_ms = 60000;
-  p->dns_ttl_ms = 30000;
-  /* A peer that resets a connection while we write must cost an error, not
-   * the process (SIGPIPE's default). Servers set this already; wxd script
-   * gets it here. */
-  struct sigaction sa;
-  if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL) signal(SIGPIPE, SIG_IGN);
-  return p;
-}
-
-void wxd_fetch_pool_sweep(wxd_fetch_pool_t *p) {
-  if (!p) return;
-  uint64_t now = now_ms(p);
-  while (p->idle_oldest && now - p->idle_oldest->idle_since >= p->idle_ms) {
-    fetch_conn_t *c = p->idle_oldest;
-    idle_unlink(c);
-    conn_destroy(c, 1);
-  }
-  if (p->ndns > 64) dns_sweep(p, 0);
-}
-
-void wxd_fetch_pool_free(wxd_fetch_pool_t *p) {
-  if (!p) return;
-  while (p->idle_oldest) {
-    fetch_conn_t *c = p->idle_oldest;
-    idle_unlink(c);
-    conn_destroy(c, 0);
-  }
-  /* With no request in flight, no host or DNS lookup is left in use. */
-  while (p->hosts) {
-    fetch_host_t *h = p->hosts;
-    p->hosts = h->next;
-    free(h);
-  }
-  while (p->dns) {
-    fetch_dns_t *d = p->dns;
-    p->dns = d->next;
-    if (d->pending) {
-      /* A lookup whose requests timed out may still run on a loop that
-       * outlives this pool (a VM of its own freed while its worker runs):
-       * its callback frees it. */
-      d->pool = NULL;
-      d->waiters = NULL;
-      uv_cancel((uv_req_t *)&d->gai);
-    } else {
-      free(d);
-    }
-  }
-  while (p->ctxs) {
-    fetch_ctx_t *c = p->ctxs;
-    p->ctxs = c->next;
-    SSL_CTX_free(c->ctx);
-    free(c);
-  }
-  free(p);
 }
 
 /* ---- Lua ---- */
@@ -1320,25 +503,6 @@ static int opt_bool(lua_State *L, int t, const char *k) {
   int v = lua_toboolean(L, -1);
   lua_pop(L, 1);
   return v;
-}
-
-/* SHA-256 over the TLS settings, each with its length, so that two
- * different settings never share a context or a connection. */
-static int settings_id(const wxd_tls_client_conf_t *c, unsigned char id[32]) {
-  EVP_MD_CTX *md = EVP_MD_CTX_new();
-  if (!md) return -1;
-  int ok = EVP_DigestInit_ex(md, EVP_sha256(), NULL);
-  const char *parts[] = {c->verify ? "v1" : "v0", c->ca_file, c->cert_pem, c->key_pem, c->pkcs12, c->passphrase};
-  size_t lens[] = {2, c->ca_file ? strlen(c->ca_file) : 0, c->cert_len, c->key_len, c->pkcs12_len,
-                   c->passphrase ? strlen(c->passphrase) : 0};
-  for (int i = 0; ok && i < 6; i++) {
-    uint64_t n = parts[i] ? (uint64_t)lens[i] + 1 : 0; /* absent differs from empty */
-    ok = EVP_DigestUpdate(md, &n, sizeof n) && (!parts[i] || EVP_DigestUpdate(md, parts[i], lens[i]));
-  }
-  unsigned int len = 0;
-  ok = ok && EVP_DigestFinal_ex(md, id, &len);
-  EVP_MD_CTX_free(md);
-  return ok ? 0 : -1;
 }
 
 static int fail_now(lua_State *L, int kind, const char *detail) {
@@ -1389,7 +553,7 @@ static int fetch_request(lua_State *L) {
     if (conf.passphrase && strlen(conf.passphrase) != pass_len) luaL_error(L, "wxd.http: passphrase contains NUL");
     if (conf.ca_file && strlen(conf.ca_file) != ca_len) luaL_error(L, "wxd.http: ca_file contains NUL");
     if (!conf.cert_pem != !conf.key_pem) luaL_error(L, "wxd.http: client_cert needs both cert and key");
-    if (settings_id(&conf, id) != 0) luaL_error(L, "wxd.http: out of memory");
+    if (wxd__fetch_settings_id(&conf, id) != 0) luaL_error(L, "wxd.http: out of memory");
   }
   /* Checked before anything starts: see wxd_co_current. */
   wxd_co_t *co = wxd_co_current(L, "wxd.http");
@@ -1404,13 +568,13 @@ static int fetch_request(lua_State *L) {
   }
   char err[300];
   fetch_ctx_t *ctx = NULL;
-  if (tls && !(ctx = ctx_get(p, id, &conf, err, sizeof err))) return fail_now(L, K_TLS, err);
-  fetch_host_t *h = host_get(p, name, (int)port, tls, id);
+  if (tls && !(ctx = wxd__fetch_ctx_get(p, id, &conf, err, sizeof err))) return fail_now(L, K_TLS, err);
+  fetch_host_t *h = wxd__fetch_host_get(p, name, (int)port, tls, id);
   fetch_req_t *r = h ? calloc(1, sizeof *r) : NULL;
   char *out = r ? malloc(head_len + body_len + 1) : NULL;
   if (!out) {
     free(r);
-    if (h) host_maybe_free(h);
+    if (h) wxd__fetch_host_maybe_free(h);
     return luaL_error(L, "wxd.http: out of memory");
   }
   if (tls && !h->ctx) {
@@ -1434,7 +598,7 @@ static int fetch_request(lua_State *L) {
   r->is_head = opt_bool(L, 1, "head");
   r->idempotent = opt_bool(L, 1, "idempotent");
   r->keepalive = opt_bool(L, 1, "keepalive");
-  llhttp_init(&r->parser, HTTP_RESPONSE, &parser_settings);
+  llhttp_init(&r->parser, HTTP_RESPONSE, &wxd__fetch_parser_settings);
   r->parser.data = r;
   wxd_scan_head(&r->scan, 0);
   r->next = p->reqs;
@@ -1447,7 +611,7 @@ static int fetch_request(lua_State *L) {
   r->handles = 1;
   r->total_at = now_ms(p) + total_ms;
   req_phase(r, P_CONNECT, connect_ms);
-  req_acquire(r);
+  wxd__fetch_req_acquire(r);
   return wxd_co_yield_cancellable(co, L, req_cancel, r);
 }
 
@@ -1478,12 +642,12 @@ static int fetch_configure(lua_State *L) {
     while (h->nidle > p->max_idle || (h->nidle && h->nconns > p->max_conns)) {
       fetch_conn_t *oldest = h->idle;
       while (oldest->hnext) oldest = oldest->hnext;
-      idle_unlink(oldest);
-      conn_destroy(oldest, 0);
+      wxd__fetch_idle_unlink(oldest);
+      wxd__fetch_conn_destroy(oldest, 0);
     }
-    host_dispatch(h);
+    wxd__fetch_host_dispatch(h);
     h->refs--;
-    host_maybe_free(h);
+    wxd__fetch_host_maybe_free(h);
     h = next;
   }
   wxd_fetch_pool_sweep(p);

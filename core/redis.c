@@ -83,6 +83,7 @@ struct rd_conn {
   uv_timer_t timer;         /* connect deadline, or reconnect (subscriber) */
   uv_prepare_t flush;       /* writes `out` once per loop turn */
   int handles;              /* embedded handles not yet closed */
+  unsigned refs;            /* Lua handles (CONN_MT) pointing here */
   int state;
   int sub;                  /* a subscriber connection */
   rd_link_t *link;
@@ -757,8 +758,11 @@ static void conn_handle_closed(uv_handle_t *h) {
   conn_maybe_free(c);
 }
 
+/* Handles keep the struct (not the connection: the pool closes that), so
+ * a handle outliving its pool reads a closed connection, never freed
+ * memory. */
 static void conn_maybe_free(rd_conn_t *c) {
-  if (c->handles > 0) return;
+  if (c->handles > 0 || c->refs > 0) return;
   wxd_buf_free(&c->out);
   free(c->key);
   free(c->label);
@@ -830,6 +834,13 @@ void wxd_redis_pool_close(wxd_redis_pool_t *p) {
 
 #define STATE_MT "wxd.redis.state"
 #define SUB_MT "wxd.redis.subscription"
+#define CONN_MT "wxd.redis.connection"
+
+/* What Lua holds for a connection: a checked box (full userdata), so that
+ * a wrong value raises instead of being taken for a connection. */
+typedef struct rd_handle {
+  rd_conn_t *conn; /* NULL once collected */
+} rd_handle_t;
 
 typedef struct rd_state {
   wxd_redis_pool_t *own; /* outside a server: this VM's pool */
@@ -873,10 +884,39 @@ static char *dup_or_null(const char *s, int *oom) {
   return d;
 }
 
-/* connection(spec, subscriber) -> the connection (light userdata) for
+static void push_handle(lua_State *L, rd_conn_t *c) {
+  rd_handle_t *h = lua_newuserdata(L, sizeof *h);
+  h->conn = c;
+  c->refs++;
+  luaL_getmetatable(L, CONN_MT);
+  lua_setmetatable(L, -2);
+}
+
+static int handle_gc(lua_State *L) {
+  rd_handle_t *h = luaL_checkudata(L, 1, CONN_MT);
+  rd_conn_t *c = h->conn;
+  h->conn = NULL;
+  if (c) {
+    c->refs--;
+    conn_maybe_free(c); /* a no-op until its pool closed it */
+  }
+  return 0;
+}
+
+/* The connection of the handle at idx: raises unless it is a handle of
+ * this kind (sub: a subscriber connection). */
+static rd_conn_t *check_handle(lua_State *L, int idx, int sub) {
+  rd_handle_t *h = luaL_checkudata(L, idx, CONN_MT);
+  rd_conn_t *c = h->conn;
+  if (!c || c->sub != sub) luaL_argerror(L, idx, sub ? "expected a subscriber connection" : "expected a connection");
+  return c;
+}
+
+/* connection(spec, subscriber) -> a handle (CONN_MT) of the connection for
  * spec.key, made on first use. spec (lua/wxd/redis.lua): key, label,
- * host and port or path, user, password, db, connect_ms. Connections live
- * as long as their pool, so the light userdata stays valid for the VM. */
+ * host and port or path, user, password, db, connect_ms. The pool owns
+ * the connection; a handle keeps only its memory, so a handle used after
+ * its pool closed gets "the connection pool is closed". */
 static int rd_connection(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   int sub = lua_toboolean(L, 2);
@@ -894,7 +934,7 @@ static int rd_connection(lua_State *L) {
   wxd_redis_pool_t *p = pool_of(L);
   for (rd_conn_t *c = p->conns; c; c = c->next)
     if (c->sub == sub && strcmp(c->key, key) == 0) {
-      lua_pushlightuserdata(L, c);
+      push_handle(L, c);
       return 1;
     }
   rd_conn_t *c = calloc(1, sizeof *c);
@@ -925,7 +965,7 @@ static int rd_connection(lua_State *L) {
   c->handles = 2;
   c->next = p->conns;
   p->conns = c;
-  lua_pushlightuserdata(L, c);
+  push_handle(L, c);
   return 1;
 }
 
@@ -1000,13 +1040,6 @@ static int fail_now(lua_State *L, rd_conn_t *c) {
   return 3;
 }
 
-static rd_conn_t *check_conn(lua_State *L, int idx) {
-  luaL_checktype(L, idx, LUA_TLIGHTUSERDATA);
-  rd_conn_t *c = lua_touserdata(L, idx);
-  if (!c || c->sub) luaL_argerror(L, idx, "expected a connection");
-  return c;
-}
-
 /* Queues the formatted bytes of n replies and yields. */
 static int submit(lua_State *L, rd_conn_t *c, wxd_co_t *co, uint64_t timeout_ms, wxd_buf_t *b, unsigned n,
                   int pipeline) {
@@ -1063,7 +1096,7 @@ static uint64_t check_timeout(lua_State *L, int idx) {
 /* call(conn, timeout_ms, name, args...) -> reply | nil, err [, detail].
  * Waits. */
 static int rd_call(lua_State *L) {
-  rd_conn_t *c = check_conn(L, 1);
+  rd_conn_t *c = check_handle(L, 1, 0);
   uint64_t timeout = check_timeout(L, 2);
   /* Checked before anything starts: see wxd_co_current. */
   wxd_co_t *co = wxd_co_current(L, "wxd.redis");
@@ -1075,7 +1108,7 @@ static int rd_call(lua_State *L) {
 /* pipeline(conn, timeout_ms, { {name, args...}, ... }) -> { reply or
  * { err = msg }, ... } | nil, kind, detail. One write, one wait. */
 static int rd_pipeline(lua_State *L) {
-  rd_conn_t *c = check_conn(L, 1);
+  rd_conn_t *c = check_handle(L, 1, 0);
   uint64_t timeout = check_timeout(L, 2);
   luaL_checktype(L, 3, LUA_TTABLE);
   int n = (int)lua_objlen(L, 3);
@@ -1099,9 +1132,8 @@ static int rd_pipeline(lua_State *L) {
 /* subscribe(subconn, pattern, name, fn) -> handle. Does not wait: the
  * subscription starts once the subscriber connection is up. */
 static int rd_subscribe(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TLIGHTUSERDATA);
-  rd_conn_t *c = lua_touserdata(L, 1);
-  if (!c || !c->sub) return luaL_argerror(L, 1, "expected a subscriber connection");
+  rd_conn_t *c = check_handle(L, 1, 1);
+  if (!c->pool) return luaL_error(L, "wxd.redis: the connection pool is closed");
   int pattern = lua_toboolean(L, 2);
   size_t nlen;
   const char *name = luaL_checklstring(L, 3, &nlen);
@@ -1170,8 +1202,9 @@ static const char *const state_names[] = {"idle", "connecting", "ready", "down"}
 
 /* info(conn) -> { state, pending, error } for specs and status pages. */
 static int rd_info(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TLIGHTUSERDATA);
-  rd_conn_t *c = lua_touserdata(L, 1);
+  luaL_checkudata(L, 1, CONN_MT);
+  rd_conn_t *c = ((rd_handle_t *)lua_touserdata(L, 1))->conn;
+  if (!c) return luaL_argerror(L, 1, "expected a connection");
   lua_createtable(L, 0, 4);
   lua_pushstring(L, state_names[c->state]);
   lua_setfield(L, -2, "state");
@@ -1207,6 +1240,12 @@ int wxd_open_redis(lua_State *L) {
   lua_setfield(L, -2, "__index");
   lua_pushcfunction(L, sub_gc);
   lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
+  luaL_newmetatable(L, CONN_MT);
+  lua_pushcfunction(L, handle_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pushliteral(L, "wxd.redis.connection");
+  lua_setfield(L, -2, "__metatable"); /* opaque: no method to reach */
   lua_pop(L, 1);
   rd_state_t *st = lua_newuserdata(L, sizeof *st);
   st->own = NULL;
