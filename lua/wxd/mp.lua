@@ -235,7 +235,7 @@ function _M.reply.video(media_id, title, description)
   check_str(title, "video: title", 2, true)
   check_str(description, "video: description", 2, true)
   return make_reply({ MsgType = "video", Video = { MediaId = media_id, Title = title, Description = description,
-                                                   _order = { "MediaId", "Title", "Description" } } })
+    _order = { "MediaId", "Title", "Description" } } })
 end
 
 --- A music reply: `{ title, description, music_url, hq_music_url,
@@ -263,8 +263,8 @@ function _M.reply.news(articles)
   for i, a in ipairs(articles) do
     if type(a) ~= "table" then error("wxd.mp.reply.news: article " .. i .. " must be a table", 2) end
     local it = { Title = pick(a, "title", "Title"), Description = pick(a, "description", "Description"),
-                 PicUrl = pick(a, "pic_url", "PicUrl"), Url = pick(a, "url", "Url"),
-                 _order = { "Title", "Description", "PicUrl", "Url" } }
+      PicUrl = pick(a, "pic_url", "PicUrl"), Url = pick(a, "url", "Url"),
+      _order = { "Title", "Description", "PicUrl", "Url" } }
     for _, k in ipairs(it._order) do check_str(it[k], "news: article " .. i .. " " .. k, 2, k ~= "Title") end
     items[i] = it
   end
@@ -433,7 +433,7 @@ local function new_endpoint(path, cfg, handlers)
   local dedup_ttl = positive(cfg, "dedup_ttl", replay_span, 86400 * 30)
   if dedup_ttl < replay_span then
     log.warn("mp: dedup_ttl raised to outlive the timestamp window (2 x window + 60 s)",
-             { path = path, dedup_ttl = dedup_ttl, used = replay_span })
+      { path = path, dedup_ttl = dedup_ttl, used = replay_span })
     dedup_ttl = replay_span
   end
   local allow_plaintext = cfg.allow_plaintext
@@ -466,7 +466,7 @@ local BODIES = { [400] = "bad request\n", [403] = "forbidden\n", [413] = "reques
 
 local function refuse(self, req, status, reason)
   log.warn("mp: request refused", { reason = reason, path = self.path, status = status,
-                                     remote = req.remote_addr })
+    remote = req.remote_addr })
   return status, BODIES[status]
 end
 
@@ -659,7 +659,7 @@ local function late(self, task, reply)
   local openid = task.msg.FromUserName
   if not self.client then
     log.warn("late reply dropped: no customer-service sender (set cfg.secret, or cfg.on_late_reply)",
-             { path = self.path, openid = openid, msg_type = task.msg.MsgType })
+      { path = self.path, openid = openid, msg_type = task.msg.MsgType })
     return
   end
   if type(openid) ~= "string" or openid == "" then
@@ -796,7 +796,7 @@ function Endpoint:dispatch(req, msg, ctx, doc)
   if t.done then return t.body end
   t.answered = true
   log.warn("mp: handler past the deadline; answered success",
-           { path = self.path, deadline_ms = self.deadline_ms, msg_type = msg.MsgType })
+    { path = self.path, deadline_ms = self.deadline_ms, msg_type = msg.MsgType })
   return nil
 end
 

@@ -242,7 +242,7 @@ function _M.new(url, opts)
   end
   local s = settings(url, opts, 3)
   local spec = { key = s.key, label = s.label, host = s.host, port = s.port, path = s.path, user = s.user,
-                 password = s.password, db = s.db, connect_ms = s.connect_ms }
+    password = s.password, db = s.db, connect_ms = s.connect_ms }
   return setmetatable({ spec = spec, label = s.label, timeout = s.timeout, conn = core.connection(spec) }, mt)
 end
 
