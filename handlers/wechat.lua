@@ -19,7 +19,7 @@ local handlers = {
     return ctx.reply.text("echo: " .. msg.Content)
   end,
   event = {
-    subscribe = function(msg, ctx)
+    subscribe = function(_msg, ctx)
       return ctx.reply.text("Welcome! Send me a message and I will echo it.")
     end,
   },

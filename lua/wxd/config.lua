@@ -45,7 +45,7 @@ local math_huge    = math.huge
 local string_lib   = string
 local table_lib    = table
 local math_lib     = math
-local unpack       = unpack or table.unpack
+local unpack       = unpack
 
 local util  = require "wxd.util"
 local redis = require "wxd.redis"

@@ -53,8 +53,8 @@ local core = require "wxd.core"
 
 local type, error, pairs, ipairs, tostring, tonumber = type, error, pairs, ipairs, tostring, tonumber
 local setmetatable, getmetatable, pcall, xpcall = setmetatable, getmetatable, pcall, xpcall
-local floor, abs, min = math.floor, math.abs, math.min
-local byte, char, sub, find, lower, format, match = string.byte, string.char, string.sub, string.find,
+local floor, abs = math.floor, math.abs
+local byte, sub, find, lower, format, match = string.byte, string.sub, string.find,
   string.lower, string.format, string.match
 local concat, sort = table.concat, table.sort
 local traceback = debug.traceback
@@ -471,7 +471,7 @@ local function refuse(self, req, status, reason)
 end
 
 -- The query's timestamp, checked against the window.
-local function check_query(self, req, q, names)
+local function check_query(self, _req, q, names)
   for _, name in ipairs(names) do
     local v = q[name]
     if type(v) ~= "string" or v == "" or #v > 4096 then return 400, "missing or oversized " .. name end
@@ -764,7 +764,7 @@ end
 -- run goes on finds the lock taken and waits for its release natively (the
 -- shdict wakes it; the Redis store polls), then answers with the recorded
 -- reply.
-function Endpoint:dispatch(req, msg, ctx, doc)
+function Endpoint:dispatch(_req, msg, ctx, doc)
   local deadline = monotonic_ms() + self.deadline_ms
   local key = self.prefix .. dedup_id(msg, doc)
   local runkey = key .. ":run"

@@ -330,10 +330,10 @@ function Client:get(path, query, opts)
 end
 
 --- POST a table as JSON (and the access_token).
-function Client:post(path, json, opts)
+function Client:post(path, body, opts)
   opts = opts or {}
-  if type(json) ~= "table" then fail("the body must be a table (sent as JSON)", 2) end
-  return self:call("POST", path, { json = json, query = opts.query, timeout = opts.timeout, raw = opts.raw })
+  if type(body) ~= "table" then fail("the body must be a table (sent as JSON)", 2) end
+  return self:call("POST", path, { json = body, query = opts.query, timeout = opts.timeout, raw = opts.raw })
 end
 
 --- The access_token, fetched when needed (for APIs wxd.wechat does not wrap).
