@@ -1,5 +1,5 @@
 # wxd — see README.md. `make` builds build/wxd; `make run`, `make test`,
-# `make asan`, `make bench`, `make fuzz`, `make deps`.
+# `make lint`, `make asan`, `make bench`, `make fuzz`, `make deps`.
 
 CC       ?= cc
 MULTIARCH := $(shell $(CC) -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
@@ -12,8 +12,9 @@ LUAJIT_INC := /usr/include/luajit-2.1
 DEB_BUILD := build-essential pkg-config libluajit2-5.1-dev luajit2 libuv1-dev node-llhttp \
              libssl-dev libhiredis-dev lua-cjson-dev libexpat1-dev
 # nodejs and nginx are independent peers of specs (AES-GCM against Node's
-# crypto, the client's TLS pool against nginx); python3 parses log lines.
-DEB_TEST  := lua-busted lua-socket redis-server curl openssl wrk nodejs nginx python3
+# crypto, the client's TLS pool against nginx); python3 parses log lines;
+# lua-check is luacheck, for `make lint`.
+DEB_TEST  := lua-busted lua-socket redis-server curl openssl wrk nodejs nginx python3 lua-check
 DEB_BENCH := wrk nginx libnginx-mod-http-lua lua-cjson
 DEB_FUZZ  := clang
 
@@ -32,7 +33,7 @@ LLHTTP_C := api.c http.c llhttp.c
 BUILD ?= build
 OBJ  := $(SRC:core/%.c=$(BUILD)/obj/%.o) $(LLHTTP_C:%.c=$(BUILD)/llhttp/%.o)
 
-.PHONY: all run test asan bench bench-crypto bench-mp fuzz deps deps-bench deps-bench-mp deps-fuzz check-deps clean
+.PHONY: all run test lint asan bench bench-crypto bench-mp fuzz deps deps-bench deps-bench-mp deps-fuzz check-deps clean
 
 all: $(BUILD)/wxd
 
@@ -101,6 +102,23 @@ run: $(BUILD)/wxd
 test: $(BUILD)/wxd
 	@$(MAKE) --no-print-directory deps >/dev/null
 	WXD=$(BUILD)/wxd spec/run.sh
+
+# luacheck over every Lua file (settings in .luacheckrc; any warning fails),
+# then the indentation of the sources: 2 spaces a level, so a line indented
+# by an odd number of spaces, or with a tab in its indentation, fails.
+# spec/ is left out of that check: some of its continuation lines are
+# aligned to odd columns.
+LINT_LUA := lua handlers examples spec $(wildcard app.lua config.lua)
+LINT_INDENT := lua handlers examples $(wildcard app.lua config.lua)
+
+lint:
+	@command -v luacheck >/dev/null || $(MAKE) --no-print-directory deps
+	luacheck --no-color -q $(LINT_LUA)
+	@bad=$$(find $(LINT_INDENT) -name '*.lua' -exec awk \
+	  '/^[ \t]*\t/ { print FILENAME ":" FNR ": a tab in the indentation"; next } \
+	   { match($$0, /^ */) } RLENGTH % 2 { print FILENAME ":" FNR ": indented by " RLENGTH " spaces" }' {} +); \
+	if [ -n "$$bad" ]; then echo "$$bad"; echo "lint: indent Lua by 2 spaces a level"; exit 1; fi; \
+	echo "lint: indentation ok"
 
 asan:
 	$(MAKE) BUILD=build/asan CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" \

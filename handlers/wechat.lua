@@ -19,7 +19,7 @@ local handlers = {
     return ctx.reply.text("echo: " .. msg.Content)
   end,
   event = {
-    subscribe = function(msg, ctx)
+    subscribe = function(_msg, ctx)
       return ctx.reply.text("Welcome! Send me a message and I will echo it.")
     end,
   },
@@ -36,10 +36,10 @@ local function settings()
   local mp = wxd.config and wxd.config.mp
   if type(mp) == "table" and mp.token then
     return { appid = mp.appid or nil, token = mp.token, aes_key = mp.aes_key or nil, secret = mp.secret or nil,
-             api_base = mp.api_base or nil }
+      api_base = mp.api_base or nil }
   end
   return { appid = getenv("WXD_MP_APPID"), token = getenv("WXD_MP_TOKEN"), aes_key = getenv("WXD_MP_AES_KEY"),
-           secret = getenv("WXD_MP_SECRET"), api_base = getenv("WXD_WECHAT_API_BASE") }
+    secret = getenv("WXD_MP_SECRET"), api_base = getenv("WXD_WECHAT_API_BASE") }
 end
 
 return function(app)

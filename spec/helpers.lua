@@ -85,7 +85,8 @@ function H.start(appdir, opts)
   local cmd = string.format(
     "(WXD_STEERING=%s %s %s %s %s --listen 127.0.0.1:%d --workers %d %s >%s 2>&1 & p=$!%s; echo $p >%s.tmp; mv %s.tmp %s; "
       .. "wait $p; rc=$?%s; echo $rc >%s.tmp; mv %s.tmp %s) >/dev/null 2>&1 &",
-    opts.steering or "hash", opts.env or "", H.WXD, opts.mode or "run", appdir, port, opts.workers or 1, opts.args or "", self.log,
+    opts.steering or "hash", opts.env or "", H.WXD, opts.mode or "run", appdir, port, opts.workers or 1, opts.args or "",
+    self.log,
     started, self.pidfile, self.pidfile, self.pidfile, ended, self.rcfile, self.rcfile, self.rcfile)
   os.execute(cmd)
   -- The files are written whole and renamed: a reader never sees them empty.
@@ -178,7 +179,7 @@ function Server:raw(bytes, opts)
   local c = self:connect()
   if opts.split then
     for i = 1, #bytes do
-      local ok, err = c:send(bytes:sub(i, i))
+      local ok = c:send(bytes:sub(i, i))
       if not ok then break end -- the server may close early on a refused shape
       if opts.split_delay then socket.sleep(opts.split_delay) end
     end
@@ -209,8 +210,7 @@ function H.parse_responses(s, head_request)
       r.headers[k] = r.headers[k] and (r.headers[k] .. ", " .. value) or value
     end
     local no_body = head_request or r.status < 200 or r.status == 204 or r.status == 304
-    if no_body then
-      -- nothing
+    if no_body then -- luacheck: ignore 542 (nothing to read)
     elseif (r.headers["transfer-encoding"] or ""):lower() == "chunked" then
       local parts = {}
       while true do

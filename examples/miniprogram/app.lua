@@ -79,7 +79,7 @@ app:post("/phone", function(req)
     return 502, { error = "wechat unavailable" }
   end
   return { phoneNumber = phone.phoneNumber, purePhoneNumber = phone.purePhoneNumber,
-           countryCode = phone.countryCode }
+    countryCode = phone.countryCode }
 end)
 
 app:get("/health", function() return { status = "ok" } end)

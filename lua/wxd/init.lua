@@ -26,9 +26,9 @@ local _M = {
 -- Library modules load lazily so that `require "wxd"` stays cheap and no
 -- module cycle forms (wxd.app may itself require "wxd").
 local lazy = { app = "wxd.app", log = "wxd.log", config_loader = "wxd.config", timer = "wxd.timer", crypto = "wxd.crypto",
-               shdict = "wxd.shdict", lock = "wxd.lock", store = "wxd.store", xml = "wxd.xml",
-               mp = "wxd.mp", testing = "wxd.testing", http = "wxd.http", redis = "wxd.redis",
-               wechat = "wxd.wechat", miniprogram = "wxd.miniprogram", json = "wxd.json", task = "wxd.task" }
+  shdict = "wxd.shdict", lock = "wxd.lock", store = "wxd.store", xml = "wxd.xml",
+  mp = "wxd.mp", testing = "wxd.testing", http = "wxd.http", redis = "wxd.redis",
+  wechat = "wxd.wechat", miniprogram = "wxd.miniprogram", json = "wxd.json", task = "wxd.task" }
 
 return setmetatable(_M, {
   __index = function(t, k)

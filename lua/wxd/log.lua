@@ -25,8 +25,8 @@ local is_config_secret = util.is_secret_key
 -- merchant key, the js_code a session_key is bought with), and the generic
 -- ones (tokens, tickets, passwords, credentials in headers).
 local SECRET_PARTS = { "secret", "password", "passwd", "passphrase", "token", "ticket", "sessionkey",
-                       "aeskey", "apikey", "apiv3key", "mchkey", "privatekey", "signkey", "accesskey",
-                       "authorization", "cookie", "jscode" }
+  "aeskey", "apikey", "apiv3key", "mchkey", "privatekey", "signkey", "accesskey",
+  "authorization", "cookie", "jscode" }
 -- Whole names that are secrets (a bare "key" is WeChat Pay v2's merchant key).
 local SECRET_NAMES = { key = true }
 -- Names that identify a person: openid and unionid, phone numbers, and

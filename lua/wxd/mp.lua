@@ -53,8 +53,8 @@ local core = require "wxd.core"
 
 local type, error, pairs, ipairs, tostring, tonumber = type, error, pairs, ipairs, tostring, tonumber
 local setmetatable, getmetatable, pcall, xpcall = setmetatable, getmetatable, pcall, xpcall
-local floor, abs, min = math.floor, math.abs, math.min
-local byte, char, sub, find, lower, format, match = string.byte, string.char, string.sub, string.find,
+local floor, abs = math.floor, math.abs
+local byte, sub, find, lower, format, match = string.byte, string.sub, string.find,
   string.lower, string.format, string.match
 local concat, sort = table.concat, table.sort
 local traceback = debug.traceback
@@ -235,7 +235,7 @@ function _M.reply.video(media_id, title, description)
   check_str(title, "video: title", 2, true)
   check_str(description, "video: description", 2, true)
   return make_reply({ MsgType = "video", Video = { MediaId = media_id, Title = title, Description = description,
-                                                   _order = { "MediaId", "Title", "Description" } } })
+    _order = { "MediaId", "Title", "Description" } } })
 end
 
 --- A music reply: `{ title, description, music_url, hq_music_url,
@@ -263,8 +263,8 @@ function _M.reply.news(articles)
   for i, a in ipairs(articles) do
     if type(a) ~= "table" then error("wxd.mp.reply.news: article " .. i .. " must be a table", 2) end
     local it = { Title = pick(a, "title", "Title"), Description = pick(a, "description", "Description"),
-                 PicUrl = pick(a, "pic_url", "PicUrl"), Url = pick(a, "url", "Url"),
-                 _order = { "Title", "Description", "PicUrl", "Url" } }
+      PicUrl = pick(a, "pic_url", "PicUrl"), Url = pick(a, "url", "Url"),
+      _order = { "Title", "Description", "PicUrl", "Url" } }
     for _, k in ipairs(it._order) do check_str(it[k], "news: article " .. i .. " " .. k, 2, k ~= "Title") end
     items[i] = it
   end
@@ -433,7 +433,7 @@ local function new_endpoint(path, cfg, handlers)
   local dedup_ttl = positive(cfg, "dedup_ttl", replay_span, 86400 * 30)
   if dedup_ttl < replay_span then
     log.warn("mp: dedup_ttl raised to outlive the timestamp window (2 x window + 60 s)",
-             { path = path, dedup_ttl = dedup_ttl, used = replay_span })
+      { path = path, dedup_ttl = dedup_ttl, used = replay_span })
     dedup_ttl = replay_span
   end
   local allow_plaintext = cfg.allow_plaintext
@@ -466,12 +466,12 @@ local BODIES = { [400] = "bad request\n", [403] = "forbidden\n", [413] = "reques
 
 local function refuse(self, req, status, reason)
   log.warn("mp: request refused", { reason = reason, path = self.path, status = status,
-                                     remote = req.remote_addr })
+    remote = req.remote_addr })
   return status, BODIES[status]
 end
 
 -- The query's timestamp, checked against the window.
-local function check_query(self, req, q, names)
+local function check_query(self, _req, q, names)
   for _, name in ipairs(names) do
     local v = q[name]
     if type(v) ~= "string" or v == "" or #v > 4096 then return 400, "missing or oversized " .. name end
@@ -659,7 +659,7 @@ local function late(self, task, reply)
   local openid = task.msg.FromUserName
   if not self.client then
     log.warn("late reply dropped: no customer-service sender (set cfg.secret, or cfg.on_late_reply)",
-             { path = self.path, openid = openid, msg_type = task.msg.MsgType })
+      { path = self.path, openid = openid, msg_type = task.msg.MsgType })
     return
   end
   if type(openid) ~= "string" or openid == "" then
@@ -764,7 +764,7 @@ end
 -- run goes on finds the lock taken and waits for its release natively (the
 -- shdict wakes it; the Redis store polls), then answers with the recorded
 -- reply.
-function Endpoint:dispatch(req, msg, ctx, doc)
+function Endpoint:dispatch(_req, msg, ctx, doc)
   local deadline = monotonic_ms() + self.deadline_ms
   local key = self.prefix .. dedup_id(msg, doc)
   local runkey = key .. ":run"
@@ -796,7 +796,7 @@ function Endpoint:dispatch(req, msg, ctx, doc)
   if t.done then return t.body end
   t.answered = true
   log.warn("mp: handler past the deadline; answered success",
-           { path = self.path, deadline_ms = self.deadline_ms, msg_type = msg.MsgType })
+    { path = self.path, deadline_ms = self.deadline_ms, msg_type = msg.MsgType })
   return nil
 end
 

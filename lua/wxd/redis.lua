@@ -30,8 +30,8 @@
 
 local core = require "wxd.core.redis"
 
-local type, error, tostring, tonumber, setmetatable, rawget, select, pairs =
-  type, error, tostring, tonumber, setmetatable, rawget, select, pairs
+local type, error, tostring, tonumber, setmetatable, rawget =
+  type, error, tostring, tonumber, setmetatable, rawget
 local str_upper, str_lower, str_find, str_format, str_gsub, str_char =
   string.upper, string.lower, string.find, string.format, string.gsub, string.char
 local floor = math.floor
@@ -167,7 +167,7 @@ local Client = {}
 local commands = {} -- generated methods, by name
 
 local mt = {
-  __index = function(self, name)
+  __index = function(_self, name)
     local m = Client[name]
     if m then return m end
     if type(name) ~= "string" or not str_find(name, "^[%a][%w_]*$") then return nil end
@@ -242,7 +242,7 @@ function _M.new(url, opts)
   end
   local s = settings(url, opts, 3)
   local spec = { key = s.key, label = s.label, host = s.host, port = s.port, path = s.path, user = s.user,
-                 password = s.password, db = s.db, connect_ms = s.connect_ms }
+    password = s.password, db = s.db, connect_ms = s.connect_ms }
   return setmetatable({ spec = spec, label = s.label, timeout = s.timeout, conn = core.connection(spec) }, mt)
 end
 

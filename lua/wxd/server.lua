@@ -37,7 +37,7 @@ local PLAIN = { ["content-type"] = "text/plain; charset=utf-8" }
 -- each raw request, in the request's coroutine.
 -- @treturn function|nil handler
 -- @treturn string error (file, line and message)
-function _M.load_app(appdir, worker, generation)
+function _M.load_app(appdir, _worker, generation)
   local cfg, err = _M.read_config(appdir)
   if not cfg then return nil, err end
   -- The core has read the key with it; the app has no use for it.

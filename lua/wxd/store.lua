@@ -31,8 +31,8 @@
 -- local lk = assert(store.lock("refund:" .. no, { timeout = 3 }))
 -- ... ; lk:unlock()
 
-local type, error, tostring, tonumber, setmetatable, select =
-  type, error, tostring, tonumber, setmetatable, select
+local type, error, tostring, tonumber, setmetatable =
+  type, error, tostring, tonumber, setmetatable
 local str_format, str_sub, str_byte, math_ceil, math_min = string.format, string.sub, string.byte, math.ceil, math.min
 
 local _M = {}
@@ -99,7 +99,7 @@ local function encode(v, what)
   error("wxd.store: " .. what .. " must be a string, a number or a boolean, got " .. t, 3)
 end
 
-local TAG_S, TAG_N, TAG_T, TAG_F = str_byte("s"), str_byte("n"), str_byte("t"), str_byte("f")
+local TAG_S, TAG_N = str_byte("s"), str_byte("n")
 
 -- A value someone else wrote without a tag comes back as the raw string.
 local function decode(s)

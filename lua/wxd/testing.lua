@@ -176,8 +176,8 @@ end
 local function raw_request(method, path, qs, body)
   counter = counter + 1
   return { method = method, path = path, query_string = qs, version = "1.1",
-           headers = { ["content-type"] = "text/xml" }, body = body or "",
-           remote_addr = "127.0.0.1", remote_port = 40000, id = format("test%014d", counter) }
+    headers = { ["content-type"] = "text/xml" }, body = body or "",
+    remote_addr = "127.0.0.1", remote_port = 40000, id = format("test%014d", counter) }
 end
 
 --- The raw request table `app:handle` takes, for a message.
@@ -203,10 +203,10 @@ function Sender:verification(echostr, opts)
   if self.kind == "wecom" then
     local enc = mp.encrypt(self.key, echostr, self.receive_id)
     params = { { "msg_signature", opts.signature or mp.signature(self.token, ts, nonce, enc) },
-               { "timestamp", ts }, { "nonce", nonce }, { "echostr", enc } }
+      { "timestamp", ts }, { "nonce", nonce }, { "echostr", enc } }
   else
     params = { { "signature", opts.signature or mp.signature(self.token, ts, nonce) },
-               { "timestamp", ts }, { "nonce", nonce }, { "echostr", echostr } }
+      { "timestamp", ts }, { "nonce", nonce }, { "echostr", echostr } }
   end
   local qs = query_string(params)
   return raw_request("GET", self.path, qs), echostr, qs

@@ -89,7 +89,7 @@ local key_name = _M.key_name
 -- the generic words: WeChat's AppSecret, EncodingAESKey and session_key,
 -- WeChat Pay's APIv3 key, v2 merchant key and private key.
 local SECRET_PARTS = { "secret", "password", "passwd", "passphrase", "token", "aeskey", "apikey", "apiv3key",
-                       "mchkey", "privatekey", "signkey", "sessionkey" }
+  "mchkey", "privatekey", "signkey", "sessionkey" }
 
 -- Names that refer to a secret rather than hold one: a key file's path or
 -- a token endpoint's URL are not secrets (secrets come from the

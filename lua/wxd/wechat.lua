@@ -117,7 +117,7 @@ function Cred:refresh(background)
   local c = self.client
   local asked = now()
   local lk, lerr = store.lock(self.lock_key, { timeout = background and 0 or c.lock_timeout,
-                                               expire = c.lock_expire })
+    expire = c.lock_expire })
   if not lk then
     if background then return nil, "busy" end
     return nil, "token", { detail = "waiting for another caller's refresh: " .. tostring(lerr) }
@@ -157,7 +157,7 @@ function Cred:refresh(background)
   lk:unlock()
   if not sok then return nil, "token", { detail = "store: " .. tostring(serr) } end
   log.info("wechat: credential refreshed", { appid = c.appid, credential = self.name, expires_in = expires_in,
-                                             background = background or false, renewed = v ~= nil and v ~= nv })
+    background = background or false, renewed = v ~= nil and v ~= nv })
   return nv, nrec, (v ~= nil and v == nv)
 end
 
@@ -214,11 +214,11 @@ function Cred:tick(t)
     -- stable_token gave the same token back: it renews only in its last
     -- minutes, which refresh_before reaches first. Ask again later.
     log.info("wechat: credential not renewed yet; the current one stays in use",
-             { appid = c.appid, credential = self.name, retry_in_s = self.backoff })
+      { appid = c.appid, credential = self.name, retry_in_s = self.backoff })
   else
     log.warn("wechat: background refresh failed; the current credential stays in use",
-             { appid = c.appid, credential = self.name, error = err, errcode = info and info.errcode,
-               detail = info and info.detail, retry_in_s = self.backoff })
+      { appid = c.appid, credential = self.name, error = err, errcode = info and info.errcode,
+        detail = info and info.detail, retry_in_s = self.backoff })
   end
 end
 
@@ -330,10 +330,10 @@ function Client:get(path, query, opts)
 end
 
 --- POST a table as JSON (and the access_token).
-function Client:post(path, json, opts)
+function Client:post(path, body, opts)
   opts = opts or {}
-  if type(json) ~= "table" then fail("the body must be a table (sent as JSON)", 2) end
-  return self:call("POST", path, { json = json, query = opts.query, timeout = opts.timeout, raw = opts.raw })
+  if type(body) ~= "table" then fail("the body must be a table (sent as JSON)", 2) end
+  return self:call("POST", path, { json = body, query = opts.query, timeout = opts.timeout, raw = opts.raw })
 end
 
 --- The access_token, fetched when needed (for APIs wxd.wechat does not wrap).
@@ -381,7 +381,7 @@ function Client:jssdk_config(url)
   local ts = floor(now())
   local nonce = crypto.nonce(16)
   return { appId = self.appid, timestamp = ts, nonceStr = nonce,
-           signature = _M.jssdk_signature(ticket, nonce, ts, url) }
+    signature = _M.jssdk_signature(ticket, nonce, ts, url) }
 end
 
 --- A route handler that serves jssdk_config for `?url=<the page's URL>`:
@@ -547,15 +547,15 @@ function _M.client(cfg)
   local c = clients[id]
   if c then return c end
   c = setmetatable({ appid = appid, secret = secret, token_mode = mode, api_base = base,
-                     refresh_before = refresh_before, expiry_margin = expiry_margin, check_ms = check_ms,
-                     -- The lock outlives the longest fetch: a ticket fetch may
-                     -- wait for the token's lock, then make two calls and a retry.
-                     lock_timeout = lock_timeout,
-                     lock_expire = lock_timeout + 4 * (type(cfg.timeout) == "table" and (cfg.timeout.total or 30)
-                                                       or cfg.timeout or 10) + 30,
-                     timeout = cfg.timeout or 10,
-                     counters = { blocking_refreshes = 0, background_refreshes = 0, background_failures = 0,
-                               invalidations = 0 } }, Client)
+    refresh_before = refresh_before, expiry_margin = expiry_margin, check_ms = check_ms,
+    -- The lock outlives the longest fetch: a ticket fetch may
+    -- wait for the token's lock, then make two calls and a retry.
+    lock_timeout = lock_timeout,
+    lock_expire = lock_timeout + 4 * (type(cfg.timeout) == "table" and (cfg.timeout.total or 30)
+                                      or cfg.timeout or 10) + 30,
+    timeout = cfg.timeout or 10,
+    counters = { blocking_refreshes = 0, background_refreshes = 0, background_failures = 0,
+              invalidations = 0 } }, Client)
   c.token = new_cred(c, "access_token", fetch_token)
   c.tickets = {}
   for kind in pairs(TICKET_TYPES) do
@@ -588,7 +588,7 @@ function _M.jssdk_signature(ticket, noncestr, timestamp, url)
   if type(timestamp) == "number" then timestamp = format("%d", timestamp) end
   url = gsub(url, "#.*$", "")
   return crypto.sha1_hex("jsapi_ticket=" .. ticket .. "&noncestr=" .. noncestr .. "&timestamp=" .. timestamp
-                         .. "&url=" .. url)
+    .. "&url=" .. url)
 end
 
 return _M

@@ -237,7 +237,7 @@ describe("wxd.app", function()
         it("leaves TRACE to routes that name it: any() never takes it", function()
             local app = new()
             app:any("/z", function(req) return "z" .. req.method end)
-            app:any("/api/*", function(req) return "api" end)
+            app:any("/api/*", function(_req) return "api" end)
             app:get("/g", function() return "g" end)
             app:route({ "GET", "TRACE" }, "/t", function(req) return "t" .. req.method end)
             for _, path in ipairs({ "/z", "/api/x", "/g", "/nowhere" }) do
@@ -300,7 +300,7 @@ describe("wxd.app", function()
             app:get("/g", function(req) return "get " .. req.method end)
             app:get("/p/:x", function(req) return "get " .. req.params.x end)
             app:get("/h", function() return "get" end)
-            app:head("/h", function(req, res) res.headers["x-head"] = "1" end)
+            app:head("/h", function(_req, res) res.headers["x-head"] = "1" end)
             local r = call(app, "HEAD", "/g")
             assert.equal(200, r.status)
             assert.equal("get HEAD", r.body)
@@ -385,7 +385,7 @@ describe("wxd.app", function()
         it("a string is the body, text/plain unless set", function()
             local app = new()
             app:get("/a", function() return "x" end)
-            app:get("/b", function(req, res) res.headers["Content-Type"] = "text/html"; return "<p>" end)
+            app:get("/b", function(_req, res) res.headers["Content-Type"] = "text/html"; return "<p>" end)
             assert.equal("text/plain; charset=utf-8", call(app, "GET", "/a").headers["content-type"])
             local r = call(app, "GET", "/b")
             assert.equal("text/html", r.headers["content-type"])
@@ -398,7 +398,7 @@ describe("wxd.app", function()
         it("a table is encoded as JSON", function()
             local app = new()
             app:get("/j", function() return { message = "hello world" } end)
-            app:get("/p", function(req, res)
+            app:get("/p", function(_req, res)
                 res:set_header("content-type", "application/problem+json")
                 return { title = "x" }
             end)
@@ -417,7 +417,7 @@ describe("wxd.app", function()
 
         it("nil means: whatever is in res", function()
             local app = new()
-            app:get("/n", function(req, res)
+            app:get("/n", function(_req, res)
                 res.status = 202
                 res.body = "accepted"
                 res.headers["X-A"] = "1"
@@ -438,7 +438,7 @@ describe("wxd.app", function()
             local app = new()
             app:get("/s", function() return 404, "nope" end)
             app:get("/t", function() return 201, { ok = true } end)
-            app:get("/u", function(req, res) res.body = "kept"; return 204 end)
+            app:get("/u", function(_req, res) res.body = "kept"; return 204 end)
             local r = call(app, "GET", "/s")
             assert.equal(404, r.status)
             assert.equal("nope", r.body)
@@ -453,7 +453,7 @@ describe("wxd.app", function()
 
         it("returning res itself is the same as nil", function()
             local app = new()
-            app:get("/r", function(req, res) res.body = "b"; return res end)
+            app:get("/r", function(_req, res) res.body = "b"; return res end)
             assert.equal("b", call(app, "GET", "/r").body)
         end)
 
@@ -466,7 +466,7 @@ describe("wxd.app", function()
         it("a status outside 100..999 raises", function()
             for _, s in ipairs({ 99, 1000, 200.5, "200" }) do
                 local app = new()
-                app:get("/s", function(req, res) res.status = s end)
+                app:get("/s", function(_req, res) res.status = s end)
                 assert.has_error(function() app:handle(raw("GET", "/s")) end, nil, tostring(s))
             end
             local app = new()
@@ -476,8 +476,8 @@ describe("wxd.app", function()
 
         it("a non-string body raises, a number is converted", function()
             local app = new()
-            app:get("/t", function(req, res) res.body = { 1 } end)
-            app:get("/n", function(req, res) res.body = 42 end)
+            app:get("/t", function(_req, res) res.body = { 1 } end)
+            app:get("/n", function(_req, res) res.body = 42 end)
             assert.has_error(function() app:handle(raw("GET", "/t")) end)
             assert.equal("42", call(app, "GET", "/n").body)
         end)
@@ -513,7 +513,7 @@ describe("wxd.app", function()
             local app = new()
             local seen = {}
             app:before(function(req) seen[#seen + 1] = "1:" .. tostring(req.params.id) end)
-            app:before(function(req) seen[#seen + 1] = "2" end)
+            app:before(function(_req) seen[#seen + 1] = "2" end)
             app:get("/o/:id", function() seen[#seen + 1] = "h"; return "ok" end)
             assert.equal("ok", call(app, "GET", "/o/5").body)
             assert.same({ "1:5", "2", "h" }, seen)
@@ -529,7 +529,7 @@ describe("wxd.app", function()
                 end
             end)
             app:before(function() second_ran = true end)
-            app:after(function(req, res) after_ran = true; res.headers["x-powered-by"] = "wxd" end)
+            app:after(function(_req, res) after_ran = true; res.headers["x-powered-by"] = "wxd" end)
             app:get("/p", function() handler_ran = true; return "secret" end)
             local r = call(app, "GET", "/p")
             assert.equal(401, r.status)
@@ -565,8 +565,8 @@ describe("wxd.app", function()
 
         it("after runs after the handler, in order, and may change res", function()
             local app = new()
-            app:after(function(req, res) res.body = res.body .. "+1" end)
-            app:after(function(req, res) res.body = res.body .. "+2"; res.status = 203 end)
+            app:after(function(_req, res) res.body = res.body .. "+1" end)
+            app:after(function(_req, res) res.body = res.body .. "+2"; res.status = 203 end)
             app:get("/a", function() return "a" end)
             local r = call(app, "GET", "/a")
             assert.equal("a+1+2", r.body)
@@ -577,7 +577,7 @@ describe("wxd.app", function()
         it("after runs on 404 and 405 too", function()
             local app = new()
             local n = 0
-            app:after(function(req, res) n = n + 1; res.headers["x-n"] = n end)
+            app:after(function(_req, res) n = n + 1; res.headers["x-n"] = n end)
             app:get("/a", function() return "a" end)
             local r = call(app, "GET", "/nope")
             assert.equal(404, r.status)
@@ -698,7 +698,7 @@ describe("wxd.app", function()
     describe("response", function()
         it("set_header replaces any spelling; last set wins", function()
             local app = new()
-            app:get("/h", function(req, res)
+            app:get("/h", function(_req, res)
                 res.headers["X-Thing"] = "1"
                 res.headers["x-thing"] = "2"
                 res:set_header("X-THING", "3")
@@ -717,7 +717,7 @@ describe("wxd.app", function()
 
         it("reads headers case-insensitively and deletes any spelling with nil", function()
             local app = new()
-            app:get("/h", function(req, res)
+            app:get("/h", function(_req, res)
                 res.headers["X-A"] = "1"
                 local v = res.headers["x-a"]
                 res.headers["x-a"] = nil
@@ -729,15 +729,15 @@ describe("wxd.app", function()
 
         it("accepts a whole headers table and refuses two spellings in it", function()
             local app = new()
-            app:get("/ok", function(req, res) res.headers = { ["X-A"] = "1" }; res.headers["x-a"] = "2" end)
-            app:get("/dup", function(req, res) res.headers = { ["X-A"] = "1", ["x-a"] = "2" } end)
+            app:get("/ok", function(_req, res) res.headers = { ["X-A"] = "1" }; res.headers["x-a"] = "2" end)
+            app:get("/dup", function(_req, res) res.headers = { ["X-A"] = "1", ["x-a"] = "2" } end)
             assert.same({ ["x-a"] = "2" }, call(app, "GET", "/ok").raw_headers)
             assert.has_error(function() app:handle(raw("GET", "/dup")) end)
         end)
 
         it("converts numbers and keeps arrays (repeated headers)", function()
             local app = new()
-            app:get("/h", function(req, res)
+            app:get("/h", function(_req, res)
                 res.headers["x-n"] = 5
                 res:add_header("Set-Cookie", "a=1")
                 res:add_header("set-cookie", "b=2")
@@ -750,18 +750,18 @@ describe("wxd.app", function()
         it("raises on header injection (CR or LF in a value)", function()
             local app = new()
             assert.has_error(function()
-                app:get("/a", function(req, res) res:set_header("x-a", "v\r\nSet-Cookie: evil=1") end)
+                app:get("/a", function(_req, res) res:set_header("x-a", "v\r\nSet-Cookie: evil=1") end)
                 app:handle(raw("GET", "/a"))
             end)
             for _, f in ipairs({
-                function(req, res) res.headers["x-b"] = "v\nx" end,
-                function(req, res) res.headers["x-c"] = "ok"; res.headers["x-c"] = "v\rx" end,
-                function(req, res) res.headers = { ["x-d"] = "a\r\nb" } end,
-                function(req, res) res:add_header("x-e", "a\nb") end,
-                function(req, res) res.headers["x-f"] = { "ok", "a\nb" } end,
-                function(req, res) res.headers["bad name"] = "v" end,
-                function(req, res) res.headers["x-g:"] = "v" end,
-                function(req, res) res:redirect("/a\r\nx: y") end,
+                function(_req, res) res.headers["x-b"] = "v\nx" end,
+                function(_req, res) res.headers["x-c"] = "ok"; res.headers["x-c"] = "v\rx" end,
+                function(_req, res) res.headers = { ["x-d"] = "a\r\nb" } end,
+                function(_req, res) res:add_header("x-e", "a\nb") end,
+                function(_req, res) res.headers["x-f"] = { "ok", "a\nb" } end,
+                function(_req, res) res.headers["bad name"] = "v" end,
+                function(_req, res) res.headers["x-g:"] = "v" end,
+                function(_req, res) res:redirect("/a\r\nx: y") end,
             }) do
                 local a = new()
                 a:get("/x", f)
@@ -771,7 +771,7 @@ describe("wxd.app", function()
 
         it("res:json() sets the body and the content type", function()
             local app = new()
-            app:get("/j", function(req, res) res:json({ a = 1 }) end)
+            app:get("/j", function(_req, res) res:json({ a = 1 }) end)
             local r = call(app, "GET", "/j")
             assert.equal("application/json", r.headers["content-type"])
             assert.same({ a = 1 }, cjson.decode(r.body))
@@ -779,9 +779,9 @@ describe("wxd.app", function()
 
         it("res:redirect() defaults to 302 and takes a 3xx status", function()
             local app = new()
-            app:get("/a", function(req, res) return res:redirect("/login") end)
-            app:get("/b", function(req, res) res:redirect("https://example.com/", 301) end)
-            app:get("/c", function(req, res) res:redirect("/x", 200) end)
+            app:get("/a", function(_req, res) return res:redirect("/login") end)
+            app:get("/b", function(_req, res) res:redirect("https://example.com/", 301) end)
+            app:get("/c", function(_req, res) res:redirect("/x", 200) end)
             local r = call(app, "GET", "/a")
             assert.equal(302, r.status)
             assert.equal("/login", r.headers["location"])

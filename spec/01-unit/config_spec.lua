@@ -399,7 +399,8 @@ describe("wxd.config: redis and store", function()
         fails({ redis = { url = "redis://h", user = "u", password = config.env("P") } }, "config.redis.password",
             {})
         fails({ redis = { url = "redis://h", user = "u" } }, "config.redis.user: a user needs a password")
-        local err = fails({ redis = "redis://:hunter2@h:1/0" }, "config.redis: a password in the URL must come from the environment")
+        local err = fails({ redis = "redis://:hunter2@h:1/0" },
+          "config.redis: a password in the URL must come from the environment")
         assert.falsy(err:find("hunter2", 1, true))
         err = fails({ redis = { url = "redis://u:hunter2@h:1/0" } }, "config.redis.url: a password in the URL")
         assert.falsy(err:find("hunter2", 1, true))

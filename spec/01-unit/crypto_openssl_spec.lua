@@ -61,10 +61,6 @@ end)
 
 teardown(function() if dir then os.execute("rm -rf " .. dir) end end)
 
-local function write_plain(lengths, suffix)
-  for _, n in ipairs(lengths) do H.write_file(path("p" .. n .. (suffix or "")), plain[n]) end
-end
-
 describe("in-process round trips, every length 0..4096", function()
   local configs = {
     { "AES-128-CBC/16", 16, 16 }, { "AES-192-CBC/16", 24, 16 }, { "AES-256-CBC/16", 32, 16 },

@@ -270,11 +270,15 @@ describe("WeChat samples (VECTORS.md)", function()
     assert.is_nil((crypto.base64_decode("abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG" .. "=")))
     local key = crypto.base64_decode("abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG" .. "=", { ignore_tail_bits = true })
     assert.equal("69b71d79f8218a39259a7a29aabb2dbafc31cb3d35db7e39ebbf3d0010831051", hex(key))
+    -- luacheck: push ignore 631 (test vectors, verbatim)
     local b64 = "rTNFcsut4LfGuAFKEUVVpwcaCOTJzOd9twZdIW910jb3k+iicx2uvhttIZ3Qg9Qgty3BEF2xbOrz6boTfb30dMomcgrkTqdFPwnhqbk+kIQ7rZiwny9D7NUrTgA5kpX3KsZvrXzUZyP2x9YOlxbgm572lmxKvM7HAQQhIQ/p6HBmoY30bGXFK0BtIu1pW9TjhOYrLQoU18nWYjWqDA1ynkmOytpv7QRI1P1+0NoxL0q2zO1DgeSvnE8CZGo/o5Ap/WHK5W2RAsinpzN4/LjPnmB6U01I5XCoJoC0GK/yMZycd2Oh8Nq6+wBkC1U85oy0ktOY4nLvsQMLrourmMGdZHuTbqpeJ8Ao/5PRYJ+WBvRUwPfGKBL2+2IKZF49vAJqkcGWSHGE76ZN2erXeuNazf/o9o3lIE3q739o4c8t9QGPe31GT2Go/rOz1BsrASwvauNulCh+++yz+CQzBIuikA=="
+    -- luacheck: pop
     local ct = assert(crypto.base64_decode(b64))
     local iv = key:sub(1, 16)
     local plain = assert(crypto.aes_cbc_decrypt(key, iv, ct, 32))
+    -- luacheck: push ignore 631 (test vectors, verbatim)
     local msg = "<xml><URL><![CDATA[http://wechat.laravel.so/server]]></URL><ToUserName><![CDATA[asdasdasd]]></ToUserName><FromUserName><![CDATA[asdasdasdsadasd]]></FromUserName><CreateTime>1234567898</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[hello]]></Content><MsgId>12345</MsgId></xml>"
+    -- luacheck: pop
     assert.equal("d43123b161a4ba84", plain:sub(1, 16))
     local b1, b2, b3, b4 = plain:byte(17, 20)
     local len = ((b1 * 256 + b2) * 256 + b3) * 256 + b4
@@ -305,10 +309,12 @@ describe("WeChat samples (VECTORS.md)", function()
   end)
 
   it("Mini Program user data: AES-128-CBC, 16-byte padding", function()
+    -- luacheck: push ignore 631 (test vectors, verbatim)
     local data = [[CiyLU1Aw2KjvrjMdj8YKliAjtP4gsMZMQmRzooG2xrDcvSnxIMXFufNstNGTyaGS9uT5geRa0W4oTOb1WT7fJlAC+oNPdbB+3hVbJSRgv+4lGOETKUQz6OYStslQ142d
       NCuabNPGBzlooOmB231qMM85d2/fV6ChevvXvQP8Hkue1poOFtnEtpyxVLW1zAo6/1Xx1COxFvrc2d7UL/lmHInNlxuacJXwu0fjpXfz/YqYzBIBzD6WUfTIF9GRHpOn
       /Hz7saL8xz+W//FRAUid1OksQaQx4CMs8LOddcQhULW4ucetDf96JcR3g0gfRK4PC7E/r7Z6xNrXd2UIeorGj5Ef7b1pJAYB6Y5anaHqZ9J6nKEBvB4DnNLIVWSgARns
       /8wR2SiRS7MNACwTyrGvt9ts8p12PKFdlqYTopNHR1Vf7XjfhQlVsAJdNiKdYmYVoKlaRv85IfVunYzO0IKXsyl7JCUjCpoG20f0a04COwfneQAGGwd5oa+T8yO5hzuyDb/XcxxmK01EpqOyuxINew==]]
+    -- luacheck: pop
     data = data:gsub("%s+", "")
     assert.equal(536, #data)
     -- Strict decoding refuses the literal with its line breaks.

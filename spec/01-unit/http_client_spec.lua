@@ -51,6 +51,7 @@ describe("wxd.http", function()
     assert.is_false(ok)
     assert.truthy(err:find("max_conns_per_host", 1, true))
     ok, err = pcall(http.configure, { pool_size = 3 })
+    assert.is_false(ok)
     assert.truthy(err:find("unknown limit", 1, true))
   end)
 

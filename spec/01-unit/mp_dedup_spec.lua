@@ -40,7 +40,7 @@ for _, mode in ipairs({ "plaintext", "safe" }) do
         wxd.sleep(tonumber(msg.Content) or 0)
         return mp.reply.text("run " .. runs .. " " .. wxd.now())
       end,
-      event = function(msg)
+      event = function(_msg)
         runs = runs + 1
         return "event run " .. runs
       end,

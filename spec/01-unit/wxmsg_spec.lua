@@ -12,8 +12,10 @@ local TOKEN, APPID = "pamtest", "wxb11529c136998cb6"
 -- An EncodingAESKey is 43 random characters: its last one has unused bits set.
 local KEY = assert(crypto.base64_decode("abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG=", { ignore_tail_bits = true }))
 local TS, NONCE, SIG = "1458300676", "260774613", "4f3ad57b6989f09f4eb392acce4f9e93942ed890"
+-- luacheck: push ignore 631 (test vectors, verbatim)
 local ENC = "rTNFcsut4LfGuAFKEUVVpwcaCOTJzOd9twZdIW910jb3k+iicx2uvhttIZ3Qg9Qgty3BEF2xbOrz6boTfb30dMomcgrkTqdFPwnhqbk+kIQ7rZiwny9D7NUrTgA5kpX3KsZvrXzUZyP2x9YOlxbgm572lmxKvM7HAQQhIQ/p6HBmoY30bGXFK0BtIu1pW9TjhOYrLQoU18nWYjWqDA1ynkmOytpv7QRI1P1+0NoxL0q2zO1DgeSvnE8CZGo/o5Ap/WHK5W2RAsinpzN4/LjPnmB6U01I5XCoJoC0GK/yMZycd2Oh8Nq6+wBkC1U85oy0ktOY4nLvsQMLrourmMGdZHuTbqpeJ8Ao/5PRYJ+WBvRUwPfGKBL2+2IKZF49vAJqkcGWSHGE76ZN2erXeuNazf/o9o3lIE3q739o4c8t9QGPe31GT2Go/rOz1BsrASwvauNulCh+++yz+CQzBIuikA=="
 local MSG = "<xml><URL><![CDATA[http://wechat.laravel.so/server]]></URL><ToUserName><![CDATA[asdasdasd]]></ToUserName><FromUserName><![CDATA[asdasdasdsadasd]]></FromUserName><CreateTime>1234567898</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[hello]]></Content><MsgId>12345</MsgId></xml>"
+-- luacheck: pop
 local RANDOM = "d43123b161a4ba84"
 
 -- The protocol step by step, with the general functions.

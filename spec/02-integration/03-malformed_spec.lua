@@ -73,7 +73,8 @@ local REFUSED = {
   ["a transfer coding other than chunked (501)"] = { 501,
     "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n" },
   ["a chunk extension longer than 4 KiB (413)"] = { 413,
-    "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5;x=" .. string.rep("a", 5000) .. "\r\nhello\r\n0\r\n\r\n" },
+    "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5;x=" .. string.rep("a", 5000)
+      .. "\r\nhello\r\n0\r\n\r\n" },
   ["whitespace padding the headers past the limit (431)"] = { 431,
     "GET /hello HTTP/1.1\r\nHost: x\r\nX-A:" .. string.rep(" ", 6000) .. "a\r\n\r\n" },
 }

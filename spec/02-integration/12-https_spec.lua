@@ -80,7 +80,8 @@ end
 
 local function server_cert(port)
   local out, code = H.sh(string.format(
-    "echo | timeout 10 openssl s_client -connect 127.0.0.1:%d -showcerts 2>/dev/null | openssl x509 -noout -subject -serial", port))
+    "echo | timeout 10 openssl s_client -connect 127.0.0.1:%d -showcerts 2>/dev/null"
+      .. " | openssl x509 -noout -subject -serial", port))
   assert(code == 0, out)
   return out
 end
@@ -111,6 +112,7 @@ describe("HTTPS listener", function()
     assert.equal(0, code, out)
     assert.equal("hello world\n", out)
     out, code = curl("--cacert " .. certs .. "/ca.pem https://localhost:" .. srv.https_port .. "/hello")
+    assert.equal(0, code, out)
     assert.equal("hello world\n", out)
     local body = string.rep("0123456789", 10000)
     H.write_file(app .. "/body.txt", body)

@@ -24,7 +24,7 @@ end
 
 local mw = wxd_app.new()
 mw:before(function(req) if req.headers["x-deny"] then return 403, "no" end end)
-mw:after(function(req, res) res.headers["x-powered-by"] = "wxd" end)
+mw:after(function(_req, res) res.headers["x-powered-by"] = "wxd" end)
 mw:get("/hello", function() return "hello world\n" end)
 
 local function run(name, a, method, path)
