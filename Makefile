@@ -123,7 +123,7 @@ lint:
 asan:
 	$(MAKE) BUILD=build/asan CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" \
 	  LDFLAGS="-fsanitize=address,undefined" build/asan/wxd
-	WXD=build/asan/wxd WXD_SANITIZED=1 ASAN_OPTIONS=detect_leaks=1 spec/run.sh
+	WXD=build/asan/wxd WXD_SANITIZED=1 ASAN_OPTIONS=detect_leaks=1:exitcode=86 UBSAN_OPTIONS=exitcode=86 spec/run.sh
 
 bench: $(BUILD)/wxd
 	@$(MAKE) --no-print-directory deps-bench >/dev/null

@@ -81,7 +81,9 @@ if [ "$rc" -ne 0 ] && [ "$failed" -eq 0 ]; then
 fi
 # Spec servers still running get a moment to end, then are killed: a spec
 # must stop what it starts. A server that died of a signal other than the
-# KILL and TERM specs send crashed (SEGV, ABRT, BUS, FPE, ILL...).
+# KILL and TERM specs send crashed (SEGV, ABRT, BUS, FPE, ILL...); under
+# make asan a sanitizer catches those and exits 86 (ASAN_OPTIONS exitcode),
+# which counts as a crash too.
 left=$(awk '$1 == "start" { s[$2] = 1 } $1 == "exit" { delete s[$2] } END { for (p in s) print p }' "$WXD_SPEC_SERVERS")
 for pid in $left; do
   for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
@@ -95,6 +97,9 @@ sleep 0.2 # the exit records of the servers just ended
 while read -r what pid code; do
   if [ "$what" = exit ] && [ "$code" -gt 128 ] && [ "$code" -ne 137 ] && [ "$code" -ne 143 ]; then
     echo "a wxd server started by a spec crashed (pid $pid, exit $code: signal $((code - 128)))"
+    extra=$((extra + 1))
+  elif [ "$what" = exit ] && [ "$code" -eq 86 ] && [ -n "${WXD_SANITIZED:-}" ]; then
+    echo "a wxd server started by a spec crashed (pid $pid, exit $code: a sanitizer report)"
     extra=$((extra + 1))
   fi
 done < "$WXD_SPEC_SERVERS"
