@@ -116,9 +116,9 @@ struct wxd_conn {
 
 static llhttp_settings_t parser_settings;
 static void conn_process(wxd_conn_t *c, const char *data, size_t len);
-static void conn_close(wxd_conn_t *c);
-static void conn_fail(wxd_conn_t *c, int status, const char *msg);
-static void req_finish(wxd_req_t *r);
+static void wxd__http_conn_close(wxd_conn_t *c);
+static void wxd__http_conn_fail(wxd_conn_t *c, int status, const char *msg);
+static void wxd__http_req_finish(wxd_req_t *r);
 
 /* ---- small helpers ---- */
 
@@ -205,9 +205,9 @@ typedef struct write_req {
   char data[];
 } write_req_t;
 
-static void maybe_resume_streamer(wxd_conn_t *c);
-static void conn_continue(wxd_conn_t *c);
-static void conn_release_output(wxd_conn_t *c);
+static void wxd__http_maybe_resume_streamer(wxd_conn_t *c);
+static void wxd__http_conn_continue(wxd_conn_t *c);
+static void wxd__http_conn_release_output(wxd_conn_t *c);
 
 static size_t conn_unsent(wxd_conn_t *c) { return uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp); }
 
@@ -219,20 +219,20 @@ static void on_write(uv_write_t *req, int status) {
   /* Progress: the client is reading. */
   c->send_deadline = c->writes_pending ? uv_now(&c->w->loop) + c->w->cfg->limits.send_timeout_ms : 0;
   if (status < 0 && !c->closing) {
-    conn_close(c);
+    wxd__http_conn_close(c);
     return;
   }
   if (c->closing) return;
   if (c->writes_pending == 0 && c->close_after_write) {
-    conn_close(c);
+    wxd__http_conn_close(c);
     return;
   }
   if (c->output_wait && conn_unsent(c) <= OUTPUT_LOW_WATER) {
-    conn_release_output(c);
-    conn_continue(c);
+    wxd__http_conn_release_output(c);
+    wxd__http_conn_continue(c);
     return;
   }
-  maybe_resume_streamer(c);
+  wxd__http_maybe_resume_streamer(c);
 }
 
 /* Writes the buffers to the socket, copying whatever it does not take at
@@ -247,14 +247,14 @@ static int sock_writev(wxd_conn_t *c, uv_buf_t *bufs, unsigned nbufs) {
     int n = uv_try_write((uv_stream_t *)&c->tcp, bufs, nbufs);
     if (n >= 0) done = (size_t)n;
     else if (n != UV_EAGAIN) {
-      conn_close(c);
+      wxd__http_conn_close(c);
       return -1;
     }
   }
   if (done == total) return 0;
   write_req_t *wr = malloc(sizeof *wr + (total - done));
   if (!wr) {
-    conn_close(c);
+    wxd__http_conn_close(c);
     return -1;
   }
   size_t off = 0, skip = done;
@@ -272,7 +272,7 @@ static int sock_writev(wxd_conn_t *c, uv_buf_t *bufs, unsigned nbufs) {
   uv_buf_t b = uv_buf_init(wr->data, (unsigned)off);
   if (uv_write(&wr->req, (uv_stream_t *)&c->tcp, &b, 1, on_write) != 0) {
     free(wr);
-    conn_close(c);
+    wxd__http_conn_close(c);
     return -1;
   }
   if (c->writes_pending++ == 0)
@@ -282,11 +282,11 @@ static int sock_writev(wxd_conn_t *c, uv_buf_t *bufs, unsigned nbufs) {
 
 /* Sends the ciphertext OpenSSL has produced, through the same write path
  * as plain bytes (order, send timeout, backpressure). Returns 0 or -1. */
-static int tls_send(wxd_conn_t *c) {
+static int wxd__http_tls_send(wxd_conn_t *c) {
   wxd_worker_t *w = c->w;
   while (wxd_tls_pending(c->tls) > 0) {
     if (!w->tls_scratch && !(w->tls_scratch = malloc(TLS_SCRATCH))) {
-      conn_close(c);
+      wxd__http_conn_close(c);
       return -1;
     }
     uv_buf_t b = uv_buf_init(w->tls_scratch, (unsigned)wxd_tls_take(c->tls, w->tls_scratch, TLS_SCRATCH));
@@ -299,10 +299,10 @@ static int tls_send(wxd_conn_t *c) {
 static int tls_put(wxd_conn_t *c, const char *p, size_t len, int flush) {
   if (len && wxd_tls_write(c->tls, p, len) != WXD_TLS_OK) {
     c->tls_failed = 1;
-    conn_close(c);
+    wxd__http_conn_close(c);
     return -1;
   }
-  return flush || wxd_tls_pending(c->tls) >= TLS_SLICE ? tls_send(c) : 0;
+  return flush || wxd_tls_pending(c->tls) >= TLS_SLICE ? wxd__http_tls_send(c) : 0;
 }
 
 /* HTTPS: encrypts the buffers slice by slice, so the scratch stays small
@@ -335,19 +335,19 @@ static int tls_writev(wxd_conn_t *c, uv_buf_t *bufs, unsigned nbufs) {
   return tls_put(c, stage, sl, 1);
 }
 
-static int conn_writev(wxd_conn_t *c, uv_buf_t *bufs, unsigned nbufs) {
+static int wxd__http_conn_writev(wxd_conn_t *c, uv_buf_t *bufs, unsigned nbufs) {
   if (c->tls) return tls_writev(c, bufs, nbufs);
   return sock_writev(c, bufs, nbufs);
 }
 
 static int conn_write(wxd_conn_t *c, const char *p, size_t len) {
   uv_buf_t b = uv_buf_init((char *)p, (unsigned)len);
-  return conn_writev(c, &b, 1);
+  return wxd__http_conn_writev(c, &b, 1);
 }
 
 /* ---- access log ---- */
 
-static void access_log(wxd_worker_t *w, wxd_req_t *r, const char *method, int status,
+static void wxd__http_access_log(wxd_worker_t *w, wxd_req_t *r, const char *method, int status,
                        const char *remote) {
   if (!w->cfg->access_log || wxd_log_level() > WXD_LOG_INFO) return;
   struct timespec ts;
@@ -407,7 +407,7 @@ static void req_reset(wxd_req_t *r) {
   r->start_ns = uv_hrtime();
 }
 
-static void req_free(wxd_req_t *r) {
+static void wxd__http_req_free(wxd_req_t *r) {
   wxd_buf_free(&r->head);
   wxd_buf_free(&r->body);
   free(r);
@@ -733,7 +733,7 @@ static void conn_set_timer(wxd_conn_t *c, uint64_t ms) {
   c->deadline = uv_now(&c->w->loop) + ms;
 }
 
-static void conn_stop_timer(wxd_conn_t *c) { c->deadline = 0; }
+static void wxd__http_conn_stop_timer(wxd_conn_t *c) { c->deadline = 0; }
 
 void wxd_http_sweep(wxd_worker_t *w) {
   uint64_t now = uv_now(&w->loop);
@@ -754,12 +754,12 @@ void wxd_http_sweep(wxd_worker_t *w) {
       /* nothing */
     } else if (c->writes_pending && c->send_deadline && now >= c->send_deadline) {
       /* A client that stopped reading holds our memory: let it go. */
-      conn_close(c);
+      wxd__http_conn_close(c);
     } else if (c->deadline && now >= c->deadline) {
       c->deadline = 0;
-      if (c->state == CONN_READING) conn_fail(c, 408, "request timeout");
+      if (c->state == CONN_READING) wxd__http_conn_fail(c, 408, "request timeout");
       else if (c->state == CONN_IDLE && c->writes_pending) conn_set_timer(c, c->w->cfg->limits.keepalive_timeout_ms);
-      else if (c->state == CONN_IDLE) conn_close(c);
+      else if (c->state == CONN_IDLE) wxd__http_conn_close(c);
     }
     c = next;
   }
@@ -869,7 +869,7 @@ static int append_lua_headers(lua_State *T, int idx, wxd_buf_t *o, int *has_date
   return 0;
 }
 
-static void start_head(wxd_buf_t *o, int status) {
+static void wxd__http_start_head(wxd_buf_t *o, int status) {
   o->len = 0;
   wxd_buf_reserve(o, 256);
   const char *reason = reason_phrase(status);
@@ -883,7 +883,7 @@ static void start_head(wxd_buf_t *o, int status) {
   o->data[o->len++] = '\n';
 }
 
-static void end_head(wxd_worker_t *w, wxd_buf_t *o, int has_date, int has_server, int keep_alive) {
+static void wxd__http_end_head(wxd_worker_t *w, wxd_buf_t *o, int has_date, int has_server, int keep_alive) {
   size_t dl;
   const char *date = wxd_worker_date(w, &dl);
   if (!has_server) wxd_buf_append(o, "Server: wxd\r\n", 13);
@@ -897,26 +897,26 @@ static int status_has_body(int status) {
 }
 
 /* Writes a plain-text response produced by the server itself, then closes. */
-static void conn_fail(wxd_conn_t *c, int status, const char *msg) {
+static void wxd__http_conn_fail(wxd_conn_t *c, int status, const char *msg) {
   if (c->closing) return;
   wxd_worker_t *w = c->w;
   wxd_buf_t *o = &w->out;
   char body[256];
   int bl = snprintf(body, sizeof body, "%s\n", msg);
-  start_head(o, status);
+  wxd__http_start_head(o, status);
   char cl[96];
   int n = snprintf(cl, sizeof cl, "Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n", bl);
   wxd_buf_append(o, cl, (size_t)n);
-  end_head(w, o, 0, 0, 0);
+  wxd__http_end_head(w, o, 0, 0, 0);
   wxd_buf_append(o, body, (size_t)bl);
   c->discard_input = 1;
   c->close_after_write = 1;
-  conn_stop_timer(c);
+  wxd__http_conn_stop_timer(c);
   wxd_req_t *r = c->req;
   if (r) r->bytes_out = o->len;
-  access_log(w, r, r && r->url_len ? llhttp_method_name(llhttp_get_method(&c->parser)) : "-", status,
+  wxd__http_access_log(w, r, r && r->url_len ? llhttp_method_name(llhttp_get_method(&c->parser)) : "-", status,
              c->remote);
-  if (conn_write(c, o->data, o->len) == 0 && c->writes_pending == 0) conn_close(c);
+  if (conn_write(c, o->data, o->len) == 0 && c->writes_pending == 0) wxd__http_conn_close(c);
 }
 
 /* The field names and common values of the raw request table, interned once
@@ -1034,17 +1034,17 @@ static void push_raw_request(lua_State *T, wxd_req_t *r, wxd_vm_t *vm) {
   lua_remove(T, st); /* the request table is left on top */
 }
 
-static void respond_error_500(wxd_req_t *r) {
+static void wxd__http_respond_error_500(wxd_req_t *r) {
   wxd_conn_t *c = r->conn;
   wxd_buf_t *o = &r->w->out;
   char body[128];
   int bl = snprintf(body, sizeof body, "internal server error (request id %s)\n", r->id);
   r->status = 500;
-  start_head(o, 500);
+  wxd__http_start_head(o, 500);
   char cl[96];
   int n = snprintf(cl, sizeof cl, "Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n", bl);
   wxd_buf_append(o, cl, (size_t)n);
-  end_head(r->w, o, 0, 0, r->keep_alive);
+  wxd__http_end_head(r->w, o, 0, 0, r->keep_alive);
   if (!r->is_head) wxd_buf_append(o, body, (size_t)bl);
   r->bytes_out = o->len;
   conn_write(c, o->data, o->len);
@@ -1071,7 +1071,7 @@ static void respond_from_lua(wxd_req_t *r, lua_State *T) {
       /* The handler failed after its status went out: the only honest
        * signal left is to cut the response short. */
       r->keep_alive = 0;
-      conn_close(c);
+      wxd__http_conn_close(c);
       return;
     }
     if (r->stream_nobody) return;
@@ -1090,7 +1090,7 @@ static void respond_from_lua(wxd_req_t *r, lua_State *T) {
       } else {
         b[nb++] = uv_buf_init("0\r\n\r\n", 5);
       }
-      conn_writev(c, b, nb);
+      wxd__http_conn_writev(c, b, nb);
     }
     r->bytes_out += bl;
     return;
@@ -1109,12 +1109,12 @@ static void respond_from_lua(wxd_req_t *r, lua_State *T) {
   wxd_buf_t *o = &w->out;
   int has_date = 0, has_server = 0;
   if (!why) {
-    start_head(o, status);
+    wxd__http_start_head(o, status);
     if (top >= 2) append_lua_headers(T, 2, o, &has_date, &has_server, &why);
   }
   if (why) {
     log_request_error(r, "bad handler result", why);
-    respond_error_500(r);
+    wxd__http_respond_error_500(r);
     return;
   }
   r->status = status;
@@ -1128,7 +1128,7 @@ static void respond_from_lua(wxd_req_t *r, lua_State *T) {
   } else {
     bl = 0;
   }
-  end_head(w, o, has_date, has_server, r->keep_alive);
+  wxd__http_end_head(w, o, has_date, has_server, r->keep_alive);
   r->bytes_out = o->len + bl;
   if (r->is_head || bl == 0) {
     conn_write(c, o->data, o->len);
@@ -1138,7 +1138,7 @@ static void respond_from_lua(wxd_req_t *r, lua_State *T) {
     conn_write(c, o->data, o->len);
   } else {
     uv_buf_t b[2] = {uv_buf_init(o->data, (unsigned)o->len), uv_buf_init((char *)body, (unsigned)bl)};
-    conn_writev(c, b, 2);
+    wxd__http_conn_writev(c, b, 2);
   }
 }
 
@@ -1153,30 +1153,30 @@ static void on_request_done(wxd_co_t *co, int status) {
     log_request_error(r, "request failed", lua_tostring(co->vm->L, -1));
     lua_pop(co->vm->L, 1);
     if (r->conn && !r->streaming) {
-      respond_error_500(r);
+      wxd__http_respond_error_500(r);
     } else if (r->conn) {
       /* Headers are out: cut the response short rather than end it. */
       r->keep_alive = 0;
-      conn_close(r->conn);
+      wxd__http_conn_close(r->conn);
     }
   } else if (r->conn) {
     respond_from_lua(r, co->T);
   }
-  req_finish(r);
+  wxd__http_req_finish(r);
 }
 
 /* The worker stops while the handler still waits (shutdown deadline). */
 static void on_request_abandoned(wxd_co_t *co) {
   wxd_req_t *r = co->data;
   if (r->conn) r->conn->req = NULL;
-  req_free(r);
+  wxd__http_req_free(r);
 }
 
-static void dispatch(wxd_conn_t *c) {
+static void wxd__http_dispatch(wxd_conn_t *c) {
   wxd_worker_t *w = c->w;
   wxd_req_t *r = c->req;
   c->state = CONN_HANDLING;
-  conn_stop_timer(c);
+  wxd__http_conn_stop_timer(c);
   c->nreq++;
   r->keep_alive = r->wants_keep_alive && !w->draining && c->nreq < w->cfg->limits.max_requests;
   /* Bytes after a request that ends the connection are never parsed: a
@@ -1192,8 +1192,8 @@ static void dispatch(wxd_conn_t *c) {
   r->id[18] = 0;
   wxd_co_t *co = wxd_co_new(w->vm, WXD_CO_REQUEST, on_request_done, r);
   if (!co) {
-    respond_error_500(r);
-    req_finish(r);
+    wxd__http_respond_error_500(r);
+    wxd__http_req_finish(r);
     return;
   }
   r->co = co;
@@ -1234,26 +1234,26 @@ static void conn_hold_output(wxd_conn_t *c) {
   conn_stop_reading(c);
 }
 
-static void conn_release_output(wxd_conn_t *c) {
+static void wxd__http_conn_release_output(wxd_conn_t *c) {
   if (!c->output_wait) return;
   c->output_wait = 0;
   atomic_fetch_sub_explicit(&c->w->stats.paused_for_output, 1, memory_order_relaxed);
 }
 
-static void req_finish(wxd_req_t *r) {
+static void wxd__http_req_finish(wxd_req_t *r) {
   wxd_conn_t *c = r->conn; /* NULL when the connection broke meanwhile */
   wxd_worker_t *w = r->w;
   r->finished = 1;
   r->in_handler = 0;
-  access_log(w, r, llhttp_method_name(r->method), r->status, c ? c->remote : "-");
+  wxd__http_access_log(w, r, llhttp_method_name(r->method), r->status, c ? c->remote : "-");
   if (!c) {
-    req_free(r);
+    wxd__http_req_free(r);
     return;
   }
   if (c->closing) return;
   if (!r->keep_alive) {
     c->close_after_write = 1;
-    if (c->writes_pending == 0) conn_close(c);
+    if (c->writes_pending == 0) wxd__http_conn_close(c);
     return;
   }
   c->state = CONN_IDLE;
@@ -1262,11 +1262,11 @@ static void req_finish(wxd_req_t *r) {
   if (c->tls) wxd_tls_trim(c->tls);
   if (conn_unsent(c) > OUTPUT_HIGH_WATER) conn_hold_output(c);
   /* Inside conn_process, its loop goes on with the queued bytes. */
-  if (!c->in_process) conn_continue(c);
+  if (!c->in_process) wxd__http_conn_continue(c);
 }
 
 /* An idle connection takes up its queued requests, then reads again. */
-static void conn_continue(wxd_conn_t *c) {
+static void wxd__http_conn_continue(wxd_conn_t *c) {
   if (c->closing || c->output_wait || c->state == CONN_HANDLING) return;
   process_queued(c);
   if (c->closing || c->output_wait || c->state == CONN_HANDLING) return;
@@ -1275,7 +1275,7 @@ static void conn_continue(wxd_conn_t *c) {
      * request), or we are shutting down: close once the responses are
      * written. */
     c->close_after_write = 1;
-    if (c->writes_pending == 0) conn_close(c);
+    if (c->writes_pending == 0) wxd__http_conn_close(c);
     return;
   }
   conn_start_reading(c);
@@ -1297,16 +1297,16 @@ static void conn_process(wxd_conn_t *c, const char *data, size_t len) {
       size_t raw_max = 2 * c->w->cfg->limits.max_header_bytes + 1024;
       int refused = wxd_scan(&c->scan, data, len, raw_max, &chunk);
       if (refused == WXD_SCAN_MALFORMED) {
-        conn_fail(c, 400, "bad request");
+        wxd__http_conn_fail(c, 400, "bad request");
         break;
       } else if (refused == WXD_SCAN_CHUNK_LINE_LONG) {
-        conn_fail(c, 413, "chunk line too long");
+        wxd__http_conn_fail(c, 413, "chunk line too long");
         break;
       } else if (refused == WXD_SCAN_BODY_TOO_LARGE) {
-        conn_fail(c, 413, "request body too large");
+        wxd__http_conn_fail(c, 413, "request body too large");
         break;
       } else if (refused) {
-        conn_fail(c, 431, "request header fields too large");
+        wxd__http_conn_fail(c, 431, "request header fields too large");
         break;
       }
     }
@@ -1321,11 +1321,11 @@ static void conn_process(wxd_conn_t *c, const char *data, size_t len) {
       else llhttp_resume_after_upgrade(&c->parser);
       data += used;
       len -= used;
-      dispatch(c);
+      wxd__http_dispatch(c);
       continue;
     }
     if (e != HPE_OK) {
-      conn_fail(c, c->err_status ? c->err_status : 400,
+      wxd__http_conn_fail(c, c->err_status ? c->err_status : 400,
                 c->err_status ? c->err_msg : "bad request");
       break;
     }
@@ -1333,7 +1333,7 @@ static void conn_process(wxd_conn_t *c, const char *data, size_t len) {
     len -= chunk;
   }
   if (len > 0 && !c->closing && !c->discard_input) {
-    if (wxd_buf_append(&c->in, data, len) != 0) conn_close(c);
+    if (wxd_buf_append(&c->in, data, len) != 0) wxd__http_conn_close(c);
     /* A client pipelining faster than we answer: stop reading until the
      * queue is worked off. */
     else if (c->in.len > IN_QUEUE_MAX) conn_stop_reading(c);
@@ -1359,7 +1359,7 @@ static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
 /* Bytes of the request stream (plaintext, after TLS when there is TLS). */
 static void conn_input(wxd_conn_t *c, const char *data, size_t len) {
   if (c->state == CONN_HANDLING || c->in.len > 0 || c->output_wait) {
-    if (!c->discard_input && wxd_buf_append(&c->in, data, len) != 0) conn_close(c);
+    if (!c->discard_input && wxd_buf_append(&c->in, data, len) != 0) wxd__http_conn_close(c);
     else if (c->state != CONN_HANDLING && !c->output_wait) process_queued(c);
     else if (c->in.len > IN_QUEUE_MAX) conn_stop_reading(c);
   } else if (!c->discard_input) {
@@ -1376,12 +1376,12 @@ static void conn_input_end(wxd_conn_t *c) {
     c->peer_eof = 1;
     if (c->state == CONN_IDLE && c->in.len == 0) {
       c->close_after_write = 1;
-      if (c->writes_pending == 0) conn_close(c);
+      if (c->writes_pending == 0) wxd__http_conn_close(c);
     }
   } else {
     /* Nothing to answer, or EOF in the middle of a request that cannot
      * complete. */
-    conn_close(c);
+    wxd__http_conn_close(c);
   }
 }
 
@@ -1399,26 +1399,26 @@ static void tls_log_failure(wxd_conn_t *c, const char *when) {
  * record into the request stream. */
 static void tls_input(wxd_conn_t *c, const char *data, size_t len) {
   if (wxd_tls_feed(c->tls, data, len) != 0) {
-    conn_close(c);
+    wxd__http_conn_close(c);
     return;
   }
   if (!c->tls_done) {
     int rc = wxd_tls_handshake(c->tls);
     /* The alert of a failed handshake goes out too. */
-    if (tls_send(c) != 0) return;
+    if (wxd__http_tls_send(c) != 0) return;
     if (rc == WXD_TLS_AGAIN) return;
     if (rc != WXD_TLS_OK) {
       tls_log_failure(c, "tls handshake failed");
       c->tls_failed = 1;
       c->close_after_write = 1;
       c->discard_input = 1;
-      if (c->writes_pending == 0) conn_close(c);
+      if (c->writes_pending == 0) wxd__http_conn_close(c);
       return;
     }
     c->tls_done = 1;
     c->tls_info = wxd_tls_info_new(c->tls);
     if (!c->tls_info) {
-      conn_close(c);
+      wxd__http_conn_close(c);
       return;
     }
   }
@@ -1431,7 +1431,7 @@ static void tls_input(wxd_conn_t *c, const char *data, size_t len) {
       continue;
     }
     /* Reads may produce records of their own (alerts, key updates). */
-    if (tls_send(c) != 0) return;
+    if (wxd__http_tls_send(c) != 0) return;
     if (rc == WXD_TLS_AGAIN) return;
     if (rc == WXD_TLS_CLOSED) {
       conn_input_end(c);
@@ -1439,7 +1439,7 @@ static void tls_input(wxd_conn_t *c, const char *data, size_t len) {
     }
     tls_log_failure(c, "tls error");
     c->tls_failed = 1;
-    conn_close(c);
+    wxd__http_conn_close(c);
     return;
   }
 }
@@ -1458,7 +1458,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
      * a request was cut (then closed unanswered), like on plain HTTP. */
     conn_input_end(c);
   } else if (nread < 0) {
-    conn_close(c);
+    wxd__http_conn_close(c);
   }
   if (buf->base == w->readbuf) w->readbuf_busy = 0;
   else free(buf->base);
@@ -1483,11 +1483,11 @@ static void on_conn_handle_closed(uv_handle_t *h) {
   if (w->draining && w->nconns == 0) uv_async_send(&w->stop_async); /* re-check shutdown */
 }
 
-static void conn_close(wxd_conn_t *c) {
+static void wxd__http_conn_close(wxd_conn_t *c) {
   if (c->closing) return;
   c->closing = 1;
-  conn_stop_timer(c);
-  conn_release_output(c);
+  wxd__http_conn_stop_timer(c);
+  wxd__http_conn_release_output(c);
   wxd_req_t *r = c->req;
   c->req = NULL;
   /* No close_notify after a streamed response cut short: for an HTTP/1.0
@@ -1506,7 +1506,7 @@ static void conn_close(wxd_conn_t *c) {
         wxd_co_resume(r->co, 2);
       }
     } else {
-      req_free(r);
+      wxd__http_req_free(r);
     }
   }
   if (c->tls && c->tls_done && !c->tls_failed && !cut && c->writes_pending == 0) {
@@ -1535,11 +1535,11 @@ static void accept_conn(uv_stream_t *server, int status, int tls) {
   w->nconns++;
   atomic_fetch_add_explicit(&w->stats.connections, 1, memory_order_relaxed);
   if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) {
-    conn_close(c);
+    wxd__http_conn_close(c);
     return;
   }
   if (tls && !(c->tls = wxd_tls_new_server(w->tls_ctx))) {
-    conn_close(c);
+    wxd__http_conn_close(c);
     return;
   }
   uv_tcp_nodelay(&c->tcp, 1);
@@ -1577,7 +1577,7 @@ void wxd_http_drain(wxd_worker_t *w) {
   wxd_conn_t *c = w->conns;
   while (c) {
     wxd_conn_t *next = c->next;
-    if (c->state == CONN_IDLE && c->writes_pending == 0) conn_close(c);
+    if (c->state == CONN_IDLE && c->writes_pending == 0) wxd__http_conn_close(c);
     else if (c->req) c->req->keep_alive = 0;
     c = next;
   }
@@ -1587,14 +1587,14 @@ void wxd_http_close_all(wxd_worker_t *w) {
   wxd_conn_t *c = w->conns;
   while (c) {
     wxd_conn_t *next = c->next;
-    conn_close(c);
+    wxd__http_conn_close(c);
     c = next;
   }
 }
 
 /* ---- Lua: response streaming ---- */
 
-static void maybe_resume_streamer(wxd_conn_t *c) {
+static void wxd__http_maybe_resume_streamer(wxd_conn_t *c) {
   wxd_req_t *r = c->req;
   if (!r || !r->drain_wait || !r->co) return;
   if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > OUTPUT_LOW_WATER) return;
@@ -1626,14 +1626,14 @@ static int http_write(lua_State *L) {
     wxd_buf_t *o = &r->w->out;
     int has_date = 0, has_server = 0;
     const char *why = NULL;
-    start_head(o, status);
+    wxd__http_start_head(o, status);
     if (append_lua_headers(L, 3, o, &has_date, &has_server, &why) != 0)
       return luaL_error(L, "response write: %s", why);
     r->stream_nobody = r->is_head || !status_has_body(status);
     r->stream_raw = r->http_minor == 0 && !r->stream_nobody;
     if (r->stream_raw) r->keep_alive = 0;
     else if (status_has_body(status)) wxd_buf_append(o, "Transfer-Encoding: chunked\r\n", 28);
-    end_head(r->w, o, has_date, has_server, r->keep_alive);
+    wxd__http_end_head(r->w, o, has_date, has_server, r->keep_alive);
     r->status = status;
     r->streaming = 1;
     r->bytes_out += o->len;
@@ -1652,7 +1652,7 @@ static int http_write(lua_State *L) {
       int sl = snprintf(sz, sizeof sz, "%zx\r\n", len);
       uv_buf_t b[3] = {uv_buf_init(sz, (unsigned)sl), uv_buf_init((char *)chunk, (unsigned)len),
                        uv_buf_init("\r\n", 2)};
-      rc = conn_writev(c, b, 3);
+      rc = wxd__http_conn_writev(c, b, 3);
     }
     if (rc != 0) {
       lua_pushnil(L);
