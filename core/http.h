@@ -8,6 +8,11 @@
  * more than 256 KiB of responses unsent. Each request runs the app's handler
  * in a wxd coroutine; the handler returns (status, headers, body) or streams
  * with wxd.core.http.write().
+ *
+ * Three files: http.c (connections, reading, parsing, timeouts), httpout.c
+ * (response heads, the write path, access log) and httplua.c (the handler's
+ * coroutine, request table and response marshalling); http_internal.h holds
+ * what they share.
  */
 #ifndef WXD_HTTP_H
 #define WXD_HTTP_H

@@ -1,7 +1,7 @@
 /* timer: wxd.timer.after / wxd.timer.every, owned by a VM (a generation).
  *
  * Each firing runs its Lua function in a new wxd coroutine, so it may wait
- * (sleep, later fetch and redis) like a handler. A repeating timer whose
+ * (sleep, fetch, redis, locks, tasks) like a handler. A repeating timer whose
  * previous run has not finished skips that tick instead of piling up runs.
  *
  * Timers belong to the generation that created them. Timers created while

@@ -4,8 +4,9 @@
  * ciphertext it reads into wxd_tls_feed(), drives the handshake and reads
  * plaintext with wxd_tls_handshake() / wxd_tls_read(), hands plaintext to
  * wxd_tls_write(), and after each of these calls sends whatever ciphertext
- * OpenSSL produced with wxd_tls_flush() (a uv_write of a copy). So the same
- * layer serves the outbound client (fetch.c) and, later, HTTPS listeners,
+ * OpenSSL produced: with wxd_tls_flush() (a uv_write of a copy), or by taking
+ * it with wxd_tls_take() into its own write path. So the same layer serves
+ * the outbound client (fetch.c) and the HTTPS listeners (http.c, httpout.c),
  * and a connection's TLS state can outlive its libuv handle: a pooled
  * keep-alive connection keeps its wxd_tls_t while it holds no handle.
  *

@@ -1,10 +1,11 @@
 /* vm: one LuaJIT state with the wxd runtime, and the coroutine scheduler.
  *
  * Every piece of Lua that may wait (a request handler, a `wxd script` file)
- * runs in a wxd coroutine (wxd_co_t). A native primitive that waits — sleep
- * today; fetch, redis and locks later — follows one pattern:
+ * runs in a wxd coroutine (wxd_co_t). Every native primitive that waits —
+ * sleep, fetch, redis, locks, a task, a streamed response — follows one
+ * pattern:
  *
- *     wxd_co_t *co = wxd_co_current(L);          // raises if not yieldable
+ *     wxd_co_t *co = wxd_co_current(L, "what");  // raises if not yieldable
  *     ... start the libuv operation, keep `co` in its request struct ...
  *     return wxd_co_yield(co, L, 0);
  *

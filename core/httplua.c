@@ -1,0 +1,481 @@
+/* httplua: the Lua side of a request.
+ *
+ * A parsed request becomes a coroutine running the app's entry with the raw
+ * request table (lua/wxd/app.lua wraps it); what the handler returns, or
+ * streams with wxd.core.http.write(), becomes the response.
+ */
+#include "http_internal.h"
+
+#include <ctype.h>
+#include <lauxlib.h>
+#include <stdio.h>
+
+#include "log.h"
+
+static void fmt_hex(char *out, uint64_t v, int digits) {
+  static const char hex[] = "0123456789abcdef";
+  for (int i = digits - 1; i >= 0; i--) {
+    out[i] = hex[v & 15];
+    v >>= 4;
+  }
+}
+
+static int tchar(unsigned char ch) {
+  return isalnum(ch) || strchr("!#$%&'*+-.^_`|~", ch) != NULL;
+}
+
+static int header_name_ok(const char *s, size_t n) {
+  if (n == 0) return 0;
+  for (size_t i = 0; i < n; i++)
+    if (!tchar((unsigned char)s[i])) return 0;
+  return 1;
+}
+
+static int header_value_ok(const char *s, size_t n) {
+  for (size_t i = 0; i < n; i++) {
+    unsigned char ch = (unsigned char)s[i];
+    if (ch == '\r' || ch == '\n' || ch == 0) return 0;
+  }
+  return 1;
+}
+
+/* Appends one user header; returns 0, or -1 for an invalid one. */
+static int append_header(wxd_buf_t *o, const char *name, size_t nl, const char *val, size_t vl) {
+  if (!header_value_ok(val, vl)) return -1;
+  if (wxd_buf_reserve(o, nl + vl + 4)) return -1;
+  memcpy(o->data + o->len, name, nl);
+  o->len += nl;
+  o->data[o->len++] = ':';
+  o->data[o->len++] = ' ';
+  memcpy(o->data + o->len, val, vl);
+  o->len += vl;
+  o->data[o->len++] = '\r';
+  o->data[o->len++] = '\n';
+  return 0;
+}
+
+/* Framing headers belong to the server. */
+static int reserved_header(const char *name, size_t nl) {
+  return (nl == 14 && strncasecmp(name, "content-length", 14) == 0) ||
+         (nl == 17 && strncasecmp(name, "transfer-encoding", 17) == 0) ||
+         (nl == 10 && strncasecmp(name, "connection", 10) == 0);
+}
+
+/* Serialises the headers table at `idx` of T into o. Returns 0 or -1 with a
+ * message in *why. Sets *has_date and *has_server when the app set them. */
+static int append_lua_headers(lua_State *T, int idx, wxd_buf_t *o, int *has_date, int *has_server,
+                              const char **why) {
+  if (lua_isnil(T, idx)) return 0;
+  if (!lua_istable(T, idx)) {
+    *why = "headers must be a table";
+    return -1;
+  }
+  lua_pushnil(T);
+  while (lua_next(T, idx) != 0) {
+    if (lua_type(T, -2) != LUA_TSTRING) {
+      lua_pop(T, 2);
+      *why = "header names must be strings";
+      return -1;
+    }
+    size_t nl;
+    const char *name = lua_tolstring(T, -2, &nl);
+    if (!header_name_ok(name, nl)) {
+      lua_pop(T, 2);
+      *why = "invalid header name";
+      return -1;
+    }
+    if (reserved_header(name, nl)) {
+      lua_pop(T, 1);
+      continue;
+    }
+    if (nl == 4 && strncasecmp(name, "date", 4) == 0) *has_date = 1;
+    if (nl == 6 && strncasecmp(name, "server", 6) == 0) *has_server = 1;
+    int t = lua_type(T, -1);
+    if (t == LUA_TSTRING || t == LUA_TNUMBER) {
+      size_t vl;
+      const char *v = lua_tolstring(T, -1, &vl);
+      if (append_header(o, name, nl, v, vl)) {
+        lua_pop(T, 2);
+        *why = "invalid header value (CR, LF or NUL)";
+        return -1;
+      }
+    } else if (t == LUA_TTABLE) {
+      int n = (int)lua_objlen(T, -1);
+      for (int i = 1; i <= n; i++) {
+        lua_rawgeti(T, -1, i);
+        size_t vl;
+        const char *v = lua_tolstring(T, -1, &vl);
+        if (!v || append_header(o, name, nl, v, vl)) {
+          lua_pop(T, 3);
+          *why = "invalid header value in list";
+          return -1;
+        }
+        lua_pop(T, 1);
+      }
+    } else {
+      lua_pop(T, 2);
+      *why = "header values must be strings, numbers or lists of strings";
+      return -1;
+    }
+    lua_pop(T, 1);
+  }
+  return 0;
+}
+
+static int status_has_body(int status) {
+  return !(status < 200 || status == 204 || status == 304);
+}
+
+/* The field names and common values of the raw request table, interned once
+ * per VM and fetched by index: profiles of /hello showed lua_setfield's
+ * string interning among the top costs. */
+enum {
+  S_METHOD = 1, S_PATH, S_QUERY_STRING, S_VERSION, S_HEADERS, S_BODY, S_REMOTE_ADDR,
+  S_REMOTE_PORT, S_ID, S_V11, S_V10, S_EMPTY, S_METHODS, S_COUNT = S_METHODS
+};
+
+static int push_http_strings(lua_State *T, wxd_vm_t *vm) {
+  if (vm->http_strings_ref == LUA_NOREF) {
+    static const char *const names[] = {"method", "path", "query_string", "version", "headers", "body",
+                                        "remote_addr", "remote_port", "id", "1.1", "1.0", ""};
+    lua_createtable(T, S_COUNT, 0);
+    for (int i = 0; i < S_COUNT - 1; i++) {
+      lua_pushstring(T, names[i]);
+      lua_rawseti(T, -2, i + 1);
+    }
+    /* Method names by llhttp's method number + 1, filled as methods come
+     * (llhttp_method_name aborts on numbers it does not know). */
+    lua_createtable(T, 8, 0);
+    lua_rawseti(T, -2, S_METHODS);
+    lua_pushvalue(T, -1);
+    vm->http_strings_ref = luaL_ref(T, LUA_REGISTRYINDEX);
+  } else {
+    lua_rawgeti(T, LUA_REGISTRYINDEX, vm->http_strings_ref);
+  }
+  return lua_gettop(T);
+}
+
+/* Sets tbl[strings[key]] = the value on top of the stack (popped). */
+static void set_field(lua_State *T, int tbl, int strings, int key) {
+  lua_rawgeti(T, strings, key);
+  lua_insert(T, -2);
+  lua_rawset(T, tbl);
+}
+
+/* raw.tls on HTTPS connections (wxd.app derives req.scheme from it). */
+static void push_tls_info(lua_State *T, const wxd_tls_info_t *ti, int tbl) {
+  lua_createtable(T, 0, 7);
+  lua_pushstring(T, ti->version);
+  lua_setfield(T, -2, "version");
+  lua_pushstring(T, ti->cipher);
+  lua_setfield(T, -2, "cipher");
+  lua_pushboolean(T, ti->client_verified);
+  lua_setfield(T, -2, "client_verified");
+  const char *opt[4][2] = {{"server_name", ti->server_name},
+                           {"client_subject", ti->client_subject},
+                           {"client_issuer", ti->client_issuer},
+                           {"client_serial", ti->client_serial}};
+  for (int i = 0; i < 4; i++) {
+    if (!opt[i][1]) continue;
+    lua_pushstring(T, opt[i][1]);
+    lua_setfield(T, -2, opt[i][0]);
+  }
+  lua_setfield(T, tbl, "tls");
+}
+
+/* Pushes the raw request table the Lua side wraps (lua/wxd/app.lua). */
+static void push_raw_request(lua_State *T, wxd_req_t *r, wxd_vm_t *vm) {
+  wxd_conn_t *c = r->conn;
+  int st = push_http_strings(T, vm);
+  /* Room for the fields below and the few wxd.app adds (params, query). */
+  lua_createtable(T, 0, 16);
+  int tbl = lua_gettop(T);
+  lua_rawgeti(T, st, S_METHODS);
+  lua_rawgeti(T, -1, r->method + 1);
+  if (lua_isnil(T, -1)) {
+    lua_pop(T, 1);
+    lua_pushstring(T, llhttp_method_name(r->method));
+    lua_pushvalue(T, -1);
+    lua_rawseti(T, -3, r->method + 1);
+  }
+  lua_remove(T, -2);
+  set_field(T, tbl, st, S_METHOD);
+  const char *url = r->head.data;
+  const char *q = memchr(url, '?', r->url_len);
+  size_t plen = q ? (size_t)(q - url) : r->url_len;
+  lua_pushlstring(T, url, plen);
+  set_field(T, tbl, st, S_PATH);
+  if (q) lua_pushlstring(T, q + 1, r->url_len - plen - 1);
+  else lua_rawgeti(T, st, S_EMPTY);
+  set_field(T, tbl, st, S_QUERY_STRING);
+  lua_rawgeti(T, st, r->http_minor == 1 ? S_V11 : S_V10);
+  set_field(T, tbl, st, S_VERSION);
+  lua_createtable(T, 0, (int)r->nhdrs);
+  for (unsigned i = 0; i < r->nhdrs; i++) {
+    hdr_t *h = &r->hdrs[i];
+    lua_pushlstring(T, r->head.data + h->name_off, h->name_len);
+    lua_pushvalue(T, -1);
+    lua_rawget(T, -3);
+    if (lua_isnil(T, -1)) {
+      lua_pop(T, 1);
+      lua_pushlstring(T, r->head.data + h->value_off, h->value_len);
+    } else {
+      /* Repeated field: join as RFC 9110 5.3 allows. */
+      lua_pushliteral(T, ", ");
+      lua_pushlstring(T, r->head.data + h->value_off, h->value_len);
+      lua_concat(T, 3);
+    }
+    lua_rawset(T, -3);
+  }
+  set_field(T, tbl, st, S_HEADERS);
+  if (r->body.len) lua_pushlstring(T, r->body.data, r->body.len);
+  else lua_rawgeti(T, st, S_EMPTY);
+  set_field(T, tbl, st, S_BODY);
+  lua_pushstring(T, c->remote);
+  set_field(T, tbl, st, S_REMOTE_ADDR);
+  lua_pushinteger(T, c->remote_port);
+  set_field(T, tbl, st, S_REMOTE_PORT);
+  lua_pushlstring(T, r->id, 18);
+  set_field(T, tbl, st, S_ID);
+  if (c->tls_info) push_tls_info(T, c->tls_info, tbl);
+  lua_remove(T, st); /* the request table is left on top */
+}
+
+static void log_request_error(wxd_req_t *r, const char *what, const char *detail) {
+  char extra[4096];
+  char esc[3500];
+  size_t el = wxd_json_escape(esc, sizeof esc, detail, strlen(detail));
+  snprintf(extra, sizeof extra, "\"id\":\"%s\",\"error\":\"%.*s\"", r->id, (int)el, esc);
+  wxd_log(WXD_LOG_ERROR, r->w->id, what, extra);
+}
+
+/* Sends the handler's results (status, headers, body on T). */
+static void respond_from_lua(wxd_req_t *r, lua_State *T) {
+  wxd_conn_t *c = r->conn;
+  wxd_worker_t *w = r->w;
+  int top = lua_gettop(T);
+  if (r->streaming) {
+    /* A handler that streamed may still return a last piece of body. */
+    size_t bl = 0;
+    const char *body = top >= 3 && lua_type(T, 3) == LUA_TSTRING ? lua_tolstring(T, 3, &bl) : NULL;
+    if (top >= 4 && lua_toboolean(T, 4)) {
+      /* The handler failed after its status went out: the only honest
+       * signal left is to cut the response short. */
+      r->keep_alive = 0;
+      wxd__http_conn_close(c);
+      return;
+    }
+    if (r->stream_nobody) return;
+    if (r->stream_raw) {
+      if (bl) conn_write(c, body, bl);
+    } else {
+      char sz[32];
+      uv_buf_t b[3];
+      unsigned nb = 0;
+      int sl = 0;
+      if (bl) {
+        sl = snprintf(sz, sizeof sz, "%zx\r\n", bl);
+        b[nb++] = uv_buf_init(sz, (unsigned)sl);
+        b[nb++] = uv_buf_init((char *)body, (unsigned)bl);
+        b[nb++] = uv_buf_init("\r\n0\r\n\r\n", 7);
+      } else {
+        b[nb++] = uv_buf_init("0\r\n\r\n", 5);
+      }
+      wxd__http_conn_writev(c, b, nb);
+    }
+    r->bytes_out += bl;
+    return;
+  }
+  const char *why = NULL;
+  if (top < 1 || !lua_isnumber(T, 1)) why = "handler returned no status";
+  int status = why ? 500 : (int)lua_tointeger(T, 1);
+  /* 1xx are interim responses, never the answer to a request. */
+  if (!why && (status < 200 || status > 999)) why = "handler returned an invalid status (expected 200..999)";
+  size_t bl = 0;
+  const char *body = NULL;
+  if (!why && top >= 3 && !lua_isnil(T, 3)) {
+    if (lua_type(T, 3) != LUA_TSTRING) why = "handler returned a body that is not a string";
+    else body = lua_tolstring(T, 3, &bl);
+  }
+  wxd_buf_t *o = &w->out;
+  int has_date = 0, has_server = 0;
+  if (!why) {
+    wxd__http_start_head(o, status);
+    if (top >= 2) append_lua_headers(T, 2, o, &has_date, &has_server, &why);
+  }
+  if (why) {
+    log_request_error(r, "bad handler result", why);
+    wxd__http_respond_error_500(r);
+    return;
+  }
+  r->status = status;
+  if (status_has_body(status)) {
+    char cl[48];
+    memcpy(cl, "Content-Length: ", 16);
+    size_t n = 16 + fmt_uint(cl + 16, bl);
+    cl[n++] = '\r';
+    cl[n++] = '\n';
+    wxd_buf_append(o, cl, n);
+  } else {
+    bl = 0;
+  }
+  wxd__http_end_head(w, o, has_date, has_server, r->keep_alive);
+  r->bytes_out = o->len + bl;
+  if (r->is_head || bl == 0) {
+    conn_write(c, o->data, o->len);
+  } else if (bl <= 16384) {
+    /* Small bodies go in the same buffer: one syscall, one packet. */
+    wxd_buf_append(o, body, bl);
+    conn_write(c, o->data, o->len);
+  } else {
+    uv_buf_t b[2] = {uv_buf_init(o->data, (unsigned)o->len), uv_buf_init((char *)body, (unsigned)bl)};
+    wxd__http_conn_writev(c, b, 2);
+  }
+}
+
+static void on_request_done(wxd_co_t *co, int status) {
+  wxd_req_t *r = co->data;
+  r->co = NULL;
+  if (status != 0) {
+    /* lua/wxd/server.lua catches handler errors; reaching here means the
+     * wrapper itself failed. */
+    const char *msg = lua_tostring(co->T, -1);
+    wxd_co_traceback(co, msg ? msg : "(error object is not a string)");
+    log_request_error(r, "request failed", lua_tostring(co->vm->L, -1));
+    lua_pop(co->vm->L, 1);
+    if (r->conn && !r->streaming) {
+      wxd__http_respond_error_500(r);
+    } else if (r->conn) {
+      /* Headers are out: cut the response short rather than end it. */
+      r->keep_alive = 0;
+      wxd__http_conn_close(r->conn);
+    }
+  } else if (r->conn) {
+    respond_from_lua(r, co->T);
+  }
+  wxd__http_req_finish(r);
+}
+
+/* The worker stops while the handler still waits (shutdown deadline). */
+static void on_request_abandoned(wxd_co_t *co) {
+  wxd_req_t *r = co->data;
+  if (r->conn) r->conn->req = NULL;
+  wxd__http_req_free(r);
+}
+
+void wxd__http_dispatch(wxd_conn_t *c) {
+  wxd_worker_t *w = c->w;
+  wxd_req_t *r = c->req;
+  c->state = CONN_HANDLING;
+  wxd__http_conn_stop_timer(c);
+  c->nreq++;
+  r->keep_alive = r->wants_keep_alive && !w->draining && c->nreq < w->cfg->limits.max_requests;
+  /* Bytes after a request that ends the connection are never parsed: a
+   * request smuggled behind "Connection: close" reaches no handler. */
+  if (!r->keep_alive) c->discard_input = 1;
+  r->in_handler = 1;
+  w->seq++;
+  atomic_fetch_add_explicit(&w->stats.requests, 1, memory_order_relaxed);
+  /* 18 hex digits: random per worker and run, worker index, sequence. */
+  fmt_hex(r->id, w->id_prefix, 8);
+  fmt_hex(r->id + 8, (uint64_t)(w->id & 0xff), 2);
+  fmt_hex(r->id + 10, w->seq & 0xffffffffu, 8);
+  r->id[18] = 0;
+  wxd_co_t *co = wxd_co_new(w->vm, WXD_CO_REQUEST, on_request_done, r);
+  if (!co) {
+    wxd__http_respond_error_500(r);
+    wxd__http_req_finish(r);
+    return;
+  }
+  r->co = co;
+  co->abandon = on_request_abandoned;
+  lua_rawgeti(co->T, LUA_REGISTRYINDEX, w->vm->entry_ref);
+  push_raw_request(co->T, r, w->vm);
+  wxd_co_resume(co, 1);
+}
+
+/* ---- Lua: response streaming ---- */
+
+void wxd__http_maybe_resume_streamer(wxd_conn_t *c) {
+  wxd_req_t *r = c->req;
+  if (!r || !r->drain_wait || !r->co) return;
+  if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > OUTPUT_LOW_WATER) return;
+  r->drain_wait = 0;
+  lua_pushboolean(r->co->T, 1);
+  wxd_co_resume(r->co, 1);
+}
+
+/* wxd.core.http.write(chunk, status, headers): sends the status line and
+ * headers on the first call, then chunk after chunk (chunked encoding, or
+ * close-delimited for HTTP/1.0). Waits when the client reads slowly.
+ * Returns true, or nil, "closed". */
+static int http_write(lua_State *L) {
+  size_t len;
+  const char *chunk = luaL_checklstring(L, 1, &len);
+  wxd_co_t *co = wxd_co_lookup(L);
+  if (!co || co->kind != WXD_CO_REQUEST) return luaL_error(L, "response write: not in a request handler");
+  wxd_req_t *r = co->data;
+  wxd_conn_t *c = r->conn;
+  if (!c || c->closing) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "closed");
+    return 2;
+  }
+  if (!r->streaming) {
+    int status = (int)luaL_optinteger(L, 2, 200);
+    if (status < 200 || status > 999) return luaL_argerror(L, 2, "status must be in 200..999");
+    if (!lua_isnoneornil(L, 3)) luaL_checktype(L, 3, LUA_TTABLE);
+    wxd_buf_t *o = &r->w->out;
+    int has_date = 0, has_server = 0;
+    const char *why = NULL;
+    wxd__http_start_head(o, status);
+    if (append_lua_headers(L, 3, o, &has_date, &has_server, &why) != 0)
+      return luaL_error(L, "response write: %s", why);
+    r->stream_nobody = r->is_head || !status_has_body(status);
+    r->stream_raw = r->http_minor == 0 && !r->stream_nobody;
+    if (r->stream_raw) r->keep_alive = 0;
+    else if (status_has_body(status)) wxd_buf_append(o, "Transfer-Encoding: chunked\r\n", 28);
+    wxd__http_end_head(r->w, o, has_date, has_server, r->keep_alive);
+    r->status = status;
+    r->streaming = 1;
+    r->bytes_out += o->len;
+    if (conn_write(c, o->data, o->len) != 0) {
+      lua_pushnil(L);
+      lua_pushliteral(L, "closed");
+      return 2;
+    }
+  }
+  if (len > 0 && !r->stream_nobody) {
+    int rc;
+    if (r->stream_raw) {
+      rc = conn_write(c, chunk, len);
+    } else {
+      char sz[32];
+      int sl = snprintf(sz, sizeof sz, "%zx\r\n", len);
+      uv_buf_t b[3] = {uv_buf_init(sz, (unsigned)sl), uv_buf_init((char *)chunk, (unsigned)len),
+                       uv_buf_init("\r\n", 2)};
+      rc = wxd__http_conn_writev(c, b, 3);
+    }
+    if (rc != 0) {
+      lua_pushnil(L);
+      lua_pushliteral(L, "closed");
+      return 2;
+    }
+    r->bytes_out += len;
+  }
+  /* Waits for the client only where the coroutine can yield (not inside a
+   * string.gsub callback, say): the bytes are queued either way. */
+  if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > OUTPUT_HIGH_WATER && lua_isyieldable(L)) {
+    r->drain_wait = 1;
+    return wxd_co_yield(co, L, 0);
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+int wxd_open_http_lua(lua_State *L) {
+  static const luaL_Reg fns[] = {{"write", http_write}, {NULL, NULL}};
+  lua_createtable(L, 0, 1);
+  luaL_register(L, NULL, fns);
+  return 1;
+}
