@@ -190,11 +190,16 @@ int wxd_ct_equal(const void *a, size_t alen, const void *b, size_t blen) {
   return CRYPTO_memcmp(a, b, alen) == 0;
 }
 
-int wxd_random_bytes(void *buf, size_t len) {
-  /* OpenSSL's DRBG: seeded from the kernel, a generator per thread, no
-   * system call per request (getrandom per call showed in the profile of
-   * the message path: a nonce, an IV and a lock token per message). */
-  unsigned char *p = buf;
+/* Small requests (a nonce, an IV, a token: several per WeChat message) are
+ * served from a per-thread block of DRBG output, refilled 4 KiB at a time:
+ * every RAND_bytes call costs a getpid(2) (OpenSSL's fork check), which
+ * showed as two system calls per message next to one read and one write.
+ * Bytes handed out are wiped from the block at once. Per thread, so
+ * unshared; wxd never forks without exec. */
+#define RANDOM_POOL 4096
+#define RANDOM_POOL_MAX_REQUEST 256
+
+static int random_direct(unsigned char *p, size_t len) {
   while (len > 0) {
     int n = len > (size_t)INT_MAX ? INT_MAX : (int)len;
     if (RAND_bytes(p, n) != 1) {
@@ -205,6 +210,21 @@ int wxd_random_bytes(void *buf, size_t len) {
     p += n;
     len -= (size_t)n;
   }
+  return 0;
+}
+
+int wxd_random_bytes(void *buf, size_t len) {
+  static _Thread_local unsigned char pool[RANDOM_POOL];
+  static _Thread_local size_t left; /* unread bytes at the end of pool */
+  if (len > RANDOM_POOL_MAX_REQUEST) return random_direct(buf, len);
+  if (left < len) {
+    if (random_direct(pool, RANDOM_POOL) != 0) return -1;
+    left = RANDOM_POOL;
+  }
+  unsigned char *from = pool + RANDOM_POOL - left;
+  memcpy(buf, from, len);
+  OPENSSL_cleanse(from, len);
+  left -= len;
   return 0;
 }
 

@@ -73,8 +73,9 @@ int wxd_pkcs7_unpad(const unsigned char *buf, size_t len, size_t block, size_t *
 int wxd_ct_equal(const void *a, size_t alen, const void *b, size_t blen);
 
 /* Fills buf with len bytes from a CSPRNG: OpenSSL's DRBG (RAND_bytes),
- * seeded from the kernel, one generator per thread. Returns 0, or -1 with
- * errno set (EIO). */
+ * seeded from the kernel, one generator per thread; requests of up to 256
+ * bytes are served from a per-thread block of its output (crypto.c says
+ * why). Returns 0, or -1 with errno set (EIO). */
 int wxd_random_bytes(void *buf, size_t len);
 
 /* Lua module wxd.core.crypto; returns the module table. */
