@@ -541,14 +541,22 @@ int wxd__crypto_aes256_cbc(lua_State *L, int enc, const unsigned char *key, cons
   return aes_run(c, enc, iv, in, len, out);
 }
 
-int wxd__crypto_sha1(lua_State *L, const void *data, size_t len, unsigned char *out) {
+static int digest_into(lua_State *L, int which, const void *data, size_t len, unsigned char *out) {
   crypto_algs_t *a = algs_get(L);
   unsigned int n = 0;
-  if (!a->md[MD_SHA1] || len > CRYPTO_MAX_INPUT || !EVP_Digest(data, len, out, &n, a->md[MD_SHA1], NULL)) {
+  if (!a->md[which] || len > CRYPTO_MAX_INPUT || !EVP_Digest(data, len, out, &n, a->md[which], NULL)) {
     ERR_clear_error();
     return -1;
   }
   return 0;
+}
+
+int wxd__crypto_sha1(lua_State *L, const void *data, size_t len, unsigned char *out) {
+  return digest_into(L, MD_SHA1, data, len, out);
+}
+
+int wxd__crypto_sha256(lua_State *L, const void *data, size_t len, unsigned char *out) {
+  return digest_into(L, MD_SHA256, data, len, out);
 }
 
 /* Encrypts with PKCS#7 padding to `block`; pushes the ciphertext. */

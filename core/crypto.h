@@ -112,5 +112,7 @@ int wxd__crypto_aes256_cbc(lua_State *L, int enc, const unsigned char *key, cons
                            const unsigned char *in, size_t len, unsigned char *out);
 /* Internal, likewise: SHA-1 of data into out[20]. Returns 0 or -1. */
 int wxd__crypto_sha1(lua_State *L, const void *data, size_t len, unsigned char *out);
+/* Internal, likewise: SHA-256 of data into out[32]. Returns 0 or -1. */
+int wxd__crypto_sha256(lua_State *L, const void *data, size_t len, unsigned char *out);
 
 #endif

@@ -30,12 +30,14 @@
  */
 #include "buf.h"
 #include "crypto.h"
+#include "xml.h"
 
 #include <errno.h>
 #include <lauxlib.h>
 #include <openssl/crypto.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <limits.h>
 #include <string.h>
 
 #define WX_FAILED "decrypt failed"
@@ -117,26 +119,39 @@ static const unsigned char *check_key(lua_State *L, int idx) {
   return (const unsigned char *)k;
 }
 
-static int wx_decrypt(lua_State *L) {
-  const unsigned char *key = check_key(L, 1);
-  size_t elen, rlen;
-  const char *enc = check_str(L, 2, &elen);
-  const char *rid = check_str(L, 3, &rlen);
-  wxd_buf_t *b = wxd_scratch(L);
-  if (wxd_buf_reserve(b, WXD_BASE64_DECODED_MAX(elen) + 16) != 0) return luaL_error(L, "wx_decrypt: out of memory");
+/* Decrypts the Encrypt value enc into b (reserved here); on success
+ * msg and mlen point at the message inside b. 0, -1 for every failure of
+ * the data, -2 out of memory (it never raises: callers may hold C memory). */
+static int decrypt_into(lua_State *L, wxd_buf_t *b, const unsigned char *key, const char *enc, size_t elen,
+                        const char *rid, size_t rlen, const char **msg, size_t *mlen) {
+  if (wxd_buf_reserve(b, WXD_BASE64_DECODED_MAX(elen) + 16) != 0) return -2; /* out of memory */
+  b->len = WXD_BASE64_DECODED_MAX(elen) + 16; /* what to cleanse */
   unsigned char *buf = (unsigned char *)b->data;
   size_t clen = 0, plen = 0;
   int ok = wxd_base64_decode(enc, elen, buf, &clen, WXD_BASE64_STD) == 0 && clen >= 32 && clen % 16 == 0;
   /* In place: EVP allows out == in exactly. */
   ok = ok && wxd__crypto_aes256_cbc(L, 0, key, key, buf, clen, buf) == (int)clen;
   ok = ok && wxd_pkcs7_unpad(buf, clen, WX_PAD_BLOCK, &plen) == 0 && plen >= 20;
-  size_t mlen = 0;
-  if (ok) {
-    mlen = (size_t)buf[16] << 24 | (size_t)buf[17] << 16 | (size_t)buf[18] << 8 | buf[19];
-    ok = mlen <= plen - 20 && wxd_ct_equal(buf + 20 + mlen, plen - 20 - mlen, rid, rlen);
-  }
-  if (ok) lua_pushlstring(L, (const char *)buf + 20, mlen);
-  OPENSSL_cleanse(b->data, WXD_BASE64_DECODED_MAX(elen) + 16);
+  if (!ok) return -1;
+  size_t n = (size_t)buf[16] << 24 | (size_t)buf[17] << 16 | (size_t)buf[18] << 8 | buf[19];
+  if (n > plen - 20 || !wxd_ct_equal(buf + 20 + n, plen - 20 - n, rid, rlen)) return -1;
+  *msg = (const char *)buf + 20;
+  *mlen = n;
+  return 0;
+}
+
+static int wx_decrypt(lua_State *L) {
+  const unsigned char *key = check_key(L, 1);
+  size_t elen, rlen, mlen = 0;
+  const char *enc = check_str(L, 2, &elen);
+  const char *rid = check_str(L, 3, &rlen);
+  const char *msg = NULL;
+  wxd_buf_t *b = wxd_scratch(L);
+  int rc = decrypt_into(L, b, key, enc, elen, rid, rlen, &msg, &mlen);
+  if (rc == -2) return luaL_error(L, "wx_decrypt: out of memory");
+  int ok = rc == 0;
+  if (ok) lua_pushlstring(L, msg, mlen);
+  OPENSSL_cleanse(b->data, b->len);
   wxd_scratch_release(b);
   if (!ok) {
     lua_pushnil(L);
@@ -144,6 +159,153 @@ static int wx_decrypt(lua_State *L) {
     return 2;
   }
   return 1;
+}
+
+static const wxd_xml_node_t *child(const wxd_xml_node_t *n, const char *name) {
+  for (const wxd_xml_node_t *c = n->children; c; c = c->next)
+    if (strcmp(c->name, name) == 0) return c;
+  return NULL;
+}
+
+static int open_fail(lua_State *L, int status, const char *fmt, const char *a, const char *b) {
+  lua_pushnil(L);
+  lua_pushfstring(L, fmt, a ? a : "", b ? b : "");
+  lua_pushinteger(L, status);
+  return 3;
+}
+
+/* wx_open(token, timestamp, nonce, msg_signature, body, receive_id, keys,
+ *         max_bytes, max_depth, max_elements [, arrays])
+ * An encrypted XML message in one call: the outer document parsed in C,
+ * msg_signature checked over its Encrypt before anything is decrypted,
+ * each key of the array `keys` (32-byte strings) tried, the receive id
+ * checked, the message parsed. Returns msg, root, key_index, compatible
+ * (the outer document has a MsgType: compatible mode), digest (SHA-256 hex
+ * of the message as decrypted: the identity of an event); or nil, reason,
+ * status (400 or 403) as wxd.mp logs and answers them. No Lua string is
+ * made of the Encrypt value or the plaintext. */
+static int wx_open(lua_State *L) {
+  part_t parts[4];
+  size_t slen, blen, rlen;
+  for (int i = 0; i < 3; i++) parts[i].s = check_str(L, i + 1, &parts[i].n);
+  const char *sig = check_str(L, 4, &slen);
+  const char *body = check_str(L, 5, &blen);
+  const char *rid = check_str(L, 6, &rlen);
+  luaL_checktype(L, 7, LUA_TTABLE);
+  int nkeys = (int)lua_objlen(L, 7);
+  wxd_xml_limits_t lim;
+  lua_Number mb = luaL_checknumber(L, 8), md = luaL_checknumber(L, 9), me = luaL_checknumber(L, 10);
+  luaL_argcheck(L, mb >= 0 && mb <= INT_MAX, 8, "max_bytes out of range");
+  luaL_argcheck(L, md >= 1 && md <= 1000, 9, "max_depth out of range (1..1000)");
+  luaL_argcheck(L, me >= 1 && me <= 1e9, 10, "max_elements out of range");
+  lim.max_bytes = (size_t)mb;
+  lim.max_depth = (unsigned)md;
+  lim.max_elements = (size_t)me;
+  int arrays = 0;
+  if (!lua_isnoneornil(L, 11)) {
+    luaL_checktype(L, 11, LUA_TTABLE);
+    arrays = 11;
+  }
+  lua_settop(L, 11);
+  for (int i = 1; i <= nkeys; i++) { /* checked before any C allocation */
+    lua_rawgeti(L, 7, i);
+    check_key(L, -1);
+    lua_pop(L, 1);
+  }
+
+  wxd_buf_t *b = wxd_scratch(L);
+  /* From here to the free of `outer`, nothing may raise. */
+  wxd_xml_doc_t *outer = NULL;
+  wxd_xml_error_t err;
+  int rc = wxd_xml_parse(body, blen, &lim, &outer, &err);
+  if (rc != WXD_XML_OK) {
+    char detail[160];
+    if (err.line) snprintf(detail, sizeof detail, "line %lu, column %lu: %s", err.line, err.column, err.detail);
+    else snprintf(detail, sizeof detail, "%s", err.detail ? err.detail : wxd_xml_strerror(rc));
+    wxd_scratch_release(b);
+    return open_fail(L, 400, "%s (%s)", wxd_xml_strerror(rc), detail);
+  }
+  const wxd_xml_node_t *root = wxd_xml_root(outer);
+  const wxd_xml_node_t *enc = child(root, "Encrypt");
+  int compatible = child(root, "MsgType") != NULL;
+  if (!enc || !enc->text || enc->text_len == 0) {
+    wxd_xml_free(outer);
+    wxd_scratch_release(b);
+    return open_fail(L, 400, "no Encrypt field%s%s", NULL, NULL);
+  }
+  parts[3].s = enc->text;
+  parts[3].n = enc->text_len;
+  for (int i = 1; i < 4; i++)
+    for (int j = i; j > 0 && part_less(&parts[j], &parts[j - 1]); j--) {
+      part_t t = parts[j];
+      parts[j] = parts[j - 1];
+      parts[j - 1] = t;
+    }
+  size_t total = parts[0].n + parts[1].n + parts[2].n + parts[3].n;
+  int ok = wxd_buf_reserve(b, total) == 0;
+  if (ok) {
+    for (int i = 0; i < 4; i++) {
+      memcpy(b->data + b->len, parts[i].s, parts[i].n);
+      b->len += parts[i].n;
+    }
+    unsigned char md1[20];
+    char hex[40];
+    ok = wxd__crypto_sha1(L, b->data, b->len, md1) == 0;
+    if (ok) {
+      wxd_hex_encode(md1, sizeof md1, hex, 0);
+      ok = wxd_ct_equal(hex, sizeof hex, sig, slen);
+    }
+    b->len = 0;
+  }
+  if (!ok) {
+    wxd_xml_free(outer);
+    wxd_scratch_release(b);
+    return open_fail(L, 403, "bad msg_signature%s%s", NULL, NULL);
+  }
+  const char *msg = NULL;
+  size_t mlen = 0;
+  int used = 0, oom = 0;
+  for (int i = 1; i <= nkeys && !used && !oom; i++) {
+    lua_rawgeti(L, 7, i); /* a string of the table: anchored by it */
+    const unsigned char *key = (const unsigned char *)lua_tostring(L, -1);
+    lua_pop(L, 1);
+    int drc = decrypt_into(L, b, key, enc->text, enc->text_len, rid, rlen, &msg, &mlen);
+    if (drc == 0) used = i;
+    oom = drc == -2;
+  }
+  wxd_xml_free(outer);
+  if (oom) {
+    wxd_scratch_release(b);
+    return luaL_error(L, "wx_open: out of memory");
+  }
+  if (!used) {
+    OPENSSL_cleanse(b->data, b->len);
+    wxd_scratch_release(b);
+    return open_fail(L, 400, "decrypt failed%s%s", NULL, NULL);
+  }
+  unsigned char md2[32];
+  char digest[64];
+  if (wxd__crypto_sha256(L, msg, mlen, md2) != 0) {
+    OPENSSL_cleanse(b->data, b->len);
+    wxd_scratch_release(b);
+    return luaL_error(L, "wx_open: SHA-256 failed");
+  }
+  wxd_hex_encode(md2, sizeof md2, digest, 0);
+  int n = wxd_xml_decode_push(L, msg, mlen, &lim, arrays);
+  OPENSSL_cleanse(b->data, b->len);
+  wxd_scratch_release(b);
+  if (n == 3) { /* nil, err, detail */
+    const char *e = lua_tostring(L, -2), *d = lua_tostring(L, -1);
+    lua_pushfstring(L, "decrypted message: %s (%s)", e, d);
+    lua_replace(L, -3);
+    lua_pushinteger(L, 400);
+    lua_replace(L, -2);
+    return 3;
+  }
+  lua_pushinteger(L, used);
+  lua_pushboolean(L, compatible);
+  lua_pushlstring(L, digest, sizeof digest);
+  return 5;
 }
 
 /* Encrypts into the scratch buffer b: on return b->data[0..*b64len) is the
@@ -278,7 +440,8 @@ static int wx_seal(lua_State *L) {
 void wxd__crypto_open_wxmsg(lua_State *L, int algs) {
   static const luaL_Reg fns[] = {
       {"wx_signature", wx_signature}, {"wx_verify", wx_verify}, {"wx_decrypt", wx_decrypt},
-      {"wx_encrypt", wx_encrypt},     {"wx_seal", wx_seal},     {NULL, NULL},
+      {"wx_encrypt", wx_encrypt},     {"wx_seal", wx_seal},     {"wx_open", wx_open},
+      {NULL, NULL},
   };
   for (const luaL_Reg *f = fns; f->name; f++) {
     lua_pushvalue(L, algs);

@@ -391,18 +391,31 @@ static int xml_decode(lua_State *L) {
     arrays = 5;
   }
   lua_settop(L, 5);
+  return wxd_xml_decode_push(L, s, len, &lim, arrays);
+}
 
+int wxd_xml_decode_push(lua_State *L, const char *s, size_t len, const wxd_xml_limits_t *lim, int arrays) {
+  /* The document is boxed in a userdata until it is freed, so that a raise
+   * while its table is built (out of memory) cannot leak it. */
   wxd_xml_doc_t **box = lua_newuserdata(L, sizeof *box);
   *box = NULL;
   luaL_getmetatable(L, DOC_MT);
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    luaL_newmetatable(L, DOC_MT);
+    lua_pushcfunction(L, doc_gc);
+    lua_setfield(L, -2, "__gc");
+  }
   lua_setmetatable(L, -2);
+  int boxi = lua_gettop(L);
   wxd_xml_error_t err;
-  int rc = wxd_xml_parse(s, len, &lim, box, &err);
+  int rc = wxd_xml_parse(s, len, lim, box, &err);
   if (rc != WXD_XML_OK) {
     lua_pushnil(L);
     lua_pushstring(L, wxd_xml_strerror(rc));
     if (err.line) lua_pushfstring(L, "line %d, column %d: %s", (int)err.line, (int)err.column, err.detail);
     else lua_pushstring(L, err.detail ? err.detail : wxd_xml_strerror(rc));
+    lua_remove(L, boxi);
     return 3;
   }
   const wxd_xml_node_t *root = wxd_xml_root(*box);
@@ -411,9 +424,9 @@ static int xml_decode(lua_State *L) {
   lua_pushstring(L, root->name);
   wxd_xml_free(*box);
   *box = NULL;
+  lua_remove(L, boxi);
   return 2;
 }
-
 
 /* ---- encoding ---- */
 

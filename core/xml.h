@@ -82,6 +82,12 @@ void wxd_xml_free(wxd_xml_doc_t *doc);
  * "too large", "too deep", "too many elements", "out of memory"). */
 const char *wxd_xml_strerror(int code);
 
+/* Parses buf[0..len) and pushes what wxd.core.xml's decode returns: the
+ * root's children as a table and the root's name (2), or nil, err, detail
+ * (3). `arrays` is the stack index of a set of names always made arrays,
+ * or 0. For native callers that hold the bytes in C (core/wxmsg.c). */
+int wxd_xml_decode_push(lua_State *L, const char *buf, size_t len, const wxd_xml_limits_t *lim, int arrays);
+
 /* Lua module wxd.core.xml; returns the module table. */
 int wxd_open_xml(lua_State *L);
 

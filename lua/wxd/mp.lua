@@ -62,8 +62,8 @@ local now, monotonic_ms = core.now, core.monotonic_ms
 local sha1_hex, sha256_hex, equals = crypto.sha1_hex, crypto.sha256_hex, crypto.equals
 -- Each protocol step in one native call (core/wxmsg.c).
 local native = require "wxd.core.crypto"
-local wx_signature, wx_verify, wx_decrypt, wx_encrypt, wx_seal =
-  native.wx_signature, native.wx_verify, native.wx_decrypt, native.wx_encrypt, native.wx_seal
+local wx_signature, wx_verify, wx_decrypt, wx_encrypt, wx_seal, wx_open =
+  native.wx_signature, native.wx_verify, native.wx_decrypt, native.wx_encrypt, native.wx_seal, native.wx_open
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -398,6 +398,8 @@ local function new_endpoint(path, cfg, handlers)
     error("wxd.mp: cfg.token must be a non-empty string (set it from the environment)", 3)
   end
   local keys = load_keys(cfg)
+  local raw_keys = {} -- the 32-byte keys, for the native calls
+  for i, k in ipairs(keys) do raw_keys[i] = k.key end
   local receive_id = cfg.receive_id or (kind == "wecom" and cfg.corp_id or cfg.appid) or nil
   if receive_id ~= nil and (type(receive_id) ~= "string" or receive_id == "") then
     error("wxd.mp: cfg." .. (kind == "wecom" and "corp_id" or "appid") .. " must be a non-empty string", 3)
@@ -443,6 +445,7 @@ local function new_endpoint(path, cfg, handlers)
     kind = kind,
     token = cfg.token,
     keys = keys,
+    raw_keys = raw_keys,
     receive_id = receive_id,
     window = window,
     allow_plaintext = allow_plaintext and kind ~= "wecom",
@@ -616,13 +619,13 @@ end
 -- "sys"), and two distinct ones can share sender, CreateTime and Event: its
 -- identity is its whole document, which a retry repeats (the decrypted
 -- text: the encryption's random prefix does not count).
-local function dedup_id(msg, doc)
+local function dedup_id(msg, doc, digest)
   local id = msg.MsgId
   if id == nil then id = msg.MsgID end
   if id ~= nil and msg.MsgType ~= "event" then
     return "m:" .. sha256_hex(field(msg.FromUserName) .. field(msg.ToUserName) .. field(id))
   end
-  return "d:" .. sha256_hex(doc)
+  return "d:" .. (digest or sha256_hex(doc))
 end
 
 local function find_handler(handlers, msg)
@@ -764,9 +767,9 @@ end
 -- run goes on finds the lock taken and waits for its release natively (the
 -- shdict wakes it; the Redis store polls), then answers with the recorded
 -- reply.
-function Endpoint:dispatch(_req, msg, ctx, doc)
+function Endpoint:dispatch(_req, msg, ctx, doc, digest)
   local deadline = monotonic_ms() + self.deadline_ms
-  local key = self.prefix .. dedup_id(msg, doc)
+  local key = self.prefix .. dedup_id(msg, doc, digest)
   local runkey = key .. ":run"
   local run = { runkey = runkey }
   if not store.add(runkey, "1", self.lock_expire) then
@@ -814,8 +817,22 @@ function Endpoint:receive(req, res)
   if q.encrypt_type ~= nil and q.encrypt_type ~= "aes" and q.encrypt_type ~= "raw" then
     return refuse(self, req, 400, "unknown encrypt_type")
   end
-  local msg, fmt, mode, key, doc
-  if encrypted then
+  local msg, fmt, mode, key, doc, digest
+  if encrypted and not self.json and byte(body, 1) == 60 then
+    -- XML, encrypted: one native call from the body to the message table
+    -- (core/wxmsg.c), in the same order as below: the signature over the
+    -- Encrypt value holds before anything is decrypted.
+    if #self.keys == 0 then return refuse(self, req, 400, "encrypted message but no aes_key configured") end
+    local st, why = check_query(self, req, q, { "msg_signature", "timestamp", "nonce" })
+    if st then return refuse(self, req, st, why) end
+    -- msg, root, key index, compatible, digest | nil, reason, status
+    local m, a, b, compatible, d = wx_open(self.token, q.timestamp, q.nonce, q.msg_signature, body,
+      self.receive_id, self.raw_keys, self.max_body_bytes, XML_OPTS.max_depth, XML_OPTS.max_elements,
+      XML_OPTS.arrays)
+    if not m then return refuse(self, req, b, a) end
+    msg, fmt, key, digest = m, "xml", self.keys[b], d
+    mode = (self.kind ~= "wecom" and compatible) and "compatible" or "safe"
+  elseif encrypted then
     if #self.keys == 0 then return refuse(self, req, 400, "encrypted message but no aes_key configured") end
     local st, why = check_query(self, req, q, { "msg_signature", "timestamp", "nonce" })
     if st then return refuse(self, req, st, why) end
@@ -856,7 +873,7 @@ function Endpoint:receive(req, res)
 
   local ctx = { req = req, kind = self.kind, mode = mode, format = fmt, appid = self.receive_id,
                 reply = _M.reply, path = self.path }
-  local out = self:dispatch(req, msg, ctx, doc)
+  local out = self:dispatch(req, msg, ctx, doc, digest)
   if out == nil or out == "success" or out == "" then
     set_text(res)
     return 200, "success"

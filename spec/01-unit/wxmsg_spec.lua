@@ -144,6 +144,63 @@ describe("wx_* (native WeChat message crypto)", function()
     end
   end)
 
+  describe("wx_open: from the body to the message in one call", function()
+    local ARRAYS = { item = true }
+    local function body(enc, extra)
+      return "<xml><ToUserName><![CDATA[gh_x]]></ToUserName>" .. (extra or "")
+        .. (enc and ("<Encrypt><![CDATA[" .. enc .. "]]></Encrypt>") or "") .. "</xml>"
+    end
+    local function open(b, keys, sig)
+      return core.wx_open(TOKEN, TS, NONCE, sig or SIG, b, APPID, keys or { KEY }, 65536, 10, 1000, ARRAYS)
+    end
+
+    it("opens WeChat's published sample", function()
+      local msg, root, used, compatible, digest = open(body(ENC))
+      assert.equal("xml", root)
+      assert.equal("hello", msg.Content)
+      assert.equal("12345", msg.MsgId)
+      assert.equal("asdasdasdsadasd", msg.FromUserName)
+      assert.equal(1, used)
+      assert.is_false(compatible)
+      assert.equal(crypto.sha256_hex(MSG), digest)
+      -- Compatible mode: the outer document also has the plaintext fields.
+      assert.is_true(select(4, open(body(ENC, "<MsgType><![CDATA[text]]></MsgType>"))))
+      -- The key that decrypts, among several (a key change).
+      assert.equal(2, select(3, open(body(ENC), { crypto.random_bytes(32), KEY })))
+    end)
+
+    it("refuses with the reason and status wxd.mp answers, checking the signature first", function()
+      local function refused(status, reason, ...)
+        local m, why, st = ...
+        assert.is_nil(m)
+        assert.equal(status, st)
+        assert.matches(reason, why)
+      end
+      refused(403, "^bad msg_signature$", open(body(ENC), nil, SIG:sub(1, 39) .. "1")) -- SIG ends in 0
+      -- A wrong key with a wrong signature: the signature is what is reported.
+      refused(403, "^bad msg_signature$", open(body(ENC), { crypto.random_bytes(32) }, string.rep("0", 40)))
+      refused(400, "^decrypt failed$", open(body(ENC), { crypto.random_bytes(32) }))
+      refused(400, "^no Encrypt field$", open(body(nil)))
+      refused(400, "^no Encrypt field$", open(body("")))
+      refused(400, "^invalid xml %(line 1", open("<xml><Encrypt>"))
+      refused(400, "^doctype not allowed", open('<!DOCTYPE x [<!ENTITY a "b">]><xml/>'))
+      refused(400, "^too large", core.wx_open(TOKEN, TS, NONCE, SIG, body(ENC), APPID, { KEY }, 64, 10, 1000))
+      -- A message that decrypts but is not XML.
+      local enc = core.wx_encrypt(KEY, "not xml", APPID)
+      local sig = core.wx_signature(TOKEN, TS, NONCE, enc)
+      refused(400, "^decrypted message: invalid xml %(", open(body(enc), nil, sig))
+      -- Another receive id inside.
+      enc = core.wx_encrypt(KEY, MSG, "wx0000000000000000")
+      refused(400, "^decrypt failed$", open(body(enc), nil, core.wx_signature(TOKEN, TS, NONCE, enc)))
+    end)
+
+    it("raises for a key of the wrong size and other wrong arguments", function()
+      assert.has_error(function() open(body(ENC), { "short" }) end)
+      assert.has_error(function() open(body(ENC), "not a table") end)
+      assert.has_error(function() core.wx_open(TOKEN, TS, NONCE, SIG, body(ENC), APPID, { KEY }, -1, 10, 1000) end)
+    end)
+  end)
+
   it("raises for arguments of the wrong type or size", function()
     assert.has_error(function() core.wx_signature(TOKEN, 1458300676, NONCE) end)
     assert.has_error(function() core.wx_signature(TOKEN, TS) end)
