@@ -25,7 +25,7 @@
 #                    connections in one burst from one or two CPUs, which
 #                    "auto" would put on one worker; see README)
 #   BENCH_MP_RATE    messages generated per second of a wrk run, at least
-#                    (default 30000; 1.5 times the best req/s seen so far in
+#                    (default 60000; 2 times the best req/s seen so far in
 #                    this bench when that is more); a run that sends them
 #                    all fails
 #   BENCH_NODE_DIR   where `make deps-bench-mp` installed the npm packages
@@ -42,7 +42,7 @@ CONNS=${BENCH_CONNS:-64}
 THREADS=${BENCH_THREADS:-2}
 PEERS_SPEC=${BENCH_PEERS:-wxd,node}
 START_TIMEOUT=${BENCH_START_TIMEOUT:-15}
-RATE=${BENCH_MP_RATE:-30000}
+RATE=${BENCH_MP_RATE:-60000}
 NODE_DIR=${BENCH_NODE_DIR:-build/bench/node}
 
 BENCH_NAME=bench-mp
@@ -190,7 +190,7 @@ check_peer() {
 echo "== wxd mp benchmark (encrypted text message round trip): $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(uname -n)"
 echo "cpus: $(nproc)   load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "wrk: -t$THREADS -c$CONNS -d${SECONDS_PER_RUN}s, $ROUNDS round(s), warm-up ${WARMUP}s;" \
-    "each run gets max($RATE, 1.5 x best req/s so far) distinct messages per second"
+    "each run gets max($RATE, 2 x best req/s so far) distinct messages per second (wrk threads take every other one)"
 echo "peers:"
 if ((RUN_WXD)); then
     wxd_ver=unknown
@@ -249,7 +249,7 @@ idle_share() {
 # errors in FAILURES (so it must not run in a subshell).
 run_wrk() {
     local label=$1 peer=$2 secs=$3 out rc=0 rps pool rate nbad t0 t1
-    rate=$(awk -v r="$RATE" -v b="$BEST_RPS" 'BEGIN { b = int(b * 1.5); print (b > r ? b : r) }')
+    rate=$(awk -v r="$RATE" -v b="$BEST_RPS" 'BEGIN { b = int(b * 2); print (b > r ? b : r) }')
     pool=$((rate * secs))
     gen "$TMP/pool.txt" "$pool"
     t0=$(cpu_ticks)
