@@ -1259,5 +1259,7 @@ int wxd_open_redis(lua_State *L) {
   luaL_openlib(L, NULL, fns, 1);
   lua_pushlightuserdata(L, NULL);
   lua_setfield(L, -2, "null");
+  /* A replaced or freed generation receives no more pub/sub messages. */
+  wxd_vm_on_close(wxd_vm_get(L), WXD_VM_ON_RETIRE | WXD_VM_ON_FREE, wxd_redis_vm_close);
   return 1;
 }

@@ -174,6 +174,8 @@ int wxd_open_timer(lua_State *L) {
   lua_pushcfunction(L, timer_gc);
   lua_setfield(L, -2, "__gc");
   lua_pop(L, 1);
+  /* A replaced generation runs no more jobs; a freed one leaves no handle. */
+  wxd_vm_on_close(wxd_vm_get(L), WXD_VM_ON_RETIRE | WXD_VM_ON_FREE, wxd_timers_close);
   lua_createtable(L, 0, 2);
   luaL_register(L, NULL, fns);
   return 1;

@@ -5,24 +5,12 @@
 #include <luajit.h>
 #include <lualib.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "log.h"
-#include "redis.h"
-#include "task.h"
-#include "timer.h"
 #include "version.h"
-
-/* lua-cjson, linked statically. */
-int luaopen_cjson(lua_State *L);
-int luaopen_cjson_safe(lua_State *L);
-int wxd_open_http_lua(lua_State *L);
-int wxd_open_crypto(lua_State *L);
-int wxd_open_shdict(lua_State *L);
-int wxd_open_xml(lua_State *L);
-int wxd_open_json(lua_State *L);
-int wxd_open_fetch(lua_State *L);
 
 /* Registry keys: addresses of these statics are unique light userdata. */
 static const char vm_key = 0;
@@ -148,7 +136,7 @@ static int core_kill(lua_State *L) {
   return 1;
 }
 
-static int open_core(lua_State *L) {
+int wxd_open_core(lua_State *L) {
   static const luaL_Reg fns[] = {
       {"sleep", core_sleep},
       {"now", core_now},
@@ -205,18 +193,7 @@ wxd_vm_t *wxd_vm_new(uv_loop_t *loop, const wxd_vm_options_t *opts) {
   if (opts->app_dir) prepend_path(L, opts->app_dir);
   if (opts->lua_dir) prepend_path(L, opts->lua_dir);
 
-  wxd_vm_preload(L, "wxd.core", open_core);
-  wxd_vm_preload(L, "wxd.core.http", wxd_open_http_lua);
-  wxd_vm_preload(L, "wxd.core.timer", wxd_open_timer);
-  wxd_vm_preload(L, "wxd.core.crypto", wxd_open_crypto);
-  wxd_vm_preload(L, "wxd.core.shdict", wxd_open_shdict);
-  wxd_vm_preload(L, "wxd.core.xml", wxd_open_xml);
-  wxd_vm_preload(L, "wxd.core.json", wxd_open_json);
-  wxd_vm_preload(L, "wxd.core.fetch", wxd_open_fetch);
-  wxd_vm_preload(L, "wxd.core.redis", wxd_open_redis);
-  wxd_vm_preload(L, "wxd.core.task", wxd_open_task);
-  wxd_vm_preload(L, "cjson", luaopen_cjson);
-  wxd_vm_preload(L, "cjson.safe", luaopen_cjson_safe);
+  wxd_vm_preload_modules(L);
   return vm;
 }
 
@@ -227,11 +204,33 @@ static void co_unlink(wxd_co_t *co) {
   if (co->next) co->next->prev = co->prev;
 }
 
+void wxd_vm_on_close(wxd_vm_t *vm, unsigned when, wxd_vm_hook_fn fn) {
+  for (int i = 0; i < vm->nhooks; i++)
+    if (vm->hooks[i].fn == fn) {
+      vm->hooks[i].when |= when;
+      return;
+    }
+  if (vm->nhooks == WXD_VM_HOOKS_MAX) {
+    fprintf(stderr, "wxd: more than %d close hooks on one VM (raise WXD_VM_HOOKS_MAX)\n",
+            WXD_VM_HOOKS_MAX);
+    abort();
+  }
+  vm->hooks[vm->nhooks].fn = fn;
+  vm->hooks[vm->nhooks].when = when;
+  vm->nhooks++;
+}
+
+/* Later modules may stand on earlier ones: they let go first. */
+static void run_hooks(wxd_vm_t *vm, unsigned when) {
+  for (int i = vm->nhooks - 1; i >= 0; i--)
+    if (vm->hooks[i].when & when) vm->hooks[i].fn(vm);
+}
+
 void wxd_vm_retire(wxd_vm_t *vm) {
   vm->retired = 1;
   vm->active = 0; /* a request still running on it cannot start timers */
-  wxd_timers_close(vm); /* a replaced generation runs no more jobs */
-  wxd_redis_vm_close(vm); /* nor receives pub/sub messages */
+  /* A replaced generation runs no more jobs, nor receives pub/sub messages. */
+  run_hooks(vm, WXD_VM_ON_RETIRE);
   if (vm->cos == NULL && vm->on_idle) vm->on_idle(vm);
 }
 
@@ -245,8 +244,7 @@ void wxd_vm_cancel_waits(wxd_vm_t *vm) {
 
 void wxd_vm_free(wxd_vm_t *vm) {
   if (!vm) return;
-  wxd_timers_close(vm);
-  wxd_redis_vm_close(vm);
+  run_hooks(vm, WXD_VM_ON_FREE);
   while (vm->pool) {
     wxd_co_t *next = vm->pool->next;
     free(vm->pool);

@@ -50,6 +50,12 @@ struct wxd_co {
 
 enum { WXD_CO_SCRIPT = 1, WXD_CO_REQUEST = 2, WXD_CO_TIMER = 3, WXD_CO_REDIS = 4, WXD_CO_TASK = 5 };
 
+/* Cleanup a module registers with the VM (wxd_vm_on_close), so that the VM
+ * names none of the modules that keep state in it. */
+typedef void (*wxd_vm_hook_fn)(wxd_vm_t *vm);
+enum { WXD_VM_ON_RETIRE = 1, WXD_VM_ON_FREE = 2 };
+#define WXD_VM_HOOKS_MAX 8
+
 typedef struct wxd_vm_options {
   const char *lua_dir; /* framework modules (lua/), or NULL for package.path */
   const char *app_dir; /* app modules, or NULL */
@@ -91,13 +97,27 @@ struct wxd_vm {
   struct wxd_task_waiter *task_ready, *task_ready_tail;
   int task_delivering; /* deliveries of task_ready nested on the C stack */
   int task_nesting; /* spawns running inside one another on the C stack */
+  struct {
+    wxd_vm_hook_fn fn;
+    unsigned when; /* WXD_VM_ON_* */
+  } hooks[WXD_VM_HOOKS_MAX]; /* wxd_vm_on_close, in registration order */
+  int nhooks;
 };
 
 /* Creates a VM on `loop`. Returns NULL on allocation failure. */
 wxd_vm_t *wxd_vm_new(uv_loop_t *loop, const wxd_vm_options_t *opts);
-/* Closes the Lua state and frees every coroutine still alive. All libuv
- * handles referring to coroutines must be closed before. */
+/* Runs the hooks registered for WXD_VM_ON_FREE, then closes the Lua state
+ * and frees every coroutine still alive. All libuv handles referring to
+ * coroutines must be closed before. */
 void wxd_vm_free(wxd_vm_t *vm);
+/* Registers `fn` to run when the VM retires (WXD_VM_ON_RETIRE: a replaced
+ * generation stops its background work) and/or when it is freed
+ * (WXD_VM_ON_FREE: before its coroutines and Lua state go), as `when` says.
+ * A module registers when it is opened into the VM. Hooks run in reverse
+ * order of registration. Registering a registered `fn` again adds `when`
+ * to its entry (a module opened twice). More than WXD_VM_HOOKS_MAX hooks is
+ * a programmer error: it aborts. */
+void wxd_vm_on_close(wxd_vm_t *vm, unsigned when, wxd_vm_hook_fn fn);
 /* The VM of a Lua state (any of its threads). */
 wxd_vm_t *wxd_vm_get(lua_State *L);
 
@@ -126,8 +146,9 @@ int wxd_co_yield_cancellable(wxd_co_t *co, lua_State *L, void (*cancel)(void *),
  * never runs for it. Does not run on_idle: the caller is running code of
  * this VM. */
 void wxd_co_kill(wxd_co_t *co);
-/* Marks the VM as replaced: it finishes the coroutines it has and then
- * on_idle runs (at once when it has none). */
+/* Marks the VM as replaced: the hooks registered for WXD_VM_ON_RETIRE run,
+ * it finishes the coroutines it has and then on_idle runs (at once when it
+ * has none). */
 void wxd_vm_retire(wxd_vm_t *vm);
 /* Cancels every pending wait of the VM: no coroutine will be resumed after
  * this; their owners learn it through `abandon` when the VM is freed. */
@@ -143,5 +164,9 @@ void wxd_vm_log_error(wxd_vm_t *vm, lua_State *T, int level, const char *what);
 
 /* Registers a native module under `name` in package.preload. */
 void wxd_vm_preload(lua_State *L, const char *name, lua_CFunction open);
+/* Lua module wxd.core: sleep, clocks, log, worker id, kill. */
+int wxd_open_core(lua_State *L);
+/* Preloads every native module (wxd.core.*, cjson): core/modules.c. */
+void wxd_vm_preload_modules(lua_State *L);
 
 #endif

@@ -71,6 +71,28 @@ describe("wxd.timer", function()
     assert.equal(1, n)
   end)
 
+  it("survives its native module being opened again and again (one VM close hook each)", function()
+    local H = require "helpers"
+    local dir = H.tmpdir()
+    -- More reopenings than a VM has hook slots: each module must register
+    -- its cleanup once, or the script aborts.
+    H.write_file(dir .. "/reopen.lua", [[
+      for _ = 1, 12 do
+        package.loaded["wxd.core.timer"] = nil
+        package.loaded["wxd.core.redis"] = nil
+        require "wxd.core.timer"
+        require "wxd.core.redis"
+      end
+      require("wxd.timer").after(5, function() print("fired") end)
+      print("reopened")
+    ]])
+    local out, code = H.sh(H.WXD .. " script " .. dir .. "/reopen.lua")
+    H.sh("rm -rf " .. dir)
+    assert.equal(0, code, out)
+    assert.matches("reopened", out)
+    assert.matches("fired", out)
+  end)
+
   it("raises on bad arguments", function()
     assert.has_error(function() timer.after(-1, function() end) end)
     assert.has_error(function() timer.every(0, function() end) end)
