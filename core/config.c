@@ -11,21 +11,12 @@
 #include "steer.h"
 #include "vm.h"
 
+/* Only what the file cannot say: every value config.lua can set comes from
+ * the validated table, which carries lua/wxd/config.lua's defaults (their
+ * one source), so none is repeated here. */
 void wxd_config_defaults(wxd_config_t *cfg) {
-  snprintf(cfg->host, sizeof cfg->host, "127.0.0.1");
-  cfg->port = 8080;
-  cfg->workers = 0;
-  cfg->access_log = 1;
-  cfg->log_level = WXD_LOG_INFO;
-  cfg->limits.max_header_bytes = 16384;
-  cfg->limits.max_body_bytes = 1048576;
-  cfg->limits.max_uri_bytes = 8192;
-  cfg->limits.header_timeout_ms = 10000;
-  cfg->limits.body_timeout_ms = 30000;
-  cfg->limits.keepalive_timeout_ms = 75000;
-  cfg->limits.shutdown_timeout_ms = 10000;
-  cfg->limits.send_timeout_ms = 60000;
-  cfg->limits.max_requests = 10000;
+  cfg->host[0] = 0;
+  cfg->port = 0;
   cfg->admin_host[0] = 0;
   cfg->admin_port = 0;
   cfg->nshdicts = 0;
@@ -90,25 +81,47 @@ void wxd_config_apply_env(wxd_config_t *cfg) {
     cfg->access_log = 0;
 }
 
-static lua_Integer field_int(lua_State *L, int idx, const char *name, lua_Integer dflt) {
-  lua_getfield(L, idx, name);
-  lua_Integer v = lua_isnumber(L, -1) ? lua_tointeger(L, -1) : dflt;
-  lua_pop(L, 1);
-  return v;
+/* Reads a key the validated table always has (config.defaults() fills in
+ * what the file leaves out): one missing means config.lua's defaults and
+ * this reader disagree, a bug reported by name rather than hidden by a
+ * second copy of the default. */
+static int missing(char *err, size_t errlen, const char *key) {
+  snprintf(err, errlen, "config.%s: missing from the validated config (lua/wxd/config.lua defaults() lacks it)",
+           key);
+  return -1;
 }
 
-static void read_limits(lua_State *L, int l, wxd_limits_t *lim) {
-  lim->max_header_bytes = (size_t)field_int(L, l, "max_header_bytes", (lua_Integer)lim->max_header_bytes);
-  lim->max_body_bytes = (size_t)field_int(L, l, "max_body_bytes", (lua_Integer)lim->max_body_bytes);
-  lim->max_uri_bytes = (size_t)field_int(L, l, "max_uri_bytes", (lua_Integer)lim->max_uri_bytes);
-  lim->header_timeout_ms = (uint64_t)field_int(L, l, "header_timeout_ms", (lua_Integer)lim->header_timeout_ms);
-  lim->body_timeout_ms = (uint64_t)field_int(L, l, "body_timeout_ms", (lua_Integer)lim->body_timeout_ms);
-  lim->keepalive_timeout_ms =
-      (uint64_t)field_int(L, l, "keepalive_timeout_ms", (lua_Integer)lim->keepalive_timeout_ms);
-  lim->shutdown_timeout_ms =
-      (uint64_t)field_int(L, l, "shutdown_timeout_ms", (lua_Integer)lim->shutdown_timeout_ms);
-  lim->send_timeout_ms = (uint64_t)field_int(L, l, "send_timeout_ms", (lua_Integer)lim->send_timeout_ms);
-  lim->max_requests = (unsigned)field_int(L, l, "max_requests_per_connection", (lua_Integer)lim->max_requests);
+static int need_int(lua_State *L, int idx, const char *key, const char *name, lua_Integer *out, char *err,
+                    size_t errlen) {
+  lua_getfield(L, idx, name);
+  int ok = lua_type(L, -1) == LUA_TNUMBER;
+  if (ok) *out = lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  return ok ? 0 : missing(err, errlen, key);
+}
+
+static int read_limits(lua_State *L, int l, wxd_limits_t *lim, char *err, size_t errlen) {
+  lua_Integer v[9];
+  if (need_int(L, l, "limits.max_header_bytes", "max_header_bytes", &v[0], err, errlen) != 0 ||
+      need_int(L, l, "limits.max_body_bytes", "max_body_bytes", &v[1], err, errlen) != 0 ||
+      need_int(L, l, "limits.max_uri_bytes", "max_uri_bytes", &v[2], err, errlen) != 0 ||
+      need_int(L, l, "limits.header_timeout_ms", "header_timeout_ms", &v[3], err, errlen) != 0 ||
+      need_int(L, l, "limits.body_timeout_ms", "body_timeout_ms", &v[4], err, errlen) != 0 ||
+      need_int(L, l, "limits.keepalive_timeout_ms", "keepalive_timeout_ms", &v[5], err, errlen) != 0 ||
+      need_int(L, l, "limits.shutdown_timeout_ms", "shutdown_timeout_ms", &v[6], err, errlen) != 0 ||
+      need_int(L, l, "limits.send_timeout_ms", "send_timeout_ms", &v[7], err, errlen) != 0 ||
+      need_int(L, l, "limits.max_requests_per_connection", "max_requests_per_connection", &v[8], err, errlen) != 0)
+    return -1;
+  lim->max_header_bytes = (size_t)v[0];
+  lim->max_body_bytes = (size_t)v[1];
+  lim->max_uri_bytes = (size_t)v[2];
+  lim->header_timeout_ms = (uint64_t)v[3];
+  lim->body_timeout_ms = (uint64_t)v[4];
+  lim->keepalive_timeout_ms = (uint64_t)v[5];
+  lim->shutdown_timeout_ms = (uint64_t)v[6];
+  lim->send_timeout_ms = (uint64_t)v[7];
+  lim->max_requests = (unsigned)v[8];
+  return 0;
 }
 
 /* A string field of the table on top as a path: absolute ones as they
@@ -211,18 +224,23 @@ static int read_table(lua_State *L, int c, wxd_config_t *cfg, char *err, size_t 
   if (lua_isboolean(L, -1) && !lua_toboolean(L, -1)) {
     cfg->plain = 0; /* listen = false: HTTPS only */
     snprintf(cfg->file_listen, sizeof cfg->file_listen, "false");
-  } else if (lua_isstring(L, -1)) {
+  } else if (lua_type(L, -1) == LUA_TSTRING) {
     snprintf(cfg->file_listen, sizeof cfg->file_listen, "%s", lua_tostring(L, -1));
     if (wxd_config_set_listen(cfg, lua_tostring(L, -1), err, errlen) != 0) return -1;
+  } else {
+    return missing(err, errlen, "listen");
   }
   lua_pop(L, 1);
   lua_getfield(L, c, "workers");
-  cfg->workers = lua_isnumber(L, -1) ? (int)lua_tointeger(L, -1) : 0;
+  if (lua_type(L, -1) == LUA_TNUMBER) cfg->workers = (int)lua_tointeger(L, -1);
+  else if (lua_type(L, -1) == LUA_TSTRING && strcmp(lua_tostring(L, -1), "auto") == 0) cfg->workers = 0;
+  else return missing(err, errlen, "workers");
   cfg->file_workers = cfg->workers;
   lua_pop(L, 1);
   lua_getfield(L, c, "steering");
-  if (lua_isstring(L, -1) && wxd_steer_parse(lua_tostring(L, -1)) >= 0) cfg->steering = wxd_steer_parse(lua_tostring(L, -1));
-  cfg->file_steering = cfg->steering;
+  int steering = lua_type(L, -1) == LUA_TSTRING ? wxd_steer_parse(lua_tostring(L, -1)) : -1;
+  if (steering < 0) return missing(err, errlen, "steering");
+  cfg->steering = cfg->file_steering = steering;
   lua_pop(L, 1);
   lua_getfield(L, c, "admin_listen");
   if (lua_isstring(L, -1)) {
@@ -236,21 +254,20 @@ static int read_table(lua_State *L, int c, wxd_config_t *cfg, char *err, size_t 
   }
   lua_pop(L, 1);
   lua_getfield(L, c, "limits");
-  if (lua_istable(L, -1)) read_limits(L, lua_gettop(L), &cfg->limits);
+  if (!lua_istable(L, -1)) return missing(err, errlen, "limits");
+  if (read_limits(L, lua_gettop(L), &cfg->limits, err, errlen) != 0) return -1;
   lua_pop(L, 1);
   lua_getfield(L, c, "log");
-  if (lua_istable(L, -1)) {
-    lua_getfield(L, -1, "level");
-    if (lua_isstring(L, -1)) {
-      int lv = wxd_log_parse_level(lua_tostring(L, -1));
-      if (lv >= 0) cfg->log_level = lv;
-    }
-    lua_pop(L, 1);
-    lua_getfield(L, -1, "access");
-    if (lua_isboolean(L, -1)) cfg->access_log = lua_toboolean(L, -1);
-    lua_pop(L, 1);
-  }
+  if (!lua_istable(L, -1)) return missing(err, errlen, "log");
+  lua_getfield(L, -1, "level");
+  int level = lua_type(L, -1) == LUA_TSTRING ? wxd_log_parse_level(lua_tostring(L, -1)) : -1;
+  if (level < 0) return missing(err, errlen, "log.level");
+  cfg->log_level = level;
   lua_pop(L, 1);
+  lua_getfield(L, -1, "access");
+  if (!lua_isboolean(L, -1)) return missing(err, errlen, "log.access");
+  cfg->access_log = lua_toboolean(L, -1);
+  lua_pop(L, 2);
   lua_getfield(L, c, "https");
   if (lua_istable(L, -1) && read_https(L, cfg, err, errlen) != 0) return -1;
   lua_pop(L, 1);

@@ -72,7 +72,9 @@ typedef struct wxd_config {
   char file_admin[300];
 } wxd_config_t;
 
-/* Defaults for every field except the paths. */
+/* Resets what config.lua cannot set (admin off, plain HTTP on, no https or
+ * shdict); every other value, defaults included, comes from config.lua's
+ * validated table (lua/wxd/config.lua defaults() is their one source). */
 void wxd_config_defaults(wxd_config_t *cfg);
 /* Parses "HOST:PORT" or "[V6]:PORT". */
 int wxd_parse_listen(const char *listen, char *host, size_t hostcap, int *port, char *err,

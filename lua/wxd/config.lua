@@ -87,6 +87,10 @@ for _, k in ipairs(FREE_SECTIONS) do
   TOP_KEYS[#TOP_KEYS + 1] = k
 end
 
+-- The one source of the defaults: the core (core/config.c) keeps none of its
+-- own and reads every value from the validated table, so a default changes
+-- here only (spec/01-unit/config_spec.lua checks the core reads each one).
+
 --- A fresh table of defaults (callers may modify it).
 -- @treturn table defaults
 -- @usage local d = config.defaults(); print(d.listen) --> 127.0.0.1:8080

@@ -421,3 +421,94 @@ describe("wxd.config: redis and store", function()
         fails({ store = { backnd = "memory" } }, 'config.store.backnd: unknown key (did you mean "backend"?)')
     end)
 end)
+
+-- The core (core/config.c) keeps no default of its own: it reads every
+-- value from the validated table, where config.defaults() fills in what a
+-- file leaves out. So the two cannot drift, provided the core reads every
+-- default and nothing more: `wxd check` on an app without config.lua must
+-- pass, and must fail naming the key when any one default is taken away
+-- (a core that still read a fallback of its own, or ignored the key, would
+-- pass). Runs inside wxd (spec/run.sh sets WXD and WXD_LUA_DIR).
+describe("defaults shared with the core", function()
+    local WXD, LUA_DIR = os.getenv("WXD"), os.getenv("WXD_LUA_DIR")
+    if not (WXD and LUA_DIR) then
+        pending("needs WXD and WXD_LUA_DIR (spec/run.sh)")
+        return
+    end
+
+    local function sh(cmd)
+        local p = assert(io.popen(cmd .. " 2>&1; echo \"rc=$?\""))
+        local out = p:read("*a")
+        p:close()
+        local code = tonumber(out:match("rc=(%d+)%s*$"))
+        return out:gsub("rc=%d+%s*$", ""), code
+    end
+
+    local function slurp(path)
+        local f = assert(io.open(path, "rb"))
+        local s = f:read("*a")
+        f:close()
+        return s
+    end
+
+    local function spit(path, s)
+        local f = assert(io.open(path, "wb"))
+        f:write(s)
+        f:close()
+    end
+
+    -- Every leaf of config.defaults(), as "a" or "a.b".
+    local function leaves(t, prefix, out)
+        out = out or {}
+        for k, v in pairs(t) do
+            local path = prefix and prefix .. "." .. k or k
+            if type(v) == "table" then
+                leaves(v, path, out)
+            else
+                out[#out + 1] = path
+            end
+        end
+        table.sort(out)
+        return out
+    end
+
+    local dir, real_config
+    setup(function()
+        dir = os.tmpname()
+        os.remove(dir)
+        assert(os.execute("mkdir -p " .. dir .. "/app && cp -R " .. LUA_DIR .. " " .. dir .. "/lua"))
+        spit(dir .. "/app/app.lua", 'return require("wxd.app").new()\n')
+        real_config = slurp(LUA_DIR .. "/wxd/config.lua")
+    end)
+    teardown(function()
+        if dir then os.execute("rm -rf " .. dir) end
+    end)
+
+    -- wxd check with the library's config.defaults() less one key (nil: all).
+    local function check_without(key)
+        local src = real_config
+        if key then
+            local a, b = key:match("^([^.]+)%.?(.*)$")
+            local drop = b == "" and "d." .. a .. " = nil" or "d." .. a .. "." .. b .. " = nil"
+            local cut = assert(src:find("\nreturn _M%s*$"), "config.lua ends with return _M")
+            src = src:sub(1, cut) .. "local real_defaults = _M.defaults\n"
+                .. "function _M.defaults() local d = real_defaults(); " .. drop .. "; return d end\n"
+                .. "return _M\n"
+        end
+        spit(dir .. "/lua/wxd/config.lua", src)
+        return sh("WXD_LUA_DIR=" .. dir .. "/lua " .. WXD .. " check " .. dir .. "/app")
+    end
+
+    it("the core finds every key it reads among config.defaults()", function()
+        local out, code = check_without(nil)
+        assert.equal(0, code, out)
+    end)
+
+    for _, key in ipairs(leaves(config.defaults())) do
+        it("the core reads config." .. key .. " from config.defaults()", function()
+            local out, code = check_without(key)
+            assert.equal(1, code, out)
+            assert.truthy(out:find("config." .. key .. ": missing", 1, true), out)
+        end)
+    end
+end)
