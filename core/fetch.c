@@ -47,7 +47,7 @@ static void req_maybe_free(fetch_req_t *r) {
   p->nreqs--;
   wxd_buf_free(&r->head);
   wxd_buf_free(&r->body);
-  free(r->hdrs);
+  wxd_hdrs_free(&r->hdrs);
   free(r->out);
   free(r);
 }
@@ -591,6 +591,7 @@ static int fetch_request(lua_State *L) {
   h->refs++;
   r->max_body = (size_t)max_body;
   r->max_header = (size_t)max_header;
+  wxd_hdrs_init(&r->hdrs, NULL, MAX_RESP_HEADERS);
   r->connect_ms = connect_ms;
   r->send_ms = send_ms;
   r->read_ms = read_ms;

@@ -22,6 +22,7 @@
 #include <uv.h>
 
 #include "buf.h"
+#include "hdrs.h"
 #include "httpscan.h"
 #include "tls.h"
 #include "vm.h"
@@ -108,10 +109,6 @@ struct wxd_fetch_pool {
   char plainbuf[PLAINBUF_SIZE];
 };
 
-typedef struct hdr {
-  uint32_t name_off, name_len, value_off, value_len;
-} hdr_t;
-
 /* The checks llhttp 8.1 lacks (httpscan.c, shared with the server) run on
  * the raw bytes of the response head and of a chunked body before llhttp
  * sees them. */
@@ -136,9 +133,7 @@ struct fetch_req {
   size_t out_len;
   /* response */
   wxd_buf_t head;          /* lower-case names and values */
-  hdr_t *hdrs;
-  unsigned nhdrs, hdrs_cap;
-  int hstate;              /* 0 none, 1 in a name, 2 in a value */
+  wxd_hdrs_t hdrs;         /* on the heap, up to MAX_RESP_HEADERS; bytes counted by the scanner */
   wxd_buf_t body;
   size_t max_body, max_header;
   int status;

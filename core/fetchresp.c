@@ -4,6 +4,7 @@
  * handed to Lua. */
 #include "fetch_internal.h"
 
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -19,8 +20,7 @@
 void wxd__fetch_resp_reset(fetch_req_t *r) {
   r->head.len = 0;
   r->body.len = 0;
-  r->nhdrs = 0;
-  r->hstate = 0;
+  wxd_hdrs_reset(&r->hdrs, SIZE_MAX);
   r->in_trailers = 0;
   r->interim = 0;
   r->status = 0;
@@ -31,50 +31,26 @@ static int on_message_begin(llhttp_t *p) {
   return 0;
 }
 
+/* Header bytes are counted by the scanner, which sees the whole head. */
 static int on_header_field(llhttp_t *p, const char *at, size_t len) {
   fetch_req_t *r = p->data;
   if (r->in_trailers) return 0; /* checked and counted by the scanner, never kept */
-  if (r->hstate != 1) {
-    if (r->nhdrs == MAX_RESP_HEADERS) CB_FAIL(r, K_TOO_LARGE, "too many response header fields");
-    if (r->nhdrs == r->hdrs_cap) {
-      unsigned cap = r->hdrs_cap ? r->hdrs_cap * 2 : 16;
-      hdr_t *n = realloc(r->hdrs, cap * sizeof *n);
-      if (!n) CB_FAIL(r, K_PROTOCOL, "out of memory");
-      r->hdrs = n;
-      r->hdrs_cap = cap;
-    }
-    hdr_t *h = &r->hdrs[r->nhdrs++];
-    memset(h, 0, sizeof *h);
-    h->name_off = (uint32_t)r->head.len;
-    r->hstate = 1;
-  }
-  if (wxd_buf_reserve(&r->head, len)) CB_FAIL(r, K_PROTOCOL, "out of memory");
-  char *dst = r->head.data + r->head.len;
-  for (size_t i = 0; i < len; i++) {
-    unsigned char ch = (unsigned char)at[i];
-    dst[i] = (char)(ch >= 'A' && ch <= 'Z' ? ch + 32 : ch);
-  }
-  r->head.len += len;
-  r->hdrs[r->nhdrs - 1].name_len += (uint32_t)len;
+  int e = wxd_hdrs_name(&r->hdrs, &r->head, at, len);
+  if (e == WXD_HDRS_TOO_MANY) CB_FAIL(r, K_TOO_LARGE, "too many response header fields");
+  if (e) CB_FAIL(r, K_PROTOCOL, "out of memory");
   return 0;
 }
 
 static int on_header_value(llhttp_t *p, const char *at, size_t len) {
   fetch_req_t *r = p->data;
   if (r->in_trailers) return 0;
-  hdr_t *h = &r->hdrs[r->nhdrs - 1];
-  if (r->hstate != 2) {
-    h->value_off = (uint32_t)r->head.len;
-    r->hstate = 2;
-  }
-  if (wxd_buf_append(&r->head, at, len)) CB_FAIL(r, K_PROTOCOL, "out of memory");
-  h->value_len += (uint32_t)len;
+  if (wxd_hdrs_value(&r->hdrs, &r->head, at, len)) CB_FAIL(r, K_PROTOCOL, "out of memory");
   return 0;
 }
 
 static int on_header_value_complete(llhttp_t *p) {
   fetch_req_t *r = p->data;
-  r->hstate = 0;
+  wxd_hdrs_value_done(&r->hdrs);
   return 0;
 }
 
@@ -127,9 +103,9 @@ void wxd__fetch_push_response(fetch_req_t *r, lua_State *T) {
   lua_createtable(T, 0, 3);
   lua_pushinteger(T, r->status);
   lua_setfield(T, -2, "status");
-  lua_createtable(T, 0, (int)r->nhdrs);
-  for (unsigned i = 0; i < r->nhdrs; i++) {
-    hdr_t *h = &r->hdrs[i];
+  lua_createtable(T, 0, (int)r->hdrs.n);
+  for (unsigned i = 0; i < r->hdrs.n; i++) {
+    wxd_hdr_t *h = &r->hdrs.v[i];
     const char *name = r->head.data + h->name_off;
     const char *value = h->value_len ? r->head.data + h->value_off : "";
     int cookie = h->name_len == 10 && memcmp(name, "set-cookie", 10) == 0;

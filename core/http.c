@@ -15,7 +15,6 @@
  */
 #include "http_internal.h"
 
-#include <ctype.h>
 #include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -38,6 +37,7 @@ static wxd_req_t *req_new(wxd_conn_t *c) {
   if (!r) return NULL;
   r->conn = c;
   r->w = c->w;
+  wxd_hdrs_init(&r->hdrs, r->hdr_slots, MAX_HEADERS);
   return r;
 }
 
@@ -45,9 +45,7 @@ static void req_reset(wxd_req_t *r) {
   r->head.len = 0;
   r->body.len = 0;
   r->url_len = 0;
-  r->header_bytes = 0;
-  r->nhdrs = 0;
-  r->hstate = 0;
+  wxd_hdrs_reset(&r->hdrs, r->w->cfg->limits.max_header_bytes);
   r->in_trailers = 0;
   r->keep_alive = r->is_head = r->has_te = r->streaming = r->stream_raw = r->stream_nobody = 0;
   r->drain_wait = r->finished = 0;
@@ -65,16 +63,13 @@ void wxd__http_req_free(wxd_req_t *r) {
   free(r);
 }
 
+static int find_header(wxd_req_t *r, const char *name) { return wxd_hdrs_find(&r->hdrs, &r->head, name, strlen(name)); }
+
 static const char *req_header(wxd_req_t *r, const char *name, size_t *len) {
-  size_t nl = strlen(name);
-  for (unsigned i = 0; i < r->nhdrs; i++) {
-    hdr_t *h = &r->hdrs[i];
-    if (h->name_len == nl && memcmp(r->head.data + h->name_off, name, nl) == 0) {
-      *len = h->value_len;
-      return r->head.data + h->value_off;
-    }
-  }
-  return NULL;
+  int i = find_header(r, name);
+  if (i < 0) return NULL;
+  *len = r->hdrs.v[i].value_len;
+  return r->head.data + r->hdrs.v[i].value_off;
 }
 
 /* ---- llhttp callbacks ---- */
@@ -96,10 +91,15 @@ static int on_message_begin(llhttp_t *p) {
   return 0;
 }
 
-static int count_header_bytes(wxd_conn_t *c, size_t n) {
-  wxd_req_t *r = c->req;
-  r->header_bytes += n;
-  return r->header_bytes > c->w->cfg->limits.max_header_bytes ? -1 : 0;
+/* The request target, header fields and trailers all count against
+ * max_header_bytes. */
+static int count_header_bytes(wxd_conn_t *c, size_t n) { return wxd_hdrs_count(&c->req->hdrs, n); }
+
+/* A collector's error as the response it gets. */
+static int hdrs_fail(wxd_conn_t *c, int e) {
+  if (e == WXD_HDRS_TOO_MANY) FAIL(c, 431, "too many header fields");
+  if (e == WXD_HDRS_TOO_LARGE) FAIL(c, 431, "request header fields too large");
+  FAIL(c, 500, "out of memory");
 }
 
 static int on_url(llhttp_t *p, const char *at, size_t len) {
@@ -125,23 +125,8 @@ static int on_header_field(llhttp_t *p, const char *at, size_t len) {
     if (count_header_bytes(c, len + 4)) FAIL(c, 431, "request header fields too large");
     return 0;
   }
-  if (r->hstate != 1) {
-    if (r->nhdrs == MAX_HEADERS) FAIL(c, 431, "too many header fields");
-    hdr_t *h = &r->hdrs[r->nhdrs++];
-    h->name_off = (uint32_t)r->head.len;
-    h->name_len = 0;
-    h->value_off = 0;
-    h->value_len = 0;
-    r->hstate = 1;
-    if (count_header_bytes(c, 4)) FAIL(c, 431, "request header fields too large");
-  }
-  if (count_header_bytes(c, len)) FAIL(c, 431, "request header fields too large");
-  if (wxd_buf_reserve(&r->head, len)) FAIL(c, 500, "out of memory");
-  char *dst = r->head.data + r->head.len;
-  for (size_t i = 0; i < len; i++) dst[i] = (char)tolower((unsigned char)at[i]);
-  r->head.len += len;
-  r->hdrs[r->nhdrs - 1].name_len += (uint32_t)len;
-  return 0;
+  int e = wxd_hdrs_name(&r->hdrs, &r->head, at, len);
+  return e ? hdrs_fail(c, e) : 0;
 }
 
 static int on_header_value(llhttp_t *p, const char *at, size_t len) {
@@ -151,15 +136,8 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len) {
     if (count_header_bytes(c, len)) FAIL(c, 431, "request header fields too large");
     return 0;
   }
-  hdr_t *h = &r->hdrs[r->nhdrs - 1];
-  if (r->hstate != 2) {
-    h->value_off = (uint32_t)r->head.len;
-    r->hstate = 2;
-  }
-  if (count_header_bytes(c, len)) FAIL(c, 431, "request header fields too large");
-  if (wxd_buf_append(&r->head, at, len)) FAIL(c, 500, "out of memory");
-  h->value_len += (uint32_t)len;
-  return 0;
+  int e = wxd_hdrs_value(&r->hdrs, &r->head, at, len);
+  return e ? hdrs_fail(c, e) : 0;
 }
 
 /* Notes the options of one Connection field: a comma-separated list of
@@ -182,8 +160,8 @@ static void note_connection_options(wxd_req_t *r, const char *v, size_t n) {
 static int on_header_value_complete(llhttp_t *p) {
   wxd_conn_t *c = p->data;
   wxd_req_t *r = c->req;
-  if (r->in_trailers || r->nhdrs == 0) return 0;
-  hdr_t *h = &r->hdrs[r->nhdrs - 1];
+  if (r->in_trailers || r->hdrs.n == 0) return 0;
+  wxd_hdr_t *h = &r->hdrs.v[r->hdrs.n - 1];
   const char *name = r->head.data + h->name_off;
   if (h->name_len == 17 && memcmp(name, "transfer-encoding", 17) == 0) {
     r->has_te = 1;
@@ -192,7 +170,7 @@ static int on_header_value_complete(llhttp_t *p) {
   else if (h->name_len == 4 && memcmp(name, "host", 4) == 0) r->host_count++;
   else if (h->name_len == 10 && memcmp(name, "connection", 10) == 0)
     note_connection_options(r, r->head.data + h->value_off, h->value_len);
-  r->hstate = 0;
+  wxd_hdrs_value_done(&r->hdrs);
   return 0;
 }
 
@@ -217,15 +195,6 @@ static int host_ok(const char *h, size_t n) {
   return name_len > 0;
 }
 
-static int find_header(wxd_req_t *r, const char *name) {
-  size_t nl = strlen(name);
-  for (unsigned i = 0; i < r->nhdrs; i++) {
-    hdr_t *h = &r->hdrs[i];
-    if (h->name_len == nl && memcmp(r->head.data + h->name_off, name, nl) == 0) return (int)i;
-  }
-  return -1;
-}
-
 /* Rewrites an absolute-form target (RFC 9112 3.2.2) to the origin form
  * apps route on ("/" when it has no path, as in http://host or
  * http://host?q), and makes its authority the request's Host. Returns 0,
@@ -245,7 +214,12 @@ static int take_absolute_form(wxd_conn_t *c, wxd_req_t *r, int host_idx) {
   if (!host_ok(url + scheme, alen)) FAIL(c, 400, "bad host in request target");
   /* The authority moves behind the headers ("host" first, for a request
    * that had no Host field), and is shifted with them below. */
-  if (host_idx < 0 && r->nhdrs == MAX_HEADERS) FAIL(c, 431, "too many header fields");
+  int add_host = host_idx < 0;
+  if (add_host) {
+    int e = wxd_hdrs_push(&r->hdrs);
+    if (e) return hdrs_fail(c, e);
+    host_idx = (int)r->hdrs.n - 1;
+  }
   if (wxd_buf_reserve(&r->head, 4 + alen)) FAIL(c, 500, "out of memory");
   size_t host_off = r->head.len;
   memcpy(r->head.data + host_off, "host", 4);
@@ -258,20 +232,19 @@ static int take_absolute_form(wxd_conn_t *c, wxd_req_t *r, int host_idx) {
   if (add_slash) r->head.data[0] = '/';
   size_t tail = r->head.len - r->url_len;
   memmove(r->head.data + r->url_len - skip, r->head.data + r->url_len, tail);
-  for (unsigned i = 0; i < r->nhdrs; i++) {
-    r->hdrs[i].name_off -= (uint32_t)skip;
-    if (r->hdrs[i].value_len) r->hdrs[i].value_off -= (uint32_t)skip;
+  for (unsigned i = 0; i < r->hdrs.n; i++) {
+    r->hdrs.v[i].name_off -= (uint32_t)skip;
+    if (r->hdrs.v[i].value_len) r->hdrs.v[i].value_off -= (uint32_t)skip;
   }
   r->head.len -= skip;
   r->url_len -= (uint32_t)skip;
   host_off -= skip;
-  if (host_idx < 0) {
-    host_idx = (int)r->nhdrs++;
-    r->hdrs[host_idx].name_off = (uint32_t)host_off;
-    r->hdrs[host_idx].name_len = 4;
+  if (add_host) {
+    r->hdrs.v[host_idx].name_off = (uint32_t)host_off;
+    r->hdrs.v[host_idx].name_len = 4;
   }
-  r->hdrs[host_idx].value_off = (uint32_t)(host_off + 4);
-  r->hdrs[host_idx].value_len = (uint32_t)alen;
+  r->hdrs.v[host_idx].value_off = (uint32_t)(host_off + 4);
+  r->hdrs.v[host_idx].value_len = (uint32_t)alen;
   return 0;
 }
 
@@ -291,7 +264,7 @@ static int on_headers_complete(llhttp_t *p) {
   if (r->has_te) {
     /* Only "chunked" is a coding we decode; anything else (gzip, chunked)
      * would hand the app bytes it did not expect. */
-    size_t tl;
+    size_t tl = 0;
     const char *te = req_header(r, "transfer-encoding", &tl);
     while (tl && (te[0] == ' ' || te[0] == '\t')) te++, tl--;
     while (tl && (te[tl - 1] == ' ' || te[tl - 1] == '\t')) tl--;
@@ -305,7 +278,7 @@ static int on_headers_complete(llhttp_t *p) {
   if (host_idx >= 0) {
     /* Checked even when an absolute-form target replaces it, as nginx
      * does; the app gets it without surrounding whitespace. */
-    hdr_t *h = &r->hdrs[host_idx];
+    wxd_hdr_t *h = &r->hdrs.v[host_idx];
     const char *v = r->head.data + h->value_off;
     while (h->value_len && (v[0] == ' ' || v[0] == '\t')) v++, h->value_off++, h->value_len--;
     while (h->value_len && (v[h->value_len - 1] == ' ' || v[h->value_len - 1] == '\t')) h->value_len--;

@@ -10,6 +10,7 @@
 #include <llhttp.h>
 #include <string.h>
 
+#include "hdrs.h"
 #include "http.h"
 #include "httpscan.h"
 #include "tls.h"
@@ -24,10 +25,6 @@
 
 enum { CONN_IDLE, CONN_READING, CONN_HANDLING };
 
-typedef struct hdr {
-  uint32_t name_off, name_len, value_off, value_len;
-} hdr_t;
-
 typedef struct wxd_conn wxd_conn_t;
 
 typedef struct wxd_req {
@@ -36,10 +33,8 @@ typedef struct wxd_req {
   wxd_co_t *co;          /* the handler's coroutine while it runs */
   wxd_buf_t head;        /* URL then header names and values */
   uint32_t url_len;
-  size_t header_bytes;   /* as counted against max_header_bytes */
-  hdr_t hdrs[MAX_HEADERS];
-  unsigned nhdrs;
-  int hstate;            /* 0 none, 1 in a name, 2 in a value */
+  wxd_hdrs_t hdrs;       /* in hdr_slots; counts the whole head against max_header_bytes */
+  wxd_hdr_t hdr_slots[MAX_HEADERS];
   int in_trailers;       /* fields after the body: counted, never stored */
   wxd_buf_t body;
   uint64_t start_ns;

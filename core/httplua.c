@@ -210,9 +210,9 @@ static void push_raw_request(lua_State *T, wxd_req_t *r, wxd_vm_t *vm) {
   set_field(T, tbl, st, S_QUERY_STRING);
   lua_rawgeti(T, st, r->http_minor == 1 ? S_V11 : S_V10);
   set_field(T, tbl, st, S_VERSION);
-  lua_createtable(T, 0, (int)r->nhdrs);
-  for (unsigned i = 0; i < r->nhdrs; i++) {
-    hdr_t *h = &r->hdrs[i];
+  lua_createtable(T, 0, (int)r->hdrs.n);
+  for (unsigned i = 0; i < r->hdrs.n; i++) {
+    wxd_hdr_t *h = &r->hdrs.v[i];
     lua_pushlstring(T, r->head.data + h->name_off, h->name_len);
     lua_pushvalue(T, -1);
     lua_rawget(T, -3);
