@@ -76,7 +76,8 @@ describe("client header fields (raw peer)", function()
     local port = H.free_port()
     local log = dir .. "/peer.log"
     local bin = H.WXD:sub(1, 1) == "/" and H.WXD or H.ROOT .. "/" .. H.WXD
-    os.execute(string.format("(%s script %s/spec/fixtures/apps/upstream/raw_peer.lua %d canned >%s 2>&1 </dev/null & echo $! >%s.pid)",
+    os.execute(string.format(
+      "(%s script %s/spec/fixtures/apps/upstream/raw_peer.lua %d canned >%s 2>&1 </dev/null & echo $! >%s.pid)",
       bin, H.ROOT, port, log, log))
     H.wait_until(function() return (H.read_file(log) or ""):find("listening", 1, true) end, 10, "raw peer")
     pid = tonumber(H.read_file(log .. ".pid"):match("%d+"))
