@@ -194,18 +194,7 @@ static int wx_open(lua_State *L) {
   luaL_checktype(L, 7, LUA_TTABLE);
   int nkeys = (int)lua_objlen(L, 7);
   wxd_xml_limits_t lim;
-  lua_Number mb = luaL_checknumber(L, 8), md = luaL_checknumber(L, 9), me = luaL_checknumber(L, 10);
-  luaL_argcheck(L, mb >= 0 && mb <= INT_MAX, 8, "max_bytes out of range");
-  luaL_argcheck(L, md >= 1 && md <= 1000, 9, "max_depth out of range (1..1000)");
-  luaL_argcheck(L, me >= 1 && me <= 1e9, 10, "max_elements out of range");
-  lim.max_bytes = (size_t)mb;
-  lim.max_depth = (unsigned)md;
-  lim.max_elements = (size_t)me;
-  int arrays = 0;
-  if (!lua_isnoneornil(L, 11)) {
-    luaL_checktype(L, 11, LUA_TTABLE);
-    arrays = 11;
-  }
+  int arrays = wxd_xml_check_limits(L, 8, &lim);
   lua_settop(L, 11);
   for (int i = 1; i <= nkeys; i++) { /* checked before any C allocation */
     lua_rawgeti(L, 7, i);

@@ -374,22 +374,25 @@ static void push_element(lua_State *L, const wxd_xml_node_t *n, int arrays) {
 
 /* decode(s, max_bytes, max_depth, max_elements [, arrays]) -> table, root
  * | nil, err, detail. Arguments are checked by lua/wxd/xml.lua. */
+int wxd_xml_check_limits(lua_State *L, int first, wxd_xml_limits_t *lim) {
+  lua_Number mb = luaL_checknumber(L, first), md = luaL_checknumber(L, first + 1),
+             me = luaL_checknumber(L, first + 2);
+  luaL_argcheck(L, mb >= 0 && mb <= INT_MAX, first, "max_bytes out of range");
+  luaL_argcheck(L, md >= 1 && md <= 1000, first + 1, "max_depth out of range (1..1000)");
+  luaL_argcheck(L, me >= 1 && me <= 1e9, first + 2, "max_elements out of range");
+  lim->max_bytes = (size_t)mb;
+  lim->max_depth = (unsigned)md;
+  lim->max_elements = (size_t)me;
+  if (lua_isnoneornil(L, first + 3)) return 0;
+  luaL_checktype(L, first + 3, LUA_TTABLE);
+  return first + 3;
+}
+
 static int xml_decode(lua_State *L) {
   size_t len;
   const char *s = luaL_checklstring(L, 1, &len);
   wxd_xml_limits_t lim;
-  lua_Number mb = luaL_checknumber(L, 2), md = luaL_checknumber(L, 3), me = luaL_checknumber(L, 4);
-  luaL_argcheck(L, mb >= 0 && mb <= INT_MAX, 2, "max_bytes out of range");
-  luaL_argcheck(L, md >= 1 && md <= 1000, 3, "max_depth out of range (1..1000)");
-  luaL_argcheck(L, me >= 1 && me <= 1e9, 4, "max_elements out of range");
-  lim.max_bytes = (size_t)mb;
-  lim.max_depth = (unsigned)md;
-  lim.max_elements = (size_t)me;
-  int arrays = 0;
-  if (!lua_isnoneornil(L, 5)) {
-    luaL_checktype(L, 5, LUA_TTABLE);
-    arrays = 5;
-  }
+  int arrays = wxd_xml_check_limits(L, 2, &lim);
   lua_settop(L, 5);
   return wxd_xml_decode_push(L, s, len, &lim, arrays);
 }

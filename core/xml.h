@@ -88,6 +88,11 @@ const char *wxd_xml_strerror(int code);
  * or 0. For native callers that hold the bytes in C (core/wxmsg.c). */
 int wxd_xml_decode_push(lua_State *L, const char *buf, size_t len, const wxd_xml_limits_t *lim, int arrays);
 
+/* Reads the limits from arguments first..first+2 (max_bytes, max_depth,
+ * max_elements: raises when out of range) and an optional set of names
+ * always made arrays at first+3; returns that set's index, or 0. */
+int wxd_xml_check_limits(lua_State *L, int first, wxd_xml_limits_t *lim);
+
 /* Lua module wxd.core.xml; returns the module table. */
 int wxd_open_xml(lua_State *L);
 
