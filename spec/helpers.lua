@@ -37,12 +37,22 @@ function H.tmpdir()
   return (out:gsub("%s+$", ""))
 end
 
---- A TCP port nobody listens on right now.
+--- A TCP port nobody listens on right now, and not one this process handed
+-- out before: the kernel may give a port just closed again, and a spec
+-- that asks for two (a server's listen and admin ports) must get two.
+local handed_out = {}
 function H.free_port()
-  local s = assert(socket.bind("127.0.0.1", 0))
-  local _, port = s:getsockname()
-  s:close()
-  return tonumber(port)
+  for _ = 1, 100 do
+    local s = assert(socket.bind("127.0.0.1", 0))
+    local _, port = s:getsockname()
+    s:close()
+    port = tonumber(port)
+    if not handed_out[port] then
+      handed_out[port] = true
+      return port
+    end
+  end
+  error("H.free_port: no port this process has not used already")
 end
 
 --- Polls fn every 20 ms until it returns a truthy value or `timeout` s pass.
