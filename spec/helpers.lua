@@ -153,6 +153,15 @@ end
 
 function Server:log_text() return H.read_file(self.log) or "" end
 
+--- The lines of the server's log that contain `text` (a plain find).
+function Server:log_lines(text)
+  local out = {}
+  for l in self:log_text():gmatch("[^\n]+") do
+    if l:find(text, 1, true) then out[#out + 1] = l end
+  end
+  return out
+end
+
 function Server:cleanup()
   if not self:exit_code() then self:kill() end
   os.execute("rm -rf " .. self.dir)
@@ -308,6 +317,33 @@ function H.status(port)
   local out = H.read_all(c, 5)
   c:close()
   return require("cjson").decode(H.parse_responses(out)[1].body)
+end
+
+--- Starts spec/fixtures/apps/upstream/raw_peer.lua (canned bad responses)
+-- in MODE ("canned", "drop", "stall", "silent") on a free port and waits
+-- until it listens. Returns { port, base = "http://127.0.0.1:PORT",
+-- stop = function }. WXD may be a relative or an absolute path.
+function H.raw_peer(mode)
+  local dir = H.tmpdir()
+  local port = H.free_port()
+  local log = dir .. "/peer.log"
+  local bin = H.WXD:sub(1, 1) == "/" and H.WXD or H.ROOT .. "/" .. H.WXD
+  os.execute(string.format(
+    "(%s script %s/spec/fixtures/apps/upstream/raw_peer.lua %d %s >%s 2>&1 </dev/null & echo $! >%s.tmp; mv %s.tmp %s.pid)",
+    bin, H.ROOT, port, mode, log, log, log, log))
+  local ok = pcall(H.wait_until, function() return (H.read_file(log) or ""):find("listening", 1, true) end, 10)
+  local pid = tonumber((H.read_file(log .. ".pid") or ""):match("%d+"))
+  local peer = { port = port, base = "http://127.0.0.1:" .. port }
+  function peer.stop()
+    if pid then os.execute("kill " .. pid .. " 2>/dev/null") end
+    os.execute("rm -rf " .. dir)
+  end
+  if not ok then
+    local out = H.read_file(log) or ""
+    peer.stop()
+    error("raw peer (" .. mode .. ") did not start:\n" .. out, 2)
+  end
+  return peer
 end
 
 function H.app(name) return H.ROOT .. "/spec/fixtures/apps/" .. name end

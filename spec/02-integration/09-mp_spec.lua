@@ -22,13 +22,7 @@ local function post(srv, built)
   return srv:request("POST", built.url, { ["Content-Type"] = "text/xml" }, built.body)
 end
 
-local function log_lines(srv, pattern)
-  local out = {}
-  for l in srv:log_text():gmatch("[^\n]+") do
-    if l:find(pattern, 1, true) then out[#out + 1] = l end
-  end
-  return out
-end
+local function log_lines(srv, text) return srv:log_lines(text) end
 
 describe("examples/official-account in safe mode", function()
   local srv

@@ -276,18 +276,14 @@ describe("wxd.http against a wxd peer", function()
 end)
 
 describe("wxd.http against a raw peer", function()
-  local dir, canned, base
+  local canned, base
 
   setup(function()
-    dir = H.tmpdir()
-    local port = H.free_port()
-    canned = start_bg("canned", string.format("%s/%s script %s/spec/fixtures/apps/upstream/raw_peer.lua %d canned",
-      H.ROOT, H.WXD, H.ROOT, port), dir, "listening")
-    base = "http://127.0.0.1:" .. port
+    canned = H.raw_peer("canned")
+    base = canned.base
   end)
   teardown(function()
-    stop_bg(canned)
-    os.execute("rm -rf " .. dir)
+    if canned then canned.stop() end
   end)
 
   local function fails(path, kind, pattern, opts)
@@ -352,10 +348,9 @@ describe("wxd.http against a raw peer", function()
   end)
 
   it("sends an idempotent request again when a reused connection drops it, never a POST", function()
-    local port = H.free_port()
-    local drop = start_bg("drop", string.format("%s/%s script %s/spec/fixtures/apps/upstream/raw_peer.lua %d drop",
-      H.ROOT, H.WXD, H.ROOT, port), dir, "listening")
-    finally(function() stop_bg(drop) end)
+    local drop = H.raw_peer("drop")
+    finally(function() drop.stop() end)
+    local port = drop.port
     local u = "http://127.0.0.1:" .. port .. "/"
     assert.equal("first", assert(http.get(u)).body)
     local opened = http.stats().opened
@@ -373,10 +368,9 @@ describe("wxd.http against a raw peer", function()
   end)
 
   it("times out sending to a peer that stopped reading", function()
-    local port = H.free_port()
-    local stall = start_bg("stall", string.format("%s/%s script %s/spec/fixtures/apps/upstream/raw_peer.lua %d stall",
-      H.ROOT, H.WXD, H.ROOT, port), dir, "listening")
-    finally(function() stop_bg(stall) end)
+    local stall = H.raw_peer("stall")
+    finally(function() stall.stop() end)
+    local port = stall.port
     local res, err, detail = http.post("http://127.0.0.1:" .. port .. "/", string.rep("b", 32 * 1024 * 1024),
       { timeout = { send = 0.5 } })
     assert.is_nil(res)
@@ -385,10 +379,9 @@ describe("wxd.http against a raw peer", function()
   end)
 
   it("times out a TLS handshake the peer never answers (connect timeout)", function()
-    local port = H.free_port()
-    local silent = start_bg("silent", string.format("%s/%s script %s/spec/fixtures/apps/upstream/raw_peer.lua %d silent",
-      H.ROOT, H.WXD, H.ROOT, port), dir, "listening")
-    finally(function() stop_bg(silent) end)
+    local silent = H.raw_peer("silent")
+    finally(function() silent.stop() end)
+    local port = silent.port
     local res, err, detail = http.get("https://127.0.0.1:" .. port .. "/", { timeout = { connect = 0.3 } })
     assert.is_nil(res)
     assert.equal("timeout", err)

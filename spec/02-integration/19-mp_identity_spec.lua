@@ -156,13 +156,7 @@ end
 
 local function runs(name) return srv:get_json("/runs?name=" .. name).runs end
 
-local function log_lines(pattern)
-  local out = {}
-  for l in srv:log_text():gmatch("[^\n]+") do
-    if l:find(pattern, 1, true) then out[#out + 1] = l end
-  end
-  return out
-end
+local function log_lines(text) return srv:log_lines(text) end
 
 describe("wxd.mp message identity, over HTTP", function()
   setup(function()

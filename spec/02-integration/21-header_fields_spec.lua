@@ -69,23 +69,14 @@ describe("server header fields with an absolute-form target", function()
 end)
 
 describe("client header fields (raw peer)", function()
-  local dir, pid, base
+  local peer, base
 
   setup(function()
-    dir = H.tmpdir()
-    local port = H.free_port()
-    local log = dir .. "/peer.log"
-    local bin = H.WXD:sub(1, 1) == "/" and H.WXD or H.ROOT .. "/" .. H.WXD
-    os.execute(string.format(
-      "(%s script %s/spec/fixtures/apps/upstream/raw_peer.lua %d canned >%s 2>&1 </dev/null & echo $! >%s.pid)",
-      bin, H.ROOT, port, log, log))
-    H.wait_until(function() return (H.read_file(log) or ""):find("listening", 1, true) end, 10, "raw peer")
-    pid = tonumber(H.read_file(log .. ".pid"):match("%d+"))
-    base = "http://127.0.0.1:" .. port
+    peer = H.raw_peer("canned")
+    base = peer.base
   end)
   teardown(function()
-    if pid then os.execute("kill " .. pid .. " 2>/dev/null") end
-    os.execute("rm -rf " .. dir)
+    if peer then peer.stop() end
   end)
 
   it("keeps 256 fields of a response and refuses 257 as too_large", function()
