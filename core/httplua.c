@@ -11,6 +11,7 @@
 #include <stdio.h>
 
 #include "log.h"
+#include "query.h"
 
 static void fmt_hex(char *out, uint64_t v, int digits) {
   static const char hex[] = "0123456789abcdef";
@@ -474,8 +475,8 @@ static int http_write(lua_State *L) {
 }
 
 int wxd_open_http_lua(lua_State *L) {
-  static const luaL_Reg fns[] = {{"write", http_write}, {NULL, NULL}};
-  lua_createtable(L, 0, 1);
+  static const luaL_Reg fns[] = {{"write", http_write}, {"parse_query", wxd_query_parse}, {NULL, NULL}};
+  lua_createtable(L, 0, 2);
   luaL_register(L, NULL, fns);
   return 1;
 }

@@ -15,6 +15,7 @@
 
 local json       = require("wxd.json")
 local util       = require("wxd.util")
+local native_parse_query = require("wxd.core.http").parse_query
 
 local type         = type
 local next         = next
@@ -97,49 +98,8 @@ _M.url_encode = util.url_encode
 -- @treturn table name → value (last one wins), or name → array of values
 -- @usage local q = app.parse_query("a=1&b=x+y&a=2")  --> { a = "2", b = "x y" }
 local function parse_query(s, all)
-  local t = {}
-  if s == nil or s == "" then
-    return t
-  end
-  local len, pos, n = #s, 1, 0
-  while pos <= len do
-    local amp = str_find(s, "&", pos, true)
-    local stop = amp and amp - 1 or len
-    if stop >= pos then
-      n = n + 1
-      if n > MAX_PARAMS then
-        break
-      end
-      -- Search '=' inside this pair only, so that a long run of pairs
-      -- without '=' stays linear.
-      local pair = str_sub(s, pos, stop)
-      local eq = str_find(pair, "=", 1, true)
-      local k, v
-      if eq then
-        k, v = str_sub(pair, 1, eq - 1), str_sub(pair, eq + 1)
-      else
-        k, v = pair, ""
-      end
-      if k ~= "" then
-        k, v = url_decode(k, true), url_decode(v, true)
-        if all then
-          local list = t[k]
-          if list then
-            list[#list + 1] = v
-          else
-            t[k] = { v }
-          end
-        else
-          t[k] = v
-        end
-      end
-    end
-    if not amp then
-      break
-    end
-    pos = amp + 1
-  end
-  return t
+  -- One native pass (core/query.c): this runs on every WeChat callback.
+  return native_parse_query(s, all, MAX_PARAMS)
 end
 _M.parse_query = parse_query
 

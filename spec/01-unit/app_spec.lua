@@ -72,6 +72,45 @@ describe("wxd.app", function()
             assert.same({ b = "1" }, wxd_app.parse_query("=x&b=1"))
         end)
 
+        it("parse_query (native) agrees with a plain Lua reading of the rules on random input", function()
+            -- The reference: split on '&', the first '=' splits a pair, '+'
+            -- then %XX decoded (an invalid escape kept), empty names skipped.
+            local function decode(s)
+                s = s:gsub("%+", " ")
+                return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+            end
+            local function reference(s, all)
+                local t, n = {}, 0
+                for pair in (s .. "&"):gmatch("([^&]*)&") do
+                    if pair ~= "" then
+                        n = n + 1
+                        if n > wxd_app.MAX_PARAMS then break end
+                        local k, v = pair:match("^([^=]*)=(.*)$")
+                        if not k then k, v = pair, "" end
+                        if k ~= "" then
+                            k, v = decode(k), decode(v)
+                            if all then
+                                t[k] = t[k] or {}
+                                table.insert(t[k], v)
+                            else
+                                t[k] = v
+                            end
+                        end
+                    end
+                end
+                return t
+            end
+            local alphabet = { "a", "b", "=", "&", "+", "%", "2", "B", "f", "z", "%41", "%2b", "\0", "\255", "é" }
+            math.randomseed(12345)
+            for _ = 1, 3000 do
+                local parts = {}
+                for i = 1, math.random(0, 24) do parts[i] = alphabet[math.random(#alphabet)] end
+                local s = table.concat(parts)
+                assert.same(reference(s), wxd_app.parse_query(s), s)
+                assert.same(reference(s, true), wxd_app.parse_query(s, true), s)
+            end
+        end)
+
         it("parse_query stops after MAX_PARAMS pairs", function()
             local parts = {}
             for i = 1, wxd_app.MAX_PARAMS + 10 do
