@@ -174,14 +174,82 @@ static int open_fail(lua_State *L, int status, const char *fmt, const char *a, c
   return 3;
 }
 
+/* Appends field(msg[name]) of wxd.mp's dedup_id, "<len>:<value>", to b:
+ * 0, 1 when the value is neither a string nor absent, -2 (memory). */
+static int append_field(lua_State *L, wxd_buf_t *b, int mt, const char *name) {
+  lua_getfield(L, mt, name);
+  size_t len = 0;
+  const char *v = "";
+  int t = lua_type(L, -1);
+  if (t == LUA_TSTRING) v = lua_tolstring(L, -1, &len);
+  int rc = 1;
+  if (t == LUA_TSTRING || t == LUA_TNIL) {
+    char pre[24];
+    int plen = snprintf(pre, sizeof pre, "%zu:", len);
+    rc = wxd_buf_append(b, pre, (size_t)plen) == 0 && wxd_buf_append(b, v, len) == 0 ? 0 : -2;
+  }
+  lua_pop(L, 1);
+  return rc;
+}
+
+/* The identity under which WeChat's retries of a message are recognised
+ * (the rule and its reasons are at wxd.mp's dedup_id, which this computes
+ * the same way for the XML path): a message (the table at index mt) with a
+ * MsgId (or MsgID) that is not an event is "m:" ..
+ * sha256_hex(field(FromUserName) .. field(ToUserName) .. field(MsgId));
+ * anything else "d:" .. the SHA-256 hex of the decrypted document
+ * msg[0..mlen), which lives in b. A field that is not text (an array by
+ * the caller's option) also gives the document's digest. Pushes the id:
+ * 0, -1 (digest failed) or -2 (memory). */
+static int push_dedup_id(lua_State *L, int mt, wxd_buf_t *b, const char *msg, size_t mlen) {
+  unsigned char md[32];
+  char id[2 + 64];
+  const char *idname = "MsgId";
+  lua_getfield(L, mt, idname);
+  if (lua_isnil(L, -1)) idname = "MsgID";
+  lua_pop(L, 1);
+  lua_getfield(L, mt, idname);
+  int has_id = !lua_isnil(L, -1);
+  lua_pop(L, 1);
+  int by_fields = 0;
+  if (has_id) {
+    lua_getfield(L, mt, "MsgType");
+    size_t tlen = 0;
+    const char *type = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &tlen) : NULL;
+    by_fields = !(type && tlen == 5 && memcmp(type, "event", 5) == 0);
+    lua_pop(L, 1);
+  }
+  if (by_fields) {
+    /* The fields go after the document in b, which may move it. */
+    size_t start = b->len, at = (size_t)(msg - b->data);
+    int rc = append_field(L, b, mt, "FromUserName");
+    if (rc == 0) rc = append_field(L, b, mt, "ToUserName");
+    if (rc == 0) rc = append_field(L, b, mt, idname);
+    if (rc == -2) return -2;
+    if (rc == 0) {
+      if (wxd__crypto_sha256(L, b->data + start, b->len - start, md) != 0) return -1;
+      id[0] = 'm';
+      goto done;
+    }
+    msg = b->data + at;
+  }
+  if (wxd__crypto_sha256(L, msg, mlen, md) != 0) return -1;
+  id[0] = 'd';
+done:
+  id[1] = ':';
+  wxd_hex_encode(md, sizeof md, id + 2, 0);
+  lua_pushlstring(L, id, sizeof id);
+  return 0;
+}
+
 /* wx_open(token, timestamp, nonce, msg_signature, body, receive_id, keys,
  *         max_bytes, max_depth, max_elements [, arrays])
  * An encrypted XML message in one call: the outer document parsed in C,
  * msg_signature checked over its Encrypt before anything is decrypted,
  * each key of the array `keys` (32-byte strings) tried, the receive id
  * checked, the message parsed. Returns msg, root, key_index, compatible
- * (the outer document has a MsgType: compatible mode), digest (SHA-256 hex
- * of the message as decrypted: the identity of an event); or nil, reason,
+ * (the outer document has a MsgType: compatible mode), and the message's
+ * dedup id (see push_dedup_id); or nil, reason,
  * status (400 or 403) as wxd.mp logs and answers them. No Lua string is
  * made of the Encrypt value or the plaintext. */
 static int wx_open(lua_State *L) {
@@ -272,18 +340,10 @@ static int wx_open(lua_State *L) {
     wxd_scratch_release(b);
     return open_fail(L, 400, "decrypt failed%s%s", NULL, NULL);
   }
-  unsigned char md2[32];
-  char digest[64];
-  if (wxd__crypto_sha256(L, msg, mlen, md2) != 0) {
+  int n = wxd_xml_decode_push(L, msg, mlen, &lim, arrays);
+  if (n == 3) { /* nil, err, detail */
     OPENSSL_cleanse(b->data, b->len);
     wxd_scratch_release(b);
-    return luaL_error(L, "wx_open: SHA-256 failed");
-  }
-  wxd_hex_encode(md2, sizeof md2, digest, 0);
-  int n = wxd_xml_decode_push(L, msg, mlen, &lim, arrays);
-  OPENSSL_cleanse(b->data, b->len);
-  wxd_scratch_release(b);
-  if (n == 3) { /* nil, err, detail */
     const char *e = lua_tostring(L, -2), *d = lua_tostring(L, -1);
     lua_pushfstring(L, "decrypted message: %s (%s)", e, d);
     lua_replace(L, -3);
@@ -291,9 +351,14 @@ static int wx_open(lua_State *L) {
     lua_replace(L, -2);
     return 3;
   }
+  int idrc = push_dedup_id(L, lua_gettop(L) - 1, b, msg, mlen);
+  OPENSSL_cleanse(b->data, b->len);
+  wxd_scratch_release(b);
+  if (idrc != 0) return luaL_error(L, "wx_open: %s", idrc == -2 ? "out of memory" : "SHA-256 failed");
   lua_pushinteger(L, used);
+  lua_insert(L, -2);
   lua_pushboolean(L, compatible);
-  lua_pushlstring(L, digest, sizeof digest);
+  lua_insert(L, -2);
   return 5;
 }
 

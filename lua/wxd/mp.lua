@@ -619,13 +619,13 @@ end
 -- "sys"), and two distinct ones can share sender, CreateTime and Event: its
 -- identity is its whole document, which a retry repeats (the decrypted
 -- text: the encryption's random prefix does not count).
-local function dedup_id(msg, doc, digest)
+local function dedup_id(msg, doc)
   local id = msg.MsgId
   if id == nil then id = msg.MsgID end
   if id ~= nil and msg.MsgType ~= "event" then
     return "m:" .. sha256_hex(field(msg.FromUserName) .. field(msg.ToUserName) .. field(id))
   end
-  return "d:" .. (digest or sha256_hex(doc))
+  return "d:" .. sha256_hex(doc)
 end
 
 local function find_handler(handlers, msg)
@@ -767,9 +767,9 @@ end
 -- run goes on finds the lock taken and waits for its release natively (the
 -- shdict wakes it; the Redis store polls), then answers with the recorded
 -- reply.
-function Endpoint:dispatch(_req, msg, ctx, doc, digest)
+function Endpoint:dispatch(_req, msg, ctx, doc, id)
   local deadline = monotonic_ms() + self.deadline_ms
-  local key = self.prefix .. dedup_id(msg, doc, digest)
+  local key = self.prefix .. (id or dedup_id(msg, doc))
   local runkey = key .. ":run"
   local run = { runkey = runkey }
   if not store.add(runkey, "1", self.lock_expire) then
@@ -817,7 +817,7 @@ function Endpoint:receive(req, res)
   if q.encrypt_type ~= nil and q.encrypt_type ~= "aes" and q.encrypt_type ~= "raw" then
     return refuse(self, req, 400, "unknown encrypt_type")
   end
-  local msg, fmt, mode, key, doc, digest
+  local msg, fmt, mode, key, doc, id
   if encrypted and not self.json and byte(body, 1) == 60 then
     -- XML, encrypted: one native call from the body to the message table
     -- (core/wxmsg.c), in the same order as below: the signature over the
@@ -825,12 +825,12 @@ function Endpoint:receive(req, res)
     if #self.keys == 0 then return refuse(self, req, 400, "encrypted message but no aes_key configured") end
     local st, why = check_query(self, req, q, { "msg_signature", "timestamp", "nonce" })
     if st then return refuse(self, req, st, why) end
-    -- msg, root, key index, compatible, digest | nil, reason, status
+    -- msg, key index, compatible, dedup id | nil, reason, status
     local m, a, b, compatible, d = wx_open(self.token, q.timestamp, q.nonce, q.msg_signature, body,
       self.receive_id, self.raw_keys, self.max_body_bytes, XML_OPTS.max_depth, XML_OPTS.max_elements,
       XML_OPTS.arrays)
     if not m then return refuse(self, req, b, a) end
-    msg, fmt, key, digest = m, "xml", self.keys[b], d
+    msg, fmt, key, id = m, "xml", self.keys[b], d
     mode = (self.kind ~= "wecom" and compatible) and "compatible" or "safe"
   elseif encrypted then
     if #self.keys == 0 then return refuse(self, req, 400, "encrypted message but no aes_key configured") end
@@ -873,7 +873,7 @@ function Endpoint:receive(req, res)
 
   local ctx = { req = req, kind = self.kind, mode = mode, format = fmt, appid = self.receive_id,
                 reply = _M.reply, path = self.path }
-  local out = self:dispatch(req, msg, ctx, doc, digest)
+  local out = self:dispatch(req, msg, ctx, doc, id)
   if out == nil or out == "success" or out == "" then
     set_text(res)
     return 200, "success"

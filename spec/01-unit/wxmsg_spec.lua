@@ -155,18 +155,51 @@ describe("wx_* (native WeChat message crypto)", function()
     end
 
     it("opens WeChat's published sample", function()
-      local msg, root, used, compatible, digest = open(body(ENC))
+      local msg, root, used, compatible, id = open(body(ENC))
       assert.equal("xml", root)
       assert.equal("hello", msg.Content)
       assert.equal("12345", msg.MsgId)
       assert.equal("asdasdasdsadasd", msg.FromUserName)
       assert.equal(1, used)
       assert.is_false(compatible)
-      assert.equal(crypto.sha256_hex(MSG), digest)
+      -- The dedup id of a message: its MsgId scoped by sender and account.
+      assert.equal("m:" .. crypto.sha256_hex("15:asdasdasdsadasd" .. "9:asdasdasd" .. "5:12345"), id)
       -- Compatible mode: the outer document also has the plaintext fields.
       assert.is_true(select(4, open(body(ENC, "<MsgType><![CDATA[text]]></MsgType>"))))
       -- The key that decrypts, among several (a key change).
       assert.equal(2, select(3, open(body(ENC), { crypto.random_bytes(32), KEY })))
+    end)
+
+    it("gives the dedup id wxd.mp's dedup_id gives (MsgId, MsgID; events and id-less messages by digest)", function()
+      local function id_of(plain, arrays)
+        local t = xml.decode(core.wx_seal(TOKEN, KEY, APPID, plain, 1796000000, "xml", "n1"))
+        local m, _, _, _, id = core.wx_open(TOKEN, t.TimeStamp, t.Nonce, t.MsgSignature,
+          "<xml><Encrypt><![CDATA[" .. t.Encrypt .. "]]></Encrypt></xml>", APPID, { KEY }, 65536, 10, 1000,
+          arrays or ARRAYS)
+        assert.is_table(m)
+        return id
+      end
+      local function by_fields(from, to, msgid)
+        return "m:" .. crypto.sha256_hex(#from .. ":" .. from .. #to .. ":" .. to .. #msgid .. ":" .. msgid)
+      end
+      local text = "<xml><ToUserName>gh_a</ToUserName><FromUserName>o_user</FromUserName>"
+        .. "<MsgType>text</MsgType><Content>hi</Content><MsgId>987</MsgId></xml>"
+      assert.equal(by_fields("o_user", "gh_a", "987"), id_of(text))
+      local upper = "<xml><ToUserName>gh_a</ToUserName><FromUserName>o_user</FromUserName>"
+        .. "<MsgType>text</MsgType><MsgID>42</MsgID></xml>"
+      assert.equal(by_fields("o_user", "gh_a", "42"), id_of(upper))
+      local no_from = "<xml><ToUserName>gh_a</ToUserName><MsgId>7</MsgId></xml>"
+      assert.equal(by_fields("", "gh_a", "7"), id_of(no_from))
+      local event = "<xml><ToUserName>gh_a</ToUserName><FromUserName>o_user</FromUserName>"
+        .. "<MsgType>event</MsgType><Event>TEMPLATESENDJOBFINISH</Event><MsgID>42</MsgID></xml>"
+      assert.equal("d:" .. crypto.sha256_hex(event), id_of(event))
+      local no_id = "<xml><ToUserName>gh_a</ToUserName><MsgType>text</MsgType></xml>"
+      assert.equal("d:" .. crypto.sha256_hex(no_id), id_of(no_id))
+      -- A sender made an array by the caller's option: not text, so the document's digest.
+      local arr = "<xml><FromUserName>a</FromUserName><FromUserName>b</FromUserName><MsgId>1</MsgId></xml>"
+      assert.equal("d:" .. crypto.sha256_hex(arr), id_of(arr, { FromUserName = true }))
+      -- Another sender or account, another id.
+      assert.are_not.equal(id_of(text), id_of((text:gsub("o_user", "o_other"))))
     end)
 
     it("refuses with the reason and status wxd.mp answers, checking the signature first", function()
