@@ -282,6 +282,9 @@ static uint32_t crc32_of(const void *p, size_t len) {
   return c ^ 0xffffffffu;
 }
 
+/* Longest out_trade_no the store takes (WeChat Pay allows 32). */
+#define PS_NO_MAX 128
+
 enum { REC_CREATE = 'C', REC_TRANSITION = 'T', REC_LATE = 'L' };
 
 /* Appends a record around the payload written by `fill` (length, crc). */
@@ -458,7 +461,7 @@ static int journal_replay(ps_store_t *st, const char *data, size_t len, char *er
     int oom = 0;
     size_t nolen;
     const char *nop = get_str(&r, &nolen);
-    char no[256];
+    char no[PS_NO_MAX + 1];
     if (!nop || nolen >= sizeof no) {
       snprintf(err, errlen, "order journal %s: malformed record at offset %zu", st->path, off);
       return -1;
@@ -1007,6 +1010,7 @@ static int store_create(lua_State *L) {
   a.openid = opt_field(L, 2, "payer_openid", 0);
   a.description = opt_field(L, 2, "description", 0);
   a.key = opt_field(L, 2, "key", 0);
+  if (!a.no[0] || strlen(a.no) > PS_NO_MAX) luaL_error(L, "wxd.order: out_trade_no must be 1..%d bytes", PS_NO_MAX);
   lua_getfield(L, 2, "amount");
   a.amount = (int64_t)luaL_checknumber(L, -1);
   lua_pop(L, 1);
@@ -1037,6 +1041,7 @@ static int store_transition(lua_State *L) {
   transition_args_t a;
   a.no = luaL_checkstring(L, 2);
   const char *to = luaL_checkstring(L, 3);
+  luaL_argcheck(L, strlen(a.no) <= PS_NO_MAX, 2, "out_trade_no too long");
   a.key = luaL_checkstring(L, 4);
   a.event = luaL_optstring(L, 5, NULL);
   a.data = luaL_optstring(L, 6, NULL);

@@ -88,9 +88,11 @@ local function run_hook(name, fn, o, ev, attempt)
   end)
 end
 
-local function after_transition(o)
+-- Redis mode publishes from its script (nodes deliver what arrives on
+-- "wxd:topic:*"): calling the publisher there too would deliver twice.
+local function after_transition(o, backend)
   local ev = o.history[#o.history]
-  if publisher then
+  if publisher and backend == "memory" then
     local ok, err = xpcall(publisher, traceback, "order/" .. o.out_trade_no, change_text(o, ev))
     if not ok then log.error("order publisher failed", { out_trade_no = o.out_trade_no, error = tostring(err) }) end
   end
@@ -422,7 +424,7 @@ end
 function Orders:transition(no, to, opts)
   check_transition(no, to, opts)
   local o, status, late = self.impl:transition(no, to, opts)
-  if o and status == "ok" then after_transition(o)
+  if o and status == "ok" then after_transition(o, self.backend)
   elseif late == "late" then after_late(self, no, to, opts, status) end
   return o, status
 end

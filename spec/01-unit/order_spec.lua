@@ -262,6 +262,25 @@ for _, b in ipairs(backends) do
       order.hooks{ on_enter = { PAID = function() end } }
     end)
 
+    it("hands each change to the publisher in embedded mode", function()
+      local got = {}
+      order.set_publisher(function(topic, text) got[#got + 1] = { topic, text } end)
+      local no = new_no()
+      new_order(s, no)
+      move(s, no, { "PAYING" })
+      s:transition(no, "PAYING", { key = "path-1-PAYING" }) -- a duplicate publishes nothing
+      order.set_publisher(nil)
+      if b.name == "redis" then
+        assert.same({}, got) -- the script publishes (see 22-order_spec)
+        return
+      end
+      assert.equal(1, #got)
+      assert.equal("order/" .. no, got[1][1])
+      local ev = require("cjson").decode(got[1][2])
+      assert.same({ out_trade_no = no, from = "CREATED", state = "PAYING", version = 1, event = "E", at = ev.at }, ev)
+      assert.is_true(ev.at > 1.7e12)
+    end)
+
     it("closes unpaid orders after close_after", function()
       local cfg = b.cfg()
       cfg.close_after = 0.2

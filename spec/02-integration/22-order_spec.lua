@@ -24,13 +24,13 @@ app:post("/t/:no/:to/:key", function(req)
   return reply(order.transition(req.params.no, req.params.to, { key = req.params.key, event = "E" }))
 end)
 app:get("/o/:no", function(req) return reply(order.get(req.params.no)) end)
-app:order_hooks{ on_enter = { PAID = function(o) require("wxd.log").info("hook PAID " .. o.out_trade_no) end } }
+app:order_hooks{ on_enter = { PAID = function(o) require("wxd.log").info("hook TAG PAID " .. o.out_trade_no) end } }
 return app
 ]]
 
-local function make_app(config)
+local function make_app(config, tag)
   local dir = H.tmpdir()
-  H.write_file(dir .. "/app.lua", APP)
+  H.write_file(dir .. "/app.lua", (APP:gsub("TAG", tag or "v1")))
   H.write_file(dir .. "/config.lua", "return " .. config)
   return dir
 end
@@ -127,7 +127,7 @@ describe("wxd.order embedded", function()
     local o = must(srv, "GET", "/o/RACE1")
     assert.equal("PAID", o.state)
     assert.equal(2, o.version)
-    H.wait_until(function() return #srv:log_lines("hook PAID RACE1") == 1 end, 5, "the PAID hook")
+    H.wait_until(function() return #srv:log_lines("hook v1 PAID RACE1") == 1 end, 5, "the PAID hook")
   end)
 
   it("loses nothing acknowledged to kill -9, and survives a torn journal tail", function()
@@ -156,6 +156,46 @@ describe("wxd.order embedded", function()
     assert.equal("CREATED", must(third, "GET", "/o/AFTER1").state)
     check_acked(third, acked)
     assert.equal(0, #third:log_lines("torn"))
+  end)
+end)
+
+describe("wxd.order embedded, in the background", function()
+  it("runs the hooks of the serving generation after a hot reload", function()
+    local dir = make_app('{ order = { journal = "orders.journal", close_after = 0 } }', "v1")
+    local srv = H.start(dir, { workers = 2, pid = true })
+    finally(function() srv:stop() srv:cleanup() os.execute("rm -rf " .. dir) end)
+    must(srv, "POST", "/create/HOT1")
+    must(srv, "POST", "/t/HOT1/PAYING/p")
+    assert.equal("ok", must(srv, "POST", "/t/HOT1/PAID/n").status)
+    H.wait_until(function() return #srv:log_lines("hook v1 PAID HOT1") == 1 end, 5, "the v1 hook")
+    H.write_file(dir .. "/app.lua", (APP:gsub("TAG", "v2")))
+    local out, code = H.sh(H.WXD .. " reload --pid " .. srv.dir .. "/wxd.pid")
+    assert.equal(0, code, out)
+    for i = 1, 4 do -- over both workers' connections
+      must(srv, "POST", "/create/HOT2" .. i)
+      must(srv, "POST", "/t/HOT2" .. i .. "/PAYING/p")
+      assert.equal("ok", must(srv, "POST", "/t/HOT2" .. i .. "/PAID/n").status)
+      H.wait_until(function() return #srv:log_lines("hook v2 PAID HOT2" .. i) == 1 end, 5, "the v2 hook")
+      assert.equal(0, #srv:log_lines("hook v1 PAID HOT2" .. i))
+    end
+    -- The orders made before the reload are still there.
+    assert.equal("PAID", must(srv, "GET", "/o/HOT1").state)
+  end)
+
+  it("closes unpaid orders after close_after, from a timer", function()
+    local dir = make_app('{ order = { journal = "orders.journal", close_after = 0.5, close_interval = 0.1 } }')
+    local srv = H.start(dir, { workers = 2 })
+    finally(function() srv:stop() srv:cleanup() os.execute("rm -rf " .. dir) end)
+    must(srv, "POST", "/create/AC1")
+    must(srv, "POST", "/create/AC2")
+    must(srv, "POST", "/t/AC2/PAYING/p")
+    must(srv, "POST", "/create/AC3")
+    must(srv, "POST", "/t/AC3/PAYING/p")
+    must(srv, "POST", "/t/AC3/PAID/n")
+    H.wait_until(function()
+      return must(srv, "GET", "/o/AC1").state == "CLOSED" and must(srv, "GET", "/o/AC2").state == "CLOSED"
+    end, 10, "the unpaid orders to close")
+    assert.equal("PAID", must(srv, "GET", "/o/AC3").state)
   end)
 end)
 
@@ -201,7 +241,7 @@ describe("wxd.order on Redis", function()
     assert.is_true(ev.at > 1.7e12)
     sub:unsubscribe()
     -- The hook ran once, in whichever process made the transition.
-    H.wait_until(function() return #a:log_lines("hook PAID RRACE") + #b:log_lines("hook PAID RRACE") == 1 end, 5,
+    H.wait_until(function() return #a:log_lines("hook v1 PAID RRACE") + #b:log_lines("hook v1 PAID RRACE") == 1 end, 5,
       "the PAID hook")
   end)
 
@@ -221,5 +261,26 @@ describe("wxd.order on Redis", function()
     local c = H.start(dir, { workers = 1 })
     finally(function() c:stop() c:cleanup() end)
     assert.is_true(check_acked(c, acked) >= 100)
+  end)
+
+  it("closes unpaid orders after close_after, from a job scanning a sorted set", function()
+    local dir = make_app(string.format(
+      '{ redis = "%s", store = { backend = "redis" }, order = { close_after = 0.5, close_interval = 0.1, prefix = "c%d:" } }',
+      redis.url, math.floor(wxd.now() * 1000)))
+    local a = H.start(dir, { workers = 2 })
+    local b = H.start(dir, { workers = 1 })
+    finally(function() a:stop() b:stop() a:cleanup() b:cleanup() os.execute("rm -rf " .. dir) end)
+    must(a, "POST", "/create/RC1")
+    must(b, "POST", "/create/RC2")
+    must(b, "POST", "/t/RC2/PAYING/p")
+    must(a, "POST", "/create/RC3")
+    must(a, "POST", "/t/RC3/PAYING/p")
+    must(a, "POST", "/t/RC3/PAID/n")
+    H.wait_until(function()
+      return must(a, "GET", "/o/RC1").state == "CLOSED" and must(b, "GET", "/o/RC2").state == "CLOSED"
+    end, 10, "the unpaid orders to close")
+    assert.equal("PAID", must(b, "GET", "/o/RC3").state)
+    -- Both processes scan; the key makes it one transition.
+    assert.equal(2, must(a, "GET", "/o/RC2").version)
   end)
 end)
