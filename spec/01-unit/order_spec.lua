@@ -366,6 +366,37 @@ describe("wxd.order journal", function()
     assert.is_nil(out:find("torn", 1, true))
   end)
 
+  it("refuses changes after a failed write, and keeps what it acknowledged", function()
+    local j = tmp .. "/full.journal"
+    -- A file size limit makes the journal's write fail (EFBIG; SIGXFSZ ignored).
+    local f = tmp .. "/full" .. new_no() .. ".lua"
+    H.write_file(f, "local order = require 'wxd.order'\nlocal s = order.new{ journal = '" .. j .. "' }\n" .. [[
+      local acked = 0
+      for i = 1, 10000 do
+        local o, err = s:create{ out_trade_no = "F" .. i, amount = i, description = string.rep("d", 200) }
+        if not o then
+          print("FAILED " .. err)
+          break
+        end
+        acked = i
+      end
+      local o, err = s:create{ out_trade_no = "G1", amount = 1 }
+      print("AGAIN " .. tostring(o) .. " " .. tostring(err))
+      print("ACKED " .. acked)
+    ]])
+    local out = H.sh("trap '' XFSZ; ulimit -f 64; " .. H.WXD .. " script " .. f)
+    assert.matches("FAILED journal: File too large", out, 1, true)
+    assert.matches("AGAIN nil journal: File too large", out, 1, true)
+    local acked = assert(tonumber(out:match("ACKED (%d+)")), out)
+    assert.is_true(acked > 10)
+    local check = tmp .. "/check-full.lua"
+    H.write_file(check, "local order = require 'wxd.order'\nlocal s = order.new{ journal = '" .. j .. "' }\n"
+      .. "for i = 1, " .. acked .. " do assert(s:get('F' .. i).amount == i) end\nprint('ALL THERE')")
+    local out2, code = H.sh(H.WXD .. " script " .. check)
+    assert.equal(0, code, out2)
+    assert.matches("ALL THERE", out2)
+  end)
+
   it("refuses a journal whose records contradict each other", function()
     local j = tmp .. "/bad.journal"
     local out, code = script(j, [[
