@@ -202,7 +202,7 @@ function Memory:get(no)
 end
 
 function Memory:transition(no, to, opts)
-  local data = opts.data ~= nil and cjson.encode(opts.data) or nil
+  local data = opts.data
   local o, status, late = self.st:transition(no, to, opts.key, opts.event, data, opts.version)
   if o then
     decode_entries(o.history)
@@ -328,7 +328,7 @@ function Redis:get(no)
 end
 
 function Redis:transition(no, to, opts)
-  local data = opts.data ~= nil and cjson.encode(opts.data) or ""
+  local data = opts.data or ""
   local res, err, detail = self.r:eval(TRANSITION,
     { self:k(no), self.prefix .. "order:unpaid", self.prefix .. "order:late" },
     { to, opts.key, opts.event or "", data, str_format("%d", now_ms()),
@@ -423,7 +423,13 @@ end
 --   "key reused for another transition" | an I/O error
 function Orders:transition(no, to, opts)
   check_transition(no, to, opts)
-  local o, status, late = self.impl:transition(no, to, opts)
+  local args = opts
+  if opts.data ~= nil then
+    local text = cjson.encode(opts.data)
+    if not text then error("wxd.order.transition: data must be encodable as JSON", 2) end
+    args = { key = opts.key, event = opts.event, version = opts.version, data = text }
+  end
+  local o, status, late = self.impl:transition(no, to, args)
   if o and status == "ok" then after_transition(o, self.backend)
   elseif late == "late" then after_late(self, no, to, opts, status) end
   return o, status

@@ -301,6 +301,7 @@ for _, b in ipairs(backends) do
     it("raises on programmer errors", function()
       assert.has_error(function() s:transition("x", "NOPE", { key = "k" }) end)
       assert.has_error(function() s:transition("x", "PAID", {}) end)
+      assert.has_error(function() s:transition("x", "PAID", { key = "k", data = { f = print } }) end)
       assert.has_error(function() s:create{ out_trade_no = "x", amount = 1.5 } end)
       assert.has_error(function() s:create{ out_trade_no = "", amount = 1 } end)
       assert.has_error(function() order.on_enter("NOPE", function() end) end)
