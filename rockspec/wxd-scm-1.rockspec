@@ -39,6 +39,7 @@ build = {
       ["wxd.log"] = "lua/wxd/log.lua",
       ["wxd.miniprogram"] = "lua/wxd/miniprogram.lua",
       ["wxd.mp"] = "lua/wxd/mp.lua",
+      ["wxd.order"] = "lua/wxd/order.lua",
       ["wxd.redis"] = "lua/wxd/redis.lua",
       ["wxd.server"] = "lua/wxd/server.lua",
       ["wxd.shdict"] = "lua/wxd/shdict.lua",

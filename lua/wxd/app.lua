@@ -801,6 +801,15 @@ for _, m in ipairs({ "get", "post", "put", "patch", "delete", "options", "head" 
   end
 end
 
+--- Registers payment-order hooks of this app (see wxd.order.hooks):
+-- `app:order_hooks{ on_enter = { PAID = function(order, event) ... end }, on_late = fn }`.
+-- They belong to the generation that registers them (hot reload replaces them).
+-- @treturn table the app
+function app_methods.order_hooks(self, t)
+  require("wxd.order").hooks(t)
+  return self
+end
+
 --- Add a middleware that runs before the handler, in registration order.
 -- A non-nil return value short-circuits: the later middlewares and the
 -- handler are skipped and the value becomes the response, exactly as a

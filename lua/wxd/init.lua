@@ -19,6 +19,8 @@ local _M = {
   worker_id = core.worker_id,
   --- The running app's validated configuration (set when the app loads).
   config = nil,
+  --- The app's directory (set when the app loads; nil in `wxd script`).
+  app_dir = nil,
   --- The app generation this code belongs to: 1 at start, +1 per reload.
   generation = nil,
 }
@@ -28,7 +30,8 @@ local _M = {
 local lazy = { app = "wxd.app", log = "wxd.log", config_loader = "wxd.config", timer = "wxd.timer", crypto = "wxd.crypto",
   shdict = "wxd.shdict", lock = "wxd.lock", store = "wxd.store", xml = "wxd.xml",
   mp = "wxd.mp", testing = "wxd.testing", http = "wxd.http", redis = "wxd.redis",
-  wechat = "wxd.wechat", miniprogram = "wxd.miniprogram", json = "wxd.json", task = "wxd.task" }
+  wechat = "wxd.wechat", miniprogram = "wxd.miniprogram", json = "wxd.json", task = "wxd.task",
+  order = "wxd.order" }
 
 return setmetatable(_M, {
   __index = function(t, k)

@@ -43,6 +43,7 @@ function _M.load_app(appdir, _worker, generation)
   -- The core has read the key with it; the app has no use for it.
   if cfg.https then cfg.https.key_passphrase = nil end
   wxd.config = cfg
+  wxd.app_dir = appdir
   wxd.generation = generation or 1
   local chunk, lerr = loadfile(appdir .. "/app.lua")
   if not chunk then return nil, lerr end

@@ -11,7 +11,7 @@ local LAYERS = {
   "wxd", "wxd.util",
   "wxd.json", "wxd.xml", "wxd.crypto", "wxd.timer", "wxd.task", "wxd.shdict",
   "wxd.log", "wxd.lock", "wxd.redis", "wxd.http",
-  "wxd.config", "wxd.store",
+  "wxd.config", "wxd.store", "wxd.order",
   "wxd.miniprogram", "wxd.wechat", "wxd.mp",
   "wxd.app", "wxd.testing", "wxd.server", "wxd.cli",
 }

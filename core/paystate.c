@@ -1,0 +1,1163 @@
+/* paystate: see paystate.h. */
+#include "paystate.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <lauxlib.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include "buf.h"
+#include "log.h"
+#include "vm.h"
+
+/* ---- The transition table ---- */
+
+enum {
+  S_CREATED, S_PAYING, S_PAID, S_FAILED, S_CONFIRMED, S_CLOSED, S_REFUNDING, S_REFUNDED, S_REFUND_FAILED,
+  S_COUNT
+};
+
+static const char *const state_names[S_COUNT] = {
+    "CREATED", "PAYING", "PAID", "FAILED", "CONFIRMED", "CLOSED", "REFUNDING", "REFUNDED", "REFUND_FAILED",
+};
+
+#define TO(s) (1u << (s))
+/* legal_to[from] has bit `to` set when from -> to is legal (docs/order.md). */
+static const unsigned legal_to[S_COUNT] = {
+    [S_CREATED] = TO(S_PAYING) | TO(S_CLOSED),
+    [S_PAYING] = TO(S_PAID) | TO(S_FAILED) | TO(S_CLOSED),
+    [S_PAID] = TO(S_CONFIRMED) | TO(S_REFUNDING),
+    [S_FAILED] = 0,
+    [S_CONFIRMED] = TO(S_REFUNDING),
+    [S_CLOSED] = 0,
+    [S_REFUNDING] = TO(S_REFUNDED) | TO(S_REFUND_FAILED),
+    [S_REFUNDED] = 0,
+    [S_REFUND_FAILED] = TO(S_REFUNDING),
+};
+/* An illegal event into one of these states means money moved that the
+ * order no longer expects (a payment success for a CLOSED order): it is a
+ * "late" event, recorded with the order for reconciliation. */
+static const unsigned late_targets = TO(S_PAID) | TO(S_REFUNDED);
+
+static int is_legal(int from, int to) { return (legal_to[from] & TO(to)) != 0; }
+static int is_late(int from, int to) { return from != to && (late_targets & TO(to)) != 0; }
+
+static int state_parse(const char *s) {
+  for (int i = 0; i < S_COUNT; i++)
+    if (strcmp(s, state_names[i]) == 0) return i;
+  return -1;
+}
+
+/* ---- Orders ---- */
+
+typedef struct ps_entry {
+  uint8_t from, to;
+  int64_t at;
+  char *event, *key, *data; /* data: JSON text or NULL */
+} ps_entry_t;
+
+typedef struct ps_list {
+  ps_entry_t *v;
+  size_t n, cap;
+} ps_list_t;
+
+typedef struct ps_order {
+  struct ps_order *next;  /* hash chain */
+  char *no, *currency, *appid, *mchid, *openid, *description, *key;
+  int64_t amount, created_at, updated_at, version;
+  int state;
+  ps_list_t hist;         /* transitions, oldest first */
+  ps_list_t late;         /* late events, oldest first */
+  uint64_t seq;           /* journal sequence of its last change */
+} ps_order_t;
+
+typedef struct ps_waiter ps_waiter_t;
+
+typedef struct ps_store {
+  struct ps_store *next;  /* registry */
+  char *path;             /* journal; NULL: memory only */
+  pthread_mutex_t mu;
+  pthread_cond_t work;    /* the journal thread waits for pending changes */
+  pthread_cond_t durable_cv; /* blocking callers wait for `durable` */
+  ps_order_t **buckets;
+  size_t nbuckets, count;
+  wxd_buf_t pending;      /* records not yet written */
+  uint64_t appended;      /* sequence of the last change */
+  uint64_t durable;       /* every change up to this one is on disk */
+  int fd;
+  int io_errno;           /* a write or fsync failed: changes refused */
+  ps_waiter_t *waiters;
+  uint64_t n_transitions, n_duplicates, n_illegal, n_late, n_commits;
+} ps_store_t;
+
+static pthread_mutex_t registry_mu = PTHREAD_MUTEX_INITIALIZER;
+static ps_store_t *registry; /* every store of the process; never freed */
+
+static int64_t now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static uint64_t hash_str(const char *s) {
+  uint64_t h = 1469598103934665603ull;
+  for (; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ull;
+  return h;
+}
+
+static ps_order_t *order_find(ps_store_t *st, const char *no) {
+  if (!st->nbuckets) return NULL;
+  for (ps_order_t *o = st->buckets[hash_str(no) & (st->nbuckets - 1)]; o; o = o->next)
+    if (strcmp(o->no, no) == 0) return o;
+  return NULL;
+}
+
+/* Makes room for one more order; -1 when out of memory. */
+static int store_grow(ps_store_t *st) {
+  if (st->count < st->nbuckets) return 0;
+  size_t n = st->nbuckets ? st->nbuckets * 2 : 64;
+  ps_order_t **b = calloc(n, sizeof *b);
+  if (!b) return -1;
+  for (size_t i = 0; i < st->nbuckets; i++) {
+    ps_order_t *o = st->buckets[i];
+    while (o) {
+      ps_order_t *next = o->next;
+      size_t j = hash_str(o->no) & (n - 1);
+      o->next = b[j];
+      b[j] = o;
+      o = next;
+    }
+  }
+  free(st->buckets);
+  st->buckets = b;
+  st->nbuckets = n;
+  return 0;
+}
+
+static char *dup_n(const char *s, size_t len) {
+  if (!s) return NULL;
+  char *d = malloc(len + 1);
+  if (d) {
+    memcpy(d, s, len);
+    d[len] = '\0';
+  }
+  return d;
+}
+
+static void entry_free(ps_entry_t *e) {
+  free(e->event);
+  free(e->key);
+  free(e->data);
+}
+
+static void order_free(ps_order_t *o) {
+  for (size_t i = 0; i < o->hist.n; i++) entry_free(&o->hist.v[i]);
+  for (size_t i = 0; i < o->late.n; i++) entry_free(&o->late.v[i]);
+  free(o->hist.v);
+  free(o->late.v);
+  free(o->no);
+  free(o->currency);
+  free(o->appid);
+  free(o->mchid);
+  free(o->openid);
+  free(o->description);
+  free(o->key);
+  free(o);
+}
+
+static int list_reserve(ps_list_t *l) {
+  if (l->n < l->cap) return 0;
+  size_t cap = l->cap ? l->cap * 2 : 4;
+  ps_entry_t *v = realloc(l->v, cap * sizeof *v);
+  if (!v) return -1;
+  l->v = v;
+  l->cap = cap;
+  return 0;
+}
+
+/* ---- Encoding: journal records and snapshots share one format ---- */
+
+static int put_u32(wxd_buf_t *b, uint32_t v) {
+  unsigned char p[4] = {(unsigned char)v, (unsigned char)(v >> 8), (unsigned char)(v >> 16),
+                        (unsigned char)(v >> 24)};
+  return wxd_buf_append(b, p, 4);
+}
+
+static int put_i64(wxd_buf_t *b, int64_t v) {
+  uint64_t u = (uint64_t)v;
+  return put_u32(b, (uint32_t)u) | put_u32(b, (uint32_t)(u >> 32));
+}
+
+static int put_u8(wxd_buf_t *b, int v) {
+  unsigned char c = (unsigned char)v;
+  return wxd_buf_append(b, &c, 1);
+}
+
+#define NO_STR 0xffffffffu
+/* A string as u32 length + bytes; NULL as length NO_STR. */
+static int put_str(wxd_buf_t *b, const char *s) {
+  if (!s) return put_u32(b, NO_STR);
+  size_t len = strlen(s);
+  return put_u32(b, (uint32_t)len) | wxd_buf_append(b, s, len);
+}
+
+typedef struct rd {
+  const unsigned char *p;
+  size_t len, off;
+  int bad; /* read past the end, or a malformed field */
+} rd_t;
+
+static uint32_t get_u32(rd_t *r) {
+  if (r->len - r->off < 4) {
+    r->bad = 1;
+    return 0;
+  }
+  const unsigned char *p = r->p + r->off;
+  r->off += 4;
+  return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static int64_t get_i64(rd_t *r) {
+  uint64_t lo = get_u32(r), hi = get_u32(r);
+  return (int64_t)(lo | hi << 32);
+}
+
+static int get_u8(rd_t *r) {
+  if (r->off >= r->len) {
+    r->bad = 1;
+    return 0;
+  }
+  return r->p[r->off++];
+}
+
+/* A string field: its bytes (not NUL-terminated) and length, or NULL. */
+static const char *get_str(rd_t *r, size_t *len) {
+  uint32_t n = get_u32(r);
+  *len = 0;
+  if (r->bad || n == NO_STR) return NULL;
+  if (r->len - r->off < n) {
+    r->bad = 1;
+    return NULL;
+  }
+  const char *s = (const char *)r->p + r->off;
+  r->off += n;
+  *len = n;
+  return s;
+}
+
+static char *get_dup(rd_t *r, int *oom) {
+  size_t len;
+  const char *s = get_str(r, &len);
+  if (!s) return NULL;
+  char *d = dup_n(s, len);
+  if (!d) *oom = 1;
+  return d;
+}
+
+static uint32_t crc_table[256];
+static pthread_once_t crc_once = PTHREAD_ONCE_INIT;
+
+static void crc_init(void) {
+  for (uint32_t i = 0; i < 256; i++) {
+    uint32_t c = i;
+    for (int k = 0; k < 8; k++) c = c & 1 ? 0xedb88320u ^ (c >> 1) : c >> 1;
+    crc_table[i] = c;
+  }
+}
+
+static uint32_t crc32_of(const void *p, size_t len) {
+  pthread_once(&crc_once, crc_init);
+  const unsigned char *s = p;
+  uint32_t c = 0xffffffffu;
+  for (size_t i = 0; i < len; i++) c = crc_table[(c ^ s[i]) & 0xff] ^ (c >> 8);
+  return c ^ 0xffffffffu;
+}
+
+/* Longest out_trade_no the store takes (WeChat Pay allows 32). */
+#define PS_NO_MAX 128
+
+enum { REC_CREATE = 'C', REC_TRANSITION = 'T', REC_LATE = 'L' };
+
+/* Appends a record around the payload written by `fill` (length, crc). */
+static int rec_begin(wxd_buf_t *b, size_t *start) {
+  *start = b->len;
+  return put_u32(b, 0) | put_u32(b, 0);
+}
+
+static void rec_end(wxd_buf_t *b, size_t start) {
+  size_t plen = b->len - start - 8;
+  unsigned char *h = (unsigned char *)b->data + start;
+  uint32_t crc = crc32_of(h + 8, plen);
+  for (int i = 0; i < 4; i++) {
+    h[i] = (unsigned char)(plen >> (8 * i));
+    h[4 + i] = (unsigned char)(crc >> (8 * i));
+  }
+}
+
+static int put_create(wxd_buf_t *b, const ps_order_t *o) {
+  size_t s;
+  int rc = rec_begin(b, &s) | put_u8(b, REC_CREATE) | put_str(b, o->no) | put_i64(b, o->amount) |
+           put_str(b, o->currency) | put_str(b, o->appid) | put_str(b, o->mchid) | put_str(b, o->openid) |
+           put_str(b, o->description) | put_str(b, o->key) | put_i64(b, o->created_at);
+  if (rc == 0) rec_end(b, s);
+  return rc;
+}
+
+static int put_entry(wxd_buf_t *b, int type, const char *no, int64_t version, const ps_entry_t *e) {
+  size_t s;
+  int rc = rec_begin(b, &s) | put_u8(b, type) | put_str(b, no) | put_u8(b, e->from) | put_u8(b, e->to) |
+           put_i64(b, version) | put_i64(b, e->at) | put_str(b, e->event) | put_str(b, e->key) |
+           put_str(b, e->data);
+  if (rc == 0) rec_end(b, s);
+  return rc;
+}
+
+/* A whole order, for the caller to turn into a Lua table outside the lock. */
+static int put_snapshot(wxd_buf_t *b, const ps_order_t *o) {
+  int rc = put_str(b, o->no) | put_i64(b, o->amount) | put_str(b, o->currency) | put_str(b, o->appid) |
+           put_str(b, o->mchid) | put_str(b, o->openid) | put_str(b, o->description) | put_i64(b, o->created_at) |
+           put_i64(b, o->updated_at) | put_i64(b, o->version) | put_u8(b, o->state) |
+           put_u32(b, (uint32_t)o->hist.n) | put_u32(b, (uint32_t)o->late.n);
+  const ps_list_t *lists[2] = {&o->hist, &o->late};
+  for (int l = 0; l < 2; l++)
+    for (size_t i = 0; i < lists[l]->n; i++) {
+      const ps_entry_t *e = &lists[l]->v[i];
+      rc |= put_u8(b, e->from) | put_u8(b, e->to) | put_i64(b, e->at) | put_str(b, e->event) |
+            put_str(b, e->key) | put_str(b, e->data);
+    }
+  return rc;
+}
+
+/* ---- Applying changes (live and at replay) ---- */
+
+static int store_insert(ps_store_t *st, ps_order_t *o) {
+  if (store_grow(st) != 0) return -1;
+  size_t j = hash_str(o->no) & (st->nbuckets - 1);
+  o->next = st->buckets[j];
+  st->buckets[j] = o;
+  st->count++;
+  return 0;
+}
+
+/* Appends a copy of the entry to the order's list; -1 when out of memory. */
+static int entry_add(ps_list_t *l, int from, int to, int64_t at, const char *event, const char *key,
+                     const char *data) {
+  if (list_reserve(l) != 0) return -1;
+  ps_entry_t e = {(uint8_t)from, (uint8_t)to, at, dup_n(event, event ? strlen(event) : 0),
+                  dup_n(key, key ? strlen(key) : 0), dup_n(data, data ? strlen(data) : 0)};
+  if ((event && !e.event) || (key && !e.key) || (data && !e.data)) {
+    entry_free(&e);
+    return -1;
+  }
+  l->v[l->n++] = e;
+  return 0;
+}
+
+/* ---- The journal ---- */
+
+struct ps_waiter {
+  uv_async_t async;       /* sent by the journal thread once durable */
+  ps_store_t *st;
+  wxd_co_t *co;
+  uint64_t seq;
+  ps_waiter_t *prev, *next;
+  int linked;             /* in st->waiters */
+  int done;               /* resumed or cancelled */
+  struct ps_result *res;  /* what to return once durable (owned) */
+};
+
+/* Wakes every waiter whose change is durable (or that will never be).
+ * Called with st->mu held; the waiter takes it too before it closes, so
+ * it waits out a send still in progress. */
+static void wake_waiters(ps_store_t *st) {
+  ps_waiter_t *w = st->waiters;
+  while (w) {
+    ps_waiter_t *next = w->next;
+    if (w->seq <= st->durable || st->io_errno) {
+      if (w->prev) w->prev->next = w->next;
+      else st->waiters = w->next;
+      if (w->next) w->next->prev = w->prev;
+      w->linked = 0;
+      uv_async_send(&w->async);
+    }
+    w = next;
+  }
+}
+
+static int write_all(int fd, const char *p, size_t len) {
+  while (len > 0) {
+    ssize_t n = write(fd, p, len);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    p += n;
+    len -= (size_t)n;
+  }
+  return 0;
+}
+
+static void *journal_main(void *arg) {
+  ps_store_t *st = arg;
+  wxd_buf_t out = {0};
+  pthread_mutex_lock(&st->mu);
+  for (;;) {
+    while (st->pending.len == 0) pthread_cond_wait(&st->work, &st->mu);
+    wxd_buf_t tmp = st->pending;
+    st->pending = out;
+    out = tmp;
+    uint64_t upto = st->appended;
+    pthread_mutex_unlock(&st->mu);
+    int err = write_all(st->fd, out.data, out.len);
+    if (!err && fdatasync(st->fd) != 0) err = errno;
+    out.len = 0;
+    pthread_mutex_lock(&st->mu);
+    if (err) st->io_errno = err;
+    else st->durable = upto;
+    st->n_commits++;
+    wake_waiters(st);
+    pthread_cond_broadcast(&st->durable_cv);
+    if (err) break;
+  }
+  pthread_mutex_unlock(&st->mu);
+  wxd_logf(WXD_LOG_ERROR, -1, "order journal %s: %s; changes are refused until a restart", st->path,
+           strerror(st->io_errno));
+  wxd_buf_free(&out);
+  return NULL;
+}
+
+/* Queues a record that is already in `rec` (appended to st->pending by the
+ * caller, under st->mu) and returns its sequence number. */
+static uint64_t journal_queued(ps_store_t *st) {
+  st->appended++;
+  if (!st->path) st->durable = st->appended;
+  else pthread_cond_signal(&st->work);
+  return st->appended;
+}
+
+/* Replays the journal file into st. Returns 0, or -1 with err set. A torn
+ * or corrupt tail ends the replay (logged). */
+static int journal_replay(ps_store_t *st, const char *data, size_t len, char *err, size_t errlen) {
+  size_t off = 0;
+  size_t nrec = 0;
+  while (off < len) {
+    if (len - off < 8) break;
+    rd_t h = {(const unsigned char *)data + off, 8, 0, 0};
+    uint32_t plen = get_u32(&h), crc = get_u32(&h);
+    if (plen == 0 || plen > len - off - 8) break;
+    const char *payload = data + off + 8;
+    if (crc32_of(payload, plen) != crc) break;
+    rd_t r = {(const unsigned char *)payload, plen, 0, 0};
+    int type = get_u8(&r);
+    int oom = 0;
+    size_t nolen;
+    const char *nop = get_str(&r, &nolen);
+    char no[PS_NO_MAX + 1];
+    if (!nop || nolen >= sizeof no) {
+      snprintf(err, errlen, "order journal %s: malformed record at offset %zu", st->path, off);
+      return -1;
+    }
+    memcpy(no, nop, nolen);
+    no[nolen] = '\0';
+    ps_order_t *o = order_find(st, no);
+    if (type == REC_CREATE) {
+      ps_order_t *n = calloc(1, sizeof *n);
+      if (!n) goto oom;
+      n->no = dup_n(no, nolen);
+      n->amount = get_i64(&r);
+      n->currency = get_dup(&r, &oom);
+      n->appid = get_dup(&r, &oom);
+      n->mchid = get_dup(&r, &oom);
+      n->openid = get_dup(&r, &oom);
+      n->description = get_dup(&r, &oom);
+      n->key = get_dup(&r, &oom);
+      n->created_at = n->updated_at = get_i64(&r);
+      if (!n->no || oom || r.bad || o || store_insert(st, n) != 0) {
+        order_free(n);
+        if (oom || (!r.bad && !o)) goto oom;
+        snprintf(err, errlen, "order journal %s: bad create record for %s at offset %zu", st->path, no, off);
+        return -1;
+      }
+    } else if (type == REC_TRANSITION || type == REC_LATE) {
+      int from = get_u8(&r), to = get_u8(&r);
+      int64_t version = get_i64(&r), at = get_i64(&r);
+      size_t el, kl, dl;
+      const char *ev = get_str(&r, &el), *key = get_str(&r, &kl), *dat = get_str(&r, &dl);
+      if (r.bad || !o || !key || from >= S_COUNT || to >= S_COUNT ||
+          (type == REC_TRANSITION && (o->state != from || version != o->version + 1))) {
+        snprintf(err, errlen, "order journal %s: inconsistent record for %s at offset %zu", st->path, no, off);
+        return -1;
+      }
+      char *e = dup_n(ev, el), *k = dup_n(key, kl), *d = dup_n(dat, dl);
+      int rc = (ev && !e) || (key && !k) || (dat && !d) ? -1
+               : entry_add(type == REC_TRANSITION ? &o->hist : &o->late, from, to, at, e, k, d);
+      free(e);
+      free(k);
+      free(d);
+      if (rc != 0) goto oom;
+      if (type == REC_TRANSITION) {
+        o->state = to;
+        o->version = version;
+        o->updated_at = at;
+      }
+    } else {
+      snprintf(err, errlen, "order journal %s: unknown record type at offset %zu", st->path, off);
+      return -1;
+    }
+    off += 8 + plen;
+    nrec++;
+  }
+  if (off < len)
+    wxd_logf(WXD_LOG_WARN, -1, "order journal %s: ignored a torn or corrupt tail of %zu bytes at offset %zu",
+             st->path, len - off, off);
+  wxd_logf(WXD_LOG_INFO, -1, "order journal %s: replayed %zu records, %zu orders", st->path, nrec, st->count);
+  return 0;
+oom:
+  snprintf(err, errlen, "order journal %s: out of memory", st->path);
+  return -1;
+}
+
+/* Every order as records, into b. */
+static int journal_dump(ps_store_t *st, wxd_buf_t *b) {
+  for (size_t i = 0; i < st->nbuckets; i++)
+    for (ps_order_t *o = st->buckets[i]; o; o = o->next) {
+      if (put_create(b, o) != 0) return -1;
+      for (size_t j = 0; j < o->hist.n; j++)
+        if (put_entry(b, REC_TRANSITION, o->no, (int64_t)j + 1, &o->hist.v[j]) != 0) return -1;
+      for (size_t j = 0; j < o->late.n; j++)
+        if (put_entry(b, REC_LATE, o->no, 0, &o->late.v[j]) != 0) return -1;
+    }
+  return 0;
+}
+
+static int fsync_dir_of(const char *path) {
+  char dir[PATH_MAX];
+  snprintf(dir, sizeof dir, "%s", path);
+  char *slash = strrchr(dir, '/');
+  if (slash == dir) slash[1] = '\0';
+  else if (slash) *slash = '\0';
+  else snprintf(dir, sizeof dir, ".");
+  int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return -1;
+  int rc = fsync(fd);
+  close(fd);
+  return rc;
+}
+
+/* Reads and replays the journal, then compacts it (writes what memory holds
+ * to PATH.tmp, fsyncs, renames) and opens it for appending. */
+static int journal_open(ps_store_t *st, char *err, size_t errlen) {
+  wxd_buf_t file = {0};
+  int fd = open(st->path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0 && errno != ENOENT) {
+    snprintf(err, errlen, "order journal %s: %s", st->path, strerror(errno));
+    return -1;
+  }
+  if (fd >= 0) {
+    char chunk[65536];
+    for (;;) {
+      ssize_t n = read(fd, chunk, sizeof chunk);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 || (n > 0 && wxd_buf_append(&file, chunk, (size_t)n) != 0)) {
+        snprintf(err, errlen, "order journal %s: %s", st->path, n < 0 ? strerror(errno) : "out of memory");
+        close(fd);
+        wxd_buf_free(&file);
+        return -1;
+      }
+      if (n == 0) break;
+    }
+    close(fd);
+  }
+  int rc = journal_replay(st, file.data, file.len, err, errlen);
+  wxd_buf_free(&file);
+  if (rc != 0) return -1;
+  wxd_buf_t out = {0};
+  char tmp[PATH_MAX + 8];
+  snprintf(tmp, sizeof tmp, "%s.tmp", st->path);
+  if (journal_dump(st, &out) != 0) {
+    wxd_buf_free(&out);
+    snprintf(err, errlen, "order journal %s: out of memory", st->path);
+    return -1;
+  }
+  fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  int e = fd < 0 ? errno : write_all(fd, out.data, out.len);
+  if (!e && fsync(fd) != 0) e = errno;
+  if (fd >= 0) close(fd);
+  wxd_buf_free(&out);
+  if (!e && rename(tmp, st->path) != 0) e = errno;
+  if (!e && fsync_dir_of(st->path) != 0) e = errno;
+  if (e) {
+    unlink(tmp);
+    snprintf(err, errlen, "order journal %s: compaction failed: %s", st->path, strerror(e));
+    return -1;
+  }
+  st->fd = open(st->path, O_WRONLY | O_APPEND | O_CLOEXEC);
+  if (st->fd < 0) {
+    snprintf(err, errlen, "order journal %s: %s", st->path, strerror(errno));
+    return -1;
+  }
+  return 0;
+}
+
+static void store_free(ps_store_t *st) {
+  for (size_t i = 0; i < st->nbuckets; i++) {
+    ps_order_t *o = st->buckets[i];
+    while (o) {
+      ps_order_t *next = o->next;
+      order_free(o);
+      o = next;
+    }
+  }
+  free(st->buckets);
+  free(st->path);
+  wxd_buf_free(&st->pending);
+  pthread_mutex_destroy(&st->mu);
+  pthread_cond_destroy(&st->work);
+  pthread_cond_destroy(&st->durable_cv);
+  free(st);
+}
+
+/* The store of `path` (NULL: the process's memory-only store), opened and
+ * replayed on first use. */
+static ps_store_t *store_open(const char *path, char *err, size_t errlen) {
+  pthread_mutex_lock(&registry_mu);
+  for (ps_store_t *st = registry; st; st = st->next)
+    if ((!path && !st->path) || (path && st->path && strcmp(path, st->path) == 0)) {
+      pthread_mutex_unlock(&registry_mu);
+      return st;
+    }
+  ps_store_t *st = calloc(1, sizeof *st);
+  if (!st || (path && !(st->path = strdup(path)))) {
+    free(st);
+    pthread_mutex_unlock(&registry_mu);
+    snprintf(err, errlen, "out of memory");
+    return NULL;
+  }
+  st->fd = -1;
+  pthread_mutex_init(&st->mu, NULL);
+  pthread_cond_init(&st->work, NULL);
+  pthread_cond_init(&st->durable_cv, NULL);
+  if (path) {
+    pthread_t thread;
+    if (journal_open(st, err, errlen) != 0 ||
+        (errno = pthread_create(&thread, NULL, journal_main, st)) != 0) {
+      if (!err[0]) snprintf(err, errlen, "order journal %s: thread: %s", path, strerror(errno));
+      if (st->fd >= 0) close(st->fd);
+      store_free(st);
+      pthread_mutex_unlock(&registry_mu);
+      return NULL;
+    }
+    pthread_detach(thread);
+  }
+  st->next = registry;
+  registry = st;
+  pthread_mutex_unlock(&registry_mu);
+  return st;
+}
+
+/* ---- Operations: under st->mu, no Lua ---- */
+
+typedef struct ps_result {
+  int is_order;     /* 1: snapshot + status; 0: nil + msg */
+  wxd_buf_t snap;
+  const char *status; /* "ok" | "duplicate" */
+  char msg[128];
+  int late;         /* msg is an illegal transition that was recorded as late */
+  uint64_t seq;     /* durable from this sequence on */
+} ps_result_t;
+
+static void result_error(ps_result_t *r, const char *msg) {
+  r->is_order = 0;
+  snprintf(r->msg, sizeof r->msg, "%s", msg);
+}
+
+static void result_order(ps_result_t *r, const ps_order_t *o, const char *status) {
+  r->is_order = 1;
+  r->status = status;
+  r->seq = o->seq;
+  if (put_snapshot(&r->snap, o) != 0) result_error(r, "no memory");
+}
+
+static void result_io_error(ps_store_t *st, ps_result_t *r) {
+  snprintf(r->msg, sizeof r->msg, "journal: %s", strerror(st->io_errno));
+  r->is_order = 0;
+}
+
+typedef struct create_args {
+  const char *no, *currency, *appid, *mchid, *openid, *description, *key;
+  int64_t amount;
+} create_args_t;
+
+static int same_str(const char *a, const char *b) { return (!a && !b) || (a && b && strcmp(a, b) == 0); }
+
+static void op_create(ps_store_t *st, const create_args_t *a, ps_result_t *r) {
+  ps_order_t *o = order_find(st, a->no);
+  if (o) {
+    int same = o->amount == a->amount && same_str(o->currency, a->currency) && same_str(o->appid, a->appid) &&
+               same_str(o->mchid, a->mchid) && same_str(o->openid, a->openid);
+    if ((a->key && same_str(a->key, o->key)) || same) {
+      st->n_duplicates++;
+      result_order(r, o, "duplicate");
+    } else {
+      result_error(r, "exists");
+    }
+    return;
+  }
+  if (st->io_errno) return result_io_error(st, r);
+  ps_order_t *n = calloc(1, sizeof *n);
+  if (!n) return result_error(r, "no memory");
+  n->no = strdup(a->no);
+  n->currency = strdup(a->currency);
+  n->appid = dup_n(a->appid, a->appid ? strlen(a->appid) : 0);
+  n->mchid = dup_n(a->mchid, a->mchid ? strlen(a->mchid) : 0);
+  n->openid = dup_n(a->openid, a->openid ? strlen(a->openid) : 0);
+  n->description = dup_n(a->description, a->description ? strlen(a->description) : 0);
+  n->key = dup_n(a->key, a->key ? strlen(a->key) : 0);
+  n->amount = a->amount;
+  n->created_at = n->updated_at = now_ms();
+  n->state = S_CREATED;
+  size_t mark = st->pending.len;
+  if (!n->no || !n->currency || (a->appid && !n->appid) || (a->mchid && !n->mchid) ||
+      (a->openid && !n->openid) || (a->description && !n->description) || (a->key && !n->key) ||
+      put_create(&st->pending, n) != 0 || store_insert(st, n) != 0) {
+    st->pending.len = mark;
+    order_free(n);
+    return result_error(r, "no memory");
+  }
+  n->seq = journal_queued(st);
+  result_order(r, n, "ok");
+}
+
+typedef struct transition_args {
+  const char *no, *key, *event, *data;
+  int to;
+  int64_t expect_version; /* -1: any */
+} transition_args_t;
+
+static void op_transition(ps_store_t *st, const transition_args_t *a, ps_result_t *r) {
+  ps_order_t *o = order_find(st, a->no);
+  if (!o) return result_error(r, "not found");
+  /* The key first: a retried event is a duplicate even when the order has
+   * moved on since (PAID, then CONFIRMED, then PAID's retry). */
+  for (size_t i = 0; i < o->hist.n; i++)
+    if (strcmp(o->hist.v[i].key, a->key) == 0) {
+      if (o->hist.v[i].to != a->to) return result_error(r, "key reused for another transition");
+      st->n_duplicates++;
+      return result_order(r, o, "duplicate");
+    }
+  for (size_t i = 0; i < o->late.n; i++)
+    if (strcmp(o->late.v[i].key, a->key) == 0) {
+      snprintf(r->msg, sizeof r->msg, "illegal transition %s -> %s", state_names[o->late.v[i].from],
+               state_names[o->late.v[i].to]);
+      r->seq = o->seq; /* recorded already: durable once the order is */
+      return;
+    }
+  if (a->expect_version >= 0 && a->expect_version != o->version) return result_error(r, "version conflict");
+  int from = o->state;
+  if (!is_legal(from, a->to)) {
+    snprintf(r->msg, sizeof r->msg, "illegal transition %s -> %s", state_names[from], state_names[a->to]);
+    if (!is_late(from, a->to)) {
+      st->n_illegal++;
+      return;
+    }
+    if (st->io_errno) return result_io_error(st, r);
+    size_t mark = st->pending.len;
+    ps_entry_t e = {(uint8_t)from, (uint8_t)a->to, now_ms(), (char *)a->event, (char *)a->key, (char *)a->data};
+    if (put_entry(&st->pending, REC_LATE, o->no, 0, &e) != 0 ||
+        entry_add(&o->late, from, a->to, e.at, a->event, a->key, a->data) != 0) {
+      st->pending.len = mark;
+      return result_error(r, "no memory");
+    }
+    st->n_late++;
+    r->late = 1;
+    o->seq = r->seq = journal_queued(st);
+    return;
+  }
+  if (st->io_errno) return result_io_error(st, r);
+  size_t mark = st->pending.len;
+  ps_entry_t e = {(uint8_t)from, (uint8_t)a->to, now_ms(), (char *)a->event, (char *)a->key, (char *)a->data};
+  if (put_entry(&st->pending, REC_TRANSITION, o->no, o->version + 1, &e) != 0 ||
+      entry_add(&o->hist, from, a->to, e.at, a->event, a->key, a->data) != 0) {
+    st->pending.len = mark;
+    return result_error(r, "no memory");
+  }
+  o->state = a->to;
+  o->version++;
+  o->updated_at = e.at;
+  o->seq = journal_queued(st);
+  st->n_transitions++;
+  result_order(r, o, "ok");
+}
+
+/* ---- Lua ---- */
+
+#define STORE_MT "wxd.order.store"
+
+static ps_store_t *check_store(lua_State *L) {
+  ps_store_t **box = luaL_checkudata(L, 1, STORE_MT);
+  return *box;
+}
+
+static void push_entry(lua_State *L, rd_t *r) {
+  int from = get_u8(r), to = get_u8(r);
+  int64_t at = get_i64(r);
+  lua_createtable(L, 0, 6);
+  lua_pushstring(L, state_names[from < S_COUNT ? from : 0]);
+  lua_setfield(L, -2, "from");
+  lua_pushstring(L, state_names[to < S_COUNT ? to : 0]);
+  lua_setfield(L, -2, "to");
+  lua_pushnumber(L, (lua_Number)at);
+  lua_setfield(L, -2, "at");
+  static const char *const names[3] = {"event", "key", "data"};
+  for (int i = 0; i < 3; i++) {
+    size_t len;
+    const char *s = get_str(r, &len);
+    if (!s) continue;
+    lua_pushlstring(L, s, len);
+    lua_setfield(L, -2, names[i]);
+  }
+}
+
+static void push_snapshot(lua_State *L, const wxd_buf_t *b) {
+  rd_t r = {(const unsigned char *)b->data, b->len, 0, 0};
+  lua_createtable(L, 0, 14);
+  size_t len;
+  const char *s = get_str(&r, &len);
+  lua_pushlstring(L, s ? s : "", len);
+  lua_setfield(L, -2, "out_trade_no");
+  lua_pushnumber(L, (lua_Number)get_i64(&r));
+  lua_setfield(L, -2, "amount");
+  static const char *const strs[] = {"currency", "appid", "mchid", "payer_openid", "description"};
+  for (int i = 0; i < 5; i++) {
+    s = get_str(&r, &len);
+    if (!s) continue;
+    lua_pushlstring(L, s, len);
+    lua_setfield(L, -2, strs[i]);
+  }
+  lua_pushnumber(L, (lua_Number)get_i64(&r));
+  lua_setfield(L, -2, "created_at");
+  lua_pushnumber(L, (lua_Number)get_i64(&r));
+  lua_setfield(L, -2, "updated_at");
+  lua_pushnumber(L, (lua_Number)get_i64(&r));
+  lua_setfield(L, -2, "version");
+  int state = get_u8(&r);
+  lua_pushstring(L, state_names[state < S_COUNT ? state : 0]);
+  lua_setfield(L, -2, "state");
+  uint32_t nh = get_u32(&r), nl = get_u32(&r);
+  const char *lists[2] = {"history", "late"};
+  uint32_t counts[2] = {nh, nl};
+  for (int l = 0; l < 2; l++) {
+    lua_createtable(L, (int)counts[l], 0);
+    for (uint32_t i = 0; i < counts[l] && !r.bad; i++) {
+      push_entry(L, &r);
+      lua_rawseti(L, -2, (int)i + 1);
+    }
+    lua_setfield(L, -2, lists[l]);
+  }
+}
+
+/* Pushes a result: o, status | nil, msg [, "late"]. Frees the snapshot. */
+static int push_result(lua_State *L, ps_result_t *r) {
+  int n;
+  if (r->is_order) {
+    push_snapshot(L, &r->snap);
+    lua_pushstring(L, r->status);
+    n = 2;
+  } else {
+    lua_pushnil(L);
+    lua_pushstring(L, r->msg);
+    n = 2;
+    if (r->late) {
+      lua_pushliteral(L, "late");
+      n = 3;
+    }
+  }
+  wxd_buf_free(&r->snap);
+  return n;
+}
+
+static void waiter_closed(uv_handle_t *h) {
+  ps_waiter_t *w = h->data;
+  if (w->res) wxd_buf_free(&w->res->snap);
+  free(w->res);
+  free(w);
+}
+
+static void waiter_on_durable(uv_async_t *a) {
+  ps_waiter_t *w = a->data;
+  if (w->done) return;
+  w->done = 1;
+  ps_store_t *st = w->st;
+  pthread_mutex_lock(&st->mu); /* waits out the journal thread's send */
+  int ok = w->seq <= st->durable;
+  ps_result_t *r = w->res;
+  if (!ok) result_io_error(st, r);
+  pthread_mutex_unlock(&st->mu);
+  wxd_co_t *co = w->co;
+  int n = push_result(co->T, r);
+  uv_close((uv_handle_t *)&w->async, waiter_closed);
+  wxd_co_resume(co, n);
+}
+
+/* The waiting coroutine's VM shuts down: close without resuming. */
+static void waiter_cancel(void *p) {
+  ps_waiter_t *w = p;
+  if (w->done) return;
+  w->done = 1;
+  pthread_mutex_lock(&w->st->mu);
+  if (w->linked) {
+    if (w->prev) w->prev->next = w->next;
+    else w->st->waiters = w->next;
+    if (w->next) w->next->prev = w->prev;
+    w->linked = 0;
+  }
+  pthread_mutex_unlock(&w->st->mu);
+  uv_close((uv_handle_t *)&w->async, waiter_closed);
+}
+
+/* Returns the result once its change is durable: at once when it is, by
+ * yielding the calling wxd coroutine, or by blocking outside one. `r` is
+ * heap-allocated and owned from here on. st->mu is not held. */
+static int finish(lua_State *L, ps_store_t *st, ps_result_t *r) {
+  pthread_mutex_lock(&st->mu);
+  int ready = r->seq <= st->durable;
+  pthread_mutex_unlock(&st->mu);
+  wxd_co_t *co = ready ? NULL : wxd_co_lookup(L);
+  if (!ready && co) {
+    ps_waiter_t *w = calloc(1, sizeof *w);
+    if (w && uv_async_init(co->vm->loop, &w->async, waiter_on_durable) == 0) {
+      w->async.data = w;
+      w->st = st;
+      w->co = co;
+      w->seq = r->seq;
+      w->res = r;
+      pthread_mutex_lock(&st->mu);
+      if (r->seq <= st->durable || st->io_errno) {
+        uv_async_send(&w->async); /* became durable meanwhile */
+      } else {
+        w->next = st->waiters;
+        if (st->waiters) st->waiters->prev = w;
+        st->waiters = w;
+        w->linked = 1;
+      }
+      pthread_mutex_unlock(&st->mu);
+      return wxd_co_yield_cancellable(co, L, waiter_cancel, w);
+    }
+    free(w); /* no async: block instead */
+  }
+  if (!ready) {
+    pthread_mutex_lock(&st->mu);
+    while (r->seq > st->durable && !st->io_errno) pthread_cond_wait(&st->durable_cv, &st->mu);
+    if (r->seq > st->durable) result_io_error(st, r);
+    pthread_mutex_unlock(&st->mu);
+  }
+  int n = push_result(L, r);
+  free(r);
+  return n;
+}
+
+static ps_result_t *new_result(lua_State *L) {
+  ps_result_t *r = calloc(1, sizeof *r);
+  if (!r) luaL_error(L, "wxd.order: out of memory");
+  return r;
+}
+
+static const char *opt_field(lua_State *L, int t, const char *name, int required) {
+  lua_getfield(L, t, name);
+  const char *s = NULL;
+  if (lua_type(L, -1) == LUA_TSTRING) s = lua_tostring(L, -1);
+  else if (!lua_isnil(L, -1) || required)
+    luaL_error(L, "wxd.order: %s must be a string%s", name, required ? "" : " or nil");
+  lua_pop(L, 1); /* the string stays anchored in the table */
+  return s;
+}
+
+/* open(path | nil) -> store | nil, err. */
+static int mod_open(lua_State *L) {
+  const char *path = luaL_optstring(L, 1, NULL);
+  char err[512] = "";
+  ps_store_t *st = store_open(path, err, sizeof err);
+  if (!st) {
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    return 2;
+  }
+  ps_store_t **box = lua_newuserdata(L, sizeof *box);
+  *box = st;
+  luaL_getmetatable(L, STORE_MT);
+  lua_setmetatable(L, -2);
+  return 1;
+}
+
+/* st:create{...} -> o, "ok" | o, "duplicate" | nil, "exists" | nil, err */
+static int store_create(lua_State *L) {
+  ps_store_t *st = check_store(L);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  create_args_t a = {0};
+  a.no = opt_field(L, 2, "out_trade_no", 1);
+  a.currency = opt_field(L, 2, "currency", 1);
+  a.appid = opt_field(L, 2, "appid", 0);
+  a.mchid = opt_field(L, 2, "mchid", 0);
+  a.openid = opt_field(L, 2, "payer_openid", 0);
+  a.description = opt_field(L, 2, "description", 0);
+  a.key = opt_field(L, 2, "key", 0);
+  if (!a.no[0] || strlen(a.no) > PS_NO_MAX) luaL_error(L, "wxd.order: out_trade_no must be 1..%d bytes", PS_NO_MAX);
+  lua_getfield(L, 2, "amount");
+  a.amount = (int64_t)luaL_checknumber(L, -1);
+  lua_pop(L, 1);
+  ps_result_t *r = new_result(L);
+  pthread_mutex_lock(&st->mu);
+  op_create(st, &a, r);
+  pthread_mutex_unlock(&st->mu);
+  return finish(L, st, r);
+}
+
+/* st:get(no) -> o, "ok" | nil, "not found" */
+static int store_get(lua_State *L) {
+  ps_store_t *st = check_store(L);
+  const char *no = luaL_checkstring(L, 2);
+  ps_result_t *r = new_result(L);
+  pthread_mutex_lock(&st->mu);
+  ps_order_t *o = order_find(st, no);
+  if (o) result_order(r, o, "ok");
+  else result_error(r, "not found");
+  pthread_mutex_unlock(&st->mu);
+  return finish(L, st, r);
+}
+
+/* st:transition(no, to, key, event, data_json|nil, expect_version|-1)
+ *   -> o, "ok" | o, "duplicate" | nil, err [, "late"] */
+static int store_transition(lua_State *L) {
+  ps_store_t *st = check_store(L);
+  transition_args_t a;
+  a.no = luaL_checkstring(L, 2);
+  const char *to = luaL_checkstring(L, 3);
+  luaL_argcheck(L, strlen(a.no) <= PS_NO_MAX, 2, "out_trade_no too long");
+  a.key = luaL_checkstring(L, 4);
+  a.event = luaL_optstring(L, 5, NULL);
+  a.data = luaL_optstring(L, 6, NULL);
+  a.expect_version = (int64_t)luaL_optnumber(L, 7, -1);
+  a.to = state_parse(to);
+  if (a.to < 0) return luaL_argerror(L, 3, "unknown state");
+  ps_result_t *r = new_result(L);
+  pthread_mutex_lock(&st->mu);
+  op_transition(st, &a, r);
+  pthread_mutex_unlock(&st->mu);
+  return finish(L, st, r);
+}
+
+/* st:due(cutoff_ms, limit) -> { out_trade_no, ... } of CREATED or PAYING
+ * orders created at or before cutoff_ms (the unpaid-order closer). */
+static int store_due(lua_State *L) {
+  ps_store_t *st = check_store(L);
+  int64_t cutoff = (int64_t)luaL_checknumber(L, 2);
+  size_t limit = (size_t)luaL_optinteger(L, 3, 100);
+  wxd_buf_t b = {0};
+  size_t n = 0;
+  pthread_mutex_lock(&st->mu);
+  for (size_t i = 0; i < st->nbuckets && n < limit; i++)
+    for (ps_order_t *o = st->buckets[i]; o && n < limit; o = o->next)
+      if ((o->state == S_CREATED || o->state == S_PAYING) && o->created_at <= cutoff) {
+        if (put_str(&b, o->no) != 0) break;
+        n++;
+      }
+  pthread_mutex_unlock(&st->mu);
+  lua_createtable(L, (int)n, 0);
+  rd_t r = {(const unsigned char *)b.data, b.len, 0, 0};
+  for (size_t i = 0; i < n; i++) {
+    size_t len;
+    const char *s = get_str(&r, &len);
+    if (!s) break;
+    lua_pushlstring(L, s, len);
+    lua_rawseti(L, -2, (int)i + 1);
+  }
+  wxd_buf_free(&b);
+  return 1;
+}
+
+/* st:stats() -> { orders, transitions, duplicates, illegal, late, commits } */
+static int store_stats(lua_State *L) {
+  ps_store_t *st = check_store(L);
+  pthread_mutex_lock(&st->mu);
+  lua_Number v[6] = {(lua_Number)st->count, (lua_Number)st->n_transitions, (lua_Number)st->n_duplicates,
+                     (lua_Number)st->n_illegal, (lua_Number)st->n_late, (lua_Number)st->n_commits};
+  pthread_mutex_unlock(&st->mu);
+  static const char *const names[6] = {"orders", "transitions", "duplicates", "illegal", "late", "commits"};
+  lua_createtable(L, 0, 6);
+  for (int i = 0; i < 6; i++) {
+    lua_pushnumber(L, v[i]);
+    lua_setfield(L, -2, names[i]);
+  }
+  return 1;
+}
+
+/* states() -> { "CREATED", ... } in table order. */
+static int mod_states(lua_State *L) {
+  lua_createtable(L, S_COUNT, 0);
+  for (int i = 0; i < S_COUNT; i++) {
+    lua_pushstring(L, state_names[i]);
+    lua_rawseti(L, -2, i + 1);
+  }
+  return 1;
+}
+
+/* legal(from, to) -> boolean, and whether an illegal one is "late". */
+static int mod_legal(lua_State *L) {
+  int from = state_parse(luaL_checkstring(L, 1)), to = state_parse(luaL_checkstring(L, 2));
+  if (from < 0) return luaL_argerror(L, 1, "unknown state");
+  if (to < 0) return luaL_argerror(L, 2, "unknown state");
+  lua_pushboolean(L, is_legal(from, to));
+  lua_pushboolean(L, !is_legal(from, to) && is_late(from, to));
+  return 2;
+}
+
+/* pairs() -> " CREATED>PAYING CREATED>CLOSED ... ", " PAID REFUNDED ":
+ * the table as text for the Redis transition script. */
+static int mod_pairs(lua_State *L) {
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  luaL_addchar(&b, ' ');
+  for (int f = 0; f < S_COUNT; f++)
+    for (int t = 0; t < S_COUNT; t++)
+      if (is_legal(f, t)) {
+        luaL_addstring(&b, state_names[f]);
+        luaL_addchar(&b, '>');
+        luaL_addstring(&b, state_names[t]);
+        luaL_addchar(&b, ' ');
+      }
+  luaL_pushresult(&b);
+  luaL_buffinit(L, &b);
+  luaL_addchar(&b, ' ');
+  for (int t = 0; t < S_COUNT; t++)
+    if (late_targets & TO(t)) {
+      luaL_addstring(&b, state_names[t]);
+      luaL_addchar(&b, ' ');
+    }
+  luaL_pushresult(&b);
+  return 2;
+}
+
+int wxd_open_order(lua_State *L) {
+  static const luaL_Reg methods[] = {{"create", store_create}, {"get", store_get},
+                                     {"transition", store_transition}, {"due", store_due},
+                                     {"stats", store_stats}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"open", mod_open}, {"states", mod_states}, {"legal", mod_legal},
+                                 {"pairs", mod_pairs}, {NULL, NULL}};
+  luaL_newmetatable(L, STORE_MT);
+  lua_createtable(L, 0, 5);
+  luaL_register(L, NULL, methods);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
+  lua_createtable(L, 0, 4);
+  luaL_register(L, NULL, fns);
+  return 1;
+}
