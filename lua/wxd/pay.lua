@@ -266,7 +266,7 @@ function Client:load_cert_keys()
         keys[cert:serial()] = cert:public_key()
         local t_now = now()
         if cert:not_before() <= t_now and cert:not_after() > t_now
-           and (not newest or cert:not_after() > newest.not_after) then
+          and (not newest or cert:not_after() > newest.not_after) then
           newest = { serial = cert:serial(), key = keys[cert:serial()], not_after = cert:not_after() }
         end
       end
@@ -501,7 +501,7 @@ function Client:send(method, url_path, body, serial)
   local kind, detail
   for i, base in ipairs(bases) do
     local opts = { method = method, url = base .. url_path, headers = headers, body = body,
-                   timeout = self.timeout }
+      timeout = self.timeout }
     for k, v in pairs(self.http_opts) do opts[k] = v end
     local res
     res, kind, detail = http.request(opts)
