@@ -30,6 +30,14 @@ local function make_keys(dir)
   cert("plat1", "5157F09EFDC096DE15EBE81A47057A7232F1B8E1", "Tenpay.com Root CA 1")
   cert("plat2", "6A1C3B2F9D8E7F6A5B4C3D2E1F0A9B8C7D6E5F40", "Tenpay.com Root CA 2", 60)
   cert("plat3", "0B1C3B2F9D8E7F6A5B4C3D2E1F0A9B8C7D6E5F40", "never published")
+  -- The fake's TLS certificate; the merchant certificate as PKCS#12 bundles
+  -- (current format and the legacy RC2 one of WeChat Pay's downloads).
+  local out, code = H.sh(string.format("cd %s && openssl req -x509 -newkey rsa:2048 -nodes -keyout tls.key -out tls.crt "
+    .. "-days 3 -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 && "
+    .. "openssl pkcs12 -export -inkey mch.key -in mch.crt -out mch.p12 -passout pass:%s && "
+    .. "openssl pkcs12 -export -legacy -inkey mch.key -in mch.crt -out mch_legacy.p12 -passout pass:%s && "
+    .. "openssl pkcs12 -export -inkey plat3.key -in plat3.crt -out other.p12 -passout pass:%s", dir, MCHID, MCHID, MCHID))
+  assert(code == 0, out)
   for _, name in ipairs({ "pub", "forger" }) do
     local out, code = H.sh(string.format("cd %s && openssl genrsa -out %s.key 2048 && openssl rsa -in %s.key -pubout -out %s.pem",
       dir, name, name, name))
@@ -40,7 +48,7 @@ end
 local function json(r) return cjson.decode(r.body) end
 
 describe("wxd.pay against the fake WeChat Pay", function()
-  local dir, fake, base
+  local dir, fake, base, hport
 
   local function ctl(method, path, body)
     local r = fake:request(method, path, { ["Content-Type"] = "application/json" }, body and cjson.encode(body))
@@ -63,8 +71,10 @@ describe("wxd.pay against the fake WeChat Pay", function()
   setup(function()
     dir = H.tmpdir()
     make_keys(dir)
-    fake = H.start(H.app("fakepay"), { workers = 1, env = env({ FAKEPAY_DIR = dir, FAKEPAY_MCHID = MCHID,
-      FAKEPAY_APIV3_KEY = APIV3, FAKEPAY_PUBKEY_ID = PUBKEY_ID }) })
+    hport = H.free_port()
+    fake = H.start(H.app("fakepay"), { workers = 1, args = "--https-listen 127.0.0.1:" .. hport,
+      env = env({ FAKEPAY_DIR = dir, FAKEPAY_MCHID = MCHID, FAKEPAY_APIV3_KEY = APIV3, FAKEPAY_PUBKEY_ID = PUBKEY_ID,
+                  FAKEPAY_HTTPS = 1 }) })
     base = "http://127.0.0.1:" .. fake.port
   end)
   teardown(function()
@@ -313,5 +323,41 @@ describe("wxd.pay against the fake WeChat Pay", function()
     srv:stop(); srv:cleanup()
     ctl("POST", "/_ctl/state", { mode = "certs", signer = 1, published = { 1 } })
     assert(ok, err)
+  end)
+
+  describe("v2 refunds over mutual TLS", function()
+    local v2 = require "wxd.pay.v2"
+    local function client(p12, sign_type)
+      return v2.client({ mchid = MCHID, key = V2_KEY, appid = "wxfakeappid00001", sign_type = sign_type,
+        pkcs12 = p12 and H.read_file(dir .. "/" .. p12), api_base = "https://127.0.0.1:" .. hport,
+        http = { ca_file = dir .. "/tls.crt" } })
+    end
+    local refund = { out_trade_no = "T-1", out_refund_no = "R-1", total_fee = 100, refund_fee = 100 }
+    local function refunds() return ctl("GET", "/_ctl/counts").v2_refund or 0 end
+
+    it("refunds with the merchant's PKCS#12 bundle, current or legacy, MD5 or HMAC-SHA256", function()
+      for _, case in ipairs({ { "mch.p12" }, { "mch_legacy.p12" }, { "mch.p12", "HMAC-SHA256" } }) do
+        local r, err, info = client(case[1], case[2]):refund(refund)
+        assert(r, case[1] .. ": " .. tostring(err) .. " " .. cjson.encode(info or {}))
+        assert.equal("SUCCESS", r.result_code)
+        assert.equal("R-1", r.out_refund_no)
+      end
+      local r, err, info = client("mch.p12"):refund({ out_trade_no = "PAID-NOT", out_refund_no = "R-2",
+        total_fee = 1, refund_fee = 1 })
+      assert.is_nil(r)
+      assert.same({ "wechatpay", "ORDERNOTEXIST" }, { err, info.code })
+    end)
+
+    it("gets no answer without the client certificate, or with one the server does not trust", function()
+      local before = refunds()
+      local r, err = client(nil):request("/secapi/pay/refund", refund)
+      assert.is_nil(r)
+      assert.equal("tls", err)
+      r, err = client("other.p12"):refund(refund)
+      assert.is_nil(r)
+      assert.equal("tls", err)
+      assert.equal(before, refunds())
+      assert.has_error(function() client(nil):refund(refund) end)
+    end)
   end)
 end)
