@@ -39,7 +39,7 @@ local function make_keys(dir)
     .. "openssl pkcs12 -export -inkey plat3.key -in plat3.crt -out other.p12 -passout pass:%s", dir, MCHID, MCHID, MCHID))
   assert(code == 0, out)
   for _, name in ipairs({ "pub", "forger" }) do
-    local out, code = H.sh(string.format("cd %s && openssl genrsa -out %s.key 2048 && openssl rsa -in %s.key -pubout -out %s.pem",
+    local kout, kcode = H.sh(string.format("cd %s && openssl genrsa -out %s.key 2048 && openssl rsa -in %s.key -pubout -out %s.pem",
       dir, name, name, name))
     assert(code == 0, out)
   end
