@@ -41,7 +41,7 @@ local function make_keys(dir)
   for _, name in ipairs({ "pub", "forger" }) do
     local kout, kcode = H.sh(string.format("cd %s && openssl genrsa -out %s.key 2048 && openssl rsa -in %s.key -pubout -out %s.pem",
       dir, name, name, name))
-    assert(code == 0, out)
+    assert(kcode == 0, kout)
   end
 end
 
