@@ -39,8 +39,8 @@ local function make_keys(dir)
     .. "openssl pkcs12 -export -inkey plat3.key -in plat3.crt -out other.p12 -passout pass:%s", dir, MCHID, MCHID, MCHID))
   assert(code == 0, out)
   for _, name in ipairs({ "pub", "forger" }) do
-    local kout, kcode = H.sh(string.format("cd %s && openssl genrsa -out %s.key 2048 && openssl rsa -in %s.key -pubout -out %s.pem",
-      dir, name, name, name))
+    local kout, kcode = H.sh(string.format(
+      "cd %s && openssl genrsa -out %s.key 2048 && openssl rsa -in %s.key -pubout -out %s.pem", dir, name, name, name))
     assert(kcode == 0, kout)
   end
 end
