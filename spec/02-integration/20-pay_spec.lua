@@ -325,6 +325,34 @@ describe("wxd.pay against the fake WeChat Pay", function()
     assert(ok, err)
   end)
 
+  it("renews the certificates in the background and answers FAIL past the deadline, 204 once done", function()
+    ctl("POST", "/_ctl/reset")
+    ctl("POST", "/_ctl/state", { mode = "certs", signer = 1, published = { 1 } })
+    -- No refresh on an unknown serial after the first download: only the job can learn plat2.
+    local srv = start_client({ PAY_CERT_REFRESH_S = 1, PAY_MISS_REFRESH_S = 3600, PAY_DEADLINE_MS = 300 })
+    local ok, err = pcall(function()
+      local nurl = "http://127.0.0.1:" .. srv.port .. "/pay/notify"
+      assert.equal(200, (call(srv, "POST", "/prepay/native", { out_trade_no = "O-bg" })))
+      ctl("POST", "/_ctl/state", { published = { 1, 2 } })
+      local n0 = ctl("GET", "/_ctl/counts").certificates
+      H.wait_until(function() return ctl("GET", "/_ctl/counts").certificates > n0 end, 10, "a background download")
+      ctl("POST", "/_ctl/state", { signer = 2 })
+      assert.equal(200, (call(srv, "GET", "/query/O-bg")))
+      assert.same({ 204 }, ctl("POST", "/_ctl/notify", { url = nurl }).statuses)
+      -- The 5-second rule (300 ms here): a slow handler gets FAIL in time, and WeChat Pay's retry 204 once it ended.
+      call(srv, "POST", "/ctl/handler", { mode = "slow", delay = 1500 })
+      local r = ctl("POST", "/_ctl/notify", { url = nurl, id = "N-slow" })
+      assert.same({ 500 }, r.statuses)
+      H.wait_until(function() return select(2, call(srv, "GET", "/ctl/calls")).done >= 2 end, 10, "the slow handler")
+      call(srv, "POST", "/ctl/handler", { mode = "ok" })
+      assert.same({ 204 }, ctl("POST", "/_ctl/notify", { url = nurl, id = "N-slow" }).statuses)
+      assert.equal(1, select(2, call(srv, "GET", "/ctl/calls/N-slow")).calls)
+    end)
+    srv:stop(); srv:cleanup()
+    ctl("POST", "/_ctl/state", { mode = "certs", signer = 1, published = { 1 } })
+    assert(ok, err)
+  end)
+
   describe("v2 refunds over mutual TLS", function()
     local v2 = require "wxd.pay.v2"
     local function client(p12, sign_type)
