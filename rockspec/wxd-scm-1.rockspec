@@ -40,6 +40,7 @@ build = {
       ["wxd.miniprogram"] = "lua/wxd/miniprogram.lua",
       ["wxd.mp"] = "lua/wxd/mp.lua",
       ["wxd.pay"] = "lua/wxd/pay.lua",
+      ["wxd.pay.notify"] = "lua/wxd/pay/notify.lua",
       ["wxd.pay.v2"] = "lua/wxd/pay/v2.lua",
       ["wxd.redis"] = "lua/wxd/redis.lua",
       ["wxd.server"] = "lua/wxd/server.lua",

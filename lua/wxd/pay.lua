@@ -43,12 +43,12 @@ local log = require "wxd.log"
 local json = require "wxd.json"
 local core = require "wxd.core"
 
-local type, error, pairs, ipairs, tostring, tonumber, setmetatable, pcall, xpcall =
-  type, error, pairs, ipairs, tostring, tonumber, setmetatable, pcall, xpcall
+local type, error, pairs, ipairs, tostring, tonumber, setmetatable, pcall =
+  type, error, pairs, ipairs, tostring, tonumber, setmetatable, pcall
 local floor, abs = math.floor, math.abs
 local format, find, gsub, sub, byte = string.format, string.find, string.gsub, string.sub, string.byte
 local concat, sort = table.concat, table.sort
-local now, monotonic_ms = core.now, core.monotonic_ms
+local now = core.now
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -717,83 +717,14 @@ end
 -- Notifications: app:pay_notify
 ------------------------------------------------------------------------
 
-local spawn = require("wxd.task").spawn
-local traceback = debug.traceback
-
 local function fail_answer(res, status, message)
   res.headers["content-type"] = "application/json"
   return status, json.encode({ code = "FAIL", message = message })
 end
 
-local function find_handler(handlers, event_type)
-  return handlers[event_type] or handlers.default
-end
-
 local Notify = {}
 Notify.__index = Notify
-
--- Runs the handler; true only when it reported success (returned true or
--- nothing falsy: `return true`; `return false, why` or `nil, why` fails).
-local function run_handler(self, fn, n, ctx, t)
-  local ok, res, why = xpcall(fn, traceback, n.data, n, ctx)
-  if not ok then
-    log.error("pay: notification handler failed", { path = self.path, id = n.id, error = tostring(res) })
-    t.message = "handler error"
-  elseif res then
-    t.ok = true
-    local sok, set = pcall(store.set, t.done_key, true, self.done_ttl)
-    if not sok or not set then
-      log.warn("pay: notification outcome not recorded", { path = self.path, id = n.id })
-    end
-  else
-    t.message = type(why) == "string" and why or "handler refused"
-  end
-  t.finished = true
-  local rok
-  if t.lock then rok = pcall(t.lock.unlock, t.lock) else rok = pcall(store.delete, t.run_key) end
-  if not rok then log.warn("pay: run claim not released", { path = self.path, id = n.id }) end
-  return t.ok
-end
-
--- The handler runs at most once at a time per notification id (across
--- workers: a store claim), and not again once it succeeded (a record kept
--- for 25 h, WeChat Pay's retry span). A duplicate that arrives while a run
--- goes on waits for it within the deadline.
-function Notify:dispatch(n, ctx)
-  local deadline = monotonic_ms() + self.deadline_ms
-  local id = type(n.id) == "string" and n.id ~= "" and n.id or crypto.sha256_hex(json.encode(n.data))
-  local key = self.prefix .. "notify:" .. crypto.sha256_hex(id)
-  local t = { done_key = key .. ":done", run_key = key .. ":run" }
-  if store.get(t.done_key) then return true end
-  if not store.add(t.run_key, true, self.run_expire) then
-    -- Taken: wait for that run's end (the key's removal) and hold the key.
-    local left = (deadline - monotonic_ms()) / 1000
-    t.lock = store.lock(t.run_key, { timeout = left > 0 and left or 0, expire = self.run_expire })
-    if not t.lock then return nil, "a delivery of this notification is being handled" end
-    if store.get(t.done_key) then
-      t.lock:unlock()
-      return true
-    end
-  end
-  local fn = find_handler(self.handlers, n.event_type)
-  if not fn then
-    if t.lock then t.lock:unlock() else store.delete(t.run_key) end
-    log.warn("pay: no handler for this event type", { path = self.path, event_type = tostring(n.event_type) })
-    return nil, "no handler"
-  end
-  local h = spawn(run_handler, self, fn, n, ctx, t)
-  if not t.finished then
-    local left = deadline - monotonic_ms()
-    h:wait(left > 0 and left or 0)
-  end
-  if t.ok then return true end
-  if not t.finished then
-    log.warn("pay: notification handler past the deadline; answered FAIL so that WeChat Pay retries",
-      { path = self.path, id = id, deadline_ms = self.deadline_ms })
-    return nil, "handler still running"
-  end
-  return nil, t.message
-end
+setmetatable(Notify, { __index = require("wxd.pay.notify") })
 
 function Notify:receive(req, res)
   local body = req.body or ""
@@ -851,6 +782,5 @@ function _M.mount(app, path, cfg, handlers)
   return app
 end
 
-_M.Notify = Notify
 
 return _M

@@ -227,6 +227,8 @@ local REFUND_EVENTS = { SUCCESS = "REFUND.SUCCESS", CHANGE = "REFUND.ABNORMAL", 
 local Endpoint = {}
 Endpoint.__index = Endpoint
 
+local DISPATCHER = { __index = require("wxd.pay.notify") }
+
 local function answer(res, ok, msg)
   res.headers["content-type"] = "application/xml; charset=utf-8"
   if ok then return 200, _M.SUCCESS_REPLY end
@@ -285,9 +287,8 @@ function _M.mount(app, path, cfg, handlers)
   if type(path) ~= "string" then fail("pay_notify_v2: path must be a string", 2) end
   if type(handlers) == "function" then handlers = { default = handlers } end
   if type(handlers) ~= "table" then fail("pay_notify_v2: handlers must be a table or a function", 2) end
-  local Notify = require("wxd.pay").Notify
   local d = setmetatable({ path = path, prefix = "wxd:pay:" .. tostring(cfg.mchid) .. ":", handlers = handlers,
-    deadline_ms = cfg.deadline_ms or 4500, done_ttl = 25 * 3600, run_expire = cfg.handler_timeout or 120 }, Notify)
+    deadline_ms = cfg.deadline_ms or 4500, done_ttl = 25 * 3600, run_expire = cfg.handler_timeout or 120 }, DISPATCHER)
   local ep = _M.notify_endpoint(path, cfg, handlers, d)
   app:post(path, function(req, res) return ep:receive(req, res) end)
   return app
