@@ -263,11 +263,11 @@ function Client:load_cert_keys()
     for _, e in ipairs(t.certs) do
       local cert = type(e) == "table" and type(e.pem) == "string" and crypto.load_certificate(e.pem)
       if cert then
-        keys[cert:serial()] = cert:public_key()
+        keys[cert:serial()] = { key = cert:public_key(), not_after = cert:not_after() }
         local t_now = now()
         if cert:not_before() <= t_now and cert:not_after() > t_now
           and (not newest or cert:not_after() > newest.not_after) then
-          newest = { serial = cert:serial(), key = keys[cert:serial()], not_after = cert:not_after() }
+          newest = { serial = cert:serial(), key = keys[cert:serial()].key, not_after = cert:not_after() }
         end
       end
     end
@@ -281,7 +281,10 @@ end
 function Client:known_key(serial)
   local k = self.static_keys[serial]
   if k then return k end
-  if self.use_certs then return self:load_cert_keys()[serial] end
+  if self.use_certs then
+    local e = self:load_cert_keys()[serial]
+    if e and e.not_after > now() then return e.key end -- an expired certificate signs nothing
+  end
   return nil
 end
 
