@@ -353,6 +353,54 @@ describe("wxd.pay against the fake WeChat Pay", function()
     assert(ok, err)
   end)
 
+  it("two processes sharing one Redis: one certificate download, one handler run per notification", function()
+    local url = os.getenv("WXD_TEST_REDIS_URL")
+    assert(url, "spec/run.sh starts a redis-server and sets WXD_TEST_REDIS_URL")
+    ctl("POST", "/_ctl/reset")
+    local prefix = "spec:" .. crypto.nonce(8) .. ":"
+    local e = { SPEC_REDIS_URL = url, SPEC_STORE_PREFIX = prefix, PAY_MISS_REFRESH_S = 3600 }
+    local a = start_client(e)
+    local b = start_client(e)
+    local ok, err = pcall(function()
+      for _ = 1, 3 do
+        for _, s in ipairs({ a, b }) do assert.equal(200, (call(s, "POST", "/prepay/native", { out_trade_no = "O-r" }))) end
+      end
+      assert.equal(1, ctl("GET", "/_ctl/counts").certificates)
+      -- The same notification delivered to both processes at once, 10 times each.
+      call(a, "POST", "/ctl/handler", { mode = "slow", delay = 300 })
+      local http, task = require "wxd.http", require "wxd.task"
+      local hs = {}
+      for i, s in ipairs({ a, b }) do
+        hs[i] = task.spawn(http.post, base .. "/_ctl/notify", cjson.encode({ url = "http://127.0.0.1:" .. s.port
+          .. "/pay/notify", id = "N-redis", copies = 10, event_type = "REFUND.SUCCESS" }), { timeout = 30 })
+      end
+      local statuses, n204 = {}, 0
+      for i = 1, 2 do
+        local r = assert(hs[i]:wait())
+        statuses[i] = json(r).statuses
+        for _, st in ipairs(statuses[i]) do
+          assert.truthy(st == 204 or st == 500, tostring(st))
+          if st == 204 then n204 = n204 + 1 end
+        end
+      end
+      assert.truthy(n204 >= 1, cjson.encode(statuses))
+      local function runs()
+        return select(2, call(a, "GET", "/ctl/calls/N-redis")).calls + select(2, call(b, "GET", "/ctl/calls/N-redis")).calls
+      end
+      assert.equal(1, runs(), cjson.encode(statuses))
+      -- WeChat Pay's retry, to either process: 204 without a second run.
+      call(a, "POST", "/ctl/handler", { mode = "ok" })
+      for _, s in ipairs({ a, b }) do
+        assert.same({ 204 }, ctl("POST", "/_ctl/notify", { url = "http://127.0.0.1:" .. s.port .. "/pay/notify",
+          id = "N-redis", event_type = "REFUND.SUCCESS" }).statuses)
+      end
+      assert.equal(1, runs())
+    end)
+    a:stop(); a:cleanup()
+    b:stop(); b:cleanup()
+    assert(ok, err)
+  end)
+
   describe("v2 refunds over mutual TLS", function()
     local v2 = require "wxd.pay.v2"
     local function client(p12, sign_type)
