@@ -22,7 +22,8 @@
 -- (WeChat Pay answered an error: info.code such as "ORDERPAID",
 -- "ORDER_CLOSED", "SYSTEM_ERROR", "FREQUENCY_LIMITED"; info.status,
 -- info.message, info.retryable), "signature" (the answer's signature did not
--- verify: info.detail), "status" (an unsigned 5xx: info.status), "json"
+-- verify: info.detail), "status" (an unsigned error status: WeChat Pay
+-- could not verify the request, or a gateway failed; info.status), "json"
 -- (a body that is not the JSON expected), or the kinds of wxd.http
 -- ("timeout", "connect", "dns", "tls", "protocol", "too_large").
 -- Wrong argument types and bad settings raise.
@@ -543,8 +544,15 @@ function Client:request(method, path, opts)
   end
   local res, kind, info = self:send(method:upper(), url_path, body, opts.serial)
   if not res then return nil, kind, info end
-  if res.status >= 500 and header(res.headers, "wechatpay-signature") == nil then
-    return nil, "status", { status = res.status, retryable = true }
+  if (res.status < 200 or res.status > 299) and header(res.headers, "wechatpay-signature") == nil then
+    -- WeChat Pay signs its answers once it has verified the request; a
+    -- 401 for our own signature, or a gateway's 5xx, comes unsigned. Its
+    -- code is for the logs only: nothing unsigned is reported as WeChat
+    -- Pay's word.
+    local data = json.decode(res.body or "")
+    local code = type(data) == "table" and type(data.code) == "string" and data.code:sub(1, 64) or nil
+    return nil, "status", { status = res.status, retryable = res.status == 429 or res.status >= 500,
+      detail = "unsigned " .. res.status .. " answer" .. (code and " (" .. code .. ")" or "") }
   end
   local ok, vkind, vinfo = self:verify_response(res)
   if not ok then
