@@ -237,6 +237,27 @@ describe("wxd.pay against the fake WeChat Pay", function()
       assert.equal(before + 1, calls().calls)
     end)
 
+    it("serves v2 payment results (MD5 or HMAC-SHA256) and refuses a bad sign and XXE", function()
+      local v2url = "http://127.0.0.1:" .. srv.port .. "/pay/v2/notify"
+      local before = calls().calls
+      for i, st in ipairs({ "MD5", "HMAC-SHA256" }) do
+        local r = ctl("POST", "/_ctl/notify_v2", { url = v2url, key = V2_KEY, sign_type = st,
+          pay = { out_trade_no = "T-v2-" .. i, transaction_id = "4200000" .. i } })
+        assert.equal(200, r.status)
+        assert.truthy(r.body:find("SUCCESS", 1, true), r.body)
+        local last = calls().last
+        assert.same({ "TRANSACTION.SUCCESS", 2, "T-v2-" .. i }, { last.event_type, last.version, last.data.out_trade_no })
+      end
+      assert.equal(before + 2, calls().calls)
+      local r = ctl("POST", "/_ctl/notify_v2", { url = v2url, key = "another-key", pay = { out_trade_no = "T-v2-x" } })
+      assert.truthy(r.body:find("FAIL", 1, true), r.body)
+      r = ctl("POST", "/_ctl/notify_v2", { url = v2url, raw = '<?xml version="1.0"?><!DOCTYPE xml [<!ENTITY x SYSTEM '
+        .. '"file:///etc/passwd">]><xml><return_code>SUCCESS</return_code><out_trade_no>&x;</out_trade_no></xml>' })
+      assert.truthy(r.body:find("FAIL", 1, true), r.body)
+      assert.is_nil(r.body:find("root:", 1, true))
+      assert.equal(before + 2, calls().calls)
+    end)
+
     it("follows a certificate rotation with no failed call or notification", function()
       local fetches = ctl("GET", "/_ctl/counts").certificates
       -- The new certificate is published first, then signs.
