@@ -437,6 +437,31 @@ describe("wxd.pay against the fake WeChat Pay", function()
     assert(ok, err)
   end)
 
+  it("examples/pay creates a JSAPI payment and answers the invoke parameters", function()
+    ctl("POST", "/_ctl/reset")
+    local srv = H.start(H.ROOT .. "/examples/pay", { workers = 2, env = env({ WXD_PAY_MCHID = MCHID,
+      WXD_PAY_APPID = "wxfakeappid00001", WXD_PAY_APIV3_KEY = APIV3, WXD_PAY_MCH_KEY_FILE = dir .. "/mch.key",
+      WXD_PAY_MCH_SERIAL = MCH_SERIAL, WXD_PAY_API_BASE = base }) })
+    local ok, err = pcall(function()
+      local st, b = call(srv, "POST", "/orders", { description = "Tea", amount_total = 1200,
+        openid = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o" })
+      assert.equal(200, st, cjson.encode(b))
+      local p = b.pay_params
+      assert.equal("prepay_id=" .. b.prepay_id, p.package)
+      assert.equal("wxfakeappid00001", p.appId)
+      assert.equal(1, ctl("GET", "/_ctl/counts").jsapi)
+      H.write_file(dir .. "/ex.msg", p.appId .. "\n" .. p.timeStamp .. "\n" .. p.nonceStr .. "\n" .. p.package .. "\n")
+      H.write_file(dir .. "/ex.sig", crypto.base64_decode(p.paySign))
+      local out, code = H.sh(string.format("cd %s && openssl x509 -in mch.crt -pubkey -noout > mch.pub && "
+        .. "openssl dgst -sha256 -verify mch.pub -signature ex.sig ex.msg", dir))
+      assert.equal(0, code, out)
+      assert.equal(400, (call(srv, "POST", "/orders", { amount_total = 1.5, openid = "o1" })))
+      assert.equal(400, (call(srv, "POST", "/orders", { amount_total = 100 })))
+    end)
+    srv:stop(); srv:cleanup()
+    assert(ok, err)
+  end)
+
   describe("v2 refunds over mutual TLS", function()
     local v2 = require "wxd.pay.v2"
     local function client(p12, sign_type)
