@@ -130,6 +130,7 @@ bench: $(BUILD)/wxd
 	WXD=$(BUILD)/wxd spec/bench/run.sh
 	$(BUILD)/wxd script spec/bench/reload.lua
 	@$(MAKE) --no-print-directory bench-crypto
+	@$(MAKE) --no-print-directory bench-pay
 	@$(MAKE) --no-print-directory bench-mp
 
 # An encrypted WeChat text message round trip, wxd next to the npm `wechat`
@@ -137,6 +138,11 @@ bench: $(BUILD)/wxd
 bench-mp: $(BUILD)/wxd deps-bench-mp
 	@$(MAKE) --no-print-directory deps-bench >/dev/null
 	WXD=$(BUILD)/wxd spec/bench/mp.sh
+
+# WeChat Pay v3 notifications checked and opened per second on one core,
+# wxd.pay next to Node's crypto doing the same steps (spec/bench/pay.lua).
+bench-pay: $(BUILD)/wxd
+	$(BUILD)/wxd script spec/bench/pay.lua
 
 # AES-256-CBC decrypt and RSA-2048 verify per second, next to `openssl speed`.
 bench-crypto: $(BUILD)/wxd

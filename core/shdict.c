@@ -344,8 +344,9 @@ static int store(wxd_shdict_t *d, int mode, const char *key, size_t klen, uint64
   size_t charge = charge_of(klen, vlen);
   if (charge > d->cap) return SHD_NOMEM;
   if (expire_ns && (!e || e->heap == NO_HEAP) && heap_reserve(d) != 0) return SHD_NOMEM;
-  if (e && e->charge == charge) {
-    /* Same size: rewrite in place, no allocation. */
+  if (e && e->charge == charge && vlen <= e->vlen) {
+    /* Same charge and the value fits the entry's allocation (which is exact,
+     * while charges are rounded to 16): rewrite in place, no allocation. */
     entry_assign(e, v);
     if (e->heap != NO_HEAP && !expire_ns) heap_remove(d, e);
     e->expire_ns = expire_ns;

@@ -855,6 +855,24 @@ function app_methods.mp(self, path, cfg, handlers)
   return require("wxd.mp").mount(self, path, cfg, handlers)
 end
 
+--- Mount a WeChat Pay v3 notification URL at `path` (POST): signature,
+-- clock window, nonce memory, decryption, then the handler by event_type;
+-- 204 only after the handler returned true. See wxd.pay and docs/pay.md.
+-- @tparam string path e.g. "/pay/notify"
+-- @tparam table cfg `client` (a wxd.pay client) or its settings, `deadline_ms`, `v2`
+-- @tparam table|function handlers by event_type, `default`
+-- @treturn table the app
+function app_methods.pay_notify(self, path, cfg, handlers)
+  return require("wxd.pay").mount(self, path, cfg, handlers)
+end
+
+--- Mount a WeChat Pay v2 notification URL at `path` (POST, XML): payment
+-- results (signature checked) and refunds (req_info decrypted). See
+-- wxd.pay.v2 and docs/pay.md.
+function app_methods.pay_notify_v2(self, path, cfg, handlers)
+  return require("wxd.pay.v2").mount(self, path, cfg, handlers)
+end
+
 --- The route a request would reach, for tools and tests.
 -- @tparam string method request method
 -- @tparam string path raw request path
