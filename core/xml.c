@@ -8,6 +8,7 @@
 #include <lauxlib.h>
 #include <limits.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -222,6 +223,67 @@ static unsigned long next_salt(void) {
   return (unsigned long)(z ^ (z >> 31));
 }
 
+/* What a parse needs besides the document, kept per thread between
+ * parses: an expat parser (reset, not re-created: creating one is several
+ * allocations and an environment lookup), the open-element stack and the
+ * text buffer. A WeChat message is two parses; in steady state they
+ * allocate only the document. Freed when the thread exits (a pthread key's
+ * destructor), so each worker owns its own and nothing is shared. */
+typedef struct parse_cache {
+  XML_Parser p;
+  wxd_xml_node_t **stack;
+  size_t stack_cap;
+  char *text;
+  size_t text_cap;
+} parse_cache_t;
+
+/* Buffers above this are not kept for the next parse. */
+#define CACHE_KEEP (64 * 1024)
+
+static pthread_key_t cache_key;
+static pthread_once_t cache_once = PTHREAD_ONCE_INIT;
+static int cache_key_ok;
+
+static void cache_free(void *v) {
+  parse_cache_t *pc = v;
+  if (!pc) return;
+  if (pc->p) XML_ParserFree(pc->p);
+  free(pc->stack);
+  free(pc->text);
+  free(pc);
+}
+
+static void cache_key_init(void) { cache_key_ok = pthread_key_create(&cache_key, cache_free) == 0; }
+
+/* This thread's cache, or NULL (out of memory: the parse makes its own). */
+static parse_cache_t *cache_get(void) {
+  pthread_once(&cache_once, cache_key_init);
+  if (!cache_key_ok) return NULL;
+  parse_cache_t *pc = pthread_getspecific(cache_key);
+  if (!pc) {
+    pc = calloc(1, sizeof *pc);
+    if (pc && pthread_setspecific(cache_key, pc) != 0) {
+      free(pc);
+      pc = NULL;
+    }
+  }
+  return pc;
+}
+
+/* A parser ready for a new document: the cached one reset, else a new one. */
+static XML_Parser parser_take(parse_cache_t *pc) {
+  XML_Parser p = NULL;
+  if (pc && pc->p) {
+    p = pc->p;
+    pc->p = NULL;
+    if (!XML_ParserReset(p, NULL)) {
+      XML_ParserFree(p);
+      p = NULL;
+    }
+  }
+  return p ? p : XML_ParserCreate(NULL);
+}
+
 int wxd_xml_parse(const char *buf, size_t len, const wxd_xml_limits_t *lim, wxd_xml_doc_t **out,
                   wxd_xml_error_t *err) {
   wxd_xml_error_t dummy;
@@ -235,9 +297,22 @@ int wxd_xml_parse(const char *buf, size_t len, const wxd_xml_limits_t *lim, wxd_
   parse_ctx_t c;
   memset(&c, 0, sizeof c);
   c.lim = lim;
+  parse_cache_t *pc = cache_get();
+  size_t depth_cap = (size_t)lim->max_depth + 1;
   c.doc = calloc(1, sizeof *c.doc);
-  c.stack = calloc((size_t)lim->max_depth + 1, sizeof *c.stack);
-  c.p = XML_ParserCreate(NULL);
+  if (pc && pc->stack_cap >= depth_cap) {
+    c.stack = pc->stack; /* taken from the cache while in use */
+    pc->stack = NULL;
+  } else {
+    c.stack = calloc(depth_cap, sizeof *c.stack);
+  }
+  if (pc) {
+    c.text = pc->text;
+    c.text_cap = pc->text_cap;
+    pc->text = NULL;
+    pc->text_cap = 0;
+  }
+  c.p = parser_take(pc);
   if (c.p) XML_SetHashSalt(c.p, next_salt());
   int code = WXD_XML_OK;
   if (!c.doc || !c.stack || !c.p) {
@@ -271,9 +346,22 @@ int wxd_xml_parse(const char *buf, size_t len, const wxd_xml_limits_t *lim, wxd_
   }
 
 done:
-  if (c.p) XML_ParserFree(c.p);
-  free(c.stack);
-  free(c.text);
+  if (pc && !pc->p && c.p) pc->p = c.p;
+  else if (c.p) XML_ParserFree(c.p);
+  if (pc && c.stack && depth_cap * sizeof *c.stack <= CACHE_KEEP &&
+      (!pc->stack || pc->stack_cap < depth_cap)) {
+    free(pc->stack);
+    pc->stack = c.stack;
+    pc->stack_cap = depth_cap;
+  } else {
+    free(c.stack);
+  }
+  if (pc && c.text && c.text_cap <= CACHE_KEEP && !pc->text) {
+    pc->text = c.text;
+    pc->text_cap = c.text_cap;
+  } else {
+    free(c.text);
+  }
   if (code != WXD_XML_OK) {
     wxd_xml_free(c.doc);
     return code;

@@ -20,6 +20,28 @@ describe("wxd.xml.decode", function()
     assert.equal("xml", root)
   end)
 
+  it("gives each document a fresh parse though the thread reuses its parser and buffers", function()
+    local function nest(n) return string.rep("<a>", n) .. "x" .. string.rep("</a>", n) end
+    local big = string.rep("y", 200000)
+    for _ = 1, 3 do
+      refused('<!DOCTYPE x [<!ENTITY e "boom">]><xml><a>&e;</a></xml>', "doctype not allowed")
+      -- No entity, handler or text of the refused document carries over.
+      assert.same({ a = "ok" }, (xml.decode("<xml><a>ok</a></xml>")))
+      refused("<xml><a>broken</xml>", "invalid xml")
+      assert.same({ b = "" }, (xml.decode("<xml><b/></xml>")))
+      -- Text past what the thread keeps, then short text again.
+      assert.equal(big, xml.decode("<xml><t>" .. big .. "</t></xml>", { max_bytes = 300000 }).t)
+      assert.same({ t = "s" }, (xml.decode("<xml><t>s</t></xml>")))
+      -- A deeper limit than the kept stack, then a shallower one.
+      assert.truthy(xml.decode(nest(200), { max_depth = 250 }))
+      refused(nest(4), "too deep", { max_depth = 3 })
+      assert.truthy(xml.decode(nest(3), { max_depth = 3 }))
+      -- Stopped half way by a limit, then a document that needs every element.
+      refused("<xml>" .. string.rep("<i>1</i>", 20) .. "</xml>", "too many elements", { max_elements = 5 })
+      assert.equal("1", xml.decode("<xml>" .. string.rep("<i>1</i>", 4) .. "</xml>", { arrays = { i = true } }).i[4])
+    end
+  end)
+
   it("concatenates plain text and CDATA and trims nothing", function()
     local t = xml.decode("<xml><a>  x <![CDATA[ y ]]> z\n</a><b><![CDATA[]]></b><c><![CDATA[\n\t]]></c></xml>")
     assert.equal("  x  y  z\n", t.a)
