@@ -12,6 +12,7 @@
 #include "task.h"
 #include "timer.h"
 #include "vm.h"
+#include "ws.h"
 #include "xml.h"
 
 /* lua-cjson, linked statically; it ships no header. */
@@ -32,6 +33,7 @@ static const struct {
     {"wxd.core.fetch", wxd_open_fetch},
     {"wxd.core.redis", wxd_open_redis},
     {"wxd.core.task", wxd_open_task},
+    {"wxd.core.ws", wxd_open_ws},
     {"cjson", luaopen_cjson},
     {"cjson.safe", luaopen_cjson_safe},
 };
