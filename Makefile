@@ -14,7 +14,7 @@ DEB_BUILD := build-essential pkg-config libluajit2-5.1-dev luajit2 libuv1-dev no
 # nodejs and nginx are independent peers of specs (AES-GCM against Node's
 # crypto, the client's TLS pool against nginx); python3 parses log lines;
 # lua-check is luacheck, for `make lint`.
-DEB_TEST  := lua-busted lua-socket redis-server curl openssl wrk nodejs nginx python3 lua-check
+DEB_TEST  := lua-busted lua-socket redis-server curl openssl wrk nodejs npm nginx python3 lua-check
 DEB_BENCH := wrk nginx libnginx-mod-http-lua lua-cjson
 DEB_FUZZ  := clang
 
@@ -33,7 +33,7 @@ LLHTTP_C := api.c http.c llhttp.c
 BUILD ?= build
 OBJ  := $(SRC:core/%.c=$(BUILD)/obj/%.o) $(LLHTTP_C:%.c=$(BUILD)/llhttp/%.o)
 
-.PHONY: all run test lint asan bench bench-crypto bench-mp fuzz deps deps-bench deps-bench-mp deps-fuzz check-deps clean
+.PHONY: all run test lint asan bench bench-crypto bench-mp fuzz deps deps-bench deps-bench-mp deps-fuzz deps-spec-node check-deps clean
 
 all: $(BUILD)/wxd
 
@@ -70,6 +70,22 @@ endef
 
 deps:
 	$(call install_missing,$(DEB_BUILD) $(DEB_TEST))
+	@$(MAKE) --no-print-directory deps-spec-node
+
+# The npm packages specs use as independent peers (the `ws` WebSocket
+# client of spec/02-integration/23-ws_node_spec.lua), pinned in
+# spec/node/package-lock.json and installed into build/spec/node, never
+# into the repository. Fetched from the npm registry the first time;
+# afterwards nothing is fetched until the lock file changes.
+SPEC_NODE := build/spec/node
+deps-spec-node: $(SPEC_NODE)/node_modules/.installed
+
+$(SPEC_NODE)/node_modules/.installed: spec/node/package.json spec/node/package-lock.json
+	@command -v npm >/dev/null || { echo "deps-spec-node: npm is not installed (apt-get install npm)"; exit 1; }
+	@mkdir -p $(SPEC_NODE)
+	cp spec/node/package.json spec/node/package-lock.json $(SPEC_NODE)/
+	cd $(SPEC_NODE) && npm ci --no-audit --no-fund
+	@touch $@
 
 deps-bench: deps
 	$(call install_missing,$(DEB_BENCH))

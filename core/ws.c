@@ -145,7 +145,7 @@ static void ws_send_close(wxd_ws_t *ws, unsigned code, const char *reason, size_
     p[0] = (char)(code >> 8);
     p[1] = (char)(code & 0xff);
     if (rlen > CLOSE_REASON_MAX) rlen = CLOSE_REASON_MAX;
-    memcpy(p + 2, reason, rlen);
+    if (rlen) memcpy(p + 2, reason, rlen);
     n = 2 + rlen;
   }
   ws_write_frame(ws, 0x8, p, n);
