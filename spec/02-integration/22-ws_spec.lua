@@ -458,6 +458,129 @@ describe("websocket server (raw-socket conformance)", function()
     end)
   end)
 
+  describe("timeouts and backpressure", function()
+    it("pings a silent client, then closes it with 1001 at the idle timeout", function()
+      local c = connect(srv, "/idle")
+      c:settimeout(10)
+      local f = assert(read_frame(c))
+      assert.equal(9, f.op)
+      f = assert(read_frame(c))
+      assert.equal(8, f.op)
+      assert.equal(1001, close_code(f))
+      c:close()
+    end)
+
+    it("keeps a client that answers pings", function()
+      local c = connect(srv, "/idle")
+      c:settimeout(10)
+      for _ = 1, 3 do
+        local f = assert(read_frame(c))
+        assert.equal(9, f.op)
+        c:send(frame(10, f.payload))
+      end
+      c:send(frame(1, "still here"))
+      c:send(close_frame(1000))
+      local seen = {}
+      while true do
+        local f = read_frame(c)
+        if not f then break end
+        seen[#seen + 1] = f.op
+        if f.op == 8 then
+          assert.equal(1000, close_code(f))
+          break
+        end
+      end
+      c:close()
+      assert.equal(8, seen[#seen])
+    end)
+
+    it("disconnects a subscriber that does not read instead of buffering without bound", function()
+      local c = connect(srv, "/mute?topic=slow")
+      local hello = assert(read_frame(c))
+      assert.truthy(hello.payload:find("^subscribed"))
+      -- 40 MB published while the client reads nothing: far beyond the
+      -- kernel's buffers and max_unsent_bytes (1 MiB).
+      for _ = 1, 20 do
+        local r = srv:get("/publish-many?topic=slow&n=32&size=65536")
+        assert.equal(200, r.status)
+        if #srv:log_lines("does not read its messages") > 0 then break end
+      end
+      H.wait_until(function() return #srv:log_lines("does not read its messages") > 0 end, 10, "the disconnect")
+      -- What the kernel had taken is readable, then the connection ends.
+      c:settimeout(10)
+      local total, err = 0, nil
+      while true do
+        local data, e, partial = c:receive(65536)
+        total = total + #(data or partial or "")
+        if not data then err = e break end
+      end
+      assert.is_true(err == "closed" or err == "connection reset by peer", tostring(err))
+      assert.is_true(total < 40 * 1024 * 1024)
+      c:close()
+    end)
+
+    it("ws:send waits for a slow reader and goes on when it reads", function()
+      local c = connect(srv, "/flood?n=200&size=65536")
+      -- 13 MB: ws:send must wait (max_unsent_bytes is 1 MiB); read it all.
+      local n = 0
+      while n < 200 do
+        local f = assert(read_frame(c))
+        assert.equal(65536, #f.payload)
+        n = n + 1
+      end
+      H.wait_until(function() return srv:get_json("/state?k=flood").value == "done" end, 10, "the flood to end")
+      c:close()
+    end)
+  end)
+
   it("left no sanitizer report", function() srv:check_sanitizers() end)
 end)
 
+
+describe("websocket connections across a reload and at shutdown", function()
+  local srv, admin
+  before_each(function()
+    admin = H.free_port()
+    srv = H.start(H.app("ws"), { workers = 1, pid = true, args = "--admin 127.0.0.1:" .. admin })
+  end)
+  after_each(function() srv:stop(); srv:cleanup() end)
+
+  local function ask(c, text)
+    c:send(frame(1, text))
+    return assert(read_frame(c)).payload
+  end
+
+  it("survives a hot reload: the handler goes on in its generation, new connections get the new one", function()
+    local c = connect(srv, "/echo")
+    assert.equal("gen 1 worker 0", ask(c, "gen?"))
+    srv:signal("HUP")
+    H.wait_until(function() return srv:get("/gen").body == "gen 2\n" end, 10, "generation 2")
+    -- Same connection, same handler coroutine: still generation 1's code.
+    assert.equal("gen 1 worker 0", ask(c, "gen?"))
+    assert.equal(1, H.status(admin).workers[1].retired_generations)
+    local c2 = connect(srv, "/echo")
+    assert.equal("gen 2 worker 0", ask(c2, "gen?"))
+    -- The old generation is freed once its last handler ends.
+    c:send(close_frame(1000))
+    assert.equal(8, read_frame(c).op)
+    c:close()
+    H.wait_until(function() return H.status(admin).workers[1].retired_generations == 0 end, 10,
+      "the old generation to be freed")
+    assert.equal("still", ask(c2, "still"))
+    c2:close()
+  end)
+
+  it("closes open websockets with 1001 on SIGTERM and exits without waiting for the deadline", function()
+    local c = connect(srv, "/echo")
+    assert.equal("x", ask(c, "x"))
+    srv:signal("TERM")
+    local f = assert(read_frame(c))
+    assert.equal(8, f.op)
+    assert.equal(1001, close_code(f))
+    c:send(close_frame(1001))
+    c:close()
+    H.wait_until(function() return srv:exit_code() end, 8, "wxd to exit")
+    assert.equal(0, srv:exit_code())
+    assert.equal(0, #srv:log_lines("shutdown deadline reached"))
+  end)
+end)
