@@ -194,6 +194,9 @@ end
 function _M.publish(topic, text)
   if type(topic) ~= "string" or topic == "" then error("wxd.ws.publish: topic must be a non-empty string", 2) end
   if type(text) ~= "string" then error("wxd.ws.publish: text must be a string", 2) end
+  if cluster == nil and wxd.config and wxd.config.websocket and wxd.config.websocket.cluster_topics then
+    _M.enable_cluster()
+  end
   if cluster then
     if not core.utf8_valid(text) then return nil, "invalid utf-8" end
     return cluster:publish(CHANNEL_PREFIX .. topic, text)

@@ -584,3 +584,51 @@ describe("websocket connections across a reload and at shutdown", function()
     assert.equal(0, #srv:log_lines("shutdown deadline reached"))
   end)
 end)
+
+describe("websocket cluster topics over Redis", function()
+  local url = os.getenv("WXD_TEST_REDIS_URL")
+  local a, b
+  setup(function()
+    if not url then return end
+    local env = "WXD_TEST_REDIS_URL=" .. url
+    a = H.start(H.app("ws_cluster"), { workers = 2, env = env })
+    b = H.start(H.app("ws_cluster"), { workers = 2, env = env })
+  end)
+  teardown(function()
+    if a then a:stop(); a:cleanup() end
+    if b then b:stop(); b:cleanup() end
+  end)
+
+  -- Pub/sub subscriptions start asynchronously: publish until one arrives.
+  local function until_delivered(c, publish, text)
+    c:settimeout(0.2)
+    return H.wait_until(function()
+      publish()
+      local f = read_frame(c)
+      while f and f.payload ~= text do f = read_frame(c) end
+      return f ~= nil
+    end, 15, "delivery of " .. text)
+  end
+
+  it("delivers a publish made on another node", function()
+    if not url then pending("no WXD_TEST_REDIS_URL: run with spec/run.sh") return end
+    local c = connect(a, "/sub?topic=order/7")
+    assert.truthy(read_frame(c).payload:find("^subscribed"))
+    until_delivered(c, function()
+      local r = b:get("/publish?topic=order/7&text=PAID")
+      assert.equal(200, r.status, r.body)
+    end, "PAID")
+    c:close()
+  end)
+
+  it("delivers any PUBLISH on wxd:topic:<topic> (what the order script does)", function()
+    if not url then pending("no WXD_TEST_REDIS_URL: run with spec/run.sh") return end
+    local port = url:match(":(%d+)/")
+    local c = connect(b, "/sub?topic=order/8")
+    assert.truthy(read_frame(c).payload:find("^subscribed"))
+    until_delivered(c, function()
+      H.sh("redis-cli -p " .. port .. " PUBLISH wxd:topic:order/8 '{\"state\":\"CLOSED\"}'")
+    end, '{"state":"CLOSED"}')
+    c:close()
+  end)
+end)
