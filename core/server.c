@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -425,6 +426,14 @@ int wxd_server_run(wxd_config_t *cfg) {
   if (cfg->workers <= 0) cfg->workers = (int)uv_available_parallelism();
   if (cfg->workers > 256) cfg->workers = 256;
   signal(SIGPIPE, SIG_IGN);
+  /* Every connection is a descriptor, and idle WebSocket connections are
+   * cheap enough to hold tens of thousands: take all the hard limit
+   * allows (a soft limit of 1024 is a common default). */
+  struct rlimit nofile;
+  if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < nofile.rlim_max) {
+    nofile.rlim_cur = nofile.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &nofile);
+  }
 
   struct sockaddr_storage ss, hss;
   socklen_t alen, halen;
