@@ -474,7 +474,7 @@ void wxd__http_conn_continue(wxd_conn_t *c) {
 
 static void conn_process(wxd_conn_t *c, const char *data, size_t len) {
   c->in_process++;
-  while (len > 0 && !c->closing && !c->discard_input && !c->output_wait && c->state != CONN_HANDLING) {
+  while (len > 0 && !c->closing && !c->discard_input && !c->output_wait && c->state != CONN_HANDLING && !c->ws) {
     if (c->state == CONN_IDLE) {
       c->state = CONN_READING;
       conn_set_timer(c, c->w->cfg->limits.header_timeout_ms);
@@ -521,7 +521,11 @@ static void conn_process(wxd_conn_t *c, const char *data, size_t len) {
     data += chunk;
     len -= chunk;
   }
-  if (len > 0 && !c->closing && !c->discard_input) {
+  if (len > 0 && c->ws && !c->closing) {
+    /* The handler upgraded to a WebSocket: what follows the handshake is
+     * frames. */
+    wxd__ws_input(c, data, len);
+  } else if (len > 0 && !c->closing && !c->discard_input) {
     if (wxd_buf_append(&c->in, data, len) != 0) wxd__http_conn_close(c);
     /* A client pipelining faster than we answer: stop reading until the
      * queue is worked off. */

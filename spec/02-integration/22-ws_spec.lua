@@ -181,6 +181,17 @@ describe("websocket server (raw-socket conformance)", function()
       return r.status, r.headers
     end
 
+    it("takes frames the client sent right behind its handshake, in the same write", function()
+      local c = srv:connect(10)
+      assert(c:send(handshake_bytes("/echo") .. frame(1, "early") .. frame(9, "p")))
+      assert.equal(101, (read_head(c)))
+      local f1, f2 = read_frame(c), read_frame(c)
+      -- The pong is written by C at once, the echo by the handler.
+      local got = { [f1.op] = f1.payload, [f2.op] = f2.payload }
+      assert.same({ [1] = "early", [10] = "p" }, got)
+      c:close()
+    end)
+
     it("refuses other versions with 426 and names version 13", function()
       local st, h = status_of((handshake_bytes("/echo"):gsub("Version: 13", "Version: 8")))
       assert.equal(426, st)
