@@ -74,3 +74,46 @@ describe("websocket server with the npm ws client", function()
 
   it("left no sanitizer report", function() srv:check_sanitizers() end)
 end)
+
+describe("websocket over TLS (wss) with the npm ws client", function()
+  if not have_ws() then
+    pending("npm ws is not installed in build/spec/node (run make deps)")
+    return
+  end
+
+  local srv, app
+  setup(function()
+    app = H.tmpdir()
+    local out, code = H.sh(string.format([[
+      cp -r %s/. %s/ && cd %s &&
+      openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout key.pem -out cert.pem \
+        -days 2 -subj /CN=localhost -addext subjectAltName=IP:127.0.0.1 2>&1]], H.app("ws"), app, app))
+    assert(code == 0, out)
+    H.write_file(app .. "/config.lua", [[
+return {
+  shdict = { state = "1m" },
+  websocket = { max_message_bytes = 4194304, max_frame_bytes = 4194304 },
+  https = { listen = "127.0.0.1:8443", cert = "cert.pem", key = "key.pem" },
+}
+]])
+    local hport = H.free_port()
+    srv = H.start(app, { workers = 2, args = "--https-listen 127.0.0.1:" .. hport })
+    srv.https_port = hport
+  end)
+  teardown(function()
+    srv:stop(); srv:cleanup()
+    os.execute("rm -rf " .. app)
+  end)
+
+  it("echoes text, binary, a 1.2 MB message and an empty one over wss", function()
+    local out = app .. "/wss.out"
+    os.execute(string.format("(NODE_EXTRA_CA_CERTS=%s/cert.pem NODE_PATH=%s node %s echo wss://127.0.0.1:%d/echo >%s 2>&1;"
+      .. " echo \"exit $?\" >>%s) >/dev/null 2>&1 &", app, NODE_MODULES, CLIENT, srv.https_port, out, out))
+    H.wait_until(function() return (H.read_file(out) or ""):find("exit %d") end, 60, "the node client to end")
+    local l = lines(out)
+    assert.equal("echo ok 4 messages, 1228800 bytes the largest", l[1], table.concat(l, "\n"))
+    assert.equal("close 1000", l[2])
+  end)
+
+  it("left no sanitizer report", function() srv:check_sanitizers() end)
+end)
