@@ -33,7 +33,7 @@ LLHTTP_C := api.c http.c llhttp.c
 BUILD ?= build
 OBJ  := $(SRC:core/%.c=$(BUILD)/obj/%.o) $(LLHTTP_C:%.c=$(BUILD)/llhttp/%.o)
 
-.PHONY: all run test lint asan bench bench-crypto bench-mp fuzz deps deps-bench deps-bench-mp deps-fuzz deps-spec-node check-deps clean
+.PHONY: all run test lint asan bench bench-crypto bench-mp bench-ws fuzz deps deps-bench deps-bench-mp deps-fuzz deps-spec-node check-deps clean
 
 all: $(BUILD)/wxd
 
@@ -150,6 +150,13 @@ bench: $(BUILD)/wxd
 	$(BUILD)/wxd script spec/bench/reload.lua
 	@$(MAKE) --no-print-directory bench-crypto
 	@$(MAKE) --no-print-directory bench-mp
+	@$(MAKE) --no-print-directory bench-ws
+
+# WebSocket topics: publish to frame at the client with 1,000 subscribers,
+# on one node and across two through Redis (spec/bench/ws_latency.lua).
+bench-ws: $(BUILD)/wxd
+	@$(MAKE) --no-print-directory deps >/dev/null
+	WXD=$(BUILD)/wxd $(BUILD)/wxd script spec/bench/ws_latency.lua
 
 # An encrypted WeChat text message round trip, wxd next to the npm `wechat`
 # middleware (spec/bench/mp.sh, spec/bench/README.md).

@@ -145,7 +145,7 @@ void wxd_ws_worker_close(wxd_ws_topics_t *t, int id) {
   if (was_open) uv_close((uv_handle_t *)&s->async, NULL);
 }
 
-/* The frame header of a server text frame of `len` bytes (no mask). */
+/* The header of an unmasked server frame of `len` bytes; returns its size. */
 size_t wxd__ws_frame_head(uint8_t *h, int opcode, uint64_t len) {
   h[0] = (uint8_t)(0x80 | opcode);
   if (len < 126) {
@@ -170,7 +170,6 @@ int wxd_ws_publish(wxd_ws_topics_t *t, const char *topic, size_t tlen, const cha
   size_t hl = wxd__ws_frame_head(head, 0x1, len);
   int queued = 0;
   ws_frame_t *f = NULL;
-  int wake[64], nwake = 0; /* workers woken after the unlock; more are woken under it */
   pthread_mutex_lock(&t->mu);
   struct ws_topic *x = topic_find(t, topic, tlen, h);
   for (int i = 0; x && i < t->n; i++) {
@@ -201,12 +200,10 @@ int wxd_ws_publish(wxd_ws_topics_t *t, const char *topic, size_t tlen, const cha
     s->tail = q;
     s->qbytes += f->flen;
     queued++;
-    if (nwake < 64) wake[nwake++] = i;
-    else uv_async_send(&s->async);
+    /* Under the mutex: a slot stays open (its handle not closing) until
+     * wxd_ws_worker_close, which takes it. */
+    uv_async_send(&s->async);
   }
-  /* uv_async_send on a handle being closed is not allowed: the slot stays
-   * open until wxd_ws_worker_close, which takes the mutex we hold. */
-  for (int i = 0; i < nwake; i++) uv_async_send(&t->slots[wake[i]].async);
   pthread_mutex_unlock(&t->mu);
   if (f) frame_unref(f);
   return queued;
