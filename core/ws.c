@@ -403,6 +403,11 @@ void wxd__ws_conn_closing(wxd_conn_t *c) {
   wxd_ws_t *ws = c->ws;
   if (ws->state != WS_CLOSED && !ws->close_code) ws->close_code = 1006;
   ws->state = WS_CLOSED;
+  if (ws->topics && wxd__ws_defer_wake(ws->topics, ws->worker, ws)) return;
+  wxd__ws_wake_closed(ws);
+}
+
+void wxd__ws_wake_closed(wxd_ws_t *ws) {
   ws_wake_reader(ws);
   ws_wake_writer(ws, 0);
 }

@@ -63,6 +63,7 @@ struct wxd_ws {
   unsigned shut : 1;        /* our side of the TCP connection is shut down */
   unsigned failed : 1;      /* closed for a protocol error or limit */
   unsigned close_pending : 1; /* the client's close waits behind queued messages */
+  wxd_ws_t *defer_next;     /* closed during a delivery: woken after it (wstopic.c) */
 };
 
 /* ws.c, called by the HTTP files for a connection with c->ws set. */
@@ -75,11 +76,17 @@ void wxd__ws_drain(struct wxd_conn *c);
 void wxd__ws_on_drain(struct wxd_conn *c);
 /* Writes a published frame (header and payload) to one subscriber. */
 void wxd__ws_deliver(wxd_ws_t *ws, const char *frame, size_t len);
+/* Wakes the coroutines waiting on a connection that closed. */
+void wxd__ws_wake_closed(wxd_ws_t *ws);
 
 /* wstopic.c */
 size_t wxd__ws_frame_head(uint8_t *h, int opcode, uint64_t len);
 int wxd__ws_subscribe(wxd_ws_topics_t *t, int id, wxd_ws_t *ws, const char *name, size_t n);
 int wxd__ws_unsubscribe(wxd_ws_topics_t *t, int id, wxd_ws_t *ws, const char *name, size_t n);
 void wxd__ws_unsubscribe_all(wxd_ws_topics_t *t, int id, wxd_ws_t *ws);
+/* While worker id delivers a publish (walking a topic's subscribers), a
+ * connection that closes must not run Lua (which could change the list):
+ * returns 1 and wakes its coroutines once the walk is over; 0 otherwise. */
+int wxd__ws_defer_wake(wxd_ws_topics_t *t, int id, wxd_ws_t *ws);
 
 #endif

@@ -43,6 +43,8 @@ typedef struct ws_slot {
   ws_qent_t *head, *tail;
   size_t qbytes;
   uint64_t dropped;
+  int delivering;        /* the worker walks subscribers (its thread only) */
+  wxd_ws_t *deferred;    /* closed meanwhile: woken after the walk (its thread only) */
 } ws_slot_t;
 
 struct ws_topic {
@@ -218,6 +220,7 @@ static void on_async(uv_async_t *a) {
   s->head = s->tail = NULL;
   s->qbytes = 0;
   pthread_mutex_unlock(&t->mu);
+  s->delivering = 1;
   while (q) {
     ws_qent_t *next = q->next;
     ws_frame_t *f = q->f;
@@ -230,6 +233,23 @@ static void on_async(uv_async_t *a) {
     free(q);
     q = next;
   }
+  s->delivering = 0;
+  /* Connections are freed by their handles' close callbacks, which run on
+   * a later turn of the loop: these are all still here. */
+  while (s->deferred) {
+    wxd_ws_t *ws = s->deferred;
+    s->deferred = ws->defer_next;
+    ws->defer_next = NULL;
+    wxd__ws_wake_closed(ws);
+  }
+}
+
+int wxd__ws_defer_wake(wxd_ws_topics_t *t, int id, wxd_ws_t *ws) {
+  ws_slot_t *s = &t->slots[id];
+  if (!s->delivering) return 0;
+  ws->defer_next = s->deferred;
+  s->deferred = ws;
+  return 1;
 }
 
 int wxd__ws_subscribe(wxd_ws_topics_t *t, int id, wxd_ws_t *ws, const char *name, size_t n) {

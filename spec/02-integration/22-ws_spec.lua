@@ -531,6 +531,26 @@ describe("websocket server (raw-socket conformance)", function()
       c:close()
     end)
 
+    it("drops slow readers in the middle of a delivery whose handlers then unsubscribe", function()
+      local conns = {}
+      for i = 1, 3 do
+        conns[i] = connect(srv, "/sub-then-unsub?topic=walk")
+        assert.truthy(read_frame(conns[i]).payload:find("^subscribed"))
+      end
+      local before = #srv:log_lines("does not read its messages")
+      for _ = 1, 20 do
+        srv:get("/publish-many?topic=walk&n=32&size=65536")
+        if #srv:log_lines("does not read its messages") >= before + 3 then break end
+      end
+      H.wait_until(function() return #srv:log_lines("does not read its messages") >= before + 3 end, 10,
+        "the three disconnects")
+      for _, c in ipairs(conns) do c:close() end
+      -- The topic is gone with its last subscriber: a publish reaches nobody.
+      H.wait_until(function() return srv:get_json("/publish-many?topic=walk&n=1&size=1").reached == 0 end, 10,
+        "the topic to be empty")
+      srv:check_sanitizers()
+    end)
+
     it("ws:send waits for a slow reader and goes on when it reads", function()
       local c = connect(srv, "/flood?n=200&size=65536")
       -- 13 MB: ws:send must wait (max_unsent_bytes is 1 MiB); read it all.
