@@ -33,7 +33,7 @@ LLHTTP_C := api.c http.c llhttp.c
 BUILD ?= build
 OBJ  := $(SRC:core/%.c=$(BUILD)/obj/%.o) $(LLHTTP_C:%.c=$(BUILD)/llhttp/%.o)
 
-.PHONY: all run test lint asan bench bench-crypto bench-mp fuzz deps deps-bench deps-bench-mp deps-fuzz check-deps clean
+.PHONY: all run test lint asan bench bench-crypto bench-mp bench-ws fuzz deps deps-bench deps-bench-mp deps-fuzz deps-spec-node check-deps clean
 
 all: $(BUILD)/wxd
 
@@ -70,6 +70,25 @@ endef
 
 deps:
 	$(call install_missing,$(DEB_BUILD) $(DEB_TEST))
+	@$(MAKE) --no-print-directory deps-spec-node
+
+# The npm packages specs use as independent peers (the `ws` WebSocket
+# client of spec/02-integration/23-ws_node_spec.lua), pinned in
+# spec/node/package-lock.json and installed into build/spec/node, never
+# into the repository. Fetched from the npm registry the first time;
+# afterwards nothing is fetched until the lock file changes.
+SPEC_NODE := build/spec/node
+deps-spec-node: $(SPEC_NODE)/node_modules/.installed
+
+$(SPEC_NODE)/node_modules/.installed: spec/node/package.json spec/node/package-lock.json
+	@# Debian's nodejs comes without npm (its npm package); other builds of
+	@# Node.js (NodeSource) bring their own and conflict with it.
+	@command -v npm >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends npm; }
+	@mkdir -p $(SPEC_NODE)
+	cp spec/node/package.json spec/node/package-lock.json $(SPEC_NODE)/
+	cd $(SPEC_NODE) && npm ci --no-audit --no-fund
+	@touch $@
 
 deps-bench: deps
 	$(call install_missing,$(DEB_BENCH))
@@ -132,6 +151,13 @@ bench: $(BUILD)/wxd
 	@$(MAKE) --no-print-directory bench-crypto
 	@$(MAKE) --no-print-directory bench-pay
 	@$(MAKE) --no-print-directory bench-mp
+	@$(MAKE) --no-print-directory bench-ws
+
+# WebSocket topics: publish to frame at the client with 1,000 subscribers,
+# on one node and across two through Redis (spec/bench/ws_latency.lua).
+bench-ws: $(BUILD)/wxd
+	@$(MAKE) --no-print-directory deps >/dev/null
+	WXD=$(BUILD)/wxd $(BUILD)/wxd script spec/bench/ws_latency.lua
 
 # An encrypted WeChat text message round trip, wxd next to the npm `wechat`
 # middleware (spec/bench/mp.sh, spec/bench/README.md).

@@ -380,6 +380,8 @@ void wxd_http_sweep(wxd_worker_t *w) {
     } else if (c->writes_pending && c->send_deadline && now >= c->send_deadline) {
       /* A client that stopped reading holds our memory: let it go. */
       wxd__http_conn_close(c);
+    } else if (c->ws) {
+      wxd__ws_sweep(c, now);
     } else if (c->deadline && now >= c->deadline) {
       c->deadline = 0;
       if (c->state == CONN_READING) wxd__http_conn_fail(c, 408, "request timeout");
@@ -401,12 +403,12 @@ static void process_queued(wxd_conn_t *c) {
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
 static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf);
 
-static void conn_start_reading(wxd_conn_t *c) {
+void wxd__http_conn_start_reading(wxd_conn_t *c) {
   if (c->reading || c->closing || c->peer_eof || c->output_wait) return;
   if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0) c->reading = 1;
 }
 
-static void conn_stop_reading(wxd_conn_t *c) {
+void wxd__http_conn_stop_reading(wxd_conn_t *c) {
   if (c->reading) uv_read_stop((uv_stream_t *)&c->tcp);
   c->reading = 0;
 }
@@ -418,7 +420,7 @@ static void conn_hold_output(wxd_conn_t *c) {
   c->output_wait = 1;
   c->was_held = 1;
   atomic_fetch_add_explicit(&c->w->stats.paused_for_output, 1, memory_order_relaxed);
-  conn_stop_reading(c);
+  wxd__http_conn_stop_reading(c);
 }
 
 void wxd__http_conn_release_output(wxd_conn_t *c) {
@@ -465,14 +467,14 @@ void wxd__http_conn_continue(wxd_conn_t *c) {
     if (c->writes_pending == 0) wxd__http_conn_close(c);
     return;
   }
-  conn_start_reading(c);
+  wxd__http_conn_start_reading(c);
 }
 
 /* ---- reading ---- */
 
 static void conn_process(wxd_conn_t *c, const char *data, size_t len) {
   c->in_process++;
-  while (len > 0 && !c->closing && !c->discard_input && !c->output_wait && c->state != CONN_HANDLING) {
+  while (len > 0 && !c->closing && !c->discard_input && !c->output_wait && c->state != CONN_HANDLING && !c->ws) {
     if (c->state == CONN_IDLE) {
       c->state = CONN_READING;
       conn_set_timer(c, c->w->cfg->limits.header_timeout_ms);
@@ -519,11 +521,15 @@ static void conn_process(wxd_conn_t *c, const char *data, size_t len) {
     data += chunk;
     len -= chunk;
   }
-  if (len > 0 && !c->closing && !c->discard_input) {
+  if (len > 0 && c->ws && !c->closing) {
+    /* The handler upgraded to a WebSocket: what follows the handshake is
+     * frames. */
+    wxd__ws_input(c, data, len);
+  } else if (len > 0 && !c->closing && !c->discard_input) {
     if (wxd_buf_append(&c->in, data, len) != 0) wxd__http_conn_close(c);
     /* A client pipelining faster than we answer: stop reading until the
      * queue is worked off. */
-    else if (c->in.len > IN_QUEUE_MAX) conn_stop_reading(c);
+    else if (c->in.len > IN_QUEUE_MAX) wxd__http_conn_stop_reading(c);
   }
   c->in_process--;
 }
@@ -545,10 +551,14 @@ static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
 
 /* Bytes of the request stream (plaintext, after TLS when there is TLS). */
 static void conn_input(wxd_conn_t *c, const char *data, size_t len) {
+  if (c->ws) {
+    wxd__ws_input(c, data, len);
+    return;
+  }
   if (c->state == CONN_HANDLING || c->in.len > 0 || c->output_wait) {
     if (!c->discard_input && wxd_buf_append(&c->in, data, len) != 0) wxd__http_conn_close(c);
     else if (c->state != CONN_HANDLING && !c->output_wait) process_queued(c);
-    else if (c->in.len > IN_QUEUE_MAX) conn_stop_reading(c);
+    else if (c->in.len > IN_QUEUE_MAX) wxd__http_conn_stop_reading(c);
   } else if (!c->discard_input) {
     conn_process(c, data, len);
   }
@@ -556,7 +566,11 @@ static void conn_input(wxd_conn_t *c, const char *data, size_t len) {
 
 /* The client sent all it will (TCP EOF, or TLS close_notify). */
 static void conn_input_end(wxd_conn_t *c) {
-  conn_stop_reading(c);
+  wxd__http_conn_stop_reading(c);
+  if (c->ws) {
+    wxd__ws_input_end(c);
+    return;
+  }
   if (c->state == CONN_HANDLING || c->in.len > 0 || c->writes_pending > 0) {
     /* Half-close: answer the requests that are complete, finish writing,
      * then close. */
@@ -662,6 +676,7 @@ static void on_conn_handle_closed(uv_handle_t *h) {
   if (c->next) c->next->prev = c->prev;
   w->nconns--;
   atomic_fetch_sub_explicit(&w->stats.connections, 1, memory_order_relaxed);
+  if (c->ws) wxd__ws_conn_closed(c);
   wxd_buf_free(&c->in);
   if (c->was_held) w->trim_wanted = 1;
   wxd_tls_free(c->tls); /* drops its reference to the SSL_CTX */
@@ -704,6 +719,7 @@ void wxd__http_conn_close(wxd_conn_t *c) {
     uv_buf_t b = uv_buf_init(alert, (unsigned)wxd_tls_take(c->tls, alert, sizeof alert));
     if (b.len) uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
   }
+  if (c->ws) wxd__ws_conn_closing(c);
   uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
 }
 
@@ -753,7 +769,7 @@ static void accept_conn(uv_stream_t *server, int status, int tls) {
    * covers the handshake: the timer is reset by the first byte of a
    * request, not by handshake bytes. */
   conn_set_timer(c, w->cfg->limits.header_timeout_ms);
-  conn_start_reading(c);
+  wxd__http_conn_start_reading(c);
 }
 
 void wxd_http_on_connection(uv_stream_t *server, int status) { accept_conn(server, status, 0); }
@@ -764,7 +780,8 @@ void wxd_http_drain(wxd_worker_t *w) {
   wxd_conn_t *c = w->conns;
   while (c) {
     wxd_conn_t *next = c->next;
-    if (c->state == CONN_IDLE && c->writes_pending == 0) wxd__http_conn_close(c);
+    if (c->ws) wxd__ws_drain(c);
+    else if (c->state == CONN_IDLE && c->writes_pending == 0) wxd__http_conn_close(c);
     else if (c->req) c->req->keep_alive = 0;
     c = next;
   }

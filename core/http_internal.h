@@ -15,6 +15,7 @@
 #include "httpscan.h"
 #include "tls.h"
 #include "vm.h"
+#include "ws_internal.h"
 
 #define MAX_HEADERS 100
 /* Unsent output a connection may hold: above it, a streaming handler waits
@@ -23,7 +24,7 @@
 #define OUTPUT_HIGH_WATER (256 * 1024)
 #define OUTPUT_LOW_WATER (OUTPUT_HIGH_WATER / 2)
 
-enum { CONN_IDLE, CONN_READING, CONN_HANDLING };
+enum { CONN_IDLE, CONN_READING, CONN_HANDLING, CONN_WS };
 
 typedef struct wxd_conn wxd_conn_t;
 
@@ -86,6 +87,7 @@ struct wxd_conn {
   unsigned tls_failed : 1;    /* no more TLS records: no close_notify either */
   wxd_tls_t *tls;             /* HTTPS: NULL on plain connections */
   wxd_tls_info_t *tls_info;   /* HTTPS: what the handshake settled */
+  struct wxd_ws *ws;          /* upgraded to a WebSocket (ws.c): NULL for HTTP */
   char remote[64];
   int remote_port;
 };
@@ -94,6 +96,8 @@ struct wxd_conn {
 void wxd__http_conn_close(wxd_conn_t *c);
 void wxd__http_conn_continue(wxd_conn_t *c);
 void wxd__http_conn_stop_timer(wxd_conn_t *c);
+void wxd__http_conn_start_reading(wxd_conn_t *c);
+void wxd__http_conn_stop_reading(wxd_conn_t *c);
 void wxd__http_conn_release_output(wxd_conn_t *c);
 void wxd__http_req_finish(wxd_req_t *r);
 void wxd__http_req_free(wxd_req_t *r);

@@ -398,6 +398,10 @@ void wxd__http_dispatch(wxd_conn_t *c) {
 /* ---- Lua: response streaming ---- */
 
 void wxd__http_maybe_resume_streamer(wxd_conn_t *c) {
+  if (c->ws) {
+    wxd__ws_on_drain(c);
+    return;
+  }
   wxd_req_t *r = c->req;
   if (!r || !r->drain_wait || !r->co) return;
   if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > OUTPUT_LOW_WATER) return;

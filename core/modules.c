@@ -13,6 +13,7 @@
 #include "task.h"
 #include "timer.h"
 #include "vm.h"
+#include "ws.h"
 #include "xml.h"
 
 /* lua-cjson, linked statically; it ships no header. */
@@ -34,6 +35,7 @@ static const struct {
     {"wxd.core.redis", wxd_open_redis},
     {"wxd.core.task", wxd_open_task},
     {"wxd.core.order", wxd_open_order},
+    {"wxd.core.ws", wxd_open_ws},
     {"cjson", luaopen_cjson},
     {"cjson.safe", luaopen_cjson_safe},
 };

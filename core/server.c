@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -20,6 +21,7 @@
 #include "shdict.h"
 #include "timer.h"
 #include "tls.h"
+#include "ws.h"
 
 /* Start-up barrier: every worker loads the app, then all start listening
  * together, or none does. */
@@ -59,6 +61,7 @@ wxd_vm_t *wxd_worker_load(wxd_worker_t *w, unsigned gen, char *err, size_t errle
   vm->shdicts = w->srv->shdicts; /* before app.lua runs: it may use them */
   vm->fetch = w->fetch;
   vm->redis = w->redis;
+  vm->ws_topics = w->srv->ws_topics;
   vm->generation = gen;
   vm->on_idle = on_vm_idle;
   lua_State *L = vm->L;
@@ -173,6 +176,7 @@ static void close_worker_handles(wxd_worker_t *w) {
   uv_unref((uv_handle_t *)&w->deadline);
   uv_close((uv_handle_t *)&w->stop_async, on_handle_closed);
   uv_close((uv_handle_t *)&w->ctl_async, on_handle_closed);
+  wxd_ws_worker_close(w->srv->ws_topics, w->id);
   close_listeners(w);
 }
 
@@ -261,6 +265,7 @@ static void worker_main(void *arg) {
   if (w->vm) w->vm->redis = NULL;
   if (w->next_vm) w->next_vm->redis = NULL;
   for (wxd_vm_t *vm = w->retired; vm; vm = vm->next_retired) vm->redis = NULL;
+  wxd_ws_worker_close(w->srv->ws_topics, w->id);
   uv_walk(&w->loop, walk_close, NULL);
   uv_run(&w->loop, UV_RUN_DEFAULT);
   wxd_logbuf_free(&w->access);
@@ -421,6 +426,14 @@ int wxd_server_run(wxd_config_t *cfg) {
   if (cfg->workers <= 0) cfg->workers = (int)uv_available_parallelism();
   if (cfg->workers > 256) cfg->workers = 256;
   signal(SIGPIPE, SIG_IGN);
+  /* Every connection is a descriptor, and idle WebSocket connections are
+   * cheap enough to hold tens of thousands: take all the hard limit
+   * allows (a soft limit of 1024 is a common default). */
+  struct rlimit nofile;
+  if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < nofile.rlim_max) {
+    nofile.rlim_cur = nofile.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &nofile);
+  }
 
   struct sockaddr_storage ss, hss;
   socklen_t alen, halen;
@@ -469,8 +482,10 @@ int wxd_server_run(wxd_config_t *cfg) {
       return 1;
     }
   }
-  srv.workers = srv.shdicts ? calloc((size_t)n, sizeof *srv.workers) : NULL;
+  srv.ws_topics = srv.shdicts ? wxd_ws_topics_new(n) : NULL;
+  srv.workers = srv.ws_topics ? calloc((size_t)n, sizeof *srv.workers) : NULL;
   if (!srv.workers) {
+    wxd_ws_topics_free(srv.ws_topics);
     wxd_shdict_registry_free(srv.shdicts);
     SSL_CTX_free(tls_ctx);
     return 1;
@@ -534,6 +549,7 @@ int wxd_server_run(wxd_config_t *cfg) {
     w->stop_async.data = w;
     uv_async_init(&w->loop, &w->ctl_async, on_ctl);
     w->ctl_async.data = w;
+    wxd_ws_worker_open(srv.ws_topics, w->id, &w->loop, w);
     uv_timer_init(&w->loop, &w->tick);
     w->tick.data = w;
     uv_timer_start(&w->tick, on_tick, 100, 100);
@@ -633,5 +649,6 @@ cleanup:
   free(workers);
   /* Every worker thread has been joined (or never ran): nobody uses them. */
   wxd_shdict_registry_free(srv.shdicts);
+  wxd_ws_topics_free(srv.ws_topics);
   return rc;
 }

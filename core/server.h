@@ -118,6 +118,7 @@ struct wxd_server {
   int stopping;
   wxd_reload_state_t reload;
   struct wxd_shdict_registry *shdicts; /* created before the workers, freed after */
+  struct wxd_ws_topics *ws_topics;     /* WebSocket topics (ws.h): likewise */
   struct ssl_ctx_st *tls_next; /* HTTPS context a reload prepared; guarded by reload.mu */
   wxd_steer_t steer;           /* which worker gets a new connection (main thread) */
 };

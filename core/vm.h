@@ -48,7 +48,7 @@ struct wxd_co {
   wxd_co_t *prev, *next; /* vm's list of live coroutines */
 };
 
-enum { WXD_CO_SCRIPT = 1, WXD_CO_REQUEST = 2, WXD_CO_TIMER = 3, WXD_CO_REDIS = 4, WXD_CO_TASK = 5 };
+enum { WXD_CO_SCRIPT = 1, WXD_CO_REQUEST = 2, WXD_CO_TIMER = 3, WXD_CO_REDIS = 4, WXD_CO_TASK = 5, WXD_CO_WS = 6 };
 
 /* Cleanup a module registers with the VM (wxd_vm_on_close), so that the VM
  * names none of the modules that keep state in it. */
@@ -89,6 +89,9 @@ struct wxd_vm {
   /* The worker's Redis connections (redis.c), set like fetch; NULL outside
    * a server. Not owned. */
   struct wxd_redis_pool *redis;
+  /* The WebSocket topic registry (ws.h), set like shdicts; NULL outside a
+   * server. Not owned. */
+  struct wxd_ws_topics *ws_topics;
   /* Pub/sub subscriptions this generation made (redis.c): dropped when it
    * retires or is freed. */
   struct wxd_redis_sub *redis_subs;

@@ -48,6 +48,7 @@ build = {
       ["wxd.shdict"] = "lua/wxd/shdict.lua",
       ["wxd.store"] = "lua/wxd/store.lua",
       ["wxd.task"] = "lua/wxd/task.lua",
+      ["wxd.ws"] = "lua/wxd/ws.lua",
       ["wxd.testing"] = "lua/wxd/testing.lua",
       ["wxd.timer"] = "lua/wxd/timer.lua",
       ["wxd.wechat"] = "lua/wxd/wechat.lua",

@@ -873,6 +873,18 @@ function app_methods.pay_notify_v2(self, path, cfg, handlers)
   return require("wxd.pay.v2").mount(self, path, cfg, handlers)
 end
 
+--- Serve WebSocket connections at `path` (GET with an Upgrade handshake).
+-- `handler(ws, req)` runs in the connection's coroutine: `ws:receive()`,
+-- `ws:send(data [, "binary"])`, `ws:close(code, reason)`,
+-- `ws:subscribe(topic)`. See wxd.ws and docs/websocket.md.
+-- @tparam string path route pattern
+-- @tparam function handler handler(ws, req)
+-- @tparam[opt] table opts the keys of config `websocket`, for this route
+-- @treturn table the app
+function app_methods.ws(self, path, handler, opts)
+  return require("wxd.ws").mount(self, path, handler, opts)
+end
+
 --- The route a request would reach, for tools and tests.
 -- @tparam string method request method
 -- @tparam string path raw request path
