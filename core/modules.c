@@ -7,6 +7,7 @@
 #include "fetch.h"
 #include "http.h"
 #include "json.h"
+#include "limit.h"
 #include "redis.h"
 #include "shdict.h"
 #include "task.h"
@@ -32,6 +33,7 @@ static const struct {
     {"wxd.core.fetch", wxd_open_fetch},
     {"wxd.core.redis", wxd_open_redis},
     {"wxd.core.task", wxd_open_task},
+    {"wxd.core.limit", wxd_open_limit},
     {"cjson", luaopen_cjson},
     {"cjson.safe", luaopen_cjson_safe},
 };

@@ -28,7 +28,8 @@ local _M = {
 local lazy = { app = "wxd.app", log = "wxd.log", config_loader = "wxd.config", timer = "wxd.timer", crypto = "wxd.crypto",
   shdict = "wxd.shdict", lock = "wxd.lock", store = "wxd.store", xml = "wxd.xml",
   mp = "wxd.mp", testing = "wxd.testing", http = "wxd.http", redis = "wxd.redis",
-  wechat = "wxd.wechat", miniprogram = "wxd.miniprogram", json = "wxd.json", task = "wxd.task" }
+  wechat = "wxd.wechat", miniprogram = "wxd.miniprogram", json = "wxd.json", task = "wxd.task",
+  limit = "wxd.limit", breaker = "wxd.breaker", retry = "wxd.retry" }
 
 return setmetatable(_M, {
   __index = function(t, k)
