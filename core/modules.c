@@ -3,6 +3,7 @@
  * the first require. A new native module adds its header and one line. */
 #include <lua.h>
 
+#include "breaker.h"
 #include "crypto.h"
 #include "fetch.h"
 #include "http.h"
@@ -34,6 +35,7 @@ static const struct {
     {"wxd.core.redis", wxd_open_redis},
     {"wxd.core.task", wxd_open_task},
     {"wxd.core.limit", wxd_open_limit},
+    {"wxd.core.breaker", wxd_open_breaker},
     {"cjson", luaopen_cjson},
     {"cjson.safe", luaopen_cjson_safe},
 };
