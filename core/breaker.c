@@ -186,7 +186,7 @@ static void log_change(lua_State *L, const wxd_breaker_t *b, const change_t *ch)
   int n = snprintf(extra, sizeof extra, "\"breaker\":\"%s\",\"from\":\"%s\",\"to\":\"%s\"", esc,
                    state_names[ch->from], state_names[ch->to]);
   /* Why it opened; the counts mean nothing for the other changes. */
-  if (ch->to == OPEN && n > 0 && (size_t)n < sizeof extra)
+  if (ch->from == CLOSED && ch->to == OPEN && n > 0 && (size_t)n < sizeof extra)
     snprintf(extra + n, sizeof extra - (size_t)n, ",\"consecutive_failures\":%u,\"window_calls\":%u,\"window_failures\":%u",
              ch->consecutive, ch->calls, ch->fails);
   wxd_log(ch->to == OPEN ? WXD_LOG_WARN : WXD_LOG_INFO, vm ? vm->worker : -1, "circuit breaker state change", extra);
