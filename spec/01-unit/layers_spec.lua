@@ -10,7 +10,7 @@ local H = require "helpers"
 local LAYERS = {
   "wxd", "wxd.util",
   "wxd.json", "wxd.xml", "wxd.crypto", "wxd.timer", "wxd.task", "wxd.shdict",
-  "wxd.log", "wxd.lock", "wxd.redis", "wxd.http",
+  "wxd.log", "wxd.lock", "wxd.redis", "wxd.limit", "wxd.retry", "wxd.breaker", "wxd.http",
   "wxd.config", "wxd.store",
   "wxd.miniprogram", "wxd.wechat", "wxd.mp",
   "wxd.app", "wxd.testing", "wxd.server", "wxd.cli",
