@@ -45,6 +45,8 @@ end
 -- of Redis's own clock (TIME), so the nodes' clocks do not matter. Numbers
 -- go back as strings: Redis would truncate Lua numbers to integers.
 local GCRA = [[
+-- Redis before 5 replicates scripts verbatim and refuses a write after TIME.
+if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local T, burst, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
