@@ -3,6 +3,8 @@
 -- clock), the deadline, what is retried and what not; the breaker's exact
 -- transitions at chosen instants (the core takes a time for specs) and its
 -- retry budget. Against a real failing upstream: 02-integration/23-breaker_spec.lua.
+local H = require "helpers"
+local cjson = require "cjson"
 local retry = require "wxd.retry"
 local breaker = require "wxd.breaker"
 
@@ -187,6 +189,31 @@ describe("wxd.breaker", function()
     b:reset()
     assert.equal("closed", (b:state()))
     assert.equal("ok", (b:call(function() return "ok" end)))
+  end)
+
+  it("logs every state change as one JSON line (warn when it opens, with the counts that tripped it)", function()
+    local dir = H.tmpdir()
+    H.write_file(dir .. "/trip.lua", [[
+local breaker = require "wxd.breaker"
+local c = breaker.new("logged", { failures = 2, failure_rate = 0, cooldown = 1 })._c
+for _ = 1, 2 do local _, p = c:allow(false, 10) c:report(false, p, 10) end
+local _, p = c:allow(false, 11)
+c:report(true, p, 11)
+]])
+    local out, code = H.sh(H.WXD .. " script " .. dir .. "/trip.lua")
+    os.execute("rm -rf " .. dir)
+    assert.equal(0, code, out)
+    local changes = {}
+    for line in out:gmatch("[^\n]+") do
+      local rec = cjson.decode(line)
+      if rec.msg == "circuit breaker state change" then changes[#changes + 1] = rec end
+    end
+    assert.equal(3, #changes, out)
+    assert.same({ "warn", "closed", "open", 2 }, { changes[1].level, changes[1].from, changes[1].to,
+      changes[1].consecutive_failures })
+    assert.same({ "info", "open", "half_open" }, { changes[2].level, changes[2].from, changes[2].to })
+    assert.same({ "info", "half_open", "closed" }, { changes[3].level, changes[3].from, changes[3].to })
+    assert.equal("logged", changes[3].breaker)
   end)
 
   it("the retry budget: retries through a breaker add at most retry_ratio extra calls", function()
