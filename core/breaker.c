@@ -98,9 +98,11 @@ static void go(wxd_breaker_t *b, int to, double now, change_t *ch) {
   }
 }
 
-/* Returns 1 and sets *probe when the call may go, 0 when it fails fast
- * (-1: a retry refused by the budget). */
-static int breaker_allow(wxd_breaker_t *b, int retry, double now, int *probe, change_t *ch) {
+/* Returns 1 when the call may go, 0 when it fails fast (-1: a retry
+ * refused by the budget). *probe is 0, or for a half-open probe the number
+ * of that half-open spell (b->half_opened), so that a probe reporting after
+ * its spell ended is not taken for one of the next spell. */
+static int breaker_allow(wxd_breaker_t *b, int retry, double now, uint64_t *probe, change_t *ch) {
   *probe = 0;
   if (b->state == OPEN && now - b->opened_at >= b->conf.cooldown_ns) go(b, HALF_OPEN, now, ch);
   if (b->state == OPEN) {
@@ -126,18 +128,21 @@ static int breaker_allow(wxd_breaker_t *b, int retry, double now, int *probe, ch
   }
   if (b->state == HALF_OPEN) {
     b->inflight++;
-    *probe = 1;
+    *probe = b->half_opened;
   }
   b->calls++;
   return 1;
 }
 
-static void breaker_report(wxd_breaker_t *b, int ok, int probe, double now, change_t *ch) {
+static void breaker_report(wxd_breaker_t *b, int ok, uint64_t probe, double now, change_t *ch) {
   if (ok) b->successes++;
   else b->failures++;
-  if (probe && b->inflight > 0) b->inflight--;
+  /* A probe of an earlier spell, or a call admitted before it opened,
+   * says nothing about the upstream now. */
+  if (probe && probe != b->half_opened) return;
+  if (probe && b->state == HALF_OPEN && b->inflight > 0) b->inflight--;
   if (b->state == HALF_OPEN) {
-    if (!probe) return; /* admitted before it opened: says nothing new */
+    if (!probe) return;
     if (!ok) go(b, OPEN, now, ch);
     else if (++b->probe_ok >= b->conf.probes) go(b, CLOSED, now, ch);
     return;
@@ -250,20 +255,22 @@ static int mod_new(lua_State *L) {
   return 1;
 }
 
-/* b:allow([retry [, at]]) -> true, is_probe | nil, "open" | nil, "retry budget" */
+/* b:allow([retry [, at]]) -> true, probe (false, or the spell's number to
+ * hand back to report) | nil, "open" | nil, "retry budget" */
 static int br_allow(lua_State *L) {
   wxd_breaker_t *b = check_breaker(L);
   int retry = lua_toboolean(L, 2);
   double now = now_arg(L, 3);
   change_t ch = {0, 0, 0, 0, 0};
-  int probe;
+  uint64_t probe;
   pthread_mutex_lock(&b->mu);
   int r = breaker_allow(b, retry, now, &probe, &ch);
   pthread_mutex_unlock(&b->mu);
   log_change(L, b, &ch);
   if (r > 0) {
     lua_pushboolean(L, 1);
-    lua_pushboolean(L, probe);
+    if (probe) lua_pushnumber(L, (lua_Number)probe);
+    else lua_pushboolean(L, 0);
     return 2;
   }
   lua_pushnil(L);
@@ -272,10 +279,11 @@ static int br_allow(lua_State *L) {
   return 2;
 }
 
-/* b:report(ok, is_probe [, at]) -> the state after it */
+/* b:report(ok, probe [, at]) -> the state after it (probe: what allow gave) */
 static int br_report(lua_State *L) {
   wxd_breaker_t *b = check_breaker(L);
-  int ok = lua_toboolean(L, 2), probe = lua_toboolean(L, 3);
+  int ok = lua_toboolean(L, 2);
+  uint64_t probe = lua_type(L, 3) == LUA_TNUMBER ? (uint64_t)lua_tonumber(L, 3) : 0;
   double now = now_arg(L, 4);
   change_t ch = {0, 0, 0, 0, 0};
   pthread_mutex_lock(&b->mu);
