@@ -33,7 +33,7 @@ LLHTTP_C := api.c http.c llhttp.c
 BUILD ?= build
 OBJ  := $(SRC:core/%.c=$(BUILD)/obj/%.o) $(LLHTTP_C:%.c=$(BUILD)/llhttp/%.o)
 
-.PHONY: all run test lint asan bench bench-crypto bench-mp bench-ws fuzz deps deps-bench deps-bench-mp deps-fuzz deps-spec-node check-deps clean
+.PHONY: all run test lint asan bench bench-crypto bench-limit bench-mp bench-ws fuzz deps deps-bench deps-bench-mp deps-fuzz deps-spec-node check-deps clean
 
 all: $(BUILD)/wxd
 
@@ -171,6 +171,10 @@ bench-pay: $(BUILD)/wxd
 	$(BUILD)/wxd script spec/bench/pay.lua
 
 # AES-256-CBC decrypt and RSA-2048 verify per second, next to `openssl speed`.
+# Cost of a rate-limiter check per request (spec/bench/limit.sh, spec/bench/README.md).
+bench-limit: $(BUILD)/wxd
+	WXD=$(BUILD)/wxd spec/bench/limit.sh
+
 bench-crypto: $(BUILD)/wxd
 	$(BUILD)/wxd script spec/bench/crypto.lua
 

@@ -3,10 +3,12 @@
  * the first require. A new native module adds its header and one line. */
 #include <lua.h>
 
+#include "breaker.h"
 #include "crypto.h"
 #include "fetch.h"
 #include "http.h"
 #include "json.h"
+#include "limit.h"
 #include "paystate.h"
 #include "redis.h"
 #include "shdict.h"
@@ -36,6 +38,8 @@ static const struct {
     {"wxd.core.task", wxd_open_task},
     {"wxd.core.order", wxd_open_order},
     {"wxd.core.ws", wxd_open_ws},
+    {"wxd.core.limit", wxd_open_limit},
+    {"wxd.core.breaker", wxd_open_breaker},
     {"cjson", luaopen_cjson},
     {"cjson.safe", luaopen_cjson_safe},
 };

@@ -96,7 +96,7 @@ struct wxd_shdict_registry {
     v2 += v1; v1 = ROTL(v1, 17); v1 ^= v2; v2 = ROTL(v2, 32);                \
   } while (0)
 
-static uint64_t siphash13(const uint64_t k[2], const void *data, size_t len) {
+uint64_t wxd_siphash13(const uint64_t k[2], const void *data, size_t len) {
   const unsigned char *p = data;
   uint64_t v0 = 0x736f6d6570736575ULL ^ k[0], v1 = 0x646f72616e646f6dULL ^ k[1];
   uint64_t v2 = 0x6c7967656e657261ULL ^ k[0], v3 = 0x7465646279746573ULL ^ k[1];
@@ -569,7 +569,7 @@ static uint64_t check_ttl(lua_State *L, int idx, uint64_t now) {
 }
 
 static uint64_t hash_key(const wxd_shdict_t *d, const char *key, size_t klen) {
-  return siphash13(d->sipkey, key, klen);
+  return wxd_siphash13(d->sipkey, key, klen);
 }
 
 static int push_result(lua_State *L, int rc) {

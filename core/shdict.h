@@ -30,6 +30,7 @@
 
 #include <lua.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #define WXD_SHDICT_MIN_BYTES ((size_t)64 * 1024)     /* smallest capacity */
 #define WXD_SHDICT_MAX_BYTES ((size_t)1 << 40)       /* largest capacity */
@@ -50,6 +51,10 @@ wxd_shdict_t *wxd_shdict_find(const wxd_shdict_registry_t *reg, const char *name
 /* Frees every dictionary and entry. No thread may use the registry any more,
  * and no lock waiter may be queued (their loops have ended). */
 void wxd_shdict_registry_free(wxd_shdict_registry_t *reg);
+
+/* SipHash-1-3 of `data` under key `k`: for hash tables whose keys may come
+ * from clients (who must not be able to pick colliding ones). */
+uint64_t wxd_siphash13(const uint64_t k[2], const void *data, size_t len);
 
 /* Lua module wxd.core.shdict (lua/wxd/shdict.lua and lock.lua wrap it). */
 int wxd_open_shdict(lua_State *L);

@@ -1,6 +1,7 @@
 -- examples/hello: the smallest wxd app, also the benchmark target.
 local wxd = require "wxd"
 local app = require("wxd.app").new()
+local limit = require "wxd.limit"
 
 app:get("/hello", function()
   return "hello world\n"
@@ -19,5 +20,11 @@ app:get("/sleep", function(req)
   wxd.sleep(ms)
   return "slept " .. ms .. "\n"
 end)
+
+-- 50 requests per second with bursts of 10 per client address, counted
+-- once for the whole process (every worker takes from the same bucket).
+app:get("/limited", limit.route({ name = "hello_limited", rate = 50, burst = 10 }, function()
+  return "ok " .. wxd.worker_id() .. "\n"
+end))
 
 return app

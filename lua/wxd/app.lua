@@ -829,6 +829,9 @@ function app_methods.before(self, fn)
   return self
 end
 
+--- The same as before(): `app:use(limit.middleware{ ... })`.
+app_methods.use = app_methods.before
+
 --- Add a middleware that runs after the handler (also after a
 -- short-circuit, a 404 or a 405), in registration order. It may change
 -- `res`; its return value is ignored.

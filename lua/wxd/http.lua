@@ -227,30 +227,14 @@ local function resolve(base, location)
   return scheme .. "://" .. authority .. dir .. location
 end
 
---- Sends a request and waits for the response.
--- @tparam table opts
---   `url` (http:// or https://, required); `method` ("GET"); `headers`
---   (name → string, number or list); `body` (string); `query` (table,
---   url-encoded and appended); `timeout` (seconds, or
---   `{ connect = 5, send = 10, read = 10, total = 30 }`: connect covers
---   waiting for a pooled connection, DNS, TCP and the TLS handshake; read
---   is the longest silence while reading); `max_body` (10 MiB);
---   `max_header_bytes` (64 KiB); `keepalive` (true); `follow_redirects`
---   (false) and `max_redirects` (5); for HTTPS `verify` (true), `ca_file`,
---   `client_cert` (`{ cert = pem, key = pem [, passphrase] }` or
---   `{ pkcs12 = bytes, passphrase = "..." }`).
--- @treturn ?table `{ status, headers, body }`
--- @treturn ?string kind: "timeout", "connect", "tls", "dns", "protocol", "too_large"
--- @treturn ?string detail
--- @usage local res, err, detail = http.request{ url = "https://api.weixin.qq.com/cgi-bin/token", query = q }
-function _M.request(opts)
-  local spec, method = prepare(opts, 2)
+local function request_once(opts, level)
+  local spec, method = prepare(opts, level + 1)
   local follow = opts.follow_redirects
-  if follow ~= nil and type(follow) ~= "boolean" then fail("follow_redirects must be a boolean", 2) end
+  if follow ~= nil and type(follow) ~= "boolean" then fail("follow_redirects must be a boolean", level + 1) end
   local res, err, detail = core.request(spec)
   if not follow then return res, err, detail end
   local max = opts.max_redirects or 5
-  if type(max) ~= "number" or max < 0 then fail("max_redirects must be a number >= 0", 2) end
+  if type(max) ~= "number" or max < 0 then fail("max_redirects must be a number >= 0", level + 1) end
   local url, n = opts.url, 0
   while res and REDIRECT[res.status] and type(res.headers.location) == "string" do
     if n >= max then return nil, "protocol", format("too many redirects (more than %d)", max) end
@@ -264,7 +248,7 @@ function _M.request(opts)
       o.body = nil
     end
     -- Credentials go only where they were meant for.
-    local _, old_host, old_port = parse_url(url, 2)
+    local _, old_host, old_port = parse_url(url, level + 1)
     local ok, scheme, new_host, new_port = pcall(parse_url, next_url, 1)
     if not ok then return nil, "protocol", "redirect to an unsupported location" end
     if new_host ~= old_host or new_port ~= old_port or scheme ~= match(lower(url), "^(%a+)") then
@@ -275,11 +259,82 @@ function _M.request(opts)
       end
       o.headers = h
     end
-    spec, method = prepare(o, 2)
+    spec, method = prepare(o, level + 1)
     url = next_url
     res, err, detail = core.request(spec)
   end
   return res, err, detail
+end
+
+-- The same request as `opts` with its total timeout cut to `remaining` seconds.
+local function within(opts, remaining)
+  local o = {}
+  for k, v in pairs(opts) do o[k] = v end
+  local t = opts.timeout
+  if type(t) == "number" then
+    o.timeout = t < remaining and t or remaining
+  else
+    local c = {}
+    if type(t) == "table" then for k, v in pairs(t) do c[k] = v end end
+    local total = c.total or DEFAULT_TIMEOUT.total
+    c.total = total < remaining and total or remaining
+    o.timeout = c
+  end
+  return o
+end
+
+-- A request with `retry` and/or `breaker` (see request).
+local function resilient(opts, level)
+  local retry = require "wxd.retry"
+  local ro = opts.retry
+  if ro == true then ro = {} end
+  if ro ~= nil and ro ~= false and type(ro) ~= "table" then fail("retry must be true or a table", level + 1) end
+  local br = opts.breaker
+  if type(br) == "string" then
+    br = require("wxd.breaker").get(br)
+  elseif br ~= nil and (type(br) ~= "table" or not br._c) then
+    fail("breaker must be a name or come from wxd.breaker.new", level + 1)
+  end
+  local o = retry.options(ro or { attempts = 1 }, level + 1)
+  o.breaker = br
+  if br and not (ro and ro.retryable) then o.retryable = br.is_failure end
+  local method = upper(type(opts.method) == "string" and opts.method or "GET")
+  -- A POST that timed out may have been done: repeat it only when told.
+  if not (IDEMPOTENT[method] or (ro and ro.idempotent == true)) then o.attempts = 1 end
+  prepare(opts, level + 1) -- misuse raises here, at the caller, not inside an attempt
+  return retry.run(o, function(_, remaining)
+    if remaining then
+      if remaining <= 0.001 then return nil, "timeout", "retry deadline passed" end
+      return request_once(within(opts, remaining), 1)
+    end
+    return request_once(opts, 1)
+  end)
+end
+
+--- Sends a request and waits for the response.
+-- @tparam table opts
+--   `url` (http:// or https://, required); `method` ("GET"); `headers`
+--   (name → string, number or list); `body` (string); `query` (table,
+--   url-encoded and appended); `timeout` (seconds, or
+--   `{ connect = 5, send = 10, read = 10, total = 30 }`: connect covers
+--   waiting for a pooled connection, DNS, TCP and the TLS handshake; read
+--   is the longest silence while reading); `max_body` (10 MiB);
+--   `max_header_bytes` (64 KiB); `keepalive` (true); `follow_redirects`
+--   (false) and `max_redirects` (5); for HTTPS `verify` (true), `ca_file`,
+--   `client_cert` (`{ cert = pem, key = pem [, passphrase] }` or
+--   `{ pkcs12 = bytes, passphrase = "..." }`); `retry` (true or the options
+--   of wxd.retry, with `idempotent = true` to retry a POST or PATCH: only
+--   idempotent methods are retried otherwise) retries timeouts, connect and
+--   DNS errors, 5xx and WeChat's errcode -1 with backoff; `breaker` (a name
+--   or a wxd.breaker) fails fast with `nil, "circuit open"` while the
+--   upstream is failing (docs/resilience.md).
+-- @treturn ?table `{ status, headers, body }`
+-- @treturn ?string kind: "timeout", "connect", "tls", "dns", "protocol", "too_large"
+-- @treturn ?string detail
+-- @usage local res, err, detail = http.request{ url = "https://api.weixin.qq.com/cgi-bin/token", query = q }
+function _M.request(opts)
+  if type(opts) == "table" and (opts.retry or opts.breaker ~= nil) then return resilient(opts, 2) end
+  return request_once(opts, 2)
 end
 
 --- `request` with method GET.

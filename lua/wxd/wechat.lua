@@ -28,8 +28,15 @@
 --   in its place is kept), and the call is retried once with a fresh one.
 --   Rate-limit and busy answers (45009, 45011, -1) are returned as they are.
 --
+-- * Quotas: calls pass a limiter per appid and one per API path
+--   (wxd.limit, shared by the workers) before they go out, so that a burst
+--   is held back here instead of WeChat answering 45009/45011. A call over
+--   the quota waits up to `quota.wait` seconds for its turn, or fails fast
+--   with "quota" (info.retry_after, info.scope "appid" or "api").
+--
 -- Calls return the decoded JSON object, or `nil, err, info`, where err is
--- a stable kind: "wechat" (errcode ≠ 0; info.errcode, info.errmsg), "status"
+-- a stable kind: "wechat" (errcode ≠ 0; info.errcode, info.errmsg), "quota"
+-- (held back by the client's own quota, nothing sent), "status"
 -- (HTTP status other than 200; info.status), "json" (a body that is not a
 -- JSON object), "token" (no credential could be had; info.detail), or the
 -- kinds of wxd.http ("timeout", "connect", "tls", "dns", "protocol",
@@ -309,6 +316,8 @@ end
 -- @treturn[2] table info
 function Client:call(method, path, opts)
   opts = check_call(method, path, opts, 2)
+  local ok, qerr, qinfo = self:take_quota(path)
+  if not ok then return nil, qerr, qinfo end
   for attempt = 1, 2 do
     local token, rec_or_err, info = self.token:get()
     if not token then return nil, rec_or_err, info end
@@ -320,6 +329,33 @@ function Client:call(method, path, opts)
       return data, err, einfo
     end
   end
+end
+
+--- Takes one call of the quotas (appid, then API path), waiting up to
+-- quota.wait seconds in all for a turn.
+-- @treturn true|nil
+-- @treturn ?string "quota"
+-- @treturn ?table `{ scope = "appid"|"api", retry_after = seconds }`
+function Client:take_quota(path)
+  local q = self.quota
+  if not q then return true end
+  local deadline = monotonic_ms() + q.wait * 1000
+  for i = 1, 2 do
+    local lim, key, scope = q.appid_limiter, self.appid, "appid"
+    if i == 2 then lim, key, scope = q.api_limiter, path, "api" end
+    while true do
+      local ok, _, _, after = lim:take(key)
+      -- A limiter that cannot answer (Redis down) does not stop calls.
+      if ok ~= false then break end
+      if monotonic_ms() + after * 1000 > deadline then
+        self.counters.quota_refusals = self.counters.quota_refusals + 1
+        return nil, "quota", { scope = scope, retry_after = after }
+      end
+      self.counters.quota_waits = self.counters.quota_waits + 1
+      core.sleep(math.ceil(after * 1000))
+    end
+  end
+  return true
 end
 
 --- GET with query parameters (and the access_token).
@@ -509,6 +545,31 @@ local function fetch_ticket(cred)
   return ticket, floor(ttl)
 end
 
+local DEFAULT_QUOTA = { appid = { rate = 1000, burst = 2000 }, api = { rate = 200, burst = 400 }, wait = 1 }
+
+-- The client's limiters from cfg.quota (nil: the defaults; false: none),
+-- and a string of the settings for the client's identity.
+local function check_quota(q, appid)
+  if q == false then return nil, "noquota" end
+  if q == nil then q = DEFAULT_QUOTA end
+  if type(q) ~= "table" then fail("cfg.quota must be a table or false", 4) end
+  local limit = require "wxd.limit"
+  local out = { wait = q.wait or DEFAULT_QUOTA.wait }
+  if type(out.wait) ~= "number" or out.wait < 0 then fail("cfg.quota.wait must be seconds >= 0", 4) end
+  local id = { out.wait }
+  for _, scope in ipairs({ "appid", "api" }) do
+    local s = q[scope] or DEFAULT_QUOTA[scope]
+    if type(s) ~= "table" or type(s.rate) ~= "number" or type(s.burst) ~= "number" then
+      fail("cfg.quota." .. scope .. " must be { rate = n, burst = n }", 4)
+    end
+    -- Named by the settings too: two clients of one appid with other quotas do not share them.
+    local name = format("wx:%s:%s:%g:%g", scope, appid, s.rate, s.burst)
+    out[scope .. "_limiter"] = limit.new(name, { rate = s.rate, burst = s.burst, redis = q.redis })
+    id[#id + 1] = name
+  end
+  return out, table.concat(id, ",")
+end
+
 --- A client for one appid. Clients are cached per Lua state: the same
 -- settings give the same client.
 -- @tparam table cfg
@@ -519,7 +580,11 @@ end
 --   `expiry_margin` (seconds before expiry a credential stops being used, 30),
 --   `background` (false: no proactive refresh job; default: on in a server),
 --   `check_ms` (how often the job looks, 1000), `timeout` (as wxd.http, 10 s),
---   `lock_timeout` (seconds a caller waits for another's fetch, 15)
+--   `lock_timeout` (seconds a caller waits for another's fetch, 15),
+--   `quota` (false: none; default `{ appid = { rate = 1000, burst = 2000 },
+--   api = { rate = 200, burst = 400 }, wait = 1 }`: calls per second per
+--   appid and per API path, and how long a call may wait for its turn;
+--   `redis` as for wxd.limit shares them between nodes)
 -- @treturn table the client
 function _M.client(cfg)
   if type(cfg) ~= "table" then fail("client: cfg must be a table (appid, secret, ...)", 2) end
@@ -540,10 +605,11 @@ function _M.client(cfg)
   if cfg.timeout ~= nil and type(cfg.timeout) ~= "number" and type(cfg.timeout) ~= "table" then
     fail("cfg.timeout must be seconds or a table as for wxd.http", 2)
   end
+  local quota, quota_id = check_quota(cfg.quota, appid)
   -- The secret is part of the identity (a rotated secret is a new client)
   -- but only as a digest.
   local id = table.concat({ appid, crypto.sha256_hex(secret), mode, base, refresh_before, expiry_margin,
-                            check_ms, lock_timeout, tostring(background) }, "|")
+                            check_ms, lock_timeout, tostring(background), quota_id }, "|")
   local c = clients[id]
   if c then return c end
   c = setmetatable({ appid = appid, secret = secret, token_mode = mode, api_base = base,
@@ -553,9 +619,9 @@ function _M.client(cfg)
     lock_timeout = lock_timeout,
     lock_expire = lock_timeout + 4 * (type(cfg.timeout) == "table" and (cfg.timeout.total or 30)
                                       or cfg.timeout or 10) + 30,
-    timeout = cfg.timeout or 10,
+    timeout = cfg.timeout or 10, quota = quota,
     counters = { blocking_refreshes = 0, background_refreshes = 0, background_failures = 0,
-              invalidations = 0 } }, Client)
+              invalidations = 0, quota_waits = 0, quota_refusals = 0 } }, Client)
   c.token = new_cred(c, "access_token", fetch_token)
   c.tickets = {}
   for kind in pairs(TICKET_TYPES) do
