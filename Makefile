@@ -14,7 +14,7 @@ DEB_BUILD := build-essential pkg-config libluajit2-5.1-dev luajit2 libuv1-dev no
 # nodejs and nginx are independent peers of specs (AES-GCM against Node's
 # crypto, the client's TLS pool against nginx); python3 parses log lines;
 # lua-check is luacheck, for `make lint`.
-DEB_TEST  := lua-busted lua-socket redis-server curl openssl wrk nodejs nginx python3 lua-check
+DEB_TEST  := lua-busted lua-socket redis-server curl openssl wrk nodejs nginx python3 lua-check chromium
 DEB_BENCH := wrk nginx libnginx-mod-http-lua lua-cjson
 DEB_FUZZ  := clang
 

@@ -70,7 +70,13 @@ end
 ------------------------------------------------------------------------
 
 local hooks = { on_enter = {}, on_late = nil }
-local publisher
+
+-- By default a change goes to the WebSocket subscribers of its topic (all
+-- workers; every node when websocket.cluster_topics is on).
+local function ws_publish(topic, text)
+  return require("wxd.ws").publish(topic, text)
+end
+local publisher = ws_publish
 local hook_retries = 8
 
 local function run_hook(name, fn, o, ev, attempt)
@@ -141,10 +147,16 @@ function _M.hooks(t)
 end
 
 --- Sets fn(topic, text) to be called with each change in embedded mode
--- (Redis mode publishes from its script).
+-- (Redis mode publishes from its script): by default wxd.ws.publish, so
+-- WebSocket clients subscribed to "order/<out_trade_no>" see every change.
+-- false turns publishing off; nil restores the default.
 function _M.set_publisher(fn)
-  if fn ~= nil then check_hook(fn, "publisher") end
-  publisher = fn
+  if fn == nil then
+    publisher = ws_publish
+    return
+  end
+  if fn ~= false then check_hook(fn, "publisher") end
+  publisher = fn or nil
 end
 
 ------------------------------------------------------------------------
