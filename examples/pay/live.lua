@@ -19,8 +19,9 @@ local function snapshot(o)
   for i, h in ipairs(o.history or {}) do
     history[i] = { from = h.from or json.null, to = h.to, event = h.event or json.null, at = h.at }
   end
-  return json.encode({ snapshot = true, out_trade_no = o.out_trade_no, state = o.state, version = o.version,
-                       history = history })
+  return json.encode({
+    snapshot = true, out_trade_no = o.out_trade_no, state = o.state, version = o.version, history = history,
+  })
 end
 
 -- The page: plain DOM, no framework. Text only goes in through textContent.
@@ -28,11 +29,11 @@ local PAGE = [[<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Order</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
- body { font: 16px/1.5 system-ui, sans-serif; margin: 2rem; color: #222 }
- #state { font-size: 2rem; font-weight: bold }
- #state[data-state="PAID"], #state[data-state="CONFIRMED"] { color: #07c160 }
- #state[data-state="CLOSED"], #state[data-state="FAILED"] { color: #c00 }
- #link { color: #888 } li { font-family: monospace }
+  body { font: 16px/1.5 system-ui, sans-serif; margin: 2rem; color: #222 }
+  #state { font-size: 2rem; font-weight: bold }
+  #state[data-state="PAID"], #state[data-state="CONFIRMED"] { color: #07c160 }
+  #state[data-state="CLOSED"], #state[data-state="FAILED"] { color: #c00 }
+  #link { color: #888 } li { font-family: monospace }
 </style></head>
 <body>
 <p>Order <code id="no"></code> <span id="link">connecting…</span></p>
