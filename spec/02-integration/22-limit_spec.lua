@@ -78,7 +78,7 @@ local function flood(srvs, path, seconds, nconn)
   while socket.gettime() - t0 < seconds do
     i = i % #conns + 1
     local sent = socket.gettime()
-    local status, headers, body = get(conns[i], path)
+    local status, headers = get(conns[i], path)
     local read = socket.gettime()
     if prev_sent and read - prev_sent > BURST / RATE then lost = lost + (read - prev_sent - BURST / RATE) end
     prev_sent = sent
