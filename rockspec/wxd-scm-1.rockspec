@@ -32,6 +32,7 @@ build = {
       ["wxd.app"] = "lua/wxd/app.lua",
       ["wxd.cli"] = "lua/wxd/cli.lua",
       ["wxd.config"] = "lua/wxd/config.lua",
+      ["wxd.cookie"] = "lua/wxd/cookie.lua",
       ["wxd.crypto"] = "lua/wxd/crypto.lua",
       ["wxd.http"] = "lua/wxd/http.lua",
       ["wxd.json"] = "lua/wxd/json.lua",
