@@ -48,6 +48,8 @@ static void req_reset(wxd_req_t *r) {
   wxd_hdrs_reset(&r->hdrs, r->w->cfg->limits.max_header_bytes);
   r->in_trailers = 0;
   r->keep_alive = r->is_head = r->has_te = r->streaming = r->stream_raw = r->stream_nobody = 0;
+  r->stream_sized = 0;
+  r->stream_left = 0;
   r->drain_wait = r->finished = 0;
   r->conn_close = r->conn_keep_alive = r->wants_keep_alive = 0;
   r->host_count = 0;

@@ -46,6 +46,7 @@ typedef struct wxd_req {
   unsigned streaming : 1;    /* headers sent, chunks follow */
   unsigned stream_raw : 1;   /* HTTP/1.0 stream: close-delimited */
   unsigned stream_nobody : 1; /* HEAD, 204 or 304: headers only */
+  unsigned stream_sized : 1; /* the app gave a Content-Length: identity coding, stream_left bytes to go */
   unsigned drain_wait : 1;   /* coroutine waits for the write queue */
   unsigned finished : 1;
   unsigned in_handler : 1;   /* dispatched and not yet finished: owned by the coroutine */
@@ -56,6 +57,7 @@ typedef struct wxd_req {
   int te_count;
   int status;
   size_t bytes_out;
+  uint64_t stream_left;  /* stream_sized: body bytes still owed */
 } wxd_req_t;
 
 struct wxd_conn {

@@ -62,10 +62,26 @@ static int reserved_header(const char *name, size_t nl) {
          (nl == 10 && strncasecmp(name, "connection", 10) == 0);
 }
 
+/* A Content-Length value the app set: digits only, else -1. */
+static int64_t parse_length(lua_State *T, int idx) {
+  size_t n;
+  const char *v = lua_type(T, idx) == LUA_TSTRING || lua_type(T, idx) == LUA_TNUMBER ? lua_tolstring(T, idx, &n) : NULL;
+  if (!v || n == 0 || n > 15) return -1;
+  int64_t x = 0;
+  for (size_t i = 0; i < n; i++) {
+    if (v[i] < '0' || v[i] > '9') return -1;
+    x = x * 10 + (v[i] - '0');
+  }
+  return x;
+}
+
 /* Serialises the headers table at `idx` of T into o. Returns 0 or -1 with a
- * message in *why. Sets *has_date and *has_server when the app set them. */
+ * message in *why. Sets *has_date and *has_server when the app set them.
+ * The framing headers are never copied; a valid Content-Length the app set
+ * is reported in *length (else -1): a stream may use it. */
 static int append_lua_headers(lua_State *T, int idx, wxd_buf_t *o, int *has_date, int *has_server,
-                              const char **why) {
+                              const char **why, int64_t *length) {
+  *length = -1;
   if (lua_isnil(T, idx)) return 0;
   if (!lua_istable(T, idx)) {
     *why = "headers must be a table";
@@ -86,6 +102,11 @@ static int append_lua_headers(lua_State *T, int idx, wxd_buf_t *o, int *has_date
       return -1;
     }
     if (reserved_header(name, nl)) {
+      if (nl == 14 && (*length = parse_length(T, -1)) < 0) {
+        lua_pop(T, 2);
+        *why = "invalid Content-Length";
+        return -1;
+      }
       lua_pop(T, 1);
       continue;
     }
@@ -267,6 +288,20 @@ static void respond_from_lua(wxd_req_t *r, lua_State *T) {
       return;
     }
     if (r->stream_nobody) return;
+    if (r->stream_sized) {
+      /* The promised length, no more and no less: a short body is cut
+       * short (the client sees the connection end before it). */
+      if (bl > r->stream_left) bl = (size_t)r->stream_left;
+      if (bl) conn_write(c, body, bl);
+      r->stream_left -= bl;
+      r->bytes_out += bl;
+      if (r->stream_left) {
+        log_request_error(r, "response shorter than its Content-Length", "connection closed");
+        r->keep_alive = 0;
+        wxd__http_conn_close(c);
+      }
+      return;
+    }
     if (r->stream_raw) {
       if (bl) conn_write(c, body, bl);
     } else {
@@ -302,7 +337,8 @@ static void respond_from_lua(wxd_req_t *r, lua_State *T) {
   int has_date = 0, has_server = 0;
   if (!why) {
     wxd__http_start_head(o, status);
-    if (top >= 2) append_lua_headers(T, 2, o, &has_date, &has_server, &why);
+    int64_t ignored; /* a whole body's length is its own */
+    if (top >= 2) append_lua_headers(T, 2, o, &has_date, &has_server, &why, &ignored);
   }
   if (why) {
     log_request_error(r, "bad handler result", why);
@@ -429,13 +465,27 @@ static int http_write(lua_State *L) {
     wxd_buf_t *o = &r->w->out;
     int has_date = 0, has_server = 0;
     const char *why = NULL;
+    int64_t length;
     wxd__http_start_head(o, status);
-    if (append_lua_headers(L, 3, o, &has_date, &has_server, &why) != 0)
+    if (append_lua_headers(L, 3, o, &has_date, &has_server, &why, &length) != 0)
       return luaL_error(L, "response write: %s", why);
     r->stream_nobody = r->is_head || !status_has_body(status);
-    r->stream_raw = r->http_minor == 0 && !r->stream_nobody;
+    if (length >= 0 && status_has_body(status)) {
+      /* The app knows the length (a file): identity coding, and the
+       * connection may stay open. HEAD gets the length too. */
+      char cl[48];
+      memcpy(cl, "Content-Length: ", 16);
+      size_t n = 16 + fmt_uint(cl + 16, (uint64_t)length);
+      cl[n++] = '\r';
+      cl[n++] = '\n';
+      wxd_buf_append(o, cl, n);
+      r->stream_sized = !r->stream_nobody;
+      r->stream_left = (uint64_t)length;
+    }
+    r->stream_raw = r->http_minor == 0 && !r->stream_nobody && !r->stream_sized;
     if (r->stream_raw) r->keep_alive = 0;
-    else if (status_has_body(status)) wxd_buf_append(o, "Transfer-Encoding: chunked\r\n", 28);
+    else if (status_has_body(status) && !r->stream_sized && length < 0)
+      wxd_buf_append(o, "Transfer-Encoding: chunked\r\n", 28);
     wxd__http_end_head(r->w, o, has_date, has_server, r->keep_alive);
     r->status = status;
     r->streaming = 1;
@@ -448,7 +498,10 @@ static int http_write(lua_State *L) {
   }
   if (len > 0 && !r->stream_nobody) {
     int rc;
-    if (r->stream_raw) {
+    if (r->stream_sized && len > r->stream_left)
+      return luaL_error(L, "response write: more bytes than the Content-Length set");
+    if (r->stream_sized) r->stream_left -= len;
+    if (r->stream_raw || r->stream_sized) {
       rc = conn_write(c, chunk, len);
     } else {
       char sz[32];

@@ -5,6 +5,7 @@
 
 #include "crypto.h"
 #include "fetch.h"
+#include "fs.h"
 #include "http.h"
 #include "json.h"
 #include "paystate.h"
@@ -34,6 +35,7 @@ static const struct {
     {"wxd.core.redis", wxd_open_redis},
     {"wxd.core.task", wxd_open_task},
     {"wxd.core.order", wxd_open_order},
+    {"wxd.core.fs", wxd_open_fs},
     {"cjson", luaopen_cjson},
     {"cjson.safe", luaopen_cjson_safe},
 };

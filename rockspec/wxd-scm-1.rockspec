@@ -44,6 +44,7 @@ build = {
       ["wxd.redis"] = "lua/wxd/redis.lua",
       ["wxd.server"] = "lua/wxd/server.lua",
       ["wxd.shdict"] = "lua/wxd/shdict.lua",
+      ["wxd.static"] = "lua/wxd/static.lua",
       ["wxd.store"] = "lua/wxd/store.lua",
       ["wxd.task"] = "lua/wxd/task.lua",
       ["wxd.testing"] = "lua/wxd/testing.lua",

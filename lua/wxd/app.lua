@@ -17,6 +17,7 @@ local json       = require("wxd.json")
 local util       = require("wxd.util")
 local log        = require("wxd.log")
 local cookie     = require("wxd.cookie")
+local static     = require("wxd.static")
 local native_parse_query = require("wxd.core.http").parse_query
 
 local type         = type
@@ -1036,6 +1037,19 @@ end
 function shared.mp(self, path, cfg, handlers)
   -- A tail call (mount returns the app): a bad cfg is reported at the caller's line.
   return require("wxd.mp").mount(self, path, cfg, handlers)
+end
+
+--- Serve the files of a directory under a prefix (GET and HEAD): ETag,
+-- Last-Modified and 304s, single byte ranges, Content-Type by extension,
+-- an index file, and no way out of the directory (see wxd.static).
+-- @tparam string prefix e.g. "/assets", or "/" for the whole site
+-- @tparam string dir the directory (must exist when the app loads)
+-- @tparam[opt] table opts index, max_age, dotfiles, etag, last_modified, types
+-- @treturn table the app (or the group)
+-- @usage app:static("/assets", "public", { max_age = 3600 })
+function shared.static(self, prefix, dir, opts)
+  local r = static.mount(self, prefix, dir, opts) -- not a tail call: error levels count this frame
+  return r
 end
 
 for k, f in pairs(shared) do
