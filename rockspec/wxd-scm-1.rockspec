@@ -40,6 +40,7 @@ build = {
       ["wxd.log"] = "lua/wxd/log.lua",
       ["wxd.miniprogram"] = "lua/wxd/miniprogram.lua",
       ["wxd.mp"] = "lua/wxd/mp.lua",
+      ["wxd.multipart"] = "lua/wxd/multipart.lua",
       ["wxd.order"] = "lua/wxd/order.lua",
       ["wxd.redis"] = "lua/wxd/redis.lua",
       ["wxd.server"] = "lua/wxd/server.lua",

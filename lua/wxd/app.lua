@@ -18,6 +18,7 @@ local util       = require("wxd.util")
 local log        = require("wxd.log")
 local cookie     = require("wxd.cookie")
 local static     = require("wxd.static")
+local multipart  = require("wxd.multipart")
 local native_parse_query = require("wxd.core.http").parse_query
 
 local type         = type
@@ -31,6 +32,7 @@ local tostring     = tostring
 local rawget       = rawget
 local rawset       = rawset
 local setmetatable = setmetatable
+local newproxy     = newproxy
 local getmetatable = getmetatable
 local str_find     = string.find
 local str_sub      = string.sub
@@ -189,6 +191,55 @@ local function array_name(name)
     return str_sub(name, 1, -3)
   end
   return name
+end
+
+-- The temp files a request's multipart parts went to. They are removed
+-- when app:handle returns; should the request fail with an error instead,
+-- the list's finaliser removes them when the request is collected.
+local function new_tmp_list()
+  local list = {}
+  local proxy = newproxy(true)
+  getmetatable(proxy).__gc = function()
+    multipart.remove_files(list)
+  end
+  list.sentinel = proxy
+  return list
+end
+
+--- Parse a `multipart/form-data` body (see wxd.multipart for the limits
+-- and their defaults). File parts above `file_threshold` bytes are written
+-- to temp files (`part.path`), removed when the request ends; smaller ones
+-- and fields are strings (`part.data`). The core has already read the
+-- whole body into memory (limits.max_body_bytes bounds it). The result is
+-- cached: later calls return it whatever their options.
+-- @tparam[opt] table opts max_parts, max_files, max_part_bytes,
+--   max_field_bytes, max_total_bytes, max_header_bytes, file_threshold
+-- @treturn ?table { fields = name → string, files = name → part, parts = list }
+-- @treturn ?string "not multipart", "too large", "malformed" or "cannot store file"
+-- @treturn ?number the status to answer with: 415, 413, 400 or 500
+-- @usage local form, err, status = req:multipart()
+-- if not form then return status, { error = err } end
+function req_methods.multipart(self, opts)
+  local form = rawget(self, "_multipart")
+  if form then
+    return form
+  end
+  local boundary = multipart.boundary(rawget(self, "headers")["content-type"])
+  if not boundary then
+    return nil, "not multipart", 415
+  end
+  local tmp = rawget(self, "_tmp")
+  if not tmp then
+    tmp = new_tmp_list()
+    rawset(self, "_tmp", tmp)
+  end
+  local err, status
+  form, err, status = multipart.parse(rawget(self, "body") or "", boundary, opts, tmp)
+  if not form then
+    return nil, err, status
+  end
+  rawset(self, "_multipart", form)
+  return form
 end
 
 --- All values of a repeated query parameter, in order.
@@ -1360,13 +1411,18 @@ function app_methods.handle(self, req)
     group = group_for_path(self, path)
   end
 
-  if self._catch then
-    local h500 = error_handler(group, self, 500)
-    if h500 then
-      return run_protected(self, h500, req, res, route, group, method, path)
-    end
+  local status, headers, body
+  local h500 = self._catch and error_handler(group, self, 500)
+  if h500 then
+    status, headers, body = run_protected(self, h500, req, res, route, group, method, path)
+  else
+    status, headers, body = run(self, req, res, route, group, method, path)
   end
-  return run(self, req, res, route, group, method, path)
+  local tmp = rawget(req, "_tmp")
+  if tmp then
+    multipart.remove_files(tmp)
+  end
+  return status, headers, body
 end
 
 return _M

@@ -12,6 +12,26 @@ local function header_lines(raw_head, name)
   return out
 end
 
+local B = "----wxdSpecBoundary7MA4YWxk"
+
+-- A multipart/form-data body; parts are { name, data, filename? }.
+local function multipart_body(parts, close)
+  local out = {}
+  for _, p in ipairs(parts) do
+    local cd = 'Content-Disposition: form-data; name="' .. p[1] .. '"'
+    if p[3] then cd = cd .. '; filename="' .. p[3] .. '"\r\nContent-Type: application/octet-stream' end
+    out[#out + 1] = "--" .. B .. "\r\n" .. cd .. "\r\n\r\n" .. p[2] .. "\r\n"
+  end
+  if close ~= false then out[#out + 1] = "--" .. B .. "--\r\n" end
+  return table.concat(out)
+end
+
+local function exists(path)
+  local f = io.open(path, "rb")
+  if f then f:close() return true end
+  return false
+end
+
 describe("http layer", function()
   local srv
   setup(function() srv = H.start(H.app("httpx")) end)
@@ -37,6 +57,78 @@ describe("http layer", function()
   it("collects a[] and repeated query keys", function()
     local r = srv:get("/tags?tag[]=a&tag%5B%5D=b&tag=c&id=7")
     assert.same({ tags = { "a", "b", "c" }, id = "7" }, cjson.decode(r.body))
+  end)
+
+  describe("multipart/form-data", function()
+    local function upload(body, ct)
+      return srv:request("POST", "/upload", { ["Content-Type"] = ct or ("multipart/form-data; boundary=" .. B) }, body)
+    end
+
+    it("gives fields, small files in memory and big ones on disk, removed after the response", function()
+      local big = string.rep("abcdefghij", 2000) -- 20000 bytes, over the route's 1000-byte threshold
+      local r = upload(multipart_body({ { "title", "hi there" }, { "small", "tiny", "s.txt" },
+                                        { "big", big, "big.bin" } }))
+      assert.equal(200, r.status, r.body)
+      local got = cjson.decode(r.body)
+      assert.same({ title = "hi there" }, got.fields)
+      assert.equal(3, got.nparts)
+      assert.equal("tiny", got.files.small.content)
+      assert.is_false(got.files.small.path)
+      assert.equal("big.bin", got.files.big.filename)
+      assert.equal(20000, got.files.big.size)
+      assert.is_true(got.files.big.content == big)
+      assert.equal("string", type(got.files.big.path))
+      -- The handler has returned: its temp file is gone.
+      assert.is_false(exists(got.files.big.path))
+    end)
+
+    it("answers 413 over a part, part-count or body limit", function()
+      local r = upload(multipart_body({ { "f", string.rep("x", 30001), "f.bin" } }))
+      assert.equal(413, r.status)
+      assert.same({ error = "too large" }, cjson.decode(r.body))
+      local parts = {}
+      for i = 1, 7 do parts[i] = { "p" .. i, "v" } end
+      assert.equal(413, upload(multipart_body(parts)).status)
+      -- Over the server's max_body_bytes (64 KiB): the core refuses it before the handler runs.
+      r = upload(multipart_body({ { "f", string.rep("x", 70000), "f.bin" } }))
+      assert.equal(413, r.status)
+      assert.equal("request body too large\n", r.body)
+    end)
+
+    it("answers 400 to malformed bodies and 415 to other types", function()
+      assert.equal(400, upload(multipart_body({ { "a", "1" } }, false)).status)
+      assert.equal(400, upload("--" .. B .. "\r\nno headers here\r\n--" .. B .. "--").status)
+      assert.equal(400, upload("not multipart at all").status)
+      assert.equal(415, upload("a=1", "application/x-www-form-urlencoded").status)
+    end)
+  end)
+
+  describe("streams with a Content-Length set by the app", function()
+    it("sends identity coding and keeps the connection", function()
+      local out = srv:raw("GET /sized/ok HTTP/1.1\r\nHost: x\r\n\r\nGET /sized/ok HTTP/1.1\r\nHost: x\r\n"
+        .. "Connection: close\r\n\r\n")
+      local rs = H.parse_responses(out)
+      assert.equal(2, #rs)
+      for _, r in ipairs(rs) do
+        assert.equal("abcdef", r.body)
+        assert.equal("6", r.headers["content-length"])
+        assert.is_nil(r.headers["transfer-encoding"])
+      end
+    end)
+
+    it("cuts the connection when the body is shorter or longer than promised", function()
+      for _, case in ipairs({ "short", "over" }) do
+        local out, closed = srv:raw("GET /sized/" .. case .. " HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert.is_true(closed, case)
+        local head, rest = out:match("^(.-\r\n\r\n)(.*)$")
+        assert.truthy(head:find("Content-Length: ", 1, true), case)
+        assert.is_true(#rest < tonumber(head:match("Content%-Length: (%d+)")), case)
+      end
+    end)
+
+    it("refuses an invalid Content-Length with a 500", function()
+      assert.equal(500, srv:get("/sized/bad").status)
+    end)
   end)
 
   describe("groups and error handlers", function()
