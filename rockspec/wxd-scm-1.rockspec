@@ -33,6 +33,7 @@ build = {
       ["wxd.cli"] = "lua/wxd/cli.lua",
       ["wxd.config"] = "lua/wxd/config.lua",
       ["wxd.cookie"] = "lua/wxd/cookie.lua",
+      ["wxd.cors"] = "lua/wxd/cors.lua",
       ["wxd.crypto"] = "lua/wxd/crypto.lua",
       ["wxd.http"] = "lua/wxd/http.lua",
       ["wxd.json"] = "lua/wxd/json.lua",

@@ -19,6 +19,7 @@ local log        = require("wxd.log")
 local cookie     = require("wxd.cookie")
 local static     = require("wxd.static")
 local multipart  = require("wxd.multipart")
+local cors       = require("wxd.cors")
 local native_parse_query = require("wxd.core.http").parse_query
 
 local type         = type
@@ -1101,6 +1102,16 @@ end
 function shared.static(self, prefix, dir, opts)
   local r = static.mount(self, prefix, dir, opts) -- not a tail call: error levels count this frame
   return r
+end
+
+--- Answer CORS preflights and mark allowed cross-origin responses, for the
+-- app's requests or a group's (a `before` middleware; see wxd.cors).
+-- @tparam table opts origins, methods, headers, expose, credentials, max_age
+-- @treturn table the app (or the group)
+-- @usage app:cors({ origins = { "https://shop.example.com" }, credentials = true })
+function shared.cors(self, opts)
+  shared.before(self, cors.middleware(opts, 2))
+  return self
 end
 
 for k, f in pairs(shared) do
