@@ -272,7 +272,6 @@ static int on_headers_complete(llhttp_t *p) {
     while (tl && (te[tl - 1] == ' ' || te[tl - 1] == '\t')) tl--;
     if (r->te_count > 1) FAIL(c, 400, "repeated Transfer-Encoding");
     if (!te || tl != 7 || strncasecmp(te, "chunked", 7) != 0) FAIL(c, 501, "transfer coding not supported");
-    wxd_scan_chunked(&c->scan, lim->max_body_bytes);
   }
   if (r->http_minor == 1 && r->host_count != 1) FAIL(c, 400, "missing or repeated Host");
   if (r->host_count > 1) FAIL(c, 400, "repeated Host");
@@ -293,7 +292,11 @@ static int on_headers_complete(llhttp_t *p) {
       take_absolute_form(c, r, host_idx) != 0)
     return -1;
   int has_body = (p->flags & F_CHUNKED) || ((p->flags & F_CONTENT_LENGTH) && p->content_length > 0);
-  if ((p->flags & F_CONTENT_LENGTH) && p->content_length > lim->max_body_bytes)
+  /* A route may have its own limit, larger or smaller: known before a
+   * byte of the body is read (and before a 100 Continue). */
+  r->max_body = has_body ? wxd__http_body_limit(r, lim->max_body_bytes) : lim->max_body_bytes;
+  if (r->has_te) wxd_scan_chunked(&c->scan, r->max_body);
+  if ((p->flags & F_CONTENT_LENGTH) && p->content_length > r->max_body)
     FAIL(c, 413, "request body too large");
   size_t elen;
   const char *expect = req_header(r, "expect", &elen);
@@ -317,7 +320,7 @@ static int on_headers_complete(llhttp_t *p) {
 static int on_body(llhttp_t *p, const char *at, size_t len) {
   wxd_conn_t *c = p->data;
   wxd_req_t *r = c->req;
-  if (r->body.len + len > c->w->cfg->limits.max_body_bytes) FAIL(c, 413, "request body too large");
+  if (r->body.len + len > r->max_body) FAIL(c, 413, "request body too large");
   if (wxd_buf_append(&r->body, at, len)) FAIL(c, 500, "out of memory");
   return 0;
 }

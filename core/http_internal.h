@@ -58,6 +58,7 @@ typedef struct wxd_req {
   int status;
   size_t bytes_out;
   uint64_t stream_left;  /* stream_sized: body bytes still owed */
+  size_t max_body;       /* this request's body limit (its route's, else the global one) */
 } wxd_req_t;
 
 struct wxd_conn {
@@ -113,6 +114,9 @@ void wxd__http_access_log(wxd_worker_t *w, wxd_req_t *r, const char *method, int
 /* httplua.c: the request's coroutine and the Lua side of responses */
 void wxd__http_dispatch(wxd_conn_t *c);
 void wxd__http_maybe_resume_streamer(wxd_conn_t *c);
+/* The body limit of the request's route (asked of the app's router when it
+ * declared any), else dflt. */
+size_t wxd__http_body_limit(wxd_req_t *r, size_t dflt);
 
 /* On the per-request path of all three files: inline here. */
 /* Hand-rolled formatting for the per-request path: snprintf showed up in

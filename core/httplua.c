@@ -527,9 +527,52 @@ static int http_write(lua_State *L) {
   return 1;
 }
 
+/* ---- per-route body limits ---- */
+
+#define BODY_LIMIT_KEY "wxd.http.body_limit"
+
+/* wxd.core.http.set_body_limit(fn): fn(method, path) -> bytes | nil, asked
+ * by the core for each request with a body before it reads the body. One
+ * per VM (generation): it lives in the VM's registry. */
+static int http_set_body_limit(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  lua_pushvalue(L, 1);
+  lua_setfield(L, LUA_REGISTRYINDEX, BODY_LIMIT_KEY);
+  return 0;
+}
+
+size_t wxd__http_body_limit(wxd_req_t *r, size_t dflt) {
+  wxd_vm_t *vm = r->w->vm;
+  if (!vm) return dflt;
+  lua_State *L = vm->L;
+  int top = lua_gettop(L);
+  lua_getfield(L, LUA_REGISTRYINDEX, BODY_LIMIT_KEY);
+  if (!lua_isfunction(L, -1)) {
+    lua_settop(L, top);
+    return dflt;
+  }
+  const char *url = r->head.data;
+  const char *q = memchr(url, '?', r->url_len);
+  lua_pushstring(L, llhttp_method_name(r->method));
+  lua_pushlstring(L, url, q ? (size_t)(q - url) : r->url_len);
+  if (lua_pcall(L, 2, 1, 0) != 0) {
+    /* A router that fails here fails the request later too; the global
+     * limit applies meanwhile. */
+    log_request_error(r, "body limit lookup failed", lua_tostring(L, -1) ? lua_tostring(L, -1) : "?");
+  } else if (lua_type(L, -1) == LUA_TNUMBER) {
+    lua_Number n = lua_tonumber(L, -1);
+    if (n >= 0 && n < 1e15) dflt = (size_t)n;
+  }
+  lua_settop(L, top);
+  return dflt;
+}
+
 int wxd_open_http_lua(lua_State *L) {
-  static const luaL_Reg fns[] = {{"write", http_write}, {"parse_query", wxd_query_parse}, {NULL, NULL}};
-  lua_createtable(L, 0, 2);
+  static const luaL_Reg fns[] = {{"write", http_write},
+                                 {"parse_query", wxd_query_parse},
+                                 {"set_body_limit", http_set_body_limit},
+                                 {NULL, NULL}};
+  lua_createtable(L, 0, 3);
   luaL_register(L, NULL, fns);
   return 1;
 }

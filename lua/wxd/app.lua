@@ -722,7 +722,7 @@ end
 
 -- `group` is the route group the route was registered through (nil for
 -- the app itself): its middleware and error handlers apply to the route.
-local function add_route(self, methods, pattern, fn, group)
+local function add_route(self, methods, pattern, fn, group, opts)
   if type(pattern) ~= "string" then
     error("wxd.app: route pattern must be a string, got a " .. type(pattern), 3)
   end
@@ -742,6 +742,19 @@ local function add_route(self, methods, pattern, fn, group)
   local segs = split_pattern(pattern)
   local nseg = #segs
   local route = { fn = fn, pattern = pattern, nscan = 0, group = group }
+  if opts ~= nil then
+    for k, v in pairs(opts) do
+      if k == "max_body" then
+        local n = util.parse_size(v)
+        if not n then
+          route_error(pattern, "max_body must be a size (bytes, or a string such as \"20m\"), got " .. repr(v))
+        end
+        route.max_body = n
+      else
+        route_error(pattern, "unknown route option " .. repr(k))
+      end
+    end
+  end
   local dynamic = false
   local seen = {}
   for i = 1, nseg do
@@ -853,6 +866,17 @@ local function add_route(self, methods, pattern, fn, group)
       self._methods[m] = true
     end
   end
+  if route.max_body then
+    self._body_limits = true
+  end
+end
+
+-- `fn` or `opts, fn` after a pattern.
+local function handler_args(a, b)
+  if type(a) == "table" then
+    return b, a
+  end
+  return a, nil
 end
 
 
@@ -923,14 +947,19 @@ end
 -- is significant. A malformed pattern or a duplicate route raises.
 -- On a group, the pattern is appended to the group's prefix ("" is the
 -- prefix itself).
+-- Options, as a table before the handler: `max_body` (bytes or "20m"),
+-- this route's request body limit instead of limits.max_body_bytes,
+-- larger or smaller, enforced by the core before it reads the body.
 -- @tparam string|table methods "GET" or { "GET", "POST" }
 -- @tparam string pattern e.g. "/orders/:id"
+-- @tparam[opt] table opts { max_body = size }
 -- @tparam function fn handler(req, res) → body | status, body | nil
 -- @treturn table the app (or the group)
 -- @usage app:route({ "GET", "POST" }, "/x", function(req, res) return "x" end)
-function shared.route(self, methods, pattern, fn)
+function shared.route(self, methods, pattern, a, b)
+  local fn, opts = handler_args(a, b)
   -- not a tail call: error levels count this frame
-  add_route(owner(self), methods, full_pattern(self, pattern), fn, group_of(self))
+  add_route(owner(self), methods, full_pattern(self, pattern), fn, group_of(self), opts)
   return self
 end
 
@@ -939,15 +968,17 @@ end
 -- @tparam string pattern route pattern
 -- @tparam function fn handler
 -- @treturn table the app (or the group)
-function shared.any(self, pattern, fn)
-  add_route(owner(self), ANY, full_pattern(self, pattern), fn, group_of(self))
+function shared.any(self, pattern, a, b)
+  local fn, opts = handler_args(a, b)
+  add_route(owner(self), ANY, full_pattern(self, pattern), fn, group_of(self), opts)
   return self
 end
 
 for _, m in ipairs({ "get", "post", "put", "patch", "delete", "options", "head" }) do
   local method = str_upper(m)
-  shared[m] = function(self, pattern, fn)
-    add_route(owner(self), method, full_pattern(self, pattern), fn, group_of(self))
+  shared[m] = function(self, pattern, a, b)
+    local fn, opts = handler_args(a, b)
+    add_route(owner(self), method, full_pattern(self, pattern), fn, group_of(self), opts)
     return self
   end
 end
@@ -1126,6 +1157,16 @@ end
 function app_methods.order_hooks(self, t)
   require("wxd.order").hooks(t)
   return self
+end
+
+--- The body limit of the route a request would reach, if it has one (the
+-- core asks before it reads a body; see wxd.server).
+-- @tparam string method request method
+-- @tparam string path raw request path
+-- @treturn ?number bytes
+function app_methods.body_limit(self, method, path)
+  local r = lookup(self, method, path)
+  return r and r.max_body
 end
 
 --- The route a request would reach, for tools and tests.
@@ -1408,6 +1449,12 @@ function app_methods.handle(self, req)
   setmetatable(req, REQ_MT)
   if route and route.pnames then
     req.params = extract(route, path)
+  end
+
+  -- The core enforces a route's limit before reading the body; this
+  -- covers requests built by hand (wxd.testing, unit specs).
+  if route and route.max_body and #(rawget(req, "body") or "") > route.max_body then
+    return 413, TEXT_HEADERS, "request body too large\n"
   end
 
   local res = setmetatable({ status = 200 }, RES_MT)

@@ -150,6 +150,42 @@ describe("http layer", function()
     assert.is_nil(r.headers["access-control-allow-origin"])
   end)
 
+  describe("per-route body limits", function()
+    local function chunked(path, n)
+      local body = string.rep("c", n)
+      local out = srv:raw("POST " .. path .. " HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        .. "Connection: close\r\n\r\n" .. string.format("%x", n) .. "\r\n" .. body .. "\r\n0\r\n\r\n")
+      return H.parse_responses(out)[1]
+    end
+
+    it("a larger limit lets a route take more than max_body_bytes, by length or chunked", function()
+      local r = srv:request("POST", "/limits/big", nil, string.rep("b", 90000))
+      assert.equal(200, r.status)
+      assert.same({ size = 90000 }, cjson.decode(r.body))
+      assert.same({ size = 90000 }, cjson.decode(chunked("/limits/big", 90000).body))
+      assert.equal(413, srv:request("POST", "/limits/big", nil, string.rep("b", 102401)).status)
+      assert.equal(413, chunked("/limits/big", 102401).status)
+      r = srv:request("PUT", "/limits/g/7", nil, string.rep("p", 80000))
+      assert.same({ size = 80000, id = "7" }, cjson.decode(r.body))
+      -- Other routes keep the global limit.
+      assert.equal(413, srv:request("POST", "/limits/default", nil, string.rep("d", 70000)).status)
+      assert.equal(413, srv:request("POST", "/nowhere", nil, string.rep("d", 70000)).status)
+      assert.equal(200, srv:request("POST", "/limits/default", nil, string.rep("d", 60000)).status)
+    end)
+
+    it("a smaller limit is enforced before the body is read (no 100 Continue)", function()
+      assert.same({ size = 100 }, cjson.decode(srv:request("POST", "/limits/small", nil, string.rep("s", 100)).body))
+      assert.equal(413, srv:request("POST", "/limits/small", nil, string.rep("s", 101)).status)
+      assert.equal(413, chunked("/limits/small", 101).status)
+      local c = srv:connect()
+      c:send("POST /limits/small HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5000\r\n\r\n")
+      local out = H.read_all(c, 5)
+      c:close()
+      assert.is_nil(out:find("100 Continue", 1, true))
+      assert.equal(413, H.parse_responses(out)[1].status)
+    end)
+  end)
+
   describe("groups and error handlers", function()
     it("a group's middleware and 404 apply under its prefix; the app's 404 elsewhere", function()
       local r = srv:get("/api/v3/ok")
