@@ -119,16 +119,16 @@ function _M.middleware(opts, level)
     local origin = req.headers.origin
     if not any then vary(res, "Origin") end
     if origin == nil then return nil end
-    local ok
+    local allow
     if any then
-      ok = true
+      allow = true
     elseif allowed then
-      ok = allowed[str_lower(origin)] == true
+      allow = allowed[str_lower(origin)] == true
     else
-      ok = check(origin, req) and true or false
+      allow = check(origin, req) and true or false
     end
     local preflight = req.method == "OPTIONS" and req.headers["access-control-request-method"] ~= nil
-    if not ok then
+    if not allow then
       if preflight then return 403, { error = "origin not allowed" } end
       return nil
     end

@@ -200,7 +200,7 @@ function _M.parse(body, boundary, opts, tmp)
     local params = cd and disposition(cd)
     if not params or not params.name or params.name == "" then return fail("malformed", 400) end
     local part = { name = params.name, headers = headers, size = size,
-                   content_type = headers["content-type"] or "text/plain" }
+      content_type = headers["content-type"] or "text/plain" }
     local is_file = params.filename ~= nil
     if size > o.max_part_bytes or (not is_file and size > o.max_field_bytes) then
       return fail("too large", 413)

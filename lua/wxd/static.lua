@@ -24,13 +24,11 @@
 -- app:static("/assets", "public", { max_age = 3600 })
 
 local fs = require "wxd.core.fs"
-local util = require "wxd.util"
 
 local type, error, tostring, tonumber, pairs = type, error, tostring, tonumber, pairs
 local str_find, str_sub, str_lower, str_format, str_match, str_byte =
   string.find, string.sub, string.lower, string.format, string.match, string.byte
 local io_open, os_date, floor = io.open, os.date, math.floor
-local url_decode = util.url_decode
 
 local _M = {}
 
