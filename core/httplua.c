@@ -77,11 +77,12 @@ static int64_t parse_length(lua_State *T, int idx) {
 
 /* Serialises the headers table at `idx` of T into o. Returns 0 or -1 with a
  * message in *why. Sets *has_date and *has_server when the app set them.
- * The framing headers are never copied; a valid Content-Length the app set
- * is reported in *length (else -1): a stream may use it. */
+ * The framing headers are never copied. With `length`, a Content-Length the
+ * app set is reported there (else -1; an invalid one is an error): a stream
+ * uses it. Without, it is ignored like the other framing headers. */
 static int append_lua_headers(lua_State *T, int idx, wxd_buf_t *o, int *has_date, int *has_server,
                               const char **why, int64_t *length) {
-  *length = -1;
+  if (length) *length = -1;
   if (lua_isnil(T, idx)) return 0;
   if (!lua_istable(T, idx)) {
     *why = "headers must be a table";
@@ -102,7 +103,7 @@ static int append_lua_headers(lua_State *T, int idx, wxd_buf_t *o, int *has_date
       return -1;
     }
     if (reserved_header(name, nl)) {
-      if (nl == 14 && (*length = parse_length(T, -1)) < 0) {
+      if (length && nl == 14 && (*length = parse_length(T, -1)) < 0) {
         lua_pop(T, 2);
         *why = "invalid Content-Length";
         return -1;
@@ -337,8 +338,8 @@ static void respond_from_lua(wxd_req_t *r, lua_State *T) {
   int has_date = 0, has_server = 0;
   if (!why) {
     wxd__http_start_head(o, status);
-    int64_t ignored; /* a whole body's length is its own */
-    if (top >= 2) append_lua_headers(T, 2, o, &has_date, &has_server, &why, &ignored);
+    /* A whole body's length is its own: a Content-Length set is ignored. */
+    if (top >= 2) append_lua_headers(T, 2, o, &has_date, &has_server, &why, NULL);
   }
   if (why) {
     log_request_error(r, "bad handler result", why);

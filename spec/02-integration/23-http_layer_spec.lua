@@ -126,8 +126,12 @@ describe("http layer", function()
       end
     end)
 
-    it("refuses an invalid Content-Length with a 500", function()
+    it("refuses an invalid Content-Length with a 500; a whole response ignores it", function()
       assert.equal(500, srv:get("/sized/bad").status)
+      local r = srv:get("/sized/whole")
+      assert.equal(200, r.status)
+      assert.equal("5", r.headers["content-length"])
+      assert.equal("hello", r.body)
     end)
   end)
 
