@@ -60,6 +60,7 @@ static void req_reset(wxd_req_t *r) {
 }
 
 void wxd__http_req_free(wxd_req_t *r) {
+  wxd__http_file_release(r);
   wxd_buf_free(&r->head);
   wxd_buf_free(&r->body);
   free(r);
@@ -437,6 +438,7 @@ void wxd__http_req_finish(wxd_req_t *r) {
   wxd_worker_t *w = r->w;
   r->finished = 1;
   r->in_handler = 0;
+  wxd__http_file_release(r);
   wxd__http_access_log(w, r, llhttp_method_name(r->method), r->status, c ? c->remote : "-");
   if (!c) {
     wxd__http_req_free(r);

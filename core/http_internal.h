@@ -59,6 +59,7 @@ typedef struct wxd_req {
   size_t bytes_out;
   uint64_t stream_left;  /* stream_sized: body bytes still owed */
   size_t max_body;       /* this request's body limit (its route's, else the global one) */
+  struct wxd_http_file *file; /* a file being sent (httpfile.c), NULL else */
 } wxd_req_t;
 
 struct wxd_conn {
@@ -117,6 +118,13 @@ void wxd__http_maybe_resume_streamer(wxd_conn_t *c);
 /* The body limit of the request's route (asked of the app's router when it
  * declared any), else dflt. */
 size_t wxd__http_body_limit(wxd_req_t *r, size_t dflt);
+
+/* httpfile.c: file ranges as part of a sized stream (wxd.core.http.send_file) */
+int wxd__http_send_file(lua_State *L);
+/* Goes on sending after the connection's writes progressed. */
+void wxd__http_file_continue(wxd_req_t *r);
+/* Closes and frees the request's file, if any (end of the request). */
+void wxd__http_file_release(wxd_req_t *r);
 
 /* On the per-request path of all three files: inline here. */
 /* Hand-rolled formatting for the per-request path: snprintf showed up in

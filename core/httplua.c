@@ -437,6 +437,10 @@ void wxd__http_dispatch(wxd_conn_t *c) {
 void wxd__http_maybe_resume_streamer(wxd_conn_t *c) {
   wxd_req_t *r = c->req;
   if (!r || !r->drain_wait || !r->co) return;
+  if (r->file) {
+    wxd__http_file_continue(r);
+    return;
+  }
   if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > OUTPUT_LOW_WATER) return;
   r->drain_wait = 0;
   lua_pushboolean(r->co->T, 1);
@@ -572,8 +576,9 @@ int wxd_open_http_lua(lua_State *L) {
   static const luaL_Reg fns[] = {{"write", http_write},
                                  {"parse_query", wxd_query_parse},
                                  {"set_body_limit", http_set_body_limit},
+                                 {"send_file", wxd__http_send_file},
                                  {NULL, NULL}};
-  lua_createtable(L, 0, 3);
+  lua_createtable(L, 0, 4);
   luaL_register(L, NULL, fns);
   return 1;
 }

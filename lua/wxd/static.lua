@@ -13,17 +13,18 @@
 -- inside the root that points out of it is refused too.
 --
 -- How bytes go out: a file up to SMALL bytes is read whole and sent as one
--- response; a larger one is read in CHUNK-byte pieces and streamed with its
--- Content-Length (res:write with the length set), so memory stays bounded
--- whatever the file size. Reads are blocking reads on the worker thread
--- (files in the page cache cost microseconds; a cold disk stalls the
--- worker for the read); the core has no sendfile path yet.
+-- response; for a larger one the head goes out with its Content-Length and
+-- the core sends the range (wxd.core.http.send_file: sendfile(2) on plain
+-- connections, read and encrypt on HTTPS), so memory stays bounded whatever
+-- the file size. Reads happen on the worker thread (from the page cache
+-- they cost microseconds; a cold disk stalls the worker for the read).
 --
 -- @module wxd.static
 -- @usage
 -- app:static("/assets", "public", { max_age = 3600 })
 
 local fs = require "wxd.core.fs"
+local send_file = require("wxd.core.http").send_file
 
 local type, error, tostring, tonumber, pairs = type, error, tostring, tonumber, pairs
 local str_find, str_sub, str_lower, str_format, str_match, str_byte =
@@ -32,8 +33,7 @@ local io_open, os_date, floor = io.open, os.date, math.floor
 
 local _M = {}
 
-_M.SMALL = 64 * 1024 -- read whole up to this size
-_M.CHUNK = 64 * 1024 -- streamed piece
+_M.SMALL = 64 * 1024 -- read whole up to this size; larger files go by send_file
 
 local TYPES = {
   html = "text/html; charset=utf-8", htm = "text/html; charset=utf-8",
@@ -286,22 +286,16 @@ function _M.mount(router, prefix, dir, opts)
       res.body = body
       return
     end
-    -- Streamed with its length: identity coding, the connection stays open.
+    f:close()
+    -- Streamed with its length (identity coding, the connection stays
+    -- open): the head now, then the core sends the range itself.
     h["Content-Length"] = str_format("%d", n)
-    if req.method == "HEAD" then
-      f:close()
-      res:write("")
+    if not res:write("") or req.method == "HEAD" then
       return
     end
-    if first > 0 then f:seek("set", first) end
-    local left = n
-    while left > 0 do
-      local piece = f:read(left < _M.CHUNK and left or _M.CHUNK)
-      if not piece then break end -- the file shrank: the core cuts the response short
-      left = left - #piece
-      if not res:write(piece) then break end -- the client went away
-    end
-    f:close()
+    -- nil, err: the client went away, or the file changed since the stat;
+    -- the core has then cut the response short.
+    send_file(real, first, n)
   end
 
   if prefix == "/" then

@@ -2,6 +2,7 @@
 -- streamed with their length, index files, and traversal attempts sent as
 -- raw bytes (no client normalises them on the way).
 local H = require "helpers"
+local wxd = require "wxd"
 
 local SECRET = "TOP-SECRET-CONTENT"
 
@@ -223,5 +224,82 @@ describe("wxd.static helpers", function()
     local ok, err = pcall(function() app:static("/y", "/nonexistent-dir-for-spec") end)
     assert.is_false(ok)
     assert.truthy(err:find("24%-static_spec.lua:%d+: wxd.static"), err)
+  end)
+end)
+
+describe("static files sent by the core", function()
+  local srv, dir, big
+  local SIZE = 8 * 1024 * 1024 + 3 -- more than a socket buffer: sendfile meets EAGAIN
+
+  setup(function()
+    dir = H.tmpdir()
+    H.write_file(dir .. "/app.lua", APP)
+    local out, code = H.sh(string.format([[
+      set -e; cd %s; mkdir -p public
+      openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout key.pem -out cert.pem \
+        -subj /CN=localhost -addext subjectAltName=IP:127.0.0.1 -days 2 2>/dev/null
+    ]], dir))
+    assert(code == 0, out)
+    H.write_file(dir .. "/config.lua", string.format(
+      'return { https = { listen = "127.0.0.1:8443", cert = %q, key = %q } }', dir .. "/cert.pem", dir .. "/key.pem"))
+    local parts = {}
+    for i = 1, 64 do parts[i] = pattern_bytes(128 * 1024):sub(i) .. string.rep(string.char(i), i - 1) end
+    big = table.concat(parts) .. "end"
+    assert(#big == SIZE, #big)
+    H.write_file(dir .. "/public/big.bin", big)
+    local hport = H.free_port()
+    srv = H.start(dir, { args = "--https-listen 127.0.0.1:" .. hport })
+    srv.https_port = hport
+  end)
+  teardown(function()
+    srv:stop(); srv:cleanup()
+    H.sh("rm -rf " .. dir)
+  end)
+
+  local function open_fds()
+    local out = H.sh("ls /proc/" .. srv.pid .. "/fd | wc -l")
+    return tonumber(out:match("%d+"))
+  end
+
+  it("sends a large file whole to a client that reads late, then serves the next request", function()
+    local c = srv:connect(20)
+    c:send("GET /files/big.bin HTTP/1.1\r\nHost: x\r\n\r\nGET /files/big.bin HTTP/1.1\r\nHost: x\r\n"
+      .. "Range: bytes=1000-2000999\r\nConnection: close\r\n\r\n")
+    wxd.sleep(300) -- the socket buffers fill meanwhile
+    local out = H.read_all(c, 20)
+    c:close()
+    local rs = H.parse_responses(out)
+    assert.equal(2, #rs)
+    assert.equal(tostring(SIZE), rs[1].headers["content-length"])
+    assert.is_true(rs[1].body == big)
+    assert.equal(206, rs[2].status)
+    assert.is_true(rs[2].body == big:sub(1001, 2001000))
+  end)
+
+  it("sends a large file over HTTPS", function()
+    local file = dir .. "/got.bin"
+    local out, code = H.sh(string.format("curl -sk --http1.1 -o %s -w '%%{http_code} %%{size_download}' "
+      .. "https://127.0.0.1:%d/files/big.bin", file, srv.https_port))
+    assert.equal(0, code, out)
+    assert.equal("200 " .. SIZE, out)
+    assert.is_true(H.read_file(file) == big)
+    out = H.sh(string.format("curl -sk --http1.1 -H 'Range: bytes=-100000' https://127.0.0.1:%d/files/big.bin | wc -c",
+      srv.https_port))
+    assert.equal("100000", out:match("%d+"))
+  end)
+
+  it("survives clients that leave mid-file, leaking no file descriptor", function()
+    local before = open_fds()
+    for _ = 1, 5 do
+      local c = srv:connect()
+      c:send("GET /files/big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+      assert(c:receive(1000))
+      c:close()
+    end
+    -- The server notices each close when it next writes; then all is freed.
+    H.wait_until(function() return open_fds() <= before end, 10, "the file descriptors to be closed")
+    local r = srv:get("/files/big.bin", { Range = "bytes=0-9" })
+    assert.equal(206, r.status)
+    assert.equal(big:sub(1, 10), r.body)
   end)
 end)
