@@ -48,6 +48,8 @@ static void req_reset(wxd_req_t *r) {
   wxd_hdrs_reset(&r->hdrs, r->w->cfg->limits.max_header_bytes);
   r->in_trailers = 0;
   r->keep_alive = r->is_head = r->has_te = r->streaming = r->stream_raw = r->stream_nobody = 0;
+  r->stream_sized = 0;
+  r->stream_left = 0;
   r->drain_wait = r->finished = 0;
   r->conn_close = r->conn_keep_alive = r->wants_keep_alive = 0;
   r->host_count = 0;
@@ -58,6 +60,7 @@ static void req_reset(wxd_req_t *r) {
 }
 
 void wxd__http_req_free(wxd_req_t *r) {
+  wxd__http_file_release(r);
   wxd_buf_free(&r->head);
   wxd_buf_free(&r->body);
   free(r);
@@ -270,7 +273,6 @@ static int on_headers_complete(llhttp_t *p) {
     while (tl && (te[tl - 1] == ' ' || te[tl - 1] == '\t')) tl--;
     if (r->te_count > 1) FAIL(c, 400, "repeated Transfer-Encoding");
     if (!te || tl != 7 || strncasecmp(te, "chunked", 7) != 0) FAIL(c, 501, "transfer coding not supported");
-    wxd_scan_chunked(&c->scan, lim->max_body_bytes);
   }
   if (r->http_minor == 1 && r->host_count != 1) FAIL(c, 400, "missing or repeated Host");
   if (r->host_count > 1) FAIL(c, 400, "repeated Host");
@@ -291,7 +293,11 @@ static int on_headers_complete(llhttp_t *p) {
       take_absolute_form(c, r, host_idx) != 0)
     return -1;
   int has_body = (p->flags & F_CHUNKED) || ((p->flags & F_CONTENT_LENGTH) && p->content_length > 0);
-  if ((p->flags & F_CONTENT_LENGTH) && p->content_length > lim->max_body_bytes)
+  /* A route may have its own limit, larger or smaller: known before a
+   * byte of the body is read (and before a 100 Continue). */
+  r->max_body = has_body ? wxd__http_body_limit(r, lim->max_body_bytes) : lim->max_body_bytes;
+  if (r->has_te) wxd_scan_chunked(&c->scan, r->max_body);
+  if ((p->flags & F_CONTENT_LENGTH) && p->content_length > r->max_body)
     FAIL(c, 413, "request body too large");
   size_t elen;
   const char *expect = req_header(r, "expect", &elen);
@@ -315,7 +321,7 @@ static int on_headers_complete(llhttp_t *p) {
 static int on_body(llhttp_t *p, const char *at, size_t len) {
   wxd_conn_t *c = p->data;
   wxd_req_t *r = c->req;
-  if (r->body.len + len > c->w->cfg->limits.max_body_bytes) FAIL(c, 413, "request body too large");
+  if (r->body.len + len > r->max_body) FAIL(c, 413, "request body too large");
   if (wxd_buf_append(&r->body, at, len)) FAIL(c, 500, "out of memory");
   return 0;
 }
@@ -434,6 +440,7 @@ void wxd__http_req_finish(wxd_req_t *r) {
   wxd_worker_t *w = r->w;
   r->finished = 1;
   r->in_handler = 0;
+  wxd__http_file_release(r);
   wxd__http_access_log(w, r, llhttp_method_name(r->method), r->status, c ? c->remote : "-");
   if (!c) {
     wxd__http_req_free(r);

@@ -47,6 +47,7 @@ typedef struct wxd_req {
   unsigned streaming : 1;    /* headers sent, chunks follow */
   unsigned stream_raw : 1;   /* HTTP/1.0 stream: close-delimited */
   unsigned stream_nobody : 1; /* HEAD, 204 or 304: headers only */
+  unsigned stream_sized : 1; /* the app gave a Content-Length: identity coding, stream_left bytes to go */
   unsigned drain_wait : 1;   /* coroutine waits for the write queue */
   unsigned finished : 1;
   unsigned in_handler : 1;   /* dispatched and not yet finished: owned by the coroutine */
@@ -57,6 +58,9 @@ typedef struct wxd_req {
   int te_count;
   int status;
   size_t bytes_out;
+  uint64_t stream_left;  /* stream_sized: body bytes still owed */
+  size_t max_body;       /* this request's body limit (its route's, else the global one) */
+  struct wxd_http_file *file; /* a file being sent (httpfile.c), NULL else */
 } wxd_req_t;
 
 struct wxd_conn {
@@ -115,6 +119,16 @@ void wxd__http_access_log(wxd_worker_t *w, wxd_req_t *r, const char *method, int
 /* httplua.c: the request's coroutine and the Lua side of responses */
 void wxd__http_dispatch(wxd_conn_t *c);
 void wxd__http_maybe_resume_streamer(wxd_conn_t *c);
+/* The body limit of the request's route (asked of the app's router when it
+ * declared any), else dflt. */
+size_t wxd__http_body_limit(wxd_req_t *r, size_t dflt);
+
+/* httpfile.c: file ranges as part of a sized stream (wxd.core.http.send_file) */
+int wxd__http_send_file(lua_State *L);
+/* Goes on sending after the connection's writes progressed. */
+void wxd__http_file_continue(wxd_req_t *r);
+/* Closes and frees the request's file, if any (end of the request). */
+void wxd__http_file_release(wxd_req_t *r);
 
 /* On the per-request path of all three files: inline here. */
 /* Hand-rolled formatting for the per-request path: snprintf showed up in

@@ -62,10 +62,27 @@ static int reserved_header(const char *name, size_t nl) {
          (nl == 10 && strncasecmp(name, "connection", 10) == 0);
 }
 
+/* A Content-Length value the app set: digits only, else -1. */
+static int64_t parse_length(lua_State *T, int idx) {
+  size_t n;
+  const char *v = lua_type(T, idx) == LUA_TSTRING || lua_type(T, idx) == LUA_TNUMBER ? lua_tolstring(T, idx, &n) : NULL;
+  if (!v || n == 0 || n > 15) return -1;
+  int64_t x = 0;
+  for (size_t i = 0; i < n; i++) {
+    if (v[i] < '0' || v[i] > '9') return -1;
+    x = x * 10 + (v[i] - '0');
+  }
+  return x;
+}
+
 /* Serialises the headers table at `idx` of T into o. Returns 0 or -1 with a
- * message in *why. Sets *has_date and *has_server when the app set them. */
+ * message in *why. Sets *has_date and *has_server when the app set them.
+ * The framing headers are never copied. With `length`, a Content-Length the
+ * app set is reported there (else -1; an invalid one is an error): a stream
+ * uses it. Without, it is ignored like the other framing headers. */
 static int append_lua_headers(lua_State *T, int idx, wxd_buf_t *o, int *has_date, int *has_server,
-                              const char **why) {
+                              const char **why, int64_t *length) {
+  if (length) *length = -1;
   if (lua_isnil(T, idx)) return 0;
   if (!lua_istable(T, idx)) {
     *why = "headers must be a table";
@@ -86,6 +103,11 @@ static int append_lua_headers(lua_State *T, int idx, wxd_buf_t *o, int *has_date
       return -1;
     }
     if (reserved_header(name, nl)) {
+      if (length && nl == 14 && (*length = parse_length(T, -1)) < 0) {
+        lua_pop(T, 2);
+        *why = "invalid Content-Length";
+        return -1;
+      }
       lua_pop(T, 1);
       continue;
     }
@@ -267,6 +289,20 @@ static void respond_from_lua(wxd_req_t *r, lua_State *T) {
       return;
     }
     if (r->stream_nobody) return;
+    if (r->stream_sized) {
+      /* The promised length, no more and no less: a short body is cut
+       * short (the client sees the connection end before it). */
+      if (bl > r->stream_left) bl = (size_t)r->stream_left;
+      if (bl) conn_write(c, body, bl);
+      r->stream_left -= bl;
+      r->bytes_out += bl;
+      if (r->stream_left) {
+        log_request_error(r, "response shorter than its Content-Length", "connection closed");
+        r->keep_alive = 0;
+        wxd__http_conn_close(c);
+      }
+      return;
+    }
     if (r->stream_raw) {
       if (bl) conn_write(c, body, bl);
     } else {
@@ -302,7 +338,8 @@ static void respond_from_lua(wxd_req_t *r, lua_State *T) {
   int has_date = 0, has_server = 0;
   if (!why) {
     wxd__http_start_head(o, status);
-    if (top >= 2) append_lua_headers(T, 2, o, &has_date, &has_server, &why);
+    /* A whole body's length is its own: a Content-Length set is ignored. */
+    if (top >= 2) append_lua_headers(T, 2, o, &has_date, &has_server, &why, NULL);
   }
   if (why) {
     log_request_error(r, "bad handler result", why);
@@ -404,6 +441,10 @@ void wxd__http_maybe_resume_streamer(wxd_conn_t *c) {
   }
   wxd_req_t *r = c->req;
   if (!r || !r->drain_wait || !r->co) return;
+  if (r->file) {
+    wxd__http_file_continue(r);
+    return;
+  }
   if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > OUTPUT_LOW_WATER) return;
   r->drain_wait = 0;
   lua_pushboolean(r->co->T, 1);
@@ -433,13 +474,27 @@ static int http_write(lua_State *L) {
     wxd_buf_t *o = &r->w->out;
     int has_date = 0, has_server = 0;
     const char *why = NULL;
+    int64_t length;
     wxd__http_start_head(o, status);
-    if (append_lua_headers(L, 3, o, &has_date, &has_server, &why) != 0)
+    if (append_lua_headers(L, 3, o, &has_date, &has_server, &why, &length) != 0)
       return luaL_error(L, "response write: %s", why);
     r->stream_nobody = r->is_head || !status_has_body(status);
-    r->stream_raw = r->http_minor == 0 && !r->stream_nobody;
+    if (length >= 0 && status_has_body(status)) {
+      /* The app knows the length (a file): identity coding, and the
+       * connection may stay open. HEAD gets the length too. */
+      char cl[48];
+      memcpy(cl, "Content-Length: ", 16);
+      size_t n = 16 + fmt_uint(cl + 16, (uint64_t)length);
+      cl[n++] = '\r';
+      cl[n++] = '\n';
+      wxd_buf_append(o, cl, n);
+      r->stream_sized = !r->stream_nobody;
+      r->stream_left = (uint64_t)length;
+    }
+    r->stream_raw = r->http_minor == 0 && !r->stream_nobody && !r->stream_sized;
     if (r->stream_raw) r->keep_alive = 0;
-    else if (status_has_body(status)) wxd_buf_append(o, "Transfer-Encoding: chunked\r\n", 28);
+    else if (status_has_body(status) && !r->stream_sized && length < 0)
+      wxd_buf_append(o, "Transfer-Encoding: chunked\r\n", 28);
     wxd__http_end_head(r->w, o, has_date, has_server, r->keep_alive);
     r->status = status;
     r->streaming = 1;
@@ -452,7 +507,10 @@ static int http_write(lua_State *L) {
   }
   if (len > 0 && !r->stream_nobody) {
     int rc;
-    if (r->stream_raw) {
+    if (r->stream_sized && len > r->stream_left)
+      return luaL_error(L, "response write: more bytes than the Content-Length set");
+    if (r->stream_sized) r->stream_left -= len;
+    if (r->stream_raw || r->stream_sized) {
       rc = conn_write(c, chunk, len);
     } else {
       char sz[32];
@@ -478,9 +536,53 @@ static int http_write(lua_State *L) {
   return 1;
 }
 
+/* ---- per-route body limits ---- */
+
+#define BODY_LIMIT_KEY "wxd.http.body_limit"
+
+/* wxd.core.http.set_body_limit(fn): fn(method, path) -> bytes | nil, asked
+ * by the core for each request with a body before it reads the body. One
+ * per VM (generation): it lives in the VM's registry. */
+static int http_set_body_limit(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  lua_pushvalue(L, 1);
+  lua_setfield(L, LUA_REGISTRYINDEX, BODY_LIMIT_KEY);
+  return 0;
+}
+
+size_t wxd__http_body_limit(wxd_req_t *r, size_t dflt) {
+  wxd_vm_t *vm = r->w->vm;
+  if (!vm) return dflt;
+  lua_State *L = vm->L;
+  int top = lua_gettop(L);
+  lua_getfield(L, LUA_REGISTRYINDEX, BODY_LIMIT_KEY);
+  if (!lua_isfunction(L, -1)) {
+    lua_settop(L, top);
+    return dflt;
+  }
+  const char *url = r->head.data;
+  const char *q = memchr(url, '?', r->url_len);
+  lua_pushstring(L, llhttp_method_name(r->method));
+  lua_pushlstring(L, url, q ? (size_t)(q - url) : r->url_len);
+  if (lua_pcall(L, 2, 1, 0) != 0) {
+    /* A router that fails here fails the request later too; the global
+     * limit applies meanwhile. */
+    log_request_error(r, "body limit lookup failed", lua_tostring(L, -1) ? lua_tostring(L, -1) : "?");
+  } else if (lua_type(L, -1) == LUA_TNUMBER) {
+    lua_Number n = lua_tonumber(L, -1);
+    if (n >= 0 && n < 1e15) dflt = (size_t)n;
+  }
+  lua_settop(L, top);
+  return dflt;
+}
+
 int wxd_open_http_lua(lua_State *L) {
-  static const luaL_Reg fns[] = {{"write", http_write}, {"parse_query", wxd_query_parse}, {NULL, NULL}};
-  lua_createtable(L, 0, 2);
+  static const luaL_Reg fns[] = {{"write", http_write},
+                                 {"parse_query", wxd_query_parse},
+                                 {"set_body_limit", http_set_body_limit},
+                                 {"send_file", wxd__http_send_file},
+                                 {NULL, NULL}};
+  lua_createtable(L, 0, 4);
   luaL_register(L, NULL, fns);
   return 1;
 }

@@ -6,6 +6,7 @@
 #include "breaker.h"
 #include "crypto.h"
 #include "fetch.h"
+#include "fs.h"
 #include "http.h"
 #include "json.h"
 #include "limit.h"
@@ -40,6 +41,7 @@ static const struct {
     {"wxd.core.ws", wxd_open_ws},
     {"wxd.core.limit", wxd_open_limit},
     {"wxd.core.breaker", wxd_open_breaker},
+    {"wxd.core.fs", wxd_open_fs},
     {"cjson", luaopen_cjson},
     {"cjson.safe", luaopen_cjson_safe},
 };

@@ -23,10 +23,12 @@ static int hexval(unsigned char c) {
   return -1;
 }
 
-/* Pushes the decoded s[0..len). out has room for len bytes: decoding
- * never grows a string. */
-static void push_decoded(lua_State *L, const char *s, size_t len, char *out) {
+/* Pushes the decoded s[0..len), less `drop` trailing bytes of the decoded
+ * form when it ends in "[]" (see wxd_query_parse). out has room for len
+ * bytes: decoding never grows a string. */
+static void push_decoded(lua_State *L, const char *s, size_t len, char *out, int drop_brackets) {
   if (!memchr(s, '%', len) && !memchr(s, '+', len)) {
+    if (drop_brackets && len > 2 && s[len - 2] == '[' && s[len - 1] == ']') len -= 2;
     lua_pushlstring(L, s, len);
     return;
   }
@@ -43,11 +45,14 @@ static void push_decoded(lua_State *L, const char *s, size_t len, char *out) {
       out[o++] = (char)c;
     }
   }
+  if (drop_brackets && o > 2 && out[o - 2] == '[' && out[o - 1] == ']') o -= 2;
   lua_pushlstring(L, out, o);
 }
 
 /* parse_query(s, all, max_params) -> table: name -> value (last wins), or
- * with all, name -> array of values in order. */
+ * with all, name -> array of values in order; there a name ending in "[]"
+ * once decoded ("a[]", "a%5B%5D") is stored without it, so that "a[]=1&a=2"
+ * gives a = {"1", "2"} (PHP's and qs's array syntax read as repeats). */
 int wxd_query_parse(lua_State *L) {
   size_t len = 0;
   const char *s = lua_isnoneornil(L, 1) ? "" : luaL_checklstring(L, 1, &len);
@@ -70,9 +75,9 @@ int wxd_query_parse(lua_State *L) {
       const char *eq = memchr(pair, '=', plen);
       size_t klen = eq ? (size_t)(eq - pair) : plen;
       if (klen > 0) {
-        push_decoded(L, pair, klen, scratch);
+        push_decoded(L, pair, klen, scratch, all);
         if (eq)
-          push_decoded(L, eq + 1, plen - klen - 1, scratch);
+          push_decoded(L, eq + 1, plen - klen - 1, scratch, 0);
         else
           lua_pushliteral(L, "");
         if (all) {

@@ -15,6 +15,11 @@
 
 local json       = require("wxd.json")
 local util       = require("wxd.util")
+local log        = require("wxd.log")
+local cookie     = require("wxd.cookie")
+local static     = require("wxd.static")
+local multipart  = require("wxd.multipart")
+local cors       = require("wxd.cors")
 local native_parse_query = require("wxd.core.http").parse_query
 
 local type         = type
@@ -22,10 +27,13 @@ local next         = next
 local pairs        = pairs
 local ipairs       = ipairs
 local error        = error
+local xpcall       = xpcall
+local traceback    = debug.traceback
 local tostring     = tostring
 local rawget       = rawget
 local rawset       = rawset
 local setmetatable = setmetatable
+local newproxy     = newproxy
 local getmetatable = getmetatable
 local str_find     = string.find
 local str_sub      = string.sub
@@ -94,7 +102,8 @@ _M.url_encode = util.url_encode
 -- is ignored.
 -- @tparam string s the string, without a leading `?`
 -- @tparam[opt] boolean all when true, every value of a repeated name is
---   kept: the result maps each name to an array of values
+--   kept: the result maps each name to an array of values, and a name
+--   written as an array (`a[]`, also encoded `a%5B%5D`) counts as `a`
 -- @treturn table name → value (last one wins), or name → array of values
 -- @usage local q = app.parse_query("a=1&b=x+y&a=2")  --> { a = "2", b = "x y" }
 local function parse_query(s, all)
@@ -174,12 +183,75 @@ function req_methods.form(self)
   return f
 end
 
+-- `a[]` and `a` name one parameter in the lists of all values.
+local function array_name(name)
+  if type(name) ~= "string" then
+    error("wxd.app: parameter name must be a string, got a " .. type(name), 3)
+  end
+  if #name > 2 and str_sub(name, -2) == "[]" then
+    return str_sub(name, 1, -3)
+  end
+  return name
+end
+
+-- The temp files a request's multipart parts went to. They are removed
+-- when app:handle returns; should the request fail with an error instead,
+-- the list's finaliser removes them when the request is collected.
+local function new_tmp_list()
+  local list = {}
+  local proxy = newproxy(true)
+  getmetatable(proxy).__gc = function()
+    multipart.remove_files(list)
+  end
+  list.sentinel = proxy
+  return list
+end
+
+--- Parse a `multipart/form-data` body (see wxd.multipart for the limits
+-- and their defaults). File parts above `file_threshold` bytes are written
+-- to temp files (`part.path`), removed when the request ends; smaller ones
+-- and fields are strings (`part.data`). The core has already read the
+-- whole body into memory (limits.max_body_bytes bounds it). The result is
+-- cached: later calls return it whatever their options.
+-- @tparam[opt] table opts max_parts, max_files, max_part_bytes,
+--   max_field_bytes, max_total_bytes, max_header_bytes, file_threshold
+-- @treturn ?table { fields = name → string, files = name → part, parts = list }
+-- @treturn ?string "not multipart", "too large", "malformed" or "cannot store file"
+-- @treturn ?number the status to answer with: 415, 413, 400 or 500
+-- @usage local form, err, status = req:multipart()
+-- if not form then return status, { error = err } end
+function req_methods.multipart(self, opts)
+  local form = rawget(self, "_multipart")
+  if form then
+    return form
+  end
+  local boundary = multipart.boundary(rawget(self, "headers")["content-type"])
+  if not boundary then
+    return nil, "not multipart", 415
+  end
+  local tmp = rawget(self, "_tmp")
+  if not tmp then
+    tmp = new_tmp_list()
+    rawset(self, "_tmp", tmp)
+  end
+  local err, status
+  form, err, status = multipart.parse(rawget(self, "body") or "", boundary, opts, tmp)
+  if not form then
+    return nil, err, status
+  end
+  rawset(self, "_multipart", form)
+  return form
+end
+
 --- All values of a repeated query parameter, in order.
--- `req.query.k` gives only the last one.
+-- `req.query.k` gives only the last one. Repeats (`tag=a&tag=b`) and the
+-- array syntax (`tag[]=a&tag[]=b`) are the same here: both give
+-- `{ "a", "b" }` for `req:query_all("tag")` (or `"tag[]"`).
 -- @tparam string name parameter name (decoded)
 -- @treturn table array of values, empty when the parameter is absent
 -- @usage for _, tag in ipairs(req:query_all("tag")) do ... end
 function req_methods.query_all(self, name)
+  name = array_name(name)
   local all = rawget(self, "_query_all")
   if all == nil then
     all = parse_query(rawget(self, "query_string"), true)
@@ -208,6 +280,14 @@ function req_lazy.params(self)
   local p = {}
   rawset(self, "params", p)
   return p
+end
+
+-- The Cookie header as a table (wxd.cookie.parse: lenient, bounded, first
+-- of a repeated name wins, values as sent).
+function req_lazy.cookies(self)
+  local c = cookie.parse(rawget(self, "headers").cookie)
+  rawset(self, "cookies", c)
+  return c
 end
 
 -- A per-request scratch table for middleware to hand data to handlers.
@@ -378,6 +458,34 @@ function res_methods.add_header(self, name, value)
   else
     h[name] = { old, value }
   end
+end
+
+--- Add a Set-Cookie header (several cookies give several headers).
+-- Defaults: Path=/, HttpOnly, SameSite=Lax, and Secure when the request
+-- came over HTTPS. A name that is not a token, a value with characters a
+-- cookie cannot carry (space, '"', ',', ';', '\\', controls) or a bad
+-- option raises (see wxd.cookie).
+-- @tparam string name cookie name
+-- @tparam string value cookie value (percent-encode anything else)
+-- @tparam[opt] table opts path, domain, max_age, expires, secure,
+--   http_only, same_site, partitioned
+-- @usage res:set_cookie("sid", id, { max_age = 3600 })
+function res_methods.set_cookie(self, name, value, opts)
+  local v = cookie.serialize(name, value, opts, rawget(self, "_secure"), 2)
+  self:add_header("Set-Cookie", v)
+end
+
+--- Tell the client to delete a cookie (an empty value, Max-Age=0 and an
+-- Expires in the past). Path and domain must be those it was set with.
+-- @tparam string name cookie name
+-- @tparam[opt] table opts path, domain, secure, same_site ...
+function res_methods.clear_cookie(self, name, opts)
+  local o = {}
+  for k, v in pairs(opts or {}) do
+    o[k] = v
+  end
+  o.max_age, o.expires = 0, 0
+  self:add_header("Set-Cookie", cookie.serialize(name, "", o, rawget(self, "_secure"), 2))
 end
 
 --- Set the body to the JSON encoding of a table and the content type to JSON.
@@ -612,7 +720,9 @@ local function route_error(pattern, msg)
   error("wxd.app: route " .. repr(pattern) .. ": " .. msg, 4)
 end
 
-local function add_route(self, methods, pattern, fn)
+-- `group` is the route group the route was registered through (nil for
+-- the app itself): its middleware and error handlers apply to the route.
+local function add_route(self, methods, pattern, fn, group, opts)
   if type(pattern) ~= "string" then
     error("wxd.app: route pattern must be a string, got a " .. type(pattern), 3)
   end
@@ -631,7 +741,20 @@ local function add_route(self, methods, pattern, fn)
 
   local segs = split_pattern(pattern)
   local nseg = #segs
-  local route = { fn = fn, pattern = pattern, nscan = 0 }
+  local route = { fn = fn, pattern = pattern, nscan = 0, group = group }
+  if opts ~= nil then
+    for k, v in pairs(opts) do
+      if k == "max_body" then
+        local n = util.parse_size(v)
+        if not n then
+          route_error(pattern, "max_body must be a size (bytes, or a string such as \"20m\"), got " .. repr(v))
+        end
+        route.max_body = n
+      else
+        route_error(pattern, "unknown route option " .. repr(k))
+      end
+    end
+  end
   local dynamic = false
   local seen = {}
   for i = 1, nseg do
@@ -743,15 +866,61 @@ local function add_route(self, methods, pattern, fn)
       self._methods[m] = true
     end
   end
+  if route.max_body then
+    self._body_limits = true
+  end
+end
+
+-- `fn` or `opts, fn` after a pattern.
+local function handler_args(a, b)
+  if type(a) == "table" then
+    return b, a
+  end
+  return a, nil
 end
 
 
 ------------------------------------------------------------------------
--- App
+-- App and route groups
 ------------------------------------------------------------------------
 
+-- An app and its route groups share the registration methods below (in
+-- them `self` is the app, or a group with self._app set). A group puts its
+-- routes into the app's one router under its prefix, so routing costs the
+-- same with or without groups; what the group adds is its own middleware
+-- and error handlers, found through route.group.
 local app_methods = {}
 local APP_MT = { __index = app_methods }
+local group_methods = {}
+local GROUP_MT = { __index = group_methods }
+local shared = {}
+
+local function owner(self)
+  return self._app or self
+end
+
+-- The full pattern of a route registered through an app or a group.
+local function full_pattern(self, pattern)
+  local prefix = self.prefix
+  if prefix == nil or type(pattern) ~= "string" then
+    return pattern -- add_route reports a pattern that is not a string
+  end
+  if pattern == "" then
+    return prefix
+  end
+  if str_byte(pattern, 1) ~= 47 then
+    error("wxd.app: route " .. repr(pattern) .. ": pattern must start with '/' (or be \"\" for the group's own path "
+      .. prefix .. ")", 3)
+  end
+  return prefix .. pattern
+end
+
+local function group_of(self)
+  if self._app then
+    return self
+  end
+  return nil
+end
 
 --- Create an app.
 -- @treturn table the app
@@ -764,6 +933,9 @@ function _M.new()
     _methods = {},         -- every method some route accepts (for Allow)
     _before  = {}, _nbefore = 0,
     _after   = {}, _nafter  = 0,
+    _groups  = {},         -- every route group, for requests no route matched
+    _errors  = nil,        -- status → handler (app:on_error)
+    _catch   = false,      -- a 500 handler exists somewhere
   }, APP_MT)
 end
 
@@ -773,13 +945,21 @@ end
 -- segment matches the rest of the path (possibly empty, possibly with
 -- slashes). Params are percent-decoded into `req.params`. A trailing slash
 -- is significant. A malformed pattern or a duplicate route raises.
+-- On a group, the pattern is appended to the group's prefix ("" is the
+-- prefix itself).
+-- Options, as a table before the handler: `max_body` (bytes or "20m"),
+-- this route's request body limit instead of limits.max_body_bytes,
+-- larger or smaller, enforced by the core before it reads the body.
 -- @tparam string|table methods "GET" or { "GET", "POST" }
 -- @tparam string pattern e.g. "/orders/:id"
+-- @tparam[opt] table opts { max_body = size }
 -- @tparam function fn handler(req, res) → body | status, body | nil
--- @treturn table the app
+-- @treturn table the app (or the group)
 -- @usage app:route({ "GET", "POST" }, "/x", function(req, res) return "x" end)
-function app_methods.route(self, methods, pattern, fn)
-  add_route(self, methods, pattern, fn) -- not a tail call: error levels count this frame
+function shared.route(self, methods, pattern, a, b)
+  local fn, opts = handler_args(a, b)
+  -- not a tail call: error levels count this frame
+  add_route(owner(self), methods, full_pattern(self, pattern), fn, group_of(self), opts)
   return self
 end
 
@@ -787,39 +967,33 @@ end
 -- same pattern takes precedence).
 -- @tparam string pattern route pattern
 -- @tparam function fn handler
--- @treturn table the app
-function app_methods.any(self, pattern, fn)
-  add_route(self, ANY, pattern, fn)
+-- @treturn table the app (or the group)
+function shared.any(self, pattern, a, b)
+  local fn, opts = handler_args(a, b)
+  add_route(owner(self), ANY, full_pattern(self, pattern), fn, group_of(self), opts)
   return self
 end
 
 for _, m in ipairs({ "get", "post", "put", "patch", "delete", "options", "head" }) do
   local method = str_upper(m)
-  app_methods[m] = function(self, pattern, fn)
-    add_route(self, method, pattern, fn)
+  shared[m] = function(self, pattern, a, b)
+    local fn, opts = handler_args(a, b)
+    add_route(owner(self), method, full_pattern(self, pattern), fn, group_of(self), opts)
     return self
   end
-end
-
---- Registers payment-order hooks of this app (see wxd.order.hooks):
--- `app:order_hooks{ on_enter = { PAID = function(order, event) ... end }, on_late = fn }`.
--- They belong to the generation that registers them (hot reload replaces them).
--- @treturn table the app
-function app_methods.order_hooks(self, t)
-  require("wxd.order").hooks(t)
-  return self
 end
 
 --- Add a middleware that runs before the handler, in registration order.
 -- A non-nil return value short-circuits: the later middlewares and the
 -- handler are skipped and the value becomes the response, exactly as a
--- handler's return value would.
+-- handler's return value would. The app's middlewares run first, then
+-- those of the request's groups, outermost first.
 -- @tparam function fn middleware(req, res)
--- @treturn table the app
+-- @treturn table the app (or the group)
 -- @usage app:before(function(req, res)
 --   if not req:header("x-token") then return 401, "no token\n" end
 -- end)
-function app_methods.before(self, fn)
+function shared.before(self, fn)
   if type(fn) ~= "function" then
     error("wxd.app: middleware must be a function, got a " .. type(fn), 2)
   end
@@ -830,14 +1004,15 @@ function app_methods.before(self, fn)
 end
 
 --- The same as before(): `app:use(limit.middleware{ ... })`.
-app_methods.use = app_methods.before
+shared.use = shared.before
 
 --- Add a middleware that runs after the handler (also after a
 -- short-circuit, a 404 or a 405), in registration order. It may change
--- `res`; its return value is ignored.
+-- `res`; its return value is ignored. Those of the request's groups run
+-- first, innermost first, then the app's.
 -- @tparam function fn middleware(req, res)
--- @treturn table the app
-function app_methods.after(self, fn)
+-- @treturn table the app (or the group)
+function shared.after(self, fn)
   if type(fn) ~= "function" then
     error("wxd.app: middleware must be a function, got a " .. type(fn), 2)
   end
@@ -847,13 +1022,105 @@ function app_methods.after(self, fn)
   return self
 end
 
+local ERROR_STATUSES = { [404] = true, [405] = true, [500] = true }
+
+--- Set the handler of 404 (no route), 405 (no route for the method) or 500
+-- (an error was raised) responses, for the app or for a group's requests.
+-- A 404 or 405 handler gets `res` filled in as the default answer (status,
+-- JSON body, `Allow` for a 405) and returns like a route handler. A 500
+-- handler gets `(req, res, err)`: `err` is the value raised (the log gets
+-- it with its traceback); `res` is a fresh response, a 500 with the
+-- default text body, so nothing the failed handler set is sent unless
+-- the handler sets it again.
+-- @tparam number status 404, 405 or 500
+-- @tparam function fn handler(req, res[, err])
+-- @treturn table the app (or the group)
+-- @usage app:on_error(404, function(req, res) return 404, "no such page\n" end)
+function shared.on_error(self, status, fn)
+  if not ERROR_STATUSES[status] then
+    error("wxd.app: on_error: status must be 404, 405 or 500, got " .. repr(status), 2)
+  end
+  if type(fn) ~= "function" then
+    error("wxd.app: on_error: handler must be a function, got a " .. type(fn), 2)
+  end
+  local errors = self._errors
+  if not errors then
+    errors = {}
+    self._errors = errors
+  end
+  errors[status] = fn
+  if status == 500 then
+    owner(self)._catch = true
+  end
+  return self
+end
+
+-- A group prefix: "/a/b" or "/shops/:shop" (params allowed, no wildcard,
+-- no trailing slash, no empty segment).
+local function check_prefix(prefix)
+  if type(prefix) ~= "string" then
+    error("wxd.app: group prefix must be a string, got a " .. type(prefix), 3)
+  end
+  if str_byte(prefix, 1) ~= 47 or prefix == "/" or str_find(prefix, "//", 1, true)
+      or str_byte(prefix, -1) == 47 then
+    error("wxd.app: group prefix " .. repr(prefix)
+      .. " must start with '/', have no empty segment and no trailing '/'", 3)
+  end
+  for seg in string.gmatch(prefix, "[^/]+") do
+    local c = str_byte(seg, 1)
+    if c == 42 or (c == 58 and not str_find(seg, "^:[%a_][%w_]*$")) then
+      error("wxd.app: group prefix " .. repr(prefix) .. ": invalid segment " .. repr(seg)
+        .. " (':name' params are allowed, wildcards are not)", 3)
+    end
+  end
+end
+
+--- Create a route group: routes registered on it get `prefix` in front of
+-- their pattern, and its own middleware (before/after) and error handlers
+-- (on_error) apply to its routes only, and to requests under its prefix
+-- that no route matches. Groups nest (`g:group("/admin")`).
+-- @tparam string prefix e.g. "/api/v2" (':name' segments allowed)
+-- @tparam[opt] function fn called with the group, to register its routes
+-- @treturn table the group
+-- @usage app:group("/api/v2", function(v2)
+--   v2:before(require_session)
+--   v2:get("/orders/:id", get_order)
+-- end)
+function shared.group(self, prefix, fn)
+  check_prefix(prefix)
+  if fn ~= nil and type(fn) ~= "function" then
+    error("wxd.app: group: expected a function, got a " .. type(fn), 2)
+  end
+  local app = owner(self)
+  local full = (self.prefix or "") .. prefix
+  local g = setmetatable({
+    _app = app, _parent = self, prefix = full, _segs = split_pattern(full),
+    _before = {}, _nbefore = 0,
+    _after  = {}, _nafter  = 0,
+    _errors = nil,
+  }, GROUP_MT)
+  local chain = {}
+  if self._chain then
+    for i = 1, #self._chain do
+      chain[i] = self._chain[i]
+    end
+  end
+  chain[#chain + 1] = g
+  g._chain = chain -- outermost first
+  app._groups[#app._groups + 1] = g
+  if fn then
+    fn(g)
+  end
+  return g
+end
+
 --- Mount a WeChat message callback (Official Account, Mini Program,
 -- WeCom) at `path`: GET verification and POST messages. See wxd.mp.
 -- @tparam string path e.g. "/wx"
 -- @tparam table cfg token, appid, aes_key, ... (docs/mp.md)
 -- @tparam table handlers by MsgType, `event`, `default`
--- @treturn table the app
-function app_methods.mp(self, path, cfg, handlers)
+-- @treturn table the app (or the group)
+function shared.mp(self, path, cfg, handlers)
   -- A tail call (mount returns the app): a bad cfg is reported at the caller's line.
   return require("wxd.mp").mount(self, path, cfg, handlers)
 end
@@ -888,6 +1155,53 @@ function app_methods.ws(self, path, handler, opts)
   return require("wxd.ws").mount(self, path, handler, opts)
 end
 
+--- Serve the files of a directory under a prefix (GET and HEAD): ETag,
+-- Last-Modified and 304s, single byte ranges, Content-Type by extension,
+-- an index file, and no way out of the directory (see wxd.static).
+-- @tparam string prefix e.g. "/assets", or "/" for the whole site
+-- @tparam string dir the directory (must exist when the app loads)
+-- @tparam[opt] table opts index, max_age, dotfiles, etag, last_modified, types
+-- @treturn table the app (or the group)
+-- @usage app:static("/assets", "public", { max_age = 3600 })
+function shared.static(self, prefix, dir, opts)
+  local r = static.mount(self, prefix, dir, opts) -- not a tail call: error levels count this frame
+  return r
+end
+
+--- Answer CORS preflights and mark allowed cross-origin responses, for the
+-- app's requests or a group's (a `before` middleware; see wxd.cors).
+-- @tparam table opts origins, methods, headers, expose, credentials, max_age
+-- @treturn table the app (or the group)
+-- @usage app:cors({ origins = { "https://shop.example.com" }, credentials = true })
+function shared.cors(self, opts)
+  shared.before(self, cors.middleware(opts, 2))
+  return self
+end
+
+for k, f in pairs(shared) do
+  app_methods[k] = f
+  group_methods[k] = f
+end
+
+--- Registers payment-order hooks of this app (see wxd.order.hooks):
+-- `app:order_hooks{ on_enter = { PAID = function(order, event) ... end }, on_late = fn }`.
+-- They belong to the generation that registers them (hot reload replaces them).
+-- @treturn table the app
+function app_methods.order_hooks(self, t)
+  require("wxd.order").hooks(t)
+  return self
+end
+
+--- The body limit of the route a request would reach, if it has one (the
+-- core asks before it reads a body; see wxd.server).
+-- @tparam string method request method
+-- @tparam string path raw request path
+-- @treturn ?number bytes
+function app_methods.body_limit(self, method, path)
+  local r = lookup(self, method, path)
+  return r and r.max_body
+end
+
 --- The route a request would reach, for tools and tests.
 -- @tparam string method request method
 -- @tparam string path raw request path
@@ -899,6 +1213,58 @@ function app_methods.match(self, method, path)
     return nil
   end
   return r.pattern, r.pnames and extract(r, path) or {}
+end
+
+-- Does the path lie under a group's prefix (segments, ':name' matches any
+-- non-empty one)?
+local function under_prefix(segs, path)
+  local n = #segs
+  local pos = 2
+  for i = 1, n do
+    local slash = str_find(path, "/", pos, true)
+    local seg = str_sub(path, pos, (slash or 0) - 1)
+    local want = segs[i]
+    if str_byte(want, 1) == 58 then
+      if seg == "" then
+        return false
+      end
+    elseif seg ~= want then
+      return false
+    end
+    if not slash then
+      return i == n
+    end
+    pos = slash + 1
+  end
+  return true
+end
+
+-- The innermost group whose prefix covers a path no route matched.
+local function group_for_path(self, path)
+  local best, depth = nil, 0
+  local groups = self._groups
+  for i = 1, #groups do
+    local g = groups[i]
+    local n = #g._segs
+    if n > depth and under_prefix(g._segs, path) then
+      best, depth = g, n
+    end
+  end
+  return best
+end
+
+-- The error handler for a status: the innermost group's, else its
+-- parents', else the app's.
+local function error_handler(group, app, status)
+  local g = group or app
+  while g do
+    local errors = g._errors
+    if errors and errors[status] then
+      return errors[status]
+    end
+    g = g._parent
+  end
+  return nil
 end
 
 -- Turn a handler's (or a short-circuiting middleware's) return values into
@@ -972,10 +1338,118 @@ local function finish(res, ctype)
   return status, h, body
 end
 
+-- Middleware, handler (or 404/405), middleware: the request after routing.
+local function run(self, req, res, route, group, method, path)
+  local ctype, a, b
+
+  local short = false
+  local before = self._before
+  for i = 1, self._nbefore do
+    a, b = before[i](req, res)
+    if a ~= nil then
+      short = true
+      break
+    end
+  end
+  if group and not short then
+    local chain = group._chain
+    for j = 1, #chain do
+      local g = chain[j]
+      local gb = g._before
+      for i = 1, g._nbefore do
+        a, b = gb[i](req, res)
+        if a ~= nil then
+          short = true
+          break
+        end
+      end
+      if short then
+        break
+      end
+    end
+  end
+
+  if short then
+    ctype = apply(res, a, b)
+  elseif route then
+    a, b = route.fn(req, res)
+    if a ~= nil then
+      ctype = apply(res, a, b)
+    end
+  else
+    local allow = allowed_methods(self, path)
+    local status
+    if allow[1] or method == "TRACE" then
+      status = 405
+      rawset(res, "body", NOT_ALLOWED_BODY)
+      if allow[1] then
+        res.headers["allow"] = tbl_concat(allow, ", ")
+      end
+    else
+      status = 404
+      rawset(res, "body", NOT_FOUND_BODY)
+    end
+    rawset(res, "status", status)
+    ctype = JSON_CT
+    local h = (self._errors or group) and error_handler(group, self, status)
+    if h then
+      a, b = h(req, res)
+      if a ~= nil then
+        ctype = apply(res, a, b)
+      end
+    end
+  end
+
+  if group then
+    local chain = group._chain
+    for j = #chain, 1, -1 do
+      local g = chain[j]
+      local ga = g._after
+      for i = 1, g._nafter do
+        ga[i](req, res)
+      end
+    end
+  end
+  local after = self._after
+  for i = 1, self._nafter do
+    after[i](req, res)
+  end
+
+  return finish(res, ctype)
+end
+
+local function capture_error(e)
+  return { err = e, trace = traceback(tostring(e), 2) }
+end
+
+-- run() under a 500 handler: an error becomes the handler's answer.
+local function run_protected(self, h500, req, res, route, group, method, path)
+  local ok, status, headers, body = xpcall(run, capture_error, self, req, res, route, group, method, path)
+  if ok then
+    return status, headers, body
+  end
+  local e = status
+  if rawget(res, "_streamed") then
+    -- The status is on the wire: the core can only cut the response short.
+    error(e.trace, 0)
+  end
+  log.error("handler error", { id = req.id, method = method, path = path, error = e.trace })
+  local res2 = setmetatable({ status = 500, body = "internal server error (request id " .. tostring(req.id) .. ")\n" },
+    RES_MT)
+  rawset(res2, "_secure", rawget(res, "_secure"))
+  local ctype = TEXT_CT
+  local a, b = h500(req, res2, e.err)
+  if a ~= nil then
+    ctype = apply(res2, a, b)
+  end
+  return finish(res2, ctype)
+end
+
 --- Handle one request; called by the core inside the request's coroutine.
 -- The raw table becomes the request object (a metatable is set on it;
 -- the core passes `query_string`; a raw `query` is accepted too). Errors raised by middleware or
--- handlers propagate: the core turns them into a 500 with the request id.
+-- handlers propagate (unless a 500 handler is set): the core turns them
+-- into a 500 with the request id.
 -- @tparam table raw request built by the core (method, path, query,
 --   version, headers, body, remote_addr, remote_port, id)
 -- @treturn integer status
@@ -1010,47 +1484,36 @@ function app_methods.handle(self, req)
     req.params = extract(route, path)
   end
 
+  -- The core enforces a route's limit before reading the body; this
+  -- covers requests built by hand (wxd.testing, unit specs).
+  if route and route.max_body and #(rawget(req, "body") or "") > route.max_body then
+    return 413, TEXT_HEADERS, "request body too large\n"
+  end
+
   local res = setmetatable({ status = 200 }, RES_MT)
-  local ctype, a, b
-
-  local short = false
-  local before = self._before
-  for i = 1, self._nbefore do
-    a, b = before[i](req, res)
-    if a ~= nil then
-      short = true
-      break
-    end
+  if rawget(req, "tls") then
+    rawset(res, "_secure", true) -- cookies get Secure by default
   end
 
-  if short then
-    ctype = apply(res, a, b)
-  elseif route then
-    a, b = route.fn(req, res)
-    if a ~= nil then
-      ctype = apply(res, a, b)
-    end
+  local group
+  if route then
+    group = route.group
+  elseif self._groups[1] then
+    group = group_for_path(self, path)
+  end
+
+  local status, headers, body
+  local h500 = self._catch and error_handler(group, self, 500)
+  if h500 then
+    status, headers, body = run_protected(self, h500, req, res, route, group, method, path)
   else
-    local allow = allowed_methods(self, path)
-    if allow[1] or method == "TRACE" then
-      rawset(res, "status", 405)
-      rawset(res, "body", NOT_ALLOWED_BODY)
-      if allow[1] then
-        res.headers["allow"] = tbl_concat(allow, ", ")
-      end
-    else
-      rawset(res, "status", 404)
-      rawset(res, "body", NOT_FOUND_BODY)
-    end
-    ctype = JSON_CT
+    status, headers, body = run(self, req, res, route, group, method, path)
   end
-
-  local after = self._after
-  for i = 1, self._nafter do
-    after[i](req, res)
+  local tmp = rawget(req, "_tmp")
+  if tmp then
+    multipart.remove_files(tmp)
   end
-
-  return finish(res, ctype)
+  return status, headers, body
 end
 
 return _M

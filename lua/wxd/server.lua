@@ -53,6 +53,11 @@ function _M.load_app(appdir, _worker, generation)
     return nil, appdir .. "/app.lua must return an app: local app = require(\"wxd.app\").new() ... return app"
   end
   local handle = app.handle
+  -- Routes with their own body limit: the core asks the router for the
+  -- limit of each request with a body before reading it.
+  if app._body_limits then
+    require("wxd.core.http").set_body_limit(function(method, path) return app:body_limit(method, path) end)
+  end
 
   return function(raw)
     local ok2, status, headers, body = xpcall(handle, traceback, app, raw)

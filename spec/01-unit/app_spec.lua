@@ -89,6 +89,8 @@ describe("wxd.app", function()
                         if not k then k, v = pair, "" end
                         if k ~= "" then
                             k, v = decode(k), decode(v)
+                            -- In the lists of all values, a[] is a.
+                            if all and #k > 2 and k:sub(-2) == "[]" then k = k:sub(1, -3) end
                             if all then
                                 t[k] = t[k] or {}
                                 table.insert(t[k], v)
@@ -100,7 +102,7 @@ describe("wxd.app", function()
                 end
                 return t
             end
-            local alphabet = { "a", "b", "=", "&", "+", "%", "2", "B", "f", "z", "%41", "%2b", "\0", "\255", "é" }
+            local alphabet = { "a", "b", "=", "&", "+", "%", "2", "B", "f", "z", "%41", "%2b", "\0", "\255", "é", "[]", "%5B%5d" }
             math.randomseed(12345)
             for _ = 1, 3000 do
                 local parts = {}
