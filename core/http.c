@@ -16,6 +16,7 @@
 #include "http_internal.h"
 
 #include <malloc.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -707,11 +708,14 @@ void wxd__http_conn_close(wxd_conn_t *c) {
   uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
 }
 
-static void accept_conn(uv_stream_t *server, int status, int tls) {
-  wxd_worker_t *w = server->data;
-  if (status < 0 || w->draining) return;
+/* A new connection: accepted from server, or (server NULL) the socket fd
+ * another worker's listener had queued (wxd_http_adopt). */
+static void accept_conn_from(wxd_worker_t *w, uv_stream_t *server, int fd, int tls) {
   wxd_conn_t *c = calloc(1, sizeof *c);
-  if (!c) return;
+  if (!c) {
+    if (fd >= 0) close(fd);
+    return;
+  }
   c->w = w;
   uv_tcp_init(&w->loop, &c->tcp);
   c->tcp.data = c;
@@ -721,7 +725,8 @@ static void accept_conn(uv_stream_t *server, int status, int tls) {
   w->conns = c;
   w->nconns++;
   atomic_fetch_add_explicit(&w->stats.connections, 1, memory_order_relaxed);
-  if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) {
+  if (server ? uv_accept(server, (uv_stream_t *)&c->tcp) != 0 : uv_tcp_open(&c->tcp, fd) != 0) {
+    if (!server) close(fd);
     wxd__http_conn_close(c);
     return;
   }
@@ -754,6 +759,20 @@ static void accept_conn(uv_stream_t *server, int status, int tls) {
    * request, not by handshake bytes. */
   conn_set_timer(c, w->cfg->limits.header_timeout_ms);
   conn_start_reading(c);
+}
+
+static void accept_conn(uv_stream_t *server, int status, int tls) {
+  wxd_worker_t *w = server->data;
+  if (status < 0 || w->draining) return;
+  accept_conn_from(w, server, -1, tls);
+}
+
+void wxd_http_adopt(wxd_worker_t *w, int fd, int tls) {
+  if (w->draining) {
+    close(fd);
+    return;
+  }
+  accept_conn_from(w, NULL, fd, tls);
 }
 
 void wxd_http_on_connection(uv_stream_t *server, int status) { accept_conn(server, status, 0); }

@@ -183,7 +183,7 @@ static int option(int argc, char **argv, int *i, const char *name, const char *s
   return 1;
 }
 
-static int cmd_run(int argc, char **argv, int mode) {
+static int cmd_run(int argc, char **argv, int mode, char **full_argv) {
   static wxd_config_t cfg; /* large (paths); lives as long as the server */
   memset(&cfg, 0, sizeof cfg);
   wxd_config_defaults(&cfg);
@@ -306,7 +306,7 @@ static int cmd_run(int argc, char **argv, int mode) {
     uv_loop_close(&loop);
     return rc;
   }
-  return wxd_server_run(&cfg);
+  return wxd_server_run(&cfg, full_argv);
 }
 
 typedef struct script_state {
@@ -413,9 +413,9 @@ int main(int argc, char **argv) {
     return 0;
   }
   if (wants_help(argv[1], argc - 2, argv + 2) && print_command_help(argv[1]) == 0) return 0;
-  if (strcmp(argv[1], "run") == 0) return cmd_run(argc - 2, argv + 2, MODE_RUN);
-  if (strcmp(argv[1], "dev") == 0) return cmd_run(argc - 2, argv + 2, MODE_DEV);
-  if (strcmp(argv[1], "check") == 0) return cmd_run(argc - 2, argv + 2, MODE_CHECK);
+  if (strcmp(argv[1], "run") == 0) return cmd_run(argc - 2, argv + 2, MODE_RUN, argv);
+  if (strcmp(argv[1], "dev") == 0) return cmd_run(argc - 2, argv + 2, MODE_DEV, argv);
+  if (strcmp(argv[1], "check") == 0) return cmd_run(argc - 2, argv + 2, MODE_CHECK, argv);
   if (strcmp(argv[1], "reload") == 0) return cmd_lua_cli("reload", argc - 2, argv + 2);
   if (strcmp(argv[1], "script") == 0) return cmd_script(argc - 2, argv + 2);
   fprintf(stderr, "wxd: unknown command \"%s\" (see wxd --help)\n", argv[1]);

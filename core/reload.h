@@ -24,6 +24,9 @@ void wxd_reload_close(wxd_server_t *s);
 void wxd_reload_start(wxd_server_t *s, const char *why);
 /* Worker thread: the answer to the current phase (err: PREPARE failed). */
 void wxd_reload_worker_reply(wxd_worker_t *w, const char *err);
+/* Main thread (watchdog.c): worker w is stuck; a reload waiting for its
+ * answer goes on without it (refused when it was preparing). */
+void wxd_reload_worker_stalled(wxd_server_t *s, wxd_worker_t *w);
 /* Main thread: writes the status JSON next to the pid file (PIDFILE.status),
  * which `wxd reload` reads; nothing without a pid file. */
 void wxd_reload_write_status(wxd_server_t *s);

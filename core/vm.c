@@ -114,7 +114,8 @@ static int core_in_coroutine(lua_State *L) {
   return 1;
 }
 
-/* core.kill(pid, "HUP"|"TERM"|"INT"|0): signals a process (wxd reload).
+/* core.kill(pid, "HUP"|"TERM"|"INT"|"KILL"|"USR2"|0): signals a process
+ * (wxd reload, wxd restart).
  * Returns true, or nil, err. */
 static int core_kill(lua_State *L) {
   lua_Integer pid = luaL_checkinteger(L, 1);
@@ -123,8 +124,10 @@ static int core_kill(lua_State *L) {
   if (strcmp(name, "HUP") == 0) sig = SIGHUP;
   else if (strcmp(name, "TERM") == 0) sig = SIGTERM;
   else if (strcmp(name, "INT") == 0) sig = SIGINT;
+  else if (strcmp(name, "KILL") == 0) sig = SIGKILL;
+  else if (strcmp(name, "USR2") == 0) sig = SIGUSR2;
   else if (strcmp(name, "0") == 0) sig = 0;
-  else return luaL_argerror(L, 2, "expected HUP, TERM, INT or 0");
+  else return luaL_argerror(L, 2, "expected HUP, TERM, INT, KILL, USR2 or 0");
   luaL_argcheck(L, pid > 0, 1, "expected a process id");
   int rc = uv_kill((int)pid, sig);
   if (rc != 0) {
@@ -373,12 +376,58 @@ void wxd_co_kill(wxd_co_t *co) {
   co->killed = 1;
 }
 
+/* ---- runaway coroutines (watchdog.c) ----
+ *
+ * The coroutine this thread is running, for the watchdog's signal handler
+ * (which runs on this thread): two stores per resume. A coroutine
+ * interrupted by wxd_co_interrupt is ended by a count hook that raises at
+ * every instruction it runs, so that no pcall inside it can swallow the
+ * error and go on. Hooks are global to a LuaJIT state: the hook checks it
+ * is still in the interrupted coroutine and removes itself otherwise. */
+static __thread wxd_co_t *volatile running_co;
+static __thread wxd_co_t *volatile interrupted_co;
+
+wxd_co_t *wxd_co_running(void) { return running_co; }
+
+static void interrupt_hook(lua_State *L, lua_Debug *ar) {
+  (void)ar;
+  wxd_co_t *co = interrupted_co;
+  if (!co || co != running_co) {
+    lua_sethook(L, NULL, 0, 0);
+    return;
+  }
+  lua_pushliteral(L, WXD_RUNAWAY_ERROR);
+  lua_error(L);
+}
+
+int wxd_co_interrupt(void) {
+  wxd_co_t *co = running_co;
+  if (!co) return 0;
+  interrupted_co = co;
+  lua_sethook(co->T, interrupt_hook, LUA_MASKCOUNT, 1);
+  return 1;
+}
+
+static int resume_watched(wxd_co_t *co, int nargs) {
+  wxd_co_t *outer = running_co;
+  running_co = co;
+  int status = lua_resume(co->T, nargs);
+  running_co = outer;
+  if (interrupted_co == co) {
+    interrupted_co = NULL;
+    lua_sethook(co->T, NULL, 0, 0);
+    /* Interrupted after it had already finished: nothing was cut. */
+    if (status != 0 && status != LUA_YIELD) co->runaway = 1;
+  }
+  return status;
+}
+
 int wxd_co_resume(wxd_co_t *co, int nargs) {
   if (co->killed) return co_end_killed(co); /* its primitive just let go of it */
   co->waiting = 0;
   co->cancel = NULL;
   co->wait = NULL;
-  int status = lua_resume(co->T, nargs);
+  int status = resume_watched(co, nargs);
   if (co->killed) {
     if (status == LUA_YIELD && co->waiting) {
       if (!co->cancel) return 0; /* its primitive resumes it, and then it ends */

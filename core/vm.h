@@ -45,6 +45,7 @@ struct wxd_co {
   void *wait;            /* argument of cancel */
   void (*abandon)(wxd_co_t *co); /* the VM goes while the coroutine waits */
   int killed;            /* wxd_co_kill while it could not end at once */
+  int runaway;           /* ended by wxd_co_interrupt (the watchdog) */
   wxd_co_t *prev, *next; /* vm's list of live coroutines */
 };
 
@@ -153,6 +154,17 @@ void wxd_vm_retire(wxd_vm_t *vm);
 /* Cancels every pending wait of the VM: no coroutine will be resumed after
  * this; their owners learn it through `abandon` when the VM is freed. */
 void wxd_vm_cancel_waits(wxd_vm_t *vm);
+/* The error a coroutine stopped by the watchdog ends with. */
+#define WXD_RUNAWAY_ERROR "runaway: the handler ran too long without yielding"
+/* The coroutine this thread is running (innermost), or NULL. */
+wxd_co_t *wxd_co_running(void);
+/* Async-signal-safe, on the thread that runs the coroutine (watchdog.c's
+ * signal handler): makes the coroutine running now raise
+ * WXD_RUNAWAY_ERROR at its next interpreted instruction, and at every one
+ * after, until it ends; it ends with co->runaway set. Code compiled by the
+ * JIT checks no hook: a compiled loop is not stopped (docs/runaway.md).
+ * Returns 0 when no coroutine is running. */
+int wxd_co_interrupt(void);
 /* Pushes onto co->vm->L a traceback of the ended coroutine for message `msg`. */
 void wxd_co_traceback(wxd_co_t *co, const char *msg);
 /* Logs `what` at error level with the traceback of a coroutine that ended
