@@ -283,7 +283,7 @@ static int cmd_run(int argc, char **argv, int mode, char **full_argv) {
     /* One worker's worth of loading, without listening. */
     uv_loop_t loop;
     uv_loop_init(&loop);
-    wxd_vm_options_t opts = {cfg.lua_dir[0] ? cfg.lua_dir : NULL, cfg.app_dir, 0};
+    wxd_vm_options_t opts = {cfg.lua_dir[0] ? cfg.lua_dir : NULL, cfg.app_dir, 0, 0};
     wxd_vm_t *vm = wxd_vm_new(&loop, &opts);
     int rc = 1;
     if (vm) {
@@ -353,7 +353,7 @@ static int cmd_lua_cli(const char *name, int argc, char **argv) {
   find_lua_dir(lua_dir, sizeof lua_dir);
   uv_loop_t loop;
   uv_loop_init(&loop);
-  wxd_vm_options_t opts = {lua_dir[0] ? lua_dir : NULL, NULL, -1};
+  wxd_vm_options_t opts = {lua_dir[0] ? lua_dir : NULL, NULL, -1, 0};
   wxd_vm_t *vm = wxd_vm_new(&loop, &opts);
   if (!vm) return 1;
   lua_State *L = vm->L;
@@ -380,7 +380,7 @@ static int cmd_script(int argc, char **argv) {
   if (lv && wxd_log_parse_level(lv) >= 0) wxd_log_set_level(wxd_log_parse_level(lv));
   uv_loop_t loop;
   uv_loop_init(&loop);
-  wxd_vm_options_t opts = {lua_dir[0] ? lua_dir : NULL, NULL, -1};
+  wxd_vm_options_t opts = {lua_dir[0] ? lua_dir : NULL, NULL, -1, 0};
   wxd_vm_t *vm = wxd_vm_new(&loop, &opts);
   if (!vm) return 1;
   lua_State *L = vm->L;

@@ -550,6 +550,10 @@ void wxd_reload_close(wxd_server_t *s) {
   uv_close((uv_handle_t *)&s->reload_async, NULL);
   uv_close((uv_handle_t *)&s->watch_debounce, NULL);
   unwatch_all(s);
+  wxd_reload_close_admin(s);
+}
+
+void wxd_reload_close_admin(wxd_server_t *s) {
   while (s->admin_conns) admin_close(s->admin_conns);
   if (s->admin_open) {
     uv_close((uv_handle_t *)&s->admin, NULL);

@@ -33,6 +33,9 @@ void wxd_reload_write_status(wxd_server_t *s);
 /* Main thread: serves GET /status on cfg->admin_host:admin_port when set.
  * Returns -1 (logged) when the address cannot be bound. */
 int wxd_reload_start_admin(wxd_server_t *s);
+/* Main thread: stops serving the status endpoint (a restart's successor
+ * takes its port). */
+void wxd_reload_close_admin(wxd_server_t *s);
 /* Main thread (wxd dev): reloads when a .lua file under the app changes. */
 void wxd_reload_watch(wxd_server_t *s);
 

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "reload.h"
 
 #define READY_TIMEOUT_MS 60000
 
@@ -86,6 +87,7 @@ static void hand_over(wxd_restart_t *r) {
     pthread_mutex_unlock(&w->listen_mu);
   }
   wxd_steer_release(&s->steer);
+  wxd_reload_close_admin(s);
   s->handed_over = pid;
   wxd_server_stop(s, "restart: handed over to the successor");
 }

@@ -51,7 +51,8 @@ static void on_vm_idle(wxd_vm_t *vm) {
 }
 
 wxd_vm_t *wxd_worker_load(wxd_worker_t *w, unsigned gen, char *err, size_t errlen) {
-  wxd_vm_options_t opts = {w->cfg->lua_dir[0] ? w->cfg->lua_dir : NULL, w->cfg->app_dir, w->id};
+  wxd_vm_options_t opts = {w->cfg->lua_dir[0] ? w->cfg->lua_dir : NULL, w->cfg->app_dir, w->id,
+                           w->cfg->limits.lua_memory_bytes};
   wxd_vm_t *vm = wxd_vm_new(&w->loop, &opts);
   if (!vm) {
     snprintf(err, errlen, "out of memory");
@@ -436,7 +437,6 @@ void wxd_server_stop(wxd_server_t *s, const char *why) {
   /* Before the workers close their listeners: the monitor must not
    * touch a descriptor that is gone (or already reused). */
   wxd_steer_stop(&s->steer);
-  wxd_watchdog_stop(s);
   wxd_restart_close(s);
   wxd_logf(WXD_LOG_INFO, -1, "%s: stopping (in-flight requests get up to %llu ms)", why,
            (unsigned long long)s->cfg->limits.shutdown_timeout_ms);
@@ -445,7 +445,7 @@ void wxd_server_stop(wxd_server_t *s, const char *why) {
     uv_async_send(&s->workers[i].stop_async);
   }
   /* Healthy workers end by the deadline (theirs); a stuck one never does. */
-  uv_timer_start(&s->abandon_timer, on_abandon_timer, s->cfg->limits.shutdown_timeout_ms + 1000, 0);
+  uv_timer_start(&s->abandon_timer, on_abandon_timer, s->cfg->limits.shutdown_timeout_ms + 500, 0);
   uv_unref((uv_handle_t *)&s->abandon_timer);
 }
 

@@ -169,10 +169,33 @@ static void prepend_path(lua_State *L, const char *dir) {
   lua_pop(L, 2);
 }
 
+static __thread wxd_co_t *volatile running_co;
+
+/* The allocator of a state with a memory limit. LuaJIT runs no emergency
+ * collection when an allocation fails: wxd_co_resume collects fully after
+ * a coroutine that met the limit. */
+static void *limited_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+  wxd_vm_t *vm = ud;
+  size_t old = ptr ? osize : 0;
+  if (nsize == 0) {
+    free(ptr);
+    vm->mem_used -= old;
+    return NULL;
+  }
+  if (nsize > old && vm->mem_used + (nsize - old) > vm->mem_limit && running_co && running_co->vm == vm) {
+    vm->mem_refused = 1;
+    return NULL;
+  }
+  void *p = realloc(ptr, nsize);
+  if (p) vm->mem_used = vm->mem_used - old + nsize;
+  return p;
+}
+
 wxd_vm_t *wxd_vm_new(uv_loop_t *loop, const wxd_vm_options_t *opts) {
   wxd_vm_t *vm = calloc(1, sizeof *vm);
   if (!vm) return NULL;
-  lua_State *L = luaL_newstate();
+  vm->mem_limit = opts->mem_limit;
+  lua_State *L = opts->mem_limit ? lua_newstate(limited_alloc, vm) : luaL_newstate();
   if (!L) {
     free(vm);
     return NULL;
@@ -384,7 +407,6 @@ void wxd_co_kill(wxd_co_t *co) {
  * every instruction it runs, so that no pcall inside it can swallow the
  * error and go on. Hooks are global to a LuaJIT state: the hook checks it
  * is still in the interrupted coroutine and removes itself otherwise. */
-static __thread wxd_co_t *volatile running_co;
 static __thread wxd_co_t *volatile interrupted_co;
 
 wxd_co_t *wxd_co_running(void) { return running_co; }
@@ -457,6 +479,12 @@ int wxd_co_resume(wxd_co_t *co, int nargs) {
     vm->npool++;
   } else {
     co_free(co);
+  }
+  /* Its garbage is unreachable now; nothing else would collect it before
+   * the next allocation fails again. */
+  if (vm->mem_refused) {
+    vm->mem_refused = 0;
+    lua_gc(vm->L, LUA_GCCOLLECT, 0);
   }
   /* The last request of a replaced generation just ended. */
   if (vm->retired && vm->cos == NULL && vm->on_idle) vm->on_idle(vm);

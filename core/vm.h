@@ -61,6 +61,7 @@ typedef struct wxd_vm_options {
   const char *lua_dir; /* framework modules (lua/), or NULL for package.path */
   const char *app_dir; /* app modules, or NULL */
   int worker;          /* worker index, -1 outside workers */
+  size_t mem_limit;    /* bytes the state may hold while running a coroutine; 0: no limit */
 } wxd_vm_options_t;
 
 struct wxd_vm {
@@ -103,6 +104,13 @@ struct wxd_vm {
     unsigned when; /* WXD_VM_ON_* */
   } hooks[WXD_VM_HOOKS_MAX]; /* wxd_vm_on_close, in registration order */
   int nhooks;
+  /* Memory accounting (opts.mem_limit): an allocation that would take the
+   * state past the limit while a coroutine runs fails ("not enough
+   * memory": that coroutine ends with an error, the worker lives on).
+   * Outside coroutines (loading, tracebacks, the owner's C code) it is
+   * not refused, so that C never meets an error outside a protected call. */
+  size_t mem_used, mem_limit;
+  int mem_refused; /* a refusal since the last full collection */
 };
 
 /* Creates a VM on `loop`. Returns NULL on allocation failure. */

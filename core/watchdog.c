@@ -220,6 +220,8 @@ static void on_watch(uv_timer_t *t) {
       stuck++;
     }
   }
+  /* Stopping: the server may be waiting only for stuck workers now. */
+  if (stuck && s->stopping) uv_async_send(&s->worker_exited);
   /* Still stuck a grace period after detection: a compiled loop or native
    * code that no hook reaches. Only a new process gets the worker back. */
   if (!stuck || wd->restart_asked || s->stopping) return;

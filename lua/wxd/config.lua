@@ -62,7 +62,7 @@ local LIMIT_KEYS = {
   "max_header_bytes", "max_body_bytes", "max_uri_bytes",
   "header_timeout_ms", "body_timeout_ms", "keepalive_timeout_ms",
   "max_requests_per_connection", "shutdown_timeout_ms", "send_timeout_ms",
-  "stall_timeout_ms",
+  "stall_timeout_ms", "lua_memory_bytes",
 }
 
 local LIMIT_DEFAULTS = {
@@ -77,6 +77,9 @@ local LIMIT_DEFAULTS = {
   send_timeout_ms             = 60000,
   -- A worker loop that has not turned for this long is stuck (docs/runaway.md).
   stall_timeout_ms            = 2000,
+  -- What one generation's Lua state may hold while handlers run; past it an
+  -- allocation fails and that handler gets a 500 (docs/runaway.md).
+  lua_memory_bytes            = 1073741824,
 }
 
 local LOG_LEVELS = { debug = true, info = true, warn = true, error = true }
