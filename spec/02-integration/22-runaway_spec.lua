@@ -181,6 +181,45 @@ describe("a handler that never yields", function()
   end)
 end)
 
+describe("wxd restart", function()
+  local srv, successor
+  after_each(function()
+    if successor and alive(successor) then
+      os.execute("kill -TERM " .. successor)
+      pcall(H.wait_until, function() return not alive(successor) end, 10)
+    end
+    srv:stop()
+    srv:cleanup()
+  end)
+
+  it("replaces the process in place: requests in flight finish, new ones never fail", function()
+    srv = H.start(H.app("runaway"), { workers = 2, pid = true })
+    local pidfile = srv.dir .. "/wxd.pid"
+    H.wait_until(function() return H.read_file(pidfile) end, 5, "pid file")
+    local slow = send_only(srv.port, "/sleep?ms=1500")
+    local out, code
+    local done = false
+    local res = keep_asking(srv.port, function()
+      if not done then
+        out, code = H.sh(H.WXD .. " restart --pid " .. pidfile .. " --timeout 20")
+        done = true
+      end
+      return srv:exit_code() ~= nil
+    end)
+    report("through wxd restart", res)
+    assert.equal(0, code, out)
+    assert.truthy(out:find("restarted: pid %d+ serves"), out)
+    assert.same({}, res.failures)
+    local answer = H.read_all(slow, 10)
+    slow:close()
+    assert.truthy(answer:find("HTTP/1.1 200", 1, true), answer)
+    assert.equal(0, srv:exit_code())
+    successor = tonumber(H.read_file(pidfile):match("%d+"))
+    assert.are_not.equal(srv.pid, successor)
+    assert.equal(200, (get(srv.port, "/hello")))
+  end)
+end)
+
 describe("a handler that overflows", function()
   local srv
   before_each(function() srv = H.start(H.app("runaway"), { workers = 1 }) end)
