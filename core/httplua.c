@@ -305,13 +305,13 @@ void wxd_http_describe_co(wxd_co_t *co, char *out, size_t cap) {
 
 /* A handler the watchdog stopped (watchdog.c): the route is what an
  * operator needs to find the loop. */
-static void log_runaway(wxd_req_t *r, const char *traceback) {
+static void log_runaway(wxd_req_t *r, int why, const char *traceback) {
   char extra[4600], path[600], esc[3500];
   size_t plen = wxd_req_describe_path(r, path, sizeof path);
   size_t el = wxd_json_escape(esc, sizeof esc, traceback, strlen(traceback));
-  snprintf(extra, sizeof extra, "\"id\":\"%s\",\"method\":\"%s\",\"path\":\"%.*s\",\"ms\":%.0f,\"error\":\"%.*s\"",
-           r->id, llhttp_method_name(r->method), (int)plen, path, (double)(uv_hrtime() - r->start_ns) / 1e6,
-           (int)el, esc);
+  snprintf(extra, sizeof extra,
+           "\"id\":\"%s\",\"method\":\"%s\",\"path\":\"%.*s\",\"reason\":\"%s\",\"ms\":%.0f,\"error\":\"%.*s\"",
+           r->id, llhttp_method_name(r->method), (int)plen, path, why == WXD_RUNAWAY_MEMORY ? "memory" : "time", (double)(uv_hrtime() - r->start_ns) / 1e6, (int)el, esc);
   wxd_log(WXD_LOG_ERROR, r->w->id, "runaway handler stopped", extra);
 }
 
@@ -407,11 +407,13 @@ static void on_request_done(wxd_co_t *co, int status) {
      * wrapper itself failed. */
     const char *msg = lua_tostring(co->T, -1);
     wxd_co_traceback(co, msg ? msg : "(error object is not a string)");
-    if (co->runaway) log_runaway(r, lua_tostring(co->vm->L, -1));
+    if (co->runaway) log_runaway(r, co->runaway, lua_tostring(co->vm->L, -1));
     else log_request_error(r, "request failed", lua_tostring(co->vm->L, -1));
     lua_pop(co->vm->L, 1);
     if (r->conn && !r->streaming && co->runaway) {
-      wxd__http_respond_error(r, 503, "service unavailable: the handler ran too long");
+      wxd__http_respond_error(r, 503, co->runaway == WXD_RUNAWAY_MEMORY
+                                          ? "service unavailable: the handler used too much memory"
+                                          : "service unavailable: the handler ran too long");
     } else if (r->conn && !r->streaming) {
       wxd__http_respond_error_500(r);
     } else if (r->conn) {

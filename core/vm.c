@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "log.h"
 #include "version.h"
@@ -171,9 +172,20 @@ static void prepend_path(lua_State *L, const char *dir) {
 
 static __thread wxd_co_t *volatile running_co;
 
-/* The allocator of a state with a memory limit. LuaJIT runs no emergency
- * collection when an allocation fails: wxd_co_resume collects fully after
- * a coroutine that met the limit. */
+static int interrupt_running(int why);
+
+/* A coroutine past the hard limit that the interrupt did not stop: code
+ * compiled by the JIT, which no hook reaches. Failing the allocation would
+ * crash the process (see wxd_vm_t); freezing the thread bounds the memory,
+ * and the watchdog notices the stuck loop and replaces the process. */
+static void freeze(wxd_vm_t *vm) {
+  wxd_logf(WXD_LOG_ERROR, vm->worker,
+           "a handler took its Lua state over twice limits.lua_memory_bytes in compiled code: frozen until the "
+           "process is replaced");
+  for (;;) pause();
+}
+
+/* The allocator of a state with a memory limit (see wxd_vm_t). */
 static void *limited_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   wxd_vm_t *vm = ud;
   size_t old = ptr ? osize : 0;
@@ -183,8 +195,16 @@ static void *limited_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     return NULL;
   }
   if (nsize > old && vm->mem_used + (nsize - old) > vm->mem_limit && running_co && running_co->vm == vm) {
-    vm->mem_refused = 1;
-    return NULL;
+    if (!vm->mem_over) {
+      vm->mem_over = 1;
+      interrupt_running(WXD_RUNAWAY_MEMORY);
+      /* A trace leaves its machine code when the collector reaches its
+       * atomic phase: a collector in a hurry gets there sooner, and the
+       * hook then fires. (Only a field is set: no collection runs here.) */
+      lua_gc(vm->L, LUA_GCSETSTEPMUL, 4000);
+    } else if (vm->mem_used + (nsize - old) > 2 * vm->mem_limit) {
+      freeze(vm);
+    }
   }
   void *p = realloc(ptr, nsize);
   if (p) vm->mem_used = vm->mem_used - old + nsize;
@@ -408,6 +428,7 @@ void wxd_co_kill(wxd_co_t *co) {
  * error and go on. Hooks are global to a LuaJIT state: the hook checks it
  * is still in the interrupted coroutine and removes itself otherwise. */
 static __thread wxd_co_t *volatile interrupted_co;
+static __thread volatile int interrupt_why;
 
 wxd_co_t *wxd_co_running(void) { return running_co; }
 
@@ -418,17 +439,21 @@ static void interrupt_hook(lua_State *L, lua_Debug *ar) {
     lua_sethook(L, NULL, 0, 0);
     return;
   }
-  lua_pushliteral(L, WXD_RUNAWAY_ERROR);
+  if (interrupt_why == WXD_RUNAWAY_MEMORY) lua_pushliteral(L, WXD_RUNAWAY_MEMORY_ERROR);
+  else lua_pushliteral(L, WXD_RUNAWAY_ERROR);
   lua_error(L);
 }
 
-int wxd_co_interrupt(void) {
+static int interrupt_running(int why) {
   wxd_co_t *co = running_co;
   if (!co) return 0;
+  if (interrupted_co != co) interrupt_why = why;
   interrupted_co = co;
   lua_sethook(co->T, interrupt_hook, LUA_MASKCOUNT, 1);
   return 1;
 }
+
+int wxd_co_interrupt(void) { return interrupt_running(WXD_RUNAWAY_TIME); }
 
 static int resume_watched(wxd_co_t *co, int nargs) {
   wxd_co_t *outer = running_co;
@@ -439,7 +464,7 @@ static int resume_watched(wxd_co_t *co, int nargs) {
     interrupted_co = NULL;
     lua_sethook(co->T, NULL, 0, 0);
     /* Interrupted after it had already finished: nothing was cut. */
-    if (status != 0 && status != LUA_YIELD) co->runaway = 1;
+    if (status != 0 && status != LUA_YIELD) co->runaway = interrupt_why;
   }
   return status;
 }
@@ -480,11 +505,12 @@ int wxd_co_resume(wxd_co_t *co, int nargs) {
   } else {
     co_free(co);
   }
-  /* Its garbage is unreachable now; nothing else would collect it before
-   * the next allocation fails again. */
-  if (vm->mem_refused) {
-    vm->mem_refused = 0;
+  /* Its garbage is unreachable now: the state is back under its limit
+   * before the next coroutine runs. */
+  if (vm->mem_over) {
+    lua_gc(vm->L, LUA_GCSETSTEPMUL, 200); /* LuaJIT's default */
     lua_gc(vm->L, LUA_GCCOLLECT, 0);
+    vm->mem_over = vm->mem_used > vm->mem_limit;
   }
   /* The last request of a replaced generation just ended. */
   if (vm->retired && vm->cos == NULL && vm->on_idle) vm->on_idle(vm);

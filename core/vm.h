@@ -45,7 +45,7 @@ struct wxd_co {
   void *wait;            /* argument of cancel */
   void (*abandon)(wxd_co_t *co); /* the VM goes while the coroutine waits */
   int killed;            /* wxd_co_kill while it could not end at once */
-  int runaway;           /* ended by wxd_co_interrupt (the watchdog) */
+  int runaway;           /* ended by an interrupt: WXD_RUNAWAY_TIME or _MEMORY */
   wxd_co_t *prev, *next; /* vm's list of live coroutines */
 };
 
@@ -104,13 +104,15 @@ struct wxd_vm {
     unsigned when; /* WXD_VM_ON_* */
   } hooks[WXD_VM_HOOKS_MAX]; /* wxd_vm_on_close, in registration order */
   int nhooks;
-  /* Memory accounting (opts.mem_limit): an allocation that would take the
-   * state past the limit while a coroutine runs fails ("not enough
-   * memory": that coroutine ends with an error, the worker lives on).
-   * Outside coroutines (loading, tracebacks, the owner's C code) it is
-   * not refused, so that C never meets an error outside a protected call. */
+  /* Memory accounting (opts.mem_limit). No allocation is ever refused:
+   * LuaJIT 2.1 (this build) crashes when an allocation fails inside
+   * compiled code. Past the limit, while a coroutine runs, that coroutine
+   * is interrupted (its next interpreted instruction raises
+   * WXD_RUNAWAY_MEMORY_ERROR); past the hard limit (twice the limit) a
+   * compiled loop still allocating is frozen where it is, so that the
+   * watchdog replaces the process with the memory bounded (docs/runaway.md). */
   size_t mem_used, mem_limit;
-  int mem_refused; /* a refusal since the last full collection */
+  int mem_over; /* went over the limit since the last full collection */
 };
 
 /* Creates a VM on `loop`. Returns NULL on allocation failure. */
@@ -162,8 +164,10 @@ void wxd_vm_retire(wxd_vm_t *vm);
 /* Cancels every pending wait of the VM: no coroutine will be resumed after
  * this; their owners learn it through `abandon` when the VM is freed. */
 void wxd_vm_cancel_waits(wxd_vm_t *vm);
-/* The error a coroutine stopped by the watchdog ends with. */
+/* Why a coroutine was interrupted, and the errors it ends with. */
+enum { WXD_RUNAWAY_TIME = 1, WXD_RUNAWAY_MEMORY = 2 };
 #define WXD_RUNAWAY_ERROR "runaway: the handler ran too long without yielding"
+#define WXD_RUNAWAY_MEMORY_ERROR "runaway: the handler took the Lua state over limits.lua_memory_bytes"
 /* The coroutine this thread is running (innermost), or NULL. */
 wxd_co_t *wxd_co_running(void);
 /* Async-signal-safe, on the thread that runs the coroutine (watchdog.c's

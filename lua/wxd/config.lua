@@ -77,8 +77,8 @@ local LIMIT_DEFAULTS = {
   send_timeout_ms             = 60000,
   -- A worker loop that has not turned for this long is stuck (docs/runaway.md).
   stall_timeout_ms            = 2000,
-  -- What one generation's Lua state may hold while handlers run; past it an
-  -- allocation fails and that handler gets a 500 (docs/runaway.md).
+  -- What one generation's Lua state may hold while handlers run; the handler
+  -- that takes it past is stopped with a 503 (docs/runaway.md).
   lua_memory_bytes            = 1073741824,
 }
 
