@@ -780,9 +780,18 @@ void wxd_http_on_connection(uv_stream_t *server, int status) { accept_conn(serve
 void wxd_http_on_tls_connection(uv_stream_t *server, int status) { accept_conn(server, status, 1); }
 
 void wxd_http_drain(wxd_worker_t *w) {
+  /* Handing over to a successor (restart.c), a connection that has not
+   * sent its first request yet is one the client just opened to us, its
+   * request likely in flight: it is answered (with Connection: close), not
+   * reset; the header timeout and the shutdown deadline bound a silent one. */
+  int handover = w->srv->handed_over != 0;
   wxd_conn_t *c = w->conns;
   while (c) {
     wxd_conn_t *next = c->next;
+    if (handover && c->nreq == 0 && c->state == CONN_IDLE) {
+      c = next;
+      continue;
+    }
     if (c->state == CONN_IDLE && c->writes_pending == 0) wxd__http_conn_close(c);
     else if (c->req) c->req->keep_alive = 0;
     c = next;

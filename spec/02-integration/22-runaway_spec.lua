@@ -221,9 +221,20 @@ describe("wxd restart", function()
 end)
 
 describe("a handler that overflows", function()
-  local srv
-  before_each(function() srv = H.start(H.app("runaway"), { workers = 1 }) end)
-  after_each(function() srv:stop() srv:cleanup() end)
+  local srv, app
+  before_each(function()
+    -- A long stall timeout: on a loaded machine the watchdog must not be
+    -- the one that stops a bomb.
+    app = copy_app()
+    H.write_file(app .. "/config.lua", "return { limits = { shutdown_timeout_ms = 2000, stall_timeout_ms = 30000, "
+      .. "lua_memory_bytes = 64 * 1024 * 1024 } }")
+    srv = H.start(app, { workers = 1 })
+  end)
+  after_each(function()
+    srv:stop()
+    srv:cleanup()
+    os.execute("rm -rf " .. app)
+  end)
 
   it("its stack gets a 500, and the worker lives on", function()
     local status = get(srv.port, "/recurse")
