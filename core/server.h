@@ -83,6 +83,9 @@ typedef struct wxd_worker {
    * thread reads it, and pokes a stuck worker with a signal whose handler
    * (on the worker's thread) describes what runs into stall_desc. */
   atomic_uint_fast64_t beat_ns; /* uv_hrtime of the last tick; 0: not watched */
+  atomic_uint_fast64_t progress; /* coroutine resumes that returned (vm.c) */
+  uint64_t seen_progress;       /* main: progress at its last look */
+  uint64_t alive_ns;            /* main: when it last saw progress move */
   atomic_uint pokes;            /* main: signals sent */
   atomic_uint described;        /* handler: the poke stall_desc answers */
   char stall_desc[512];         /* JSON fragment: what the stuck loop runs */

@@ -430,7 +430,11 @@ void wxd_co_kill(wxd_co_t *co) {
 static __thread wxd_co_t *volatile interrupted_co;
 static __thread volatile int interrupt_why;
 
+static __thread atomic_uint_fast64_t *progress;
+
 wxd_co_t *wxd_co_running(void) { return running_co; }
+
+void wxd_co_count_progress(atomic_uint_fast64_t *counter) { progress = counter; }
 
 static void interrupt_hook(lua_State *L, lua_Debug *ar) {
   (void)ar;
@@ -460,6 +464,11 @@ static int resume_watched(wxd_co_t *co, int nargs) {
   running_co = co;
   int status = lua_resume(co->T, nargs);
   running_co = outer;
+  /* Only outermost resumes count: a stuck handler that keeps running
+   * coroutines nested inside itself (tasks spawned synchronously) is still
+   * stuck. One writer (this thread): a plain increment. */
+  if (progress && !outer)
+    atomic_store_explicit(progress, atomic_load_explicit(progress, memory_order_relaxed) + 1, memory_order_relaxed);
   if (interrupted_co == co) {
     interrupted_co = NULL;
     lua_sethook(co->T, NULL, 0, 0);

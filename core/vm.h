@@ -23,6 +23,7 @@
 #define WXD_VM_H
 
 #include <lua.h>
+#include <stdatomic.h>
 #include <uv.h>
 
 typedef struct wxd_co wxd_co_t;
@@ -170,6 +171,9 @@ enum { WXD_RUNAWAY_TIME = 1, WXD_RUNAWAY_MEMORY = 2 };
 #define WXD_RUNAWAY_MEMORY_ERROR "runaway: the handler took the Lua state over limits.lua_memory_bytes"
 /* The coroutine this thread is running (innermost), or NULL. */
 wxd_co_t *wxd_co_running(void);
+/* This thread counts every resume that returns in *counter (the watchdog
+ * tells a long busy loop turn from a stuck one by it). */
+void wxd_co_count_progress(atomic_uint_fast64_t *counter);
 /* Async-signal-safe, on the thread that runs the coroutine (watchdog.c's
  * signal handler): makes the coroutine running now raise
  * WXD_RUNAWAY_ERROR at its next interpreted instruction, and at every one

@@ -15,7 +15,7 @@
 #include "restart.h"
 
 #define POKE_SIGNAL (SIGRTMIN + 4)
-#define GRACE_MS 1000 /* after detection: a hook may still stop an interpreted loop */
+#define GRACE_MS 1000 /* at least, after detection: a hook may still stop an interpreted loop */
 
 static __thread wxd_worker_t *this_worker;
 
@@ -49,7 +49,10 @@ void wxd_watchdog_install(void) {
   sigaction(POKE_SIGNAL, &sa, NULL);
 }
 
-void wxd_watchdog_worker_enter(wxd_worker_t *w) { this_worker = w; }
+void wxd_watchdog_worker_enter(wxd_worker_t *w) {
+  this_worker = w;
+  wxd_co_count_progress(&w->progress);
+}
 
 /* ---- connections handed between workers ---- */
 
@@ -206,6 +209,14 @@ static void on_watch(uv_timer_t *t) {
   for (int i = 0; i < s->n; i++) {
     wxd_worker_t *w = &s->workers[i];
     uint64_t beat = atomic_load_explicit(&w->beat_ns, memory_order_relaxed);
+    /* A loop turn with many requests in it (a burst on a loaded machine)
+     * holds the tick back too, but its coroutines come back one after
+     * another: that is not a stuck worker. */
+    uint64_t progress = atomic_load_explicit(&w->progress, memory_order_relaxed);
+    int moved_on = progress != w->seen_progress;
+    w->seen_progress = progress;
+    if (moved_on) w->alive_ns = now;
+    if (beat != 0 && w->alive_ns > beat) beat = w->alive_ns;
     if (w->stalled) {
       if (beat != w->stall_began_ns) {
         recovered(s, w, now);
@@ -246,7 +257,9 @@ void wxd_watchdog_start(wxd_server_t *s) {
   if (!wd) return;
   s->watchdog = wd;
   wd->stall_ns = s->cfg->limits.stall_timeout_ms * 1000000ull;
-  wd->grace_ns = GRACE_MS * 1000000ull;
+  /* At least the stall time again: a native call that takes a few seconds
+   * on a loaded machine gets the chance to return before a restart. */
+  wd->grace_ns = (s->cfg->limits.stall_timeout_ms > GRACE_MS ? s->cfg->limits.stall_timeout_ms : GRACE_MS) * 1000000ull;
   uint64_t every = s->cfg->limits.stall_timeout_ms / 4;
   if (every > 250) every = 250;
   if (every < 20) every = 20;

@@ -2,10 +2,13 @@
  * replaced (docs/runaway.md has the reasoning).
  *
  * Detection: each worker's tick (every 100 ms, only when its loop turns)
- * stores the time in beat_ns; nothing is added to the request path. The
- * main thread looks every stall_timeout_ms / 4 (at most 250 ms); a beat older
- * than limits.stall_timeout_ms means the loop is stuck in one callback: a
- * handler that does not yield (a loop, a blocking call), or native code.
+ * stores the time in beat_ns, and every outermost coroutine resume that
+ * returns counts in progress (vm.c; a plain store per resume). The main
+ * thread looks every stall_timeout_ms / 4 (at most 250 ms); when neither has
+ * moved for limits.stall_timeout_ms the loop is stuck in one callback: a
+ * handler that does not yield (a loop, a blocking call), or native code. (A
+ * long loop turn full of requests, a burst on a loaded machine, holds the
+ * tick back but keeps resuming coroutines: not stuck.)
  *
  * Then, at once:
  *  - containment: new connections stop going to the worker (a reuseport
@@ -18,8 +21,8 @@
  *    hook that stops the running coroutine at its next interpreted
  *    instruction (the request gets a 503). Code compiled by the JIT checks
  *    no hook; nothing can stop it safely from outside;
- *  - if the loop turns again within one more second, the worker is back
- *    (logged, steered to again); otherwise the process is replaced by a
+ *  - if the loop turns again within max(1 s, stall_timeout_ms) more, the
+ *    worker is back (logged, steered to again); otherwise the process is replaced by a
  *    graceful restart (restart.c): a successor takes the ports, the healthy
  *    workers drain and the stuck thread ends with the old process.
  *
