@@ -56,7 +56,8 @@ local function report(what, res)
 end
 
 local function json_line(srv, msg)
-  for _, l in ipairs(srv:log_lines('"msg":"' .. msg .. '"')) do return cjson.decode(l) end
+  local l = srv:log_lines('"msg":"' .. msg .. '"')[1]
+  return l and cjson.decode(l)
 end
 
 local function alive(pid) return os.execute("kill -0 " .. pid .. " 2>/dev/null") == 0 end
