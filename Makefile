@@ -33,7 +33,7 @@ LLHTTP_C := api.c http.c llhttp.c
 BUILD ?= build
 OBJ  := $(SRC:core/%.c=$(BUILD)/obj/%.o) $(LLHTTP_C:%.c=$(BUILD)/llhttp/%.o)
 
-.PHONY: all run test lint asan bench bench-crypto bench-limit bench-mp bench-ws fuzz deps deps-bench deps-bench-mp deps-fuzz deps-spec-node check-deps clean
+.PHONY: all run test lint asan bench bench-watchdog bench-crypto bench-limit bench-mp bench-ws fuzz deps deps-bench deps-bench-mp deps-fuzz deps-spec-node check-deps clean
 
 all: $(BUILD)/wxd
 
@@ -148,6 +148,7 @@ bench: $(BUILD)/wxd
 	@$(MAKE) --no-print-directory deps-bench >/dev/null
 	WXD=$(BUILD)/wxd spec/bench/run.sh
 	$(BUILD)/wxd script spec/bench/reload.lua
+	@$(MAKE) --no-print-directory bench-watchdog
 	@$(MAKE) --no-print-directory bench-crypto
 	@$(MAKE) --no-print-directory bench-pay
 	@$(MAKE) --no-print-directory bench-mp
@@ -158,6 +159,10 @@ bench: $(BUILD)/wxd
 bench-ws: $(BUILD)/wxd
 	@$(MAKE) --no-print-directory deps >/dev/null
 	WXD=$(BUILD)/wxd $(BUILD)/wxd script spec/bench/ws_latency.lua
+
+# /hello with the watchdog on and off in one run (spec/bench/watchdog.sh).
+bench-watchdog: $(BUILD)/wxd
+	WXD=$(BUILD)/wxd spec/bench/watchdog.sh
 
 # An encrypted WeChat text message round trip, wxd next to the npm `wechat`
 # middleware (spec/bench/mp.sh, spec/bench/README.md).

@@ -101,7 +101,7 @@ static int need_int(lua_State *L, int idx, const char *key, const char *name, lu
 }
 
 static int read_limits(lua_State *L, int l, wxd_limits_t *lim, char *err, size_t errlen) {
-  lua_Integer v[9];
+  lua_Integer v[11];
   if (need_int(L, l, "limits.max_header_bytes", "max_header_bytes", &v[0], err, errlen) != 0 ||
       need_int(L, l, "limits.max_body_bytes", "max_body_bytes", &v[1], err, errlen) != 0 ||
       need_int(L, l, "limits.max_uri_bytes", "max_uri_bytes", &v[2], err, errlen) != 0 ||
@@ -110,7 +110,9 @@ static int read_limits(lua_State *L, int l, wxd_limits_t *lim, char *err, size_t
       need_int(L, l, "limits.keepalive_timeout_ms", "keepalive_timeout_ms", &v[5], err, errlen) != 0 ||
       need_int(L, l, "limits.shutdown_timeout_ms", "shutdown_timeout_ms", &v[6], err, errlen) != 0 ||
       need_int(L, l, "limits.send_timeout_ms", "send_timeout_ms", &v[7], err, errlen) != 0 ||
-      need_int(L, l, "limits.max_requests_per_connection", "max_requests_per_connection", &v[8], err, errlen) != 0)
+      need_int(L, l, "limits.max_requests_per_connection", "max_requests_per_connection", &v[8], err, errlen) != 0 ||
+      need_int(L, l, "limits.stall_timeout_ms", "stall_timeout_ms", &v[9], err, errlen) != 0 ||
+      need_int(L, l, "limits.lua_memory_bytes", "lua_memory_bytes", &v[10], err, errlen) != 0)
     return -1;
   lim->max_header_bytes = (size_t)v[0];
   lim->max_body_bytes = (size_t)v[1];
@@ -121,6 +123,8 @@ static int read_limits(lua_State *L, int l, wxd_limits_t *lim, char *err, size_t
   lim->shutdown_timeout_ms = (uint64_t)v[6];
   lim->send_timeout_ms = (uint64_t)v[7];
   lim->max_requests = (unsigned)v[8];
+  lim->stall_timeout_ms = (uint64_t)v[9];
+  lim->lua_memory_bytes = (size_t)v[10];
   return 0;
 }
 
@@ -281,7 +285,7 @@ static int read_table(lua_State *L, int c, wxd_config_t *cfg, char *err, size_t 
 int wxd_config_load(wxd_config_t *cfg, char *err, size_t errlen) {
   uv_loop_t loop;
   uv_loop_init(&loop);
-  wxd_vm_options_t opts = {cfg->lua_dir[0] ? cfg->lua_dir : NULL, cfg->app_dir, -1};
+  wxd_vm_options_t opts = {cfg->lua_dir[0] ? cfg->lua_dir : NULL, cfg->app_dir, -1, 0};
   wxd_vm_t *vm = wxd_vm_new(&loop, &opts);
   int rc = -1;
   if (!vm) {

@@ -21,6 +21,8 @@ typedef struct wxd_limits {
   uint64_t shutdown_timeout_ms;  /* in-flight grace period on SIGTERM */
   uint64_t send_timeout_ms;      /* a response makes no progress: close */
   unsigned max_requests;         /* per connection, then Connection: close */
+  uint64_t stall_timeout_ms;     /* a worker loop still this long is stuck (watchdog.c) */
+  size_t lua_memory_bytes;       /* a generation's Lua state while handlers run (vm.c) */
 } wxd_limits_t;
 
 /* One dictionary of the `shdict` section (sizes validated by config.lua). */

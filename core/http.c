@@ -16,6 +16,7 @@
 #include "http_internal.h"
 
 #include <malloc.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -730,11 +731,14 @@ void wxd__http_conn_close(wxd_conn_t *c) {
   uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
 }
 
-static void accept_conn(uv_stream_t *server, int status, int tls) {
-  wxd_worker_t *w = server->data;
-  if (status < 0 || w->draining) return;
+/* A new connection: accepted from server, or (server NULL) the socket fd
+ * another worker's listener had queued (wxd_http_adopt). */
+static void accept_conn_from(wxd_worker_t *w, uv_stream_t *server, int fd, int tls) {
   wxd_conn_t *c = calloc(1, sizeof *c);
-  if (!c) return;
+  if (!c) {
+    if (fd >= 0) close(fd);
+    return;
+  }
   c->w = w;
   uv_tcp_init(&w->loop, &c->tcp);
   c->tcp.data = c;
@@ -744,7 +748,8 @@ static void accept_conn(uv_stream_t *server, int status, int tls) {
   w->conns = c;
   w->nconns++;
   atomic_fetch_add_explicit(&w->stats.connections, 1, memory_order_relaxed);
-  if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) {
+  if (server ? uv_accept(server, (uv_stream_t *)&c->tcp) != 0 : uv_tcp_open(&c->tcp, fd) != 0) {
+    if (!server) close(fd);
     wxd__http_conn_close(c);
     return;
   }
@@ -779,15 +784,35 @@ static void accept_conn(uv_stream_t *server, int status, int tls) {
   wxd__http_conn_start_reading(c);
 }
 
+static void accept_conn(uv_stream_t *server, int status, int tls) {
+  wxd_worker_t *w = server->data;
+  if (status < 0 || w->draining) return;
+  accept_conn_from(w, server, -1, tls);
+}
+
+void wxd_http_adopt(wxd_worker_t *w, int fd, int tls) {
+  if (w->draining) {
+    close(fd);
+    return;
+  }
+  accept_conn_from(w, NULL, fd, tls);
+}
+
 void wxd_http_on_connection(uv_stream_t *server, int status) { accept_conn(server, status, 0); }
 
 void wxd_http_on_tls_connection(uv_stream_t *server, int status) { accept_conn(server, status, 1); }
 
 void wxd_http_drain(wxd_worker_t *w) {
+  /* Handing over to a successor (restart.c), a connection that has not
+   * sent its first request yet is one the client just opened to us, its
+   * request likely in flight: it is answered (with Connection: close), not
+   * reset; the header timeout and the shutdown deadline bound a silent one. */
+  int handover = w->srv->handed_over != 0;
   wxd_conn_t *c = w->conns;
   while (c) {
     wxd_conn_t *next = c->next;
     if (c->ws) wxd__ws_drain(c);
+    else if (handover && c->nreq == 0 && c->state == CONN_IDLE) { /* answered: see above */ }
     else if (c->state == CONN_IDLE && c->writes_pending == 0) wxd__http_conn_close(c);
     else if (c->req) c->req->keep_alive = 0;
     c = next;

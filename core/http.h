@@ -29,6 +29,12 @@ int wxd_http_selfcheck(char *err, size_t errlen);
  * header timeout), then runs the same parser on the decrypted bytes. */
 void wxd_http_on_connection(uv_stream_t *server, int status);
 void wxd_http_on_tls_connection(uv_stream_t *server, int status);
+/* Serves a connection accepted elsewhere (the watchdog took it from a
+ * stuck worker's queue): fd is owned from here on (closed when draining). */
+void wxd_http_adopt(wxd_worker_t *w, int fd, int tls);
+/* Async-signal-safe: a JSON fragment naming what co runs ("kind", and for a
+ * request "id", "method", "path"), written into out (always terminated). */
+void wxd_http_describe_co(wxd_co_t *co, char *out, size_t cap);
 /* Shutdown: close idle connections, let in-flight requests finish and then
  * close their connections. */
 void wxd_http_drain(wxd_worker_t *w);

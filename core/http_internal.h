@@ -113,6 +113,8 @@ void wxd__http_start_head(wxd_buf_t *o, int status);
 void wxd__http_end_head(wxd_worker_t *w, wxd_buf_t *o, int has_date, int has_server, int keep_alive);
 void wxd__http_conn_fail(wxd_conn_t *c, int status, const char *msg);
 void wxd__http_respond_error_500(wxd_req_t *r);
+/* The same with another status and text ("service unavailable"). */
+void wxd__http_respond_error(wxd_req_t *r, int status, const char *what);
 void wxd__http_access_log(wxd_worker_t *w, wxd_req_t *r, const char *method, int status,
                           const char *remote);
 

@@ -272,6 +272,72 @@ static void log_request_error(wxd_req_t *r, const char *what, const char *detail
   wxd_log(WXD_LOG_ERROR, r->w->id, what, extra);
 }
 
+/* Async-signal-safe appends (no stdio): the watchdog's signal handler
+ * describes the running request with them. */
+static size_t put(char *out, size_t n, size_t cap, const char *s, size_t len) {
+  for (size_t i = 0; i < len && n + 1 < cap; i++) out[n++] = s[i];
+  out[n < cap ? n : cap - 1] = 0;
+  return n;
+}
+
+static size_t put_str(char *out, size_t n, size_t cap, const char *s) {
+  size_t len = 0;
+  while (s[len]) len++;
+  return put(out, n, cap, s, len);
+}
+
+/* JSON-safe by construction: quotes, backslashes and control bytes become
+ * '?' (a log line's route needs no exact escaping). */
+static size_t put_json_safe(char *out, size_t n, size_t cap, const char *s, size_t len) {
+  for (size_t i = 0; i < len && n + 1 < cap; i++) {
+    unsigned char ch = (unsigned char)s[i];
+    out[n++] = (ch < 0x20 || ch == '"' || ch == '\\' || ch == 0x7f) ? '?' : (char)ch;
+  }
+  out[n < cap ? n : cap - 1] = 0;
+  return n;
+}
+
+/* The request's path (no query), JSON-safe, at most 256 bytes. */
+static size_t wxd_req_describe_path(const wxd_req_t *r, char *out, size_t cap) {
+  const char *url = r->head.data;
+  size_t len = url ? r->url_len : 0;
+  for (size_t i = 0; i < len; i++)
+    if (url[i] == '?') len = i;
+  if (len > 256) len = 256;
+  out[0] = 0;
+  return put_json_safe(out, 0, cap, url ? url : "", len);
+}
+
+void wxd_http_describe_co(wxd_co_t *co, char *out, size_t cap) {
+  static const char *const kinds[] = {"?", "script", "request", "timer", "redis", "task"};
+  size_t n = put_str(out, 0, cap, "\"kind\":\"");
+  n = put_str(out, n, cap, co->kind >= 1 && co->kind <= 5 ? kinds[co->kind] : "?");
+  n = put_str(out, n, cap, "\"");
+  if (co->kind != WXD_CO_REQUEST || !co->data) return;
+  wxd_req_t *r = co->data;
+  n = put_str(out, n, cap, ",\"id\":\"");
+  n = put_json_safe(out, n, cap, r->id, 18);
+  n = put_str(out, n, cap, "\",\"method\":\"");
+  n = put_str(out, n, cap, llhttp_method_name(r->method));
+  n = put_str(out, n, cap, "\",\"path\":\"");
+  char path[300];
+  size_t pl = wxd_req_describe_path(r, path, sizeof path);
+  n = put(out, n, cap, path, pl);
+  put_str(out, n, cap, "\"");
+}
+
+/* A handler the watchdog stopped (watchdog.c): the route is what an
+ * operator needs to find the loop. */
+static void log_runaway(wxd_req_t *r, int why, const char *traceback) {
+  char extra[4600], path[600], esc[3500];
+  size_t plen = wxd_req_describe_path(r, path, sizeof path);
+  size_t el = wxd_json_escape(esc, sizeof esc, traceback, strlen(traceback));
+  snprintf(extra, sizeof extra,
+           "\"id\":\"%s\",\"method\":\"%s\",\"path\":\"%.*s\",\"reason\":\"%s\",\"ms\":%.0f,\"error\":\"%.*s\"",
+           r->id, llhttp_method_name(r->method), (int)plen, path, why == WXD_RUNAWAY_MEMORY ? "memory" : "time", (double)(uv_hrtime() - r->start_ns) / 1e6, (int)el, esc);
+  wxd_log(WXD_LOG_ERROR, r->w->id, "runaway handler stopped", extra);
+}
+
 /* Sends the handler's results (status, headers, body on T). */
 static void respond_from_lua(wxd_req_t *r, lua_State *T) {
   wxd_conn_t *c = r->conn;
@@ -379,9 +445,14 @@ static void on_request_done(wxd_co_t *co, int status) {
      * wrapper itself failed. */
     const char *msg = lua_tostring(co->T, -1);
     wxd_co_traceback(co, msg ? msg : "(error object is not a string)");
-    log_request_error(r, "request failed", lua_tostring(co->vm->L, -1));
+    if (co->runaway) log_runaway(r, co->runaway, lua_tostring(co->vm->L, -1));
+    else log_request_error(r, "request failed", lua_tostring(co->vm->L, -1));
     lua_pop(co->vm->L, 1);
-    if (r->conn && !r->streaming) {
+    if (r->conn && !r->streaming && co->runaway) {
+      wxd__http_respond_error(r, 503, co->runaway == WXD_RUNAWAY_MEMORY
+                                          ? "service unavailable: the handler used too much memory"
+                                          : "service unavailable: the handler ran too long");
+    } else if (r->conn && !r->streaming) {
       wxd__http_respond_error_500(r);
     } else if (r->conn) {
       /* Headers are out: cut the response short rather than end it. */

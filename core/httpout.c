@@ -291,13 +291,15 @@ void wxd__http_conn_fail(wxd_conn_t *c, int status, const char *msg) {
   if (conn_write(c, o->data, o->len) == 0 && c->writes_pending == 0) wxd__http_conn_close(c);
 }
 
-void wxd__http_respond_error_500(wxd_req_t *r) {
+void wxd__http_respond_error_500(wxd_req_t *r) { wxd__http_respond_error(r, 500, "internal server error"); }
+
+void wxd__http_respond_error(wxd_req_t *r, int status, const char *what) {
   wxd_conn_t *c = r->conn;
   wxd_buf_t *o = &r->w->out;
   char body[128];
-  int bl = snprintf(body, sizeof body, "internal server error (request id %s)\n", r->id);
-  r->status = 500;
-  wxd__http_start_head(o, 500);
+  int bl = snprintf(body, sizeof body, "%s (request id %s)\n", what, r->id);
+  r->status = status;
+  wxd__http_start_head(o, status);
   char cl[96];
   int n = snprintf(cl, sizeof cl, "Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n", bl);
   wxd_buf_append(o, cl, (size_t)n);

@@ -38,6 +38,10 @@ static const char usage[] =
     "                      hot-reload a running server (default FILE: wxd.pid) and\n"
     "                      wait for the outcome: exit 0 when the new code serves,\n"
     "                      1 with the error when the reload was refused\n"
+    "  restart [--pid FILE] [--timeout SECONDS]\n"
+    "                      graceful restart in place (also SIGUSR2): a new process\n"
+    "                      with the same command line takes the ports, the old one\n"
+    "                      drains and exits; exit 0 once the new one serves\n"
     "  check [APPDIR]      load the app and its config once, report errors, exit\n"
     "  script FILE [ARGS]  run a Lua file inside the runtime (event loop and\n"
     "                      native modules available; used to run the specs);\n"
@@ -50,8 +54,10 @@ static const char usage[] =
     "  WXD_LUA_DIR         where the wxd Lua library lives (default: next to the binary)\n"
     "  WXD_LOG_LEVEL       debug, info, warn or error (overrides config log.level)\n"
     "  WXD_ACCESS_LOG      off to disable the access log\n"
+    "  WXD_WATCHDOG        off to stop watching for stuck workers (docs/runaway.md)\n"
     "\n"
-    "signals: SIGTERM/SIGINT stop gracefully, SIGHUP reloads the app\n";
+    "signals: SIGTERM/SIGINT stop gracefully, SIGHUP reloads the app, SIGUSR2\n"
+    "restarts in place\n";
 
 /* `wxd COMMAND --help`: the command's own text. */
 static const struct {
@@ -67,7 +73,8 @@ static const struct {
      "  --workers, -w N          worker threads, 1..256 (default: config workers, or the CPUs)\n"
      "  --pid FILE               write a pid file (and FILE.status), for `wxd reload`\n"
      "  --admin HOST:PORT        serve GET /status there\n"
-     "SIGTERM or SIGINT stop gracefully; SIGHUP reloads the app.\n"},
+     "SIGTERM or SIGINT stop gracefully; SIGHUP reloads the app; SIGUSR2 restarts\n"
+     "in place (a successor takes the ports; see wxd restart).\n"},
     {"dev",
      "usage: wxd dev [APPDIR] [options of wxd run]\n"
      "\n"
@@ -84,6 +91,15 @@ static const struct {
      "Hot-reloads a running server (its pid file, default wxd.pid) and waits for\n"
      "the outcome (at most SECONDS, default 60): exit 0 when the new code serves,\n"
      "1 with the error when the reload was refused (the old code keeps serving).\n"},
+    {"restart",
+     "usage: wxd restart [--pid FILE] [--timeout SECONDS]\n"
+     "\n"
+     "Restarts a running server in place (its pid file, default wxd.pid): a new\n"
+     "process with the same command line binds the same ports, loads the app and\n"
+     "takes new connections; the old one finishes its requests and exits. For a\n"
+     "new binary or a change a reload cannot apply. Exit 0 once the new process\n"
+     "serves (at most SECONDS, default 60), 1 when none took over (the old one\n"
+     "keeps serving; its log says why).\n"},
     {"script",
      "usage: wxd script FILE [ARGS]\n"
      "\n"
@@ -183,7 +199,7 @@ static int option(int argc, char **argv, int *i, const char *name, const char *s
   return 1;
 }
 
-static int cmd_run(int argc, char **argv, int mode) {
+static int cmd_run(int argc, char **argv, int mode, char **full_argv) {
   static wxd_config_t cfg; /* large (paths); lives as long as the server */
   memset(&cfg, 0, sizeof cfg);
   wxd_config_defaults(&cfg);
@@ -283,7 +299,7 @@ static int cmd_run(int argc, char **argv, int mode) {
     /* One worker's worth of loading, without listening. */
     uv_loop_t loop;
     uv_loop_init(&loop);
-    wxd_vm_options_t opts = {cfg.lua_dir[0] ? cfg.lua_dir : NULL, cfg.app_dir, 0};
+    wxd_vm_options_t opts = {cfg.lua_dir[0] ? cfg.lua_dir : NULL, cfg.app_dir, 0, 0};
     wxd_vm_t *vm = wxd_vm_new(&loop, &opts);
     int rc = 1;
     if (vm) {
@@ -306,7 +322,7 @@ static int cmd_run(int argc, char **argv, int mode) {
     uv_loop_close(&loop);
     return rc;
   }
-  return wxd_server_run(&cfg);
+  return wxd_server_run(&cfg, full_argv);
 }
 
 typedef struct script_state {
@@ -353,7 +369,7 @@ static int cmd_lua_cli(const char *name, int argc, char **argv) {
   find_lua_dir(lua_dir, sizeof lua_dir);
   uv_loop_t loop;
   uv_loop_init(&loop);
-  wxd_vm_options_t opts = {lua_dir[0] ? lua_dir : NULL, NULL, -1};
+  wxd_vm_options_t opts = {lua_dir[0] ? lua_dir : NULL, NULL, -1, 0};
   wxd_vm_t *vm = wxd_vm_new(&loop, &opts);
   if (!vm) return 1;
   lua_State *L = vm->L;
@@ -380,7 +396,7 @@ static int cmd_script(int argc, char **argv) {
   if (lv && wxd_log_parse_level(lv) >= 0) wxd_log_set_level(wxd_log_parse_level(lv));
   uv_loop_t loop;
   uv_loop_init(&loop);
-  wxd_vm_options_t opts = {lua_dir[0] ? lua_dir : NULL, NULL, -1};
+  wxd_vm_options_t opts = {lua_dir[0] ? lua_dir : NULL, NULL, -1, 0};
   wxd_vm_t *vm = wxd_vm_new(&loop, &opts);
   if (!vm) return 1;
   lua_State *L = vm->L;
@@ -413,10 +429,11 @@ int main(int argc, char **argv) {
     return 0;
   }
   if (wants_help(argv[1], argc - 2, argv + 2) && print_command_help(argv[1]) == 0) return 0;
-  if (strcmp(argv[1], "run") == 0) return cmd_run(argc - 2, argv + 2, MODE_RUN);
-  if (strcmp(argv[1], "dev") == 0) return cmd_run(argc - 2, argv + 2, MODE_DEV);
-  if (strcmp(argv[1], "check") == 0) return cmd_run(argc - 2, argv + 2, MODE_CHECK);
+  if (strcmp(argv[1], "run") == 0) return cmd_run(argc - 2, argv + 2, MODE_RUN, argv);
+  if (strcmp(argv[1], "dev") == 0) return cmd_run(argc - 2, argv + 2, MODE_DEV, argv);
+  if (strcmp(argv[1], "check") == 0) return cmd_run(argc - 2, argv + 2, MODE_CHECK, argv);
   if (strcmp(argv[1], "reload") == 0) return cmd_lua_cli("reload", argc - 2, argv + 2);
+  if (strcmp(argv[1], "restart") == 0) return cmd_lua_cli("restart", argc - 2, argv + 2);
   if (strcmp(argv[1], "script") == 0) return cmd_script(argc - 2, argv + 2);
   fprintf(stderr, "wxd: unknown command \"%s\" (see wxd --help)\n", argv[1]);
   return 2;

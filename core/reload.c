@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "tls.h"
+#include "watchdog.h"
 
 int wxd_resolve(const char *host, int port, struct sockaddr_storage *ss, socklen_t *alen);
 
@@ -25,11 +26,42 @@ void wxd_reload_init(wxd_server_t *s) {
 
 /* ---- coordinator (main thread) ---- */
 
+/* A stuck worker takes no part (it could not answer): it is abandoned and
+ * serves no new connection again in this process (watchdog.c). */
 static void send_all(wxd_server_t *s, int cmd) {
   pthread_mutex_lock(&s->reload.mu);
-  for (int i = 0; i < s->n; i++) s->workers[i].ctl_cmd = cmd;
+  s->reload.expected = 0;
+  for (int i = 0; i < s->n; i++) {
+    wxd_worker_t *w = &s->workers[i];
+    if (w->stalled || w->abandoned) {
+      w->abandoned = 1;
+      w->reload_waiting = 0;
+      continue;
+    }
+    w->ctl_cmd = cmd;
+    w->reload_waiting = 1;
+    s->reload.expected++;
+  }
   pthread_mutex_unlock(&s->reload.mu);
-  for (int i = 0; i < s->n; i++) uv_async_send(&s->workers[i].ctl_async);
+  for (int i = 0; i < s->n; i++)
+    if (s->workers[i].reload_waiting) uv_async_send(&s->workers[i].ctl_async);
+}
+
+void wxd_reload_worker_stalled(wxd_server_t *s, wxd_worker_t *w) {
+  wxd_reload_state_t *rs = &s->reload;
+  pthread_mutex_lock(&rs->mu);
+  int counted = rs->phase != 0 && w->reload_waiting;
+  if (counted) {
+    w->reload_waiting = 0;
+    w->abandoned = 1;
+    rs->replies++;
+    if (rs->phase == 1 && rs->verdict_ok) {
+      rs->verdict_ok = 0;
+      snprintf(w->prep_error, sizeof w->prep_error, "worker %d got stuck while loading the new code", w->id);
+    }
+  }
+  pthread_mutex_unlock(&rs->mu);
+  if (counted) uv_async_send(&s->reload_async);
 }
 
 /* Config keys the running server cannot change: they need a restart. */
@@ -156,6 +188,11 @@ void wxd_reload_start(wxd_server_t *s, const char *why) {
 void wxd_reload_worker_reply(wxd_worker_t *w, const char *err) {
   wxd_reload_state_t *rs = &w->srv->reload;
   pthread_mutex_lock(&rs->mu);
+  if (!w->reload_waiting) { /* too late: the watchdog counted it as stuck */
+    pthread_mutex_unlock(&rs->mu);
+    return;
+  }
+  w->reload_waiting = 0;
   rs->replies++;
   if (err && rs->verdict_ok) {
     rs->verdict_ok = 0;
@@ -169,7 +206,7 @@ static void on_reload_async(uv_async_t *a) {
   wxd_server_t *s = a->data;
   wxd_reload_state_t *rs = &s->reload;
   pthread_mutex_lock(&rs->mu);
-  if (rs->phase == 0 || rs->replies < s->n) {
+  if (rs->phase == 0 || rs->replies < rs->expected) {
     pthread_mutex_unlock(&rs->mu);
     return;
   }
@@ -241,27 +278,30 @@ static void status_json(wxd_server_t *s, wxd_buf_t *b) {
   append_json_string(b, rs->last_error);
   append_str(b, ",\"last_error_at\":");
   append_json_string(b, rs->last_error_at);
-  snprintf(tmp, sizeof tmp, ",\"restart_needed\":[%s],\"steering\":{\"mode\":\"%s\",\"now\":\"%s\",\"changes\":%u}"
-           ",\"workers\":[", rs->restart_needed, wxd_steer_name(s->steer.mode), wxd_steer_current(&s->steer),
-           s->steer.switches);
+  snprintf(tmp, sizeof tmp, ",\"restart_needed\":[%s],\"steering\":{\"mode\":\"%s\",\"now\":\"%s\",\"changes\":%u}",
+           rs->restart_needed, wxd_steer_name(s->steer.mode), wxd_steer_current(&s->steer), s->steer.switches);
   append_str(b, tmp);
   pthread_mutex_unlock(&rs->mu);
+  wxd_watchdog_status(s, b);
+  append_str(b, ",\"workers\":[");
   for (int i = 0; i < s->n; i++) {
     wxd_worker_stats_t *st = &s->workers[i].stats;
     snprintf(tmp, sizeof tmp,
              "%s{\"id\":%d,\"generation\":%u,\"requests\":%llu,\"connections\":%u,"
-             "\"paused_for_output\":%u,\"retired_generations\":%u,\"busy\":%.2f}",
+             "\"paused_for_output\":%u,\"retired_generations\":%u,\"busy\":%.2f,\"stuck\":%s,\"stalls\":%u}",
              i ? "," : "", i, atomic_load(&st->generation),
              (unsigned long long)atomic_load(&st->requests), atomic_load(&st->connections),
              atomic_load(&st->paused_for_output), atomic_load(&st->retired),
-             atomic_load(&st->busy_permille) / 1000.0);
+             atomic_load(&st->busy_permille) / 1000.0, s->workers[i].stalled ? "true" : "false",
+             s->workers[i].stalls);
     append_str(b, tmp);
   }
   append_str(b, "]}\n");
 }
 
 void wxd_reload_write_status(wxd_server_t *s) {
-  if (!s->cfg->pid_file[0]) return;
+  /* After a restart the file is the successor's. */
+  if (!s->cfg->pid_file[0] || s->handed_over) return;
   char path[PATH_MAX + 16], tmp[PATH_MAX + 32];
   snprintf(path, sizeof path, "%s.status", s->cfg->pid_file);
   snprintf(tmp, sizeof tmp, "%s.status.%d", s->cfg->pid_file, (int)getpid());
@@ -510,6 +550,10 @@ void wxd_reload_close(wxd_server_t *s) {
   uv_close((uv_handle_t *)&s->reload_async, NULL);
   uv_close((uv_handle_t *)&s->watch_debounce, NULL);
   unwatch_all(s);
+  wxd_reload_close_admin(s);
+}
+
+void wxd_reload_close_admin(wxd_server_t *s) {
   while (s->admin_conns) admin_close(s->admin_conns);
   if (s->admin_open) {
     uv_close((uv_handle_t *)&s->admin, NULL);

@@ -24,12 +24,18 @@ void wxd_reload_close(wxd_server_t *s);
 void wxd_reload_start(wxd_server_t *s, const char *why);
 /* Worker thread: the answer to the current phase (err: PREPARE failed). */
 void wxd_reload_worker_reply(wxd_worker_t *w, const char *err);
+/* Main thread (watchdog.c): worker w is stuck; a reload waiting for its
+ * answer goes on without it (refused when it was preparing). */
+void wxd_reload_worker_stalled(wxd_server_t *s, wxd_worker_t *w);
 /* Main thread: writes the status JSON next to the pid file (PIDFILE.status),
  * which `wxd reload` reads; nothing without a pid file. */
 void wxd_reload_write_status(wxd_server_t *s);
 /* Main thread: serves GET /status on cfg->admin_host:admin_port when set.
  * Returns -1 (logged) when the address cannot be bound. */
 int wxd_reload_start_admin(wxd_server_t *s);
+/* Main thread: stops serving the status endpoint (a restart's successor
+ * takes its port). */
+void wxd_reload_close_admin(wxd_server_t *s);
 /* Main thread (wxd dev): reloads when a .lua file under the app changes. */
 void wxd_reload_watch(wxd_server_t *s);
 

@@ -18,10 +18,12 @@
 #include "http.h"
 #include "redis.h"
 #include "reload.h"
+#include "restart.h"
 #include "shdict.h"
 #include "timer.h"
 #include "tls.h"
 #include "ws.h"
+#include "watchdog.h"
 
 /* Start-up barrier: every worker loads the app, then all start listening
  * together, or none does. */
@@ -51,7 +53,8 @@ static void on_vm_idle(wxd_vm_t *vm) {
 }
 
 wxd_vm_t *wxd_worker_load(wxd_worker_t *w, unsigned gen, char *err, size_t errlen) {
-  wxd_vm_options_t opts = {w->cfg->lua_dir[0] ? w->cfg->lua_dir : NULL, w->cfg->app_dir, w->id};
+  wxd_vm_options_t opts = {w->cfg->lua_dir[0] ? w->cfg->lua_dir : NULL, w->cfg->app_dir, w->id,
+                           w->cfg->limits.lua_memory_bytes};
   wxd_vm_t *vm = wxd_vm_new(&w->loop, &opts);
   if (!vm) {
     snprintf(err, errlen, "out of memory");
@@ -162,15 +165,39 @@ static void on_ctl(uv_async_t *a) {
 static void on_handle_closed(uv_handle_t *h) { (void)h; }
 
 static void close_listeners(wxd_worker_t *w) {
+  /* The watchdog may be accepting from them (watchdog.c): not meanwhile. */
+  pthread_mutex_lock(&w->listen_mu);
+  w->listeners_closed = 1;
   if (!uv_is_closing((uv_handle_t *)&w->listener)) uv_close((uv_handle_t *)&w->listener, on_handle_closed);
   if (w->cfg->https.enabled && !uv_is_closing((uv_handle_t *)&w->https_listener))
     uv_close((uv_handle_t *)&w->https_listener, on_handle_closed);
+  pthread_mutex_unlock(&w->listen_mu);
+}
+
+/* Before the listeners close: what the kernel queued for us is served
+ * rather than reset (a successor process has the port by now). */
+static void accept_queued(wxd_worker_t *w) {
+  for (int tls = 0; tls < 2; tls++) {
+    uv_tcp_t *l = tls ? &w->https_listener : &w->listener;
+    if (tls ? !w->cfg->https.enabled : !w->cfg->plain) continue;
+    uv_os_fd_t fd;
+    if (uv_is_closing((uv_handle_t *)l) || uv_fileno((uv_handle_t *)l, &fd) != 0) continue;
+    for (int i = 0; i < 4096; i++) {
+      int c = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      if (c < 0 && (errno == EINTR || errno == ECONNABORTED)) continue;
+      if (c < 0) break;
+      wxd_http_adopt(w, c, tls);
+    }
+  }
 }
 
 static void close_worker_handles(wxd_worker_t *w) {
   if (w->stopping) return;
   w->stopping = 1;
+  atomic_store(&w->beat_ns, 0); /* no loop turns to watch from here */
   uv_close((uv_handle_t *)&w->tick, on_handle_closed);
+  wxd_watchdog_worker_leave(w);
+  uv_close((uv_handle_t *)&w->adopt_async, on_handle_closed);
   /* The deadline stays armed but no longer keeps the loop alive: if timer
    * runs or handlers still wait, it ends them on time. */
   uv_unref((uv_handle_t *)&w->deadline);
@@ -197,6 +224,7 @@ static void on_deadline(uv_timer_t *t) {
 static void on_stop(uv_async_t *a) {
   wxd_worker_t *w = a->data;
   if (!w->draining) {
+    accept_queued(w);
     w->draining = 1;
     /* No new background work while draining: timers stop, and timers
      * created from now on (by a handler still running) never start. */
@@ -215,6 +243,7 @@ static void on_stop(uv_async_t *a) {
 
 static void on_tick(uv_timer_t *t) {
   wxd_worker_t *w = t->data;
+  wxd_watchdog_beat(w);
   if (++w->ticks % 10 == 0)
     atomic_store(&w->stats.busy_permille, wxd_steer_busy_permille(&w->loop, &w->meter));
   wxd_http_sweep(w);
@@ -229,6 +258,7 @@ static void walk_close(uv_handle_t *h, void *arg) {
 
 static void worker_main(void *arg) {
   wxd_worker_t *w = arg;
+  wxd_watchdog_worker_enter(w);
   w->fetch = wxd_fetch_pool_new(&w->loop); /* NULL: each VM makes its own */
   w->redis = wxd_redis_pool_new(&w->loop, w->id); /* NULL: each VM makes its own */
   w->vm = wxd_worker_load(w, 1, w->load_error, sizeof w->load_error);
@@ -243,6 +273,7 @@ static void worker_main(void *arg) {
   pthread_mutex_unlock(&startup.mu);
 
   if (go) {
+    wxd_watchdog_beat(w);
     wxd_timers_activate(w->vm);
     int rc = w->cfg->plain ? uv_listen((uv_stream_t *)&w->listener, 511, wxd_http_on_connection) : 0;
     if (rc != 0) wxd_logf(WXD_LOG_ERROR, w->id, "listen: %s", uv_strerror(rc));
@@ -286,6 +317,7 @@ static void worker_main(void *arg) {
   w->tls_ctx = NULL;
   pthread_mutex_lock(&exited_mu);
   exited_count++;
+  w->exited = 1;
   pthread_mutex_unlock(&exited_mu);
   if (go) uv_async_send(&w->srv->worker_exited);
 }
@@ -365,12 +397,61 @@ static unsigned worker_busy(void *arg, int worker) {
 }
 
 static void close_main_handles(wxd_server_t *s) {
+  if (uv_is_closing((uv_handle_t *)&s->worker_exited)) return;
   uv_close((uv_handle_t *)&s->sigint, NULL);
   uv_close((uv_handle_t *)&s->sigterm, NULL);
   uv_close((uv_handle_t *)&s->sighup, NULL);
+  uv_close((uv_handle_t *)&s->sigusr2, NULL);
   uv_close((uv_handle_t *)&s->worker_exited, NULL);
+  uv_close((uv_handle_t *)&s->abandon_timer, NULL);
   wxd_steer_stop(&s->steer);
+  wxd_watchdog_stop(s);
+  wxd_restart_close(s);
   wxd_reload_close(s);
+}
+
+/* The pid file names us (a successor of a restart has overwritten it). */
+static int pid_file_is_ours(const wxd_config_t *cfg) {
+  FILE *f = fopen(cfg->pid_file, "r");
+  if (!f) return 0;
+  int pid = 0;
+  int ok = fscanf(f, "%d", &pid) == 1 && pid == (int)getpid();
+  fclose(f);
+  return ok;
+}
+
+/* Only stuck workers are left (or the deadline passed): their threads may
+ * never return, so the process ends without them. */
+static void abandon(wxd_server_t *s) {
+  int left = 0;
+  pthread_mutex_lock(&exited_mu);
+  for (int i = 0; i < s->n; i++) left += !s->workers[i].exited;
+  pthread_mutex_unlock(&exited_mu);
+  if (left == 0) return;
+  wxd_logf(WXD_LOG_WARN, -1, "stopped, abandoning %d stuck worker%s", left, left == 1 ? "" : "s");
+  const char *pf = s->cfg->pid_file;
+  if (pf[0] && pid_file_is_ours(s->cfg)) unlink(pf);
+  _exit(0);
+}
+
+static void on_abandon_timer(uv_timer_t *t) { abandon(t->data); }
+
+void wxd_server_stop(wxd_server_t *s, const char *why) {
+  if (s->stopping) return;
+  s->stopping = 1;
+  /* Before the workers close their listeners: the monitor must not
+   * touch a descriptor that is gone (or already reused). */
+  wxd_steer_stop(&s->steer);
+  wxd_restart_close(s);
+  wxd_logf(WXD_LOG_INFO, -1, "%s: stopping (in-flight requests get up to %llu ms)", why,
+           (unsigned long long)s->cfg->limits.shutdown_timeout_ms);
+  for (int i = 0; i < s->n; i++) {
+    if (s->workers[i].stalled) s->workers[i].abandoned = 1;
+    uv_async_send(&s->workers[i].stop_async);
+  }
+  /* Healthy workers end by the deadline (theirs); a stuck one never does. */
+  uv_timer_start(&s->abandon_timer, on_abandon_timer, s->cfg->limits.shutdown_timeout_ms + 500, 0);
+  uv_unref((uv_handle_t *)&s->abandon_timer);
 }
 
 static void on_signal(uv_signal_t *sig, int signum) {
@@ -379,16 +460,13 @@ static void on_signal(uv_signal_t *sig, int signum) {
     wxd_reload_start(s, "SIGHUP");
     return;
   }
+  if (signum == SIGUSR2) {
+    if (!s->stopping) wxd_restart_start(s, "SIGUSR2");
+    return;
+  }
   s->signals++;
   if (s->signals == 1) {
-    s->stopping = 1;
-    /* Before the workers close their listeners: the monitor must not
-     * touch a descriptor that is gone (or already reused). */
-    wxd_steer_stop(&s->steer);
-    wxd_logf(WXD_LOG_INFO, -1, "%s: stopping (in-flight requests get up to %llu ms)",
-             signum == SIGINT ? "SIGINT" : "SIGTERM",
-             (unsigned long long)s->cfg->limits.shutdown_timeout_ms);
-    for (int i = 0; i < s->n; i++) uv_async_send(&s->workers[i].stop_async);
+    wxd_server_stop(s, signum == SIGINT ? "SIGINT" : "SIGTERM");
   } else if (signum == SIGINT) {
     /* A second Ctrl-C: the operator does not want to wait. */
     wxd_log(WXD_LOG_WARN, -1, "SIGINT again: exiting without waiting", NULL);
@@ -401,9 +479,12 @@ static void on_signal(uv_signal_t *sig, int signum) {
 static void on_worker_exited(uv_async_t *a) {
   wxd_server_t *s = a->data;
   pthread_mutex_lock(&exited_mu);
-  int all = exited_count == s->n;
+  int all = exited_count == s->n, stuck = 0;
+  for (int i = 0; i < s->n; i++) stuck += !s->workers[i].exited && s->workers[i].stalled;
+  int only_stuck = exited_count + stuck == s->n;
   pthread_mutex_unlock(&exited_mu);
   if (all) close_main_handles(s);
+  else if (only_stuck && s->stopping) abandon(s);
 }
 
 static void write_pid_file(const wxd_config_t *cfg) {
@@ -417,7 +498,7 @@ static void write_pid_file(const wxd_config_t *cfg) {
   fclose(f);
 }
 
-int wxd_server_run(wxd_config_t *cfg) {
+int wxd_server_run(wxd_config_t *cfg, char **argv) {
   char err[1024];
   if (wxd_http_selfcheck(err, sizeof err) != 0) {
     wxd_log(WXD_LOG_ERROR, -1, err, NULL);
@@ -434,13 +515,17 @@ int wxd_server_run(wxd_config_t *cfg) {
     nofile.rlim_cur = nofile.rlim_max;
     setrlimit(RLIMIT_NOFILE, &nofile);
   }
+  /* A successor of a graceful restart shares the ports with the process it
+   * replaces: no probe may refuse them. */
+  int takeover = wxd_restart_is_takeover();
 
   struct sockaddr_storage ss, hss;
   socklen_t alen, halen;
   wxd_https_conf_t *https = &cfg->https;
   if (cfg->plain) {
     if (wxd_resolve(cfg->host, cfg->port, &ss, &alen) != 0) return 1;
-    if (cfg->port != 0 && probe_port((struct sockaddr *)&ss, alen, err, sizeof err, cfg->host, cfg->port) != 0) {
+    if (cfg->port != 0 && !takeover &&
+        probe_port((struct sockaddr *)&ss, alen, err, sizeof err, cfg->host, cfg->port) != 0) {
       wxd_log(WXD_LOG_ERROR, -1, err, NULL);
       return 1;
     }
@@ -450,7 +535,7 @@ int wxd_server_run(wxd_config_t *cfg) {
   SSL_CTX *tls_ctx = NULL;
   if (https->enabled) {
     if (wxd_resolve(https->host, https->port, &hss, &halen) != 0) return 1;
-    if (https->port != 0 &&
+    if (https->port != 0 && !takeover &&
         probe_port((struct sockaddr *)&hss, halen, err, sizeof err, https->host, https->port) != 0) {
       wxd_log(WXD_LOG_ERROR, -1, err, NULL);
       return 1;
@@ -466,6 +551,7 @@ int wxd_server_run(wxd_config_t *cfg) {
   wxd_server_t srv;
   memset(&srv, 0, sizeof srv);
   srv.cfg = cfg;
+  srv.argv = argv;
   srv.n = n;
   srv.loop = uv_default_loop();
   pthread_mutex_init(&srv.reload.mu, NULL);
@@ -497,7 +583,11 @@ int wxd_server_run(wxd_config_t *cfg) {
   uv_signal_init(srv.loop, &srv.sigint);
   uv_signal_init(srv.loop, &srv.sigterm);
   uv_signal_init(srv.loop, &srv.sighup);
-  srv.sigint.data = srv.sigterm.data = srv.sighup.data = &srv;
+  uv_signal_init(srv.loop, &srv.sigusr2);
+  srv.sigint.data = srv.sigterm.data = srv.sighup.data = srv.sigusr2.data = &srv;
+  uv_timer_init(srv.loop, &srv.abandon_timer);
+  srv.abandon_timer.data = &srv;
+  wxd_watchdog_install();
   wxd_reload_init(&srv);
 
   uint32_t rnd[256];
@@ -509,6 +599,8 @@ int wxd_server_run(wxd_config_t *cfg) {
     w->cfg = cfg;
     w->srv = &srv;
     w->id_prefix = rnd[made];
+    pthread_mutex_init(&w->listen_mu, NULL);
+    pthread_mutex_init(&w->adopt_mu, NULL);
     w->readbuf_size = 65536;
     w->readbuf = malloc(w->readbuf_size);
     /* Response heads are assembled here; sized once so that building one
@@ -550,6 +642,8 @@ int wxd_server_run(wxd_config_t *cfg) {
     uv_async_init(&w->loop, &w->ctl_async, on_ctl);
     w->ctl_async.data = w;
     wxd_ws_worker_open(srv.ws_topics, w->id, &w->loop, w);
+    uv_async_init(&w->loop, &w->adopt_async, wxd_watchdog_on_adopt);
+    w->adopt_async.data = w;
     uv_timer_init(&w->loop, &w->tick);
     w->tick.data = w;
     uv_timer_start(&w->tick, on_tick, 100, 100);
@@ -563,10 +657,20 @@ int wxd_server_run(wxd_config_t *cfg) {
   uv_signal_start(&srv.sigint, on_signal, SIGINT);
   uv_signal_start(&srv.sigterm, on_signal, SIGTERM);
   uv_signal_start(&srv.sighup, on_signal, SIGHUP);
+  uv_signal_start(&srv.sigusr2, on_signal, SIGUSR2);
   for (int i = 0; i < n; i++) uv_thread_create(&workers[i].thread, worker_main, &workers[i]);
 
   pthread_mutex_lock(&startup.mu);
-  while (startup.loaded < n) pthread_cond_wait(&startup.cv, &startup.mu);
+  /* A worker stuck in app.lua never answers: not waited for forever. */
+  struct timespec until;
+  clock_gettime(CLOCK_REALTIME, &until);
+  until.tv_sec += (time_t)(cfg->limits.stall_timeout_ms * 15 / 1000) + 1;
+  while (startup.loaded < n)
+    if (pthread_cond_timedwait(&startup.cv, &startup.mu, &until) == ETIMEDOUT) {
+      wxd_logf(WXD_LOG_ERROR, -1, "cannot load app %s: a worker did not finish loading within %llu s (app.lua "
+               "does not return?)", cfg->app_dir, (unsigned long long)(cfg->limits.stall_timeout_ms * 15 / 1000) + 1);
+      _exit(1);
+    }
   int failed = -1;
   for (int i = 0; i < n; i++)
     if (workers[i].load_status != 0) failed = i;
@@ -578,17 +682,23 @@ int wxd_server_run(wxd_config_t *cfg) {
      * workers' own uv_listen (which only repeats the listen() call): once
      * every worker has loaded the app and before any is told to go, so that
      * nothing is accepted into a backlog while the app loads (or fails to). */
+    /* Always in worker order: the watchdog steers around a stuck worker by
+     * the same index. Not in a successor of a restart: its sockets join
+     * groups that hold the old process's first, so the indexes are not
+     * ours (it spreads by hash). */
     uv_os_fd_t plain_fd = -1, https_fd = -1;
-    if (wxd_steer_wanted(cfg->steering, n)) {
-      for (int i = 0; i < n; i++) {
-        uv_os_fd_t fd;
-        if (cfg->plain && uv_fileno((uv_handle_t *)&workers[i].listener, &fd) == 0) listen(fd, 511);
-        if (https->enabled && uv_fileno((uv_handle_t *)&workers[i].https_listener, &fd) == 0) listen(fd, 511);
-      }
-      if (cfg->plain) uv_fileno((uv_handle_t *)&workers[0].listener, &plain_fd);
-      if (https->enabled) uv_fileno((uv_handle_t *)&workers[0].https_listener, &https_fd);
+    for (int i = 0; i < n; i++) {
+      uv_os_fd_t fd;
+      if (cfg->plain && uv_fileno((uv_handle_t *)&workers[i].listener, &fd) == 0) listen(fd, 511);
+      if (https->enabled && uv_fileno((uv_handle_t *)&workers[i].https_listener, &fd) == 0) listen(fd, 511);
     }
-    wxd_steer_start(&srv.steer, srv.loop, cfg->steering, n, plain_fd, https_fd, worker_busy, &srv);
+    if (cfg->plain && !takeover) uv_fileno((uv_handle_t *)&workers[0].listener, &plain_fd);
+    if (https->enabled && !takeover) uv_fileno((uv_handle_t *)&workers[0].https_listener, &https_fd);
+    if (takeover && wxd_steer_wanted(cfg->steering, n))
+      wxd_log(WXD_LOG_INFO, -1, "steering: by hash in a successor of a restart (the groups hold the old "
+              "process's sockets first)", NULL);
+    wxd_steer_start(&srv.steer, srv.loop, takeover ? WXD_STEER_HASH : cfg->steering, n, plain_fd, https_fd,
+                    worker_busy, &srv);
   }
   startup.verdict = failed >= 0 ? -1 : 1;
   pthread_cond_broadcast(&startup.cv);
@@ -600,10 +710,26 @@ int wxd_server_run(wxd_config_t *cfg) {
     close_main_handles(&srv);
     uv_run(srv.loop, UV_RUN_DEFAULT);
   } else {
-    if (wxd_reload_start_admin(&srv) != 0) {
-      wxd_steer_stop(&srv.steer);
-      for (int i = 0; i < n; i++) uv_async_send(&workers[i].stop_async);
+    if (takeover) {
+      /* The old process lets go of the ports, then of the status endpoint,
+       * once it hears we serve. */
+      wxd_restart_signal_ready();
+      if (cfg->admin_host[0]) {
+        struct sockaddr_storage as;
+        socklen_t aslen;
+        char e[300];
+        if (wxd_resolve(cfg->admin_host, cfg->admin_port, &as, &aslen) == 0)
+          for (int i = 0; i < 100 && probe_port((struct sockaddr *)&as, aslen, e, sizeof e, cfg->admin_host,
+                                                cfg->admin_port) != 0; i++) {
+            struct timespec ts = {0, 50000000};
+            nanosleep(&ts, NULL);
+          }
+      }
     }
+    if (wxd_reload_start_admin(&srv) != 0) {
+      wxd_server_stop(&srv, "status endpoint");
+    }
+    wxd_watchdog_start(&srv);
     write_pid_file(cfg);
     char app[1024], extra[1600], plain[300] = "", tls[300] = "";
     size_t al = wxd_json_escape(app, sizeof app, cfg->app_dir, strlen(cfg->app_dir));
@@ -619,7 +745,7 @@ int wxd_server_run(wxd_config_t *cfg) {
     for (int i = 0; i < n; i++) uv_thread_join(&workers[i].thread);
     rc = 0;
     wxd_log(WXD_LOG_INFO, -1, "stopped", NULL);
-    if (cfg->pid_file[0]) unlink(cfg->pid_file);
+    if (cfg->pid_file[0] && pid_file_is_ours(cfg)) unlink(cfg->pid_file);
   }
 
 cleanup:

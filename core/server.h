@@ -53,6 +53,7 @@ typedef struct wxd_worker {
   wxd_vm_t *next_vm;        /* a prepared generation awaiting commit */
   wxd_vm_t *retired;        /* replaced generations still finishing requests */
   int ctl_cmd;              /* WXD_CTL_*, guarded by srv->reload.mu */
+  int reload_waiting;       /* its answer to the current phase is awaited (reload.mu) */
   char prep_error[2048];    /* why preparing failed, guarded by srv->reload.mu */
   struct wxd_conn *conns;   /* every open connection */
   unsigned nconns;
@@ -78,6 +79,28 @@ typedef struct wxd_worker {
   unsigned ticks;
   struct wxd_fetch_pool *fetch; /* outbound connections, shared by the generations */
   struct wxd_redis_pool *redis; /* Redis connections, shared by the generations */
+  /* Watchdog (watchdog.c). The worker's tick publishes beat_ns; the main
+   * thread reads it, and pokes a stuck worker with a signal whose handler
+   * (on the worker's thread) describes what runs into stall_desc. */
+  atomic_uint_fast64_t beat_ns; /* uv_hrtime of the last tick; 0: not watched */
+  atomic_uint_fast64_t progress; /* coroutine resumes that returned (vm.c) */
+  uint64_t seen_progress;       /* main: progress at its last look */
+  uint64_t alive_ns;            /* main: when it last saw progress move */
+  atomic_uint pokes;            /* main: signals sent */
+  atomic_uint described;        /* handler: the poke stall_desc answers */
+  char stall_desc[512];         /* JSON fragment: what the stuck loop runs */
+  volatile int stall_interrupted; /* handler: a hook will stop the coroutine */
+  int stalled;                  /* main: stuck now (contained) */
+  int abandoned;                /* main: a reload or stop went on without it */
+  uint64_t stall_began_ns;      /* main: the last beat before the stall */
+  unsigned stalls;              /* main: times this worker got stuck */
+  pthread_mutex_t listen_mu;    /* the main thread drains the listeners' queues */
+  int listeners_closed;         /* under listen_mu */
+  uv_async_t adopt_async;       /* connections taken from a stuck worker */
+  pthread_mutex_t adopt_mu;
+  int *adopt;                   /* fd * 2 + tls, under adopt_mu */
+  int nadopt, adopt_cap;
+  int exited;                   /* its thread ended (server.c exited_mu) */
 } wxd_worker_t;
 
 enum { WXD_CTL_NONE = 0, WXD_CTL_PREPARE, WXD_CTL_COMMIT, WXD_CTL_ABORT };
@@ -87,6 +110,7 @@ typedef struct wxd_reload_state {
   pthread_mutex_t mu;
   int phase;             /* 0 idle, 1 preparing, 2 committing or aborting */
   int replies;           /* workers that answered the current phase */
+  int expected;          /* workers asked (stuck ones are not) */
   int verdict_ok;        /* decision of phase 2 */
   int pending;           /* another reload was asked for meanwhile */
   uint64_t started_ns;
@@ -121,10 +145,20 @@ struct wxd_server {
   struct wxd_ws_topics *ws_topics;     /* WebSocket topics (ws.h): likewise */
   struct ssl_ctx_st *tls_next; /* HTTPS context a reload prepared; guarded by reload.mu */
   wxd_steer_t steer;           /* which worker gets a new connection (main thread) */
+  struct wxd_watchdog *watchdog; /* stuck workers (watchdog.c) */
+  struct wxd_restart *restart; /* a successor process (restart.c) */
+  uv_signal_t sigusr2;         /* graceful restart in place */
+  uv_timer_t abandon_timer;    /* stopping: do not wait for a stuck worker forever */
+  char **argv;                 /* the command line, for a successor */
+  int handed_over;             /* pid of the successor that serves now (restart.c) */
 };
 
-/* Runs the server until SIGTERM/SIGINT; returns the process exit code. */
-int wxd_server_run(wxd_config_t *cfg);
+/* Runs the server until SIGTERM/SIGINT; returns the process exit code.
+ * argv (NULL-terminated, argv[0] the binary) starts a successor on a
+ * graceful restart. */
+int wxd_server_run(wxd_config_t *cfg, char **argv);
+/* Main thread: stops the server as on SIGTERM (why is logged). */
+void wxd_server_stop(wxd_server_t *s, const char *why);
 
 /* Creates a VM for worker w and loads the app into it, as generation gen.
  * Returns NULL with err set when loading fails. */

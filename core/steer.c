@@ -52,6 +52,71 @@ int wxd_steer_set(uv_os_fd_t fd, int nworkers, int by_cpu) {
   return 0;
 }
 
+/* The program of a group with exclusions: by CPU (cpu % workers) when
+ * asked and that socket is not excluded, else a random socket among the
+ * others. Jumps of classic BPF reach 255 instructions ahead: past 100
+ * exclusions the CPU part is left out. */
+static int set_program(wxd_steer_t *s, uv_os_fd_t fd, int by_cpu) {
+  if (s->nexcluded == 0) return wxd_steer_set(fd, s->nworkers, by_cpu);
+  static struct sock_filter code[3 + 256 + 1 + 2 + 2 * 256 + 1];
+  int healthy[256], h = 0, n = 0;
+  for (int i = 0; i < s->nworkers; i++)
+    if (!s->excluded[i]) healthy[h++] = i;
+  if (h == 0) return -EINVAL;
+  if (by_cpu && s->nexcluded <= 100) {
+    code[n++] = (struct sock_filter){BPF_LD | BPF_W | BPF_ABS, 0, 0, (uint32_t)(SKF_AD_OFF + SKF_AD_CPU)};
+    code[n++] = (struct sock_filter){BPF_ALU | BPF_MOD | BPF_K, 0, 0, (uint32_t)s->nworkers};
+    int left = s->nexcluded;
+    for (int i = 0; i < s->nworkers; i++) {
+      if (!s->excluded[i]) continue;
+      left--;
+      /* Past the checks left and the return below: the random part. */
+      code[n++] = (struct sock_filter){BPF_JMP | BPF_JEQ | BPF_K, (uint8_t)(left + 1), 0, (uint32_t)i};
+    }
+    code[n++] = (struct sock_filter){BPF_RET | BPF_A, 0, 0, 0};
+  }
+  code[n++] = (struct sock_filter){BPF_LD | BPF_W | BPF_ABS, 0, 0, (uint32_t)(SKF_AD_OFF + SKF_AD_RANDOM)};
+  code[n++] = (struct sock_filter){BPF_ALU | BPF_MOD | BPF_K, 0, 0, (uint32_t)h};
+  for (int i = 0; i < h; i++) {
+    code[n++] = (struct sock_filter){BPF_JMP | BPF_JEQ | BPF_K, 0, 1, (uint32_t)i};
+    code[n++] = (struct sock_filter){BPF_RET | BPF_K, 0, 0, (uint32_t)healthy[i]};
+  }
+  code[n++] = (struct sock_filter){BPF_RET | BPF_K, 0, 0, (uint32_t)healthy[0]};
+  struct sock_fprog prog = {.len = (unsigned short)n, .filter = code};
+  if (setsockopt(fd, SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &prog, sizeof prog) != 0) return -errno;
+  return 0;
+}
+
+int wxd_steer_exclude(wxd_steer_t *s, int worker, int excluded) {
+  if (worker < 0 || worker >= s->nworkers || s->nworkers < 2) return -EINVAL;
+  if (!!s->excluded[worker] == !!excluded) return 0;
+  if (excluded && s->nexcluded + 1 >= s->nworkers) return -EINVAL; /* someone must take them */
+  s->excluded[worker] = excluded ? 1 : 0;
+  s->nexcluded += excluded ? 1 : -1;
+  int rc = 0;
+  for (int i = 0; i < 2; i++) {
+    if (s->fds[i] < 0) continue;
+    int r = set_program(s, s->fds[i], s->by_cpu);
+    if (r != 0) rc = r;
+  }
+  if (rc != 0) {
+    s->excluded[worker] = excluded ? 0 : 1;
+    s->nexcluded += excluded ? -1 : 1;
+  }
+  s->program_on = s->by_cpu || s->nexcluded > 0;
+  return rc;
+}
+
+void wxd_steer_release(wxd_steer_t *s) {
+  for (int i = 0; i < 2; i++)
+    if (s->fds[i] >= 0) wxd_steer_set(s->fds[i], s->nworkers, 0);
+  s->by_cpu = 0;
+  s->program_on = 0;
+  s->nexcluded = 0;
+  memset(s->excluded, 0, sizeof s->excluded);
+  s->fds[0] = s->fds[1] = -1;
+}
+
 int wxd_steer_loop_init(uv_loop_t *loop) { return uv_loop_configure(loop, UV_METRICS_IDLE_TIME); }
 
 unsigned wxd_steer_busy_permille(uv_loop_t *loop, wxd_steer_meter_t *m) {
@@ -95,7 +160,7 @@ static double idle_cpus(wxd_steer_t *s, double seconds) {
 static void apply(wxd_steer_t *s, int by_cpu, const char *why, unsigned busiest, int worker, double idle) {
   for (int i = 0; i < 2; i++) {
     if (s->fds[i] < 0) continue;
-    int rc = wxd_steer_set(s->fds[i], s->nworkers, by_cpu);
+    int rc = set_program(s, s->fds[i], by_cpu);
     if (rc != 0) {
       wxd_logf(WXD_LOG_WARN, -1, "steering: cannot %s the by-CPU program: %s", by_cpu ? "attach" : "detach",
                strerror(-rc));
@@ -103,6 +168,7 @@ static void apply(wxd_steer_t *s, int by_cpu, const char *why, unsigned busiest,
     }
   }
   s->by_cpu = by_cpu;
+  s->program_on = by_cpu || s->nexcluded > 0;
   s->switches++;
   char extra[256];
   snprintf(extra, sizeof extra, "\"steering\":\"%s\",\"reason\":\"%s\",\"busiest_worker\":%d,\"busy\":%.2f,"
@@ -164,6 +230,7 @@ int wxd_steer_start(wxd_steer_t *s, uv_loop_t *loop, int mode, int nworkers, uv_
   s->timer.data = s;
   s->timer_open = 1;
   if (!wxd_steer_wanted(mode, nworkers)) {
+    /* The fds stay: the watchdog steers around a stuck worker. */
     if (mode == WXD_STEER_CPU && nworkers >= 2)
       wxd_logf(WXD_LOG_WARN, -1, "steering: %d workers on %u CPUs: spreading by hash (by CPU, workers beyond "
                "the CPU count would get no connection)", nworkers, uv_available_parallelism());
@@ -181,6 +248,7 @@ int wxd_steer_start(wxd_steer_t *s, uv_loop_t *loop, int mode, int nworkers, uv_
     }
   }
   s->by_cpu = 1;
+  s->program_on = 1;
   if (mode == WXD_STEER_AUTO) {
     idle_cpus(s, 0); /* the first sample */
     s->last_ms = uv_now(loop);
@@ -193,6 +261,8 @@ void wxd_steer_stop(wxd_steer_t *s) {
   /* Also called when start-up failed before wxd_steer_start (s zeroed). */
   if (!s->timer_open) return;
   s->timer_open = 0;
+  /* The workers close their listeners next: hands off the descriptors. */
+  s->fds[0] = s->fds[1] = -1;
   uv_close((uv_handle_t *)&s->timer, NULL);
 }
 

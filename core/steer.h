@@ -70,13 +70,28 @@ typedef struct wxd_steer {
   uint64_t cpu_total, cpu_idle; /* last /proc/stat sample (jiffies) */
   uint64_t last_ms;     /* uv_now of that sample */
   unsigned switches;    /* how many times auto changed the steering */
+  unsigned char excluded[256]; /* workers that get no new connection (watchdog.c) */
+  int nexcluded;
+  int program_on;       /* a program is attached to the group(s) */
 } wxd_steer_t;
 
 /* Sets up steering for the listeners (fds of -1 are skipped; they must be
- * listening already) and, in auto mode, starts the monitor on loop.
+ * listening already, and listen()ed in worker order so that a socket's
+ * index in its group is its worker's id) and, in auto mode, starts the
+ * monitor on loop.
  * Returns 0. */
 int wxd_steer_start(wxd_steer_t *s, uv_loop_t *loop, int mode, int nworkers, uv_os_fd_t plain_fd,
                     uv_os_fd_t https_fd, unsigned (*busy)(void *arg, int worker), void *arg);
+/* Keeps new connections away from worker `worker` (excluded = 1) or lets
+ * them go there again (0): a reuseport program that picks among the other
+ * workers' sockets (by CPU as before when that socket is not excluded,
+ * else at random). Main thread; needs the fds given to wxd_steer_start
+ * (socket index in the group = worker id) and 2 or more workers, and
+ * never excludes the last one. Returns 0 or a negative errno. */
+int wxd_steer_exclude(wxd_steer_t *s, int worker, int excluded);
+/* Detaches every program (the kernel spreads by hash over whatever sockets
+ * the group holds: a successor process's joined them). Idempotent. */
+void wxd_steer_release(wxd_steer_t *s);
 /* Stops the monitor (the timer is closed; s stays valid until then).
  * Idempotent, and a no-op on a zeroed s that was never started. */
 void wxd_steer_stop(wxd_steer_t *s);

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "log.h"
 #include "version.h"
@@ -114,7 +115,8 @@ static int core_in_coroutine(lua_State *L) {
   return 1;
 }
 
-/* core.kill(pid, "HUP"|"TERM"|"INT"|0): signals a process (wxd reload).
+/* core.kill(pid, "HUP"|"TERM"|"INT"|"KILL"|"USR2"|0): signals a process
+ * (wxd reload, wxd restart).
  * Returns true, or nil, err. */
 static int core_kill(lua_State *L) {
   lua_Integer pid = luaL_checkinteger(L, 1);
@@ -123,8 +125,10 @@ static int core_kill(lua_State *L) {
   if (strcmp(name, "HUP") == 0) sig = SIGHUP;
   else if (strcmp(name, "TERM") == 0) sig = SIGTERM;
   else if (strcmp(name, "INT") == 0) sig = SIGINT;
+  else if (strcmp(name, "KILL") == 0) sig = SIGKILL;
+  else if (strcmp(name, "USR2") == 0) sig = SIGUSR2;
   else if (strcmp(name, "0") == 0) sig = 0;
-  else return luaL_argerror(L, 2, "expected HUP, TERM, INT or 0");
+  else return luaL_argerror(L, 2, "expected HUP, TERM, INT, KILL, USR2 or 0");
   luaL_argcheck(L, pid > 0, 1, "expected a process id");
   int rc = uv_kill((int)pid, sig);
   if (rc != 0) {
@@ -166,10 +170,52 @@ static void prepend_path(lua_State *L, const char *dir) {
   lua_pop(L, 2);
 }
 
+static __thread wxd_co_t *volatile running_co;
+
+static int interrupt_running(int why);
+
+/* A coroutine past the hard limit that the interrupt did not stop: code
+ * compiled by the JIT, which no hook reaches. Failing the allocation would
+ * crash the process (see wxd_vm_t); freezing the thread bounds the memory,
+ * and the watchdog notices the stuck loop and replaces the process. */
+static void freeze(wxd_vm_t *vm) {
+  wxd_logf(WXD_LOG_ERROR, vm->worker,
+           "a handler took its Lua state over twice limits.lua_memory_bytes in compiled code: frozen until the "
+           "process is replaced");
+  for (;;) pause();
+}
+
+/* The allocator of a state with a memory limit (see wxd_vm_t). */
+static void *limited_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+  wxd_vm_t *vm = ud;
+  size_t old = ptr ? osize : 0;
+  if (nsize == 0) {
+    free(ptr);
+    vm->mem_used -= old;
+    return NULL;
+  }
+  if (nsize > old && vm->mem_used + (nsize - old) > vm->mem_limit && running_co && running_co->vm == vm) {
+    if (!vm->mem_over) {
+      vm->mem_over = 1;
+      interrupt_running(WXD_RUNAWAY_MEMORY);
+      /* A trace leaves its machine code when the collector reaches its
+       * atomic phase: a collector in a hurry gets there sooner, and the
+       * hook then fires. (Only a field is set: no collection runs here.) */
+      lua_gc(vm->L, LUA_GCSETSTEPMUL, 4000);
+    } else if (vm->mem_used + (nsize - old) > 2 * vm->mem_limit) {
+      freeze(vm);
+    }
+  }
+  void *p = realloc(ptr, nsize);
+  if (p) vm->mem_used = vm->mem_used - old + nsize;
+  return p;
+}
+
 wxd_vm_t *wxd_vm_new(uv_loop_t *loop, const wxd_vm_options_t *opts) {
   wxd_vm_t *vm = calloc(1, sizeof *vm);
   if (!vm) return NULL;
-  lua_State *L = luaL_newstate();
+  vm->mem_limit = opts->mem_limit;
+  lua_State *L = opts->mem_limit ? lua_newstate(limited_alloc, vm) : luaL_newstate();
   if (!L) {
     free(vm);
     return NULL;
@@ -373,12 +419,71 @@ void wxd_co_kill(wxd_co_t *co) {
   co->killed = 1;
 }
 
+/* ---- runaway coroutines (watchdog.c) ----
+ *
+ * The coroutine this thread is running, for the watchdog's signal handler
+ * (which runs on this thread): two stores per resume. A coroutine
+ * interrupted by wxd_co_interrupt is ended by a count hook that raises at
+ * every instruction it runs, so that no pcall inside it can swallow the
+ * error and go on. Hooks are global to a LuaJIT state: the hook checks it
+ * is still in the interrupted coroutine and removes itself otherwise. */
+static __thread wxd_co_t *volatile interrupted_co;
+static __thread volatile int interrupt_why;
+
+static __thread atomic_uint_fast64_t *progress;
+
+wxd_co_t *wxd_co_running(void) { return running_co; }
+
+void wxd_co_count_progress(atomic_uint_fast64_t *counter) { progress = counter; }
+
+static void interrupt_hook(lua_State *L, lua_Debug *ar) {
+  (void)ar;
+  wxd_co_t *co = interrupted_co;
+  if (!co || co != running_co) {
+    lua_sethook(L, NULL, 0, 0);
+    return;
+  }
+  if (interrupt_why == WXD_RUNAWAY_MEMORY) lua_pushliteral(L, WXD_RUNAWAY_MEMORY_ERROR);
+  else lua_pushliteral(L, WXD_RUNAWAY_ERROR);
+  lua_error(L);
+}
+
+static int interrupt_running(int why) {
+  wxd_co_t *co = running_co;
+  if (!co) return 0;
+  if (interrupted_co != co) interrupt_why = why;
+  interrupted_co = co;
+  lua_sethook(co->T, interrupt_hook, LUA_MASKCOUNT, 1);
+  return 1;
+}
+
+int wxd_co_interrupt(void) { return interrupt_running(WXD_RUNAWAY_TIME); }
+
+static int resume_watched(wxd_co_t *co, int nargs) {
+  wxd_co_t *outer = running_co;
+  running_co = co;
+  int status = lua_resume(co->T, nargs);
+  running_co = outer;
+  /* Only outermost resumes count: a stuck handler that keeps running
+   * coroutines nested inside itself (tasks spawned synchronously) is still
+   * stuck. One writer (this thread): a plain increment. */
+  if (progress && !outer)
+    atomic_store_explicit(progress, atomic_load_explicit(progress, memory_order_relaxed) + 1, memory_order_relaxed);
+  if (interrupted_co == co) {
+    interrupted_co = NULL;
+    lua_sethook(co->T, NULL, 0, 0);
+    /* Interrupted after it had already finished: nothing was cut. */
+    if (status != 0 && status != LUA_YIELD) co->runaway = interrupt_why;
+  }
+  return status;
+}
+
 int wxd_co_resume(wxd_co_t *co, int nargs) {
   if (co->killed) return co_end_killed(co); /* its primitive just let go of it */
   co->waiting = 0;
   co->cancel = NULL;
   co->wait = NULL;
-  int status = lua_resume(co->T, nargs);
+  int status = resume_watched(co, nargs);
   if (co->killed) {
     if (status == LUA_YIELD && co->waiting) {
       if (!co->cancel) return 0; /* its primitive resumes it, and then it ends */
@@ -408,6 +513,13 @@ int wxd_co_resume(wxd_co_t *co, int nargs) {
     vm->npool++;
   } else {
     co_free(co);
+  }
+  /* Its garbage is unreachable now: the state is back under its limit
+   * before the next coroutine runs. */
+  if (vm->mem_over) {
+    lua_gc(vm->L, LUA_GCSETSTEPMUL, 200); /* LuaJIT's default */
+    lua_gc(vm->L, LUA_GCCOLLECT, 0);
+    vm->mem_over = vm->mem_used > vm->mem_limit;
   }
   /* The last request of a replaced generation just ended. */
   if (vm->retired && vm->cos == NULL && vm->on_idle) vm->on_idle(vm);

@@ -23,6 +23,7 @@
 #define WXD_VM_H
 
 #include <lua.h>
+#include <stdatomic.h>
 #include <uv.h>
 
 typedef struct wxd_co wxd_co_t;
@@ -45,6 +46,7 @@ struct wxd_co {
   void *wait;            /* argument of cancel */
   void (*abandon)(wxd_co_t *co); /* the VM goes while the coroutine waits */
   int killed;            /* wxd_co_kill while it could not end at once */
+  int runaway;           /* ended by an interrupt: WXD_RUNAWAY_TIME or _MEMORY */
   wxd_co_t *prev, *next; /* vm's list of live coroutines */
 };
 
@@ -60,6 +62,7 @@ typedef struct wxd_vm_options {
   const char *lua_dir; /* framework modules (lua/), or NULL for package.path */
   const char *app_dir; /* app modules, or NULL */
   int worker;          /* worker index, -1 outside workers */
+  size_t mem_limit;    /* bytes the state may hold while running a coroutine; 0: no limit */
 } wxd_vm_options_t;
 
 struct wxd_vm {
@@ -105,6 +108,15 @@ struct wxd_vm {
     unsigned when; /* WXD_VM_ON_* */
   } hooks[WXD_VM_HOOKS_MAX]; /* wxd_vm_on_close, in registration order */
   int nhooks;
+  /* Memory accounting (opts.mem_limit). No allocation is ever refused:
+   * LuaJIT 2.1 (this build) crashes when an allocation fails inside
+   * compiled code. Past the limit, while a coroutine runs, that coroutine
+   * is interrupted (its next interpreted instruction raises
+   * WXD_RUNAWAY_MEMORY_ERROR); past the hard limit (twice the limit) a
+   * compiled loop still allocating is frozen where it is, so that the
+   * watchdog replaces the process with the memory bounded (docs/runaway.md). */
+  size_t mem_used, mem_limit;
+  int mem_over; /* went over the limit since the last full collection */
 };
 
 /* Creates a VM on `loop`. Returns NULL on allocation failure. */
@@ -156,6 +168,22 @@ void wxd_vm_retire(wxd_vm_t *vm);
 /* Cancels every pending wait of the VM: no coroutine will be resumed after
  * this; their owners learn it through `abandon` when the VM is freed. */
 void wxd_vm_cancel_waits(wxd_vm_t *vm);
+/* Why a coroutine was interrupted, and the errors it ends with. */
+enum { WXD_RUNAWAY_TIME = 1, WXD_RUNAWAY_MEMORY = 2 };
+#define WXD_RUNAWAY_ERROR "runaway: the handler ran too long without yielding"
+#define WXD_RUNAWAY_MEMORY_ERROR "runaway: the handler took the Lua state over limits.lua_memory_bytes"
+/* The coroutine this thread is running (innermost), or NULL. */
+wxd_co_t *wxd_co_running(void);
+/* This thread counts every resume that returns in *counter (the watchdog
+ * tells a long busy loop turn from a stuck one by it). */
+void wxd_co_count_progress(atomic_uint_fast64_t *counter);
+/* Async-signal-safe, on the thread that runs the coroutine (watchdog.c's
+ * signal handler): makes the coroutine running now raise
+ * WXD_RUNAWAY_ERROR at its next interpreted instruction, and at every one
+ * after, until it ends; it ends with co->runaway set. Code compiled by the
+ * JIT checks no hook: a compiled loop is not stopped (docs/runaway.md).
+ * Returns 0 when no coroutine is running. */
+int wxd_co_interrupt(void);
 /* Pushes onto co->vm->L a traceback of the ended coroutine for message `msg`. */
 void wxd_co_traceback(wxd_co_t *co, const char *msg);
 /* Logs `what` at error level with the traceback of a coroutine that ended

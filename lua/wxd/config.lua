@@ -62,6 +62,7 @@ local LIMIT_KEYS = {
   "max_header_bytes", "max_body_bytes", "max_uri_bytes",
   "header_timeout_ms", "body_timeout_ms", "keepalive_timeout_ms",
   "max_requests_per_connection", "shutdown_timeout_ms", "send_timeout_ms",
+  "stall_timeout_ms", "lua_memory_bytes",
 }
 
 local LIMIT_DEFAULTS = {
@@ -74,6 +75,11 @@ local LIMIT_DEFAULTS = {
   max_requests_per_connection = 10000,
   shutdown_timeout_ms         = 10000,
   send_timeout_ms             = 60000,
+  -- A worker loop that has not turned for this long is stuck (docs/runaway.md).
+  stall_timeout_ms            = 2000,
+  -- What one generation's Lua state may hold while handlers run; the handler
+  -- that takes it past is stopped with a 503 (docs/runaway.md).
+  lua_memory_bytes            = 1073741824,
 }
 
 local LOG_LEVELS = { debug = true, info = true, warn = true, error = true }

@@ -57,6 +57,8 @@ describe("wxd.config", function()
                     max_requests_per_connection = 10000,
                     shutdown_timeout_ms         = 10000,
                     send_timeout_ms             = 60000,
+                    stall_timeout_ms            = 2000,
+                    lua_memory_bytes            = 1073741824,
                 },
                 log = { level = "info", access = true },
             }, config.defaults())
@@ -310,7 +312,7 @@ describe("wxd.config", function()
         it("checks every limit", function()
             for _, k in ipairs({ "max_header_bytes", "max_body_bytes", "max_uri_bytes", "header_timeout_ms",
                                  "body_timeout_ms", "keepalive_timeout_ms", "max_requests_per_connection",
-                                 "shutdown_timeout_ms" }) do
+                                 "shutdown_timeout_ms", "stall_timeout_ms", "lua_memory_bytes" }) do
                 assert.equal(5, assert(config.validate({ limits = { [k] = 5 } })).limits[k])
                 assert.equal("config.limits." .. k .. ': expected a positive integer, got "lots"',
                              fails({ limits = { [k] = "lots" } }, "config.limits." .. k))
