@@ -13,8 +13,10 @@ DEB_BUILD := build-essential pkg-config libluajit2-5.1-dev luajit2 libuv1-dev no
              libssl-dev libhiredis-dev lua-cjson-dev libexpat1-dev
 # nodejs and nginx are independent peers of specs (AES-GCM against Node's
 # crypto, the client's TLS pool against nginx); python3 parses log lines;
-# lua-check is luacheck, for `make lint`.
-DEB_TEST  := lua-busted lua-socket redis-server curl openssl wrk nodejs nginx python3 lua-check
+# lua-check is luacheck, for `make lint`; python3-prometheus-client is the
+# independent parser of /metrics in the metrics spec.
+DEB_TEST  := lua-busted lua-socket redis-server curl openssl wrk nodejs nginx python3 lua-check \
+             python3-prometheus-client
 DEB_BENCH := wrk nginx libnginx-mod-http-lua lua-cjson
 DEB_FUZZ  := clang
 

@@ -14,6 +14,7 @@
 #include "http.h"
 #include "httpscan.h"
 #include "tls.h"
+#include "trace.h"
 #include "vm.h"
 
 #define MAX_HEADERS 100
@@ -56,6 +57,9 @@ typedef struct wxd_req {
   int te_count;
   int status;
   size_t bytes_out;
+  wxd_trace_t trace;     /* trace context and request id (trace.h) */
+  char route[96];        /* the matched route pattern wxd.app reported */
+  size_t route_len;      /* 0: none (unmatched, or refused before routing) */
 } wxd_req_t;
 
 struct wxd_conn {
@@ -105,6 +109,7 @@ void wxd__http_start_head(wxd_buf_t *o, int status);
 void wxd__http_end_head(wxd_worker_t *w, wxd_buf_t *o, int has_date, int has_server, int keep_alive);
 void wxd__http_conn_fail(wxd_conn_t *c, int status, const char *msg);
 void wxd__http_respond_error_500(wxd_req_t *r);
+void wxd__http_add_request_id(wxd_buf_t *o, const wxd_req_t *r);
 void wxd__http_access_log(wxd_worker_t *w, wxd_req_t *r, const char *method, int status,
                           const char *remote);
 

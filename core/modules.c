@@ -7,6 +7,7 @@
 #include "fetch.h"
 #include "http.h"
 #include "json.h"
+#include "metrics.h"
 #include "paystate.h"
 #include "redis.h"
 #include "shdict.h"
@@ -34,6 +35,7 @@ static const struct {
     {"wxd.core.redis", wxd_open_redis},
     {"wxd.core.task", wxd_open_task},
     {"wxd.core.order", wxd_open_order},
+    {"wxd.core.metrics", wxd_open_metrics},
     {"cjson", luaopen_cjson},
     {"cjson.safe", luaopen_cjson_safe},
 };

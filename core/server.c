@@ -15,6 +15,7 @@
 
 #include "fetch.h"
 #include "http.h"
+#include "metrics.h"
 #include "redis.h"
 #include "reload.h"
 #include "shdict.h"
@@ -476,6 +477,7 @@ int wxd_server_run(wxd_config_t *cfg) {
     return 1;
   }
   wxd_worker_t *workers = srv.workers;
+  wxd_metrics_init(n); /* before any worker could count */
   /* Asyncs the workers signal must exist before the workers run. */
   uv_async_init(srv.loop, &srv.worker_exited, on_worker_exited);
   srv.worker_exited.data = &srv;

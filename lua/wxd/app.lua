@@ -973,8 +973,12 @@ function app_methods.handle(self, req)
     req.headers = setmetatable({}, REQ_HEADERS_MT)
   end
   setmetatable(req, REQ_MT)
-  if route and route.pnames then
-    req.params = extract(route, path)
+  if route then
+    -- The pattern, never the path: metrics label requests with it.
+    req.route = route.pattern
+    if route.pnames then
+      req.params = extract(route, path)
+    end
   end
 
   local res = setmetatable({ status = 200 }, RES_MT)

@@ -54,13 +54,15 @@ function _M.load_app(appdir, _worker, generation)
   end
   local handle = app.handle
 
+  -- The fifth value is the matched route pattern (nil: none), which the
+  -- core's request metrics are labelled with.
   return function(raw)
     local ok2, status, headers, body = xpcall(handle, traceback, app, raw)
-    if ok2 then return status, headers, body end
+    if ok2 then return status, headers, body, nil, raw.route end
     log.error("handler error", { id = raw.id, method = raw.method, path = raw.path, error = status })
     -- The fourth value tells the core the handler failed: a response that
     -- was already streaming is cut short instead of ended cleanly.
-    return 500, PLAIN, "internal server error (request id " .. raw.id .. ")\n", true
+    return 500, PLAIN, "internal server error (request id " .. raw.id .. ")\n", true, raw.route
   end
 end
 
