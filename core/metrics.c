@@ -60,7 +60,7 @@ typedef struct route_entry {
 static struct {
   pthread_mutex_t mu;
   int ready;
-  int nworkers, nwriters; /* writers: workers, then "other threads", then shared */
+  int nworkers, nwriters; /* writers: "other threads", shared, then the workers */
   slot_t **pages;         /* [writer * MAX_PAGES + page] */
   int nslots;
   family_t *fam[MAX_FAMILIES];
@@ -95,13 +95,6 @@ static uint64_t hash_bytes(uint64_t h, const void *p, size_t n) {
   return h;
 }
 
-static void init_locked(int nworkers);
-
-static void ensure_ready(void) {
-  pthread_mutex_lock(&R.mu);
-  if (!R.ready) init_locked(0);
-  pthread_mutex_unlock(&R.mu);
-}
 
 /* ---- registry (under R.mu) ---- */
 
@@ -196,13 +189,12 @@ static int family_locked(const char *name, const char *help, int type, int nlabe
   return R.nfam++;
 }
 
-/* Valid UTF-8 without control bytes: what a scraper can read back. */
+/* Valid UTF-8: what a scraper can read back (\\, \" and \n are escaped). */
 static int label_value_ok(const unsigned char *s, size_t n) {
   size_t i = 0;
   while (i < n) {
     unsigned char c = s[i];
     if (c < 0x80) {
-      if (c < 0x20 || c == 0x7f) return 0;
       i++;
       continue;
     }
@@ -247,7 +239,7 @@ static int series_locked(int fid, const char *const *values, const size_t *lens,
       return -1;
     }
     if (!label_value_ok((const unsigned char *)values[i], lens[i])) {
-      snprintf(err, errlen, "%s: label %s: value is not UTF-8 text", f->name, f->labels[i]);
+      snprintf(err, errlen, "%s: label %s: value is not valid UTF-8", f->name, f->labels[i]);
       return -1;
     }
     key[kl++] = (char)(lens[i] >> 8);
@@ -314,17 +306,46 @@ oom:
 
 static const double DURATION_BUCKETS[] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
 
-static void init_locked(int nworkers) {
+#define WRITER_OTHER 0
+#define WRITER_SHARED 1
+#define WRITER_WORKER0 2
+
+static void out_of_memory(void) {
+  fprintf(stderr, "wxd: out of memory (metrics)\n");
+  abort();
+}
+
+/* Workers are added before their threads start (only the main thread
+ * runs then), after a VM of the main thread may have made the registry. */
+static void add_workers_locked(int nworkers) {
+  if (nworkers <= R.nworkers) return;
+  int old = R.nwriters;
+  slot_t **pages = realloc(R.pages, (size_t)(nworkers + 2) * MAX_PAGES * sizeof *pages);
+  route_entry_t *routes = calloc((size_t)nworkers * ROUTE_CACHE, sizeof *routes);
+  if (!pages || !routes) out_of_memory();
+  memset(pages + (size_t)old * MAX_PAGES, 0, (size_t)(nworkers + 2 - old) * MAX_PAGES * sizeof *pages);
+  for (int w = old; w < nworkers + 2; w++)
+    for (int pg = 0; pg < MAX_PAGES && pages[pg]; pg++)
+      if (!(pages[w * MAX_PAGES + pg] = calloc(PAGE_SLOTS, sizeof(slot_t)))) out_of_memory();
+  free(R.routes);
+  R.pages = pages;
+  R.routes = routes;
   R.nworkers = nworkers;
   R.nwriters = nworkers + 2;
+}
+
+static void init_locked(int nworkers) {
+  if (R.ready) {
+    add_workers_locked(nworkers);
+    return;
+  }
+  R.nworkers = 0;
+  R.nwriters = 2;
   R.pages = calloc((size_t)R.nwriters * MAX_PAGES, sizeof *R.pages);
   R.nheads = 256;
   R.heads = malloc(R.nheads * sizeof *R.heads);
-  R.routes = nworkers ? calloc((size_t)nworkers * ROUTE_CACHE, sizeof *R.routes) : NULL;
-  if (!R.pages || !R.heads || (nworkers && !R.routes)) {
-    fprintf(stderr, "wxd: out of memory (metrics)\n");
-    abort();
-  }
+  if (!R.pages || !R.heads) out_of_memory();
+  add_workers_locked(nworkers);
   for (unsigned i = 0; i < R.nheads; i++) R.heads[i] = -1;
   R.ready = 1;
   char err[256];
@@ -342,13 +363,16 @@ static void init_locked(int nworkers) {
 
 void wxd_metrics_init(int nworkers) {
   pthread_mutex_lock(&R.mu);
-  if (!R.ready) init_locked(nworkers);
+  init_locked(nworkers);
   pthread_mutex_unlock(&R.mu);
 }
 
 int wxd_metrics_writer(int worker) {
-  if (!R.ready) ensure_ready();
-  return worker >= 0 && worker < R.nworkers ? worker : R.nworkers;
+  pthread_mutex_lock(&R.mu);
+  if (!R.ready) init_locked(0);
+  int n = R.nworkers;
+  pthread_mutex_unlock(&R.mu);
+  return worker >= 0 && worker < n ? WRITER_WORKER0 + worker : WRITER_OTHER;
 }
 
 int wxd_metrics_family(const char *name, const char *help, int type, int nlabels, const char *const *labels,
@@ -378,7 +402,7 @@ static inline void cas_add(slot_t *p, double v) {
 
 void wxd_metrics_add(int writer, int slot, double v) {
   slot_t *p = slot_ptr(writer, slot);
-  if (writer < R.nworkers) /* the only writer of this array: no read-modify-write needed */
+  if (writer >= WRITER_WORKER0) /* the only writer of this array: no read-modify-write needed */
     atomic_store_explicit(p, double_bits(bits_double(atomic_load_explicit(p, memory_order_relaxed)) + v),
                           memory_order_relaxed);
   else
@@ -394,10 +418,10 @@ void wxd_metrics_observe(int writer, int family, int slot, double v) {
 }
 
 void wxd_metrics_set_shared(int slot, double v) {
-  atomic_store_explicit(slot_ptr(R.nwriters - 1, slot), double_bits(v), memory_order_relaxed);
+  atomic_store_explicit(slot_ptr(WRITER_SHARED, slot), double_bits(v), memory_order_relaxed);
 }
 
-void wxd_metrics_add_shared(int slot, double v) { cas_add(slot_ptr(R.nwriters - 1, slot), v); }
+void wxd_metrics_add_shared(int slot, double v) { cas_add(slot_ptr(WRITER_SHARED, slot), v); }
 
 static double sum_slot(int slot) {
   double s = 0;
@@ -465,13 +489,14 @@ void wxd_metrics_request(int worker, const char *route, size_t rl, const char *m
     }
   }
   if (slot < 0 && !e) slot = request_series(route, rl, method, cls, &hist);
-  int writer = wxd_metrics_writer(worker);
+  /* Workers' ids are below nworkers (fixed once they run). */
+  int writer = worker >= 0 && worker < R.nworkers ? WRITER_WORKER0 + worker : WRITER_OTHER;
   if (slot >= 0) wxd_metrics_add(writer, slot, 1);
   if (hist >= 0) wxd_metrics_observe(writer, R.fam_duration, hist, seconds);
 }
 
 void wxd_metrics_inflight(int worker, int delta) {
-  wxd_metrics_add(wxd_metrics_writer(worker), R.inflight_slot, delta);
+  wxd_metrics_add(worker >= 0 && worker < R.nworkers ? WRITER_WORKER0 + worker : WRITER_OTHER, R.inflight_slot, delta);
 }
 
 /* ---- exposition ---- */

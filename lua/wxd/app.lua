@@ -16,6 +16,7 @@
 local json       = require("wxd.json")
 local util       = require("wxd.util")
 local native_parse_query = require("wxd.core.http").parse_query
+local trace_current = require("wxd.trace").current
 
 local type         = type
 local next         = next
@@ -219,6 +220,13 @@ end
 
 function req_lazy.http_version(self)
   return rawget(self, "version")
+end
+
+-- The request's trace context (wxd.trace.current()), made once.
+function req_lazy.trace(self)
+  local t = trace_current()
+  rawset(self, "trace", t)
+  return t
 end
 
 -- "https" on an HTTPS listener (the core sets req.tls there), else "http".

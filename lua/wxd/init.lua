@@ -31,7 +31,7 @@ local lazy = { app = "wxd.app", log = "wxd.log", config_loader = "wxd.config", t
   shdict = "wxd.shdict", lock = "wxd.lock", store = "wxd.store", xml = "wxd.xml",
   mp = "wxd.mp", testing = "wxd.testing", http = "wxd.http", redis = "wxd.redis",
   wechat = "wxd.wechat", miniprogram = "wxd.miniprogram", json = "wxd.json", task = "wxd.task",
-  order = "wxd.order" }
+  order = "wxd.order", metrics = "wxd.metrics", trace = "wxd.trace" }
 
 return setmetatable(_M, {
   __index = function(t, k)

@@ -4,6 +4,7 @@
 
 local config = require "wxd.config"
 local log = require "wxd.log"
+local trace = require "wxd.trace"
 local wxd = require "wxd"
 
 local type, xpcall, traceback, io_open = type, xpcall, debug.traceback, io.open
@@ -56,6 +57,18 @@ function _M.load_app(appdir, _worker, generation)
 
   -- The fifth value is the matched route pattern (nil: none), which the
   -- core's request metrics are labelled with.
+  -- With spans exported, each request's server span is recorded too.
+  if trace.exporting() then
+    local now = wxd.now
+    return function(raw)
+      local t0 = now()
+      local ok2, status, headers, body = xpcall(handle, traceback, app, raw)
+      trace.finish_request(raw, ok2 and status or 500, t0, now())
+      if ok2 then return status, headers, body, nil, raw.route end
+      log.error("handler error", { id = raw.id, method = raw.method, path = raw.path, error = status })
+      return 500, PLAIN, "internal server error (request id " .. raw.id .. ")\n", true, raw.route
+    end
+  end
   return function(raw)
     local ok2, status, headers, body = xpcall(handle, traceback, app, raw)
     if ok2 then return status, headers, body, nil, raw.route end

@@ -8,7 +8,7 @@ local H = require "helpers"
 
 -- Bottom first. A new module goes where its requires allow.
 local LAYERS = {
-  "wxd", "wxd.util",
+  "wxd", "wxd.util", "wxd.metrics", "wxd.trace",
   "wxd.json", "wxd.xml", "wxd.crypto", "wxd.timer", "wxd.task", "wxd.shdict",
   "wxd.log", "wxd.lock", "wxd.redis", "wxd.http",
   "wxd.config", "wxd.store", "wxd.order",
