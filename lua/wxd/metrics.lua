@@ -175,6 +175,14 @@ function _M.count(m, labels, n)
   end
 end
 
+--- For collectors (a timer copying numbers kept elsewhere, e.g. wxd.order's
+-- stats): sets a library metric's value for the whole process, counters
+-- included (the source counts; this only shows it).
+function _M.set_value(m, v, labels)
+  local ok, slot = pcall(slot_of, m, labels)
+  if ok then c_set(slot, v) end
+end
+
 function _M.observe(m, v, labels)
   local ok = pcall(Metric.observe, m, v, labels)
   if not ok and type(labels) == "table" then
