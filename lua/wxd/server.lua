@@ -57,8 +57,10 @@ function _M.load_app(appdir, _worker, generation)
 
   -- The fifth value is the matched route pattern (nil: none), which the
   -- core's request metrics are labelled with.
-  -- With spans exported, each request's server span is recorded too.
+  -- With spans exported, each request's server span is recorded too, and
+  -- this worker's exporter runs from a timer.
   if trace.exporting() then
+    require("wxd.otlp").start()
     local now = wxd.now
     return function(raw)
       local t0 = now()

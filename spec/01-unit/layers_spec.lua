@@ -10,7 +10,7 @@ local H = require "helpers"
 local LAYERS = {
   "wxd", "wxd.util", "wxd.metrics", "wxd.trace",
   "wxd.json", "wxd.xml", "wxd.crypto", "wxd.timer", "wxd.task", "wxd.shdict",
-  "wxd.log", "wxd.lock", "wxd.redis", "wxd.http",
+  "wxd.log", "wxd.lock", "wxd.redis", "wxd.http", "wxd.otlp",
   "wxd.config", "wxd.store", "wxd.order",
   "wxd.miniprogram", "wxd.wechat", "wxd.mp",
   "wxd.app", "wxd.testing", "wxd.server", "wxd.cli",
