@@ -50,6 +50,7 @@ static const char usage[] =
     "  WXD_LUA_DIR         where the wxd Lua library lives (default: next to the binary)\n"
     "  WXD_LOG_LEVEL       debug, info, warn or error (overrides config log.level)\n"
     "  WXD_ACCESS_LOG      off to disable the access log\n"
+    "  WXD_LOG_FORMAT      text for human-readable log lines (default: JSON lines)\n"
     "\n"
     "signals: SIGTERM/SIGINT stop gracefully, SIGHUP reloads the app\n";
 

@@ -157,6 +157,30 @@ describe("trace context", function()
   end)
 end)
 
+describe("WXD_LOG_FORMAT=text", function()
+  it("writes the same fields for a human, tracebacks on lines of their own", function()
+    local dir = H.tmpdir()
+    H.write_file(dir .. "/t.lua", [[
+local log = require "wxd.log"
+log.info("order paid", { openid = "oABCD1234efgh5678", mobile = "13812345678", n = 3 })
+log.error("handler error", { error = "boom\nstack traceback:\n\tapp.lua:3: in main chunk" })
+]])
+    local out = H.sh("WXD_LOG_FORMAT=text " .. H.WXD .. " script " .. dir .. "/t.lua")
+    local lines = {}
+    for l in out:gmatch("[^\n]+") do lines[#lines + 1] = l end
+    assert.truthy(lines[1]:match("^%d+%-%d+%-%d+T[%d:.]+Z INFO  order paid "), out)
+    assert.truthy(lines[1]:find("openid=oABC****5678", 1, true), out)
+    assert.truthy(lines[1]:find("mobile=138****5678", 1, true), out)
+    assert.truthy(lines[1]:find("n=3", 1, true), out)
+    assert.truthy(lines[2]:match("ERROR handler error$"), out)
+    assert.equal("    error:", lines[3])
+    assert.equal("      boom", lines[4])
+    assert.equal("      stack traceback:", lines[5])
+    assert.equal("      \tapp.lua:3: in main chunk", lines[6])
+    os.execute("rm -rf " .. dir)
+  end)
+end)
+
 describe("wxd.trace.parse_traceparent", function()
   local trace = require "wxd.trace"
   it("follows the W3C rules", function()
