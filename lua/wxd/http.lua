@@ -269,7 +269,7 @@ local function send(spec)
   metrics.count(calls_metric, { spec.host, outcome })
   metrics.observe(seconds_metric, secs, { spec.host })
   local ctx = spec.trace_ctx
-  if ctx and ctx.client_span_id and ctx.sampled then
+  if ctx and ctx.client_span_id and ctx.sampled and trace.room() then
     trace.record({
       trace_id = ctx.trace_id, span_id = ctx.client_span_id, parent_id = ctx.span_id, kind = 3, -- CLIENT
       name = spec.method .. " " .. spec.host, start_s = w0, end_s = w0 + secs, error = not res or res.status >= 500,

@@ -140,19 +140,32 @@ function _M.exporting()
   return t ~= nil and type(t.otlp) == "table" and type(t.otlp.url) == "string"
 end
 
-local function drop_counter()
-  return metrics.builtin("counter", "wxd_trace_spans_dropped_total",
+local drop_metric
+local function count_drop(n)
+  dropped = dropped + n
+  drop_metric = drop_metric or metrics.builtin("counter", "wxd_trace_spans_dropped_total",
     "Spans not exported because the queue was full (collector slow or down) or the export failed")
+  drop_metric:inc(n)
+end
+
+local function queue_max()
+  local t = section()
+  return t and t.otlp and tonumber(t.otlp.queue) or QUEUE_MAX_DEFAULT
+end
+
+--- Whether a span would be queued now; when not, it is counted as dropped
+-- (callers then skip building it).
+function _M.room()
+  if qn < queue_max() then return true end
+  count_drop(1)
+  return false
 end
 
 --- Queues a finished span (a table as wxd.otlp encodes it). Never waits:
 -- past the bound, the span is dropped and counted.
 function _M.record(span)
-  local t = section()
-  local max = t and t.otlp and tonumber(t.otlp.queue) or QUEUE_MAX_DEFAULT
-  if qn >= max then
-    dropped = dropped + 1
-    drop_counter():inc()
+  if qn >= queue_max() then
+    count_drop(1)
     return false
   end
   qn = qn + 1
@@ -173,10 +186,7 @@ function _M.take(n)
 end
 
 --- Counts spans lost after they were queued (a failed export).
-function _M.count_dropped(n)
-  dropped = dropped + n
-  drop_counter():inc(n)
-end
+function _M.count_dropped(n) count_drop(n) end
 
 function _M.queued() return qn end
 
@@ -184,7 +194,7 @@ function _M.queued() return qn end
 -- request's server span.
 function _M.finish_request(raw, status, start_s, end_s)
   local tid, sid, pid, flags = trace_context()
-  if not tid or not sampled(tid, pid, flags) then return end
+  if not tid or not sampled(tid, pid, flags) or not _M.room() then return end
   _M.record({
     trace_id = tid, span_id = sid, parent_id = pid, kind = 2, -- SERVER
     name = (raw.method or "") .. " " .. (raw.route or "unmatched"),
