@@ -79,8 +79,12 @@ for ((r = 0; r < ROUNDS; r++)); do
         n=${NAMES[$(((k + r) % ${#NAMES[@]}))]}
         out=$(wrk -t"$THREADS" -c"$CONNS" -d"${SECONDS_PER_RUN}s" "http://127.0.0.1:${PORT[$n]}/hello")
         wrk_parse "$out"
-        [[ -z $WRK_NON2XX && ${WRK_SOCKERR:-0} == 0 ]] || failed=1
-        printf 'round %d  %-9s %10s req/s  latency %s\n' "$((r + 1))" "$n" "$WRK_RPS" "$WRK_LAT"
+        errs=""
+        if [[ -n $WRK_NON2XX || ${WRK_SOCKERR:-0} != 0 ]]; then
+            failed=1
+            errs="  ${WRK_NON2XX:+non-2xx $WRK_NON2XX }$WRK_SOCKERR_LINE"
+        fi
+        printf 'round %d  %-9s %10s req/s  latency %s%s\n' "$((r + 1))" "$n" "$WRK_RPS" "$WRK_LAT" "$errs"
         RUNS[$n]+=" $WRK_RPS"
     done
 done
