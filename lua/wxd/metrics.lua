@@ -160,6 +160,12 @@ function _M.builtin(kind, name, help, labels, opts)
     m = declare(kind, name, help, labels, opts, 3)
     m.lenient = true
     builtin[name] = m
+    -- The catch-all label set exists from the start, so it always has room.
+    if m.labels[1] then
+      local other = {}
+      for i = 1, #m.labels do other[i] = "other" end
+      slot_of(m, other)
+    end
   end
   return m
 end

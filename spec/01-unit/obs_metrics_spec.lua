@@ -1,0 +1,50 @@
+-- The library's own metrics, read from wxd.metrics.render() in wxd script
+-- (the same registry GET /metrics shows): Official Account messages by type
+-- and outcome, and the "other" fallback that bounds labels fed from data.
+local mp = require "wxd.mp"
+local testing = require "wxd.testing"
+local metrics = require "wxd.metrics"
+local C = require "fixtures.mp.conf"
+
+-- The value of the sample whose line starts with `prefix` (name and labels).
+local function sample(prefix)
+  for line in metrics.render():gmatch("[^\n]+") do
+    if line:sub(1, #prefix) == prefix then return tonumber(line:sub(#prefix + 2)) end
+  end
+  return nil
+end
+
+describe("library metrics", function()
+  it("count Official Account messages: handled, duplicate, no_handler, refused by reason", function()
+    local appid = "wxobsmetrics"
+    local app = require("wxd.app").new()
+    app:mp("/wx", { token = C.token, appid = appid }, { text = function() return mp.reply.text("hi") end })
+    local wx = testing.wechat({ token = C.token, appid = appid, mode = "plaintext" })
+    local function count(t, outcome, reason)
+      return sample('wxd_mp_messages_total{type="' .. t .. '",outcome="' .. outcome .. '",reason="'
+        .. (reason or "") .. '"}') or 0
+    end
+    local h0, d0, n0 = count("text", "handled"), count("text", "duplicate"), count("image", "no_handler")
+    local r0 = count("", "refused", "bad signature")
+    local req = wx:request({ MsgType = "text", Content = "x" })
+    for _ = 1, 3 do assert.equal(200, (app:handle(req))) end
+    assert.equal(200, (app:handle(wx:request({ MsgType = "image", PicUrl = "http://x/1.jpg", MediaId = "m" }))))
+    local bad = wx:request({ MsgType = "text", Content = "y" })
+    bad.query_string = bad.query_string:gsub("signature=%x+", "signature=00")
+    assert.equal(403, (app:handle(bad)))
+    assert.equal(h0 + 1, count("text", "handled"))
+    assert.equal(d0 + 2, count("text", "duplicate"))
+    assert.equal(n0 + 1, count("image", "no_handler"))
+    assert.equal(r0 + 1, count("", "refused", "bad signature"))
+  end)
+
+  it("count a data-fed label past its limit under \"other\" instead of raising", function()
+    local m = metrics.builtin("counter", "obs_unit_hosts_total", "test", { "host" }, { max_series = 3 })
+    for _, h in ipairs({ "a", "b", "c", "d", "e" }) do metrics.count(m, { h }) end
+    -- "other" is declared first: it, a and b are the 3 label sets.
+    assert.equal(1, sample('obs_unit_hosts_total{host="a"}'))
+    assert.equal(1, sample('obs_unit_hosts_total{host="b"}'))
+    assert.is_nil(sample('obs_unit_hosts_total{host="c"}'))
+    assert.equal(3, sample('obs_unit_hosts_total{host="other"}'))
+  end)
+end)
