@@ -508,17 +508,23 @@ static wxd_req_t *current_request(lua_State *L) {
   return co && co->kind == WXD_CO_REQUEST ? co->data : NULL;
 }
 
+wxd_trace_t *wxd_trace_of(wxd_co_t *co) {
+  if (!co) return NULL;
+  if (co->kind == WXD_CO_REQUEST) return &((wxd_req_t *)co->data)->trace;
+  return wxd_task_trace(co);
+}
+
 /* wxd.core.http.trace_context([openid_header]) -> trace_id, span_id,
  * parent_id|nil, flags, request_id, tracestate|nil, openid|nil; nothing
  * outside a request handler. The openid is the one set_openid recorded, or
  * else the named request header's (lower-case name), when it is sane. */
 static int http_trace_context(lua_State *L) {
   wxd_req_t *r = current_request(L);
-  if (!r) return 0;
-  wxd_trace_t *t = &r->trace;
+  wxd_trace_t *t = r ? &r->trace : wxd_task_trace(wxd_co_lookup(L));
+  if (!t) return 0;
   size_t hl = 0, vl = 0;
   const char *hname = luaL_optlstring(L, 1, NULL, &hl);
-  if (!t->openid[0] && hname) {
+  if (r && !t->openid[0] && hname) {
     const char *v = find_header_value(r, hname, hl, &vl);
     if (v && wxd_trace_id_ok(v, vl, WXD_TRACE_OPENID_MAX)) {
       memcpy(t->openid, v, vl);
@@ -532,7 +538,7 @@ static int http_trace_context(lua_State *L) {
   lua_pushinteger(L, t->flags);
   lua_pushstring(L, t->request_id);
   /* tracestate belongs to a valid traceparent only (W3C 3.3). */
-  const char *ts = t->parent_id[0] ? find_header_value(r, "tracestate", 10, &vl) : NULL;
+  const char *ts = r && t->parent_id[0] ? find_header_value(r, "tracestate", 10, &vl) : NULL;
   if (ts && vl <= 512 && header_value_ok(ts, vl)) lua_pushlstring(L, ts, vl);
   else lua_pushnil(L);
   if (t->openid[0]) lua_pushstring(L, t->openid);
@@ -545,11 +551,11 @@ static int http_trace_context(lua_State *L) {
 static int http_set_openid(lua_State *L) {
   size_t n;
   const char *v = luaL_checklstring(L, 1, &n);
-  wxd_req_t *r = current_request(L);
-  int ok = r && wxd_trace_id_ok(v, n, WXD_TRACE_OPENID_MAX);
+  wxd_trace_t *t = wxd_trace_of(wxd_co_lookup(L));
+  int ok = t && wxd_trace_id_ok(v, n, WXD_TRACE_OPENID_MAX);
   if (ok) {
-    memcpy(r->trace.openid, v, n);
-    r->trace.openid[n] = 0;
+    memcpy(t->openid, v, n);
+    t->openid[n] = 0;
   }
   lua_pushboolean(L, ok);
   return 1;

@@ -40,6 +40,14 @@ void wxd_trace_begin(wxd_trace_t *t, const char *tp, size_t tplen, const char *r
  * be broken with). */
 int wxd_trace_id_ok(const char *v, size_t n, size_t max);
 
+/* The context a coroutine runs under: a request's own, or the copy a task
+ * took from the coroutine that spawned it (so that a task outliving its
+ * request keeps the ids); NULL for timers and scripts. httplua.c. */
+struct wxd_co;
+wxd_trace_t *wxd_trace_of(struct wxd_co *co);
+/* task.c: a task's copy, or NULL. */
+wxd_trace_t *wxd_task_trace(struct wxd_co *co);
+
 /* New random ids as lowercase hex (never all zero), NUL-terminated. */
 void wxd_trace_new_trace_id(char out[33]);
 void wxd_trace_new_span_id(char out[17]);

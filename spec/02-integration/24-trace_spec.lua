@@ -122,6 +122,29 @@ describe("trace context", function()
     assert.is_false(got.openid)
   end)
 
+  it("keeps the context in a task that outlives its request", function()
+    local r = srv:get("/later?url=http://127.0.0.1:" .. up.port .. "/echo",
+      { ["X-Request-Id"] = "later-1", ["X-OpenID"] = "oLATER1234efgh5678" })
+    assert.equal(200, r.status)
+    local c = cjson.decode(r.body)
+    local line, access
+    H.wait_until(function()
+      for _, l in ipairs(srv:log_lines('"msg":"task after request"')) do
+        local v = cjson.decode(l)
+        if v.request_id == "later-1" then line = v end
+      end
+      for _, l in ipairs(up:log_lines('"msg":"access"')) do
+        local v = cjson.decode(l)
+        if v.request_id == "later-1" then access = v end
+      end
+      return line and access
+    end, 10, "the task's log line and its call at the upstream")
+    assert.equal(c.trace_id, line.trace_id)
+    assert.equal(c.span_id, line.span_id)
+    assert.equal("oLAT****5678", line.openid)
+    assert.equal(c.trace_id, access.trace_id)
+  end)
+
   it("forwards the openid only to allowed hosts", function()
     local r = srv:get("/call?url=http://localhost:" .. up.port .. "/echo", { ["X-OpenID"] = "oABCD1234efgh5678" })
     local got = cjson.decode(cjson.decode(r.body).upstream)
