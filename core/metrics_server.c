@@ -19,9 +19,11 @@ static void family(wxd_buf_t *b, const char *name, const char *type, const char 
   put(b, tmp);
 }
 
+/* Values are counts and ratios of thousandths: %.15g writes them exactly
+ * (0.02, not 0.020000000000000000416). */
 static void sample(wxd_buf_t *b, const char *name, const char *labels, double v) {
   char tmp[512];
-  snprintf(tmp, sizeof tmp, "%s%s %.17g\n", name, labels, v);
+  snprintf(tmp, sizeof tmp, "%s%s %.15g\n", name, labels, v);
   put(b, tmp);
 }
 
