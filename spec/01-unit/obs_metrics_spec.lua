@@ -1,10 +1,12 @@
 -- The library's own metrics, read from wxd.metrics.render() in wxd script
 -- (the same registry GET /metrics shows): Official Account messages by type
--- and outcome, and the "other" fallback that bounds labels fed from data.
+-- and outcome, Redis commands and errors, and the "other" fallback that
+-- bounds labels fed from data.
 local mp = require "wxd.mp"
 local testing = require "wxd.testing"
 local metrics = require "wxd.metrics"
 local C = require "fixtures.mp.conf"
+local H = require "helpers"
 
 -- The value of the sample whose line starts with `prefix` (name and labels).
 local function sample(prefix)
@@ -36,6 +38,23 @@ describe("library metrics", function()
     assert.equal(d0 + 2, count("text", "duplicate"))
     assert.equal(n0 + 1, count("image", "no_handler"))
     assert.equal(r0 + 1, count("", "refused", "bad signature"))
+  end)
+
+  it("count Redis commands, pipelined ones each, and errors by kind", function()
+    local r = require("wxd.redis").new(H.redis_url())
+    local function n(name) return sample(name) or 0 end
+    local set0, get0, incr0 = n('wxd_redis_commands_total{command="set"}'), n('wxd_redis_commands_total{command="get"}'),
+      n('wxd_redis_commands_total{command="incr"}')
+    local reply0 = n('wxd_redis_errors_total{command="incr",kind="reply"}')
+    assert.truthy(r:call("SET", "obs:metrics:k", "text"))
+    assert.truthy(r:call("GET", "obs:metrics:k"))
+    assert.is_nil((r:call("INCR", "obs:metrics:k"))) -- not an integer: an error reply
+    assert.truthy(r:pipeline({ { "GET", "obs:metrics:k" }, { "SET", "obs:metrics:k", "1" }, { "INCR", "obs:metrics:k" } }))
+    assert.equal(set0 + 2, n('wxd_redis_commands_total{command="set"}'))
+    assert.equal(get0 + 2, n('wxd_redis_commands_total{command="get"}'))
+    assert.equal(incr0 + 2, n('wxd_redis_commands_total{command="incr"}'))
+    assert.equal(reply0 + 1, n('wxd_redis_errors_total{command="incr",kind="reply"}'))
+    r:call("DEL", "obs:metrics:k")
   end)
 
   it("count a data-fed label past its limit under \"other\" instead of raising", function()
