@@ -67,3 +67,39 @@ describe("library metrics", function()
     assert.equal(3, sample('obs_unit_hosts_total{host="other"}'))
   end)
 end)
+
+describe("WeChat API metrics", function()
+  local wechat = require "wxd.wechat"
+  local http = require "wxd.http"
+  local cjson = require "cjson"
+  local fake
+
+  setup(function() fake = H.start(H.app("fakewx"), { workers = 1 }) end)
+  teardown(function()
+    fake:stop()
+    fake:cleanup()
+  end)
+
+  it("count calls by API, outcome and errcode, and token refreshes", function()
+    local base = "http://127.0.0.1:" .. fake.port
+    local c = wechat.client({ appid = "wxfake0000000001", secret = "fake-secret-0123456789", api_base = base,
+      background = false })
+    local function n(s) return sample(s) or 0 end
+    local api = "/cgi-bin/get_api_domain_ip"
+    local ok0 = n('wxd_wechat_api_calls_total{api="' .. api .. '",outcome="ok",errcode="0"}')
+    local e0 = n('wxd_wechat_api_calls_total{api="' .. api .. '",outcome="wechat",errcode="45009"}')
+    local r0 = n('wxd_wechat_token_refreshes_total{credential="access_token",trigger="blocking",result="ok"}')
+    assert.truthy(c:get(api))
+    assert.truthy(c:get(api))
+    local res = http.request({ method = "POST", url = base .. "/_ctl/config",
+      body = cjson.encode({ fail = { errcode = 45009, errmsg = "limit", times = 1 } }) })
+    assert.equal(200, res.status)
+    local data, err, info = c:get(api)
+    assert.is_nil(data)
+    assert.equal("wechat", err)
+    assert.equal(45009, info.errcode)
+    assert.equal(ok0 + 2, n('wxd_wechat_api_calls_total{api="' .. api .. '",outcome="ok",errcode="0"}'))
+    assert.equal(e0 + 1, n('wxd_wechat_api_calls_total{api="' .. api .. '",outcome="wechat",errcode="45009"}'))
+    assert.equal(r0 + 1, n('wxd_wechat_token_refreshes_total{credential="access_token",trigger="blocking",result="ok"}'))
+  end)
+end)
