@@ -13,8 +13,11 @@ DEB_BUILD := build-essential pkg-config libluajit2-5.1-dev luajit2 libuv1-dev no
              libssl-dev libhiredis-dev lua-cjson-dev libexpat1-dev
 # nodejs and nginx are independent peers of specs (AES-GCM against Node's
 # crypto, the client's TLS pool against nginx); python3 parses log lines;
-# lua-check is luacheck, for `make lint`.
-DEB_TEST  := lua-busted lua-socket redis-server curl openssl wrk nodejs nginx python3 lua-check chromium
+# lua-check is luacheck, for `make lint`; python3-prometheus-client is the
+# independent parser of /metrics in the metrics spec; chromium (driven by
+# puppeteer-core from spec/node) opens the live order page.
+DEB_TEST  := lua-busted lua-socket redis-server curl openssl wrk nodejs nginx python3 lua-check \
+             python3-prometheus-client chromium
 DEB_BENCH := wrk nginx libnginx-mod-http-lua lua-cjson
 DEB_FUZZ  := clang
 

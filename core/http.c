@@ -21,6 +21,7 @@
 #include <stdlib.h>
 
 #include "log.h"
+#include "metrics.h"
 
 #define IN_QUEUE_MAX (256 * 1024)   /* unparsed bytes queued while handling */
 
@@ -57,6 +58,7 @@ static void req_reset(wxd_req_t *r) {
   r->te_count = 0;
   r->status = 0;
   r->bytes_out = 0;
+  r->route_len = 0;
   r->start_ns = uv_hrtime();
 }
 
@@ -442,6 +444,7 @@ void wxd__http_req_finish(wxd_req_t *r) {
   r->finished = 1;
   r->in_handler = 0;
   wxd__http_file_release(r);
+  wxd_metrics_inflight(w->id, -1);
   wxd__http_access_log(w, r, llhttp_method_name(r->method), r->status, c ? c->remote : "-");
   if (!c) {
     wxd__http_req_free(r);

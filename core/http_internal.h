@@ -14,6 +14,7 @@
 #include "http.h"
 #include "httpscan.h"
 #include "tls.h"
+#include "trace.h"
 #include "vm.h"
 #include "ws_internal.h"
 
@@ -61,6 +62,9 @@ typedef struct wxd_req {
   uint64_t stream_left;  /* stream_sized: body bytes still owed */
   size_t max_body;       /* this request's body limit (its route's, else the global one) */
   struct wxd_http_file *file; /* a file being sent (httpfile.c), NULL else */
+  wxd_trace_t trace;     /* trace context and request id (trace.h) */
+  char route[96];        /* the matched route pattern wxd.app reported */
+  size_t route_len;      /* 0: none (unmatched, or refused before routing) */
 } wxd_req_t;
 
 struct wxd_conn {
@@ -115,6 +119,7 @@ void wxd__http_conn_fail(wxd_conn_t *c, int status, const char *msg);
 void wxd__http_respond_error_500(wxd_req_t *r);
 /* The same with another status and text ("service unavailable"). */
 void wxd__http_respond_error(wxd_req_t *r, int status, const char *what);
+void wxd__http_add_request_id(wxd_buf_t *o, const wxd_req_t *r);
 void wxd__http_access_log(wxd_worker_t *w, wxd_req_t *r, const char *method, int status,
                           const char *remote);
 

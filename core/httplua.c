@@ -11,6 +11,7 @@
 #include <stdio.h>
 
 #include "log.h"
+#include "metrics.h"
 #include "query.h"
 
 static void fmt_hex(char *out, uint64_t v, int digits) {
@@ -264,11 +265,20 @@ static void push_raw_request(lua_State *T, wxd_req_t *r, wxd_vm_t *vm) {
   lua_remove(T, st); /* the request table is left on top */
 }
 
+static const char *find_header_value(wxd_req_t *r, const char *name, size_t nl, size_t *len) {
+  int i = wxd_hdrs_find(&r->hdrs, &r->head, name, nl);
+  if (i < 0) return NULL;
+  *len = r->hdrs.v[i].value_len;
+  return r->head.data + r->hdrs.v[i].value_off;
+}
+
 static void log_request_error(wxd_req_t *r, const char *what, const char *detail) {
   char extra[4096];
-  char esc[3500];
+  char esc[3400];
   size_t el = wxd_json_escape(esc, sizeof esc, detail, strlen(detail));
-  snprintf(extra, sizeof extra, "\"id\":\"%s\",\"error\":\"%.*s\"", r->id, (int)el, esc);
+  snprintf(extra, sizeof extra,
+           "\"id\":\"%s\",\"error\":\"%.*s\",\"trace_id\":\"%s\",\"span_id\":\"%s\",\"request_id\":\"%s\"", r->id,
+           (int)el, esc, r->trace.trace_id, r->trace.span_id, r->trace.request_id);
   wxd_log(WXD_LOG_ERROR, r->w->id, what, extra);
 }
 
@@ -423,6 +433,7 @@ static void respond_from_lua(wxd_req_t *r, lua_State *T) {
   } else {
     bl = 0;
   }
+  wxd__http_add_request_id(o, r);
   wxd__http_end_head(w, o, has_date, has_server, r->keep_alive);
   r->bytes_out = o->len + bl;
   if (r->is_head || bl == 0) {
@@ -440,6 +451,15 @@ static void respond_from_lua(wxd_req_t *r, lua_State *T) {
 static void on_request_done(wxd_co_t *co, int status) {
   wxd_req_t *r = co->data;
   r->co = NULL;
+  /* lua/wxd/server.lua returns the matched route pattern fifth (metrics). */
+  if (status == 0 && lua_gettop(co->T) >= 5 && lua_type(co->T, 5) == LUA_TSTRING) {
+    size_t rl;
+    const char *route = lua_tolstring(co->T, 5, &rl);
+    if (rl < sizeof r->route) {
+      memcpy(r->route, route, rl);
+      r->route_len = rl;
+    }
+  }
   if (status != 0) {
     /* lua/wxd/server.lua catches handler errors; reaching here means the
      * wrapper itself failed. */
@@ -468,6 +488,7 @@ static void on_request_done(wxd_co_t *co, int status) {
 /* The worker stops while the handler still waits (shutdown deadline). */
 static void on_request_abandoned(wxd_co_t *co) {
   wxd_req_t *r = co->data;
+  wxd_metrics_inflight(r->w->id, -1);
   if (r->conn) r->conn->req = NULL;
   wxd__http_req_free(r);
 }
@@ -490,6 +511,11 @@ void wxd__http_dispatch(wxd_conn_t *c) {
   fmt_hex(r->id + 8, (uint64_t)(w->id & 0xff), 2);
   fmt_hex(r->id + 10, w->seq & 0xffffffffu, 8);
   r->id[18] = 0;
+  size_t tpl = 0, ridl = 0;
+  const char *tp = find_header_value(r, "traceparent", 11, &tpl);
+  const char *rid = find_header_value(r, "x-request-id", 12, &ridl);
+  wxd_trace_begin(&r->trace, tp, tpl, rid, ridl, r->id);
+  wxd_metrics_inflight(w->id, 1);
   wxd_co_t *co = wxd_co_new(w->vm, WXD_CO_REQUEST, on_request_done, r);
   if (!co) {
     wxd__http_respond_error_500(r);
@@ -566,6 +592,7 @@ static int http_write(lua_State *L) {
     if (r->stream_raw) r->keep_alive = 0;
     else if (status_has_body(status) && !r->stream_sized && length < 0)
       wxd_buf_append(o, "Transfer-Encoding: chunked\r\n", 28);
+    wxd__http_add_request_id(o, r);
     wxd__http_end_head(r->w, o, has_date, has_server, r->keep_alive);
     r->status = status;
     r->streaming = 1;
@@ -647,13 +674,106 @@ size_t wxd__http_body_limit(wxd_req_t *r, size_t dflt) {
   return dflt;
 }
 
+/* ---- Lua: the request's trace context ---- */
+
+static wxd_req_t *current_request(lua_State *L) {
+  wxd_co_t *co = wxd_co_lookup(L);
+  return co && co->kind == WXD_CO_REQUEST ? co->data : NULL;
+}
+
+wxd_trace_t *wxd_trace_of(wxd_co_t *co) {
+  if (!co) return NULL;
+  if (co->kind == WXD_CO_REQUEST) return &((wxd_req_t *)co->data)->trace;
+  return wxd_task_trace(co);
+}
+
+/* wxd.core.http.trace_context([openid_header]) -> trace_id, span_id,
+ * parent_id|nil, flags, request_id, tracestate|nil, openid|nil; nothing
+ * outside a request handler. The openid is the one set_openid recorded, or
+ * else the named request header's (lower-case name), when it is sane. */
+static int http_trace_context(lua_State *L) {
+  wxd_req_t *r = current_request(L);
+  wxd_trace_t *t = r ? &r->trace : wxd_task_trace(wxd_co_lookup(L));
+  if (!t) return 0;
+  size_t hl = 0, vl = 0;
+  const char *hname = luaL_optlstring(L, 1, NULL, &hl);
+  if (r && !t->openid[0] && hname) {
+    const char *v = find_header_value(r, hname, hl, &vl);
+    if (v && wxd_trace_id_ok(v, vl, WXD_TRACE_OPENID_MAX)) {
+      memcpy(t->openid, v, vl);
+      t->openid[vl] = 0;
+    }
+  }
+  lua_pushstring(L, t->trace_id);
+  lua_pushstring(L, t->span_id);
+  if (t->parent_id[0]) lua_pushstring(L, t->parent_id);
+  else lua_pushnil(L);
+  lua_pushinteger(L, t->flags);
+  lua_pushstring(L, t->request_id);
+  /* tracestate belongs to a valid traceparent only (W3C 3.3). */
+  const char *ts = r && t->parent_id[0] ? find_header_value(r, "tracestate", 10, &vl) : NULL;
+  if (ts && vl <= 512 && header_value_ok(ts, vl)) lua_pushlstring(L, ts, vl);
+  else lua_pushnil(L);
+  if (t->openid[0]) lua_pushstring(L, t->openid);
+  else lua_pushnil(L);
+  return 7;
+}
+
+/* wxd.core.http.set_openid(openid) -> true, or false when it is not sane
+ * or outside a request. */
+static int http_set_openid(lua_State *L) {
+  size_t n;
+  const char *v = luaL_checklstring(L, 1, &n);
+  wxd_trace_t *t = wxd_trace_of(wxd_co_lookup(L));
+  int ok = t && wxd_trace_id_ok(v, n, WXD_TRACE_OPENID_MAX);
+  if (ok) {
+    memcpy(t->openid, v, n);
+    t->openid[n] = 0;
+  }
+  lua_pushboolean(L, ok);
+  return 1;
+}
+
+/* wxd.core.http.new_span_id(), new_trace_id(): random lowercase hex. */
+static int http_new_span_id(lua_State *L) {
+  char id[17];
+  wxd_trace_new_span_id(id);
+  lua_pushlstring(L, id, 16);
+  return 1;
+}
+
+static int http_new_trace_id(lua_State *L) {
+  char id[33];
+  wxd_trace_new_trace_id(id);
+  lua_pushlstring(L, id, 32);
+  return 1;
+}
+
+/* wxd.core.http.parse_traceparent(v) -> trace_id, parent_id, flags | nil */
+static int http_parse_traceparent(lua_State *L) {
+  size_t n;
+  const char *v = luaL_checklstring(L, 1, &n);
+  char tid[33], pid[17];
+  uint8_t flags;
+  if (!wxd_trace_parse(v, n, tid, pid, &flags)) return 0;
+  lua_pushstring(L, tid);
+  lua_pushstring(L, pid);
+  lua_pushinteger(L, flags);
+  return 3;
+}
+
 int wxd_open_http_lua(lua_State *L) {
   static const luaL_Reg fns[] = {{"write", http_write},
                                  {"parse_query", wxd_query_parse},
                                  {"set_body_limit", http_set_body_limit},
                                  {"send_file", wxd__http_send_file},
+                                 {"trace_context", http_trace_context},
+                                 {"set_openid", http_set_openid},
+                                 {"new_span_id", http_new_span_id},
+                                 {"new_trace_id", http_new_trace_id},
+                                 {"parse_traceparent", http_parse_traceparent},
                                  {NULL, NULL}};
-  lua_createtable(L, 0, 4);
+  lua_createtable(L, 0, 9);
   luaL_register(L, NULL, fns);
   return 1;
 }

@@ -13,6 +13,7 @@
 #include <time.h>
 
 #include "log.h"
+#include "metrics.h"
 
 #define TLS_SLICE (64 * 1024)       /* plaintext encrypted per step */
 #define TLS_SCRATCH (80 * 1024)     /* ciphertext of one slice, with room */
@@ -213,6 +214,9 @@ int wxd__http_conn_writev(wxd_conn_t *c, uv_buf_t *bufs, unsigned nbufs) {
 
 void wxd__http_access_log(wxd_worker_t *w, wxd_req_t *r, const char *method, int status,
                        const char *remote) {
+  /* Counted here: every answered request, routed or refused, passes by. */
+  double secs = r ? (double)(uv_hrtime() - r->start_ns) / 1e9 : 0;
+  wxd_metrics_request(w->id, r && r->route_len ? r->route : NULL, r ? r->route_len : 0, method, status, secs);
   if (!w->cfg->access_log || wxd_log_level() > WXD_LOG_INFO) return;
   struct timespec ts;
   clock_gettime(CLOCK_REALTIME, &ts);
@@ -232,14 +236,19 @@ void wxd__http_access_log(wxd_worker_t *w, wxd_req_t *r, const char *method, int
     if (ulen > 256) ulen = 256;
     plen = wxd_json_escape(path, sizeof path, r->head.data, ulen);
   }
-  double ms = r ? (double)(uv_hrtime() - r->start_ns) / 1e6 : 0;
-  char line[1024];
+  double ms = secs * 1e3;
+  /* A request refused before dispatch has no trace context of its own. */
+  char ids[256] = "";
+  if (r && r->finished)
+    snprintf(ids, sizeof ids, ",\"trace_id\":\"%s\",\"span_id\":\"%s\",\"request_id\":\"%s\"", r->trace.trace_id,
+             r->trace.span_id, r->trace.request_id);
+  char line[1280];
   int n = snprintf(line, sizeof line,
                    "{\"ts\":\"%s.%03ldZ\",\"level\":\"info\",\"worker\":%d,\"msg\":\"access\","
                    "\"id\":\"%s\",\"method\":\"%s\",\"path\":\"%.*s\",\"status\":%d,"
-                   "\"bytes\":%zu,\"ms\":%.3f,\"remote\":\"%s\"}\n",
+                   "\"bytes\":%zu,\"ms\":%.3f,\"remote\":\"%s\"%s}\n",
                    w->ts_prefix, ts.tv_nsec / 1000000, w->id, r ? r->id : "", method,
-                   (int)plen, path, status, r ? r->bytes_out : 0, ms, remote);
+                   (int)plen, path, status, r ? r->bytes_out : 0, ms, remote, ids);
   if (n > 0 && (size_t)n < sizeof line) wxd_logbuf_append(&w->access, line, (size_t)n);
 }
 
@@ -291,6 +300,16 @@ void wxd__http_conn_fail(wxd_conn_t *c, int status, const char *msg) {
   if (conn_write(c, o->data, o->len) == 0 && c->writes_pending == 0) wxd__http_conn_close(c);
 }
 
+/* Every response to a dispatched request names its request id. */
+void wxd__http_add_request_id(wxd_buf_t *o, const wxd_req_t *r) {
+  size_t n = strlen(r->trace.request_id);
+  if (wxd_buf_reserve(o, n + 16) != 0) return;
+  memcpy(o->data + o->len, "X-Request-Id: ", 14);
+  memcpy(o->data + o->len + 14, r->trace.request_id, n);
+  memcpy(o->data + o->len + 14 + n, "\r\n", 2);
+  o->len += n + 16;
+}
+
 void wxd__http_respond_error_500(wxd_req_t *r) { wxd__http_respond_error(r, 500, "internal server error"); }
 
 void wxd__http_respond_error(wxd_req_t *r, int status, const char *what) {
@@ -303,6 +322,7 @@ void wxd__http_respond_error(wxd_req_t *r, int status, const char *what) {
   char cl[96];
   int n = snprintf(cl, sizeof cl, "Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n", bl);
   wxd_buf_append(o, cl, (size_t)n);
+  wxd__http_add_request_id(o, r);
   wxd__http_end_head(r->w, o, 0, 0, r->keep_alive);
   if (!r->is_head) wxd_buf_append(o, body, (size_t)bl);
   r->bytes_out = o->len;

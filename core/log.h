@@ -4,6 +4,9 @@
  * process-wide mutex, so lines from different worker threads never interleave.
  * Access-log lines are buffered per worker (wxd_logbuf_t) and flushed by the
  * worker's tick timer, so a busy worker does not pay a syscall per request.
+ * With WXD_LOG_FORMAT=text in the environment, each line is written for a
+ * human instead: "ts LEVEL [wN] msg key=value ...", and string values that
+ * hold line breaks (tracebacks) below it, indented.
  */
 #ifndef WXD_LOG_H
 #define WXD_LOG_H

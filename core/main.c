@@ -55,6 +55,7 @@ static const char usage[] =
     "  WXD_LOG_LEVEL       debug, info, warn or error (overrides config log.level)\n"
     "  WXD_ACCESS_LOG      off to disable the access log\n"
     "  WXD_WATCHDOG        off to stop watching for stuck workers (docs/runaway.md)\n"
+    "  WXD_LOG_FORMAT      text for human-readable log lines (default: JSON lines)\n"
     "\n"
     "signals: SIGTERM/SIGINT stop gracefully, SIGHUP reloads the app, SIGUSR2\n"
     "restarts in place\n";

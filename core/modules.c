@@ -10,6 +10,7 @@
 #include "http.h"
 #include "json.h"
 #include "limit.h"
+#include "metrics.h"
 #include "paystate.h"
 #include "redis.h"
 #include "shdict.h"
@@ -42,6 +43,7 @@ static const struct {
     {"wxd.core.limit", wxd_open_limit},
     {"wxd.core.breaker", wxd_open_breaker},
     {"wxd.core.fs", wxd_open_fs},
+    {"wxd.core.metrics", wxd_open_metrics},
     {"cjson", luaopen_cjson},
     {"cjson.safe", luaopen_cjson_safe},
 };

@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "metrics.h"
 #include "tls.h"
 #include "watchdog.h"
 
@@ -388,18 +389,23 @@ static void admin_respond(admin_conn_t *c) {
   aw->conn = c;
   wxd_buf_t body = {0};
   int status = 404;
+  const char *ctype = "application/json";
   c->buf[c->len] = 0;
   if (strncmp(c->buf, "GET /status ", 12) == 0 || strncmp(c->buf, "GET /status?", 12) == 0) {
     status = 200;
     status_json(c->srv, &body);
+  } else if (strncmp(c->buf, "GET /metrics ", 13) == 0 || strncmp(c->buf, "GET /metrics?", 13) == 0) {
+    status = 200;
+    ctype = "text/plain; version=0.0.4; charset=utf-8";
+    wxd_metrics_render_server(c->srv, &body);
   } else {
-    append_str(&body, "{\"error\":\"not found\",\"endpoints\":[\"GET /status\"]}\n");
+    append_str(&body, "{\"error\":\"not found\",\"endpoints\":[\"GET /status\",\"GET /metrics\"]}\n");
   }
   char head[256];
   int hl = snprintf(head, sizeof head,
-                    "HTTP/1.1 %d %s\r\nServer: wxd\r\nContent-Type: application/json\r\n"
+                    "HTTP/1.1 %d %s\r\nServer: wxd\r\nContent-Type: %s\r\n"
                     "Content-Length: %zu\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
-                    status, status == 200 ? "OK" : "Not Found", body.len);
+                    status, status == 200 ? "OK" : "Not Found", ctype, body.len);
   wxd_buf_append(&aw->out, head, (size_t)hl);
   wxd_buf_append(&aw->out, body.data, body.len);
   wxd_buf_free(&body);

@@ -16,6 +16,7 @@
 
 #include "fetch.h"
 #include "http.h"
+#include "metrics.h"
 #include "redis.h"
 #include "reload.h"
 #include "restart.h"
@@ -577,6 +578,7 @@ int wxd_server_run(wxd_config_t *cfg, char **argv) {
     return 1;
   }
   wxd_worker_t *workers = srv.workers;
+  wxd_metrics_init(n); /* before any worker could count */
   /* Asyncs the workers signal must exist before the workers run. */
   uv_async_init(srv.loop, &srv.worker_exited, on_worker_exited);
   srv.worker_exited.data = &srv;

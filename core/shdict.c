@@ -802,6 +802,16 @@ static int dict_flush_all(lua_State *L) {
   return 0;
 }
 
+void wxd_shdict_registry_each(const wxd_shdict_registry_t *reg, void (*fn)(void *arg, const wxd_shdict_usage_t *u),
+                              void *arg) {
+  for (wxd_shdict_t *d = reg ? reg->first : NULL; d; d = d->next) {
+    pthread_mutex_lock(&d->mu);
+    wxd_shdict_usage_t u = {d->name, d->cap, d->used, d->count, d->evictions, d->expired};
+    pthread_mutex_unlock(&d->mu);
+    fn(arg, &u);
+  }
+}
+
 /* d:stats() -> { name, capacity, used, count, evictions, expired } */
 static int dict_stats(lua_State *L) {
   wxd_shdict_t *d = check_dict(L, 1);

@@ -48,6 +48,15 @@ int wxd_shdict_registry_add(wxd_shdict_registry_t *reg, const char *name, size_t
                             size_t errlen);
 /* The dictionary called `name`, or NULL. */
 wxd_shdict_t *wxd_shdict_find(const wxd_shdict_registry_t *reg, const char *name, size_t len);
+/* One dictionary's numbers at one moment (read under its lock). */
+typedef struct wxd_shdict_usage {
+  const char *name;
+  size_t capacity, used, count;
+  uint64_t evictions, expired;
+} wxd_shdict_usage_t;
+/* Calls fn for every dictionary, in registration order (metrics). */
+void wxd_shdict_registry_each(const wxd_shdict_registry_t *reg, void (*fn)(void *arg, const wxd_shdict_usage_t *u),
+                              void *arg);
 /* Frees every dictionary and entry. No thread may use the registry any more,
  * and no lock waiter may be queued (their loops have ended). */
 void wxd_shdict_registry_free(wxd_shdict_registry_t *reg);

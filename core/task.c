@@ -6,6 +6,7 @@
 #include <stdlib.h>
 
 #include "log.h"
+#include "trace.h"
 #include "vm.h"
 
 #define TASK_MT "wxd.task"
@@ -29,6 +30,8 @@ typedef struct task {
   int state;             /* TASK_* */
   int nresults;          /* values kept in the handle's environment table */
   int error_logged;      /* task_on_error logged the error it raised */
+  int has_trace;         /* spawned under a request's trace context: */
+  wxd_trace_t trace;     /* a copy of it (log lines, outbound calls) */
 } task_t;
 
 struct wxd_task_waiter {
@@ -305,6 +308,9 @@ static int task_spawn(lua_State *L) {
   t->state = TASK_RUNNING;
   t->nresults = 0;
   t->error_logged = 0;
+  wxd_trace_t *pt = wxd_trace_of(parent);
+  t->has_trace = pt != NULL;
+  if (pt) t->trace = *pt;
   lua_pushvalue(L, lua_upvalueindex(1));
   lua_setmetatable(L, -2);
   wxd_co_t *co = wxd_co_new(vm, WXD_CO_TASK, task_done, t);
@@ -322,6 +328,12 @@ static int task_spawn(lua_State *L) {
   wxd_co_resume(co, nargs + 2);
   vm->task_nesting--;
   return 1;
+}
+
+wxd_trace_t *wxd_task_trace(wxd_co_t *co) {
+  if (!co || co->kind != WXD_CO_TASK) return NULL;
+  task_t *t = co->data;
+  return t && t->has_trace ? &t->trace : NULL;
 }
 
 /* What wait() returns for a task that has ended (handle at index 1). */

@@ -27,4 +27,14 @@ app:get("/limited", limit.route({ name = "hello_limited", rate = 50, burst = 10 
   return "ok " .. wxd.worker_id() .. "\n"
 end))
 
+-- Fetches the URL in env WXD_HELLO_UPSTREAM and returns its body: the call
+-- carries this request's traceparent and X-Request-Id (docs/observability.md).
+app:get("/upstream", function()
+  local url = os.getenv("WXD_HELLO_UPSTREAM")
+  if not url or url == "" then return 500, "WXD_HELLO_UPSTREAM is not set\n" end
+  local res, err, detail = wxd.http.get(url, { timeout = 10 })
+  if not res then return 502, "upstream: " .. err .. " (" .. tostring(detail) .. ")\n" end
+  return res.status, res.body
+end)
+
 return app

@@ -21,6 +21,7 @@ local static     = require("wxd.static")
 local multipart  = require("wxd.multipart")
 local cors       = require("wxd.cors")
 local native_parse_query = require("wxd.core.http").parse_query
+local trace_current = require("wxd.trace").current
 
 local type         = type
 local next         = next
@@ -299,6 +300,13 @@ end
 
 function req_lazy.http_version(self)
   return rawget(self, "version")
+end
+
+-- The request's trace context (wxd.trace.current()), made once.
+function req_lazy.trace(self)
+  local t = trace_current()
+  rawset(self, "trace", t)
+  return t
 end
 
 -- "https" on an HTTPS listener (the core sets req.tls there), else "http".
@@ -1480,8 +1488,12 @@ function app_methods.handle(self, req)
     req.headers = setmetatable({}, REQ_HEADERS_MT)
   end
   setmetatable(req, REQ_MT)
-  if route and route.pnames then
-    req.params = extract(route, path)
+  if route then
+    -- The pattern, never the path: metrics label requests with it.
+    req.route = route.pattern
+    if route.pnames then
+      req.params = extract(route, path)
+    end
   end
 
   -- The core enforces a route's limit before reading the body; this

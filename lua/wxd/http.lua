@@ -32,12 +32,14 @@
 
 local core = require "wxd.core.fetch"
 local wxd_core = require "wxd.core"
+local metrics = require "wxd.metrics"
+local trace = require "wxd.trace"
 
 local type, pairs, ipairs, tostring, tonumber, error, concat, sort =
   type, pairs, ipairs, tostring, tonumber, error, table.concat, table.sort
 local lower, upper, find, match, format, gsub, byte, sub =
   string.lower, string.upper, string.find, string.match, string.format, string.gsub, string.byte, string.sub
-local ceil = math.ceil
+local ceil, floor = math.ceil, math.floor
 
 local _M = {}
 
@@ -108,6 +110,21 @@ end
 local warned = {} -- hosts already warned about verify = false (per Lua state)
 
 --- Builds what the core needs from the caller's options. Raises on misuse.
+-- prepare's trace step: the headers that carry the running request's
+-- context (caller-set ones win), and the client span's id when spans are
+-- exported. Returns the context (nil outside a request).
+local function add_trace_headers(lines, seen, host, opts)
+  if opts.trace == false then return nil end
+  local span_id = trace.exporting() and trace.new_span_id() or nil
+  local ctx, th = trace.outbound(host, span_id)
+  if not ctx then return nil end
+  for name, v in pairs(th) do
+    if not seen[name] then lines[#lines + 1] = name .. ": " .. v end
+  end
+  ctx.client_span_id = span_id
+  return ctx
+end
+
 local function prepare(opts, level)
   if type(opts) ~= "table" then fail("options must be a table", level + 1) end
   local method = opts.method or "GET"
@@ -131,6 +148,7 @@ local function prepare(opts, level)
 
   local lines = { method .. " " .. target .. " HTTP/1.1" }
   local has_host, has_ua = false, false
+  local seen = {}
   if opts.headers ~= nil then
     if type(opts.headers) ~= "table" then fail("headers must be a table", level + 1) end
     local names = {}
@@ -141,6 +159,7 @@ local function prepare(opts, level)
     sort(names) -- the same request bytes every time
     for _, name in ipairs(names) do
       local v, lname = opts.headers[name], lower(name)
+      seen[lname] = true
       if lname == "host" then has_host = true elseif lname == "user-agent" then has_ua = true end
       if not OWNED[lname] then
         if type(v) == "table" then
@@ -151,6 +170,7 @@ local function prepare(opts, level)
       end
     end
   end
+  local ctx = add_trace_headers(lines, seen, host, opts)
   if not has_host then lines[#lines + 1] = "Host: " .. authority end
   if not has_ua then lines[#lines + 1] = "User-Agent: " .. USER_AGENT end
   if body or method == "POST" or method == "PUT" or method == "PATCH" then
@@ -185,6 +205,7 @@ local function prepare(opts, level)
     connect_ms = seconds_to_ms(tc, "connect", level + 1), send_ms = seconds_to_ms(ts, "send", level + 1),
     read_ms = seconds_to_ms(tr, "read", level + 1), total_ms = seconds_to_ms(tt, "total", level + 1),
     max_body = max_body, max_header_bytes = max_header,
+    trace_ctx = ctx, method = method,
   }
   if spec.tls then
     local verify = opts.verify
@@ -227,11 +248,43 @@ local function resolve(base, location)
   return scheme .. "://" .. authority .. dir .. location
 end
 
+local calls_metric, seconds_metric
+local now, monotonic_ms = wxd_core.now, wxd_core.monotonic_ms
+
+-- One exchange (a redirect hop is another): counted by host and outcome
+-- (the status class, or the error kind), timed, and recorded as a client
+-- span of the running request when spans are exported.
+local function send(spec)
+  local t0, w0 = monotonic_ms(), now()
+  local res, err, detail = core.request(spec)
+  local secs = (monotonic_ms() - t0) / 1000
+  if not calls_metric then
+    calls_metric = metrics.builtin("counter", "wxd_http_client_requests_total",
+      "Outbound wxd.http requests, by host and outcome (status class or error kind)", { "host", "outcome" },
+      { max_series = 500 })
+    seconds_metric = metrics.builtin("histogram", "wxd_http_client_request_duration_seconds",
+      "Outbound wxd.http request time, by host", { "host" }, { max_series = 200 })
+  end
+  local outcome = res and (res.status >= 100 and res.status < 600 and floor(res.status / 100) .. "xx" or "other") or err
+  metrics.count(calls_metric, { spec.host, outcome })
+  metrics.observe(seconds_metric, secs, { spec.host })
+  local ctx = spec.trace_ctx
+  if ctx and ctx.client_span_id and ctx.sampled and trace.room() then
+    trace.record({
+      trace_id = ctx.trace_id, span_id = ctx.client_span_id, parent_id = ctx.span_id, kind = 3, -- CLIENT
+      name = spec.method .. " " .. spec.host, start_s = w0, end_s = w0 + secs, error = not res or res.status >= 500,
+      attrs = { ["http.request.method"] = spec.method, ["server.address"] = spec.host, ["server.port"] = spec.port,
+        ["http.response.status_code"] = res and res.status or nil, ["error.type"] = err },
+    })
+  end
+  return res, err, detail
+end
+
 local function request_once(opts, level)
   local spec, method = prepare(opts, level + 1)
   local follow = opts.follow_redirects
   if follow ~= nil and type(follow) ~= "boolean" then fail("follow_redirects must be a boolean", level + 1) end
-  local res, err, detail = core.request(spec)
+  local res, err, detail = send(spec)
   if not follow then return res, err, detail end
   local max = opts.max_redirects or 5
   if type(max) ~= "number" or max < 0 then fail("max_redirects must be a number >= 0", level + 1) end
@@ -261,7 +314,7 @@ local function request_once(opts, level)
     end
     spec, method = prepare(o, level + 1)
     url = next_url
-    res, err, detail = core.request(spec)
+    res, err, detail = send(spec)
   end
   return res, err, detail
 end

@@ -7,6 +7,7 @@
 -- @module wxd.log
 
 local core = require "wxd.core"
+local trace_ids = require("wxd.trace").ids
 local json_encode = require("wxd.json").encode
 
 local type, pairs, tostring, sub, lower, find, pcall = type, pairs, tostring, string.sub, string.lower,
@@ -53,7 +54,8 @@ local function is_person(norm)
 end
 
 -- Fields of the line itself; a user field of the same name is renamed.
-local RESERVED = { ts = true, level = true, worker = true, msg = true }
+local RESERVED = { ts = true, level = true, worker = true, msg = true, trace_id = true, span_id = true,
+  request_id = true }
 -- Long values (tracebacks, bodies) are cut so the line stays whole.
 local MAX_VALUE = 4000
 
@@ -105,6 +107,13 @@ local function write(level, msg, fields)
       json = json_encode({ fields = scrubbed })
     end
     if #json > 2 then extra = sub(json, 2, -2) end
+  end
+  -- Inside a request: its ids (safe characters only: no escaping needed).
+  local tid, sid, rid, openid = trace_ids()
+  if tid then
+    local ids = '"trace_id":"' .. tid .. '","span_id":"' .. sid .. '","request_id":"' .. rid .. '"'
+    if openid and not (fields and fields.openid) then ids = ids .. ',"openid":"' .. _M.mask(openid) .. '"' end
+    extra = extra and extra .. "," .. ids or ids
   end
   core_log(level, tostring(msg), extra)
 end

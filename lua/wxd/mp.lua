@@ -61,6 +61,8 @@ local traceback = debug.traceback
 local now, monotonic_ms = core.now, core.monotonic_ms
 local sha1_hex, sha256_hex, equals = crypto.sha1_hex, crypto.sha256_hex, crypto.equals
 -- Each protocol step in one native call (core/wxmsg.c).
+local metrics = require "wxd.metrics"
+local trace = require "wxd.trace"
 local native = require "wxd.core.crypto"
 local wx_signature, wx_verify, wx_decrypt, wx_encrypt, wx_seal, wx_open =
   native.wx_signature, native.wx_verify, native.wx_decrypt, native.wx_encrypt, native.wx_seal, native.wx_open
@@ -467,7 +469,20 @@ end
 -- Refusals: logged with the reason; the sender learns only the status.
 local BODIES = { [400] = "bad request\n", [403] = "forbidden\n", [413] = "request body too large\n" }
 
+-- Messages by type and outcome: handled, duplicate, late (past the
+-- deadline), no_handler, or refused (with the reason).
+local messages_metric
+local function count_message(msg_type, outcome, reason)
+  if not messages_metric then
+    messages_metric = metrics.builtin("counter", "wxd_mp_messages_total",
+      "Official Account messages, by type, outcome (handled, duplicate, late, no_handler, refused) and reason",
+      { "type", "outcome", "reason" }, { max_series = 500 })
+  end
+  metrics.count(messages_metric, { msg_type or "", outcome, reason or "" })
+end
+
 local function refuse(self, req, status, reason)
+  count_message(nil, "refused", reason)
   log.warn("mp: request refused", { reason = reason, path = self.path, status = status,
     remote = req.remote_addr })
   return status, BODIES[status]
@@ -776,18 +791,23 @@ function Endpoint:dispatch(_req, msg, ctx, doc, id)
     -- Taken: a run of this message goes on. Wait for its end (the key's
     -- removal), then hold the key while reading what it recorded.
     run.lock = store.lock(runkey, { timeout = seconds_left(deadline), expire = self.lock_expire })
-    if not run.lock then return nil end -- still running past our deadline
+    if not run.lock then -- still running past our deadline
+      count_message(msg.MsgType, "duplicate")
+      return nil
+    end
   end
   local added, why = store.add(key, PENDING, self.dedup_ttl)
   if not added and why == "exists" then
     local rec = store.get(key)
     release(run)
+    count_message(msg.MsgType, "duplicate")
     return record_body(rec) -- a retry: the same reply (nil while in progress)
   end
   local fn = find_handler(self.handlers, msg)
   if not fn then
     store.set(key, "rsuccess", self.dedup_ttl)
     release(run)
+    count_message(msg.MsgType, "no_handler")
     return nil
   end
   local t = { msg = msg, ctx = ctx, fn = fn, key = key, runkey = runkey, lock = run.lock, format = ctx.format }
@@ -796,7 +816,11 @@ function Endpoint:dispatch(_req, msg, ctx, doc, id)
     local left = deadline - monotonic_ms()
     h:wait(left > 0 and left or 0)
   end
-  if t.done then return t.body end
+  if t.done then
+    count_message(msg.MsgType, "handled")
+    return t.body
+  end
+  count_message(msg.MsgType, "late")
   t.answered = true
   log.warn("mp: handler past the deadline; answered success",
     { path = self.path, deadline_ms = self.deadline_ms, msg_type = msg.MsgType })
@@ -871,6 +895,9 @@ function Endpoint:receive(req, res)
     msg, fmt, mode, doc = m, mfmt, "plaintext", body
   end
 
+  -- The sender becomes part of the request's context (logged masked,
+  -- forwarded to allowed hosts only).
+  if type(msg.FromUserName) == "string" then trace.set_openid(msg.FromUserName) end
   local ctx = { req = req, kind = self.kind, mode = mode, format = fmt, appid = self.receive_id,
                 reply = _M.reply, path = self.path }
   local out = self:dispatch(req, msg, ctx, doc, id)

@@ -37,6 +37,7 @@ local str_format, str_find, math_floor, math_min = string.format, string.find, m
 local core = require "wxd.core.order"
 local cjson = require "cjson.safe"
 local log = require "wxd.log"
+local metrics = require "wxd.metrics"
 
 local _M = {}
 
@@ -498,5 +499,26 @@ local function start_closer()
   end, { worker = 0 })
 end
 start_closer()
+
+-- The store's own counters, copied into /metrics every few seconds by
+-- worker 0 (the store counts; this only shows it). Pay metrics can follow
+-- the same way.
+local function start_metrics()
+  local wxd = require "wxd"
+  if not wxd.app_dir then return end
+  local m = metrics.builtin("counter", "wxd_order_events_total",
+    "Order store counters: transitions, duplicates, illegal, late (events for a final state), commits",
+    { "kind" })
+  local orders = metrics.builtin("gauge", "wxd_order_orders", "Orders in the embedded store")
+  require("wxd.timer").every(5000, function()
+    local ok, s = pcall(_M.stats)
+    if not ok or type(s) ~= "table" then return end
+    for _, k in ipairs({ "transitions", "duplicates", "illegal", "late", "commits" }) do
+      if s[k] then metrics.set_value(m, s[k], { k }) end
+    end
+    if s.orders then metrics.set_value(orders, s.orders) end
+  end, { worker = 0 })
+end
+start_metrics()
 
 return _M

@@ -29,6 +29,7 @@
 -- local res = r:pipeline({ { "SET", "a", 1 }, { "GET", "a" } }) --> { "OK", "1" }
 
 local core = require "wxd.core.redis"
+local metrics = require "wxd.metrics"
 
 local type, error, tostring, tonumber, setmetatable, rawget =
   type, error, tostring, tonumber, setmetatable, rawget
@@ -251,9 +252,43 @@ end
 -- @treturn ?any the reply (see the module's description)
 -- @treturn ?string "timeout", "closed", "connect", "auth", or the server's error
 -- @treturn ?string detail
+-- Commands and errors, counted by command name (lower case). An error is
+-- the transport's kind ("timeout", "closed", "connect", "auth") or "reply"
+-- for an error reply of the server.
+local commands_metric, errors_metric
+local TRANSPORT = { timeout = true, closed = true, connect = true, auth = true }
+local function count(name, res, err)
+  if not commands_metric then
+    commands_metric = metrics.builtin("counter", "wxd_redis_commands_total", "Redis commands sent, by command",
+      { "command" }, { max_series = 300 })
+    errors_metric = metrics.builtin("counter", "wxd_redis_errors_total",
+      "Redis commands that failed, by command and kind (timeout, closed, connect, auth, reply)",
+      { "command", "kind" }, { max_series = 500 })
+  end
+  local cmd = str_lower(tostring(name))
+  metrics.count(commands_metric, { cmd })
+  if res == nil and err then metrics.count(errors_metric, { cmd, TRANSPORT[err] and err or "reply" }) end
+  return res, err
+end
+
+local function counted_call(conn, timeout, name, ...)
+  local res, err, detail = core.call(conn, timeout, name, ...)
+  count(name, res, err)
+  return res, err, detail
+end
+
+local function counted_pipeline(conn, timeout, cmds)
+  local res, err, detail = core.pipeline(conn, timeout, cmds)
+  for i = 1, #cmds do
+    local r = res and res[i]
+    count(cmds[i][1], res and true or nil, res and (type(r) == "table" and r.err and "reply") or err)
+  end
+  return res, err, detail
+end
+
 function Client:call(name, ...)
   check_command(name, "call", (...))
-  return core.call(self.conn, self.timeout, name, ...)
+  return counted_call(self.conn, self.timeout, name, ...)
 end
 
 --- Sends several commands in one write and waits once.
@@ -270,7 +305,7 @@ function Client:pipeline(cmds)
     if type(cmds[i]) ~= "table" then error("wxd.redis: pipeline command " .. i .. " must be a table", 2) end
     check_command(cmds[i][1], "pipeline command " .. i, cmds[i][2])
   end
-  return core.pipeline(self.conn, self.timeout, cmds)
+  return counted_pipeline(self.conn, self.timeout, cmds)
 end
 
 --- MULTI, the commands, EXEC, sent together so that no other coroutine's
@@ -290,7 +325,7 @@ function Client:transaction(cmds)
     all[i + 1] = cmds[i]
   end
   all[#all + 1] = { "EXEC" }
-  local res, err, detail = core.pipeline(self.conn, self.timeout, all)
+  local res, err, detail = counted_pipeline(self.conn, self.timeout, all)
   if not res then return nil, err, detail end
   local exec = res[#res]
   if type(exec) == "table" and exec.err then return nil, exec.err end
@@ -335,10 +370,10 @@ function Client:eval(script, keys, args)
   local t = { "EVALSHA", sha1_hex(script), 0 }
   t[3] = append_list(t, keys, "keys")
   append_list(t, args, "args")
-  local res, err, detail = core.call(self.conn, self.timeout, unpack(t))
+  local res, err, detail = counted_call(self.conn, self.timeout, unpack(t))
   if res == nil and type(err) == "string" and str_find(err, "^NOSCRIPT") then
     t[1], t[2] = "EVAL", script
-    return core.call(self.conn, self.timeout, unpack(t))
+    return counted_call(self.conn, self.timeout, unpack(t))
   end
   return res, err, detail
 end

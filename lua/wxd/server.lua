@@ -4,6 +4,7 @@
 
 local config = require "wxd.config"
 local log = require "wxd.log"
+local trace = require "wxd.trace"
 local wxd = require "wxd"
 
 local type, xpcall, traceback, io_open = type, xpcall, debug.traceback, io.open
@@ -59,13 +60,29 @@ function _M.load_app(appdir, _worker, generation)
     require("wxd.core.http").set_body_limit(function(method, path) return app:body_limit(method, path) end)
   end
 
+  -- The fifth value is the matched route pattern (nil: none), which the
+  -- core's request metrics are labelled with.
+  -- With spans exported, each request's server span is recorded too, and
+  -- this worker's exporter runs from a timer.
+  if trace.exporting() then
+    require("wxd.otlp").start()
+    local now = wxd.now
+    return function(raw)
+      local t0 = now()
+      local ok2, status, headers, body = xpcall(handle, traceback, app, raw)
+      trace.finish_request(raw, ok2 and status or 500, t0, now())
+      if ok2 then return status, headers, body, nil, raw.route end
+      log.error("handler error", { id = raw.id, method = raw.method, path = raw.path, error = status })
+      return 500, PLAIN, "internal server error (request id " .. raw.id .. ")\n", true, raw.route
+    end
+  end
   return function(raw)
     local ok2, status, headers, body = xpcall(handle, traceback, app, raw)
-    if ok2 then return status, headers, body end
+    if ok2 then return status, headers, body, nil, raw.route end
     log.error("handler error", { id = raw.id, method = raw.method, path = raw.path, error = status })
     -- The fourth value tells the core the handler failed: a response that
     -- was already streaming is cut short instead of ended cleanly.
-    return 500, PLAIN, "internal server error (request id " .. raw.id .. ")\n", true
+    return 500, PLAIN, "internal server error (request id " .. raw.id .. ")\n", true, raw.route
   end
 end
 

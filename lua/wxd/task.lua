@@ -13,6 +13,8 @@
 -- if err == "timeout" then return "success" end -- h goes on; reply later
 
 local core = require "wxd.core.task"
+local trace_ids = require("wxd.trace").ids
+local core_spawn = core.spawn
 
 local _M = {}
 
@@ -26,6 +28,11 @@ local _M = {}
 --   `nil, "cancelled"`; `h:cancel()` -> true, or false once it has ended;
 --   `h:done()` -> boolean; `h:status()` -> "running", "done", "failed"
 --   or "cancelled"
-_M.spawn = core.spawn
+-- A task takes a copy of its spawner's trace context (log lines, outbound
+-- calls); reading the ids first settles the request's openid in it.
+function _M.spawn(fn, ...)
+  trace_ids()
+  return core_spawn(fn, ...)
+end
 
 return _M

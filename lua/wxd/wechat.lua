@@ -59,6 +59,7 @@ local crypto = require "wxd.crypto"
 local log = require "wxd.log"
 local json = require "wxd.json"
 local core = require "wxd.core"
+local metrics = require "wxd.metrics"
 
 local type, error, pairs, ipairs, tostring, tonumber, setmetatable, pcall =
   type, error, pairs, ipairs, tostring, tonumber, setmetatable, pcall
@@ -69,6 +70,27 @@ local now, monotonic_ms = core.now, core.monotonic_ms
 local _M = { _VERSION = "0.1.0" }
 
 _M.DEFAULT_API_BASE = "https://api.weixin.qq.com"
+
+-- API calls by API path, outcome ("ok", "wechat" for an errcode, or the
+-- failure kind) and errcode ("0" when ok, "" when there was no answer).
+local calls_metric, refresh_metric
+local function count_call(path, outcome, errcode)
+  if not calls_metric then
+    calls_metric = metrics.builtin("counter", "wxd_wechat_api_calls_total",
+      "WeChat API calls, by API path, outcome and errcode", { "api", "outcome", "errcode" }, { max_series = 1000 })
+  end
+  metrics.count(calls_metric, { path, outcome, errcode })
+end
+
+local function count_refresh(name, background, result)
+  if not refresh_metric then
+    refresh_metric = metrics.builtin("counter", "wxd_wechat_token_refreshes_total",
+      "access_token and ticket fetches, by credential, trigger (background or blocking) and result (ok, failed)",
+      { "credential", "trigger", "result" }, { max_series = 100 })
+  end
+  metrics.count(refresh_metric, { name, background and "background" or "blocking", result })
+end
+
 
 --- errcodes that mean "this access_token is no good".
 _M.TOKEN_ERRCODES = { [40001] = true, [40014] = true, [42001] = true }
@@ -149,6 +171,7 @@ function Cred:refresh(background)
     lk:unlock()
     error(nv, 0)
   end
+  count_refresh(self.name, background, nv and "ok" or "failed")
   if not nv then
     local i = type(info) == "table" and info or {}
     store.set(self.fail_key, json.encode({ at = now(), kind = expires_in,
@@ -267,7 +290,7 @@ end
 
 -- One HTTP exchange with WeChat, no token logic. token: added as the
 -- access_token query parameter when given.
-function Client:request(method, path, opts, token)
+local function request(self, method, path, opts, token)
   local q = opts.query
   local qs = query_string(q)
   if token then qs = "access_token=" .. crypto.url_encode(token) .. (qs ~= "" and "&" .. qs or "") end
@@ -292,6 +315,16 @@ function Client:request(method, path, opts, token)
     return nil, "wechat", { errcode = tonumber(code) or code, errmsg = tostring(data.errmsg or "") }
   end
   return data
+end
+
+function Client:request(method, path, opts, token)
+  local res, kind, info = request(self, method, path, opts, token)
+  if res then
+    count_call(path, "ok", "0")
+  else
+    count_call(path, kind, kind == "wechat" and tostring(info.errcode) or "")
+  end
+  return res, kind, info
 end
 
 local function check_call(method, path, opts, level)

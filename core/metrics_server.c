@@ -1,0 +1,86 @@
+/* metrics_server: the server's own state as Prometheus metrics (GET
+ * /metrics on the admin listener): what workers, reloads and shared
+ * dictionaries already keep is read at scrape time, then the registry of
+ * metrics.c (requests, app and library metrics) follows. Runs on the main
+ * thread; reads worker counters with relaxed atomic loads.
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "metrics.h"
+#include "server.h"
+#include "shdict.h"
+
+static void put(wxd_buf_t *b, const char *s) { wxd_buf_append(b, s, strlen(s)); }
+
+static void family(wxd_buf_t *b, const char *name, const char *type, const char *help) {
+  char tmp[512];
+  snprintf(tmp, sizeof tmp, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+  put(b, tmp);
+}
+
+/* Values are counts and ratios of thousandths: %.15g writes them exactly
+ * (0.02, not 0.020000000000000000416). */
+static void sample(wxd_buf_t *b, const char *name, const char *labels, double v) {
+  char tmp[512];
+  snprintf(tmp, sizeof tmp, "%s%s %.15g\n", name, labels, v);
+  put(b, tmp);
+}
+
+typedef struct {
+  wxd_buf_t *b;
+  int field;
+} dict_walk_t;
+
+static void dict_sample(void *arg, const wxd_shdict_usage_t *u) {
+  dict_walk_t *dw = arg;
+  static const char *const names[] = {"wxd_shdict_capacity_bytes", "wxd_shdict_used_bytes", "wxd_shdict_items",
+                                      "wxd_shdict_evictions_total", "wxd_shdict_expired_total"};
+  double v[] = {(double)u->capacity, (double)u->used, (double)u->count, (double)u->evictions, (double)u->expired};
+  char labels[128];
+  /* Dictionary names are identifiers (config checks them). */
+  snprintf(labels, sizeof labels, "{dict=\"%s\"}", u->name);
+  sample(dw->b, names[dw->field], labels, v[dw->field]);
+}
+
+void wxd_metrics_render_server(struct wxd_server *s, wxd_buf_t *b) {
+  char labels[64];
+  family(b, "wxd_workers", "gauge", "Worker threads");
+  sample(b, "wxd_workers", "", s->n);
+  family(b, "wxd_connections", "gauge", "Open client connections, by worker");
+  for (int i = 0; i < s->n; i++) {
+    snprintf(labels, sizeof labels, "{worker=\"%d\"}", i);
+    sample(b, "wxd_connections", labels, atomic_load_explicit(&s->workers[i].stats.connections, memory_order_relaxed));
+  }
+  family(b, "wxd_worker_busy_ratio", "gauge", "Share of the last second a worker's loop was not idle");
+  for (int i = 0; i < s->n; i++) {
+    snprintf(labels, sizeof labels, "{worker=\"%d\"}", i);
+    sample(b, "wxd_worker_busy_ratio", labels,
+           atomic_load_explicit(&s->workers[i].stats.busy_permille, memory_order_relaxed) / 1000.0);
+  }
+  family(b, "wxd_retired_generations", "gauge", "Replaced app generations still finishing requests");
+  unsigned retired = 0;
+  for (int i = 0; i < s->n; i++) retired += atomic_load_explicit(&s->workers[i].stats.retired, memory_order_relaxed);
+  sample(b, "wxd_retired_generations", "", retired);
+  wxd_reload_state_t *rs = &s->reload;
+  pthread_mutex_lock(&rs->mu);
+  unsigned gen = rs->generation, ok = rs->succeeded, failed = rs->failed;
+  pthread_mutex_unlock(&rs->mu);
+  family(b, "wxd_generation", "gauge", "The app generation serving now (1 at start, +1 per reload)");
+  sample(b, "wxd_generation", "", gen);
+  family(b, "wxd_reloads_total", "counter", "Hot reloads, by result");
+  sample(b, "wxd_reloads_total", "{result=\"succeeded\"}", ok);
+  sample(b, "wxd_reloads_total", "{result=\"failed\"}", failed);
+  static const char *const dict_families[][2] = {
+      {"wxd_shdict_capacity_bytes", "Capacity of a shared dictionary"},
+      {"wxd_shdict_used_bytes", "Bytes a shared dictionary's entries take"},
+      {"wxd_shdict_items", "Entries in a shared dictionary"},
+      {"wxd_shdict_evictions_total", "Live entries dropped to make room"},
+      {"wxd_shdict_expired_total", "Expired entries reclaimed"}};
+  for (int f = 0; f < 5; f++) {
+    family(b, dict_families[f][0], f >= 3 ? "counter" : "gauge", dict_families[f][1]);
+    dict_walk_t dw = {b, f};
+    wxd_shdict_registry_each(s->shdicts, dict_sample, &dw);
+  }
+  wxd_metrics_render(b);
+}

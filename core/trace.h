@@ -1,0 +1,55 @@
+/* trace: W3C trace context (traceparent) and request ids.
+ *
+ * A request gets a trace id (the caller's, from a valid traceparent, or a
+ * new one), a span id of its own (always new), the caller's span as its
+ * parent, and a request id (a sane X-Request-Id, or the core's own id).
+ * Ids come from a per-thread generator seeded from getrandom(2): cheap,
+ * unpredictable enough for correlation (they are not secrets).
+ */
+#ifndef WXD_TRACE_H
+#define WXD_TRACE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define WXD_TRACE_REQUEST_ID_MAX 64
+#define WXD_TRACE_OPENID_MAX 64
+
+typedef struct wxd_trace {
+  char trace_id[33];  /* 32 lowercase hex digits */
+  char span_id[17];   /* this request's span */
+  char parent_id[17]; /* the caller's span; "" for a new trace */
+  uint8_t flags;      /* the caller's trace-flags (bit 0: sampled) */
+  char request_id[WXD_TRACE_REQUEST_ID_MAX + 1];
+  char openid[WXD_TRACE_OPENID_MAX + 1]; /* "" until known */
+} wxd_trace_t;
+
+/* Parses a traceparent header value (W3C Trace Context level 1, section 3.2:
+ * version ff, all-zero ids, wrong lengths and upper-case or non-hex digits
+ * are invalid; a future version may append "-..." fields). Returns 1 and
+ * fills trace_id/parent_id/flags when valid, else 0. */
+int wxd_trace_parse(const char *v, size_t n, char trace_id[33], char parent_id[17], uint8_t *flags);
+
+/* Starts a request's context: traceparent (may be NULL) and X-Request-Id
+ * (may be NULL) as received; fallback_id is the core's request id. */
+void wxd_trace_begin(wxd_trace_t *t, const char *tp, size_t tplen, const char *rid, size_t ridlen,
+                     const char *fallback_id);
+
+/* 1 when v (n bytes) may be used as a request id or an openid: 1..max
+ * bytes of letters, digits and -_.:@/+= (nothing a log or header could
+ * be broken with). */
+int wxd_trace_id_ok(const char *v, size_t n, size_t max);
+
+/* The context a coroutine runs under: a request's own, or the copy a task
+ * took from the coroutine that spawned it (so that a task outliving its
+ * request keeps the ids); NULL for timers and scripts. httplua.c. */
+struct wxd_co;
+wxd_trace_t *wxd_trace_of(struct wxd_co *co);
+/* task.c: a task's copy, or NULL. */
+wxd_trace_t *wxd_task_trace(struct wxd_co *co);
+
+/* New random ids as lowercase hex (never all zero), NUL-terminated. */
+void wxd_trace_new_trace_id(char out[33]);
+void wxd_trace_new_span_id(char out[17]);
+
+#endif
