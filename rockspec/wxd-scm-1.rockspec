@@ -42,6 +42,7 @@ build = {
       ["wxd.order"] = "lua/wxd/order.lua",
       ["wxd.pay"] = "lua/wxd/pay.lua",
       ["wxd.pay.notify"] = "lua/wxd/pay/notify.lua",
+      ["wxd.pay.orders"] = "lua/wxd/pay/orders.lua",
       ["wxd.pay.v2"] = "lua/wxd/pay/v2.lua",
       ["wxd.redis"] = "lua/wxd/redis.lua",
       ["wxd.server"] = "lua/wxd/server.lua",
