@@ -589,11 +589,12 @@ describe("wxd.pay against the fake WeChat Pay", function()
     assert(ok, err)
   end)
 
-  it("examples/pay creates a JSAPI payment and answers the invoke parameters", function()
+  it("examples/pay: POST /orders, the notification, GET /orders/:no shows PAID with its history", function()
     ctl("POST", "/_ctl/reset")
+    local journal = dir .. "/example-" .. crypto.nonce(6) .. ".journal"
     local srv = H.start(H.ROOT .. "/examples/pay", { workers = 2, env = env({ WXD_PAY_MCHID = MCHID,
       WXD_PAY_APPID = "wxfakeappid00001", WXD_PAY_APIV3_KEY = APIV3, WXD_PAY_MCH_KEY_FILE = dir .. "/mch.key",
-      WXD_PAY_MCH_SERIAL = MCH_SERIAL, WXD_PAY_API_BASE = base }) })
+      WXD_PAY_MCH_SERIAL = MCH_SERIAL, WXD_PAY_API_BASE = base, WXD_PAY_ORDER_JOURNAL = journal }) })
     local ok, err = pcall(function()
       local st, b = call(srv, "POST", "/orders", { description = "Tea", amount_total = 1200,
         openid = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o" })
@@ -609,6 +610,28 @@ describe("wxd.pay against the fake WeChat Pay", function()
       assert.equal(0, code, out)
       assert.equal(400, (call(srv, "POST", "/orders", { amount_total = 1.5, openid = "o1" })))
       assert.equal(400, (call(srv, "POST", "/orders", { amount_total = 100 })))
+      local no = b.out_trade_no
+      local o
+      st, o = call(srv, "GET", "/orders/" .. no)
+      assert.equal(200, st)
+      assert.same({ "PAYING", 1200 }, { o.state, o.amount })
+      -- WeChat Pay notifies the payment (once refused for a wrong amount, then the real one).
+      local nurl = "http://127.0.0.1:" .. srv.port .. "/pay/notify"
+      assert.same({ 400 }, ctl("POST", "/_ctl/notify", { url = nurl, out_trade_no = no,
+        patch = { amount = { total = 1 } } }).statuses)
+      assert.equal("PAYING", select(2, call(srv, "GET", "/orders/" .. no)).state)
+      assert.same({ 204 }, ctl("POST", "/_ctl/notify", { url = nurl, out_trade_no = no, id = "N-ex-1" }).statuses)
+      st, o = call(srv, "GET", "/orders/" .. no)
+      assert.equal(200, st)
+      assert.equal("PAID", o.state)
+      assert.equal(2, #o.history)
+      assert.same({ "CREATED", "PAYING", "PREPAY" }, { o.history[1].from, o.history[1].to, o.history[1].event })
+      assert.same({ "PAYING", "PAID", "TRANSACTION.SUCCESS" }, { o.history[2].from, o.history[2].to, o.history[2].event })
+      assert.truthy(o.history[2].at >= o.history[1].at and o.history[1].at > 1.7e12)
+      assert.is_nil(o.history[2].key) -- the page shows from, to, event, at
+      assert.equal(1, #srv:log_lines("order paid"))
+      assert.equal(404, (call(srv, "GET", "/orders/NOPE")))
+      assert.truthy(H.read_file(journal))
     end)
     srv:stop(); srv:cleanup()
     assert(ok, err)
