@@ -70,14 +70,14 @@ app:get("/orders/:out_trade_no", function(req)
   local history = {}
   for i, e in ipairs(o.history) do history[i] = { from = e.from, to = e.to, event = e.event, at = e.at } end
   return { out_trade_no = o.out_trade_no, state = o.state, amount = o.amount, currency = o.currency,
-           history = wxd.json.array(history) }
+    history = wxd.json.array(history) }
 end)
 
 -- By the time a handler runs, the notification is verified, its order
 -- checked (mchid, appid, amount) and moved durably: this is where the
 -- business goes (ship, tell the customer). Returning true answers 204.
 app:pay_notify("/pay/notify", { client = client }, {
-  ["TRANSACTION.SUCCESS"] = function(tx, n, ctx)
+  ["TRANSACTION.SUCCESS"] = function(tx, _, ctx)
     log.info("order paid", { out_trade_no = tx.out_trade_no, transaction_id = tx.transaction_id,
       state = ctx.order and ctx.order.state })
     return true
