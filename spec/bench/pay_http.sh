@@ -18,7 +18,7 @@
 # BENCH_SECONDS (5), BENCH_WARMUP (2), (BENCH_PEERS may add "wxd-noorders":
 # the same wxd app with the client's orders off, to show the order step's share), BENCH_CONNS (64), BENCH_THREADS (2),
 # BENCH_STEERING (hash), BENCH_PAY_RATE (notifications generated per second
-# of a run, at least; default 20000, or 2 x the best rate seen so far),
+# of a run, at least; default 30000, or 2 x the best rate seen so far),
 # BENCH_KEEP_TMP.
 set -euo pipefail
 
@@ -29,7 +29,7 @@ CONNS=${BENCH_CONNS:-64}
 THREADS=${BENCH_THREADS:-2}
 PEERS_SPEC=${BENCH_PEERS:-wxd,node}
 START_TIMEOUT=${BENCH_START_TIMEOUT:-15}
-RATE=${BENCH_PAY_RATE:-20000}
+RATE=${BENCH_PAY_RATE:-30000}
 
 BENCH_NAME=bench-pay-http
 # shellcheck source=spec/bench/lib.sh
