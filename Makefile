@@ -36,7 +36,7 @@ LLHTTP_C := api.c http.c llhttp.c
 BUILD ?= build
 OBJ  := $(SRC:core/%.c=$(BUILD)/obj/%.o) $(LLHTTP_C:%.c=$(BUILD)/llhttp/%.o)
 
-.PHONY: all run test lint asan bench bench-watchdog bench-crypto bench-limit bench-mp bench-ws fuzz deps deps-bench deps-bench-mp deps-fuzz deps-spec-node check-deps clean
+.PHONY: all run test lint asan bench bench-watchdog bench-crypto bench-limit bench-mp bench-pay-http bench-ws fuzz deps deps-bench deps-bench-mp deps-fuzz deps-spec-node check-deps clean
 
 all: $(BUILD)/wxd
 
@@ -154,6 +154,7 @@ bench: $(BUILD)/wxd
 	@$(MAKE) --no-print-directory bench-watchdog
 	@$(MAKE) --no-print-directory bench-crypto
 	@$(MAKE) --no-print-directory bench-pay
+	@$(MAKE) --no-print-directory bench-pay-http
 	@$(MAKE) --no-print-directory bench-mp
 	@$(MAKE) --no-print-directory bench-ws
 
@@ -177,6 +178,12 @@ bench-mp: $(BUILD)/wxd deps-bench-mp
 # wxd.pay next to Node's crypto doing the same steps (spec/bench/pay.lua).
 bench-pay: $(BUILD)/wxd
 	$(BUILD)/wxd script spec/bench/pay.lua
+
+# WeChat Pay v3 notifications end to end over HTTP on 2 workers (verified,
+# decrypted, checked against the order and moved to PAID), next to a Node
+# peer verifying and decrypting them with its own crypto (spec/bench/pay_http.sh).
+bench-pay-http: $(BUILD)/wxd
+	WXD=$(BUILD)/wxd spec/bench/pay_http.sh
 
 # AES-256-CBC decrypt and RSA-2048 verify per second, next to `openssl speed`.
 # Cost of a rate-limiter check per request (spec/bench/limit.sh, spec/bench/README.md).

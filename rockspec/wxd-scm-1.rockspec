@@ -48,6 +48,7 @@ build = {
       ["wxd.order"] = "lua/wxd/order.lua",
       ["wxd.pay"] = "lua/wxd/pay.lua",
       ["wxd.pay.notify"] = "lua/wxd/pay/notify.lua",
+      ["wxd.pay.orders"] = "lua/wxd/pay/orders.lua",
       ["wxd.pay.v2"] = "lua/wxd/pay/v2.lua",
       ["wxd.otlp"] = "lua/wxd/otlp.lua",
       ["wxd.redis"] = "lua/wxd/redis.lua",

@@ -1,19 +1,15 @@
--- examples/pay: create a JSAPI / Mini Program payment and hand the page
--- what wx.requestPayment needs.
---
---   WXD_PAY_MCHID=... WXD_PAY_APPID=wx... WXD_PAY_APIV3_KEY=... WXD_PAY_MCH_KEY_FILE=apiclient_key.pem \
---   WXD_PAY_MCH_SERIAL=... build/wxd run examples/pay
+-- examples/pay: WeChat Pay v3 JSAPI / Mini Program payments on the payment
+-- state machine (see README.md here, docs/pay.md and docs/order.md).
 --
 -- POST /orders {"description", "amount_total" (fen), "openid"}
 --   → {"out_trade_no", "prepay_id", "pay_params": {appId, timeStamp, nonceStr, package, signType, paySign}}
---
--- Still to come with the payment state machine (wxd.order): recording the
--- order before the prepay call, POST /pay/notify driving its transitions,
--- GET /orders/:out_trade_no (state and history) and the WebSocket of order
--- updates. Until then this app takes no notifications: acknowledging a
--- payment without recording it would lose it.
+--   The order is recorded (CREATED) before WeChat Pay is asked and is PAYING once it answered.
+-- GET /orders/:out_trade_no → {"out_trade_no", "state", "amount", "history": [{from, to, event, at}, ...]}
+-- POST /pay/notify: WeChat Pay's notifications, verified, checked against the order and applied
+--   (PAID, refunds) before the 204.
 local wxd = require "wxd"
 local pay = require "wxd.pay"
+local order = require "wxd.order"
 local crypto = require "wxd.crypto"
 local log = require "wxd.log"
 local app = require("wxd.app").new()
@@ -57,10 +53,47 @@ app:post("/orders", function(req)
   if not r then
     log.warn("pay: prepay failed", { out_trade_no = no, error = err, code = info and info.code,
       detail = info and info.detail })
+    -- The order stays CREATED (or was never recorded): nothing to undo.
     return 502, { error = "wechat pay unavailable", kind = err, code = info and info.code }
   end
   return { out_trade_no = no, prepay_id = r.prepay_id, pay_params = client:jsapi_params(r.prepay_id) }
 end)
+
+app:get("/orders/:out_trade_no", function(req)
+  local no = req.params.out_trade_no
+  if not no:find("^[%w_%-|*@.]+$") or #no > 64 then return 400, { error = "bad out_trade_no" } end
+  local o, err = order.get(no)
+  if not o then
+    if err == "not found" then return 404, { error = "no such order" } end
+    return 503, { error = "order store unavailable" }
+  end
+  local history = {}
+  for i, e in ipairs(o.history) do history[i] = { from = e.from, to = e.to, event = e.event, at = e.at } end
+  return { out_trade_no = o.out_trade_no, state = o.state, amount = o.amount, currency = o.currency,
+    history = wxd.json.array(history) }
+end)
+
+-- By the time a handler runs, the notification is verified, its order
+-- checked (mchid, appid, amount) and moved durably: this is where the
+-- business goes (ship, tell the customer). Returning true answers 204.
+app:pay_notify("/pay/notify", { client = client }, {
+  ["TRANSACTION.SUCCESS"] = function(tx, _, ctx)
+    log.info("order paid", { out_trade_no = tx.out_trade_no, transaction_id = tx.transaction_id,
+      state = ctx.order and ctx.order.state })
+    return true
+  end,
+  ["REFUND.SUCCESS"] = function(refund)
+    log.info("order refunded", { out_trade_no = refund.out_trade_no, out_refund_no = refund.out_refund_no })
+    return true
+  end,
+})
+
+-- Money that arrived for an order that no longer expected it (paid after it
+-- was closed): recorded in the order's `late` list; reconcile by hand or refund.
+app:order_hooks{ on_late = function(o, ev)
+  log.error("late payment event: reconcile", { out_trade_no = o.out_trade_no, state = o.state, to = ev.to,
+    key = ev.key })
+end }
 
 app:get("/health", function() return { status = "ok" } end)
 

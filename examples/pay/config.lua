@@ -10,8 +10,10 @@
 --   WXD_PAY_PUBLIC_KEY_FILE, WXD_PAY_PUBLIC_KEY_ID   public key mode instead (PUB_KEY_ID_...)
 --   WXD_PAY_API_BASE            default https://api.mch.weixin.qq.com
 --   WXD_PAY_NOTIFY_URL          the public URL of POST /pay/notify
+--   WXD_PAY_ORDER_JOURNAL       where the orders' journal goes (default orders.journal in this directory)
 return {
   listen = "127.0.0.1:8080",
+  order = { journal = env("WXD_PAY_ORDER_JOURNAL", "orders.journal") },
   pay = {
     mchid = env("WXD_PAY_MCHID"),
     appid = env("WXD_PAY_APPID"),

@@ -43,6 +43,7 @@ local crypto = require "wxd.crypto"
 local log = require "wxd.log"
 local json = require "wxd.json"
 local core = require "wxd.core"
+local pay_orders = require "wxd.pay.orders"
 
 local type, error, pairs, ipairs, tostring, tonumber, setmetatable, pcall =
   type, error, pairs, ipairs, tostring, tonumber, setmetatable, pcall
@@ -50,6 +51,8 @@ local floor, abs = math.floor, math.abs
 local format, find, gsub, sub, byte = string.format, string.find, string.gsub, string.sub, string.byte
 local concat, sort = table.concat, table.sort
 local now = core.now
+local monotonic_ms = core.monotonic_ms
+local spawn = require("wxd.task").spawn
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -189,6 +192,7 @@ function _M.client(cfg)
   local window = opt_number(cfg, "timestamp_window", 300, 1, 3600)
   local background = cfg.background
   if background == nil then background = require("wxd.core.shdict").in_server() end
+  local orders = pay_orders.resolve(cfg.orders)
 
   local pems = cfg.platform_cert_pems or {}
   if type(pems) ~= "table" then fail("cfg.platform_cert_pems must be an array of PEM texts", 2) end
@@ -201,14 +205,14 @@ function _M.client(cfg)
     type(cfg.private_key) == "string" and crypto.sha256_hex(cfg.private_key) or tostring(cfg.private_key),
     tostring(pk_id), cfg.public_key and crypto.sha256_hex(cfg.public_key) or "", tostring(use_certs),
     concat(pem_id, ","), tostring(cfg.appid), base, tostring(backup), refresh_s, miss_s, window,
-    tostring(background), json.encode(cfg.timeout or 0), json.encode(cfg.http or {}) }, "|")
+    tostring(background), json.encode(cfg.timeout or 0), json.encode(cfg.http or {}), tostring(cfg.orders) }, "|")
   local c = clients[id]
   if c then return c end
 
   c = setmetatable({ mchid = mchid, serial = cfg.serial:upper(), appid = cfg.appid, key = as_private_key(cfg.private_key),
     apiv3_key = cfg.apiv3_key, api_base = base, backup_base = backup, timeout = cfg.timeout or 10,
     http_opts = cfg.http or {}, use_certs = use_certs, public_key_id = pk_id, cert_refresh_s = refresh_s,
-    miss_refresh_s = miss_s, window = window, prefix = "wxd:pay:" .. mchid .. ":",
+    miss_refresh_s = miss_s, window = window, prefix = "wxd:pay:" .. mchid .. ":", orders = orders,
     certs_rec = nil, cert_keys = {}, static_keys = {}, newest_cert = nil,
     counters = { requests = 0, failovers = 0, cert_fetches = 0, cert_fetch_failures = 0, verify_failures = 0 } },
     Client)
@@ -618,27 +622,46 @@ local function with_ids(self, order, need_appid)
   return body
 end
 
+-- A prepay: the order recorded (CREATED) before WeChat Pay is asked, PAYING
+-- once it answered. A failed prepay leaves the order CREATED: the same
+-- out_trade_no may be tried again (the same fields make create a duplicate).
+local function prepay(self, kind, body)
+  local orders = self.orders
+  if orders then
+    local o, kind_err, info = pay_orders.before_prepay(orders, body)
+    if not o then return nil, kind_err, info end
+  end
+  local r, err, info = self:request("POST", "/v3/pay/transactions/" .. kind, { json = body })
+  if not r then return nil, err, info end
+  if orders then
+    local ok, kind_err, oinfo = pay_orders.after_prepay(orders, body.out_trade_no, kind:upper(), r)
+    if not ok then return nil, kind_err, oinfo end
+  end
+  return r
+end
+
 --- JSAPI / Mini Program prepay: `{ prepay_id }`. order: description,
 -- out_trade_no, notify_url, amount = { total [, currency] }, payer = { openid }, ...
+-- The order is recorded in wxd.order (CREATED, then PAYING); see docs/pay.md.
 function Client:jsapi(order)
   local body = with_ids(self, order, true)
   if type(body.payer) ~= "table" or type(body.payer.openid) ~= "string" then fail("order.payer.openid is needed", 2) end
-  return self:request("POST", "/v3/pay/transactions/jsapi", { json = body })
+  return prepay(self, "jsapi", body)
 end
 
 --- Native prepay: `{ code_url }`.
 function Client:native(order)
-  return self:request("POST", "/v3/pay/transactions/native", { json = with_ids(self, order, true) })
+  return prepay(self, "native", with_ids(self, order, true))
 end
 
 --- App prepay: `{ prepay_id }`.
 function Client:app(order)
-  return self:request("POST", "/v3/pay/transactions/app", { json = with_ids(self, order, true) })
+  return prepay(self, "app", with_ids(self, order, true))
 end
 
 --- H5 prepay: `{ h5_url }` (order.scene_info is required by WeChat Pay).
 function Client:h5(order)
-  return self:request("POST", "/v3/pay/transactions/h5", { json = with_ids(self, order, true) })
+  return prepay(self, "h5", with_ids(self, order, true))
 end
 
 local function path_part(v, what)
@@ -679,7 +702,20 @@ function Client:refund(r)
   if body.amount.currency == nil then
     body.amount = { refund = r.amount.refund, total = r.amount.total, currency = "CNY" }
   end
-  return self:request("POST", "/v3/refund/domestic/refunds", { json = body })
+  -- The order (when named by out_trade_no) is REFUNDING before WeChat Pay
+  -- is asked, so that its notification finds it so.
+  local orders = self.orders and type(r.out_trade_no) == "string" and self.orders or nil
+  local version
+  if orders then
+    local v, kind, info = pay_orders.before_refund(orders, body)
+    if not v then return nil, kind, info end
+    version = v
+  end
+  local res, err, info = self:request("POST", "/v3/refund/domestic/refunds", { json = body })
+  if not res and orders and err == "wechatpay" and not info.retryable then
+    pay_orders.refund_refused(orders, body, version, info)
+  end
+  return res, err, info
 end
 
 --- Refund query by out_refund_no.
@@ -751,7 +787,40 @@ function Notify:receive(req, res)
     return fail_answer(res, kind == "signature" and 401 or 400, kind == "signature" and "bad signature" or kind)
   end
   local ctx = { req = req, client = self.client, path = self.path, version = 3 }
-  local ok, why = self:dispatch(n, ctx)
+  local deadline = monotonic_ms() + self.deadline_ms
+  local orders = self.client.orders
+  if orders then
+    -- The order step runs within the deadline too: a store that hangs
+    -- gets FAIL in time (WeChat Pay retries; the retry is a duplicate).
+    local t = {}
+    local h = spawn(function()
+      local ok, st, a, b = xpcall(pay_orders.apply, debug.traceback, orders, n)
+      if ok then
+        t.status, t.a, t.b = st, a, b
+      else
+        log.error("pay: order step failed", { path = self.path, id = n.id, error = tostring(st) })
+        t.a, t.b = 500, "order step error"
+      end
+      t.finished = true
+    end)
+    if not t.finished then
+      local left = deadline - monotonic_ms()
+      h:wait(left > 0 and left or 0)
+    end
+    if not t.finished then
+      log.warn("pay: order store past the deadline; answered FAIL so that WeChat Pay retries",
+        { path = self.path, id = n.id })
+      return fail_answer(res, 503, "order store slow")
+    end
+    if not t.status then return fail_answer(res, t.a, t.b) end
+    ctx.order, ctx.order_status = t.a, t.status
+    -- Late (recorded for reconciliation) or applied under another id: no
+    -- handler run; WeChat Pay need not repeat it.
+    if t.status == "late" or t.status == "already" then return 204 end
+    -- The order holds the event durably: a handler is optional then.
+    if t.status ~= "none" and not (self.handlers[n.event_type] or self.handlers.default) then return 204 end
+  end
+  local ok, why = self:dispatch(n, ctx, deadline)
   if ok then return 204 end
   return fail_answer(res, 500, why or "not processed")
 end

@@ -12,7 +12,7 @@ local LAYERS = {
   "wxd.json", "wxd.xml", "wxd.crypto", "wxd.timer", "wxd.task", "wxd.shdict",
   "wxd.log", "wxd.lock", "wxd.redis", "wxd.limit", "wxd.retry", "wxd.breaker", "wxd.http", "wxd.otlp", "wxd.ws",
   "wxd.config", "wxd.store", "wxd.order",
-  "wxd.miniprogram", "wxd.wechat", "wxd.mp", "wxd.pay.notify", "wxd.pay.v2", "wxd.pay",
+  "wxd.miniprogram", "wxd.wechat", "wxd.mp", "wxd.pay.notify", "wxd.pay.v2", "wxd.pay.orders", "wxd.pay",
   "wxd.app", "wxd.testing", "wxd.server", "wxd.cli",
 }
 

@@ -58,7 +58,8 @@ describe("wxd.pay against the fake WeChat Pay", function()
 
   local function start_client(extra)
     local e = { PAYCLIENT_DIR = dir, FAKEPAY_MCHID = MCHID, FAKEPAY_APIV3_KEY = APIV3, FAKEPAY_PUBKEY_ID = PUBKEY_ID,
-                PAY_MCH_SERIAL = MCH_SERIAL, PAY_API_BASE = base }
+                PAY_MCH_SERIAL = MCH_SERIAL, PAY_API_BASE = base,
+                PAYCLIENT_JOURNAL = dir .. "/orders-" .. crypto.nonce(8) .. ".journal" }
     for k, v in pairs(extra or {}) do e[k] = v end
     return H.start(H.app("payclient"), { workers = 2, env = env(e) })
   end
@@ -66,6 +67,24 @@ describe("wxd.pay against the fake WeChat Pay", function()
   local function call(srv, method, path, body)
     local r = srv:request(method, path, { ["Content-Type"] = "application/json" }, body and cjson.encode(body))
     return r.status, json(r)
+  end
+
+  -- Orders: prepaid through the merchant app (recorded by wxd.order), read back from it.
+  local seq = 0
+  local function fresh_no(tag)
+    seq = seq + 1
+    return (tag or "O") .. "-" .. seq .. "-" .. crypto.nonce(6)
+  end
+  local function new_order(srv, tag, amount, kind)
+    local no = fresh_no(tag)
+    local st, b = call(srv, "POST", "/prepay/" .. (kind or "jsapi"), { out_trade_no = no, amount = amount })
+    assert.equal(200, st, cjson.encode(b))
+    return no
+  end
+  local function order_of(srv, no)
+    local st, o = call(srv, "GET", "/ctl/order/" .. no)
+    assert.equal(200, st, cjson.encode(o))
+    return o
   end
 
   setup(function()
@@ -116,7 +135,18 @@ describe("wxd.pay against the fake WeChat Pay", function()
       st, b = call(srv, "POST", "/close/O-native")
       assert.equal(200, st, cjson.encode(b))
       assert.equal(true, b.data)
-      ctl("POST", "/_ctl/pay", { out_trade_no = "O-app" })
+      -- Each prepay recorded its order, PAYING once WeChat Pay answered.
+      for _, kind in ipairs({ "jsapi", "native", "app", "h5" }) do
+        local o = order_of(srv, "O-" .. kind)
+        assert.same({ "PAYING", 1, 88, "CNY", MCHID, "wxfakeappid00001" },
+          { o.state, o.version, o.amount, o.currency, o.mchid, o.appid })
+        assert.same({ "CREATED", "PAYING", "PREPAY", "prepay" },
+          { o.history[1].from, o.history[1].to, o.history[1].event, o.history[1].key })
+        assert.equal(kind:upper(), o.history[1].data.trade_type)
+      end
+      assert.equal("oUpF8uMuAJO_M2pxb1Q9zNjWeS6o", order_of(srv, "O-jsapi").payer_openid)
+      assert.same({ 204 }, notify({ out_trade_no = "O-app" }).statuses)
+      assert.equal("PAID", order_of(srv, "O-app").state)
       st, b = call(srv, "POST", "/close/O-app")
       assert.equal(502, st)
       assert.equal("wechatpay", b.error)
@@ -124,6 +154,7 @@ describe("wxd.pay against the fake WeChat Pay", function()
       assert.equal(400, b.info.status)
       st, b = call(srv, "POST", "/refund", { out_trade_no = "O-app", out_refund_no = "R-1", refund = 50, total = 88 })
       assert.equal(200, st, cjson.encode(b))
+      assert.equal("REFUNDING", order_of(srv, "O-app").state)
       st, b = call(srv, "GET", "/refund/R-1")
       assert.equal(200, st)
       assert.equal("PROCESSING", b.data.status)
@@ -161,56 +192,86 @@ describe("wxd.pay against the fake WeChat Pay", function()
       assert.truthy(out:find("Verified OK", 1, true))
     end)
 
-    it("accepts a real notification once and answers 204 after the handler", function()
+    it("accepts a real notification once: PAID (key: the notification id), then the handler, then 204", function()
+      local no = new_order(srv, "REAL")
       local before = calls()
-      local r = notify({ id = "N-real-1" })
+      local r = notify({ id = "N-real-1", out_trade_no = no })
       assert.same({ 204 }, r.statuses)
       local after = calls()
       assert.equal(before.calls + 1, after.calls)
       assert.equal("TRANSACTION.SUCCESS", after.last.event_type)
       assert.equal(MCHID, after.last.data.mchid)
-      -- WeChat Pay's retry of a handled notification: 204, no second call.
-      r = notify({ id = "N-real-1" })
+      assert.same({ "PAID", "ok" }, { after.last.order_state, after.last.order_status })
+      local o = order_of(srv, no)
+      assert.same({ "PAID", 2 }, { o.state, o.version })
+      assert.same({ "PAYING", "PAID", "TRANSACTION.SUCCESS", "N-real-1" },
+        { o.history[2].from, o.history[2].to, o.history[2].event, o.history[2].key })
+      assert.equal(after.last.data.transaction_id, o.history[2].data.transaction_id)
+      -- WeChat Pay's retry of a handled notification: 204, no second call, no second transition.
+      r = notify({ id = "N-real-1", out_trade_no = no })
       assert.same({ 204 }, r.statuses)
       assert.equal(after.calls, calls().calls)
+      assert.equal(2, order_of(srv, no).version)
     end)
 
+    -- Every way a notification can be refused: the status, the message, no
+    -- handler call, the order unchanged (PAYING, version 1).
     for _, case in ipairs({
-      { "forged", 401 }, { "probe", 401 }, { "unknown_serial", 401 }, { "stale", 401 }, { "future", 401 },
-      { "tampered", 400 }, { "wrong_aad", 400 }, { "wrong_nonce", 400 },
+      { "forged", 401, "bad signature" }, { "probe", 401, "bad signature" },
+      { "unknown_serial", 401, "bad signature" }, { "stale", 401, "bad signature" },
+      { "future", 401, "bad signature" }, { "tampered", 400, "decrypt failed" },
+      { "wrong_aad", 400, "decrypt failed" }, { "wrong_nonce", 400, "decrypt failed" },
+      { "amount", 400, "amount mismatch", { amount = { total = 8800 } } },
+      { "currency", 400, "currency mismatch", { amount = { currency = "USD" } } },
+      { "mchid", 400, "mchid mismatch", { mchid = "1900000002" } },
+      { "appid", 400, "appid mismatch", { appid = "wxotherappid00001" } },
+      { "unknown order", 400, "unknown order", { out_trade_no = "NO-SUCH-ORDER" } },
     }) do
-      it("refuses a " .. case[1] .. " notification without calling the handler", function()
+      it("refuses a notification with " .. case[1] .. ": handler not called, order unchanged", function()
+        local no = new_order(srv, "REF")
         local before = calls().calls
-        local r = notify({ kind = case[1] })
+        local kind = case[4] and "real" or case[1]
+        local r = notify({ kind = kind, out_trade_no = no, patch = case[4] })
         assert.same({ case[2] }, r.statuses)
-        assert.equal("FAIL", cjson.decode(r.bodies[1]).code)
+        assert.same({ code = "FAIL", message = case[3] }, cjson.decode(r.bodies[1]))
         assert.equal(before, calls().calls)
+        local o = order_of(srv, no)
+        assert.same({ "PAYING", 1, 0 }, { o.state, o.version, #o.late })
+        assert.equal(404, (call(srv, "GET", "/ctl/order/NO-SUCH-ORDER")))
       end)
     end
 
     it("refuses a replayed notification (same nonce) the second time", function()
+      local no = new_order(srv, "REPLAY")
       local before = calls().calls
-      local r = notify({ kind = "replay" })
+      local r = notify({ kind = "replay", out_trade_no = no })
       assert.same({ 204, 400 }, r.statuses)
       assert.equal("replay", cjson.decode(r.bodies[2]).message)
       assert.equal(before + 1, calls().calls)
+      assert.equal(2, order_of(srv, no).version)
     end)
 
     it("answers 5xx when the handler fails or raises, and 204 on WeChat Pay's retry", function()
+      local no = new_order(srv, "HFAIL")
       call(srv, "POST", "/ctl/handler", { mode = "fail" })
-      local r = notify({ id = "N-fail-1" })
+      local r = notify({ id = "N-fail-1", out_trade_no = no })
       assert.same({ 500 }, r.statuses)
       assert.same({ code = "FAIL", message = "order store down" }, cjson.decode(r.bodies[1]))
+      -- The transition is durable before the handler runs; the retries are duplicates of it.
+      assert.same({ "PAID", 2 }, { order_of(srv, no).state, order_of(srv, no).version })
       call(srv, "POST", "/ctl/handler", { mode = "raise" })
-      assert.same({ 500 }, notify({ id = "N-fail-1" }).statuses)
+      assert.same({ 500 }, notify({ id = "N-fail-1", out_trade_no = no }).statuses)
       call(srv, "POST", "/ctl/handler", { mode = "ok" })
-      assert.same({ 204 }, notify({ id = "N-fail-1" }).statuses)
+      assert.same({ 204 }, notify({ id = "N-fail-1", out_trade_no = no }).statuses)
       assert.equal(3, select(2, call(srv, "GET", "/ctl/calls/N-fail-1")).calls)
+      assert.equal("duplicate", calls().last.order_status)
+      assert.equal(2, order_of(srv, no).version)
     end)
 
-    it("runs the handler once for 20 concurrent deliveries of one notification", function()
+    it("runs the handler once and moves the order once for 20 concurrent deliveries of one notification", function()
+      local no = new_order(srv, "DUP")
       call(srv, "POST", "/ctl/handler", { mode = "slow", delay = 200 })
-      local r = notify({ id = "N-dup-1", copies = 20 })
+      local r = notify({ id = "N-dup-1", copies = 20, out_trade_no = no })
       local n204 = 0
       for _, s in ipairs(r.statuses) do
         assert.truthy(s == 204 or s == 500, tostring(s))
@@ -218,6 +279,85 @@ describe("wxd.pay against the fake WeChat Pay", function()
       end
       assert.truthy(n204 >= 1)
       assert.equal(1, select(2, call(srv, "GET", "/ctl/calls/N-dup-1")).calls)
+      local o = order_of(srv, no)
+      assert.same({ "PAID", 2, 2 }, { o.state, o.version, #o.history })
+    end)
+
+    it("records a success for a CLOSED order as a late event and answers 204 without the handler", function()
+      local no = new_order(srv, "LATE")
+      assert.equal(200, (call(srv, "POST", "/ctl/close_local/" .. no)))
+      local before = calls().calls
+      local r = notify({ id = "N-late-1", out_trade_no = no })
+      assert.same({ 204 }, r.statuses)
+      assert.equal(before, calls().calls)
+      local o = order_of(srv, no)
+      assert.same({ "CLOSED", 2, 1 }, { o.state, o.version, #o.late })
+      assert.same({ "CLOSED", "PAID", "N-late-1", "TRANSACTION.SUCCESS" },
+        { o.late[1].from, o.late[1].to, o.late[1].key, o.late[1].event })
+      assert.truthy(o.late[1].data.transaction_id)
+      -- The retry: 204, still one late record.
+      assert.same({ 204 }, notify({ id = "N-late-1", out_trade_no = no }).statuses)
+      assert.equal(1, #order_of(srv, no).late)
+      assert.truthy(#srv:log_lines("order late event") >= 1)
+    end)
+
+    it("drives PAYERROR to FAILED and refunds through REFUNDING to REFUNDED or REFUND_FAILED", function()
+      local no = new_order(srv, "PE")
+      assert.same({ 204 }, notify({ out_trade_no = no, trade_state = "PAYERROR" }).statuses)
+      assert.equal("FAILED", order_of(srv, no).state)
+      -- A refund made with this client: REFUNDING first, REFUNDED by its notification.
+      local paid = new_order(srv, "RF", 300)
+      assert.same({ 204 }, notify({ out_trade_no = paid }).statuses)
+      local st, b = call(srv, "POST", "/refund", { out_trade_no = paid, out_refund_no = "RF-" .. paid, refund = 300,
+        total = 300 })
+      assert.equal(200, st, cjson.encode(b))
+      assert.equal("REFUNDING", order_of(srv, paid).state)
+      -- A refund notification whose total differs from the order's is refused.
+      local r = notify({ out_refund_no = "RF-" .. paid, patch = { amount = { total = 301 } } })
+      assert.same({ 400 }, r.statuses)
+      assert.equal("REFUNDING", order_of(srv, paid).state)
+      assert.same({ 204 }, notify({ out_refund_no = "RF-" .. paid, id = "N-rf-1" }).statuses)
+      local o = order_of(srv, paid)
+      assert.same({ "REFUNDED", 4 }, { o.state, o.version })
+      assert.same({ "REFUNDING", "REFUNDED", "REFUND.SUCCESS", "N-rf-1" },
+        { o.history[4].from, o.history[4].to, o.history[4].event, o.history[4].key })
+      -- An abnormal refund: REFUND_FAILED.
+      local ab = new_order(srv, "RA", 200)
+      assert.same({ 204 }, notify({ out_trade_no = ab }).statuses)
+      assert.equal(200, (call(srv, "POST", "/refund", { out_trade_no = ab, out_refund_no = "RA-" .. ab, refund = 200,
+        total = 200 })))
+      assert.same({ 204 }, notify({ out_refund_no = "RA-" .. ab, refund_status = "ABNORMAL" }).statuses)
+      assert.equal("REFUND_FAILED", order_of(srv, ab).state)
+      -- A refund of an order that is not paid never reaches WeChat Pay.
+      local unpaid = new_order(srv, "RU")
+      local n0 = ctl("GET", "/_ctl/counts").refund
+      st, b = call(srv, "POST", "/refund", { out_trade_no = unpaid, out_refund_no = "RU-1" })
+      assert.equal(502, st)
+      assert.same({ "order", "order is PAYING" }, { b.error, b.info.detail })
+      assert.equal(n0, ctl("GET", "/_ctl/counts").refund)
+    end)
+
+    it("keeps a failed prepay's order CREATED, so that the same out_trade_no can be tried again", function()
+      local no = fresh_no("RETRY")
+      ctl("POST", "/_ctl/fail", { status = 500, code = "SYSTEM_ERROR", message = "busy", times = 1 })
+      local st, b = call(srv, "POST", "/prepay/jsapi", { out_trade_no = no, amount = 500 })
+      assert.equal(502, st)
+      assert.equal("SYSTEM_ERROR", b.info.code)
+      local o = order_of(srv, no)
+      assert.same({ "CREATED", 0 }, { o.state, o.version })
+      st = call(srv, "POST", "/prepay/jsapi", { out_trade_no = no, amount = 500 })
+      assert.equal(200, st)
+      assert.same({ "PAYING", 1 }, { order_of(srv, no).state, order_of(srv, no).version })
+      -- The same number with another amount is another order: refused before WeChat Pay is asked.
+      local n0 = ctl("GET", "/_ctl/counts").jsapi
+      st, b = call(srv, "POST", "/prepay/jsapi", { out_trade_no = no, amount = 501 })
+      assert.equal(502, st)
+      assert.same({ "order", "exists" }, { b.error, b.info.detail })
+      assert.equal(n0, ctl("GET", "/_ctl/counts").jsapi)
+      -- A paid order is not prepaid again.
+      assert.same({ 204 }, notify({ out_trade_no = no }).statuses)
+      st, b = call(srv, "POST", "/prepay/jsapi", { out_trade_no = no, amount = 500 })
+      assert.same({ 502, "order", "order is PAID" }, { st, b.error, b.info.detail })
     end)
 
     it("routes a v2 XML refund notification on the v3 URL", function()
@@ -265,7 +405,7 @@ describe("wxd.pay against the fake WeChat Pay", function()
       for i = 1, 10 do
         local st, b = call(srv, "GET", "/query/O-jsapi")
         assert.equal(200, st, "call " .. i .. ": " .. cjson.encode(b))
-        assert.same({ 204 }, notify({}).statuses)
+        assert.same({ 204 }, notify({ out_trade_no = new_order(srv, "ROT") }).statuses)
       end
       -- The old one withdrawn: still fine.
       ctl("POST", "/_ctl/state", { published = { 2 }, signer = 2 })
@@ -327,10 +467,12 @@ describe("wxd.pay against the fake WeChat Pay", function()
       local st, b = call(srv, "POST", "/prepay/jsapi", { out_trade_no = "O-pk" })
       assert.equal(200, st, cjson.encode(b))
       assert.equal(PUBKEY_ID, ctl("GET", "/_ctl/last")["wechatpay-serial"])
-      local r = ctl("POST", "/_ctl/notify", { url = "http://127.0.0.1:" .. srv.port .. "/pay/notify", signer = "pubkey" })
+      local r = ctl("POST", "/_ctl/notify", { url = "http://127.0.0.1:" .. srv.port .. "/pay/notify", signer = "pubkey",
+        out_trade_no = "O-pk" })
       assert.same({ 204 }, r.statuses)
       -- A platform certificate means nothing to a public-key-only merchant.
-      r = ctl("POST", "/_ctl/notify", { url = "http://127.0.0.1:" .. srv.port .. "/pay/notify", signer = 1 })
+      r = ctl("POST", "/_ctl/notify", { url = "http://127.0.0.1:" .. srv.port .. "/pay/notify", signer = 1,
+        out_trade_no = new_order(srv, "PK") })
       assert.same({ 401 }, r.statuses)
       assert.is_nil(ctl("GET", "/_ctl/counts").certificates)
       local _, e = call(srv, "POST", "/encrypt")
@@ -349,12 +491,13 @@ describe("wxd.pay against the fake WeChat Pay", function()
       -- WeChat Pay still answers with its certificate...
       ctl("POST", "/_ctl/state", { mode = "certs" })
       assert.equal(200, (call(srv, "POST", "/prepay/native", { out_trade_no = "O-mig-1" })))
-      assert.same({ 204 }, ctl("POST", "/_ctl/notify", { url = nurl, signer = 1 }).statuses)
+      assert.same({ 204 }, ctl("POST", "/_ctl/notify", { url = nurl, signer = 1, out_trade_no = "O-mig-1" }).statuses)
       -- ...then with the public key, which the requests name.
       ctl("POST", "/_ctl/state", { mode = "mixed" })
       assert.equal(200, (call(srv, "POST", "/prepay/native", { out_trade_no = "O-mig-2" })))
-      assert.same({ 204 }, ctl("POST", "/_ctl/notify", { url = nurl, signer = "pubkey" }).statuses)
-      assert.same({ 204 }, ctl("POST", "/_ctl/notify", { url = nurl, signer = 1 }).statuses)
+      assert.same({ 204 }, ctl("POST", "/_ctl/notify", { url = nurl, signer = "pubkey", out_trade_no = "O-mig-2" }).statuses)
+      assert.same({ 204 }, ctl("POST", "/_ctl/notify", { url = nurl, signer = 1,
+        out_trade_no = new_order(srv, "MIG", 100, "native") }).statuses)
     end)
     srv:stop(); srv:cleanup()
     ctl("POST", "/_ctl/state", { mode = "certs", signer = 1, published = { 1 } })
@@ -374,14 +517,15 @@ describe("wxd.pay against the fake WeChat Pay", function()
       H.wait_until(function() return ctl("GET", "/_ctl/counts").certificates > n0 end, 10, "a background download")
       ctl("POST", "/_ctl/state", { signer = 2 })
       assert.equal(200, (call(srv, "GET", "/query/O-bg")))
-      assert.same({ 204 }, ctl("POST", "/_ctl/notify", { url = nurl }).statuses)
+      assert.same({ 204 }, ctl("POST", "/_ctl/notify", { url = nurl, out_trade_no = "O-bg" }).statuses)
       -- The 5-second rule (300 ms here): a slow handler gets FAIL in time, and WeChat Pay's retry 204 once it ended.
       call(srv, "POST", "/ctl/handler", { mode = "slow", delay = 1500 })
-      local r = ctl("POST", "/_ctl/notify", { url = nurl, id = "N-slow" })
+      local slow_no = new_order(srv, "SLOW")
+      local r = ctl("POST", "/_ctl/notify", { url = nurl, id = "N-slow", out_trade_no = slow_no })
       assert.same({ 500 }, r.statuses)
       H.wait_until(function() return select(2, call(srv, "GET", "/ctl/calls")).done >= 2 end, 10, "the slow handler")
       call(srv, "POST", "/ctl/handler", { mode = "ok" })
-      assert.same({ 204 }, ctl("POST", "/_ctl/notify", { url = nurl, id = "N-slow" }).statuses)
+      assert.same({ 204 }, ctl("POST", "/_ctl/notify", { url = nurl, id = "N-slow", out_trade_no = slow_no }).statuses)
       assert.equal(1, select(2, call(srv, "GET", "/ctl/calls/N-slow")).calls)
     end)
     srv:stop(); srv:cleanup()
@@ -402,13 +546,18 @@ describe("wxd.pay against the fake WeChat Pay", function()
         for _, s in ipairs({ a, b }) do assert.equal(200, (call(s, "POST", "/prepay/native", { out_trade_no = "O-r" }))) end
       end
       assert.equal(1, ctl("GET", "/_ctl/counts").certificates)
-      -- The same notification delivered to both processes at once, 10 times each.
+      -- One order in Redis for both: paid through b, refunded through a.
+      assert.same({ 204 }, ctl("POST", "/_ctl/notify", { url = "http://127.0.0.1:" .. b.port .. "/pay/notify",
+        out_trade_no = "O-r" }).statuses)
+      assert.equal(200, (call(a, "POST", "/refund", { out_trade_no = "O-r", out_refund_no = "R-redis" })))
+      assert.equal("REFUNDING", order_of(b, "O-r").state)
+      -- The same refund notification delivered to both processes at once, 10 times each.
       call(a, "POST", "/ctl/handler", { mode = "slow", delay = 300 })
       local http, task = require "wxd.http", require "wxd.task"
       local hs = {}
       for i, s in ipairs({ a, b }) do
         hs[i] = task.spawn(http.post, base .. "/_ctl/notify", cjson.encode({ url = "http://127.0.0.1:" .. s.port
-          .. "/pay/notify", id = "N-redis", copies = 10, event_type = "REFUND.SUCCESS" }), { timeout = 30 })
+          .. "/pay/notify", id = "N-redis", copies = 10, out_refund_no = "R-redis" }), { timeout = 30 })
       end
       local statuses, n204 = {}, 0
       for i = 1, 2 do
@@ -424,24 +573,28 @@ describe("wxd.pay against the fake WeChat Pay", function()
         return select(2, call(a, "GET", "/ctl/calls/N-redis")).calls + select(2, call(b, "GET", "/ctl/calls/N-redis")).calls
       end
       assert.equal(1, runs(), cjson.encode(statuses))
+      local o = order_of(a, "O-r")
+      assert.same({ "REFUNDED", 4, "N-redis" }, { o.state, o.version, o.history[4].key })
       -- WeChat Pay's retry, to either process: 204 without a second run.
       call(a, "POST", "/ctl/handler", { mode = "ok" })
       for _, s in ipairs({ a, b }) do
         assert.same({ 204 }, ctl("POST", "/_ctl/notify", { url = "http://127.0.0.1:" .. s.port .. "/pay/notify",
-          id = "N-redis", event_type = "REFUND.SUCCESS" }).statuses)
+          id = "N-redis", out_refund_no = "R-redis" }).statuses)
       end
       assert.equal(1, runs())
+      assert.equal(4, order_of(b, "O-r").version)
     end)
     a:stop(); a:cleanup()
     b:stop(); b:cleanup()
     assert(ok, err)
   end)
 
-  it("examples/pay creates a JSAPI payment and answers the invoke parameters", function()
+  it("examples/pay: POST /orders, the notification, GET /orders/:no shows PAID with its history", function()
     ctl("POST", "/_ctl/reset")
+    local journal = dir .. "/example-" .. crypto.nonce(6) .. ".journal"
     local srv = H.start(H.ROOT .. "/examples/pay", { workers = 2, env = env({ WXD_PAY_MCHID = MCHID,
       WXD_PAY_APPID = "wxfakeappid00001", WXD_PAY_APIV3_KEY = APIV3, WXD_PAY_MCH_KEY_FILE = dir .. "/mch.key",
-      WXD_PAY_MCH_SERIAL = MCH_SERIAL, WXD_PAY_API_BASE = base }) })
+      WXD_PAY_MCH_SERIAL = MCH_SERIAL, WXD_PAY_API_BASE = base, WXD_PAY_ORDER_JOURNAL = journal }) })
     local ok, err = pcall(function()
       local st, b = call(srv, "POST", "/orders", { description = "Tea", amount_total = 1200,
         openid = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o" })
@@ -457,6 +610,28 @@ describe("wxd.pay against the fake WeChat Pay", function()
       assert.equal(0, code, out)
       assert.equal(400, (call(srv, "POST", "/orders", { amount_total = 1.5, openid = "o1" })))
       assert.equal(400, (call(srv, "POST", "/orders", { amount_total = 100 })))
+      local no = b.out_trade_no
+      local o
+      st, o = call(srv, "GET", "/orders/" .. no)
+      assert.equal(200, st)
+      assert.same({ "PAYING", 1200 }, { o.state, o.amount })
+      -- WeChat Pay notifies the payment (once refused for a wrong amount, then the real one).
+      local nurl = "http://127.0.0.1:" .. srv.port .. "/pay/notify"
+      assert.same({ 400 }, ctl("POST", "/_ctl/notify", { url = nurl, out_trade_no = no,
+        patch = { amount = { total = 1 } } }).statuses)
+      assert.equal("PAYING", select(2, call(srv, "GET", "/orders/" .. no)).state)
+      assert.same({ 204 }, ctl("POST", "/_ctl/notify", { url = nurl, out_trade_no = no, id = "N-ex-1" }).statuses)
+      st, o = call(srv, "GET", "/orders/" .. no)
+      assert.equal(200, st)
+      assert.equal("PAID", o.state)
+      assert.equal(2, #o.history)
+      assert.same({ "CREATED", "PAYING", "PREPAY" }, { o.history[1].from, o.history[1].to, o.history[1].event })
+      assert.same({ "PAYING", "PAID", "TRANSACTION.SUCCESS" }, { o.history[2].from, o.history[2].to, o.history[2].event })
+      assert.truthy(o.history[2].at >= o.history[1].at and o.history[1].at > 1.7e12)
+      assert.is_nil(o.history[2].key) -- the page shows from, to, event, at
+      assert.equal(1, #srv:log_lines("order paid"))
+      assert.equal(404, (call(srv, "GET", "/orders/NOPE")))
+      assert.truthy(H.read_file(journal))
     end)
     srv:stop(); srv:cleanup()
     assert(ok, err)

@@ -7,8 +7,7 @@
 -- spec/bench/pay.lua` (or `make bench-pay`, which `make bench` calls).
 --
 -- In-process on one core each, without HTTP: the end-to-end benchmark on 2
--- workers (and with the state machine's transitions) is still to come
--- (docs/pay.md). Each notification is distinct (WeChat Pay signs each
+-- workers (with the state machine's transitions) is spec/bench/pay_http.sh. Each notification is distinct (WeChat Pay signs each
 -- delivery with its own nonce), made once before the rounds; each wxd
 -- round uses another merchant id, so that its nonces are new to the store.
 --

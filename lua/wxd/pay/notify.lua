@@ -53,8 +53,8 @@ end
 -- workers: a store claim), and not again once it succeeded (a record kept
 -- for 25 h, WeChat Pay's retry span). A duplicate that arrives while a run
 -- goes on waits for it within the deadline.
-function _M.dispatch(self, n, ctx)
-  local deadline = monotonic_ms() + self.deadline_ms
+function _M.dispatch(self, n, ctx, deadline)
+  deadline = deadline or monotonic_ms() + self.deadline_ms
   local id = type(n.id) == "string" and n.id ~= "" and n.id or crypto.sha256_hex(json.encode(n.data))
   local key = self.prefix .. "notify:" .. crypto.sha256_hex(id)
   local t = { done_key = key .. ":done", run_key = key .. ":run" }
