@@ -95,6 +95,10 @@ app:order_hooks{ on_late = function(o, ev)
     key = ev.key })
 end }
 
+-- GET /orders/:out_trade_no/live (a page) and GET /ws/orders/:out_trade_no
+-- (the order, then each change, over a WebSocket): see live.lua.
+require("live").mount(app)
+
 app:get("/health", function() return { status = "ok" } end)
 
 return app
