@@ -7,6 +7,7 @@
 -- GET /orders/:out_trade_no → {"out_trade_no", "state", "amount", "history": [{from, to, event, at}, ...]}
 -- POST /pay/notify: WeChat Pay's notifications, verified, checked against the order and applied
 --   (PAID, refunds) before the 204.
+-- GET /orders/:out_trade_no/live and GET /ws/orders/:out_trade_no: the live order page (live.lua).
 local wxd = require "wxd"
 local pay = require "wxd.pay"
 local order = require "wxd.order"
