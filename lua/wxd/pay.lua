@@ -141,6 +141,69 @@ local function check_base(name, base)
   return (gsub(base, "/+$", ""))
 end
 
+-- WeChat Pay limits calls per merchant and per API (FREQUENCY_LIMITED); the
+-- client holds back a burst before it reaches them. Defaults only stop
+-- runaway loops; set cfg.quota to the merchant's real limits.
+local DEFAULT_QUOTA = { mchid = { rate = 1000, burst = 2000 }, api = { rate = 500, burst = 1000 }, wait = 1 }
+
+-- The client's limiters from cfg.quota (nil: the defaults; false: none).
+local function check_quota(q, mchid)
+  if q == false then return nil end
+  if q == nil then q = DEFAULT_QUOTA end
+  if type(q) ~= "table" then fail("cfg.quota must be a table or false", 3) end
+  local limit = require "wxd.limit"
+  local out = { wait = q.wait or DEFAULT_QUOTA.wait }
+  if type(out.wait) ~= "number" or out.wait < 0 then fail("cfg.quota.wait must be seconds >= 0", 3) end
+  for _, scope in ipairs({ "mchid", "api" }) do
+    local sc = q[scope] or DEFAULT_QUOTA[scope]
+    if type(sc) ~= "table" or type(sc.rate) ~= "number" or type(sc.burst) ~= "number" then
+      fail("cfg.quota." .. scope .. " must be { rate = n, burst = n }", 3)
+    end
+    -- Named by the settings too: clients of one merchant with other quotas do not share them.
+    local name = string.format("pay:%s:%s:%g:%g", scope, mchid, sc.rate, sc.burst)
+    out[scope .. "_limiter"] = limit.new(name, { rate = sc.rate, burst = sc.burst, redis = q.redis })
+  end
+  return out
+end
+
+-- The API a path names, without the ids in it: per-API quotas count
+-- /v3/pay/transactions/out-trade-no/A and .../B as one API.
+local ID_AFTER = { ["out-trade-no"] = true, id = true, refunds = true, ["sub-mchid"] = true }
+local function api_of(method, path)
+  local parts, prev = {}, nil
+  for seg in (path:match("^[^?]*")):gmatch("[^/]+") do
+    parts[#parts + 1] = (prev and ID_AFTER[prev] and seg ~= "close") and ":id" or seg
+    prev = seg
+  end
+  return method .. " /" .. concat(parts, "/")
+end
+_M.api_of = api_of
+
+--- Takes one call of the quotas (merchant, then API), waiting up to
+-- quota.wait seconds in all for a turn: true, or nil, "quota",
+-- { scope = "mchid"|"api", retry_after = seconds } with nothing sent.
+function Client:take_quota(method, path)
+  local q = self.quota
+  if not q then return true end
+  local deadline = monotonic_ms() + q.wait * 1000
+  for i = 1, 2 do
+    local lim, key, scope = q.mchid_limiter, self.mchid, "mchid"
+    if i == 2 then lim, key, scope = q.api_limiter, api_of(method, path), "api" end
+    while true do
+      local ok, _, _, after = lim:take(key)
+      -- A limiter that cannot answer (Redis down) does not stop calls.
+      if ok ~= false then break end
+      if monotonic_ms() + after * 1000 > deadline then
+        self.counters.quota_refusals = self.counters.quota_refusals + 1
+        return nil, "quota", { scope = scope, retry_after = after }
+      end
+      self.counters.quota_waits = self.counters.quota_waits + 1
+      core.sleep(math.ceil(after * 1000))
+    end
+  end
+  return true
+end
+
 --- A client for one merchant. Clients are cached per Lua state: the same
 -- settings give the same client.
 -- @tparam table cfg
@@ -205,7 +268,8 @@ function _M.client(cfg)
     type(cfg.private_key) == "string" and crypto.sha256_hex(cfg.private_key) or tostring(cfg.private_key),
     tostring(pk_id), cfg.public_key and crypto.sha256_hex(cfg.public_key) or "", tostring(use_certs),
     concat(pem_id, ","), tostring(cfg.appid), base, tostring(backup), refresh_s, miss_s, window,
-    tostring(background), json.encode(cfg.timeout or 0), json.encode(cfg.http or {}), tostring(cfg.orders) }, "|")
+    tostring(background), json.encode(cfg.timeout or 0), json.encode(cfg.http or {}), tostring(cfg.orders),
+    tostring(cfg.quota) }, "|")
   local c = clients[id]
   if c then return c end
 
@@ -214,7 +278,8 @@ function _M.client(cfg)
     http_opts = cfg.http or {}, use_certs = use_certs, public_key_id = pk_id, cert_refresh_s = refresh_s,
     miss_refresh_s = miss_s, window = window, prefix = "wxd:pay:" .. mchid .. ":", orders = orders,
     certs_rec = nil, cert_keys = {}, static_keys = {}, newest_cert = nil,
-    counters = { requests = 0, failovers = 0, cert_fetches = 0, cert_fetch_failures = 0, verify_failures = 0 } },
+    counters = { requests = 0, failovers = 0, cert_fetches = 0, cert_fetch_failures = 0, verify_failures = 0,
+      quota_waits = 0, quota_refusals = 0 }, quota = check_quota(cfg.quota, mchid) },
     Client)
   if pk_id then
     local k, err = crypto.load_public_key(cfg.public_key)
@@ -546,6 +611,8 @@ function Client:request(method, path, opts)
     if not ok then fail("json body cannot be encoded: " .. tostring(enc), 2) end
     body = enc
   end
+  local qok, qkind, qinfo = self:take_quota(method:upper(), path)
+  if not qok then return nil, qkind, qinfo end
   local res, kind, info = self:send(method:upper(), url_path, body, opts.serial)
   if not res then return nil, kind, info end
   if (res.status < 200 or res.status > 299) and header(res.headers, "wechatpay-signature") == nil then

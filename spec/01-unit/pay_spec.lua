@@ -60,6 +60,21 @@ local function notification_body(plain, aad, nonce)
       nonce = nonce, ciphertext = crypto.base64_encode(crypto.aes_gcm_encrypt(APIV3, nonce, plain, aad)) } })
 end
 
+describe("wxd.pay quotas", function()
+  it("count an API once whatever ids its path carries", function()
+    local api_of = require("wxd.pay").api_of
+    assert.equal("GET /v3/pay/transactions/out-trade-no/:id", api_of("GET", "/v3/pay/transactions/out-trade-no/A1"))
+    assert.equal(api_of("GET", "/v3/pay/transactions/out-trade-no/A1"),
+      api_of("GET", "/v3/pay/transactions/out-trade-no/B2?mchid=1900000001"))
+    assert.equal("POST /v3/pay/transactions/out-trade-no/:id/close",
+      api_of("POST", "/v3/pay/transactions/out-trade-no/A1/close"))
+    assert.equal("GET /v3/pay/transactions/id/:id", api_of("GET", "/v3/pay/transactions/id/4200001"))
+    assert.equal("GET /v3/refund/domestic/refunds/:id", api_of("GET", "/v3/refund/domestic/refunds/R1"))
+    assert.equal("POST /v3/refund/domestic/refunds", api_of("POST", "/v3/refund/domestic/refunds"))
+    assert.are_not.equal(api_of("GET", "/v3/certificates"), api_of("POST", "/v3/pay/transactions/jsapi"))
+  end)
+end)
+
 describe("wxd.pay.v2 signatures", function()
   local sample = { appid = "wxd930ea5d5a258f4f", body = "test", device_info = "1000", mch_id = "10000100",
                    nonce_str = "ibuaiVcKdpRxkhJA" }

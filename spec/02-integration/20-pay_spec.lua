@@ -447,6 +447,31 @@ describe("wxd.pay against the fake WeChat Pay", function()
     assert(ok, err)
   end)
 
+  it("holds back calls over its quota per API (ids not counted apart), sending nothing", function()
+    ctl("POST", "/_ctl/reset")
+    local srv = start_client({ PAY_QUOTA_API_BURST = "2" })
+    local ok, err = pcall(function()
+      for i = 1, 2 do
+        local st, b = call(srv, "GET", "/query/O-quota-" .. i)
+        assert.is_not.equal("quota", b.error, cjson.encode(b))
+        assert.truthy(st)
+      end
+      local st, b = call(srv, "GET", "/query/O-quota-3")
+      assert.equal(502, st)
+      assert.equal("quota", b.error)
+      assert.equal("api", b.info.scope)
+      assert.truthy(b.info.retry_after > 0)
+      assert.equal(2, tonumber(ctl("GET", "/_ctl/counts").query)) -- the third never left
+      -- Another API has its own quota.
+      local _, c = call(srv, "POST", "/close/O-quota-1")
+      assert.is_not.equal("quota", c.error, cjson.encode(c))
+      assert.equal(1, tonumber(ctl("GET", "/_ctl/counts").close))
+      assert.equal(1, select(2, call(srv, "GET", "/stats")).quota_refusals)
+    end)
+    srv:stop(); srv:cleanup()
+    assert(ok, err)
+  end)
+
   it("fails over to the backup host when the primary cannot be reached", function()
     ctl("POST", "/_ctl/reset")
     local srv = start_client({ PAY_API_BASE = "http://127.0.0.1:" .. H.free_port(), PAY_BACKUP_BASE = base })
