@@ -86,6 +86,8 @@ typedef struct wxd_worker {
   atomic_uint_fast64_t progress; /* coroutine resumes that returned (vm.c) */
   uint64_t seen_progress;       /* main: progress at its last look */
   uint64_t alive_ns;            /* main: when it last saw progress move */
+  uint64_t seen_beat;           /* main: beat_ns at its last look */
+  uint64_t cpu_at_alive;        /* main: the thread's CPU time when last seen alive (0: unknown) */
   atomic_uint pokes;            /* main: signals sent */
   atomic_uint described;        /* handler: the poke stall_desc answers */
   char stall_desc[512];         /* JSON fragment: what the stuck loop runs */

@@ -2,6 +2,7 @@
 #include "watchdog.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -201,6 +202,24 @@ static void recovered(wxd_server_t *s, wxd_worker_t *w, uint64_t now) {
   if (s->n >= 2 && !s->stopping) wxd_steer_exclude(&s->steer, w->id, 0);
 }
 
+/* CPU time the worker's thread has used, in ns; 0 when unknown. */
+static uint64_t thread_cpu_ns(wxd_worker_t *w) {
+  clockid_t cid;
+  struct timespec ts;
+  if (pthread_getcpuclockid(w->thread, &cid) != 0 || clock_gettime(cid, &ts) != 0) return 0;
+  return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec + 1;
+}
+
+/* Stuck: no turn for the stall time while the thread kept the CPU busy (a
+ * loop), or no turn for three stall times whatever it did (blocked in a
+ * call). A worker that did not get the CPU at all (an overloaded machine,
+ * a paused VM) is late, not stuck: replacing it would not help. */
+static int looks_stuck(const wxd_watchdog_t *wd, const wxd_worker_t *w, uint64_t beat, uint64_t now, uint64_t cpu) {
+  if (beat == 0 || now <= beat || now - beat < wd->stall_ns) return 0;
+  if (now - beat >= 3 * wd->stall_ns || cpu == 0 || w->cpu_at_alive == 0) return 1;
+  return cpu > w->cpu_at_alive && (cpu - w->cpu_at_alive) * 2 >= wd->stall_ns;
+}
+
 static void on_watch(uv_timer_t *t) {
   wxd_server_t *s = t->data;
   wxd_watchdog_t *wd = s->watchdog;
@@ -216,6 +235,11 @@ static void on_watch(uv_timer_t *t) {
     int moved_on = progress != w->seen_progress;
     w->seen_progress = progress;
     if (moved_on) w->alive_ns = now;
+    uint64_t cpu = thread_cpu_ns(w);
+    if (moved_on || beat != w->seen_beat) {
+      w->seen_beat = beat;
+      w->cpu_at_alive = cpu;
+    }
     if (beat != 0 && w->alive_ns > beat) beat = w->alive_ns;
     if (w->stalled) {
       if (beat != w->stall_began_ns) {
@@ -226,7 +250,7 @@ static void on_watch(uv_timer_t *t) {
       wd->moved += move_backlog(s, w);
       continue;
     }
-    if (beat != 0 && now > beat && now - beat >= wd->stall_ns) {
+    if (looks_stuck(wd, w, beat, now, cpu)) {
       stall(s, w, beat, now);
       stuck++;
     }
