@@ -40,6 +40,12 @@ describe("hot reload", function()
 
   local function start(workers)
     srv = H.start(app, { workers = workers or 2, pid = true, args = "--admin 127.0.0.1:" .. admin_port })
+    -- H.start waits for the app's port; the admin listener may come a moment later.
+    H.wait_until(function()
+      local c = socket.connect("127.0.0.1", admin_port)
+      if c then c:close() end
+      return c ~= nil
+    end, 10, "the admin listener")
   end
 
   it("switches to the edited code with `wxd reload`, which reports the new generation", function()
