@@ -43,6 +43,10 @@ static const char usage[] =
     "                      with the same command line takes the ports, the old one\n"
     "                      drains and exits; exit 0 once the new one serves\n"
     "  check [APPDIR]      load the app and its config once, report errors, exit\n"
+    "  new DIR             create an app in DIR (app.lua, config.lua, handlers/,\n"
+    "                      spec/ with a passing spec, .gitignore)\n"
+    "  test [PATHS] [OPTS] run an app's busted specs (default: spec/) inside the\n"
+    "                      runtime; wxd.testing loads the app and sends requests\n"
     "  script FILE [ARGS]  run a Lua file inside the runtime (event loop and\n"
     "                      native modules available; used to run the specs);\n"
     "                      a number returned by the file is the exit code\n"
@@ -100,6 +104,19 @@ static const struct {
      "new binary or a change a reload cannot apply. Exit 0 once the new process\n"
      "serves (at most SECONDS, default 60), 1 when none took over (the old one\n"
      "keeps serving; its log says why).\n"},
+    {"new",
+     "usage: wxd new DIR\n"
+     "\n"
+     "Creates an app in DIR (made if missing; refused when it has an app.lua):\n"
+     "app.lua, config.lua, handlers/hello.lua, spec/hello_spec.lua and a\n"
+     ".gitignore for pid and status files. Then: cd DIR && wxd dev; wxd test.\n"},
+    {"test",
+     "usage: wxd test [PATHS] [busted options]\n"
+     "\n"
+     "Runs busted specs (default: spec/ in the current directory) inside the\n"
+     "runtime, so that they can require wxd and its native modules and wait with\n"
+     "wxd.sleep; wxd.testing.app(\".\") loads the app to send it requests.\n"
+     "Exit 0 when every spec passed, 1 otherwise. Needs busted (lua-busted).\n"},
     {"script",
      "usage: wxd script FILE [ARGS]\n"
      "\n"
@@ -134,7 +151,9 @@ static int file_exists(const char *p) {
 }
 
 /* The Lua library: $WXD_LUA_DIR, else ../lua next to the binary (a build
- * tree), else nothing and package.path finds an installed copy. */
+ * tree), else ../share/lua/5.1 next to it (where `luarocks make` installs
+ * the library of a binary in a rock tree's bin/: the system tree, --local
+ * or --tree), else nothing and package.path finds an installed copy. */
 static void find_lua_dir(char *out, size_t cap) {
   out[0] = 0;
   const char *env = getenv("WXD_LUA_DIR");
@@ -149,13 +168,15 @@ static void find_lua_dir(char *out, size_t cap) {
   char *slash = strrchr(exe, '/');
   if (!slash) return;
   *slash = 0;
-  /* build/wxd and build/asan/wxd both find the source tree's lua/. */
-  static const char *const ups[] = {"..", "../.."};
-  for (size_t i = 0; i < sizeof ups / sizeof ups[0]; i++) {
-    char cand[PATH_MAX + 32];
-    snprintf(cand, sizeof cand, "%s/%s/lua/wxd/init.lua", exe, ups[i]);
+  /* build/wxd and build/asan/wxd both find the source tree's lua/; an
+   * installed binary finds its rock tree's share/lua/5.1 (LuaRocks puts
+   * the module "wxd" there as wxd.lua, the others under wxd/). */
+  static const char *const dirs[] = {"../lua", "../../lua", "../share/lua/5.1"};
+  for (size_t i = 0; i < sizeof dirs / sizeof dirs[0]; i++) {
+    char cand[PATH_MAX + 40];
+    snprintf(cand, sizeof cand, "%s/%s/wxd/server.lua", exe, dirs[i]);
     if (!file_exists(cand)) continue;
-    snprintf(cand, sizeof cand, "%s/%s/lua", exe, ups[i]);
+    snprintf(cand, sizeof cand, "%s/%s", exe, dirs[i]);
     if (!realpath(cand, out)) out[0] = 0;
     return;
   }
@@ -363,7 +384,7 @@ static int run_chunk(wxd_vm_t *vm, uv_loop_t *loop, int argc, char **argv) {
   return st.exit_code;
 }
 
-/* Commands written in Lua (lua/wxd/cli.lua): `wxd reload`. */
+/* Commands written in Lua (lua/wxd/cli.lua): reload, restart, new, test. */
 static int cmd_lua_cli(const char *name, int argc, char **argv) {
   char lua_dir[PATH_MAX];
   find_lua_dir(lua_dir, sizeof lua_dir);
@@ -434,6 +455,8 @@ int main(int argc, char **argv) {
   if (strcmp(argv[1], "check") == 0) return cmd_run(argc - 2, argv + 2, MODE_CHECK, argv);
   if (strcmp(argv[1], "reload") == 0) return cmd_lua_cli("reload", argc - 2, argv + 2);
   if (strcmp(argv[1], "restart") == 0) return cmd_lua_cli("restart", argc - 2, argv + 2);
+  if (strcmp(argv[1], "new") == 0) return cmd_lua_cli("new", argc - 2, argv + 2);
+  if (strcmp(argv[1], "test") == 0) return cmd_lua_cli("test", argc - 2, argv + 2);
   if (strcmp(argv[1], "script") == 0) return cmd_script(argc - 2, argv + 2);
   fprintf(stderr, "wxd: unknown command \"%s\" (see wxd --help)\n", argv[1]);
   return 2;
