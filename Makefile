@@ -13,8 +13,9 @@ DEB_BUILD := build-essential pkg-config libluajit2-5.1-dev luajit2 libuv1-dev no
              libssl-dev libhiredis-dev lua-cjson-dev libexpat1-dev
 # nodejs and nginx are independent peers of specs (AES-GCM against Node's
 # crypto, the client's TLS pool against nginx); python3 parses log lines;
-# lua-check is luacheck, for `make lint`.
-DEB_TEST  := lua-busted lua-socket redis-server curl openssl wrk nodejs nginx python3 lua-check chromium
+# lua-check is luacheck, for `make lint`; luarocks installs the rock in a
+# spec (spec/02-integration/25-first_hour_spec.lua).
+DEB_TEST  := lua-busted lua-socket redis-server curl openssl wrk nodejs nginx python3 lua-check chromium luarocks
 DEB_BENCH := wrk nginx libnginx-mod-http-lua lua-cjson
 DEB_FUZZ  := clang
 

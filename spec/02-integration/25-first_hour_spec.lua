@@ -1,0 +1,119 @@
+-- A new app writer's first hour: wxd installed with LuaRocks into a tree of
+-- its own runs from anywhere without WXD_LUA_DIR; `wxd new` makes an app
+-- whose spec `wxd test` passes; the installed binary serves it.
+local H = require "helpers"
+
+-- Runs a command with no WXD_LUA_DIR, from directory `dir`.
+local function sh_in(dir, cmd)
+  return H.sh("cd " .. dir .. " && env -u WXD_LUA_DIR " .. cmd)
+end
+
+describe("wxd installed with luarocks", function()
+  local tree, work, bin
+
+  setup(function()
+    tree = H.tmpdir()
+    work = H.tmpdir()
+    bin = tree .. "/bin/wxd"
+  end)
+
+  teardown(function()
+    os.execute("rm -rf " .. tree .. " " .. work)
+  end)
+
+  it("installs into a tree, makes an app, tests it and serves it from another directory", function()
+    local out, rc = H.sh("command -v luarocks")
+    assert(rc == 0, "luarocks is not installed (make deps installs it): " .. out)
+    -- Debian's luarocks defaults to Lua 5.2: the rock is for 5.1 (LuaJIT).
+    out, rc = H.sh("luarocks --lua-version=5.1 make --tree " .. tree .. " rockspec/wxd-scm-1.rockspec")
+    assert(rc == 0, "luarocks make failed:\n" .. out)
+    assert.truthy(H.read_file(tree .. "/share/lua/5.1/wxd/server.lua"), "the Lua library is not in the tree")
+
+    out, rc = sh_in(work, bin .. " new shop")
+    assert(rc == 0, "wxd new failed:\n" .. out)
+    for _, f in ipairs({ "app.lua", "config.lua", "handlers/hello.lua", "spec/hello_spec.lua", ".gitignore" }) do
+      assert.truthy(H.read_file(work .. "/shop/" .. f), "wxd new did not write " .. f)
+    end
+    assert.matches("%*%.pid", H.read_file(work .. "/shop/.gitignore"))
+
+    out, rc = sh_in(work .. "/shop", bin .. " check")
+    assert(rc == 0, "wxd check failed:\n" .. out)
+    out, rc = sh_in(work .. "/shop", bin .. " test")
+    assert(rc == 0, "wxd test failed:\n" .. out)
+    assert.matches("2 successes / 0 failures", out)
+
+    -- A failing spec fails `wxd test`.
+    H.write_file(work .. "/shop/spec/broken_spec.lua",
+      'describe("x", function() it("fails", function() assert.equal(1, 2) end) end)\n')
+    out, rc = sh_in(work .. "/shop", bin .. " test")
+    assert.equal(1, rc, out)
+    assert.matches("1 failure", out)
+    -- Paths select the specs.
+    out, rc = sh_in(work .. "/shop", bin .. " test spec/hello_spec.lua")
+    assert(rc == 0, out)
+
+    -- Served by the installed binary, started from another directory.
+    local saved = H.WXD
+    H.WXD = bin
+    local ok, srv = pcall(H.start, work .. "/shop", { env = "env -u WXD_LUA_DIR -C " .. tree })
+    H.WXD = saved
+    assert(ok, srv)
+    local r = srv:get("/hello/installed")
+    local r2 = srv:get("/")
+    srv:stop()
+    srv:cleanup()
+    assert.equal(200, r.status)
+    assert.equal('{"hello":"installed"}', r.body)
+    assert.equal("hello from wxd\n", r2.body)
+  end)
+
+  it("refuses to overwrite an app", function()
+    local dir = H.tmpdir()
+    H.write_file(dir .. "/app.lua", "return 1\n")
+    local out, rc = H.sh(H.WXD .. " new " .. dir)
+    os.execute("rm -rf " .. dir)
+    assert.equal(1, rc)
+    assert.matches("already has an app.lua", out)
+  end)
+end)
+
+describe("load-time messages", function()
+  local dir
+  before_each(function() dir = H.tmpdir() end)
+  after_each(function() os.execute("rm -rf " .. dir) end)
+
+  it("says the app is still loading when app.lua waits at its top level", function()
+    H.write_file(dir .. "/app.lua", 'require("wxd").sleep(1)\nreturn require("wxd.app").new()\n')
+    local out, rc = H.sh(H.WXD .. " check " .. dir)
+    assert.equal(1, rc)
+    assert.matches("wxd.sleep: cannot wait while the app is still loading", out, 1, true)
+    assert.matches("app.lua:1", out, 1, true)
+  end)
+
+  it("lets a timer started at load wait", function()
+    H.write_file(dir .. "/app.lua", [[
+local wxd = require "wxd"
+local app = require("wxd.app").new()
+local state = "loading"
+wxd.timer.after(0, function() wxd.sleep(1) state = "slept" end)
+app:get("/state", function() return state end)
+return app
+]])
+    local srv = H.start(dir)
+    local got = H.wait_until(function()
+      local r = srv:get("/state")
+      return r.body == "slept" and r.body
+    end, 10, "the timer to sleep")
+    srv:stop()
+    srv:cleanup()
+    assert.equal("slept", got)
+  end)
+
+  it("says config files are sandboxed when config.lua requires a module", function()
+    H.write_file(dir .. "/app.lua", 'return require("wxd.app").new()\n')
+    H.write_file(dir .. "/config.lua", 'local x = require "socket"\nreturn {}\n')
+    local out, rc = H.sh(H.WXD .. " check " .. dir)
+    assert.equal(1, rc)
+    assert.matches('config.lua:1: require("socket"): config files are sandboxed', out, 1, true)
+  end)
+end)
