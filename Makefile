@@ -213,10 +213,10 @@ build/fuzz/xml_fuzz: spec/fuzz/xml_fuzz.c core/xml.c core/xml.h core/buf.c core/
 	$(FUZZ_CC) -std=c11 -D_GNU_SOURCE $(WARN) -g -O1 -fsanitize=fuzzer,address,undefined \
 	  -I$(LUAJIT_INC) -Icore -o $@ $< core/xml.c core/buf.c $(LIBDIR)/libluajit-5.1.a -lexpat -ldl -lm
 
-build/fuzz/json_fuzz: spec/fuzz/json_fuzz.c core/json.c core/json.h core/log.c core/log.h | deps-fuzz
+build/fuzz/json_fuzz: spec/fuzz/json_fuzz.c core/json.c core/json.h core/log.c core/log.h core/logtext.c core/logtext.h | deps-fuzz
 	@mkdir -p $(dir $@)
 	$(FUZZ_CC) -std=c11 -D_GNU_SOURCE $(WARN) -g -O1 -fsanitize=fuzzer,address,undefined \
-	  -I$(LUAJIT_INC) -Icore -o $@ $< core/json.c core/log.c $(LIBDIR)/libluajit-5.1.a -lpthread -ldl -lm
+	  -I$(LUAJIT_INC) -Icore -o $@ $< core/json.c core/log.c core/logtext.c $(LIBDIR)/libluajit-5.1.a -lpthread -ldl -lm
 
 clean:
 	rm -rf build

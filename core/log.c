@@ -1,5 +1,6 @@
 /* log: see log.h. */
 #include "log.h"
+#include "logtext.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -29,7 +30,7 @@ const char *wxd_log_level_name(int level) {
   return level >= 0 && level < 4 ? level_names[level] : "info";
 }
 
-static void write_all(const char *p, size_t len) {
+static void write_raw(const char *p, size_t len) {
   pthread_mutex_lock(&log_mutex);
   while (len > 0) {
     ssize_t n = write(STDERR_FILENO, p, len);
@@ -41,6 +42,44 @@ static void write_all(const char *p, size_t len) {
     len -= (size_t)n;
   }
   pthread_mutex_unlock(&log_mutex);
+}
+
+/* Text format (`wxd dev`, WXD_LOG_FORMAT=text): lines are built as JSON
+ * and turned into text just before the write (core/logtext.h), so every
+ * writer of log lines gets it. Set before threads start. */
+static int log_text_format;
+
+void wxd_log_set_text_format(int on) { log_text_format = on; }
+
+static void write_all(const char *p, size_t len) {
+  if (!log_text_format) {
+    write_raw(p, len);
+    return;
+  }
+  size_t lines = 1;
+  for (size_t i = 0; i < len; i++) lines += p[i] == '\n';
+  /* An escaped newline ("\n", 2 bytes) becomes a newline and an indent of 4. */
+  size_t cap = 3 * len + 256 * lines;
+  char *buf = malloc(cap);
+  if (!buf) {
+    write_raw(p, len);
+    return;
+  }
+  size_t o = 0;
+  for (size_t i = 0; i < len;) {
+    const char *nl = memchr(p + i, '\n', len - i);
+    size_t ll = nl ? (size_t)(nl - (p + i)) : len - i;
+    size_t n = wxd_log_text(p + i, ll, buf + o, cap - o);
+    if (n == 0) { /* not ours, or too long: as it is */
+      memcpy(buf + o, p + i, ll);
+      n = ll;
+      buf[o + n++] = '\n';
+    }
+    o += n;
+    i += ll + 1;
+  }
+  write_raw(buf, o);
+  free(buf);
 }
 
 /* Length of the well-formed UTF-8 sequence at p (Unicode 15, table 3-7),

@@ -1,11 +1,14 @@
 /* main: the command line. */
 #include <lauxlib.h>
 #include <luajit.h>
+#include <dirent.h>
 #include <limits.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "log.h"
@@ -58,6 +61,7 @@ static const char usage[] =
     "  WXD_LUA_DIR         where the wxd Lua library lives (default: next to the binary)\n"
     "  WXD_LOG_LEVEL       debug, info, warn or error (overrides config log.level)\n"
     "  WXD_ACCESS_LOG      off to disable the access log\n"
+    "  WXD_LOG_FORMAT      json (default) or text (default of wxd dev)\n"
     "  WXD_WATCHDOG        off to stop watching for stuck workers (docs/runaway.md)\n"
     "\n"
     "signals: SIGTERM/SIGINT stop gracefully, SIGHUP reloads the app, SIGUSR2\n"
@@ -204,6 +208,59 @@ static int prepare_app(wxd_config_t *cfg, const char *appdir) {
 
 enum { MODE_RUN, MODE_CHECK, MODE_DEV };
 
+/* A fingerprint of the Lua files under dir (their names' lengths, sizes
+ * and modification times), to notice a change without a running server. */
+static unsigned long long lua_files_fingerprint(const char *dir, int depth) {
+  unsigned long long h = 1469598103934665603ULL;
+  DIR *d = depth <= 6 ? opendir(dir) : NULL;
+  if (!d) return h;
+  struct dirent *de;
+  while ((de = readdir(d)) != NULL) {
+    /* As the dev watcher: hidden folders, dependencies and build output are not app code. */
+    if (de->d_name[0] == '.' || strcmp(de->d_name, "node_modules") == 0 || strcmp(de->d_name, "build") == 0)
+      continue;
+    char sub[PATH_MAX];
+    if (snprintf(sub, sizeof sub, "%s/%s", dir, de->d_name) >= (int)sizeof sub) continue;
+    struct stat st;
+    if (lstat(sub, &st) != 0) continue;
+    size_t n = strlen(de->d_name);
+    if (S_ISDIR(st.st_mode)) {
+      h = (h ^ lua_files_fingerprint(sub, depth + 1)) * 1099511628211ULL;
+    } else if (n > 4 && strcmp(de->d_name + n - 4, ".lua") == 0) {
+      unsigned long long v[4] = {(unsigned long long)n, (unsigned long long)st.st_size,
+                                 (unsigned long long)st.st_mtim.tv_sec, (unsigned long long)st.st_mtim.tv_nsec};
+      for (int i = 0; i < 4; i++) h = (h ^ v[i]) * 1099511628211ULL;
+    }
+  }
+  closedir(d);
+  return h;
+}
+
+/* `wxd dev` after a start-up that failed (config or app): waits until a
+ * Lua file under appdir changes, so that fixing the code starts the server.
+ * Returns 0 when appdir cannot be read (nothing to wait for). */
+static int dev_wait_for_change(const char *appdir) {
+  char dir[PATH_MAX];
+  if (!realpath(appdir, dir)) return 0;
+  wxd_logf(WXD_LOG_WARN, -1, "dev: not serving; fix the error above, wxd starts again when a .lua file under %s "
+           "changes", dir);
+  /* No server, no loop: SIGTERM and SIGINT end the process as usual,
+   * whatever handlers the server that failed had set. */
+  signal(SIGTERM, SIG_DFL);
+  signal(SIGINT, SIG_DFL);
+  unsigned long long before = lua_files_fingerprint(dir, 0);
+  for (;;) {
+    struct timespec ts = {0, 200000000};
+    nanosleep(&ts, NULL);
+    if (lua_files_fingerprint(dir, 0) != before) break;
+  }
+  /* An editor may write a file in steps: let it finish. */
+  struct timespec settle = {0, 150000000};
+  nanosleep(&settle, NULL);
+  wxd_log(WXD_LOG_INFO, -1, "dev: a file changed, starting again", NULL);
+  return 1;
+}
+
 /* Matches argv[*i] against "--name VALUE", "--name=VALUE" or "-s VALUE".
  * Returns 1 with *value set (and *i past a separate value), 0 when it is
  * another argument, -1 when the value is missing. */
@@ -222,8 +279,6 @@ static int option(int argc, char **argv, int *i, const char *name, const char *s
 
 static int cmd_run(int argc, char **argv, int mode, char **full_argv) {
   static wxd_config_t cfg; /* large (paths); lives as long as the server */
-  memset(&cfg, 0, sizeof cfg);
-  wxd_config_defaults(&cfg);
   const char *appdir = ".";
   const char *listen = NULL;
   const char *https_listen = NULL;
@@ -266,7 +321,13 @@ static int cmd_run(int argc, char **argv, int mode, char **full_argv) {
     fprintf(stderr, "wxd: %s needs a value\n", a);
     return 2;
   }
-  if (prepare_app(&cfg, appdir) != 0) return 1;
+again:
+  memset(&cfg, 0, sizeof cfg);
+  wxd_config_defaults(&cfg);
+  if (prepare_app(&cfg, appdir) != 0) {
+    if (mode == MODE_DEV && dev_wait_for_change(appdir)) goto again;
+    return 1;
+  }
   char err[512];
   if (listen && wxd_config_set_listen(&cfg, listen, err, sizeof err) != 0) {
     fprintf(stderr, "wxd: %s\n", err);
@@ -307,6 +368,13 @@ static int cmd_run(int argc, char **argv, int mode, char **full_argv) {
   cfg.dev = mode == MODE_DEV;
   wxd_config_apply_env(&cfg);
   wxd_log_set_level(cfg.log_level);
+  /* Text for people in dev, JSON lines for machines otherwise. */
+  const char *log_format = getenv("WXD_LOG_FORMAT");
+  if (log_format && *log_format && strcmp(log_format, "text") != 0 && strcmp(log_format, "json") != 0) {
+    fprintf(stderr, "wxd: WXD_LOG_FORMAT: expected text or json, got \"%s\"\n", log_format);
+    return 2;
+  }
+  wxd_log_set_text_format(log_format && *log_format ? strcmp(log_format, "text") == 0 : mode == MODE_DEV);
   if (mode == MODE_CHECK && cfg.https.enabled) {
     char terr[1024];
     SSL_CTX *ctx = wxd_https_ctx(&cfg.https, terr, sizeof terr);
@@ -343,7 +411,12 @@ static int cmd_run(int argc, char **argv, int mode, char **full_argv) {
     uv_loop_close(&loop);
     return rc;
   }
-  return wxd_server_run(&cfg, full_argv);
+  int rc = wxd_server_run(&cfg, full_argv);
+  if (rc == WXD_SERVER_APP_FAILED) {
+    if (mode == MODE_DEV && dev_wait_for_change(appdir)) goto again;
+    rc = 1;
+  }
+  return rc;
 }
 
 typedef struct script_state {

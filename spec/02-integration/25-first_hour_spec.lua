@@ -117,3 +117,64 @@ return app
     assert.matches('config.lua:1: require("socket"): config files are sandboxed', out, 1, true)
   end)
 end)
+
+describe("wxd dev", function()
+  local dir, srv
+  before_each(function() dir = H.tmpdir() end)
+  after_each(function()
+    if srv then srv:stop() srv:cleanup() srv = nil end
+    os.execute("rm -rf " .. dir)
+  end)
+
+  local GOOD = 'local app = require("wxd.app").new()\napp:get("/", function() return "fixed" end)\n'
+    .. 'app:get("/boom", function() error("boom at " .. "handler") end)\nreturn app\n'
+
+  it("keeps watching after a start-up error and serves once the code is fixed", function()
+    H.write_file(dir .. "/app.lua", 'local app = require("wxd.app").new(\nreturn app\n')
+    srv = H.start(dir, { mode = "dev", expect_failure = true })
+    H.wait_until(function() return srv:log_text():find("not serving", 1, true) end, 10, "the start-up error")
+    assert.is_nil(srv:exit_code())
+    local log = srv:log_text()
+    -- Text for people: time, level, message.
+    assert.matches("%d%d:%d%d:%d%d%.%d%d%d ERROR cannot load app [^\n]*app.lua:2:", log)
+    -- A broken config.lua is waited out too.
+    H.write_file(dir .. "/config.lua", "return { workers = 'many' }\n")
+    H.write_file(dir .. "/app.lua", GOOD)
+    H.wait_until(function() return srv:log_text():find("config.workers", 1, true) end, 10, "the config error")
+    H.write_file(dir .. "/config.lua", "return {}\n")
+    H.wait_until(function()
+      local ok, c = pcall(srv.connect, srv, 1)
+      if ok then c:close() end
+      return ok
+    end, 15, "wxd to serve the fixed app")
+    assert.equal("fixed", srv:get("/").body)
+  end)
+
+  it("logs handler errors as text with the traceback on lines of its own", function()
+    H.write_file(dir .. "/app.lua", GOOD)
+    srv = H.start(dir, { mode = "dev" })
+    assert.equal(500, srv:get("/boom").status)
+    local log = H.wait_until(function()
+      local l = srv:log_text()
+      return l:find("stack traceback", 1, true) and l
+    end, 10, "the handler error")
+    assert.matches("\n[%d:.]+ ERROR w0 handler error [^\n]*path=/boom[^\n]*\n  error:\n    [^\n]*app.lua:3: boom at handler\n"
+      .. "    stack traceback:\n", log)
+  end)
+
+  it("logs JSON lines under wxd dev with WXD_LOG_FORMAT=json, and text under run with text", function()
+    H.write_file(dir .. "/app.lua", GOOD)
+    srv = H.start(dir, { mode = "dev", env = "WXD_LOG_FORMAT=json" })
+    assert.matches('^{"ts":"[^"]+","level":"info","msg":"listening"', srv:log_text())
+    srv:stop()
+    srv:cleanup()
+    srv = H.start(dir, { env = "WXD_LOG_FORMAT=text" })
+    assert.matches("^[%d:.]+ INFO  listening listen=127%.0%.0%.1:", srv:log_text())
+    srv:stop()
+    srv:cleanup()
+    srv = nil
+    local out, rc = H.sh("WXD_LOG_FORMAT=yaml " .. H.WXD .. " run " .. dir)
+    assert.equal(2, rc)
+    assert.matches("WXD_LOG_FORMAT: expected text or json", out, 1, true)
+  end)
+end)
