@@ -178,3 +178,21 @@ describe("wxd dev", function()
     assert.matches("WXD_LOG_FORMAT: expected text or json", out, 1, true)
   end)
 end)
+
+describe("the README's spec of the shop example", function()
+  it("passes under wxd test", function()
+    local readme = assert(H.read_file(H.ROOT .. "/README.md"))
+    local dir = H.tmpdir()
+    os.execute("mkdir -p " .. dir .. "/shop/handlers " .. dir .. "/shop/lib " .. dir .. "/shop/spec")
+    for _, name in ipairs({ "app.lua", "handlers/orders.lua", "lib/orders.lua", "config.lua", "spec/orders_spec.lua" }) do
+      local code = readme:match("`shop/" .. (name:gsub("%p", "%%%0")) .. "`[^\n]*\n\n```lua\n(.-\n)```")
+      assert(code, "README.md has no block for shop/" .. name)
+      H.write_file(dir .. "/shop/" .. name, code)
+    end
+    local wxd_bin = H.WXD:sub(1, 1) == "/" and H.WXD or H.ROOT .. "/" .. H.WXD
+    local out, rc = H.sh("cd " .. dir .. "/shop && " .. wxd_bin .. " test")
+    os.execute("rm -rf " .. dir)
+    assert(rc == 0, "wxd test failed:\n" .. out)
+    assert.matches("2 successes / 0 failures / 0 errors", out)
+  end)
+end)
