@@ -196,3 +196,31 @@ describe("the README's spec of the shop example", function()
     assert.matches("2 successes / 0 failures / 0 errors", out)
   end)
 end)
+
+describe("text log lines", function()
+  it("are written for every line the JSON log spec provokes, one access line per request", function()
+    local targets = { "/caf\233", "/\255\254", "/a\"b\\c\"", "/x\1y", "/" .. string.rep("\255", 300) }
+    local srv = H.start(H.app("logjson"), { env = "WXD_LOG_FORMAT=text" })
+    for _, target in ipairs(targets) do
+      srv:raw("GET " .. target .. " HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    end
+    assert.equal("logged\n", srv:get("/log/samples").body)
+    for _, v in ipairs({ "caf\233", "q\"uo\\te", "tab\there", "a\\nb" }) do
+      assert.equal("logged\n", srv:get("/log/header", { ["X-Msg"] = v }).body)
+      assert.equal(500, srv:get("/boom", { ["X-Msg"] = v }).status)
+    end
+    local want = #targets + 1 + 8
+    local log = H.wait_until(function()
+      local l = srv:log_text()
+      local _, n = l:gsub("\n[%d:.]+ INFO  w0 access ", "")
+      return n == want and l
+    end, 10, "an access line per request")
+    srv:stop()
+    srv:cleanup()
+    -- Every line is text: none is left as JSON (a line the converter did
+    -- not take would be).
+    for line in log:gmatch("[^\n]+") do
+      assert.is_nil(line:match("^{"), line)
+    end
+  end)
+end)
