@@ -15,9 +15,10 @@ DEB_BUILD := build-essential pkg-config libluajit2-5.1-dev luajit2 libuv1-dev no
 # crypto, the client's TLS pool against nginx); python3 parses log lines;
 # lua-check is luacheck, for `make lint`; python3-prometheus-client is the
 # independent parser of /metrics in the metrics spec; chromium (driven by
-# puppeteer-core from spec/node) opens the live order page.
+# puppeteer-core from spec/node) opens the live order page; luarocks
+# installs the rock in spec/02-integration/25-first_hour_spec.lua.
 DEB_TEST  := lua-busted lua-socket redis-server curl openssl wrk nodejs nginx python3 lua-check \
-             python3-prometheus-client chromium
+             python3-prometheus-client chromium luarocks
 DEB_BENCH := wrk nginx libnginx-mod-http-lua lua-cjson
 DEB_FUZZ  := clang
 
@@ -222,10 +223,10 @@ build/fuzz/xml_fuzz: spec/fuzz/xml_fuzz.c core/xml.c core/xml.h core/buf.c core/
 	$(FUZZ_CC) -std=c11 -D_GNU_SOURCE $(WARN) -g -O1 -fsanitize=fuzzer,address,undefined \
 	  -I$(LUAJIT_INC) -Icore -o $@ $< core/xml.c core/buf.c $(LIBDIR)/libluajit-5.1.a -lexpat -ldl -lm
 
-build/fuzz/json_fuzz: spec/fuzz/json_fuzz.c core/json.c core/json.h core/log.c core/log.h | deps-fuzz
+build/fuzz/json_fuzz: spec/fuzz/json_fuzz.c core/json.c core/json.h core/log.c core/log.h core/logtext.c core/logtext.h | deps-fuzz
 	@mkdir -p $(dir $@)
 	$(FUZZ_CC) -std=c11 -D_GNU_SOURCE $(WARN) -g -O1 -fsanitize=fuzzer,address,undefined \
-	  -I$(LUAJIT_INC) -Icore -o $@ $< core/json.c core/log.c $(LIBDIR)/libluajit-5.1.a -lpthread -ldl -lm
+	  -I$(LUAJIT_INC) -Icore -o $@ $< core/json.c core/log.c core/logtext.c $(LIBDIR)/libluajit-5.1.a -lpthread -ldl -lm
 
 clean:
 	rm -rf build

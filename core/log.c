@@ -1,5 +1,6 @@
 /* log: see log.h. */
 #include "log.h"
+#include "logtext.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -29,159 +30,6 @@ const char *wxd_log_level_name(int level) {
   return level >= 0 && level < 4 ? level_names[level] : "info";
 }
 
-/* ---- WXD_LOG_FORMAT=text: the same lines for a human ---- */
-
-static pthread_once_t format_once = PTHREAD_ONCE_INIT;
-static int text_format;
-
-static void read_format(void) {
-  const char *f = getenv("WXD_LOG_FORMAT");
-  text_format = f && strcmp(f, "text") == 0;
-}
-
-/* Appends a JSON string's content (p at the opening quote) unescaped;
- * returns the position after the closing quote. \u escapes of the BMP are
- * written as UTF-8 (surrogate pairs do not occur: the writers escape only
- * control bytes and invalid UTF-8). */
-static const char *put_unescaped(const char *p, const char *end, char **o, const char *oend) {
-  p++;
-  while (p < end && *p != '"') {
-    char c = *p++;
-    if (c == '\\' && p < end) {
-      char e = *p++;
-      if (e == 'n') c = '\n';
-      else if (e == 't') c = '\t';
-      else if (e == 'r') c = '\r';
-      else if (e == 'b' || e == 'f') c = ' ';
-      else if (e == 'u' && end - p >= 4) {
-        unsigned v = (unsigned)strtoul((char[5]){p[0], p[1], p[2], p[3], 0}, NULL, 16);
-        p += 4;
-        char u[3];
-        int n = 0;
-        if (v < 0x80) u[n++] = (char)v;
-        else if (v < 0x800) u[n++] = (char)(0xc0 | v >> 6), u[n++] = (char)(0x80 | (v & 0x3f));
-        else u[n++] = (char)(0xe0 | v >> 12), u[n++] = (char)(0x80 | ((v >> 6) & 0x3f)), u[n++] = (char)(0x80 | (v & 0x3f));
-        for (int i = 0; i < n && *o < oend; i++) *(*o)++ = u[i];
-        continue;
-      } else c = e;
-    }
-    if (*o < oend) *(*o)++ = c;
-  }
-  return p < end ? p + 1 : p;
-}
-
-/* The end of the JSON value at p (a string, a number, a literal, or a
- * nested object or array copied as it is). */
-static const char *skip_value(const char *p, const char *end) {
-  int depth = 0, in_str = 0;
-  for (; p < end; p++) {
-    char c = *p;
-    if (in_str) {
-      if (c == '\\') p++;
-      else if (c == '"') {
-        in_str = 0;
-        if (depth == 0) return p + 1;
-      }
-    } else if (c == '"') in_str = 1;
-    else if (c == '{' || c == '[') depth++;
-    else if (c == '}' || c == ']') {
-      if (depth == 0) return p;
-      if (--depth == 0) return p + 1;
-    } else if (c == ',' && depth == 0) return p;
-  }
-  return p;
-}
-
-/* One JSON line as "ts LEVEL [wN] msg  key=value ...", with string values
- * that hold line breaks (tracebacks) written below, indented. */
-static size_t line_to_text(const char *p, const char *end, char *out, size_t cap) {
-  char *o = out, *oend = out + cap - 2;
-  char tail[8192];
-  char *t = tail, *tend = tail + sizeof tail - 1;
-  const char *ts = NULL, *level = NULL, *worker = NULL, *msg = NULL;
-  const char *ts_end = NULL, *level_end = NULL, *worker_end = NULL;
-  char rest[8192];
-  char *r = rest, *rend = rest + sizeof rest - 1;
-  if (p < end && *p == '{') p++;
-  while (p < end && *p == '"') {
-    const char *k = p + 1, *ke = memchr(k, '"', (size_t)(end - k));
-    if (!ke || ke + 1 >= end || ke[1] != ':') break;
-    const char *v = ke + 2, *ve = skip_value(v, end);
-    size_t kl = (size_t)(ke - k);
-    if (kl == 2 && memcmp(k, "ts", 2) == 0) ts = v, ts_end = ve;
-    else if (kl == 5 && memcmp(k, "level", 5) == 0) level = v, level_end = ve;
-    else if (kl == 6 && memcmp(k, "worker", 6) == 0) worker = v, worker_end = ve;
-    else if (kl == 3 && memcmp(k, "msg", 3) == 0) msg = v;
-    else if (*v == '"' && memmem(v, (size_t)(ve - v), "\\n", 2)) {
-      /* A multi-line value: below the line, every line indented. */
-      char buf[8192], *b = buf;
-      put_unescaped(v, ve, &b, buf + sizeof buf);
-      int n = snprintf(t, (size_t)(tend - t), "    %.*s:\n      ", (int)kl, k);
-      if (n > 0 && n < tend - t) t += n;
-      for (char *q = buf; q < b && t < tend - 8; q++) {
-        *t++ = *q;
-        if (*q == '\n') memcpy(t, "      ", 6), t += 6;
-      }
-      if (t < tend) *t++ = '\n';
-    } else {
-      int n = snprintf(r, (size_t)(rend - r), " %.*s=", (int)kl, k);
-      if (n > 0 && n < rend - r) r += n;
-      if (*v == '"') put_unescaped(v, ve, &r, rend);
-      else {
-        size_t vl = (size_t)(ve - v) < (size_t)(rend - r) ? (size_t)(ve - v) : (size_t)(rend - r);
-        memcpy(r, v, vl);
-        r += vl;
-      }
-    }
-    p = ve;
-    if (p < end && *p == ',') p++;
-  }
-  if (ts) put_unescaped(ts, ts_end, &o, oend);
-  if (level && o < oend) {
-    *o++ = ' ';
-    char *l0 = o;
-    put_unescaped(level, level_end, &o, oend);
-    for (char *q = l0; q < o; q++) *q = (char)(*q >= 'a' && *q <= 'z' ? *q - 32 : *q);
-    while (o - l0 < 5 && o < oend) *o++ = ' ';
-  }
-  if (worker) {
-    int n = snprintf(o, (size_t)(oend - o), " [w%.*s]", (int)(worker_end - worker), worker);
-    if (n > 0 && n < oend - o) o += n;
-  }
-  if (msg && o < oend) {
-    *o++ = ' ';
-    put_unescaped(msg, end, &o, oend);
-  }
-  size_t rl = (size_t)(r - rest) < (size_t)(oend - o) ? (size_t)(r - rest) : (size_t)(oend - o);
-  memcpy(o, rest, rl);
-  o += rl;
-  *o++ = '\n';
-  size_t tl = (size_t)(t - tail) < (size_t)(out + cap - o) ? (size_t)(t - tail) : (size_t)(out + cap - o);
-  memcpy(o, tail, tl);
-  return (size_t)(o - out) + tl;
-}
-
-static void write_raw(const char *p, size_t len);
-
-/* Converts each line of a buffer of JSON lines and writes it. */
-static void write_text(const char *p, size_t len) {
-  static _Thread_local char out[32768];
-  const char *end = p + len;
-  while (p < end) {
-    const char *nl = memchr(p, '\n', (size_t)(end - p));
-    const char *le = nl ? nl : end;
-    size_t n = line_to_text(p, le, out, sizeof out);
-    write_raw(out, n);
-    p = nl ? nl + 1 : end;
-  }
-}
-
-static void write_all(const char *p, size_t len) {
-  pthread_once(&format_once, read_format);
-  if (text_format) write_text(p, len);
-  else write_raw(p, len);
-}
-
 static void write_raw(const char *p, size_t len) {
   pthread_mutex_lock(&log_mutex);
   while (len > 0) {
@@ -194,6 +42,44 @@ static void write_raw(const char *p, size_t len) {
     len -= (size_t)n;
   }
   pthread_mutex_unlock(&log_mutex);
+}
+
+/* Text format (`wxd dev`, WXD_LOG_FORMAT=text): lines are built as JSON
+ * and turned into text just before the write (core/logtext.h), so every
+ * writer of log lines gets it. Set before threads start. */
+static int log_text_format;
+
+void wxd_log_set_text_format(int on) { log_text_format = on; }
+
+static void write_all(const char *p, size_t len) {
+  if (!log_text_format) {
+    write_raw(p, len);
+    return;
+  }
+  size_t lines = 1;
+  for (size_t i = 0; i < len; i++) lines += p[i] == '\n';
+  /* An escaped newline ("\n", 2 bytes) becomes a newline and an indent of 4. */
+  size_t cap = 3 * len + 256 * lines;
+  char *buf = malloc(cap);
+  if (!buf) {
+    write_raw(p, len);
+    return;
+  }
+  size_t o = 0;
+  for (size_t i = 0; i < len;) {
+    const char *nl = memchr(p + i, '\n', len - i);
+    size_t ll = nl ? (size_t)(nl - (p + i)) : len - i;
+    size_t n = wxd_log_text(p + i, ll, buf + o, cap - o);
+    if (n == 0) { /* not ours, or too long: as it is */
+      memcpy(buf + o, p + i, ll);
+      n = ll;
+      buf[o + n++] = '\n';
+    }
+    o += n;
+    i += ll + 1;
+  }
+  write_raw(buf, o);
+  free(buf);
 }
 
 /* Length of the well-formed UTF-8 sequence at p (Unicode 15, table 3-7),

@@ -18,6 +18,9 @@ enum wxd_log_level { WXD_LOG_DEBUG = 0, WXD_LOG_INFO, WXD_LOG_WARN, WXD_LOG_ERRO
 /* Minimum level written; set once at start-up before threads run. */
 void wxd_log_set_level(int level);
 int wxd_log_level(void);
+/* 1: write lines as text for people (core/logtext.h) instead of JSON;
+ * `wxd dev` and WXD_LOG_FORMAT=text. Set once at start-up. */
+void wxd_log_set_text_format(int on);
 /* Parses "debug".."error"; returns -1 when unknown. */
 int wxd_log_parse_level(const char *name);
 const char *wxd_log_level_name(int level);

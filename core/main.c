@@ -1,11 +1,14 @@
 /* main: the command line. */
 #include <lauxlib.h>
 #include <luajit.h>
+#include <dirent.h>
 #include <limits.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "log.h"
@@ -43,6 +46,10 @@ static const char usage[] =
     "                      with the same command line takes the ports, the old one\n"
     "                      drains and exits; exit 0 once the new one serves\n"
     "  check [APPDIR]      load the app and its config once, report errors, exit\n"
+    "  new DIR             create an app in DIR (app.lua, config.lua, handlers/,\n"
+    "                      spec/ with a passing spec, .gitignore)\n"
+    "  test [PATHS] [OPTS] run an app's busted specs (default: spec/) inside the\n"
+    "                      runtime; wxd.testing loads the app and sends requests\n"
     "  script FILE [ARGS]  run a Lua file inside the runtime (event loop and\n"
     "                      native modules available; used to run the specs);\n"
     "                      a number returned by the file is the exit code\n"
@@ -54,6 +61,7 @@ static const char usage[] =
     "  WXD_LUA_DIR         where the wxd Lua library lives (default: next to the binary)\n"
     "  WXD_LOG_LEVEL       debug, info, warn or error (overrides config log.level)\n"
     "  WXD_ACCESS_LOG      off to disable the access log\n"
+    "  WXD_LOG_FORMAT      json (default) or text (default of wxd dev)\n"
     "  WXD_WATCHDOG        off to stop watching for stuck workers (docs/runaway.md)\n"
     "  WXD_LOG_FORMAT      text for human-readable log lines (default: JSON lines)\n"
     "\n"
@@ -101,6 +109,19 @@ static const struct {
      "new binary or a change a reload cannot apply. Exit 0 once the new process\n"
      "serves (at most SECONDS, default 60), 1 when none took over (the old one\n"
      "keeps serving; its log says why).\n"},
+    {"new",
+     "usage: wxd new DIR\n"
+     "\n"
+     "Creates an app in DIR (made if missing; refused when it has an app.lua):\n"
+     "app.lua, config.lua, handlers/hello.lua, spec/hello_spec.lua and a\n"
+     ".gitignore for pid and status files. Then: cd DIR && wxd dev; wxd test.\n"},
+    {"test",
+     "usage: wxd test [PATHS] [busted options]\n"
+     "\n"
+     "Runs busted specs (default: spec/ in the current directory) inside the\n"
+     "runtime, so that they can require wxd and its native modules and wait with\n"
+     "wxd.sleep; wxd.testing.app(\".\") loads the app to send it requests.\n"
+     "Exit 0 when every spec passed, 1 otherwise. Needs busted (lua-busted).\n"},
     {"script",
      "usage: wxd script FILE [ARGS]\n"
      "\n"
@@ -135,7 +156,9 @@ static int file_exists(const char *p) {
 }
 
 /* The Lua library: $WXD_LUA_DIR, else ../lua next to the binary (a build
- * tree), else nothing and package.path finds an installed copy. */
+ * tree), else ../share/lua/5.1 next to it (where `luarocks make` installs
+ * the library of a binary in a rock tree's bin/: the system tree, --local
+ * or --tree), else nothing and package.path finds an installed copy. */
 static void find_lua_dir(char *out, size_t cap) {
   out[0] = 0;
   const char *env = getenv("WXD_LUA_DIR");
@@ -150,13 +173,15 @@ static void find_lua_dir(char *out, size_t cap) {
   char *slash = strrchr(exe, '/');
   if (!slash) return;
   *slash = 0;
-  /* build/wxd and build/asan/wxd both find the source tree's lua/. */
-  static const char *const ups[] = {"..", "../.."};
-  for (size_t i = 0; i < sizeof ups / sizeof ups[0]; i++) {
-    char cand[PATH_MAX + 32];
-    snprintf(cand, sizeof cand, "%s/%s/lua/wxd/init.lua", exe, ups[i]);
+  /* build/wxd and build/asan/wxd both find the source tree's lua/; an
+   * installed binary finds its rock tree's share/lua/5.1 (LuaRocks puts
+   * the module "wxd" there as wxd.lua, the others under wxd/). */
+  static const char *const dirs[] = {"../lua", "../../lua", "../share/lua/5.1"};
+  for (size_t i = 0; i < sizeof dirs / sizeof dirs[0]; i++) {
+    char cand[PATH_MAX + 40];
+    snprintf(cand, sizeof cand, "%s/%s/wxd/server.lua", exe, dirs[i]);
     if (!file_exists(cand)) continue;
-    snprintf(cand, sizeof cand, "%s/%s/lua", exe, ups[i]);
+    snprintf(cand, sizeof cand, "%s/%s", exe, dirs[i]);
     if (!realpath(cand, out)) out[0] = 0;
     return;
   }
@@ -184,6 +209,59 @@ static int prepare_app(wxd_config_t *cfg, const char *appdir) {
 
 enum { MODE_RUN, MODE_CHECK, MODE_DEV };
 
+/* A fingerprint of the Lua files under dir (their names' lengths, sizes
+ * and modification times), to notice a change without a running server. */
+static unsigned long long lua_files_fingerprint(const char *dir, int depth) {
+  unsigned long long h = 1469598103934665603ULL;
+  DIR *d = depth <= 6 ? opendir(dir) : NULL;
+  if (!d) return h;
+  struct dirent *de;
+  while ((de = readdir(d)) != NULL) {
+    /* As the dev watcher: hidden folders, dependencies and build output are not app code. */
+    if (de->d_name[0] == '.' || strcmp(de->d_name, "node_modules") == 0 || strcmp(de->d_name, "build") == 0)
+      continue;
+    char sub[PATH_MAX];
+    if (snprintf(sub, sizeof sub, "%s/%s", dir, de->d_name) >= (int)sizeof sub) continue;
+    struct stat st;
+    if (lstat(sub, &st) != 0) continue;
+    size_t n = strlen(de->d_name);
+    if (S_ISDIR(st.st_mode)) {
+      h = (h ^ lua_files_fingerprint(sub, depth + 1)) * 1099511628211ULL;
+    } else if (n > 4 && strcmp(de->d_name + n - 4, ".lua") == 0) {
+      unsigned long long v[4] = {(unsigned long long)n, (unsigned long long)st.st_size,
+                                 (unsigned long long)st.st_mtim.tv_sec, (unsigned long long)st.st_mtim.tv_nsec};
+      for (int i = 0; i < 4; i++) h = (h ^ v[i]) * 1099511628211ULL;
+    }
+  }
+  closedir(d);
+  return h;
+}
+
+/* `wxd dev` after a start-up that failed (config or app): waits until a
+ * Lua file under appdir changes, so that fixing the code starts the server.
+ * Returns 0 when appdir cannot be read (nothing to wait for). */
+static int dev_wait_for_change(const char *appdir) {
+  char dir[PATH_MAX];
+  if (!realpath(appdir, dir)) return 0;
+  wxd_logf(WXD_LOG_WARN, -1, "dev: not serving; fix the error above, wxd starts again when a .lua file under %s "
+           "changes", dir);
+  /* No server, no loop: SIGTERM and SIGINT end the process as usual,
+   * whatever handlers the server that failed had set. */
+  signal(SIGTERM, SIG_DFL);
+  signal(SIGINT, SIG_DFL);
+  unsigned long long before = lua_files_fingerprint(dir, 0);
+  for (;;) {
+    struct timespec ts = {0, 200000000};
+    nanosleep(&ts, NULL);
+    if (lua_files_fingerprint(dir, 0) != before) break;
+  }
+  /* An editor may write a file in steps: let it finish. */
+  struct timespec settle = {0, 150000000};
+  nanosleep(&settle, NULL);
+  wxd_log(WXD_LOG_INFO, -1, "dev: a file changed, starting again", NULL);
+  return 1;
+}
+
 /* Matches argv[*i] against "--name VALUE", "--name=VALUE" or "-s VALUE".
  * Returns 1 with *value set (and *i past a separate value), 0 when it is
  * another argument, -1 when the value is missing. */
@@ -202,8 +280,6 @@ static int option(int argc, char **argv, int *i, const char *name, const char *s
 
 static int cmd_run(int argc, char **argv, int mode, char **full_argv) {
   static wxd_config_t cfg; /* large (paths); lives as long as the server */
-  memset(&cfg, 0, sizeof cfg);
-  wxd_config_defaults(&cfg);
   const char *appdir = ".";
   const char *listen = NULL;
   const char *https_listen = NULL;
@@ -246,7 +322,13 @@ static int cmd_run(int argc, char **argv, int mode, char **full_argv) {
     fprintf(stderr, "wxd: %s needs a value\n", a);
     return 2;
   }
-  if (prepare_app(&cfg, appdir) != 0) return 1;
+again:
+  memset(&cfg, 0, sizeof cfg);
+  wxd_config_defaults(&cfg);
+  if (prepare_app(&cfg, appdir) != 0) {
+    if (mode == MODE_DEV && dev_wait_for_change(appdir)) goto again;
+    return 1;
+  }
   char err[512];
   if (listen && wxd_config_set_listen(&cfg, listen, err, sizeof err) != 0) {
     fprintf(stderr, "wxd: %s\n", err);
@@ -287,6 +369,13 @@ static int cmd_run(int argc, char **argv, int mode, char **full_argv) {
   cfg.dev = mode == MODE_DEV;
   wxd_config_apply_env(&cfg);
   wxd_log_set_level(cfg.log_level);
+  /* Text for people in dev, JSON lines for machines otherwise. */
+  const char *log_format = getenv("WXD_LOG_FORMAT");
+  if (log_format && *log_format && strcmp(log_format, "text") != 0 && strcmp(log_format, "json") != 0) {
+    fprintf(stderr, "wxd: WXD_LOG_FORMAT: expected text or json, got \"%s\"\n", log_format);
+    return 2;
+  }
+  wxd_log_set_text_format(log_format && *log_format ? strcmp(log_format, "text") == 0 : mode == MODE_DEV);
   if (mode == MODE_CHECK && cfg.https.enabled) {
     char terr[1024];
     SSL_CTX *ctx = wxd_https_ctx(&cfg.https, terr, sizeof terr);
@@ -323,7 +412,12 @@ static int cmd_run(int argc, char **argv, int mode, char **full_argv) {
     uv_loop_close(&loop);
     return rc;
   }
-  return wxd_server_run(&cfg, full_argv);
+  int rc = wxd_server_run(&cfg, full_argv);
+  if (rc == WXD_SERVER_APP_FAILED) {
+    if (mode == MODE_DEV && dev_wait_for_change(appdir)) goto again;
+    rc = 1;
+  }
+  return rc;
 }
 
 typedef struct script_state {
@@ -364,7 +458,7 @@ static int run_chunk(wxd_vm_t *vm, uv_loop_t *loop, int argc, char **argv) {
   return st.exit_code;
 }
 
-/* Commands written in Lua (lua/wxd/cli.lua): `wxd reload`. */
+/* Commands written in Lua (lua/wxd/cli.lua): reload, restart, new, test. */
 static int cmd_lua_cli(const char *name, int argc, char **argv) {
   char lua_dir[PATH_MAX];
   find_lua_dir(lua_dir, sizeof lua_dir);
@@ -435,6 +529,8 @@ int main(int argc, char **argv) {
   if (strcmp(argv[1], "check") == 0) return cmd_run(argc - 2, argv + 2, MODE_CHECK, argv);
   if (strcmp(argv[1], "reload") == 0) return cmd_lua_cli("reload", argc - 2, argv + 2);
   if (strcmp(argv[1], "restart") == 0) return cmd_lua_cli("restart", argc - 2, argv + 2);
+  if (strcmp(argv[1], "new") == 0) return cmd_lua_cli("new", argc - 2, argv + 2);
+  if (strcmp(argv[1], "test") == 0) return cmd_lua_cli("test", argc - 2, argv + 2);
   if (strcmp(argv[1], "script") == 0) return cmd_script(argc - 2, argv + 2);
   fprintf(stderr, "wxd: unknown command \"%s\" (see wxd --help)\n", argv[1]);
   return 2;

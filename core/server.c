@@ -508,6 +508,10 @@ int wxd_server_run(wxd_config_t *cfg, char **argv) {
   if (cfg->workers <= 0) cfg->workers = (int)uv_available_parallelism();
   if (cfg->workers > 256) cfg->workers = 256;
   signal(SIGPIPE, SIG_IGN);
+  /* `wxd dev` runs the server again after a start-up that failed. */
+  startup.loaded = 0;
+  startup.verdict = 0;
+  exited_count = 0;
   /* Every connection is a descriptor, and idle WebSocket connections are
    * cheap enough to hold tens of thousands: take all the hard limit
    * allows (a soft limit of 1024 is a common default). */
@@ -708,6 +712,7 @@ int wxd_server_run(wxd_config_t *cfg, char **argv) {
 
   if (failed >= 0) {
     wxd_logf(WXD_LOG_ERROR, -1, "cannot load app %s: %s", cfg->app_dir, workers[failed].load_error);
+    rc = WXD_SERVER_APP_FAILED;
     for (int i = 0; i < n; i++) uv_thread_join(&workers[i].thread);
     close_main_handles(&srv);
     uv_run(srv.loop, UV_RUN_DEFAULT);

@@ -155,9 +155,12 @@ struct wxd_server {
   int handed_over;             /* pid of the successor that serves now (restart.c) */
 };
 
-/* Runs the server until SIGTERM/SIGINT; returns the process exit code.
+/* Runs the server until SIGTERM/SIGINT; returns the process exit code,
+ * WXD_SERVER_APP_FAILED when the app did not load at start-up (nothing was
+ * served; `wxd dev` then waits for a change and runs it again).
  * argv (NULL-terminated, argv[0] the binary) starts a successor on a
  * graceful restart. */
+#define WXD_SERVER_APP_FAILED 3
 int wxd_server_run(wxd_config_t *cfg, char **argv);
 /* Main thread: stops the server as on SIGTERM (why is logged). */
 void wxd_server_stop(wxd_server_t *s, const char *why);

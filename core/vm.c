@@ -376,6 +376,16 @@ wxd_co_t *wxd_co_current(lua_State *L, const char *what) {
   /* Checked before the caller starts anything: a yield that fails after a
    * timer or write was set up would leave it to resume a coroutine that has
    * moved on (or been reused by another request). */
+  /* The main thread runs only what comes before any request: app.lua and
+   * the modules it requires, loaded by the server, `wxd check` or a reload. */
+  int main_thread = lua_pushthread(L);
+  lua_pop(L, 1);
+  if (main_thread)
+    luaL_error(L,
+               "%s: cannot wait while the app is still loading (the top level of app.lua and of the "
+               "modules it requires runs before any request): wait inside a handler, or in a timer "
+               "started from app.lua with wxd.timer.after(0, fn)",
+               what);
   if (!lua_isyieldable(L))
     luaL_error(L,
                "%s: cannot wait here: not from inside require, a metamethod, or a "

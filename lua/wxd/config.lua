@@ -702,10 +702,22 @@ local function copy(t)
   return c
 end
 
+-- What a config file cannot load, with a message that says why (plain
+-- "attempt to call a nil value" would not).
+local function sandboxed(name)
+  return function(what)
+    error(name .. "(" .. repr(what) .. "): config files are sandboxed (no require, dofile, loadfile or io):"
+      .. " they are plain data read at every reload; keep code in app.lua and secrets in env(\"NAME\")", 2)
+  end
+end
+
 -- A fresh sandbox per load: the file may assign globals, and modules such
 -- as `string` are copies, so a config cannot alter the server's own.
 local function sandbox()
   return {
+    require  = sandboxed("require"),
+    dofile   = sandboxed("dofile"),
+    loadfile = sandboxed("loadfile"),
     string   = copy(string_lib),
     table    = copy(table_lib),
     math     = copy(math_lib),

@@ -1,4 +1,9 @@
---- wxd.testing: test your WeChat handlers without WeChat.
+--- wxd.testing: test your app without a server, and your WeChat handlers
+-- without WeChat.
+--
+-- `testing.app(dir, opts)` loads an app as the server does (its config.lua,
+-- or a config given, with env() values given) and sends it requests built
+-- here: the responses come back with status, headers and decoded body.
 --
 -- A fake sender signs (and, in compatible and safe mode, encrypts) messages
 -- exactly as WeChat does, and opens the replies: it checks their signature
@@ -13,6 +18,11 @@
 --                             aes_key = string.rep("a", 43), mode = "safe" })
 -- local reply = wx:send(app, { MsgType = "text", Content = "hi" })
 -- assert.equal("echo: hi", reply.Content)
+-- @usage
+-- local client = testing.app(".", { env = { WXD_MP_TOKEN = "t0ken" } })
+-- local res = client:post("/orders", { json = { sku = "A1" } })
+-- assert.equal(201, res.status)
+-- assert.equal("A1", res.json.sku)
 
 local json = require "wxd.json"
 local mp = require "wxd.mp"
@@ -20,8 +30,11 @@ local xml = require "wxd.xml"
 local crypto = require "wxd.crypto"
 local app_mod = require "wxd.app"
 local core = require "wxd.core"
+local config = require "wxd.config"
+local wxd = require "wxd"
 
 local type, error, pairs, ipairs, tostring, setmetatable = type, error, pairs, ipairs, tostring, setmetatable
+local getmetatable = getmetatable
 local floor, format, concat = math.floor, string.format, table.concat
 local url_encode = app_mod.url_encode
 
@@ -31,6 +44,10 @@ local MODES = { plaintext = true, compatible = true, safe = true }
 
 local Sender = {}
 Sender.__index = Sender
+
+-- What testing.app returns: an app loaded with its config, and requests.
+local Client = {}
+Client.__index = Client
 
 local counter = 0
 
@@ -245,7 +262,8 @@ function Sender:open_reply(body)
 end
 
 --- Sends a message through `app:handle` and opens the reply.
--- @tparam table app the app
+-- @tparam table app the app, or a client of `testing.app` (its app, loaded
+--   with its config and env)
 -- @tparam table|string msg the message
 -- @tparam[opt] table opts as for `build`
 -- @treturn string|table|nil "success" or the reply table; nil when the
@@ -254,11 +272,131 @@ end
 -- @treturn string the body as sent
 -- @treturn ?string why the reply did not open
 function Sender:send(app, msg, opts)
+  if getmetatable(app) == Client then app = app.app end
   local status, _, body = app:handle((self:request(msg, opts)))
   if status ~= 200 then return nil, status, body end
   local reply, err = self:open_reply(body)
   if reply == nil then return nil, status, body, err end
   return reply, status, body
+end
+
+------------------------------------------------------------------------
+-- Apps and HTTP requests
+------------------------------------------------------------------------
+
+--- Loads the app in `dir` as the server does: its config.lua is read and
+-- validated (or `opts.config` instead), `wxd.config` is set, and app.lua
+-- runs. Modules of the app (`require "handlers.x"`) are found in `dir`.
+-- Raises when the config or the app does not load (a spec should fail).
+-- @tparam[opt] string dir the app directory (default ".")
+-- @tparam[opt] table opts `config` (a config table, validated, used instead
+--   of config.lua), `env` (a table of the values `env("NAME")` reads in the
+--   config, before the process environment)
+-- @treturn table a client: `client:request(method, path, ropts)`,
+--   `client:get(path, ropts)`, `:post`, `:put`, `:patch`, `:delete`;
+--   `client.app` is the app, `client.config` the config
+function _M.app(dir, opts)
+  dir = dir or "."
+  opts = opts or {}
+  if type(dir) ~= "string" then error("wxd.testing.app: dir must be a string", 2) end
+  local vars = opts.env
+  local getenv = os.getenv
+  if vars then
+    getenv = function(name)
+      local v = vars[name]
+      if v ~= nil then return tostring(v) end
+      return os.getenv(name)
+    end
+  end
+  local cfg, err
+  if opts.config then
+    cfg, err = config.validate(opts.config, { getenv = getenv })
+  else
+    local path = dir .. "/config.lua"
+    local f = io.open(path, "rb")
+    if f then f:close() else path = nil end
+    cfg, err = config.load(path, { getenv = getenv })
+    if not cfg and path and tostring(err):sub(1, #path) ~= path then err = path .. ": " .. tostring(err) end
+  end
+  if not cfg then error("wxd.testing.app: " .. tostring(err), 2) end
+  wxd.config = cfg
+  wxd.app_dir = dir
+  wxd.generation = 1
+  local prefix = dir .. "/?.lua;" .. dir .. "/?/init.lua;"
+  if package.path:sub(1, #prefix) ~= prefix then package.path = prefix .. package.path end
+  local chunk, lerr = loadfile(dir .. "/app.lua")
+  if not chunk then error("wxd.testing.app: " .. lerr, 2) end
+  local app = chunk()
+  if type(app) ~= "table" or type(app.handle) ~= "function" then
+    error("wxd.testing.app: " .. dir .. "/app.lua must return an app", 2)
+  end
+  return setmetatable({ app = app, config = cfg }, Client)
+end
+
+local function encode_query(q)
+  if type(q) == "string" then return q end
+  local keys = {}
+  for k in pairs(q) do keys[#keys + 1] = k end
+  table.sort(keys)
+  local parts = {}
+  for _, k in ipairs(keys) do
+    local v = q[k]
+    if type(v) == "table" then
+      for _, x in ipairs(v) do parts[#parts + 1] = url_encode(k) .. "=" .. url_encode(tostring(x)) end
+    else
+      parts[#parts + 1] = url_encode(k) .. "=" .. url_encode(tostring(v))
+    end
+  end
+  return concat(parts, "&")
+end
+
+--- Sends a request through the app (as the server would, without a
+-- socket) and returns its response.
+-- @tparam string method "GET", "POST", ...
+-- @tparam string path the path, with a query string or not
+-- @tparam[opt] table ropts `query` (a string, or a table: a list value
+--   gives repeated keys), `headers`, `body` (a string), `json` (a value sent
+--   as a JSON body), `form` (a table sent url-encoded), `remote_addr`
+-- @treturn table `{ status, headers, body, json }`: header names in lower
+--   case; `json` is the decoded body when the response is JSON
+function Client:request(method, path, ropts)
+  ropts = ropts or {}
+  local qs = ""
+  local q = path:find("?", 1, true)
+  if q then path, qs = path:sub(1, q - 1), path:sub(q + 1) end
+  if ropts.query then
+    local extra = encode_query(ropts.query)
+    qs = (qs ~= "" and extra ~= "") and (qs .. "&" .. extra) or (qs .. extra)
+  end
+  local headers = {}
+  for k, v in pairs(ropts.headers or {}) do headers[k:lower()] = v end
+  local body = ropts.body or ""
+  if ropts.json ~= nil then
+    body = json.encode(ropts.json)
+    headers["content-type"] = headers["content-type"] or "application/json"
+  elseif ropts.form then
+    body = encode_query(ropts.form)
+    headers["content-type"] = headers["content-type"] or "application/x-www-form-urlencoded"
+  end
+  if body ~= "" then headers["content-length"] = tostring(#body) end
+  headers.host = headers.host or "localhost"
+  counter = counter + 1
+  local raw = { method = method, path = path, query_string = qs, version = "1.1", headers = headers,
+    body = body, remote_addr = ropts.remote_addr or "127.0.0.1", remote_port = 40000,
+    id = format("test%014d", counter) }
+  local status, rheaders, rbody = self.app:handle(raw)
+  local res = { status = status, headers = {}, body = rbody }
+  for k, v in pairs(rheaders or {}) do res.headers[k:lower()] = v end
+  local ct = res.headers["content-type"]
+  if type(rbody) == "string" and type(ct) == "string" and ct:find("json", 1, true) then
+    res.json = json.decode(rbody)
+  end
+  return res
+end
+
+for _, m in ipairs({ "get", "post", "put", "patch", "delete", "head", "options" }) do
+  local method = m:upper()
+  Client[m] = function(self, path, ropts) return self:request(method, path, ropts) end
 end
 
 return _M

@@ -133,12 +133,19 @@ describe("wxd.config", function()
             assert.equal("config file must return a table, got 42", err)
         end)
 
+        it("says a config file is sandboxed when it requires or loads a file", function()
+            for _, src in ipairs({ 'local x = require("os")', 'dofile("x.lua")', 'loadfile("x.lua")' }) do
+                local cfg, err = load_src(src .. "\nreturn {}")
+                assert.is_nil(cfg)
+                assert.matches(':1: %a+%("[%w.]+"%): config files are sandboxed', err)
+            end
+        end)
+
         it("runs the file in a sandbox", function()
             local cfg, err = load_src([[
                 return {
                     app = {
                         has_io = io ~= nil,
-                        has_require = require ~= nil,
                         has_os_execute = os.execute ~= nil,
                         has_getenv = os.getenv ~= nil,
                         has_string = string.format("%d", 1) == "1",
@@ -148,7 +155,7 @@ describe("wxd.config", function()
             ]])
             assert.is_nil(err)
             assert.same({
-                has_io = false, has_require = false, has_os_execute = false,
+                has_io = false, has_os_execute = false,
                 has_getenv = true, has_string = true, n = 2,
             }, cfg.app)
         end)
