@@ -63,7 +63,6 @@ static const char usage[] =
     "  WXD_ACCESS_LOG      off to disable the access log\n"
     "  WXD_LOG_FORMAT      json (default) or text (default of wxd dev)\n"
     "  WXD_WATCHDOG        off to stop watching for stuck workers (docs/runaway.md)\n"
-    "  WXD_LOG_FORMAT      text for human-readable log lines (default: JSON lines)\n"
     "\n"
     "signals: SIGTERM/SIGINT stop gracefully, SIGHUP reloads the app, SIGUSR2\n"
     "restarts in place\n";
@@ -278,6 +277,17 @@ static int option(int argc, char **argv, int *i, const char *name, const char *s
   return 1;
 }
 
+/* WXD_LOG_FORMAT: text or json; unset or empty gives dflt_text. -1 when
+ * it names neither (said on stderr). */
+static int log_format_from_env(int dflt_text) {
+  const char *f = getenv("WXD_LOG_FORMAT");
+  if (!f || !*f) return dflt_text;
+  if (strcmp(f, "text") == 0) return 1;
+  if (strcmp(f, "json") == 0) return 0;
+  fprintf(stderr, "wxd: WXD_LOG_FORMAT: expected text or json, got \"%s\"\n", f);
+  return -1;
+}
+
 static int cmd_run(int argc, char **argv, int mode, char **full_argv) {
   static wxd_config_t cfg; /* large (paths); lives as long as the server */
   const char *appdir = ".";
@@ -370,12 +380,9 @@ again:
   wxd_config_apply_env(&cfg);
   wxd_log_set_level(cfg.log_level);
   /* Text for people in dev, JSON lines for machines otherwise. */
-  const char *log_format = getenv("WXD_LOG_FORMAT");
-  if (log_format && *log_format && strcmp(log_format, "text") != 0 && strcmp(log_format, "json") != 0) {
-    fprintf(stderr, "wxd: WXD_LOG_FORMAT: expected text or json, got \"%s\"\n", log_format);
-    return 2;
-  }
-  wxd_log_set_text_format(log_format && *log_format ? strcmp(log_format, "text") == 0 : mode == MODE_DEV);
+  int text = log_format_from_env(mode == MODE_DEV);
+  if (text < 0) return 2;
+  wxd_log_set_text_format(text);
   if (mode == MODE_CHECK && cfg.https.enabled) {
     char terr[1024];
     SSL_CTX *ctx = wxd_https_ctx(&cfg.https, terr, sizeof terr);
@@ -489,6 +496,9 @@ static int cmd_script(int argc, char **argv) {
   find_lua_dir(lua_dir, sizeof lua_dir);
   const char *lv = getenv("WXD_LOG_LEVEL");
   if (lv && wxd_log_parse_level(lv) >= 0) wxd_log_set_level(wxd_log_parse_level(lv));
+  int text = log_format_from_env(0);
+  if (text < 0) return 2;
+  wxd_log_set_text_format(text);
   uv_loop_t loop;
   uv_loop_init(&loop);
   wxd_vm_options_t opts = {lua_dir[0] ? lua_dir : NULL, NULL, -1, 0};
