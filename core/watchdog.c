@@ -179,9 +179,10 @@ static void stall(wxd_server_t *s, wxd_worker_t *w, uint64_t beat, uint64_t now)
   wd->moved += moved;
   wxd_reload_worker_stalled(s, w);
   poke(w);
-  /* The handler runs on the worker's thread at once (it is running, not
-   * blocked): a moment for its description. */
-  for (int i = 0; i < 50 && atomic_load_explicit(&w->described, memory_order_acquire) != atomic_load(&w->pokes);
+  /* The handler runs on the worker's thread as soon as that thread gets
+   * the CPU (it is running, not blocked): a moment for its description,
+   * up to half a second on a loaded machine. Only a stall waits here. */
+  for (int i = 0; i < 500 && atomic_load_explicit(&w->described, memory_order_acquire) != atomic_load(&w->pokes);
        i++) {
     struct timespec ts = {0, 1000000};
     nanosleep(&ts, NULL);
