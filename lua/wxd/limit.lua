@@ -212,4 +212,32 @@ end
 --- Names of the limiters of this process.
 function _M.names() return core.names() end
 
+--- Takes one unit from each limiter in turn, waiting up to `wait` seconds
+-- in all for a turn: the outbound quotas of wxd.wechat and wxd.pay. A
+-- limiter that cannot answer (Redis down) does not stop the call.
+-- @tparam table steps `{ { limiter, key, scope }, ... }`
+-- @tparam number wait seconds
+-- @tparam[opt] table counters its `quota_waits` and `quota_refusals` are counted
+-- @treturn true|nil
+-- @treturn ?string "quota"
+-- @treturn ?table `{ scope = ..., retry_after = seconds }`
+function _M.take_all(steps, wait, counters)
+  local wxd_core = require "wxd.core"
+  local deadline = wxd_core.monotonic_ms() + wait * 1000
+  for _, step in ipairs(steps) do
+    local lim, key, scope = step[1], step[2], step[3]
+    while true do
+      local ok, _, _, after = lim:take(key)
+      if ok ~= false then break end
+      if wxd_core.monotonic_ms() + after * 1000 > deadline then
+        if counters then counters.quota_refusals = counters.quota_refusals + 1 end
+        return nil, "quota", { scope = scope, retry_after = after }
+      end
+      if counters then counters.quota_waits = counters.quota_waits + 1 end
+      wxd_core.sleep(ceil(after * 1000))
+    end
+  end
+  return true
+end
+
 return _M

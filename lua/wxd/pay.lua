@@ -185,23 +185,8 @@ _M.api_of = api_of
 function Client:take_quota(method, path)
   local q = self.quota
   if not q then return true end
-  local deadline = monotonic_ms() + q.wait * 1000
-  for i = 1, 2 do
-    local lim, key, scope = q.mchid_limiter, self.mchid, "mchid"
-    if i == 2 then lim, key, scope = q.api_limiter, api_of(method, path), "api" end
-    while true do
-      local ok, _, _, after = lim:take(key)
-      -- A limiter that cannot answer (Redis down) does not stop calls.
-      if ok ~= false then break end
-      if monotonic_ms() + after * 1000 > deadline then
-        self.counters.quota_refusals = self.counters.quota_refusals + 1
-        return nil, "quota", { scope = scope, retry_after = after }
-      end
-      self.counters.quota_waits = self.counters.quota_waits + 1
-      core.sleep(math.ceil(after * 1000))
-    end
-  end
-  return true
+  return require("wxd.limit").take_all({ { q.mchid_limiter, self.mchid, "mchid" },
+    { q.api_limiter, api_of(method, path), "api" } }, q.wait, self.counters)
 end
 
 --- A client for one merchant. Clients are cached per Lua state: the same

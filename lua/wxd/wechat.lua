@@ -372,23 +372,8 @@ end
 function Client:take_quota(path)
   local q = self.quota
   if not q then return true end
-  local deadline = monotonic_ms() + q.wait * 1000
-  for i = 1, 2 do
-    local lim, key, scope = q.appid_limiter, self.appid, "appid"
-    if i == 2 then lim, key, scope = q.api_limiter, path, "api" end
-    while true do
-      local ok, _, _, after = lim:take(key)
-      -- A limiter that cannot answer (Redis down) does not stop calls.
-      if ok ~= false then break end
-      if monotonic_ms() + after * 1000 > deadline then
-        self.counters.quota_refusals = self.counters.quota_refusals + 1
-        return nil, "quota", { scope = scope, retry_after = after }
-      end
-      self.counters.quota_waits = self.counters.quota_waits + 1
-      core.sleep(math.ceil(after * 1000))
-    end
-  end
-  return true
+  return require("wxd.limit").take_all({ { q.appid_limiter, self.appid, "appid" },
+    { q.api_limiter, path, "api" } }, q.wait, self.counters)
 end
 
 --- GET with query parameters (and the access_token).
