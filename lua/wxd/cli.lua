@@ -25,11 +25,9 @@ local function fail(msg)
   return 1
 end
 
---- `wxd reload [--pid FILE] [--timeout SECONDS]`: sends SIGHUP to the server
--- and waits for the outcome it writes to FILE.status. Exit 0 when the new
--- generation serves, 1 when the reload was refused (the error is printed) or
--- no outcome came in time, 2 on usage errors.
-function _M.reload(...)
+-- The options of reload and restart: --pid FILE (wxd.pid), --timeout
+-- SECONDS (60). nil after saying what is wrong (the caller exits 2).
+local function pid_args(cmd, ...)
   local args = { ... }
   local pidfile, timeout = "wxd.pid", 60
   local i = 1
@@ -39,14 +37,25 @@ function _M.reload(...)
     elseif a:match("^%-%-pid=") then pidfile = a:sub(7); i = i + 1
     elseif a == "--timeout" then timeout = tonumber(args[i + 1]); i = i + 2
     else
-      io.stderr:write("wxd reload: unknown argument ", a, " (usage: wxd reload [--pid FILE] [--timeout SECONDS])\n")
-      return 2
+      io.stderr:write("wxd ", cmd, ": unknown argument ", a, " (usage: wxd ", cmd,
+        " [--pid FILE] [--timeout SECONDS])\n")
+      return nil
     end
     if not pidfile or not timeout then
-      io.stderr:write("wxd reload: ", a, " needs a value\n")
-      return 2
+      io.stderr:write("wxd ", cmd, ": ", a, " needs a value\n")
+      return nil
     end
   end
+  return pidfile, timeout
+end
+
+--- `wxd reload [--pid FILE] [--timeout SECONDS]`: sends SIGHUP to the server
+-- and waits for the outcome it writes to FILE.status. Exit 0 when the new
+-- generation serves, 1 when the reload was refused (the error is printed) or
+-- no outcome came in time, 2 on usage errors.
+function _M.reload(...)
+  local pidfile, timeout = pid_args("reload", ...)
+  if not pidfile then return 2 end
   local pid = tonumber((read(pidfile) or ""):match("^%s*(%d+)"))
   if not pid then
     return fail("no pid in " .. pidfile .. " (start the server with `wxd run --pid " .. pidfile .. "`)")
@@ -85,23 +94,8 @@ end
 -- in time (the server's log says why; the old process keeps serving), 2 on
 -- usage errors.
 function _M.restart(...)
-  local args = { ... }
-  local pidfile, timeout = "wxd.pid", 60
-  local i = 1
-  while i <= #args do
-    local a = args[i]
-    if a == "--pid" then pidfile = args[i + 1]; i = i + 2
-    elseif a:match("^%-%-pid=") then pidfile = a:sub(7); i = i + 1
-    elseif a == "--timeout" then timeout = tonumber(args[i + 1]); i = i + 2
-    else
-      io.stderr:write("wxd restart: unknown argument ", a, " (usage: wxd restart [--pid FILE] [--timeout SECONDS])\n")
-      return 2
-    end
-    if not pidfile or not timeout then
-      io.stderr:write("wxd restart: ", a, " needs a value\n")
-      return 2
-    end
-  end
+  local pidfile, timeout = pid_args("restart", ...)
+  if not pidfile then return 2 end
   local function pid_in_file() return tonumber((read(pidfile) or ""):match("^%s*(%d+)")) end
   local old = pid_in_file()
   if not old then
