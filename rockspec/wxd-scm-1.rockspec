@@ -35,6 +35,7 @@ build = {
       ["wxd.config"] = "lua/wxd/config.lua",
       ["wxd.cookie"] = "lua/wxd/cookie.lua",
       ["wxd.cors"] = "lua/wxd/cors.lua",
+      ["wxd.apiversion"] = "lua/wxd/apiversion.lua",
       ["wxd.crypto"] = "lua/wxd/crypto.lua",
       ["wxd.http"] = "lua/wxd/http.lua",
       ["wxd.json"] = "lua/wxd/json.lua",
