@@ -36,6 +36,7 @@ build = {
       ["wxd.cookie"] = "lua/wxd/cookie.lua",
       ["wxd.cors"] = "lua/wxd/cors.lua",
       ["wxd.apiversion"] = "lua/wxd/apiversion.lua",
+      ["wxd.jwt"] = "lua/wxd/jwt.lua",
       ["wxd.crypto"] = "lua/wxd/crypto.lua",
       ["wxd.http"] = "lua/wxd/http.lua",
       ["wxd.json"] = "lua/wxd/json.lua",
