@@ -14,6 +14,7 @@
 local crypto = require "wxd.crypto"
 local json = require "wxd.json"
 local http = require "wxd.http"
+local log = require "wxd.log"
 
 local type, pairs, ipairs, tostring, error, setmetatable, getmetatable, pcall =
   type, pairs, ipairs, tostring, error, setmetatable, getmetatable, pcall
@@ -305,10 +306,17 @@ function JWKS:refresh()
   local ropts = { headers = { accept = "application/json" } }
   for k, v in pairs(self.http or {}) do ropts[k] = v end
   local res, err = http.get(self.url, ropts)
-  if not res then return nil, "jwks fetch failed: " .. tostring(err) end
-  if res.status ~= 200 then return nil, "jwks fetch failed: status " .. res.status end
-  local ok, doc = pcall(json.decode, res.body)
-  if not ok or type(doc) ~= "table" or type(doc.keys) ~= "table" then return nil, "jwks fetch failed: invalid json" end
+  local why = not res and tostring(err) or (res.status ~= 200 and "status " .. res.status) or nil
+  local ok, doc
+  if not why then
+    ok, doc = pcall(json.decode, res.body)
+    if not ok or type(doc) ~= "table" or type(doc.keys) ~= "table" then why = "invalid json" end
+  end
+  if why then
+    self.last_error = why
+    log.warn("jwks fetch failed", { url = self.url, error = why })
+    return nil, "jwks fetch failed"
+  end
   local keys = {}
   for _, jwk in ipairs(doc.keys) do
     local k = _M.key_from_jwk(jwk)
