@@ -37,6 +37,7 @@ build = {
       ["wxd.cors"] = "lua/wxd/cors.lua",
       ["wxd.apiversion"] = "lua/wxd/apiversion.lua",
       ["wxd.jwt"] = "lua/wxd/jwt.lua",
+      ["wxd.session"] = "lua/wxd/session.lua",
       ["wxd.crypto"] = "lua/wxd/crypto.lua",
       ["wxd.http"] = "lua/wxd/http.lua",
       ["wxd.json"] = "lua/wxd/json.lua",
