@@ -38,6 +38,7 @@ build = {
       ["wxd.apiversion"] = "lua/wxd/apiversion.lua",
       ["wxd.jwt"] = "lua/wxd/jwt.lua",
       ["wxd.session"] = "lua/wxd/session.lua",
+      ["wxd.respond"] = "lua/wxd/respond.lua",
       ["wxd.crypto"] = "lua/wxd/crypto.lua",
       ["wxd.http"] = "lua/wxd/http.lua",
       ["wxd.json"] = "lua/wxd/json.lua",

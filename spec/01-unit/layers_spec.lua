@@ -9,7 +9,8 @@ local H = require "helpers"
 -- Bottom first. A new module goes where its requires allow.
 local LAYERS = {
   "wxd", "wxd.util", "wxd.cookie", "wxd.static", "wxd.multipart", "wxd.cors", "wxd.apiversion",
-  "wxd.json", "wxd.xml", "wxd.crypto", "wxd.timer", "wxd.task", "wxd.shdict",
+  "wxd.json", "wxd.respond",
+  "wxd.xml", "wxd.crypto", "wxd.timer", "wxd.task", "wxd.shdict",
   "wxd.log", "wxd.lock", "wxd.redis", "wxd.limit", "wxd.retry", "wxd.breaker", "wxd.http", "wxd.jwt", "wxd.ws",
   "wxd.config", "wxd.store", "wxd.session", "wxd.order",
   "wxd.miniprogram", "wxd.wechat", "wxd.mp", "wxd.pay.notify", "wxd.pay.v2", "wxd.pay",
