@@ -76,16 +76,18 @@ local function default_unknown(_, version, where, supported)
 end
 
 --- Serve several generations from one app. Each entry of `versions`
--- (`v2 = function(g) ... end`) is called with its route group, where its
--- routes, middleware and error handlers go. With `path`, a generation's
--- group is the prefix `path .. "/v2"`; without, a group selected by the
--- version named in Accept or the header (its routes have no version in
--- their path, and two generations may route the same path).
+-- (`v2 = function(g) ... end`) is called with a route group of its
+-- generation, where its routes, middleware and error handlers go: with
+-- `path`, the prefix group `path .. "/v2"`; with `vendor` or `header`, a
+-- group selected by the version named in Accept or the header, or by
+-- default (prefix `prefix`, default `path`; its routes have no version in
+-- their path, and generations may route the same path). With both, the
+-- function is called once for each of its groups.
 -- @tparam table app a wxd.app
 -- @tparam table opts { versions = { v2 = fn, ... }, path =, vendor =,
 --   header =, default = "v2", prefix = (a path prefix for header/Accept
 --   generations), unknown = fn(req, version, where, supported) }
--- @treturn table version → group
+-- @treturn table version → the list of its groups
 function _M.mount(app, opts)
   if type(opts) ~= "table" or type(opts.versions) ~= "table" then
     error("wxd.apiversion.mount: opts.versions must be a table { v2 = fn, ... }", 2)
@@ -124,26 +126,34 @@ function _M.mount(app, opts)
     return v, rawget(req, "_api_version_from")
   end
 
-  local prefix = opts.prefix
+  local prefix = opts.prefix or opts.path
+  local by_select = opts.vendor or opts.header
   local groups = {}
   for _, v in ipairs(supported) do
-    local g
-    if opts.path then
-      -- A path names the version: a plain prefix group, unless Accept or a
-      -- header may name another one for the same path.
-      g = app:group(opts.path .. "/" .. v)
-    else
-      local want = v
-      g = prefix and app:group(prefix, { select = function(req) return version_of(req) == want end })
-        or app:group({ select = function(req) return version_of(req) == want end })
+    local function setup(g)
+      g.api_version = v
+      g:before(function(req)
+        req.ctx.api_version = v
+      end)
+      known[v](g)
+      return g
     end
-    g.api_version = v
-    g:before(function(req)
-      local ctx = req.ctx
-      ctx.api_version = v
-    end)
-    known[v](g)
-    groups[v] = g
+    local list = {}
+    if opts.path then
+      -- the version in the path: a plain prefix group
+      list[#list + 1] = setup(app:group(opts.path .. "/" .. v))
+    end
+    if by_select then
+      -- named in Accept or the header (or by default): a selected group
+      -- whose routes have no version in their path; a version named in
+      -- the path is left to the path's group
+      local function wants(req)
+        local got, where = version_of(req)
+        return got == v and where ~= "path"
+      end
+      list[#list + 1] = setup(prefix and app:group(prefix, { select = wants }) or app:group({ select = wants }))
+    end
+    groups[v] = list
   end
 
   -- Requests that name a version nobody serves: a group of their own, so
@@ -152,9 +162,7 @@ function _M.mount(app, opts)
     local v = version_of(req)
     return v and not known[v] or false
   end
-  local refuse = prefix and app:group(prefix, { select = is_unknown })
-    or (opts.path and app:group(opts.path, { select = is_unknown }))
-    or app:group({ select = is_unknown })
+  local refuse = prefix and app:group(prefix, { select = is_unknown }) or app:group({ select = is_unknown })
   refuse:before(function(req)
     local v, where = version_of(req)
     return unknown(req, v, where, supported)
