@@ -29,6 +29,13 @@ local _M = {}
 
 local UNSAFE = { POST = true, PUT = true, PATCH = true, DELETE = true }
 
+-- The store of config.lua, called as an object like a store.new() one.
+local DEFAULT_STORE = {
+  get = function(_, k) return store_mod.get(k) end,
+  set = function(_, k, v, ttl) return store_mod.set(k, v, ttl) end,
+  delete = function(_, k) return store_mod.delete(k) end,
+}
+
 local Sessions = {}
 Sessions.__index = Sessions
 
@@ -45,7 +52,7 @@ function _M.new(opts)
   end
   return setmetatable({
     secret = opts.secret, name = opts.name or "sid", ttl = opts.ttl or 86400, idle = opts.idle or 1800,
-    store = opts.store or store_mod, prefix = opts.prefix or "session:", cookie = opts.cookie or {},
+    store = opts.store or DEFAULT_STORE, prefix = opts.prefix or "session:", cookie = opts.cookie or {},
     csrf = opts.csrf ~= false, on_csrf = opts.on_csrf, clock = opts.clock or os.time,
   }, Sessions)
 end
