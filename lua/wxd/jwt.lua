@@ -15,6 +15,7 @@ local crypto = require "wxd.crypto"
 local json = require "wxd.json"
 local http = require "wxd.http"
 local log = require "wxd.log"
+local task = require "wxd.task"
 
 local type, pairs, ipairs, tostring, error, setmetatable, getmetatable, pcall =
   type, pairs, ipairs, tostring, error, setmetatable, getmetatable, pcall
@@ -299,7 +300,8 @@ function _M.jwks(opts)
   }, JWKS)
 end
 
-function JWKS:refresh()
+-- One fetch; its result replaces the set, a failure keeps it.
+function JWKS:fetch()
   local now = self.clock()
   self.tried_at = now
   self.fetches = self.fetches + 1
@@ -326,6 +328,19 @@ function JWKS:refresh()
   return true
 end
 
+--- Fetch the set now. Concurrent callers in a worker share one fetch:
+-- the first starts it as a task, the others wait for that task.
+function JWKS:refresh()
+  local h = self.inflight
+  if h then return h:wait() end
+  local ok, spawned = pcall(task.spawn, self.fetch, self)
+  if not ok then return self:fetch() end -- not in a wxd coroutine
+  self.inflight = spawned
+  local r, err = spawned:wait()
+  if self.inflight == spawned then self.inflight = nil end
+  return r, err
+end
+
 local function find_key(keys, kid, alg)
   for _, k in ipairs(keys) do
     if k.alg == alg and (kid == nil or k.kid == kid) then return k end
@@ -340,7 +355,8 @@ function JWKS:lookup(kid, alg)
   end
   local k = find_key(self.keys, kid, alg)
   if k then return k end
-  if not self.tried_at or now - self.tried_at >= self.min_refresh then
+  -- a fetch under way (another request's) may bring the kid: wait for it
+  if self.inflight or not self.tried_at or now - self.tried_at >= self.min_refresh then
     self:refresh()
     k = find_key(self.keys, kid, alg)
     if k then return k end
