@@ -782,6 +782,7 @@ int wxd_open_crypto(lua_State *L) {
     set_md_fn(L, algs, name, crypto_hmac, mds[i].which, 1);
   }
   wxd__crypto_open_rsa(L);
+  wxd__crypto_open_ecdsa(L);
   wxd__crypto_open_wxmsg(L, algs);
   lua_remove(L, algs);
   return 1;

@@ -98,6 +98,9 @@ int wxd_pkcs12_read(const void *der, size_t len, const char *pass, struct evp_pk
 /* Internal to crypto.c and rsa.c: adds the RSA, certificate and PKCS#12
  * functions to the module table at the top of the stack. */
 void wxd__crypto_open_rsa(lua_State *L);
+/* Internal to crypto.c and ecdsa.c: adds the ECDSA P-256 (ES256) key
+ * functions to the module table at the top of the stack. */
+void wxd__crypto_open_ecdsa(lua_State *L);
 /* Internal: argument idx as bytes; raises unless it is a string (numbers
  * are not converted) of a size EVP can take. */
 const char *wxd__crypto_check_bytes(lua_State *L, int idx, size_t *len);

@@ -43,6 +43,7 @@ local str_upper    = string.upper
 local str_byte     = string.byte
 local str_gsub     = string.gsub
 local str_format   = string.format
+local str_match    = string.match
 local tbl_concat   = table.concat
 local tbl_sort     = table.sort
 local json_encode  = json.encode
@@ -875,6 +876,10 @@ local function add_route(self, methods, pattern, fn, group, opts)
     end
   end
   if route.max_body then
+    if self._select then
+      -- The core asks for a limit before the head reaches a selector.
+      route_error(pattern, "max_body is not supported in a group selected by host or header")
+    end
     self._body_limits = true
   end
 end
@@ -905,6 +910,13 @@ local shared = {}
 
 local function owner(self)
   return self._app or self
+end
+
+-- The router a route registered through self goes into: the innermost
+-- selector group's own (two generations may route the same path), else
+-- the app's.
+local function router_of(self)
+  return self._router or self._app or self
 end
 
 -- The full pattern of a route registered through an app or a group.
@@ -967,7 +979,7 @@ end
 function shared.route(self, methods, pattern, a, b)
   local fn, opts = handler_args(a, b)
   -- not a tail call: error levels count this frame
-  add_route(owner(self), methods, full_pattern(self, pattern), fn, group_of(self), opts)
+  add_route(router_of(self), methods, full_pattern(self, pattern), fn, group_of(self), opts)
   return self
 end
 
@@ -978,7 +990,7 @@ end
 -- @treturn table the app (or the group)
 function shared.any(self, pattern, a, b)
   local fn, opts = handler_args(a, b)
-  add_route(owner(self), ANY, full_pattern(self, pattern), fn, group_of(self), opts)
+  add_route(router_of(self), ANY, full_pattern(self, pattern), fn, group_of(self), opts)
   return self
 end
 
@@ -986,7 +998,7 @@ for _, m in ipairs({ "get", "post", "put", "patch", "delete", "options", "head" 
   local method = str_upper(m)
   shared[m] = function(self, pattern, a, b)
     local fn, opts = handler_args(a, b)
-    add_route(owner(self), method, full_pattern(self, pattern), fn, group_of(self), opts)
+    add_route(router_of(self), method, full_pattern(self, pattern), fn, group_of(self), opts)
     return self
   end
 end
@@ -1063,6 +1075,74 @@ function shared.on_error(self, status, fn)
   return self
 end
 
+-- The Host of a request without its port, lower case.
+local function request_host(req)
+  local h = req.headers.host
+  if type(h) ~= "string" then
+    return nil
+  end
+  h = str_lower(h)
+  if str_byte(h, 1) == 91 then -- '[' IPv6 literal
+    return (str_match(h, "^(%[[^%]]*%])")) or h
+  end
+  return (str_match(h, "^([^:]*)")) or h
+end
+
+-- A selector table { host = name | list, header = { name, value | fn },
+-- select = fn(req) } as one predicate (every given part must hold).
+local function selector(sel)
+  local hosts, hname, hval, fn
+  for k, v in pairs(sel) do
+    if k == "host" then
+      hosts = {}
+      for _, h in ipairs(type(v) == "table" and v or { v }) do
+        if type(h) ~= "string" or h == "" then
+          error("wxd.app: group: host must be a name or a list of names, got " .. repr(h), 4)
+        end
+        hosts[str_lower(h)] = true
+      end
+    elseif k == "header" then
+      if type(v) ~= "table" or type(v[1]) ~= "string"
+          or (type(v[2]) ~= "string" and type(v[2]) ~= "function") then
+        error("wxd.app: group: header must be { name, value or function(value, req) }", 4)
+      end
+      hname, hval = str_lower(v[1]), v[2]
+    elseif k == "select" then
+      if type(v) ~= "function" then
+        error("wxd.app: group: select must be a function(req), got a " .. type(v), 4)
+      end
+      fn = v
+    else
+      error("wxd.app: group: unknown selector " .. repr(k) .. " (host, header, select)", 4)
+    end
+  end
+  if not (hosts or hname or fn) then
+    error("wxd.app: group: empty selector (host, header or select)", 4)
+  end
+  return function(req)
+    if hosts and not hosts[request_host(req) or ""] then
+      return false
+    end
+    if hname then
+      local v = req.headers[hname]
+      if type(v) == "table" then
+        v = tbl_concat(v, ", ")
+      end
+      if type(hval) == "function" then
+        if not hval(v, req) then
+          return false
+        end
+      elseif v ~= hval then
+        return false
+      end
+    end
+    if fn and not fn(req) then
+      return false
+    end
+    return true
+  end
+end
+
 -- A group prefix: "/a/b" or "/shops/:shop" (params allowed, no wildcard,
 -- no trailing slash, no empty segment).
 local function check_prefix(prefix)
@@ -1094,19 +1174,39 @@ end
 --   v2:before(require_session)
 --   v2:get("/orders/:id", get_order)
 -- end)
-function shared.group(self, prefix, fn)
-  check_prefix(prefix)
+function shared.group(self, prefix, sel, fn)
+  if type(prefix) == "table" then
+    prefix, sel, fn = nil, prefix, sel
+  elseif type(sel) ~= "table" then
+    sel, fn = nil, sel
+  end
+  if prefix ~= nil or sel == nil then
+    check_prefix(prefix)
+  end
   if fn ~= nil and type(fn) ~= "function" then
     error("wxd.app: group: expected a function, got a " .. type(fn), 2)
   end
+  local select_fn = sel and selector(sel)
   local app = owner(self)
-  local full = (self.prefix or "") .. prefix
+  local full = (self.prefix or "") .. (prefix or "")
   local g = setmetatable({
-    _app = app, _parent = self, prefix = full, _segs = split_pattern(full),
+    _app = app, _parent = self, prefix = full ~= "" and full or nil,
+    _segs = full ~= "" and split_pattern(full) or {},
     _before = {}, _nbefore = 0,
     _after  = {}, _nafter  = 0,
     _errors = nil,
+    _router = self._router,
   }, GROUP_MT)
+  if select_fn then
+    -- Its own router: routes, methods and groups of its generation.
+    g._select = select_fn
+    g._static, g._root, g._dynamic, g._methods = {}, new_node(), false, {}
+    g._groups = {}
+    g._router = g
+    local list = app._selectors or {}
+    list[#list + 1] = g
+    app._selectors = list
+  end
   local chain = {}
   if self._chain then
     for i = 1, #self._chain do
@@ -1115,7 +1215,8 @@ function shared.group(self, prefix, fn)
   end
   chain[#chain + 1] = g
   g._chain = chain -- outermost first
-  app._groups[#app._groups + 1] = g
+  local groups = router_of(g)._groups
+  groups[#groups + 1] = g
   if fn then
     fn(g)
   end
@@ -1347,7 +1448,7 @@ local function finish(res, ctype)
 end
 
 -- Middleware, handler (or 404/405), middleware: the request after routing.
-local function run(self, req, res, route, group, method, path)
+local function run(self, req, res, route, group, method, path, router)
   local ctype, a, b
 
   local short = false
@@ -1385,7 +1486,7 @@ local function run(self, req, res, route, group, method, path)
       ctype = apply(res, a, b)
     end
   else
-    local allow = allowed_methods(self, path)
+    local allow = allowed_methods(router or self, path)
     local status
     if allow[1] or method == "TRACE" then
       status = 405
@@ -1431,8 +1532,8 @@ local function capture_error(e)
 end
 
 -- run() under a 500 handler: an error becomes the handler's answer.
-local function run_protected(self, h500, req, res, route, group, method, path)
-  local ok, status, headers, body = xpcall(run, capture_error, self, req, res, route, group, method, path)
+local function run_protected(self, h500, req, res, route, group, method, path, router)
+  local ok, status, headers, body = xpcall(run, capture_error, self, req, res, route, group, method, path, router)
   if ok then
     return status, headers, body
   end
@@ -1466,16 +1567,6 @@ end
 function app_methods.handle(self, req)
   local method, path = req.method, req.path
 
-  -- Routing first: params are then visible to `before` middlewares.
-  local route
-  local e = self._static[path]
-  if e then
-    route = e[method] or pick(e, method)
-  end
-  if route == nil and self._dynamic and str_byte(path, 1) == 47 then
-    route = match(self._root, path, 2, #path, method)
-  end
-
   -- The core sets query_string; a hand-built raw table may use `query`.
   if req.query_string == nil then
     req.query_string = req.query or ""
@@ -1488,6 +1579,30 @@ function app_methods.handle(self, req)
     req.headers = setmetatable({}, REQ_HEADERS_MT)
   end
   setmetatable(req, REQ_MT)
+
+  -- A group selected by host or header brings its own router (the first
+  -- one whose selector holds and whose prefix covers the path).
+  local router = self
+  local sel = self._selectors
+  if sel then
+    for i = 1, #sel do
+      local g = sel[i]
+      if under_prefix(g._segs, path) and g._select(req) then
+        router = g
+        break
+      end
+    end
+  end
+
+  -- Routing before middleware: params are then visible to `before`.
+  local route
+  local e = router._static[path]
+  if e then
+    route = e[method] or pick(e, method)
+  end
+  if route == nil and router._dynamic and str_byte(path, 1) == 47 then
+    route = match(router._root, path, 2, #path, method)
+  end
   if route then
     -- The pattern, never the path: metrics label requests with it.
     req.route = route.pattern
@@ -1510,16 +1625,16 @@ function app_methods.handle(self, req)
   local group
   if route then
     group = route.group
-  elseif self._groups[1] then
-    group = group_for_path(self, path)
+  elseif router._groups[1] then
+    group = group_for_path(router, path) or (router ~= self and router or nil)
   end
 
   local status, headers, body
   local h500 = self._catch and error_handler(group, self, 500)
   if h500 then
-    status, headers, body = run_protected(self, h500, req, res, route, group, method, path)
+    status, headers, body = run_protected(self, h500, req, res, route, group, method, path, router)
   else
-    status, headers, body = run(self, req, res, route, group, method, path)
+    status, headers, body = run(self, req, res, route, group, method, path, router)
   end
   local tmp = rawget(req, "_tmp")
   if tmp then

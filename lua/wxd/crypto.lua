@@ -196,6 +196,14 @@ _M.load_private_key = core.load_private_key
 --- An RSA public key from PEM ("PUBLIC KEY" or PKCS#1 "RSA PUBLIC KEY").
 _M.load_public_key = core.load_public_key
 
+--- An ECDSA P-256 private key from PEM (SEC1 or PKCS#8, unencrypted), for
+-- ES256: `sign(msg)` gives r||s (64 bytes, the JOSE form), `verify(msg,
+-- sig)` gives true or nil, "bad signature". Another curve: nil, "invalid key".
+_M.ec_load_private_key = core.ec_load_private_key
+
+--- An ECDSA P-256 public key from PEM ("PUBLIC KEY"), for ES256.
+_M.ec_load_public_key = core.ec_load_public_key
+
 --- The first X.509 certificate of a PEM text, or nil, "invalid certificate".
 -- Methods: `serial()` (upper-case hex), `subject()`, `issuer()` (RFC 2253),
 -- `not_before()`, `not_after()` (seconds since the epoch), `fingerprint()`

@@ -9,9 +9,11 @@ local H = require "helpers"
 -- Bottom first. A new module goes where its requires allow.
 local LAYERS = {
   "wxd", "wxd.util", "wxd.metrics", "wxd.trace", "wxd.cookie", "wxd.static", "wxd.multipart", "wxd.cors",
-  "wxd.json", "wxd.xml", "wxd.crypto", "wxd.timer", "wxd.task", "wxd.shdict",
-  "wxd.log", "wxd.lock", "wxd.redis", "wxd.limit", "wxd.retry", "wxd.breaker", "wxd.http", "wxd.otlp", "wxd.ws",
-  "wxd.config", "wxd.store", "wxd.order",
+  "wxd.apiversion", "wxd.json", "wxd.respond",
+  "wxd.xml", "wxd.crypto", "wxd.timer", "wxd.task", "wxd.shdict",
+  "wxd.log", "wxd.lock", "wxd.redis", "wxd.limit", "wxd.retry", "wxd.breaker", "wxd.http", "wxd.otlp", "wxd.jwt",
+  "wxd.ws",
+  "wxd.config", "wxd.store", "wxd.session", "wxd.order",
   "wxd.miniprogram", "wxd.wechat", "wxd.mp", "wxd.pay.notify", "wxd.pay.v2", "wxd.pay.orders", "wxd.pay",
   "wxd.app", "wxd.testing", "wxd.server", "wxd.cli",
 }
