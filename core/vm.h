@@ -117,6 +117,8 @@ struct wxd_vm {
    * watchdog replaces the process with the memory bounded (docs/runaway.md). */
   size_t mem_used, mem_limit;
   int mem_over; /* went over the limit since the last full collection */
+  lua_Alloc base_alloc; /* LuaJIT's own allocator, which limited_alloc wraps */
+  void *base_ud;
 };
 
 /* Creates a VM on `loop`. Returns NULL on allocation failure. */
