@@ -311,6 +311,9 @@ void wxd_vm_free(wxd_vm_t *vm) {
     free(co);
     co = next;
   }
+  /* LuaJIT frees its allocator's arena at close only when the state's
+   * allocator is its own: give it back, or every generation leaks it. */
+  if (vm->base_alloc) lua_setallocf(vm->L, vm->base_alloc, vm->base_ud);
   lua_close(vm->L);
   free(vm);
 }
