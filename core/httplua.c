@@ -734,6 +734,30 @@ static int http_set_openid(lua_State *L) {
   return 1;
 }
 
+/* wxd.core.http.gray() -> the colour wxd.gray gave the running request (or
+ * the request a task was spawned from), or nothing. */
+static int http_gray(lua_State *L) {
+  wxd_trace_t *t = wxd_trace_of(wxd_co_lookup(L));
+  if (!t || !t->gray[0]) return 0;
+  lua_pushstring(L, t->gray);
+  return 1;
+}
+
+/* wxd.core.http.set_gray(colour | nil) -> true, or false outside a request
+ * or for a colour that is not 1..32 of letters, digits and -_. */
+static int http_set_gray(lua_State *L) {
+  size_t n = 0;
+  const char *v = luaL_optlstring(L, 1, NULL, &n);
+  wxd_trace_t *t = wxd_trace_of(wxd_co_lookup(L));
+  int ok = t && (!v || wxd_trace_gray_ok(v, n));
+  if (ok) {
+    if (v) memcpy(t->gray, v, n);
+    t->gray[v ? n : 0] = 0;
+  }
+  lua_pushboolean(L, ok);
+  return 1;
+}
+
 /* wxd.core.http.new_span_id(), new_trace_id(): random lowercase hex. */
 static int http_new_span_id(lua_State *L) {
   char id[17];
@@ -769,11 +793,13 @@ int wxd_open_http_lua(lua_State *L) {
                                  {"send_file", wxd__http_send_file},
                                  {"trace_context", http_trace_context},
                                  {"set_openid", http_set_openid},
+                                 {"gray", http_gray},
+                                 {"set_gray", http_set_gray},
                                  {"new_span_id", http_new_span_id},
                                  {"new_trace_id", http_new_trace_id},
                                  {"parse_traceparent", http_parse_traceparent},
                                  {NULL, NULL}};
-  lua_createtable(L, 0, 9);
+  lua_createtable(L, 0, 11);
   luaL_register(L, NULL, fns);
   return 1;
 }

@@ -238,11 +238,13 @@ void wxd__http_access_log(wxd_worker_t *w, wxd_req_t *r, const char *method, int
   }
   double ms = secs * 1e3;
   /* A request refused before dispatch has no trace context of its own. */
-  char ids[256] = "";
+  char ids[320] = "";
+  /* The colour needs no escaping: wxd_trace_gray_ok allows [A-Za-z0-9_.-]. */
   if (r && r->finished)
-    snprintf(ids, sizeof ids, ",\"trace_id\":\"%s\",\"span_id\":\"%s\",\"request_id\":\"%s\"", r->trace.trace_id,
-             r->trace.span_id, r->trace.request_id);
-  char line[1280];
+    snprintf(ids, sizeof ids, ",\"trace_id\":\"%s\",\"span_id\":\"%s\",\"request_id\":\"%s\"%s%s%s",
+             r->trace.trace_id, r->trace.span_id, r->trace.request_id, r->trace.gray[0] ? ",\"gray\":\"" : "",
+             r->trace.gray, r->trace.gray[0] ? "\"" : "");
+  char line[1344];
   int n = snprintf(line, sizeof line,
                    "{\"ts\":\"%s.%03ldZ\",\"level\":\"info\",\"worker\":%d,\"msg\":\"access\","
                    "\"id\":\"%s\",\"method\":\"%s\",\"path\":\"%.*s\",\"status\":%d,"

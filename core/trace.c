@@ -103,4 +103,16 @@ void wxd_trace_begin(wxd_trace_t *t, const char *tp, size_t tplen, const char *r
     snprintf(t->request_id, sizeof t->request_id, "%s", fallback_id);
   }
   t->openid[0] = 0;
+  t->gray[0] = 0;
+}
+
+int wxd_trace_gray_ok(const char *v, size_t n) {
+  if (n == 0 || n > WXD_TRACE_GRAY_MAX) return 0;
+  for (size_t i = 0; i < n; i++) {
+    unsigned char ch = (unsigned char)v[i];
+    if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '-' ||
+          ch == '_' || ch == '.'))
+      return 0;
+  }
+  return 1;
 }

@@ -14,6 +14,7 @@
 
 #define WXD_TRACE_REQUEST_ID_MAX 64
 #define WXD_TRACE_OPENID_MAX 64
+#define WXD_TRACE_GRAY_MAX 32
 
 typedef struct wxd_trace {
   char trace_id[33];  /* 32 lowercase hex digits */
@@ -22,6 +23,7 @@ typedef struct wxd_trace {
   uint8_t flags;      /* the caller's trace-flags (bit 0: sampled) */
   char request_id[WXD_TRACE_REQUEST_ID_MAX + 1];
   char openid[WXD_TRACE_OPENID_MAX + 1]; /* "" until known */
+  char gray[WXD_TRACE_GRAY_MAX + 1];     /* the request's colour (wxd.gray); "" for none */
 } wxd_trace_t;
 
 /* Parses a traceparent header value (W3C Trace Context level 1, section 3.2:
@@ -47,6 +49,10 @@ struct wxd_co;
 wxd_trace_t *wxd_trace_of(struct wxd_co *co);
 /* task.c: a task's copy, or NULL. */
 wxd_trace_t *wxd_task_trace(struct wxd_co *co);
+
+/* 1 when v (n bytes) may be a gray colour: 1..WXD_TRACE_GRAY_MAX letters,
+ * digits and -_. (it goes into headers, baggage and log lines as is). */
+int wxd_trace_gray_ok(const char *v, size_t n);
 
 /* New random ids as lowercase hex (never all zero), NUL-terminated. */
 void wxd_trace_new_trace_id(char out[33]);

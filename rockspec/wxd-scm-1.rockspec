@@ -46,6 +46,7 @@ build = {
       ["wxd.lock"] = "lua/wxd/lock.lua",
       ["wxd.log"] = "lua/wxd/log.lua",
       ["wxd.metrics"] = "lua/wxd/metrics.lua",
+      ["wxd.gray"] = "lua/wxd/gray.lua",
       ["wxd.miniprogram"] = "lua/wxd/miniprogram.lua",
       ["wxd.mp"] = "lua/wxd/mp.lua",
       ["wxd.multipart"] = "lua/wxd/multipart.lua",

@@ -22,6 +22,9 @@ local multipart  = require("wxd.multipart")
 local cors       = require("wxd.cors")
 local native_parse_query = require("wxd.core.http").parse_query
 local trace_current = require("wxd.trace").current
+local gray       = require("wxd.gray")
+local wxd        = require("wxd")
+local gray_apply = gray.apply
 
 local type         = type
 local next         = next
@@ -1089,9 +1092,10 @@ local function request_host(req)
 end
 
 -- A selector table { host = name | list, header = { name, value | fn },
--- select = fn(req) } as one predicate (every given part must hold).
+-- gray = colour | list, select = fn(req) } as one predicate (every given
+-- part must hold).
 local function selector(sel)
-  local hosts, hname, hval, fn
+  local hosts, hname, hval, fn, colours
   for k, v in pairs(sel) do
     if k == "host" then
       hosts = {}
@@ -1112,14 +1116,32 @@ local function selector(sel)
         error("wxd.app: group: select must be a function(req), got a " .. type(v), 4)
       end
       fn = v
+    elseif k == "gray" then
+      colours = {}
+      for _, c in ipairs(type(v) == "table" and v or { v }) do
+        if not gray.colour_ok(c) then
+          error("wxd.app: group: gray must be a colour or a list of colours (letters, digits, '-', '_', '.'), got "
+            .. repr(c), 4)
+        end
+        colours[c] = true
+      end
+      if next(colours) == nil then
+        error("wxd.app: group: gray must be a colour or a non-empty list of colours", 4)
+      end
     else
-      error("wxd.app: group: unknown selector " .. repr(k) .. " (host, header, select)", 4)
+      error("wxd.app: group: unknown selector " .. repr(k) .. " (host, header, gray, select)", 4)
     end
   end
-  if not (hosts or hname or fn) then
-    error("wxd.app: group: empty selector (host, header or select)", 4)
+  if not (hosts or hname or fn or colours) then
+    error("wxd.app: group: empty selector (host, header, gray or select)", 4)
   end
   return function(req)
+    if colours then
+      local c = rawget(req, "gray")
+      if c == nil or not colours[c] then
+        return false
+      end
+    end
     if hosts and not hosts[request_host(req) or ""] then
       return false
     end
@@ -1187,6 +1209,8 @@ function shared.group(self, prefix, sel, fn)
     error("wxd.app: group: expected a function, got a " .. type(fn), 2)
   end
   local select_fn = sel and selector(sel)
+  -- A gray group overrides the routes it has; the rest fall through.
+  local fallthrough = sel ~= nil and sel.gray ~= nil
   local app = owner(self)
   local full = (self.prefix or "") .. (prefix or "")
   local g = setmetatable({
@@ -1200,6 +1224,7 @@ function shared.group(self, prefix, sel, fn)
   if select_fn then
     -- Its own router: routes, methods and groups of its generation.
     g._select = select_fn
+    g._fallthrough = fallthrough
     g._static, g._root, g._dynamic, g._methods = {}, new_node(), false, {}
     g._groups = {}
     g._router = g
@@ -1580,28 +1605,42 @@ function app_methods.handle(self, req)
   end
   setmetatable(req, REQ_MT)
 
+  -- Gray release: the request's colour (wxd.gray), before any selector.
+  local cfg = wxd.config
+  local gray_set = cfg and cfg.gray
+  if gray_set then
+    gray_apply(gray_set, req)
+  end
+
   -- A group selected by host or header brings its own router (the first
-  -- one whose selector holds and whose prefix covers the path).
-  local router = self
+  -- one whose selector holds and whose prefix covers the path). A gray
+  -- group that has no route for the request passes it on to the next
+  -- selector, and at last to the app's router.
+  local router, route = self, nil
   local sel = self._selectors
-  if sel then
-    for i = 1, #sel do
-      local g = sel[i]
+  local nsel, isel = sel and #sel or 0, 1
+  while true do
+    router = self
+    while isel <= nsel do
+      local g = sel[isel]
+      isel = isel + 1
       if under_prefix(g._segs, path) and g._select(req) then
         router = g
         break
       end
     end
-  end
 
-  -- Routing before middleware: params are then visible to `before`.
-  local route
-  local e = router._static[path]
-  if e then
-    route = e[method] or pick(e, method)
-  end
-  if route == nil and router._dynamic and str_byte(path, 1) == 47 then
-    route = match(router._root, path, 2, #path, method)
+    -- Routing before middleware: params are then visible to `before`.
+    local e = router._static[path]
+    if e then
+      route = e[method] or pick(e, method)
+    end
+    if route == nil and router._dynamic and str_byte(path, 1) == 47 then
+      route = match(router._root, path, 2, #path, method)
+    end
+    if route or not router._fallthrough then
+      break
+    end
   end
   if route then
     -- The pattern, never the path: metrics label requests with it.

@@ -88,7 +88,8 @@ local LOG_LEVELS = { debug = true, info = true, warn = true, error = true }
 -- (their modules validate them).
 local FREE_SECTIONS = { "mp", "pay", "miniprogram", "token", "app", "order", "websocket", "trace" }
 
-local TOP_KEYS = { "listen", "workers", "steering", "limits", "log", "admin_listen", "shdict", "https", "redis", "store" }
+local TOP_KEYS = { "listen", "workers", "steering", "limits", "log", "admin_listen", "shdict", "https", "redis", "store",
+  "gray" }
 for _, k in ipairs(FREE_SECTIONS) do
   TOP_KEYS[#TOP_KEYS + 1] = k
 end
@@ -671,6 +672,15 @@ function _M.validate(t, opts)
       out.redis = check_redis(ctx, path, v)
     elseif k == "store" then
       out.store = check_store(ctx, path, v, t.redis ~= nil)
+    elseif k == "gray" then
+      -- Gray release rules (wxd.gray): compiled here, so a bad rule fails
+      -- the load or reload with its name.
+      local set, errs = require("wxd.gray").compile(v, path)
+      if set then
+        out.gray = (set.n > 0 or set.inherit) and set or nil
+      else
+        for _, e in ipairs(errs) do ctx.errors[#ctx.errors + 1] = e end
+      end
     elseif FREE[k] then
       if check_section(ctx, path, v) then
         out[k] = v

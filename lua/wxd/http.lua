@@ -34,6 +34,7 @@ local core = require "wxd.core.fetch"
 local wxd_core = require "wxd.core"
 local metrics = require "wxd.metrics"
 local trace = require "wxd.trace"
+local gray_baggage = require("wxd.gray").baggage
 
 local type, pairs, ipairs, tostring, tonumber, error, concat, sort =
   type, pairs, ipairs, tostring, tonumber, error, table.concat, table.sort
@@ -113,13 +114,23 @@ local warned = {} -- hosts already warned about verify = false (per Lua state)
 -- prepare's trace step: the headers that carry the running request's
 -- context (caller-set ones win), and the client span's id when spans are
 -- exported. Returns the context (nil outside a request).
-local function add_trace_headers(lines, seen, host, opts)
+-- A gray request's colour joins the W3C baggage: appended to the caller's
+-- own baggage header (its last line), unless that names wxd-gray already.
+local function add_trace_headers(lines, seen, host, opts, baggage)
   if opts.trace == false then return nil end
   local span_id = trace.exporting() and trace.new_span_id() or nil
   local ctx, th = trace.outbound(host, span_id)
   if not ctx then return nil end
   for name, v in pairs(th) do
     if not seen[name] then lines[#lines + 1] = name .. ": " .. v end
+  end
+  if ctx.gray then
+    if baggage then
+      local merged = gray_baggage(ctx.gray, concat(baggage.values, ","))
+      if merged then lines[baggage.at] = lines[baggage.at] .. "," .. gray_baggage(ctx.gray) end
+    else
+      lines[#lines + 1] = "baggage: " .. gray_baggage(ctx.gray)
+    end
   end
   ctx.client_span_id = span_id
   return ctx
@@ -149,6 +160,7 @@ local function prepare(opts, level)
   local lines = { method .. " " .. target .. " HTTP/1.1" }
   local has_host, has_ua = false, false
   local seen = {}
+  local baggage -- the caller's baggage lines: { at = last line, values = { ... } }
   if opts.headers ~= nil then
     if type(opts.headers) ~= "table" then fail("headers must be a table", level + 1) end
     local names = {}
@@ -167,10 +179,15 @@ local function prepare(opts, level)
         else
           lines[#lines + 1] = name .. ": " .. check_value(name, v, level + 1)
         end
+        if lname == "baggage" and (type(v) ~= "table" or v[1] ~= nil) then
+          local vals = {}
+          for _, each in ipairs(type(v) == "table" and v or { v }) do vals[#vals + 1] = tostring(each) end
+          baggage = { at = #lines, values = vals }
+        end
       end
     end
   end
-  local ctx = add_trace_headers(lines, seen, host, opts)
+  local ctx = add_trace_headers(lines, seen, host, opts, baggage)
   if not has_host then lines[#lines + 1] = "Host: " .. authority end
   if not has_ua then lines[#lines + 1] = "User-Agent: " .. USER_AGENT end
   if body or method == "POST" or method == "PUT" or method == "PATCH" then

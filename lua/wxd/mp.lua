@@ -897,7 +897,11 @@ function Endpoint:receive(req, res)
 
   -- The sender becomes part of the request's context (logged masked,
   -- forwarded to allowed hosts only).
-  if type(msg.FromUserName) == "string" then trace.set_openid(msg.FromUserName) end
+  if type(msg.FromUserName) == "string" then
+    trace.set_openid(msg.FromUserName)
+    -- Gray rules keyed on the openid can decide now (wxd.gray).
+    if rawget(req, "_gray_wait") then require("wxd.gray").refresh(req) end
+  end
   local ctx = { req = req, kind = self.kind, mode = mode, format = fmt, appid = self.receive_id,
                 reply = _M.reply, path = self.path }
   local out = self:dispatch(req, msg, ctx, doc, id)

@@ -7,7 +7,7 @@ local log = require "wxd.log"
 local trace = require "wxd.trace"
 local wxd = require "wxd"
 
-local type, xpcall, traceback, io_open = type, xpcall, debug.traceback, io.open
+local type, xpcall, traceback, io_open, rawget = type, xpcall, debug.traceback, io.open, rawget
 
 local _M = {}
 
@@ -54,6 +54,9 @@ function _M.load_app(appdir, _worker, generation)
     return nil, appdir .. "/app.lua must return an app: local app = require(\"wxd.app\").new() ... return app"
   end
   local handle = app.handle
+  -- With gray rules, each request is counted by its final colour (wxd.mp
+  -- may colour a message once it knows the sender), failed ones included.
+  local count_gray = cfg.gray and require("wxd.gray").count or nil
   -- Routes with their own body limit: the core asks the router for the
   -- limit of each request with a body before reading it.
   if app._body_limits then
@@ -71,6 +74,7 @@ function _M.load_app(appdir, _worker, generation)
       local t0 = now()
       local ok2, status, headers, body = xpcall(handle, traceback, app, raw)
       trace.finish_request(raw, ok2 and status or 500, t0, now())
+      if count_gray then count_gray(rawget(raw, "gray")) end
       if ok2 then return status, headers, body, nil, raw.route end
       log.error("handler error", { id = raw.id, method = raw.method, path = raw.path, error = status })
       return 500, PLAIN, "internal server error (request id " .. raw.id .. ")\n", true, raw.route
@@ -78,6 +82,7 @@ function _M.load_app(appdir, _worker, generation)
   end
   return function(raw)
     local ok2, status, headers, body = xpcall(handle, traceback, app, raw)
+    if count_gray then count_gray(rawget(raw, "gray")) end
     if ok2 then return status, headers, body, nil, raw.route end
     log.error("handler error", { id = raw.id, method = raw.method, path = raw.path, error = status })
     -- The fourth value tells the core the handler failed: a response that

@@ -22,8 +22,8 @@ local core_http = require "wxd.core.http"
 local metrics = require "wxd.metrics"
 
 local type, tonumber, tostring, sub, lower = type, tonumber, tostring, string.sub, string.lower
-local trace_context, set_openid, new_span_id = core_http.trace_context, core_http.set_openid,
-  core_http.new_span_id
+local trace_context, set_openid, new_span_id, gray_of = core_http.trace_context, core_http.set_openid,
+  core_http.new_span_id, core_http.gray
 
 local _M = {}
 
@@ -63,7 +63,8 @@ end
 
 --- The running request's trace context, or nil outside a request handler:
 -- { trace_id, span_id, parent_id (nil for a new trace), sampled,
---   traceparent (as sent on outbound calls), tracestate, request_id, openid }.
+--   traceparent (as sent on outbound calls), tracestate, request_id, openid,
+--   gray (the request's colour, see wxd.gray) }.
 -- A new table per call; `req.trace` caches one per request.
 function _M.current()
   local tid, sid, pid, flags, rid, tstate, openid = trace_context(openid_header())
@@ -72,7 +73,7 @@ function _M.current()
   return {
     trace_id = tid, span_id = sid, parent_id = pid, sampled = s,
     traceparent = "00-" .. tid .. "-" .. sid .. (s and "-01" or "-00"),
-    tracestate = tstate, request_id = rid, openid = openid,
+    tracestate = tstate, request_id = rid, openid = openid, gray = gray_of(),
   }
 end
 
@@ -119,6 +120,9 @@ function _M.outbound(host, span_id)
     ["x-request-id"] = ctx.request_id,
   }
   if ctx.tracestate then h.tracestate = ctx.tracestate end
+  -- The gray colour goes everywhere (it is no secret); wxd.http adds it
+  -- to the baggage header as well.
+  if ctx.gray then h["x-wxd-gray"] = ctx.gray end
   if ctx.openid and openid_allowed(host) then
     local t = section()
     h[(t and type(t.openid_header) == "string") and lower(t.openid_header) or "x-openid"] = ctx.openid

@@ -8,7 +8,7 @@ local H = require "helpers"
 
 -- Bottom first. A new module goes where its requires allow.
 local LAYERS = {
-  "wxd", "wxd.util", "wxd.metrics", "wxd.trace", "wxd.cookie", "wxd.static", "wxd.multipart", "wxd.cors",
+  "wxd", "wxd.util", "wxd.metrics", "wxd.trace", "wxd.gray", "wxd.cookie", "wxd.static", "wxd.multipart", "wxd.cors",
   "wxd.apiversion", "wxd.json", "wxd.respond",
   "wxd.xml", "wxd.crypto", "wxd.timer", "wxd.task", "wxd.shdict",
   "wxd.log", "wxd.lock", "wxd.redis", "wxd.limit", "wxd.retry", "wxd.breaker", "wxd.http", "wxd.otlp", "wxd.jwt",
