@@ -239,11 +239,17 @@ end
 ------------------------------------------------------------------------
 
 -- The request's openid as wxd.trace sees it (trace.openid_header, or the
--- sender of an Official Account message).
-local trace_ids = trace.ids
-local function openid()
-  local _, _, _, id = trace_ids()
-  return id
+-- sender of an Official Account message). Outside the server (wxd.testing
+-- hands requests to app:handle directly) there is no native context: the
+-- header is read here, under the same rule.
+local trace_ids, openid_header = trace.ids, trace.openid_header
+local function openid(req)
+  local tid, _, _, id = trace_ids()
+  if tid then return id end
+  local name = openid_header()
+  local v = name and rawget(req, "headers")[name]
+  if type(v) == "string" and #v <= 64 and find(v, "^[%w%-_.:@/+=]+$") then return v end
+  return nil
 end
 
 local function header_of(req, name)
@@ -258,7 +264,7 @@ local function key_of(req, key, cache)
   if kind == "openid" then
     local id = cache.openid
     if id == nil then
-      id = openid() or false
+      id = openid(req) or false
       cache.openid = id
     end
     return id or nil
@@ -288,13 +294,14 @@ end
 --- The colour of a request under a compiled set, or nil; the second value
 -- is true when an openid-keyed rule could not be tried for lack of an
 -- openid (wxd.mp classifies again once the message names its sender).
-function _M.classify(set, req)
+-- `sender`, when given, is the openid to use.
+function _M.classify(set, req, sender)
   if set.inherit then
     local c = inherited(req, set)
     if c then return c, false end
   end
   local rules = set.rules
-  local cache, waiting = {}, false
+  local cache, waiting = { openid = sender }, false
   for i = 1, set.n do
     local r = rules[i]
     local ok = true
@@ -329,13 +336,13 @@ function _M.apply(set, req)
 end
 
 --- Classifies a request again once its openid is known (wxd.mp calls this
--- after reading FromUserName). Does nothing unless the first pass skipped
--- an openid rule for lack of one.
-function _M.refresh(req)
+-- with a message's FromUserName). Does nothing unless the first pass
+-- skipped an openid rule for lack of one.
+function _M.refresh(req, sender)
   local set = rawget(req, "_gray_wait")
   if not set then return rawget(req, "gray") end
   rawset(req, "_gray_wait", nil)
-  local colour = _M.classify(set, req)
+  local colour = _M.classify(set, req, sender)
   rawset(req, "gray", colour)
   c_set_gray(colour)
   return colour

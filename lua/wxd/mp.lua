@@ -63,6 +63,7 @@ local sha1_hex, sha256_hex, equals = crypto.sha1_hex, crypto.sha256_hex, crypto.
 -- Each protocol step in one native call (core/wxmsg.c).
 local metrics = require "wxd.metrics"
 local trace = require "wxd.trace"
+local gray = require "wxd.gray"
 local native = require "wxd.core.crypto"
 local wx_signature, wx_verify, wx_decrypt, wx_encrypt, wx_seal, wx_open =
   native.wx_signature, native.wx_verify, native.wx_decrypt, native.wx_encrypt, native.wx_seal, native.wx_open
@@ -900,7 +901,7 @@ function Endpoint:receive(req, res)
   if type(msg.FromUserName) == "string" then
     trace.set_openid(msg.FromUserName)
     -- Gray rules keyed on the openid can decide now (wxd.gray).
-    if rawget(req, "_gray_wait") then require("wxd.gray").refresh(req) end
+    if rawget(req, "_gray_wait") then gray.refresh(req, msg.FromUserName) end
   end
   local ctx = { req = req, kind = self.kind, mode = mode, format = fmt, appid = self.receive_id,
                 reply = _M.reply, path = self.path }

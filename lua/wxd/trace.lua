@@ -49,6 +49,10 @@ local function openid_header()
   return header_cache
 end
 
+--- The request header the openid is read from (lower case), or nil when
+-- trace.openid_header is false.
+_M.openid_header = openid_header
+
 --- The sampling decision for a context: the caller's when it sent one
 -- (its sampled flag), else the configured ratio applied to the trace id
 -- (the same decision on every node for one trace).
