@@ -50,8 +50,8 @@ local metrics = require "wxd.metrics"
 
 local type, pairs, ipairs, tostring, error, rawget, rawset, floor =
   type, pairs, ipairs, tostring, error, rawget, rawset, math.floor
-local byte, find, lower, format, gsub, sub = string.byte, string.find, string.lower, string.format, string.gsub,
-  string.sub
+local byte, find, lower, format, gsub, sub, match = string.byte, string.find, string.lower, string.format,
+  string.gsub, string.sub, string.match
 local c_gray, c_set_gray = core_http.gray, core_http.set_gray
 
 local _M = {}
@@ -252,9 +252,15 @@ local function openid(req)
   return nil
 end
 
+-- A header's value without trailing blanks (RFC 9110 5.5: they are not
+-- part of it; the core strips leading ones only).
 local function header_of(req, name)
   local v = rawget(req, "headers")[name]
   if type(v) == "table" then v = v[#v] end
+  if v ~= nil then
+    local last = byte(v, -1)
+    if last == 32 or last == 9 then v = match(v, "^(.-)[ \t]+$") end
+  end
   return v
 end
 
@@ -280,7 +286,7 @@ end
 -- when it is one of ours.
 local function inherited(req, set)
   local h = rawget(req, "headers")
-  local v = h["x-wxd-gray"]
+  local v = header_of(req, "x-wxd-gray")
   if type(v) == "string" and set.colours[v] then return v end
   local bag = h.baggage
   if type(bag) == "table" then bag = table.concat(bag, ",") end

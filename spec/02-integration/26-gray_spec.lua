@@ -1,0 +1,258 @@
+-- Gray release (wxd.gray) on a real server: 10,000 distinct openids at 5%
+-- give 5% +- 1%, the same openid always the same colour, also after a
+-- reload that leaves its rule alone; header rules route exactly; a reload
+-- that changes the percentage applies to the next request, under HTTP load,
+-- with no failed request; the colour goes out on calls (header and baggage)
+-- and is counted in wxd_gray_requests_total.
+local H = require "helpers"
+local cjson = require "cjson"
+local socket = require "socket"
+local gray = require "wxd.gray"
+
+local CONFIG = [[
+return {
+  shdict = { results = "1m" },
+  gray = {
+    rules = {
+%s
+      { name = "scene", colour = "v2", header = { "X-Wechat-Scene", "miniapp_v3" } },
+      { name = "region", colour = "sh", header = { "X-User-Region", "shanghai" } },
+      { name = "canary", colour = "v2", percent = %s },
+    },
+  },
+}
+]]
+
+local function write_config(dir, percent, first_rule)
+  H.write_file(dir .. "/config.lua", string.format(CONFIG, first_rule or "", tostring(percent)))
+end
+
+local function openid(i) return string.format("oGray%07dQx", i) end
+
+-- The colour /who reports ("-" for none), for the requests of `list`
+-- (each { path =, headers = {} }), over 8 pipelined connections.
+local function colours(srv, list)
+  local batches, per = {}, math.ceil(#list / 8)
+  for i, r in ipairs(list) do
+    local b = math.floor((i - 1) / per) + 1
+    batches[b] = batches[b] or {}
+    local lines = { "GET " .. (r.path or "/who") .. " HTTP/1.1", "Host: x" }
+    for k, v in pairs(r.headers or {}) do lines[#lines + 1] = k .. ": " .. v end
+    batches[b][#batches[b] + 1] = table.concat(lines, "\r\n") .. "\r\n\r\n"
+  end
+  local out = {}
+  for _, resps in ipairs(H.pipelined(srv, batches)) do
+    for _, r in ipairs(resps) do
+      assert.equal(200, r.status, r.body)
+      out[#out + 1] = r.body
+    end
+  end
+  assert.equal(#list, #out)
+  return out
+end
+
+local function by_openid(from, to)
+  local list = {}
+  for i = from, to do list[#list + 1] = { headers = { ["X-OpenID"] = openid(i) } } end
+  return list
+end
+
+local function metric(port, colour)
+  local c = assert(socket.connect("127.0.0.1", port))
+  c:send("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+  local raw = H.read_all(c, 5)
+  local ok, rs = pcall(H.parse_responses, raw)
+  if not ok then error(rs .. "\nRAW(" .. #raw .. "): " .. raw:sub(1, 400)) end
+  local body = rs[1].body
+  c:close()
+  return tonumber(body:match('wxd_gray_requests_total{colour="' .. colour .. '"} (%d+)')) or 0
+end
+
+local function reload(srv)
+  local out, code = H.sh(H.WXD .. " reload --pid " .. srv.dir .. "/wxd.pid")
+  assert.equal(0, code, out)
+  return out
+end
+
+describe("gray release", function()
+  local dir, srv, admin
+
+  setup(function()
+    dir = H.tmpdir()
+    os.execute("cp -r " .. H.app("gray") .. "/. " .. dir)
+    write_config(dir, 5)
+    admin = H.free_port()
+    srv = H.start(dir, { workers = 2, pid = true, args = "--admin 127.0.0.1:" .. admin })
+    H.wait_until(function()
+      local c = socket.connect("127.0.0.1", admin)
+      if c then c:close() end
+      return c ~= nil
+    end, 10, "the admin listener")
+  end)
+
+  teardown(function()
+    if srv then srv:stop(); srv:cleanup() end
+    os.execute("rm -rf " .. dir)
+  end)
+
+  it("puts 5% +- 1% of 10,000 openids in v2, each openid always on its side, also after a reload", function()
+    local v2_before, none_before = metric(admin, "v2"), metric(admin, "none")
+    local first = colours(srv, by_openid(1, 10000))
+    local n = 0
+    for i, body in ipairs(first) do
+      local want = gray.bucket("v2", openid(i)) < 500 and "v2 v2" or "v1 -"
+      assert.equal(want, body, openid(i))
+      if body == "v2 v2" then n = n + 1 end
+    end
+    print(string.format("\n    share at 5%%: %d of 10000 (%.2f%%)", n, n / 100))
+    assert.is_true(n >= 400 and n <= 600, "share " .. n .. " of 10000")
+    -- Counted by colour, every request once.
+    H.wait_until(function()
+      return metric(admin, "v2") - v2_before == n and metric(admin, "none") - none_before == 10000 - n
+    end, 5, "the gray counters")
+
+    -- Asked again: the same answer for each.
+    local again = colours(srv, by_openid(1, 10000))
+    for i = 1, 10000 do assert.equal(first[i], again[i], openid(i)) end
+
+    -- A reload that adds a rule in front but leaves the canary alone.
+    write_config(dir, 5, '{ name = "beta", colour = "beta", header = { "X-Beta", "1" } },')
+    reload(srv)
+    local after = colours(srv, by_openid(1, 10000))
+    for i = 1, 10000 do assert.equal(first[i], after[i], openid(i)) end
+    assert.same({ "v1 beta" }, colours(srv, { { headers = { ["X-Beta"] = "1", ["X-OpenID"] = openid(1) } } }))
+  end)
+
+  it("routes header rules exactly", function()
+    write_config(dir, 5)
+    reload(srv)
+    local cases = {
+      { { ["X-Wechat-Scene"] = "miniapp_v3" }, "v2 v2" },
+      { { ["x-wechat-scene"] = "miniapp_v3" }, "v2 v2" },
+      { { ["X-Wechat-Scene"] = "miniapp_v3 " }, "v2 v2" }, -- trailing whitespace is not part of a value
+      { { ["X-Wechat-Scene"] = "MINIAPP_V3" }, "v1 -" },
+      { { ["X-Wechat-Scene"] = "miniapp_v31" }, "v1 -" },
+      { { ["X-Wechat-Scene"] = "miniapp_v2" }, "v1 -" },
+      { { ["X-User-Region"] = "shanghai" }, "v1 sh" },
+      { { ["X-User-Region"] = "Shanghai" }, "v1 -" },
+      { { ["X-User-Region"] = "shanghai", ["X-Wechat-Scene"] = "miniapp_v3" }, "v2 v2" }, -- first rule wins
+      { {}, "v1 -" },
+    }
+    -- 100 rounds of every case, mixed on the same connections.
+    local list, want = {}, {}
+    for round = 1, 100 do
+      for j, c in ipairs(cases) do
+        local h = {}
+        for k, v in pairs(c[1]) do h[k] = v end
+        -- An openid outside the 5% keeps the canary out of it.
+        local id
+        repeat
+          id = string.format("oHdr%d_%d_%d", round, j, math.random(1e6))
+        until gray.bucket("v2", id) >= 500
+        h["X-OpenID"] = id
+        list[#list + 1] = { headers = h }
+        want[#want + 1] = c[2]
+      end
+    end
+    local got = colours(srv, list)
+    local wrong = {}
+    for i = 1, #got do
+      if got[i] ~= want[i] then
+        local c = cases[(i - 1) % #cases + 1]
+        wrong[#wrong + 1] = cjson.encode(c[1]) .. ": " .. got[i] .. ", expected " .. want[i]
+      end
+    end
+    assert.equal(0, #wrong, wrong[1])
+    -- Other paths see the colour without a v2 route of their own.
+    assert.equal("http://orders-v2.internal", srv:get("/pick", { ["X-Wechat-Scene"] = "miniapp_v3" }).body)
+    assert.equal("http://orders-v1.internal", srv:get("/pick").body)
+    assert.truthy(#srv:log_lines('"gray":"v2"') > 0, "the access line names the colour")
+  end)
+
+  it("sends the colour on outbound calls, as X-Wxd-Gray and in baggage, keeping the caller's entries", function()
+    write_config(dir, 5)
+    reload(srv)
+    local up = "http://127.0.0.1:" .. srv.port .. "/echo"
+    local function call(q, h)
+      local r = srv:get("/call?url=" .. up .. (q or ""), h)
+      assert.equal(200, r.status, r.body)
+      local b = cjson.decode(r.body)
+      return b.gray, cjson.decode(b.upstream)
+    end
+    local scene = { ["X-Wechat-Scene"] = "miniapp_v3" }
+    local g, got = call(nil, scene)
+    assert.equal("v2", g)
+    assert.equal("v2", got.gray)
+    assert.equal("wxd-gray=v2", got.baggage)
+    g, got = call("&bag=tenant%3Dacme,region%3Dsh", scene)
+    assert.equal("tenant=acme,region=sh,wxd-gray=v2", got.baggage)
+    -- An entry of the caller's own wins.
+    _, got = call("&bag=wxd-gray%3Dmine", scene)
+    assert.equal("wxd-gray=mine", got.baggage)
+    -- Uncoloured: nothing added.
+    g, got = call("&bag=tenant%3Dacme")
+    assert.is_false(g)
+    assert.is_false(got.gray)
+    assert.equal("tenant=acme", got.baggage)
+    -- A task spawned by a coloured request calls out with its colour.
+    assert.equal("spawned", srv:get("/later?id=t1&url=" .. up, { ["X-User-Region"] = "shanghai" }).body)
+    local res = H.wait_until(function()
+      local b = srv:get("/result?id=t1").body
+      return b ~= "" and b
+    end, 5, "the task's call")
+    got = cjson.decode(res)
+    assert.equal("sh", got.gray)
+    assert.equal("wxd-gray=sh", got.baggage)
+  end)
+end)
+
+describe("gray release reload under load", function()
+  it("applies a new percentage to the next request, with no failed request (wrk, 2 workers)", function()
+    local dir = H.tmpdir()
+    os.execute("cp -r " .. H.app("gray") .. "/. " .. dir)
+    write_config(dir, 5)
+    local srv = H.start(dir, { workers = 2, pid = true })
+    local wrk_out = dir .. "/wrk.out"
+    -- Load until told to stop (SIGINT makes wrk print its summary).
+    local pid = tonumber((H.sh(string.format(
+      "wrk -t2 -c16 -d300s -H 'X-OpenID: oLoad0001' http://127.0.0.1:%d/who >%s 2>&1 & echo $!", srv.port, wrk_out))))
+    assert.truthy(pid)
+    H.wait_until(function() return srv:get("/who").status == 200 end, 5)
+
+    local before = colours(srv, by_openid(20001, 22000))
+    local moved = 0
+    for pct_round, pct in ipairs({ 50, 20, 5 }) do
+      write_config(dir, pct)
+      reload(srv)
+      -- The very next requests follow the new percentage, each exactly.
+      local got = colours(srv, by_openid(20001, 22000))
+      local n = 0
+      for i, body in ipairs(got) do
+        local want = gray.bucket("v2", openid(20000 + i)) < pct * 100 and "v2 v2" or "v1 -"
+        assert.equal(want, body, pct .. "% " .. openid(20000 + i))
+        if body == "v2 v2" then n = n + 1 end
+        if pct_round == 1 and before[i] == "v2 v2" then
+          -- Raising the percentage keeps everyone who was in.
+          assert.equal("v2 v2", body)
+        end
+        if before[i] ~= body then moved = moved + 1 end
+      end
+      print(string.format("\n    after the reload to %d%%: %d of 2000 in v2", pct, n))
+      assert.is_true(math.abs(n - 20 * pct) <= 20 * pct * 0.25 + 20, pct .. "%: " .. n)
+    end
+    assert.is_true(moved > 0)
+
+    os.execute("kill -INT " .. pid)
+    local out = H.wait_until(function()
+      local s = H.read_file(wrk_out) or ""
+      return s:find("Requests/sec", 1, true) and s
+    end, 15, "wrk's summary")
+    print("\n" .. out)
+    assert.truthy(out:find("requests in", 1, true), out)
+    assert.falsy(out:find("Socket errors", 1, true), out)
+    assert.falsy(out:find("Non%-2xx"), out)
+    srv:stop()
+    srv:cleanup()
+    os.execute("rm -rf " .. dir)
+  end)
+end)
