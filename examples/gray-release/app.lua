@@ -15,11 +15,12 @@ app:get("/whoami", function(req)
   return { colour = req.gray or "none", openid = req.trace.openid }
 end)
 
--- An upstream per colour. Here both are routes of this app; a real one
--- names other services (or keeps the URLs in config.lua).
-local RECOMMEND = { default = "/internal/recommend/v1", v2 = "/internal/recommend/v2" }
-app:get("/recommend", function(req)
-  local url = "http://" .. req.headers.host .. gray.pick(RECOMMEND)
+-- An upstream per colour. Here both are routes of this app
+-- (config.app.recommend_base); a real app names other services.
+local base = wxd.config.app.recommend_base
+local RECOMMEND = { default = base .. "/internal/recommend/v1", v2 = base .. "/internal/recommend/v2" }
+app:get("/recommend", function()
+  local url = gray.pick(RECOMMEND)
   -- The call carries X-Wxd-Gray and baggage: wxd-gray=<colour>.
   local res, err = wxd.http.get(url, { timeout = 2 })
   if not res then return 502, { error = err } end

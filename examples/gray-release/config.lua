@@ -13,4 +13,6 @@ return {
       { name = "canary", colour = "v2", percent = env("GRAY_PERCENT", 5) },
     },
   },
+  -- Where /recommend calls (this app itself, for the example).
+  app = { recommend_base = env("RECOMMEND_BASE", "http://127.0.0.1:8080") },
 }
