@@ -126,8 +126,11 @@ local function add_trace_headers(lines, seen, host, opts, baggage)
   end
   if ctx.gray then
     if baggage then
-      local merged = gray_baggage(ctx.gray, concat(baggage.values, ","))
-      if merged then lines[baggage.at] = lines[baggage.at] .. "," .. gray_baggage(ctx.gray) end
+      if gray_baggage(ctx.gray, concat(baggage.values, ",")) then
+        local last = baggage.values[#baggage.values]
+        lines[baggage.at] = find(last, "%S") and lines[baggage.at] .. "," .. gray_baggage(ctx.gray)
+          or baggage.name .. ": " .. gray_baggage(ctx.gray)
+      end
     else
       lines[#lines + 1] = "baggage: " .. gray_baggage(ctx.gray)
     end
@@ -182,7 +185,7 @@ local function prepare(opts, level)
         if lname == "baggage" and (type(v) ~= "table" or v[1] ~= nil) then
           local vals = {}
           for _, each in ipairs(type(v) == "table" and v or { v }) do vals[#vals + 1] = tostring(each) end
-          baggage = { at = #lines, values = vals }
+          baggage = { at = #lines, values = vals, name = name }
         end
       end
     end

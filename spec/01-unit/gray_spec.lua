@@ -176,7 +176,7 @@ describe("wxd.gray helpers", function()
 end)
 
 describe("gray through app:handle", function()
-  local dir
+  local dir, saved_config
   local APP = [[
 local app = require("wxd.app").new()
 app:group({ gray = "v2" }, function(v2)
@@ -202,10 +202,15 @@ return app
   }
 
   setup(function()
+    saved_config = require("wxd").config
     dir = H.tmpdir()
     H.write_file(dir .. "/app.lua", APP)
   end)
-  teardown(function() os.execute("rm -rf " .. dir) end)
+  teardown(function()
+    -- testing.app set wxd.config: later specs get what they had.
+    require("wxd").config = saved_config
+    os.execute("rm -rf " .. dir)
+  end)
 
   it("routes a coloured request to its group's route, and falls through for the rest", function()
     local c = testing.app(dir, { config = CONFIG })

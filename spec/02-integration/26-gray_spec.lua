@@ -189,6 +189,8 @@ describe("gray release", function()
     -- An entry of the caller's own wins.
     _, got = call("&bag=wxd-gray%3Dmine", scene)
     assert.equal("wxd-gray=mine", got.baggage)
+    _, got = call("&bag=", scene)
+    assert.equal("wxd-gray=v2", got.baggage)
     -- Uncoloured: nothing added.
     g, got = call("&bag=tenant%3Dacme")
     assert.is_false(g)
