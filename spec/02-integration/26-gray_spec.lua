@@ -169,6 +169,22 @@ describe("gray release", function()
     assert.truthy(#srv:log_lines('"gray":"v2"') > 0, "the access line names the colour")
   end)
 
+  it("refuses a reload with a bad rule, naming it, and keeps serving the old rules", function()
+    write_config(dir, 5)
+    reload(srv)
+    local inside
+    for i = 1, 1000 do
+      if gray.bucket("v2", openid(i)) < 500 then inside = openid(i); break end
+    end
+    write_config(dir, 500)
+    local out, code = H.sh(H.WXD .. " reload --pid " .. srv.dir .. "/wxd.pid")
+    assert.not_equal(0, code)
+    assert.truthy(out:find("config.gray.rules[3] (canary): percent must be a number in 0..100, got 500", 1, true), out)
+    assert.same({ "v2 v2" }, colours(srv, { { headers = { ["X-OpenID"] = inside } } }))
+    write_config(dir, 5)
+    reload(srv)
+  end)
+
   it("sends the colour on outbound calls, as X-Wxd-Gray and in baggage, keeping the caller's entries", function()
     write_config(dir, 5)
     reload(srv)
