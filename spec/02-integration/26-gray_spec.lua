@@ -207,6 +207,11 @@ describe("gray release", function()
     assert.equal("wxd-gray=mine", got.baggage)
     _, got = call("&bag=", scene)
     assert.equal("wxd-gray=v2", got.baggage)
+    -- Two lines of the caller's: the member joins the last one.
+    _, got = call("&bag=a%3D1&bag2=b%3D2", scene)
+    assert.equal("a=1, b=2,wxd-gray=v2", got.baggage)
+    _, got = call("&bag=a%3D1&bag2=wxd-gray%3Dmine", scene)
+    assert.equal("a=1, wxd-gray=mine", got.baggage)
     -- Uncoloured: nothing added.
     g, got = call("&bag=tenant%3Dacme")
     assert.is_false(g)
