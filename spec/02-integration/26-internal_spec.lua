@@ -297,6 +297,17 @@ req.end(body);
       assert.equal(0, json(fast).slept)
     end)
 
+    it("hands a cloud function's event to the queue and answers 202 at once (enqueue)", function()
+      local body = '{"event":"paid","order":"' .. crypto.nonce(8) .. '"}'
+      local r = signed(srv, { key = B, target = "/internal/cb/events", body = body, appid = ALLOWED })
+      assert.equal(202, r.status, r.body)
+      assert.is_string(json(r).id)
+      H.wait_until(function() return counts(srv)["event:" .. ALLOWED .. ":" .. body] == 1 end, 10, "the consumer")
+      -- Not for a key without the scope.
+      r = signed(srv, { key = A, target = "/internal/cb/events", body = body })
+      assert.equal(403, r.status, r.body)
+    end)
+
     it("hands calls to the retry queue (invoke_async) and its consumer makes them, with a fake wxd.queue", function()
       -- wxd.queue is another part of issue 17: this fake keeps its contract
       -- (push -> id; consume(name, handler); handler true = acknowledged).
@@ -381,6 +392,25 @@ describe("nonces across two wxd nodes", function()
     end)
     a:stop(); a:cleanup()
     b:stop(); b:cleanup()
+    assert(ok, err)
+  end)
+end)
+
+describe("a nonce store that fails", function()
+  it("refuses with 503 (fail closed) and calls no handler", function()
+    local redis = H.redis_server()
+    local srv = H.start(H.app("internal"), { workers = 1, env = env({ SPEC_KEY_A = KEY_A, SPEC_KEY_B = KEY_B,
+      SPEC_REDIS_URL = redis.url }) })
+    local ok, err = pcall(function()
+      assert.equal(200, signed(srv, { key = A, target = "/internal/echo", body = "up" }).status)
+      redis:stop()
+      local r = signed(srv, { key = A, target = "/internal/echo", body = "down" })
+      assert.equal(503, r.status, r.body)
+      assert.equal("nonce store unavailable", json(r).error)
+      assert.equal(1, counts(srv).echo)
+    end)
+    srv:stop(); srv:cleanup()
+    redis:cleanup()
     assert(ok, err)
   end)
 end)
