@@ -277,12 +277,10 @@ req.end(body);
     end)
 
     it("gives up after 3 seconds by default (CloudBase's function timeout)", function()
-      local t0 = wxd.monotonic_ms()
+      -- The function takes 8 s: with a longer deadline the call would succeed.
       local r = invoke({ name = "slow", data = { ms = 8000 } })
       assert.equal(502, r.status)
       assert.equal("timeout", json(r).error)
-      -- Before the function's 8 s were over; the bound is loose on purpose (a loaded machine).
-      assert.is_true(wxd.monotonic_ms() - t0 < 7500)
     end)
 
     it("answers a cloud function's call within the deadline while the handler goes on", function()
