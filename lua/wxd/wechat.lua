@@ -277,6 +277,7 @@ local function check_base(base)
 end
 
 local clients = {} -- this Lua state's clients, by appid and settings
+local first_client = {} -- appid -> the first client made for it in this Lua state
 
 local function query_string(q)
   if not q then return "" end
@@ -655,7 +656,23 @@ function _M.client(cfg)
     end, { worker = 0 })
   end
   clients[id] = c
+  if not first_client[appid] then first_client[appid] = c end
   return c
+end
+
+--- The client made first in this Lua state (this generation) for `appid`;
+-- without an appid, the only client there is. nil when there is none (or,
+-- without an appid, more than one appid).
+-- @tparam[opt] string appid
+-- @treturn ?table
+function _M.client_for(appid)
+  if appid ~= nil then return first_client[appid] end
+  local only
+  for _, c in pairs(first_client) do
+    if only then return nil end
+    only = c
+  end
+  return only
 end
 
 --- The JS-SDK signature: sha1 of
