@@ -19,18 +19,56 @@ local PUBS = tonumber(os.getenv("WS_PUBLISHES")) or 200
 local PROCS = tonumber(os.getenv("WS_PROCESSES")) or 4
 local CLIENT = os.getenv("WS_CLIENT") or (H.ROOT .. "/build/bench/ws_latency_client")
 
+-- The server's own view: wxd_ws_publish_delivery_seconds on the admin
+-- listener (per publish and worker, from the publish to its last subscriber
+-- written). Returns the cumulative bucket counts.
+local function delivery_buckets(admin)
+  if not admin then return nil end
+  local socket = require "socket"
+  local c = socket.connect("127.0.0.1", admin)
+  if not c then return nil end
+  c:settimeout(10)
+  c:send("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+  local body = c:receive("*a") or ""
+  c:close()
+  local b = {}
+  for le, n in body:gmatch('wxd_ws_publish_delivery_seconds_bucket{le="([^"]+)"} (%d+)') do
+    b[#b + 1] = { le = le, n = tonumber(n) }
+  end
+  return b
+end
+
+-- "99% within <= 5 ms": the smallest bucket holding p of the observations
+-- made between two scrapes.
+local function server_side(before, after)
+  if not (before and after and #after > 0) then return nil end
+  local total = after[#after].n - (before[#before] and before[#before].n or 0)
+  if total == 0 then return nil end
+  local function within(p)
+    for i, b in ipairs(after) do
+      if b.n - (before[i] and before[i].n or 0) >= p * total then
+        return b.le == "+Inf" and "> 1 s" or string.format("<= %g ms", tonumber(b.le) * 1000)
+      end
+    end
+  end
+  return string.format("%d deliveries (publish x worker): 50%% %s, 99%% %s", total, within(0.5), within(0.99))
+end
+
 -- mode "publish": the route publishes (wxd.ws.publish); "order": it moves
 -- an order (wxd.order.transition), whose store publishes the change.
-local function run(sub_port, pub_port, procs, mode)
+local function run(sub_port, pub_port, procs, mode, admin)
   local sub, pub, warm = "/sub?topic=lat", "/publish-now?topic=lat&tag=", ""
   if mode == "order" then
     sub = string.format("/sub-orders?topic=lat&prefix=lat-&n=%d", PUBS)
     pub, warm = "/order-now?tag=", "'/publish-now?topic=lat&tag='"
   end
+  local before = delivery_buckets(admin)
   local out, code = H.sh(string.format("%s %d '%s' %d '%s' %d %d %d %s 2>&1",
     CLIENT, sub_port, sub, pub_port, pub, SUBS, procs, PUBS, warm))
   assert(code == 0, out)
-  return cjson.decode(out:match("{.*}"))
+  local r = cjson.decode(out:match("{.*}"))
+  r.server = server_side(before, delivery_buckets(admin))
+  return r
 end
 
 local function line(what, d)
@@ -43,6 +81,7 @@ local function show(title, r)
   print("  " .. line("read by the client", r.read))
   print("  " .. line("last arrival of a publish", r.round_last_arrival))
   if r.took then print("  " .. line("the transition call itself", r.took)) end
+  if r.server then print("  server side (wxd_ws_publish_delivery_seconds, warm-up included): " .. r.server) end
   for i, p in ipairs(r.per_process) do
     print(string.format("    process %d: arrival p50 %.3f p99 %.3f max %.3f | read p50 %.3f p99 %.3f max %.3f ms", i,
       p.arrival.p50, p.arrival.p99, p.arrival.max, p.read.p50, p.read.p99, p.read.max))
@@ -54,12 +93,14 @@ print(string.format("websocket topic latency, publish -> frame at the client, %d
 print("load: " .. uptime:gsub("%s+$", ""))
 local journal_dir = H.tmpdir()
 local env = "WXD_ACCESS_LOG=off"
-local srv = H.start(H.app("ws"), { workers = 2, env = env .. " WS_BENCH_JOURNAL=" .. journal_dir .. "/orders.journal" })
+local admin = H.free_port()
+local srv = H.start(H.app("ws"), { workers = 2, args = "--admin 127.0.0.1:" .. admin,
+                                   env = env .. " WS_BENCH_JOURNAL=" .. journal_dir .. "/orders.journal" })
 local ok, err = pcall(function()
-  show("one node, 2 workers: publish", run(srv.port, srv.port, PROCS, "publish"))
-  show("one node, 2 workers: order transition (journal fsync'd)", run(srv.port, srv.port, PROCS, "order"))
+  show("one node, 2 workers: publish", run(srv.port, srv.port, PROCS, "publish", admin))
+  show("one node, 2 workers: order transition (journal fsync'd)", run(srv.port, srv.port, PROCS, "order", admin))
   if os.getenv("WS_SINGLE") ~= "0" then
-    show("one node, 2 workers: publish, ONE client process", run(srv.port, srv.port, 1, "publish"))
+    show("one node, 2 workers: publish, ONE client process", run(srv.port, srv.port, 1, "publish", admin))
   end
 end)
 srv:stop(); srv:cleanup()
@@ -68,11 +109,12 @@ assert(ok, err)
 
 local redis = H.redis_server()
 env = env .. " WXD_TEST_REDIS_URL=" .. redis.url
-local a = H.start(H.app("ws_cluster"), { workers = 2, env = env })
+admin = H.free_port()
+local a = H.start(H.app("ws_cluster"), { workers = 2, env = env, args = "--admin 127.0.0.1:" .. admin })
 local b = H.start(H.app("ws_cluster"), { workers = 2, env = env })
 ok, err = pcall(function()
-  show("two nodes through Redis pub/sub: publish", run(a.port, b.port, PROCS, "publish"))
-  show("two nodes through Redis: order transition (Redis script)", run(a.port, b.port, PROCS, "order"))
+  show("two nodes through Redis pub/sub: publish", run(a.port, b.port, PROCS, "publish", admin))
+  show("two nodes through Redis: order transition (Redis script)", run(a.port, b.port, PROCS, "order", admin))
 end)
 a:stop(); a:cleanup(); b:stop(); b:cleanup()
 redis:cleanup()
