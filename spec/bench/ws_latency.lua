@@ -54,20 +54,37 @@ local function server_side(before, after)
   return string.format("%d deliveries (publish x worker): 50%% %s, 99%% %s", total, within(0.5), within(0.99))
 end
 
+-- CPU seconds (user + system) the process has used: /proc/PID/stat.
+local CLK_TCK = tonumber((H.sh("getconf CLK_TCK"):match("%d+"))) or 100
+local function cpu_seconds(pid)
+  local stat = pid and H.read_file("/proc/" .. pid .. "/stat")
+  if not stat then return nil end
+  local fields = {}
+  for x in stat:match("%) (.*)$"):gmatch("%S+") do fields[#fields + 1] = x end
+  return (tonumber(fields[12]) + tonumber(fields[13])) / CLK_TCK -- utime, stime
+end
+
 -- mode "publish": the route publishes (wxd.ws.publish); "order": it moves
 -- an order (wxd.order.transition), whose store publishes the change.
-local function run(sub_port, pub_port, procs, mode, admin)
+local function run(sub_port, pub_port, procs, mode, admin, sub_pid)
   local sub, pub, warm = "/sub?topic=lat", "/publish-now?topic=lat&tag=", ""
   if mode == "order" then
     sub = string.format("/sub-orders?topic=lat&prefix=lat-&n=%d", PUBS)
     pub, warm = "/order-now?tag=", "'/publish-now?topic=lat&tag='"
   end
   local before = delivery_buckets(admin)
+  local cpu0 = cpu_seconds(sub_pid)
   local out, code = H.sh(string.format("%s %d '%s' %d '%s' %d %d %d %s 2>&1",
     CLIENT, sub_port, sub, pub_port, pub, SUBS, procs, PUBS, warm))
   assert(code == 0, out)
   local r = cjson.decode(out:match("{.*}"))
   r.server = server_side(before, delivery_buckets(admin))
+  local cpu1 = cpu_seconds(sub_pid)
+  if cpu0 and cpu1 then
+    -- Per publish, warm-up and subscription set-up included: an upper bound.
+    r.cpu = string.format("%.2f ms per publish, %.1f µs per subscriber", (cpu1 - cpu0) * 1e3 / PUBS,
+      (cpu1 - cpu0) * 1e6 / PUBS / SUBS)
+  end
   return r
 end
 
@@ -81,6 +98,7 @@ local function show(title, r)
   print("  " .. line("read by the client", r.read))
   print("  " .. line("last arrival of a publish", r.round_last_arrival))
   if r.took then print("  " .. line("the transition call itself", r.took)) end
+  if r.cpu then print("  CPU of the subscribers' wxd (both workers, whole run / publishes): " .. r.cpu) end
   if r.server then print("  server side (wxd_ws_publish_delivery_seconds, warm-up included): " .. r.server) end
   for i, p in ipairs(r.per_process) do
     print(string.format("    process %d: arrival p50 %.3f p99 %.3f max %.3f | read p50 %.3f p99 %.3f max %.3f ms", i,
@@ -97,10 +115,10 @@ local admin = H.free_port()
 local srv = H.start(H.app("ws"), { workers = 2, args = "--admin 127.0.0.1:" .. admin,
                                    env = env .. " WS_BENCH_JOURNAL=" .. journal_dir .. "/orders.journal" })
 local ok, err = pcall(function()
-  show("one node, 2 workers: publish", run(srv.port, srv.port, PROCS, "publish", admin))
-  show("one node, 2 workers: order transition (journal fsync'd)", run(srv.port, srv.port, PROCS, "order", admin))
+  show("one node, 2 workers: publish", run(srv.port, srv.port, PROCS, "publish", admin, srv.pid))
+  show("one node, 2 workers: order transition (journal fsync'd)", run(srv.port, srv.port, PROCS, "order", admin, srv.pid))
   if os.getenv("WS_SINGLE") ~= "0" then
-    show("one node, 2 workers: publish, ONE client process", run(srv.port, srv.port, 1, "publish", admin))
+    show("one node, 2 workers: publish, ONE client process", run(srv.port, srv.port, 1, "publish", admin, srv.pid))
   end
 end)
 srv:stop(); srv:cleanup()
@@ -113,8 +131,8 @@ admin = H.free_port()
 local a = H.start(H.app("ws_cluster"), { workers = 2, env = env, args = "--admin 127.0.0.1:" .. admin })
 local b = H.start(H.app("ws_cluster"), { workers = 2, env = env })
 ok, err = pcall(function()
-  show("two nodes through Redis pub/sub: publish", run(a.port, b.port, PROCS, "publish", admin))
-  show("two nodes through Redis: order transition (Redis script)", run(a.port, b.port, PROCS, "order", admin))
+  show("two nodes through Redis pub/sub: publish", run(a.port, b.port, PROCS, "publish", admin, a.pid))
+  show("two nodes through Redis: order transition (Redis script)", run(a.port, b.port, PROCS, "order", admin, a.pid))
 end)
 a:stop(); a:cleanup(); b:stop(); b:cleanup()
 redis:cleanup()
