@@ -1,6 +1,7 @@
 -- Topic delivery is observable on /metrics: wxd_ws_publish_delivery_seconds
 -- (from a publish to its frame written to the last subscriber, once per
--- publish and worker with subscribers) and wxd_ws_publish_dropped_total.
+-- publish and worker with subscribers) and wxd_ws_publish_dropped_total;
+-- WebSocket handshakes count under their route pattern.
 local H = require "helpers"
 
 local KEY = "dGhlIHNhbXBsZSBub25jZQ=="
@@ -93,5 +94,15 @@ describe("websocket topic metrics", function()
     end, 5, "2 more delivery observations")
     assert.equal(before + 8, sample(scrape(admin), "wxd_ws_publish_delivery_seconds_count"))
     for _, c in ipairs(subs) do c:close() end
+  end)
+
+  it("counts WebSocket handshakes under their route pattern, not as unmatched", function()
+    local before = sample(scrape(admin), 'wxd_http_requests_total{route="/sub",method="GET",status="1xx"}') or 0
+    local c1, c2 = connect(srv, "/sub?topic=a"), connect(srv, "/sub?topic=b")
+    read_text(c1)
+    read_text(c2)
+    assert.equal(before + 2, sample(scrape(admin), 'wxd_http_requests_total{route="/sub",method="GET",status="1xx"}'))
+    c1:close()
+    c2:close()
   end)
 end)
