@@ -26,6 +26,7 @@
 
 #include "http_internal.h"
 #include "log.h"
+#include "metrics.h"
 
 #define WS_MT "wxd.ws"
 #define CLOSE_REASON_MAX 123
@@ -819,6 +820,9 @@ static int ws_upgrade(lua_State *L) {
     return refuse(L, "closed", 400);
   }
   wxd__http_access_log(c->w, r, "GET", 101, c->remote);
+  /* Answered: the request leaves the in-flight gauge like any other (its
+   * coroutine lives on as the connection's handler). */
+  wxd_metrics_inflight(c->w->id, -1);
 
   /* The request ends here; its coroutine is the WebSocket's from now on. */
   ws->conn = c;

@@ -1,7 +1,8 @@
 -- Topic delivery is observable on /metrics: wxd_ws_publish_delivery_seconds
 -- (from a publish to its frame written to the last subscriber, once per
 -- publish and worker with subscribers) and wxd_ws_publish_dropped_total;
--- WebSocket handshakes count under their route pattern.
+-- WebSocket handshakes count under their route pattern and leave the
+-- in-flight gauge once answered.
 local H = require "helpers"
 
 local KEY = "dGhlIHNhbXBsZSBub25jZQ=="
@@ -104,5 +105,17 @@ describe("websocket topic metrics", function()
     assert.equal(before + 2, sample(scrape(admin), 'wxd_http_requests_total{route="/sub",method="GET",status="1xx"}'))
     c1:close()
     c2:close()
+  end)
+
+  it("takes a WebSocket handshake out of wxd_http_requests_in_flight once answered", function()
+    local before = sample(scrape(admin), "wxd_http_requests_in_flight")
+    local conns = {}
+    for i = 1, 3 do
+      conns[i] = connect(srv, "/sub?topic=inflight")
+      read_text(conns[i])
+    end
+    -- The handlers run on (in ws:receive), but the requests were answered (101).
+    assert.equal(before, sample(scrape(admin), "wxd_http_requests_in_flight"))
+    for _, c in ipairs(conns) do c:close() end
   end)
 end)
