@@ -26,6 +26,7 @@
 
 #include "http_internal.h"
 #include "log.h"
+#include "metrics.h"
 
 #define WS_MT "wxd.ws"
 #define CLOSE_REASON_MAX 123
@@ -803,12 +804,25 @@ static int ws_upgrade(lua_State *L) {
   wxd_buf_append(o, "Server: wxd\r\n\r\n", 15);
   r->status = 101;
   r->bytes_out = o->len;
+  /* The request's coroutine does not end here, which is where a response
+   * learns its route pattern (for metrics): lua/wxd/ws.lua passes it. */
+  lua_getfield(L, 1, "route");
+  size_t rl = 0;
+  const char *route = lua_tolstring(L, -1, &rl);
+  if (route && rl < sizeof r->route) {
+    memcpy(r->route, route, rl);
+    r->route_len = rl;
+  }
+  lua_pop(L, 1);
   if (conn_write(c, o->data, o->len) != 0) {
     box->ws = NULL;
     free(ws);
     return refuse(L, "closed", 400);
   }
   wxd__http_access_log(c->w, r, "GET", 101, c->remote);
+  /* Answered: the request leaves the in-flight gauge like any other (its
+   * coroutine lives on as the connection's handler). */
+  wxd_metrics_inflight(c->w->id, -1);
 
   /* The request ends here; its coroutine is the WebSocket's from now on. */
   ws->conn = c;

@@ -9,6 +9,11 @@
  * thread adds to or removes from that list, and never while it walks it
  * (a connection that breaks during the walk leaves the list later, from
  * its handle's close callback).
+ *
+ * Metrics: each worker observes, per publish it delivered, the time from
+ * the publish to its frame written to its last subscriber
+ * (wxd_ws_publish_delivery_seconds); publishes refused for a full queue
+ * are counted (wxd_ws_publish_dropped_total).
  */
 #include "ws_internal.h"
 
@@ -18,6 +23,7 @@
 #include <string.h>
 
 #include "log.h"
+#include "metrics.h"
 
 #define NBUCKETS 4096
 /* Unsent publishes a worker may have queued: beyond, new ones are dropped
@@ -26,6 +32,7 @@
 
 typedef struct ws_frame {
   atomic_int refs;
+  uint64_t born;       /* uv_hrtime() at the publish */
   size_t tlen, flen;
   char *topic;         /* tlen bytes, in data */
   char data[];         /* topic, then the frame (header and payload) */
@@ -42,7 +49,7 @@ typedef struct ws_slot {
   struct wxd_worker *w;
   ws_qent_t *head, *tail;
   size_t qbytes;
-  uint64_t dropped;
+  int writer;            /* the worker's metrics writer */
   int delivering;        /* the worker walks subscribers (its thread only) */
   wxd_ws_t *deferred;    /* closed meanwhile: woken after the walk (its thread only) */
 } ws_slot_t;
@@ -60,6 +67,7 @@ struct ws_topic {
 struct wxd_ws_topics {
   pthread_mutex_t mu;
   int n;
+  int fam_delivery, slot_delivery, slot_dropped; /* -1 until the first worker opens */
   ws_slot_t *slots;
   struct ws_topic *buckets[NBUCKETS];
 };
@@ -85,6 +93,7 @@ wxd_ws_topics_t *wxd_ws_topics_new(int nworkers) {
     return NULL;
   }
   t->n = nworkers;
+  t->fam_delivery = t->slot_delivery = t->slot_dropped = -1;
   pthread_mutex_init(&t->mu, NULL);
   return t;
 }
@@ -125,12 +134,33 @@ void wxd_ws_topics_free(wxd_ws_topics_t *t) {
 
 static void on_async(uv_async_t *a);
 
+static const double DELIVERY_BUCKETS[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1};
+
+/* The metrics, declared once (the registry is up before workers open). */
+static void metrics_open_locked(wxd_ws_topics_t *t) {
+  if (t->fam_delivery >= 0) return;
+  char err[256];
+  t->fam_delivery = wxd_metrics_family(
+      "wxd_ws_publish_delivery_seconds",
+      "WebSocket topic publishes: time from the publish to its frame written to the last subscriber, per worker",
+      WXD_METRIC_HISTOGRAM, 0, NULL, (int)(sizeof DELIVERY_BUCKETS / sizeof *DELIVERY_BUCKETS), DELIVERY_BUCKETS,
+      1, err, sizeof err);
+  if (t->fam_delivery >= 0) t->slot_delivery = wxd_metrics_series(t->fam_delivery, NULL, NULL, err, sizeof err);
+  int fam = wxd_metrics_family("wxd_ws_publish_dropped_total",
+                               "WebSocket topic publishes not delivered to a worker whose queue was full",
+                               WXD_METRIC_COUNTER, 0, NULL, 0, NULL, 1, err, sizeof err);
+  if (fam >= 0) t->slot_dropped = wxd_metrics_series(fam, NULL, NULL, err, sizeof err);
+  if (t->slot_delivery < 0 || t->slot_dropped < 0) wxd_logf(WXD_LOG_WARN, -1, "websocket metrics: %s", err);
+}
+
 int wxd_ws_worker_open(wxd_ws_topics_t *t, int id, uv_loop_t *loop, struct wxd_worker *w) {
   ws_slot_t *s = &t->slots[id];
   int rc = uv_async_init(loop, &s->async, on_async);
   if (rc != 0) return rc;
   s->async.data = t;
+  s->writer = wxd_metrics_writer(id);
   pthread_mutex_lock(&t->mu);
+  metrics_open_locked(t);
   s->w = w;
   s->open = 1;
   pthread_mutex_unlock(&t->mu);
@@ -178,13 +208,14 @@ int wxd_ws_publish(wxd_ws_topics_t *t, const char *topic, size_t tlen, const cha
     ws_slot_t *s = &t->slots[i];
     if (x->count[i] == 0 || !s->open) continue;
     if (s->qbytes + hl + len > QUEUE_MAX_BYTES) {
-      s->dropped++;
+      if (t->slot_dropped >= 0) wxd_metrics_add_shared(t->slot_dropped, 1);
       continue;
     }
     if (!f) {
       f = malloc(sizeof *f + tlen + hl + len);
       if (!f) break;
       atomic_init(&f->refs, 1); /* ours, until the loop ends */
+      f->born = uv_hrtime();
       f->tlen = tlen;
       f->flen = hl + len;
       f->topic = f->data;
@@ -228,7 +259,11 @@ static void on_async(uv_async_t *a) {
     struct ws_topic *x = topic_find(t, f->topic, f->tlen, topic_hash(f->topic, f->tlen));
     wxd_ws_sub_t *sub = x ? x->head[id] : NULL;
     pthread_mutex_unlock(&t->mu);
-    for (; sub; sub = sub->next) wxd__ws_deliver(sub->ws, f->data + f->tlen, f->flen);
+    if (sub) {
+      for (; sub; sub = sub->next) wxd__ws_deliver(sub->ws, f->data + f->tlen, f->flen);
+      if (t->slot_delivery >= 0)
+        wxd_metrics_observe(s->writer, t->fam_delivery, t->slot_delivery, (double)(uv_hrtime() - f->born) / 1e9);
+    }
     frame_unref(f);
     free(q);
     q = next;

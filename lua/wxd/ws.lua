@@ -136,9 +136,10 @@ function _M.mount(app, path, handler, route_opts)
       return 403, "origin not allowed\n"
     end
     local proto = pick_protocol(req, opts)
-    opts.protocol = proto
+    -- The route pattern: the handshake's line in the access log and metrics.
+    opts.protocol, opts.route = proto, req.route
     local ws, err, status = core.upgrade(opts)
-    opts.protocol = nil
+    opts.protocol, opts.route = nil, nil
     if not ws then
       if status == 426 then
         res.headers["sec-websocket-version"] = "13"
