@@ -54,6 +54,11 @@ function _M.load_app(appdir, _worker, generation)
     return nil, appdir .. "/app.lua must return an app: local app = require(\"wxd.app\").new() ... return app"
   end
   local handle = app.handle
+  -- Alerts (docs/alerts.md): a bad section fails the load like a bad config.
+  if cfg.alert ~= nil then
+    local started, aerr = require("wxd.alert").start()
+    if not started then return nil, appdir .. "/config.lua: " .. tostring(aerr) end
+  end
   -- Routes with their own body limit: the core asks the router for the
   -- limit of each request with a body before reading it.
   if app._body_limits then
