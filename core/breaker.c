@@ -374,6 +374,24 @@ static int br_eq(lua_State *L) {
   return 1;
 }
 
+void wxd_breaker_each(void (*fn)(void *arg, const wxd_breaker_usage_t *u), void *arg) {
+  double now = (double)uv_hrtime();
+  pthread_mutex_lock(&registry_mu);
+  for (wxd_breaker_t *b = registry; b; b = b->next) {
+    pthread_mutex_lock(&b->mu);
+    int state = b->state;
+    /* As b:state() says: an open breaker past its cooldown lets the next call probe. */
+    if (state == OPEN && now - b->opened_at >= b->conf.cooldown_ns) state = HALF_OPEN;
+    wxd_breaker_usage_t u = {b->name, state_names[state], (double)b->calls, (double)b->successes,
+                             (double)b->failures, (double)b->rejected, (double)b->retries,
+                             (double)b->retries_denied, (double)b->opened, (double)b->half_opened,
+                             (double)b->closed};
+    pthread_mutex_unlock(&b->mu);
+    fn(arg, &u);
+  }
+  pthread_mutex_unlock(&registry_mu);
+}
+
 int wxd_open_breaker(lua_State *L) {
   static const luaL_Reg methods[] = {
       {"allow", br_allow}, {"report", br_report}, {"state", br_state},

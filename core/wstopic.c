@@ -211,6 +211,14 @@ int wxd_ws_publish(wxd_ws_topics_t *t, const char *topic, size_t tlen, const cha
   return queued;
 }
 
+uint64_t wxd_ws_topics_dropped(wxd_ws_topics_t *t, int id) {
+  if (!t || id < 0 || id >= t->n) return 0;
+  pthread_mutex_lock(&t->mu);
+  uint64_t n = t->slots[id].dropped;
+  pthread_mutex_unlock(&t->mu);
+  return n;
+}
+
 static void on_async(uv_async_t *a) {
   wxd_ws_topics_t *t = a->data;
   ws_slot_t *s = (ws_slot_t *)a; /* async is the slot's first member */
