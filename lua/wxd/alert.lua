@@ -296,10 +296,49 @@ local function watch(key)
   end
 end
 
+-- The index: every key with a batch not yet sent, in the store, so that a
+-- worker of a new generation (a reload) or a new process (a restart) takes
+-- over the keys the old one watched. Changed by compare-and-set.
+local function index_change(key, add)
+  local k = S.prefix .. "keys"
+  for _ = 1, 50 do
+    local old, err = the_store:get(k)
+    if old == nil and err then return store_error(err) end
+    local list = type(old) == "string" and json.decode(old) or {}
+    if type(list) ~= "table" then list = {} end
+    local at
+    for i = 1, #list do
+      if list[i] == key then at = i break end
+    end
+    if add then
+      if at or #list >= S.max_keys then return end
+      list[#list + 1] = key
+    else
+      if not at then return end
+      table.remove(list, at)
+    end
+    local new = #list > 0 and json.encode(json.array(list)) or nil
+    if the_store:cas(k, old, new, new and S.keep or nil) then return end
+  end
+end
+
 local function unwatch(key)
   if watched[key] then
     watched[key] = nil
     nwatched = nwatched - 1
+  end
+  index_change(key, false)
+end
+
+-- At a worker's first tick: every key of the index is watched.
+local seeded = false
+local function seed()
+  seeded = true
+  local idx = the_store:get(S.prefix .. "keys")
+  local list = type(idx) == "string" and json.decode(idx)
+  if type(list) ~= "table" then return end
+  for _, key in ipairs(list) do
+    if type(key) == "string" then watch(key) end
   end
 end
 
@@ -334,14 +373,16 @@ end
 -- every watched key checked.
 function _M.flush()
   if not S then return end
+  if not seeded then seed() end
   if npending > 0 then
     local batch = pending
     pending, npending = {}, 0
     for key, p in pairs(batch) do
-      local ok, err = the_store:incr(skey("n:", key), p.n, S.keep)
-      if ok then
+      local total, err = the_store:incr(skey("n:", key), p.n, S.keep)
+      if total then
         the_store:add(skey("f:", key), json.encode(p.sample), S.keep)
         watch(key)
+        if total == p.n then index_change(key, true) end -- a new batch
       else
         store_error(err)
         local q = pending[key] -- keep it for the next tick

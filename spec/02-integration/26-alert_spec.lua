@@ -256,6 +256,23 @@ describe("wxd.alert", function()
     assert.equal("3", field(c, "consecutive_failures"))
   end)
 
+  it("sends a key's counted events after a reload replaced the worker that counted them", function()
+    local robot = start(ROBOT_APP)
+    local admin = H.free_port()
+    local srv = start(APP, { workers = 1, args = "--admin 127.0.0.1:" .. admin,
+      env = "ALERT_WEBHOOK='" .. webhook(robot) .. "' ALERT_WAIT=5 ALERT_WINDOW=600" })
+    for _ = 1, 3 do assert.equal(200, srv:get("/send?key=across-reload").status) end
+    -- Counted in the store; its alert is due in 5 s, but the generation
+    -- that counted it is replaced now.
+    H.wait_until(function() return srv:get_json("/pending?key=across-reload").n == 3 end, 10, "the count in the store")
+    srv:signal("HUP")
+    H.wait_until(function() return H.status(admin).generation == 2 end, 20, "generation 2")
+    assert.equal(0, received(robot).n)
+    H.wait_until(function() return received(robot).n >= 1 end, 30, "the alert from the new generation")
+    assert.equal(3, count_of(received(robot).messages[1].content))
+    assert.equal("across-reload", field(received(robot).messages[1].content, "key"))
+  end)
+
   it("refuses a bad alert section at load", function()
     local dir = H.tmpdir()
     H.sh("cp " .. APP .. "/app.lua " .. dir .. "/")
