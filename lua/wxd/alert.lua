@@ -126,7 +126,7 @@ local S              -- settings once started
 local the_store      -- wxd.store of config.lua
 local pending, npending = {}, 0  -- key -> { n = count, sample = first event }, not yet in the store
 local watched, nwatched = {}, 0  -- keys this worker put counts in and checks each tick
-local seen = {}                  -- key -> monotonic ms until which send() says "suppressed"
+local seen, nseen = {}, 0        -- key -> monotonic ms until which send() says "suppressed"
 local queue, qhead, qtail = {}, 1, 0 -- messages waiting for the robot
 local stats = { sent = 0, failed = 0, dropped = 0, suppressed = 0, deferred = 0, store_errors = 0 }
 
@@ -246,6 +246,10 @@ function _M.send(a)
   if until_ms and until_ms > now then
     count("suppressed")
     return false, "suppressed"
+  end
+  if not until_ms then
+    if nseen >= S.max_keys then return true end -- too many to remember: no harm but a "true"
+    nseen = nseen + 1
   end
   seen[key] = now + S.window * 1000
   return true
@@ -378,12 +382,17 @@ function _M.flush()
     local batch = pending
     pending, npending = {}, 0
     for key, p in pairs(batch) do
-      local total, err = the_store:incr(skey("n:", key), p.n, S.keep)
+      local total, err
+      if watched[key] or nwatched < S.max_keys then
+        total, err = the_store:incr(skey("n:", key), p.n, S.keep)
+      else
+        count("dropped") -- every check of a key costs store calls each tick: bounded
+      end
       if total then
         the_store:add(skey("f:", key), json.encode(p.sample), S.keep)
         watch(key)
         if total == p.n then index_change(key, true) end -- a new batch
-      else
+      elseif err then
         store_error(err)
         local q = pending[key] -- keep it for the next tick
         if q then q.n = q.n + p.n else pending[key], npending = p, npending + 1 end
@@ -394,7 +403,10 @@ function _M.flush()
   for key in pairs(watched) do check(key, now) end
   local mono = monotonic_ms()
   for key, until_ms in pairs(seen) do
-    if until_ms <= mono then seen[key] = nil end
+    if until_ms <= mono then
+      seen[key] = nil
+      nseen = nseen - 1
+    end
   end
 end
 

@@ -223,6 +223,19 @@ describe("wxd.alert", function()
     assert.equal(3, metric(admin, "wxd_alerts_total", 'outcome="sent"'))
   end)
 
+  it("bounds the keys a worker keeps: one more is dropped and counted", function()
+    local robot = start(ROBOT_APP)
+    local srv = start(APP, { workers = 1,
+      env = "ALERT_WEBHOOK='" .. webhook(robot) .. "' ALERT_WAIT=600 ALERT_MAX_KEYS=2" })
+    for _, k in ipairs({ "a", "b", "c" }) do assert.equal(200, srv:get("/send?key=" .. k).status) end
+    H.wait_until(function()
+      local st = srv:get_json("/stats")
+      return st.pending == 0 and st.dropped == 1
+    end, 10, "two keys watched, the third dropped")
+    assert.equal(2, srv:get_json("/stats").watched)
+    assert.equal(0, srv:get_json("/pending?key=c").n)
+  end)
+
   it("cuts the content to 4096 bytes of valid UTF-8, and uses the robot's key", function()
     local robot = start(ROBOT_APP, { env = "WECOM_KEY=s3cret" })
     local srv = start(APP, { env = "ALERT_WEBHOOK='" .. webhook(robot, "s3cret") .. "'" })
