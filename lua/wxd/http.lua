@@ -262,7 +262,7 @@ local function failed(res, err)
   if not res then return err ~= nil end
   if res.status >= 500 then return true end
   local body = res.body
-  return #body < 4096 and find(body, '"errcode"%s*:%s*%-1[^%d]') ~= nil
+  return type(body) == "string" and #body < 4096 and find(body, '"errcode"%s*:%s*%-1[^%d]') ~= nil
 end
 
 -- One exchange (a redirect hop is another): counted by host and outcome
