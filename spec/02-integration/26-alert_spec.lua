@@ -130,6 +130,7 @@ describe("wxd.alert", function()
     assert.truthy(workers[0] and workers[1], "the storm reached both workers")
 
     local key = "upstream:127.0.0.1:" .. robot.port
+    io.stderr:write(string.format("\n  storm of 1000 failures over 2 workers: %.2f s\n", took))
     if took < WAIT - 1 then
       -- The usual case: the storm ended within the first alert's wait, so
       -- that alert carries all of it and nothing is left for another.
