@@ -187,7 +187,8 @@ static void log_change(lua_State *L, const wxd_breaker_t *b, const change_t *ch)
   if (ch->from == ch->to) return;
   wxd_vm_t *vm = wxd_vm_get(L);
   char esc[6 * sizeof b->name], extra[512];
-  wxd_json_escape(esc, sizeof esc, b->name, strlen(b->name));
+  /* wxd_json_escape writes no NUL: the length it returns ends the string. */
+  esc[wxd_json_escape(esc, sizeof esc - 1, b->name, strlen(b->name))] = '\0';
   int n = snprintf(extra, sizeof extra, "\"breaker\":\"%s\",\"from\":\"%s\",\"to\":\"%s\"", esc,
                    state_names[ch->from], state_names[ch->to]);
   /* Why it opened; the counts mean nothing for the other changes. */
