@@ -209,17 +209,17 @@ describe("wxd.alert", function()
     local admin = H.free_port()
     local srv = start(APP, { workers = 2, args = "--admin 127.0.0.1:" .. admin,
       env = "ALERT_WEBHOOK='" .. webhook(robot) .. "' ALERT_RATE=3 ALERT_RATE_PERIOD=3600" })
-    local resps = storm({ srv }, 10, 10, function(i) return "/send?key=rate" .. i end)
+    local resps = storm({ srv }, 20, 20, function(i) return "/send?key=rate" .. i end)
     local workers = {}
     for _, r in ipairs(resps) do
       assert.equal(200, r.status)
       workers[cjson.decode(r.body).worker] = true
     end
     assert.truthy(workers[0] and workers[1], "keys on both workers")
-    -- 3 sent, 7 waiting for a slot (each counted once as deferred); a
-    -- limit per worker would send 6 and never defer 7.
-    H.wait_until(function() return metric(admin, "wxd_alerts_total", 'outcome="deferred"') >= 7 end, 30,
-      "seven alerts deferred")
+    -- 3 sent, 17 waiting for a slot (each counted once as deferred); a
+    -- limit per worker would send 6 and never defer 17.
+    H.wait_until(function() return metric(admin, "wxd_alerts_total", 'outcome="deferred"') >= 17 end, 30,
+      "seventeen alerts deferred")
     assert.equal(3, received(robot).n)
     assert.equal(3, metric(admin, "wxd_alerts_total", 'outcome="sent"'))
   end)
