@@ -187,7 +187,8 @@ static void log_change(lua_State *L, const wxd_breaker_t *b, const change_t *ch)
   if (ch->from == ch->to) return;
   wxd_vm_t *vm = wxd_vm_get(L);
   char esc[6 * sizeof b->name], extra[512];
-  wxd_json_escape(esc, sizeof esc, b->name, strlen(b->name));
+  /* wxd_json_escape writes no NUL: the length it returns ends the string. */
+  esc[wxd_json_escape(esc, sizeof esc - 1, b->name, strlen(b->name))] = '\0';
   int n = snprintf(extra, sizeof extra, "\"breaker\":\"%s\",\"from\":\"%s\",\"to\":\"%s\"", esc,
                    state_names[ch->from], state_names[ch->to]);
   /* Why it opened; the counts mean nothing for the other changes. */
@@ -279,7 +280,9 @@ static int br_allow(lua_State *L) {
   return 2;
 }
 
-/* b:report(ok, probe [, at]) -> the state after it (probe: what allow gave) */
+/* b:report(ok, probe [, at]) -> the state after it (probe: what allow gave),
+ * and the state before when this report changed it (wxd.alert's breaker
+ * alerts: exactly one reporter sees each change, whichever the worker). */
 static int br_report(lua_State *L) {
   wxd_breaker_t *b = check_breaker(L);
   int ok = lua_toboolean(L, 2);
@@ -292,7 +295,9 @@ static int br_report(lua_State *L) {
   pthread_mutex_unlock(&b->mu);
   log_change(L, b, &ch);
   lua_pushstring(L, state_names[state]);
-  return 1;
+  if (ch.from == ch.to) return 1;
+  lua_pushstring(L, state_names[ch.from]);
+  return 2;
 }
 
 /* b:state([at]) -> "closed" | "open" | "half_open", seconds of cooldown left */
@@ -368,6 +373,24 @@ static int br_tostring(lua_State *L) {
 static int br_eq(lua_State *L) {
   lua_pushboolean(L, check_breaker(L) == *(wxd_breaker_t **)luaL_checkudata(L, 2, BREAKER_MT));
   return 1;
+}
+
+void wxd_breaker_each(void (*fn)(void *arg, const wxd_breaker_usage_t *u), void *arg) {
+  double now = (double)uv_hrtime();
+  pthread_mutex_lock(&registry_mu);
+  for (wxd_breaker_t *b = registry; b; b = b->next) {
+    pthread_mutex_lock(&b->mu);
+    int state = b->state;
+    /* As b:state() says: an open breaker past its cooldown lets the next call probe. */
+    if (state == OPEN && now - b->opened_at >= b->conf.cooldown_ns) state = HALF_OPEN;
+    wxd_breaker_usage_t u = {b->name, state_names[state], (double)b->calls, (double)b->successes,
+                             (double)b->failures, (double)b->rejected, (double)b->retries,
+                             (double)b->retries_denied, (double)b->opened, (double)b->half_opened,
+                             (double)b->closed};
+    pthread_mutex_unlock(&b->mu);
+    fn(arg, &u);
+  }
+  pthread_mutex_unlock(&registry_mu);
 }
 
 int wxd_open_breaker(lua_State *L) {

@@ -29,4 +29,16 @@
 
 int wxd_open_breaker(lua_State *L);
 
+/* One breaker's state and counters, as GET /metrics shows them. */
+typedef struct {
+  const char *name;
+  const char *state; /* "closed", "open" or "half_open" (open past its cooldown) */
+  double calls, successes, failures, rejected, retries, retries_denied;
+  double opened, half_opened, closed;
+} wxd_breaker_usage_t;
+
+/* Calls fn for every breaker of the process (the registry's mutex held:
+ * fn must not call into breakers). */
+void wxd_breaker_each(void (*fn)(void *arg, const wxd_breaker_usage_t *u), void *arg);
+
 #endif

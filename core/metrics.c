@@ -516,6 +516,17 @@ static void put_escaped(wxd_buf_t *b, const char *s, size_t n, int quote) {
   put(b, s + start, n - start);
 }
 
+void wxd_metrics_put_label(wxd_buf_t *b, const char *s, size_t n) {
+  if (label_value_ok((const unsigned char *)s, n)) {
+    put_escaped(b, s, n, 1);
+    return;
+  }
+  for (size_t i = 0; i < n; i++) {
+    char c = (unsigned char)s[i] >= 0x80 ? '?' : s[i];
+    put_escaped(b, &c, 1, 1);
+  }
+}
+
 /* The shortest of %.15g and %.17g that reads back as v: 0.1, not 0.10000000000000001. */
 static void fmt_shortest(char *tmp, size_t cap, double v) {
   snprintf(tmp, cap, "%.15g", v);

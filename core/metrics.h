@@ -58,6 +58,10 @@ double wxd_metrics_value(int slot);
 
 /* Appends every family in text exposition format 0.0.4. */
 void wxd_metrics_render(wxd_buf_t *out);
+/* Appends a label value as the exposition quotes it (\\, \" and \n
+ * escaped; a byte of invalid UTF-8 becomes '?'), for renderers of state kept
+ * elsewhere (metrics_server.c). */
+void wxd_metrics_put_label(wxd_buf_t *b, const char *s, size_t n);
 
 /* ---- the core's own request metrics (core/http*.c) ---- */
 

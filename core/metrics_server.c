@@ -7,9 +7,11 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "breaker.h"
 #include "metrics.h"
 #include "server.h"
 #include "shdict.h"
+#include "ws.h"
 
 static void put(wxd_buf_t *b, const char *s) { wxd_buf_append(b, s, strlen(s)); }
 
@@ -41,6 +43,70 @@ static void dict_sample(void *arg, const wxd_shdict_usage_t *u) {
   /* Dictionary names are identifiers (config checks them). */
   snprintf(labels, sizeof labels, "{dict=\"%s\"}", u->name);
   sample(dw->b, names[dw->field], labels, v[dw->field]);
+}
+
+typedef struct {
+  wxd_buf_t *b;
+  int field;
+} breaker_walk_t;
+
+/* name{breaker="NAME",<extra>} v */
+static void breaker_line(wxd_buf_t *b, const char *name, const char *breaker, const char *extra, double v) {
+  put(b, name);
+  put(b, "{breaker=\"");
+  wxd_metrics_put_label(b, breaker, strlen(breaker));
+  put(b, "\",");
+  put(b, extra);
+  char tmp[64];
+  snprintf(tmp, sizeof tmp, "} %.15g\n", v);
+  put(b, tmp);
+}
+
+static void breaker_sample(void *arg, const wxd_breaker_usage_t *u) {
+  breaker_walk_t *bw = arg;
+  wxd_buf_t *b = bw->b;
+  switch (bw->field) {
+  case 0:
+    breaker_line(b, "wxd_breaker_state", u->name, "state=\"closed\"", strcmp(u->state, "closed") == 0);
+    breaker_line(b, "wxd_breaker_state", u->name, "state=\"open\"", strcmp(u->state, "open") == 0);
+    breaker_line(b, "wxd_breaker_state", u->name, "state=\"half_open\"", strcmp(u->state, "half_open") == 0);
+    break;
+  case 1:
+    breaker_line(b, "wxd_breaker_calls_total", u->name, "result=\"success\"", u->successes);
+    breaker_line(b, "wxd_breaker_calls_total", u->name, "result=\"failure\"", u->failures);
+    breaker_line(b, "wxd_breaker_calls_total", u->name, "result=\"rejected\"", u->rejected);
+    break;
+  case 2:
+    breaker_line(b, "wxd_breaker_transitions_total", u->name, "to=\"open\"", u->opened);
+    breaker_line(b, "wxd_breaker_transitions_total", u->name, "to=\"half_open\"", u->half_opened);
+    breaker_line(b, "wxd_breaker_transitions_total", u->name, "to=\"closed\"", u->closed);
+    break;
+  default:
+    breaker_line(b, "wxd_breaker_retries_total", u->name, "result=\"allowed\"", u->retries);
+    breaker_line(b, "wxd_breaker_retries_total", u->name, "result=\"denied\"", u->retries_denied);
+  }
+}
+
+/* Breakers (breaker.c) and WebSocket publishes dropped (wstopic.c): state
+ * kept in the core, read at scrape time. */
+static void render_breakers_ws(struct wxd_server *s, wxd_buf_t *b) {
+  static const char *const breaker_families[][3] = {
+      {"wxd_breaker_state", "gauge", "Circuit breaker state: 1 for the state it is in"},
+      {"wxd_breaker_calls_total", "counter", "Calls through a breaker: succeeded, failed, or rejected while open"},
+      {"wxd_breaker_transitions_total", "counter", "Circuit breaker state changes, by the state entered"},
+      {"wxd_breaker_retries_total", "counter", "Retries through a breaker: allowed or denied by its retry budget"}};
+  for (int f = 0; f < 4; f++) {
+    family(b, breaker_families[f][0], breaker_families[f][1], breaker_families[f][2]);
+    breaker_walk_t bw = {b, f};
+    wxd_breaker_each(breaker_sample, &bw);
+  }
+  char labels[64];
+  family(b, "wxd_ws_publish_dropped_total", "counter",
+         "WebSocket publishes dropped for a worker whose queue of undelivered publishes was full");
+  for (int i = 0; i < s->n; i++) {
+    snprintf(labels, sizeof labels, "{worker=\"%d\"}", i);
+    sample(b, "wxd_ws_publish_dropped_total", labels, (double)wxd_ws_topics_dropped(s->ws_topics, i));
+  }
 }
 
 void wxd_metrics_render_server(struct wxd_server *s, wxd_buf_t *b) {
@@ -82,5 +148,6 @@ void wxd_metrics_render_server(struct wxd_server *s, wxd_buf_t *b) {
     dict_walk_t dw = {b, f};
     wxd_shdict_registry_each(s->shdicts, dict_sample, &dw);
   }
+  render_breakers_ws(s, b);
   wxd_metrics_render(b);
 }

@@ -51,6 +51,9 @@ void wxd_ws_worker_close(wxd_ws_topics_t *t, int id);
 /* Queues `text` as one text frame for every subscriber of topic in the
  * process. Returns how many workers it was queued to (0: no subscriber). */
 int wxd_ws_publish(wxd_ws_topics_t *t, const char *topic, size_t tlen, const char *text, size_t len);
+/* Publishes dropped for worker `id` since start because its queue was full
+ * (GET /metrics). */
+uint64_t wxd_ws_topics_dropped(wxd_ws_topics_t *t, int id);
 
 /* Incremental UTF-8 validation (also used by the unit spec through Lua).
  * Zero-initialised is the start state. */

@@ -49,6 +49,7 @@ typedef struct ws_slot {
   struct wxd_worker *w;
   ws_qent_t *head, *tail;
   size_t qbytes;
+  uint64_t dropped;      /* publishes refused for a full queue (under mu) */
   int writer;            /* the worker's metrics writer */
   int delivering;        /* the worker walks subscribers (its thread only) */
   wxd_ws_t *deferred;    /* closed meanwhile: woken after the walk (its thread only) */
@@ -67,7 +68,7 @@ struct ws_topic {
 struct wxd_ws_topics {
   pthread_mutex_t mu;
   int n;
-  int fam_delivery, slot_delivery, slot_dropped; /* -1 until the first worker opens */
+  int fam_delivery, slot_delivery; /* -1 until the first worker opens */
   ws_slot_t *slots;
   struct ws_topic *buckets[NBUCKETS];
 };
@@ -93,7 +94,7 @@ wxd_ws_topics_t *wxd_ws_topics_new(int nworkers) {
     return NULL;
   }
   t->n = nworkers;
-  t->fam_delivery = t->slot_delivery = t->slot_dropped = -1;
+  t->fam_delivery = t->slot_delivery = -1;
   pthread_mutex_init(&t->mu, NULL);
   return t;
 }
@@ -146,11 +147,7 @@ static void metrics_open_locked(wxd_ws_topics_t *t) {
       WXD_METRIC_HISTOGRAM, 0, NULL, (int)(sizeof DELIVERY_BUCKETS / sizeof *DELIVERY_BUCKETS), DELIVERY_BUCKETS,
       1, err, sizeof err);
   if (t->fam_delivery >= 0) t->slot_delivery = wxd_metrics_series(t->fam_delivery, NULL, NULL, err, sizeof err);
-  int fam = wxd_metrics_family("wxd_ws_publish_dropped_total",
-                               "WebSocket topic publishes not delivered to a worker whose queue was full",
-                               WXD_METRIC_COUNTER, 0, NULL, 0, NULL, 1, err, sizeof err);
-  if (fam >= 0) t->slot_dropped = wxd_metrics_series(fam, NULL, NULL, err, sizeof err);
-  if (t->slot_delivery < 0 || t->slot_dropped < 0) wxd_logf(WXD_LOG_WARN, -1, "websocket metrics: %s", err);
+  if (t->slot_delivery < 0) wxd_logf(WXD_LOG_WARN, -1, "websocket metrics: %s", err);
 }
 
 int wxd_ws_worker_open(wxd_ws_topics_t *t, int id, uv_loop_t *loop, struct wxd_worker *w) {
@@ -208,7 +205,7 @@ int wxd_ws_publish(wxd_ws_topics_t *t, const char *topic, size_t tlen, const cha
     ws_slot_t *s = &t->slots[i];
     if (x->count[i] == 0 || !s->open) continue;
     if (s->qbytes + hl + len > QUEUE_MAX_BYTES) {
-      if (t->slot_dropped >= 0) wxd_metrics_add_shared(t->slot_dropped, 1);
+      s->dropped++;
       continue;
     }
     if (!f) {
@@ -240,6 +237,14 @@ int wxd_ws_publish(wxd_ws_topics_t *t, const char *topic, size_t tlen, const cha
   pthread_mutex_unlock(&t->mu);
   if (f) frame_unref(f);
   return queued;
+}
+
+uint64_t wxd_ws_topics_dropped(wxd_ws_topics_t *t, int id) {
+  if (!t || id < 0 || id >= t->n) return 0;
+  pthread_mutex_lock(&t->mu);
+  uint64_t n = t->slots[id].dropped;
+  pthread_mutex_unlock(&t->mu);
+  return n;
 }
 
 static void on_async(uv_async_t *a) {

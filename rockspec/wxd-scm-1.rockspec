@@ -35,6 +35,7 @@ build = {
       ["wxd.config"] = "lua/wxd/config.lua",
       ["wxd.cookie"] = "lua/wxd/cookie.lua",
       ["wxd.cors"] = "lua/wxd/cors.lua",
+      ["wxd.alert"] = "lua/wxd/alert.lua",
       ["wxd.apiversion"] = "lua/wxd/apiversion.lua",
       ["wxd.jwt"] = "lua/wxd/jwt.lua",
       ["wxd.internal"] = "lua/wxd/internal.lua",

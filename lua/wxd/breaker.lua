@@ -78,7 +78,7 @@ end
 --- For calls made by hand: `local ok, probe = b:allow()` (nil, "open"
 -- while open), then `b:report(succeeded, probe)` exactly once.
 function Breaker:allow() return self._c:allow(false) end
-function Breaker:report(ok, probe) return self._c:report(ok, probe) end
+function Breaker:report(ok, probe) return retry.report(self._c, ok, probe) end
 
 --- "closed", "open" or "half_open", and the seconds of cooldown left.
 function Breaker:state() return self._c:state() end

@@ -225,8 +225,9 @@ local function prepare(opts, level)
     connect_ms = seconds_to_ms(tc, "connect", level + 1), send_ms = seconds_to_ms(ts, "send", level + 1),
     read_ms = seconds_to_ms(tr, "read", level + 1), total_ms = seconds_to_ms(tt, "total", level + 1),
     max_body = max_body, max_header_bytes = max_header,
-    trace_ctx = ctx, method = method,
+    trace_ctx = ctx, method = method, alert = opts.alert,
   }
+  if opts.alert ~= nil and type(opts.alert) ~= "boolean" then fail("alert must be a boolean", level + 1) end
   if spec.tls then
     local verify = opts.verify
     if verify == nil then verify = true end
@@ -271,6 +272,19 @@ end
 local calls_metric, seconds_metric
 local now, monotonic_ms = wxd_core.now, wxd_core.monotonic_ms
 
+--- Called after an exchange that failed: a transport error, a 5xx, or a
+-- WeChat answer with errcode -1 (system busy), as `on_failure(spec, res,
+-- err, detail)`. Set by wxd.alert (`alert.on_upstream_failure`); nil
+-- otherwise. A request with `alert = false` is never reported.
+_M.on_failure = nil
+
+local function failed(res, err)
+  if not res then return err ~= nil end
+  if res.status >= 500 then return true end
+  local body = res.body
+  return type(body) == "string" and #body < 4096 and find(body, '"errcode"%s*:%s*%-1[^%d]') ~= nil
+end
+
 -- One exchange (a redirect hop is another): counted by host and outcome
 -- (the status class, or the error kind), timed, and recorded as a client
 -- span of the running request when spans are exported.
@@ -288,6 +302,8 @@ local function send(spec)
   local outcome = res and (res.status >= 100 and res.status < 600 and floor(res.status / 100) .. "xx" or "other") or err
   metrics.count(calls_metric, { spec.host, outcome })
   metrics.observe(seconds_metric, secs, { spec.host })
+  local hook = _M.on_failure
+  if hook and spec.alert ~= false and failed(res, err) then pcall(hook, spec, res, err, detail) end
   local ctx = spec.trace_ctx
   if ctx and ctx.client_span_id and ctx.sampled and trace.room() then
     trace.record({
@@ -370,6 +386,7 @@ local function resilient(opts, level)
   end
   local o = retry.options(ro or { attempts = 1 }, level + 1)
   o.breaker = br
+  o.url = opts.url -- for a breaker-open alert
   if br and not (ro and ro.retryable) then o.retryable = br.is_failure end
   local method = upper(type(opts.method) == "string" and opts.method or "GET")
   -- A POST that timed out may have been done: repeat it only when told.

@@ -32,7 +32,7 @@ local lazy = { app = "wxd.app", log = "wxd.log", config_loader = "wxd.config", t
   mp = "wxd.mp", testing = "wxd.testing", http = "wxd.http", redis = "wxd.redis",
   wechat = "wxd.wechat", pay = "wxd.pay", miniprogram = "wxd.miniprogram", json = "wxd.json", task = "wxd.task",
   order = "wxd.order", ws = "wxd.ws", limit = "wxd.limit", breaker = "wxd.breaker", retry = "wxd.retry",
-  metrics = "wxd.metrics", trace = "wxd.trace", gray = "wxd.gray" }
+  metrics = "wxd.metrics", trace = "wxd.trace", gray = "wxd.gray", alert = "wxd.alert" }
 
 return setmetatable(_M, {
   __index = function(t, k)

@@ -97,6 +97,22 @@ end
 
 local function pack(...) return { n = select("#", ...), ... } end
 
+--- Called when a report opens a breaker: `on_breaker_open(c, url, ...)`
+-- with the breaker's core object, the URL when wxd.http made the call, and
+-- the failing call's results. Set by wxd.alert (`alert.on_breaker_open`);
+-- nil otherwise. Exactly one report sees each opening, in whichever worker.
+_M.on_breaker_open = nil
+
+--- Reports a result to a breaker's core object `c`; returns its state.
+function _M.report(c, ok, probe, url, ...)
+  local state, from = c:report(ok, probe)
+  if from and state == "open" and _M.on_breaker_open then
+    local fine, err = pcall(_M.on_breaker_open, c, url, ...)
+    if not fine then require("wxd.log").error("wxd.retry: on_breaker_open failed", { error = tostring(err) }) end
+  end
+  return state
+end
+
 --- Runs `fn(attempt, remaining)` (remaining: seconds left before the
 -- deadline, or nil) under checked options `o` (from options()).
 -- @return the last attempt's results, or nil, "circuit open"
@@ -124,12 +140,12 @@ function _M.run(o, fn)
     local remaining = deadline_ms and (deadline_ms - clock()) / 1000
     local r = pack(pcall(fn, n, remaining))
     if not r[1] then
-      if br then br:report(false, probe) end
+      if br then _M.report(br, false, probe, o.url, nil, r[2]) end
       error(r[2], 0)
     end
     last = pack(unpack(r, 2, r.n))
     local transient = o.retryable(unpack(last, 1, last.n))
-    if br then br:report(not transient, probe) end
+    if br then _M.report(br, not transient, probe, o.url, unpack(last, 1, last.n)) end
     if not transient then break end
   end
   return unpack(last, 1, last.n)

@@ -54,6 +54,11 @@ function _M.load_app(appdir, _worker, generation)
     return nil, appdir .. "/app.lua must return an app: local app = require(\"wxd.app\").new() ... return app"
   end
   local handle = app.handle
+  -- Alerts (docs/alerts.md): a bad section fails the load like a bad config.
+  if cfg.alert ~= nil then
+    local started, aerr = require("wxd.alert").start()
+    if not started then return nil, appdir .. "/config.lua: " .. tostring(aerr) end
+  end
   -- With gray rules, each request is counted by its final colour (wxd.mp
   -- may colour a message once it knows the sender), failed ones included.
   local count_gray = cfg.gray and require("wxd.gray").count or nil

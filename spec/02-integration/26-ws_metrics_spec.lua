@@ -70,7 +70,8 @@ describe("websocket topic metrics", function()
     local text = scrape(admin)
     assert.truthy(text:find("# TYPE wxd_ws_publish_delivery_seconds histogram", 1, true), text)
     assert.truthy(text:find("# TYPE wxd_ws_publish_dropped_total counter", 1, true), text)
-    assert.equal(0, sample(text, "wxd_ws_publish_dropped_total"))
+    assert.equal(0, sample(text, 'wxd_ws_publish_dropped_total{worker="0"}'))
+    assert.equal(0, sample(text, 'wxd_ws_publish_dropped_total{worker="1"}'))
     local before = sample(text, "wxd_ws_publish_delivery_seconds_count") or 0
 
     for i = 1, 3 do
