@@ -29,8 +29,10 @@ end)
 
 for _, v in ipairs({ "v1", "v2" }) do
   app:get("/internal/recommend/" .. v, function(req)
-    return { engine = v, colour_received = req.headers["x-wxd-gray"] or "none",
-             baggage = req.headers.baggage or "" }
+    return {
+      engine = v, colour_received = req.headers["x-wxd-gray"] or "none",
+      baggage = req.headers.baggage or "",
+    }
   end)
 end
 

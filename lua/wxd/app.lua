@@ -1616,7 +1616,7 @@ function app_methods.handle(self, req)
   -- one whose selector holds and whose prefix covers the path). A gray
   -- group that has no route for the request passes it on to the next
   -- selector, and at last to the app's router.
-  local router, route = self, nil
+  local router, route
   local sel = self._selectors
   local nsel, isel = sel and #sel or 0, 1
   while true do

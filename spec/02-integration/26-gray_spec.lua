@@ -196,11 +196,12 @@ describe("gray release", function()
       return b.gray, cjson.decode(b.upstream)
     end
     local scene = { ["X-Wechat-Scene"] = "miniapp_v3" }
-    local g, got = call(nil, scene)
+    local _, g, got
+    g, got = call(nil, scene)
     assert.equal("v2", g)
     assert.equal("v2", got.gray)
     assert.equal("wxd-gray=v2", got.baggage)
-    g, got = call("&bag=tenant%3Dacme,region%3Dsh", scene)
+    _, got = call("&bag=tenant%3Dacme,region%3Dsh", scene)
     assert.equal("tenant=acme,region=sh,wxd-gray=v2", got.baggage)
     -- An entry of the caller's own wins.
     _, got = call("&bag=wxd-gray%3Dmine", scene)

@@ -3,7 +3,7 @@ return function(app)
   app:get("/api/orders/:id", function(req)
     return { id = req.params.id, status = "paid", api = "v1" }
   end)
-  app:post("/api/orders", function(req)
+  app:post("/api/orders", function()
     return 201, { id = "1001", api = "v1" }
   end)
 end
