@@ -407,22 +407,33 @@ end
 function Queues:consume(name, handler, opts)
   local c, poll = consume_settings(name, handler, opts)
   local con = setmetatable({ running = 0 }, Consumer)
+  local function claim()
+    -- A reload stops the replaced generation's timer: its loops end, and
+    -- the new generation's consumer takes over.
+    if con.stopped or not con.timer:active() then return nil end
+    local m, _, err = self.impl:claim(name, c)
+    if err then log.warn("queue claim failed", { queue = name, error = tostring(err) }) end
+    return m
+  end
+  -- Each slot delivers messages one after another while some are due; the
+  -- timer refills the slots.
+  local function slot(m)
+    while m do
+      local ok, e = xpcall(deliver, traceback, self, name, c, m)
+      if not ok then log.error("queue delivery error", { queue = name, error = tostring(e) }) end
+      m = claim()
+    end
+    con.running = con.running - 1
+  end
   local busy = false
   local function drain()
-    if busy or con.stopped then return end
+    if busy then return end
     busy = true
-    while con.running < c.concurrency and not con.stopped do
-      local m, _, err = self.impl:claim(name, c)
-      if not m then
-        if err then log.warn("queue claim failed", { queue = name, error = tostring(err) }) end
-        break
-      end
+    while con.running < c.concurrency do
+      local m = claim()
+      if not m then break end
       con.running = con.running + 1
-      task.spawn(function()
-        local ok, e = xpcall(deliver, traceback, self, name, c, m)
-        con.running = con.running - 1
-        if not ok then log.error("queue delivery error", { queue = name, error = tostring(e) }) end
-      end)
+      task.spawn(slot, m)
     end
     busy = false
   end
