@@ -279,7 +279,9 @@ static int br_allow(lua_State *L) {
   return 2;
 }
 
-/* b:report(ok, probe [, at]) -> the state after it (probe: what allow gave) */
+/* b:report(ok, probe [, at]) -> the state after it (probe: what allow gave),
+ * and the state before when this report changed it (wxd.degrade announces
+ * a switch from the one call that made it). */
 static int br_report(lua_State *L) {
   wxd_breaker_t *b = check_breaker(L);
   int ok = lua_toboolean(L, 2);
@@ -292,7 +294,9 @@ static int br_report(lua_State *L) {
   pthread_mutex_unlock(&b->mu);
   log_change(L, b, &ch);
   lua_pushstring(L, state_names[state]);
-  return 1;
+  if (ch.from == ch.to) return 1;
+  lua_pushstring(L, state_names[ch.from]);
+  return 2;
 }
 
 /* b:state([at]) -> "closed" | "open" | "half_open", seconds of cooldown left */

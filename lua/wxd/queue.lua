@@ -366,7 +366,8 @@ local function deliver(self, name, c, m)
   elseif out == "retry" then log.warn("queue delivery failed, retrying", fields) end
 end
 
-local CONSUME_KEYS = { max_attempts = true, visibility = true, backoff = true, concurrency = true, poll = true }
+local CONSUME_KEYS = { max_attempts = true, visibility = true, backoff = true, concurrency = true, poll = true,
+  ready = true }
 
 local function consume_settings(name, handler, opts)
   check_name(name, "consume")
@@ -381,6 +382,7 @@ local function consume_settings(name, handler, opts)
     if type(v) ~= "number" or v < lo then error("wxd.queue.consume: " .. what .. " must be a number >= " .. lo, 4) end
     return v
   end
+  if opts.ready ~= nil and type(opts.ready) ~= "function" then error("wxd.queue.consume: ready must be a function", 3) end
   local b = opts.backoff or {}
   if type(b) ~= "table" then error("wxd.queue.consume: backoff must be a table { base =, max = }", 3) end
   return {
@@ -390,6 +392,7 @@ local function consume_settings(name, handler, opts)
     backoff_base = num(b.base, 1, 0, "backoff.base"),
     backoff_max = num(b.max, 300, 0, "backoff.max"),
     concurrency = math_floor(num(opts.concurrency, 4, 1, "concurrency")),
+    ready = opts.ready,
   }, opts.poll
 end
 
@@ -411,6 +414,7 @@ function Queues:consume(name, handler, opts)
     -- A reload stops the replaced generation's timer: its loops end, and
     -- the new generation's consumer takes over.
     if con.stopped or not con.timer:active() then return nil end
+    if c.ready and not c.ready() then return nil end
     local m, _, err = self.impl:claim(name, c)
     if err then log.warn("queue claim failed", { queue = name, error = tostring(err) }) end
     return m
