@@ -114,6 +114,11 @@ function Degrade:stats()
   return s
 end
 
+--- Stops this worker's consumer of the queue (specs, scripts).
+function Degrade:stop()
+  if self.consumer then self.consumer:stop() end
+end
+
 local function snapshot_key(self, key) return "degrade:" .. self.name .. ":" .. key end
 
 --- Reads through the upstream when it is healthy, from the last good
@@ -223,9 +228,10 @@ function _M.new(opts)
       local ok, e = call_send(self, payload, info)
       self:report(ok, probe, e)
       return ok, e
-    end, { max_attempts = opts.max_attempts or 100, visibility = opts.visibility, backoff = opts.backoff,
-           concurrency = opts.concurrency,
-           ready = function() return (self.b:state()) ~= "open" end })
+    end, {
+      max_attempts = opts.max_attempts or 100, visibility = opts.visibility, backoff = opts.backoff,
+      concurrency = opts.concurrency, ready = function() return (self.b:state()) ~= "open" end,
+    })
   end
   return self
 end

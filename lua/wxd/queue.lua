@@ -324,7 +324,7 @@ end
 local Queues = {}
 Queues.__index = Queues
 
-local delivered_metric, failed_metric
+local delivered_metric
 
 local function count(m, name, outcome)
   if not delivered_metric then
@@ -402,7 +402,23 @@ Consumer.__index = Consumer
 --- Stops this consumer (its deliveries in progress finish).
 function Consumer:stop()
   if self.timer then self.timer:cancel() end
+  if self.stats_timer then self.stats_timer:cancel() end
   self.stopped = true
+end
+
+local gauge_metric
+
+-- Worker 0 copies the queue's counts into /metrics every few seconds.
+local function start_stats(self, name)
+  if not gauge_metric then
+    gauge_metric = metrics.builtin("gauge", "wxd_queue_messages", "Messages in a queue by state (pending, inflight, dead)",
+      { "queue", "state" }, { max_series = 600 })
+  end
+  return timer.every(5000, function()
+    local s = self.impl:stats(name)
+    if type(s) ~= "table" then return end
+    for _, k in ipairs({ "pending", "inflight", "dead" }) do metrics.set_value(gauge_metric, s[k], { name, k }) end
+  end, { worker = 0 })
 end
 
 --- Registers the consumer of queue `name` in this worker (every worker
@@ -442,7 +458,7 @@ function Queues:consume(name, handler, opts)
     busy = false
   end
   con.timer = timer.every(math_floor((poll or self.poll) * 1000), drain)
-  con.drain = drain
+  con.stats_timer = start_stats(self, name)
   return con
 end
 

@@ -148,7 +148,7 @@ describe("wxd.degrade", function()
       assert.equal("snapshot", r.source)
       assert.equal("user " .. i, r.value.name)
     end
-    local status, r = call(srv.port, "GET", "/profile/99")
+    local status = call(srv.port, "GET", "/profile/99")
     assert.equal(503, status)
     local keys = {}
     for i = 1, 40 do
