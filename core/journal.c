@@ -121,6 +121,9 @@ struct wxd_journal_waiter {
   wxd_journal_t *j;
   wxd_co_t *co;
   uint64_t seq;
+  wxd_journal_push_fn push;
+  wxd_journal_drop_fn drop;
+  void *data;                /* the owner's, until push or drop took it */
   wxd_journal_waiter_t *prev, *next;
   int linked;                /* in j->waiters */
   int done;                  /* resumed or cancelled */
@@ -147,27 +150,41 @@ static void wake_waiters(wxd_journal_t *j) {
   }
 }
 
-static int push_outcome(lua_State *L, wxd_journal_t *j, uint64_t seq) {
-  if (seq <= j->durable) {
+/* 0 when seq is durable, else the error (mutex held). */
+static int outcome(const wxd_journal_t *j, uint64_t seq) {
+  if (seq <= j->durable) return 0;
+  return j->io_errno ? j->io_errno : EIO;
+}
+
+/* wxd_journal_sync's results. */
+static int push_sync(lua_State *L, void *data, int err) {
+  (void)data;
+  if (!err) {
     lua_pushboolean(L, 1);
     return 1;
   }
   lua_pushnil(L);
-  lua_pushfstring(L, "journal: %s", strerror(j->io_errno ? j->io_errno : EIO));
+  lua_pushfstring(L, "journal: %s", strerror(err));
   return 2;
 }
 
-static void waiter_closed(uv_handle_t *h) { free(h->data); }
+static void waiter_closed(uv_handle_t *h) {
+  wxd_journal_waiter_t *w = h->data;
+  if (w->data && w->drop) w->drop(w->data);
+  free(w);
+}
 
 static void waiter_on_durable(uv_async_t *a) {
   wxd_journal_waiter_t *w = a->data;
   if (w->done) return;
   w->done = 1;
-  wxd_journal_t *j = w->j;
-  pthread_mutex_lock(j->mu);
-  int n = push_outcome(w->co->T, j, w->seq);
-  pthread_mutex_unlock(j->mu);
+  pthread_mutex_lock(w->j->mu);
+  int err = outcome(w->j, w->seq);
+  pthread_mutex_unlock(w->j->mu);
   wxd_co_t *co = w->co;
+  void *data = w->data;
+  w->data = NULL;
+  int n = w->push(co->T, data, err);
   uv_close((uv_handle_t *)&w->async, waiter_closed);
   wxd_co_resume(co, n);
 }
@@ -183,7 +200,8 @@ static void waiter_cancel(void *p) {
   uv_close((uv_handle_t *)&w->async, waiter_closed);
 }
 
-int wxd_journal_sync(lua_State *L, wxd_journal_t *j, uint64_t seq) {
+int wxd_journal_wait(lua_State *L, wxd_journal_t *j, uint64_t seq, wxd_journal_push_fn push,
+                     wxd_journal_drop_fn drop, void *data) {
   pthread_mutex_lock(j->mu);
   int ready = seq <= j->durable || j->io_errno;
   pthread_mutex_unlock(j->mu);
@@ -195,6 +213,9 @@ int wxd_journal_sync(lua_State *L, wxd_journal_t *j, uint64_t seq) {
       w->j = j;
       w->co = co;
       w->seq = seq;
+      w->push = push;
+      w->drop = drop;
+      w->data = data;
       pthread_mutex_lock(j->mu);
       if (seq <= j->durable || j->io_errno) {
         uv_async_send(&w->async); /* became durable meanwhile */
@@ -211,9 +232,13 @@ int wxd_journal_sync(lua_State *L, wxd_journal_t *j, uint64_t seq) {
   }
   pthread_mutex_lock(j->mu);
   while (seq > j->durable && !j->io_errno) pthread_cond_wait(&j->durable_cv, j->mu);
-  int n = push_outcome(L, j, seq);
+  int err = outcome(j, seq);
   pthread_mutex_unlock(j->mu);
-  return n;
+  return push(L, data, err);
+}
+
+int wxd_journal_sync(lua_State *L, wxd_journal_t *j, uint64_t seq) {
+  return wxd_journal_wait(L, j, seq, push_sync, NULL, NULL);
 }
 
 uint64_t wxd_journal_queued(wxd_journal_t *j) {

@@ -80,6 +80,16 @@ uint64_t wxd_journal_queued(wxd_journal_t *j);
  * outside one. Owner's mutex not held. */
 int wxd_journal_sync(lua_State *L, wxd_journal_t *j, uint64_t seq);
 
+/* The same with the owner's results: once `seq` is durable (err 0) or
+ * never will be (err: the errno the journal failed with), push(L, data,
+ * err) pushes them on the waiting coroutine and returns their count; when
+ * the coroutine goes away first (shutdown), drop(data) runs instead.
+ * Exactly one of them runs; both own `data` from this call on. */
+typedef int (*wxd_journal_push_fn)(lua_State *L, void *data, int err);
+typedef void (*wxd_journal_drop_fn)(void *data);
+int wxd_journal_wait(lua_State *L, wxd_journal_t *j, uint64_t seq, wxd_journal_push_fn push,
+                     wxd_journal_drop_fn drop, void *data);
+
 /* Encoding helpers: little-endian integers, strings as u32 length + bytes
  * (NULL as length 0xffffffff). Each ORs -1 into *rc on failure. */
 void wxd_jput_u8(wxd_buf_t *b, int v, int *rc);
