@@ -206,6 +206,37 @@ describe("wxd.queue embedded (journal)", function()
   end)
 end)
 
+describe("wxd.queue across a hot reload", function()
+  local TAGGED = [[
+local app = require("wxd.app").new()
+local queue = require "wxd.queue"
+queue.consume("tagged", function(payload)
+  require("wxd.log").info("deliver TAG " .. payload)
+  return true
+end)
+app:post("/push/:p", function(req) return { id = (queue.push("tagged", req.params.p)) } end)
+return app
+]]
+
+  it("delivers with the newest generation's handler", function()
+    local dir = make_dir((TAGGED:gsub("TAG", "v1")), '{ queue = { path = "queue.journal" } }')
+    local srv = H.start(dir, { workers = 2, pid = true })
+    finally(function() srv:stop() srv:cleanup() os.execute("rm -rf " .. dir) end)
+    for i = 1, 4 do must(srv.port, "POST", "/push/a" .. i) end
+    for i = 1, 4 do
+      H.wait_until(function() return #srv:log_lines("deliver v1 a" .. i) == 1 end, 10, "a" .. i .. " by v1")
+    end
+    H.write_file(dir .. "/app.lua", (TAGGED:gsub("TAG", "v2")))
+    local out, code = H.sh(H.WXD .. " reload --pid " .. srv.dir .. "/wxd.pid")
+    assert.equal(0, code, out)
+    for i = 1, 8 do must(srv.port, "POST", "/push/b" .. i) end
+    for i = 1, 8 do
+      H.wait_until(function() return #srv:log_lines("deliver v2 b" .. i) == 1 end, 10, "b" .. i .. " by v2")
+      assert.equal(0, #srv:log_lines("deliver v1 b" .. i))
+    end
+  end)
+end)
+
 describe("wxd.queue on Redis (Streams, AOF always)", function()
   local redis
   setup(function() redis = H.redis_server({ args = "--appendonly yes --appendfsync always" }) end)
