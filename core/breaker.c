@@ -281,8 +281,9 @@ static int br_allow(lua_State *L) {
 }
 
 /* b:report(ok, probe [, at]) -> the state after it (probe: what allow gave),
- * and the state before when this report changed it (wxd.alert's breaker
- * alerts: exactly one reporter sees each change, whichever the worker). */
+ * and the state before when this report changed it: exactly one reporter
+ * sees each change, whichever the worker (wxd.alert's breaker alerts,
+ * wxd.degrade's switches). */
 static int br_report(lua_State *L) {
   wxd_breaker_t *b = check_breaker(L);
   int ok = lua_toboolean(L, 2);

@@ -12,6 +12,7 @@
 #include "limit.h"
 #include "metrics.h"
 #include "paystate.h"
+#include "queue.h"
 #include "redis.h"
 #include "shdict.h"
 #include "task.h"
@@ -39,6 +40,7 @@ static const struct {
     {"wxd.core.redis", wxd_open_redis},
     {"wxd.core.task", wxd_open_task},
     {"wxd.core.order", wxd_open_order},
+    {"wxd.core.queue", wxd_open_queue},
     {"wxd.core.ws", wxd_open_ws},
     {"wxd.core.limit", wxd_open_limit},
     {"wxd.core.breaker", wxd_open_breaker},

@@ -16,6 +16,7 @@
 #include <uv.h>
 
 #include "buf.h"
+#include "journal.h"
 #include "log.h"
 #include "vm.h"
 
@@ -80,23 +81,14 @@ typedef struct ps_order {
   uint64_t seq;           /* journal sequence of its last change */
 } ps_order_t;
 
-typedef struct ps_waiter ps_waiter_t;
-
 typedef struct ps_store {
   struct ps_store *next;  /* registry */
   char *path;             /* journal; NULL: memory only */
   pthread_mutex_t mu;
-  pthread_cond_t work;    /* the journal thread waits for pending changes */
-  pthread_cond_t durable_cv; /* blocking callers wait for `durable` */
   ps_order_t **buckets;
   size_t nbuckets, count;
-  wxd_buf_t pending;      /* records not yet written */
-  uint64_t appended;      /* sequence of the last change */
-  uint64_t durable;       /* every change up to this one is on disk */
-  int fd;
-  int io_errno;           /* a write or fsync failed: changes refused */
-  ps_waiter_t *waiters;
-  uint64_t n_transitions, n_duplicates, n_illegal, n_late, n_commits;
+  wxd_journal_t j;        /* records, sequence numbers, durability (core/journal.c) */
+  uint64_t n_transitions, n_duplicates, n_illegal, n_late;
 } ps_store_t;
 
 static pthread_mutex_t registry_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -263,45 +255,19 @@ static char *get_dup(rd_t *r, int *oom) {
   return d;
 }
 
-static uint32_t crc_table[256];
-static pthread_once_t crc_once = PTHREAD_ONCE_INIT;
-
-static void crc_init(void) {
-  for (uint32_t i = 0; i < 256; i++) {
-    uint32_t c = i;
-    for (int k = 0; k < 8; k++) c = c & 1 ? 0xedb88320u ^ (c >> 1) : c >> 1;
-    crc_table[i] = c;
-  }
-}
-
-static uint32_t crc32_of(const void *p, size_t len) {
-  pthread_once(&crc_once, crc_init);
-  const unsigned char *s = p;
-  uint32_t c = 0xffffffffu;
-  for (size_t i = 0; i < len; i++) c = crc_table[(c ^ s[i]) & 0xff] ^ (c >> 8);
-  return c ^ 0xffffffffu;
-}
-
 /* Longest out_trade_no the store takes (WeChat Pay allows 32). */
 #define PS_NO_MAX 128
 
 enum { REC_CREATE = 'C', REC_TRANSITION = 'T', REC_LATE = 'L' };
 
-/* Appends a record around the payload written by `fill` (length, crc). */
+/* Appends a record around the payload (length, crc: core/journal.c). */
 static int rec_begin(wxd_buf_t *b, size_t *start) {
-  *start = b->len;
-  return put_u32(b, 0) | put_u32(b, 0);
+  int rc = 0;
+  wxd_journal_rec_begin(b, start, &rc);
+  return rc;
 }
 
-static void rec_end(wxd_buf_t *b, size_t start) {
-  size_t plen = b->len - start - 8;
-  unsigned char *h = (unsigned char *)b->data + start;
-  uint32_t crc = crc32_of(h + 8, plen);
-  for (int i = 0; i < 4; i++) {
-    h[i] = (unsigned char)(plen >> (8 * i));
-    h[4 + i] = (unsigned char)(crc >> (8 * i));
-  }
-}
+static void rec_end(wxd_buf_t *b, size_t start) { wxd_journal_rec_end(b, start); }
 
 static int put_create(wxd_buf_t *b, const ps_order_t *o) {
   size_t s;
@@ -364,170 +330,80 @@ static int entry_add(ps_list_t *l, int from, int to, int64_t at, const char *eve
 
 /* ---- The journal ---- */
 
-struct ps_waiter {
-  uv_async_t async;       /* sent by the journal thread once durable */
-  ps_store_t *st;
-  wxd_co_t *co;
-  uint64_t seq;
-  ps_waiter_t *prev, *next;
-  int linked;             /* in st->waiters */
-  int done;               /* resumed or cancelled */
-  struct ps_result *res;  /* what to return once durable (owned) */
-};
+/* A record is in st->j.pending (appended under st->mu): its sequence number. */
+static uint64_t journal_queued(ps_store_t *st) { return wxd_journal_queued(&st->j); }
 
-/* Wakes every waiter whose change is durable (or that will never be).
- * Called with st->mu held; the waiter takes it too before it closes, so
- * it waits out a send still in progress. */
-static void wake_waiters(ps_store_t *st) {
-  ps_waiter_t *w = st->waiters;
-  while (w) {
-    ps_waiter_t *next = w->next;
-    if (w->seq <= st->durable || st->io_errno) {
-      if (w->prev) w->prev->next = w->next;
-      else st->waiters = w->next;
-      if (w->next) w->next->prev = w->prev;
-      w->linked = 0;
-      uv_async_send(&w->async);
-    }
-    w = next;
+/* Replays one record into st (wxd_journal_open's callback). Returns 0, or
+ * -1 with err set: records that contradict each other fail the open. */
+static int journal_replay(void *ctx, const unsigned char *payload, size_t plen, size_t off, char *err,
+                          size_t errlen) {
+  ps_store_t *st = ctx;
+  rd_t r = {payload, plen, 0, 0};
+  int type = get_u8(&r);
+  int oom = 0;
+  size_t nolen;
+  const char *nop = get_str(&r, &nolen);
+  char no[PS_NO_MAX + 1];
+  if (!nop || nolen >= sizeof no) {
+    snprintf(err, errlen, "order journal %s: malformed record at offset %zu", st->path, off);
+    return -1;
   }
-}
-
-static int write_all(int fd, const char *p, size_t len) {
-  while (len > 0) {
-    ssize_t n = write(fd, p, len);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return errno;
-    }
-    p += n;
-    len -= (size_t)n;
-  }
-  return 0;
-}
-
-static void *journal_main(void *arg) {
-  ps_store_t *st = arg;
-  wxd_buf_t out = {0};
-  pthread_mutex_lock(&st->mu);
-  for (;;) {
-    while (st->pending.len == 0) pthread_cond_wait(&st->work, &st->mu);
-    wxd_buf_t tmp = st->pending;
-    st->pending = out;
-    out = tmp;
-    uint64_t upto = st->appended;
-    pthread_mutex_unlock(&st->mu);
-    int err = write_all(st->fd, out.data, out.len);
-    if (!err && fdatasync(st->fd) != 0) err = errno;
-    out.len = 0;
-    pthread_mutex_lock(&st->mu);
-    if (err) st->io_errno = err;
-    else st->durable = upto;
-    st->n_commits++;
-    wake_waiters(st);
-    pthread_cond_broadcast(&st->durable_cv);
-    if (err) break;
-  }
-  pthread_mutex_unlock(&st->mu);
-  wxd_logf(WXD_LOG_ERROR, -1, "order journal %s: %s; changes are refused until a restart", st->path,
-           strerror(st->io_errno));
-  wxd_buf_free(&out);
-  return NULL;
-}
-
-/* Queues a record that is already in `rec` (appended to st->pending by the
- * caller, under st->mu) and returns its sequence number. */
-static uint64_t journal_queued(ps_store_t *st) {
-  st->appended++;
-  if (!st->path) st->durable = st->appended;
-  else pthread_cond_signal(&st->work);
-  return st->appended;
-}
-
-/* Replays the journal file into st. Returns 0, or -1 with err set. A torn
- * or corrupt tail ends the replay (logged). */
-static int journal_replay(ps_store_t *st, const char *data, size_t len, char *err, size_t errlen) {
-  size_t off = 0;
-  size_t nrec = 0;
-  while (off < len) {
-    if (len - off < 8) break;
-    rd_t h = {(const unsigned char *)data + off, 8, 0, 0};
-    uint32_t plen = get_u32(&h), crc = get_u32(&h);
-    if (plen == 0 || plen > len - off - 8) break;
-    const char *payload = data + off + 8;
-    if (crc32_of(payload, plen) != crc) break;
-    rd_t r = {(const unsigned char *)payload, plen, 0, 0};
-    int type = get_u8(&r);
-    int oom = 0;
-    size_t nolen;
-    const char *nop = get_str(&r, &nolen);
-    char no[PS_NO_MAX + 1];
-    if (!nop || nolen >= sizeof no) {
-      snprintf(err, errlen, "order journal %s: malformed record at offset %zu", st->path, off);
+  memcpy(no, nop, nolen);
+  no[nolen] = '\0';
+  ps_order_t *o = order_find(st, no);
+  if (type == REC_CREATE) {
+    ps_order_t *n = calloc(1, sizeof *n);
+    if (!n) goto oom;
+    n->no = dup_n(no, nolen);
+    n->amount = get_i64(&r);
+    n->currency = get_dup(&r, &oom);
+    n->appid = get_dup(&r, &oom);
+    n->mchid = get_dup(&r, &oom);
+    n->openid = get_dup(&r, &oom);
+    n->description = get_dup(&r, &oom);
+    n->key = get_dup(&r, &oom);
+    n->created_at = n->updated_at = get_i64(&r);
+    if (!n->no || oom || r.bad || o || store_insert(st, n) != 0) {
+      order_free(n);
+      if (oom || (!r.bad && !o)) goto oom;
+      snprintf(err, errlen, "order journal %s: bad create record for %s at offset %zu", st->path, no, off);
       return -1;
     }
-    memcpy(no, nop, nolen);
-    no[nolen] = '\0';
-    ps_order_t *o = order_find(st, no);
-    if (type == REC_CREATE) {
-      ps_order_t *n = calloc(1, sizeof *n);
-      if (!n) goto oom;
-      n->no = dup_n(no, nolen);
-      n->amount = get_i64(&r);
-      n->currency = get_dup(&r, &oom);
-      n->appid = get_dup(&r, &oom);
-      n->mchid = get_dup(&r, &oom);
-      n->openid = get_dup(&r, &oom);
-      n->description = get_dup(&r, &oom);
-      n->key = get_dup(&r, &oom);
-      n->created_at = n->updated_at = get_i64(&r);
-      if (!n->no || oom || r.bad || o || store_insert(st, n) != 0) {
-        order_free(n);
-        if (oom || (!r.bad && !o)) goto oom;
-        snprintf(err, errlen, "order journal %s: bad create record for %s at offset %zu", st->path, no, off);
-        return -1;
-      }
-    } else if (type == REC_TRANSITION || type == REC_LATE) {
-      int from = get_u8(&r), to = get_u8(&r);
-      int64_t version = get_i64(&r), at = get_i64(&r);
-      size_t el, kl, dl;
-      const char *ev = get_str(&r, &el), *key = get_str(&r, &kl), *dat = get_str(&r, &dl);
-      if (r.bad || !o || !key || from >= S_COUNT || to >= S_COUNT ||
-          (type == REC_TRANSITION && (o->state != from || version != o->version + 1))) {
-        snprintf(err, errlen, "order journal %s: inconsistent record for %s at offset %zu", st->path, no, off);
-        return -1;
-      }
-      char *e = dup_n(ev, el), *k = dup_n(key, kl), *d = dup_n(dat, dl);
-      int rc = (ev && !e) || (key && !k) || (dat && !d) ? -1
-               : entry_add(type == REC_TRANSITION ? &o->hist : &o->late, from, to, at, e, k, d);
-      free(e);
-      free(k);
-      free(d);
-      if (rc != 0) goto oom;
-      if (type == REC_TRANSITION) {
-        o->state = to;
-        o->version = version;
-        o->updated_at = at;
-      }
-    } else {
-      snprintf(err, errlen, "order journal %s: unknown record type at offset %zu", st->path, off);
+  } else if (type == REC_TRANSITION || type == REC_LATE) {
+    int from = get_u8(&r), to = get_u8(&r);
+    int64_t version = get_i64(&r), at = get_i64(&r);
+    size_t el, kl, dl;
+    const char *ev = get_str(&r, &el), *key = get_str(&r, &kl), *dat = get_str(&r, &dl);
+    if (r.bad || !o || !key || from >= S_COUNT || to >= S_COUNT ||
+        (type == REC_TRANSITION && (o->state != from || version != o->version + 1))) {
+      snprintf(err, errlen, "order journal %s: inconsistent record for %s at offset %zu", st->path, no, off);
       return -1;
     }
-    off += 8 + plen;
-    nrec++;
+    char *e = dup_n(ev, el), *k = dup_n(key, kl), *d = dup_n(dat, dl);
+    int rc = (ev && !e) || (key && !k) || (dat && !d) ? -1
+             : entry_add(type == REC_TRANSITION ? &o->hist : &o->late, from, to, at, e, k, d);
+    free(e);
+    free(k);
+    free(d);
+    if (rc != 0) goto oom;
+    if (type == REC_TRANSITION) {
+      o->state = to;
+      o->version = version;
+      o->updated_at = at;
+    }
+  } else {
+    snprintf(err, errlen, "order journal %s: unknown record type at offset %zu", st->path, off);
+    return -1;
   }
-  if (off < len)
-    wxd_logf(WXD_LOG_WARN, -1, "order journal %s: ignored a torn or corrupt tail of %zu bytes at offset %zu",
-             st->path, len - off, off);
-  wxd_logf(WXD_LOG_INFO, -1, "order journal %s: replayed %zu records, %zu orders", st->path, nrec, st->count);
   return 0;
 oom:
   snprintf(err, errlen, "order journal %s: out of memory", st->path);
   return -1;
 }
 
-/* Every order as records, into b. */
-static int journal_dump(ps_store_t *st, wxd_buf_t *b) {
+/* Every order as records, into b (wxd_journal_open's callback; st->mu held). */
+static int journal_dump(void *ctx, wxd_buf_t *b) {
+  ps_store_t *st = ctx;
   for (size_t i = 0; i < st->nbuckets; i++)
     for (ps_order_t *o = st->buckets[i]; o; o = o->next) {
       if (put_create(b, o) != 0) return -1;
@@ -536,75 +412,6 @@ static int journal_dump(ps_store_t *st, wxd_buf_t *b) {
       for (size_t j = 0; j < o->late.n; j++)
         if (put_entry(b, REC_LATE, o->no, 0, &o->late.v[j]) != 0) return -1;
     }
-  return 0;
-}
-
-static int fsync_dir_of(const char *path) {
-  char dir[PATH_MAX];
-  snprintf(dir, sizeof dir, "%s", path);
-  char *slash = strrchr(dir, '/');
-  if (slash == dir) slash[1] = '\0';
-  else if (slash) *slash = '\0';
-  else snprintf(dir, sizeof dir, ".");
-  int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return -1;
-  int rc = fsync(fd);
-  close(fd);
-  return rc;
-}
-
-/* Reads and replays the journal, then compacts it (writes what memory holds
- * to PATH.tmp, fsyncs, renames) and opens it for appending. */
-static int journal_open(ps_store_t *st, char *err, size_t errlen) {
-  wxd_buf_t file = {0};
-  int fd = open(st->path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0 && errno != ENOENT) {
-    snprintf(err, errlen, "order journal %s: %s", st->path, strerror(errno));
-    return -1;
-  }
-  if (fd >= 0) {
-    char chunk[65536];
-    for (;;) {
-      ssize_t n = read(fd, chunk, sizeof chunk);
-      if (n < 0 && errno == EINTR) continue;
-      if (n < 0 || (n > 0 && wxd_buf_append(&file, chunk, (size_t)n) != 0)) {
-        snprintf(err, errlen, "order journal %s: %s", st->path, n < 0 ? strerror(errno) : "out of memory");
-        close(fd);
-        wxd_buf_free(&file);
-        return -1;
-      }
-      if (n == 0) break;
-    }
-    close(fd);
-  }
-  int rc = journal_replay(st, file.data, file.len, err, errlen);
-  wxd_buf_free(&file);
-  if (rc != 0) return -1;
-  wxd_buf_t out = {0};
-  char tmp[PATH_MAX + 8];
-  snprintf(tmp, sizeof tmp, "%s.tmp", st->path);
-  if (journal_dump(st, &out) != 0) {
-    wxd_buf_free(&out);
-    snprintf(err, errlen, "order journal %s: out of memory", st->path);
-    return -1;
-  }
-  fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  int e = fd < 0 ? errno : write_all(fd, out.data, out.len);
-  if (!e && fsync(fd) != 0) e = errno;
-  if (fd >= 0) close(fd);
-  wxd_buf_free(&out);
-  if (!e && rename(tmp, st->path) != 0) e = errno;
-  if (!e && fsync_dir_of(st->path) != 0) e = errno;
-  if (e) {
-    unlink(tmp);
-    snprintf(err, errlen, "order journal %s: compaction failed: %s", st->path, strerror(e));
-    return -1;
-  }
-  st->fd = open(st->path, O_WRONLY | O_APPEND | O_CLOEXEC);
-  if (st->fd < 0) {
-    snprintf(err, errlen, "order journal %s: %s", st->path, strerror(errno));
-    return -1;
-  }
   return 0;
 }
 
@@ -619,10 +426,7 @@ static void store_free(ps_store_t *st) {
   }
   free(st->buckets);
   free(st->path);
-  wxd_buf_free(&st->pending);
   pthread_mutex_destroy(&st->mu);
-  pthread_cond_destroy(&st->work);
-  pthread_cond_destroy(&st->durable_cv);
   free(st);
 }
 
@@ -642,22 +446,17 @@ static ps_store_t *store_open(const char *path, char *err, size_t errlen) {
     snprintf(err, errlen, "out of memory");
     return NULL;
   }
-  st->fd = -1;
   pthread_mutex_init(&st->mu, NULL);
-  pthread_cond_init(&st->work, NULL);
-  pthread_cond_init(&st->durable_cv, NULL);
-  if (path) {
-    pthread_t thread;
-    if (journal_open(st, err, errlen) != 0 ||
-        (errno = pthread_create(&thread, NULL, journal_main, st)) != 0) {
-      if (!err[0]) snprintf(err, errlen, "order journal %s: thread: %s", path, strerror(errno));
-      if (st->fd >= 0) close(st->fd);
-      store_free(st);
-      pthread_mutex_unlock(&registry_mu);
-      return NULL;
-    }
-    pthread_detach(thread);
+  /* Replayed, then compacted at open; orders are never dropped, so no
+   * compaction while running (compact_bytes 0): the file grows until the
+   * next start. */
+  if (wxd_journal_open(&st->j, "order journal", path, &st->mu, journal_replay, journal_dump, st, err, errlen) != 0) {
+    store_free(st);
+    pthread_mutex_unlock(&registry_mu);
+    return NULL;
   }
+  st->j.compact_bytes = 0;
+  if (path) wxd_logf(WXD_LOG_INFO, -1, "order journal %s: %zu orders", path, st->count);
   st->next = registry;
   registry = st;
   pthread_mutex_unlock(&registry_mu);
@@ -688,7 +487,7 @@ static void result_order(ps_result_t *r, const ps_order_t *o, const char *status
 }
 
 static void result_io_error(ps_store_t *st, ps_result_t *r) {
-  snprintf(r->msg, sizeof r->msg, "journal: %s", strerror(st->io_errno));
+  snprintf(r->msg, sizeof r->msg, "journal: %s", strerror(st->j.io_errno));
   r->is_order = 0;
 }
 
@@ -712,7 +511,7 @@ static void op_create(ps_store_t *st, const create_args_t *a, ps_result_t *r) {
     }
     return;
   }
-  if (st->io_errno) return result_io_error(st, r);
+  if (st->j.io_errno) return result_io_error(st, r);
   ps_order_t *n = calloc(1, sizeof *n);
   if (!n) return result_error(r, "no memory");
   n->no = strdup(a->no);
@@ -725,11 +524,11 @@ static void op_create(ps_store_t *st, const create_args_t *a, ps_result_t *r) {
   n->amount = a->amount;
   n->created_at = n->updated_at = now_ms();
   n->state = S_CREATED;
-  size_t mark = st->pending.len;
+  size_t mark = st->j.pending.len;
   if (!n->no || !n->currency || (a->appid && !n->appid) || (a->mchid && !n->mchid) ||
       (a->openid && !n->openid) || (a->description && !n->description) || (a->key && !n->key) ||
-      put_create(&st->pending, n) != 0 || store_insert(st, n) != 0) {
-    st->pending.len = mark;
+      put_create(&st->j.pending, n) != 0 || store_insert(st, n) != 0) {
+    st->j.pending.len = mark;
     order_free(n);
     return result_error(r, "no memory");
   }
@@ -769,12 +568,12 @@ static void op_transition(ps_store_t *st, const transition_args_t *a, ps_result_
       st->n_illegal++;
       return;
     }
-    if (st->io_errno) return result_io_error(st, r);
-    size_t mark = st->pending.len;
+    if (st->j.io_errno) return result_io_error(st, r);
+    size_t mark = st->j.pending.len;
     ps_entry_t e = {(uint8_t)from, (uint8_t)a->to, now_ms(), (char *)a->event, (char *)a->key, (char *)a->data};
-    if (put_entry(&st->pending, REC_LATE, o->no, 0, &e) != 0 ||
+    if (put_entry(&st->j.pending, REC_LATE, o->no, 0, &e) != 0 ||
         entry_add(&o->late, from, a->to, e.at, a->event, a->key, a->data) != 0) {
-      st->pending.len = mark;
+      st->j.pending.len = mark;
       return result_error(r, "no memory");
     }
     st->n_late++;
@@ -782,12 +581,12 @@ static void op_transition(ps_store_t *st, const transition_args_t *a, ps_result_
     o->seq = r->seq = journal_queued(st);
     return;
   }
-  if (st->io_errno) return result_io_error(st, r);
-  size_t mark = st->pending.len;
+  if (st->j.io_errno) return result_io_error(st, r);
+  size_t mark = st->j.pending.len;
   ps_entry_t e = {(uint8_t)from, (uint8_t)a->to, now_ms(), (char *)a->event, (char *)a->key, (char *)a->data};
-  if (put_entry(&st->pending, REC_TRANSITION, o->no, o->version + 1, &e) != 0 ||
+  if (put_entry(&st->j.pending, REC_TRANSITION, o->no, o->version + 1, &e) != 0 ||
       entry_add(&o->hist, from, a->to, e.at, a->event, a->key, a->data) != 0) {
-    st->pending.len = mark;
+    st->j.pending.len = mark;
     return result_error(r, "no memory");
   }
   o->state = a->to;
@@ -885,84 +684,30 @@ static int push_result(lua_State *L, ps_result_t *r) {
   return n;
 }
 
-static void waiter_closed(uv_handle_t *h) {
-  ps_waiter_t *w = h->data;
-  if (w->res) wxd_buf_free(&w->res->snap);
-  free(w->res);
-  free(w);
-}
-
-static void waiter_on_durable(uv_async_t *a) {
-  ps_waiter_t *w = a->data;
-  if (w->done) return;
-  w->done = 1;
-  ps_store_t *st = w->st;
-  pthread_mutex_lock(&st->mu); /* waits out the journal thread's send */
-  int ok = w->seq <= st->durable;
-  ps_result_t *r = w->res;
-  if (!ok) result_io_error(st, r);
-  pthread_mutex_unlock(&st->mu);
-  wxd_co_t *co = w->co;
-  int n = push_result(co->T, r);
-  uv_close((uv_handle_t *)&w->async, waiter_closed);
-  wxd_co_resume(co, n);
-}
-
-/* The waiting coroutine's VM shuts down: close without resuming. */
-static void waiter_cancel(void *p) {
-  ps_waiter_t *w = p;
-  if (w->done) return;
-  w->done = 1;
-  pthread_mutex_lock(&w->st->mu);
-  if (w->linked) {
-    if (w->prev) w->prev->next = w->next;
-    else w->st->waiters = w->next;
-    if (w->next) w->next->prev = w->prev;
-    w->linked = 0;
+/* wxd_journal_wait's callbacks: the result once durable (or the journal's
+ * error), or dropped with a coroutine that went away. */
+static int push_durable(lua_State *L, void *data, int err) {
+  ps_result_t *r = data;
+  if (err) {
+    snprintf(r->msg, sizeof r->msg, "journal: %s", strerror(err));
+    r->is_order = 0;
   }
-  pthread_mutex_unlock(&w->st->mu);
-  uv_close((uv_handle_t *)&w->async, waiter_closed);
+  int n = push_result(L, r);
+  free(r);
+  return n;
+}
+
+static void drop_result(void *data) {
+  ps_result_t *r = data;
+  wxd_buf_free(&r->snap);
+  free(r);
 }
 
 /* Returns the result once its change is durable: at once when it is, by
  * yielding the calling wxd coroutine, or by blocking outside one. `r` is
  * heap-allocated and owned from here on. st->mu is not held. */
 static int finish(lua_State *L, ps_store_t *st, ps_result_t *r) {
-  pthread_mutex_lock(&st->mu);
-  int ready = r->seq <= st->durable;
-  pthread_mutex_unlock(&st->mu);
-  wxd_co_t *co = ready ? NULL : wxd_co_lookup(L);
-  if (!ready && co) {
-    ps_waiter_t *w = calloc(1, sizeof *w);
-    if (w && uv_async_init(co->vm->loop, &w->async, waiter_on_durable) == 0) {
-      w->async.data = w;
-      w->st = st;
-      w->co = co;
-      w->seq = r->seq;
-      w->res = r;
-      pthread_mutex_lock(&st->mu);
-      if (r->seq <= st->durable || st->io_errno) {
-        uv_async_send(&w->async); /* became durable meanwhile */
-      } else {
-        w->next = st->waiters;
-        if (st->waiters) st->waiters->prev = w;
-        st->waiters = w;
-        w->linked = 1;
-      }
-      pthread_mutex_unlock(&st->mu);
-      return wxd_co_yield_cancellable(co, L, waiter_cancel, w);
-    }
-    free(w); /* no async: block instead */
-  }
-  if (!ready) {
-    pthread_mutex_lock(&st->mu);
-    while (r->seq > st->durable && !st->io_errno) pthread_cond_wait(&st->durable_cv, &st->mu);
-    if (r->seq > st->durable) result_io_error(st, r);
-    pthread_mutex_unlock(&st->mu);
-  }
-  int n = push_result(L, r);
-  free(r);
-  return n;
+  return wxd_journal_wait(L, &st->j, r->seq, push_durable, drop_result, r);
 }
 
 static ps_result_t *new_result(lua_State *L) {
@@ -1089,7 +834,7 @@ static int store_stats(lua_State *L) {
   ps_store_t *st = check_store(L);
   pthread_mutex_lock(&st->mu);
   lua_Number v[6] = {(lua_Number)st->count, (lua_Number)st->n_transitions, (lua_Number)st->n_duplicates,
-                     (lua_Number)st->n_illegal, (lua_Number)st->n_late, (lua_Number)st->n_commits};
+                     (lua_Number)st->n_illegal, (lua_Number)st->n_late, (lua_Number)st->j.commits};
   pthread_mutex_unlock(&st->mu);
   static const char *const names[6] = {"orders", "transitions", "duplicates", "illegal", "late", "commits"};
   lua_createtable(L, 0, 6);

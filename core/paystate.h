@@ -12,8 +12,9 @@
  * looked up in the order's history, legality is checked against the
  * table, and the order's version is bumped, all in one hold.
  *
- * Journal. Every change is appended to a pending buffer under the same
- * hold and gets a sequence number; a journal thread per store writes what
+ * Journal (core/journal.c, shared with wxd.queue's store). Every change is
+ * appended to a pending buffer under the same hold and gets a sequence
+ * number; a journal thread per store writes what
  * is pending and fdatasyncs it (all changes that arrived during one fsync
  * go out with the next: group commit), then wakes the callers whose
  * sequence is durable. A caller in a wxd coroutine yields meanwhile (a
@@ -24,7 +25,8 @@
  * replayed up to the first short or corrupt record (a torn tail is logged
  * and ignored) and then compacted: rewritten from memory into a temporary
  * file, fsync'd and renamed over the journal. After a write error the
- * store refuses changes until the process restarts.
+ * store refuses changes until the process restarts. Orders are never
+ * dropped, so the order journal is compacted only at open.
  */
 #ifndef WXD_PAYSTATE_H
 #define WXD_PAYSTATE_H

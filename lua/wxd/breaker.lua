@@ -76,7 +76,8 @@ function Breaker:call(fn, ...)
 end
 
 --- For calls made by hand: `local ok, probe = b:allow()` (nil, "open"
--- while open), then `b:report(succeeded, probe)` exactly once.
+-- while open), then `b:report(succeeded, probe)` exactly once; report
+-- returns the state after it, and the state before when it changed it.
 function Breaker:allow() return self._c:allow(false) end
 function Breaker:report(ok, probe) return retry.report(self._c, ok, probe) end
 

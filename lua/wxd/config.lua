@@ -87,7 +87,7 @@ local LOG_LEVELS = { debug = true, info = true, warn = true, error = true }
 -- Sections that later features own; accepted as free-form tables for now
 -- (their modules validate them).
 local FREE_SECTIONS = { "mp", "pay", "miniprogram", "token", "app", "order", "websocket", "trace", "internal",
-                        "cloudbase", "alert" }
+                        "cloudbase", "alert", "queue", "degrade" }
 
 local TOP_KEYS = { "listen", "workers", "steering", "limits", "log", "admin_listen", "shdict", "https", "redis", "store",
   "gray" }

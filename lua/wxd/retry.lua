@@ -103,14 +103,15 @@ local function pack(...) return { n = select("#", ...), ... } end
 -- nil otherwise. Exactly one report sees each opening, in whichever worker.
 _M.on_breaker_open = nil
 
---- Reports a result to a breaker's core object `c`; returns its state.
+--- Reports a result to a breaker's core object `c`; returns its state, and
+-- the state before when this report changed it.
 function _M.report(c, ok, probe, url, ...)
   local state, from = c:report(ok, probe)
   if from and state == "open" and _M.on_breaker_open then
     local fine, err = pcall(_M.on_breaker_open, c, url, ...)
     if not fine then require("wxd.log").error("wxd.retry: on_breaker_open failed", { error = tostring(err) }) end
   end
-  return state
+  return state, from
 end
 
 --- Runs `fn(attempt, remaining)` (remaining: seconds left before the

@@ -13,7 +13,7 @@ local LAYERS = {
   "wxd.xml", "wxd.crypto", "wxd.timer", "wxd.task", "wxd.shdict",
   "wxd.log", "wxd.lock", "wxd.redis", "wxd.limit", "wxd.retry", "wxd.breaker", "wxd.http", "wxd.otlp", "wxd.jwt",
   "wxd.ws",
-  "wxd.config", "wxd.store", "wxd.alert", "wxd.session", "wxd.internal", "wxd.order",
+  "wxd.config", "wxd.store", "wxd.alert", "wxd.session", "wxd.internal", "wxd.order", "wxd.queue", "wxd.degrade",
   "wxd.miniprogram", "wxd.wechat", "wxd.cloudbase", "wxd.mp", "wxd.pay.notify", "wxd.pay.v2", "wxd.pay.orders", "wxd.pay",
   "wxd.app", "wxd.testing", "wxd.server", "wxd.cli",
 }
