@@ -182,6 +182,8 @@ end)
 # pid and status files of `wxd run --pid wxd.pid`
 *.pid
 *.pid.status
+# journals of wxd.order and wxd.queue (data, not code)
+*.journal
 ]] },
 }
 

@@ -28,7 +28,7 @@ local json = require "wxd.json"
 local log = require "wxd.log"
 local task = require "wxd.task"
 
-local type, error, tostring, pcall, select, unpack = type, error, tostring, pcall, select, unpack
+local type, error, tostring, select, unpack = type, error, tostring, select, unpack
 local find = string.find
 
 local _M = { _VERSION = "0.1.0" }
@@ -111,12 +111,9 @@ function _M.invoke(opts)
   return value, nil, { resp_data = raw }
 end
 
--- wxd.queue when it is there.
-local function the_queue()
-  local ok, q = pcall(require, "wxd.queue")
-  if ok and type(q) == "table" then return q end
-  return nil
-end
+-- Required on first use, not at load: an app that never queues a call
+-- does not start the queue's machinery.
+local function the_queue() return require "wxd.queue" end
 
 --- Hands a call to the retry queue: it is made by the consumer (see
 -- consume), again after failures, until it succeeds or is dead-lettered.
@@ -125,12 +122,11 @@ end
 --   (default config.cloudbase.queue or "wxd.cloudbase")
 -- @treturn ?string the message id
 -- @treturn ?string "duplicate" (with the id), or on failure the queue's
---   error, or "no queue" when wxd.queue is not available
+--   error
 function _M.invoke_async(opts)
   local env, data, timeout = call_args(opts, 2)
   local c = client_of(opts, 2)
   local q = the_queue()
-  if not q then return nil, "no queue" end
   if opts.key ~= nil and type(opts.key) ~= "string" then fail("key must be a string", 2) end
   local payload = { appid = c.appid, env = env, name = opts.name, timeout = timeout,
                     data = type(data) == "string" and data or json.encode(data or {}) }
@@ -141,12 +137,11 @@ end
 -- after the wxd.wechat clients are made).
 -- @tparam[opt] table opts `queue` (the name), and the options of
 --   wxd.queue.consume (`max_attempts`, `visibility`, `backoff`)
--- @treturn boolean true, or nil, "no queue"
+-- @treturn boolean true
 function _M.consume(opts)
   opts = opts or {}
   if type(opts) ~= "table" then fail("consume: opts must be a table", 2) end
   local q = the_queue()
-  if not q then return nil, "no queue" end
   local name = opts.queue or section().queue or _M.DEFAULT_QUEUE
   q.consume(name, function(payload, info)
     if type(payload) == "string" then payload = json.decode(payload) end
