@@ -276,9 +276,12 @@ static void log_request_error(wxd_req_t *r, const char *what, const char *detail
   char extra[4096];
   char esc[3400];
   size_t el = wxd_json_escape(esc, sizeof esc, detail, strlen(detail));
-  snprintf(extra, sizeof extra,
-           "\"id\":\"%s\",\"error\":\"%.*s\",\"trace_id\":\"%s\",\"span_id\":\"%s\",\"request_id\":\"%s\"", r->id,
-           (int)el, esc, r->trace.trace_id, r->trace.span_id, r->trace.request_id);
+  if (r->trace.trace_id[0])
+    snprintf(extra, sizeof extra,
+             "\"id\":\"%s\",\"error\":\"%.*s\",\"trace_id\":\"%s\",\"span_id\":\"%s\",\"request_id\":\"%s\"",
+             r->id, (int)el, esc, r->trace.trace_id, r->trace.span_id, r->trace.request_id);
+  else /* trace = false (or refused before dispatch): no trace context */
+    snprintf(extra, sizeof extra, "\"id\":\"%s\",\"error\":\"%.*s\"", r->id, (int)el, esc);
   wxd_log(WXD_LOG_ERROR, r->w->id, what, extra);
 }
 
@@ -488,7 +491,7 @@ static void on_request_done(wxd_co_t *co, int status) {
 /* The worker stops while the handler still waits (shutdown deadline). */
 static void on_request_abandoned(wxd_co_t *co) {
   wxd_req_t *r = co->data;
-  wxd_metrics_inflight(r->w->id, -1);
+  if (r->w->cfg->metrics) wxd_metrics_inflight(r->w->id, -1);
   if (r->conn) r->conn->req = NULL;
   wxd__http_req_free(r);
 }
@@ -511,11 +514,15 @@ void wxd__http_dispatch(wxd_conn_t *c) {
   fmt_hex(r->id + 8, (uint64_t)(w->id & 0xff), 2);
   fmt_hex(r->id + 10, w->seq & 0xffffffffu, 8);
   r->id[18] = 0;
-  size_t tpl = 0, ridl = 0;
-  const char *tp = find_header_value(r, "traceparent", 11, &tpl);
-  const char *rid = find_header_value(r, "x-request-id", 12, &ridl);
-  wxd_trace_begin(&r->trace, tp, tpl, rid, ridl, r->id);
-  wxd_metrics_inflight(w->id, 1);
+  if (w->cfg->trace) {
+    size_t tpl = 0, ridl = 0;
+    const char *tp = find_header_value(r, "traceparent", 11, &tpl);
+    const char *rid = find_header_value(r, "x-request-id", 12, &ridl);
+    wxd_trace_begin(&r->trace, tp, tpl, rid, ridl, r->id);
+  } else {
+    wxd_trace_none(&r->trace, r->id);
+  }
+  if (w->cfg->metrics) wxd_metrics_inflight(w->id, 1);
   wxd_co_t *co = wxd_co_new(w->vm, WXD_CO_REQUEST, on_request_done, r);
   if (!co) {
     wxd__http_respond_error_500(r);
@@ -694,7 +701,7 @@ wxd_trace_t *wxd_trace_of(wxd_co_t *co) {
 static int http_trace_context(lua_State *L) {
   wxd_req_t *r = current_request(L);
   wxd_trace_t *t = r ? &r->trace : wxd_task_trace(wxd_co_lookup(L));
-  if (!t) return 0;
+  if (!t || !t->trace_id[0]) return 0; /* trace = false: no context */
   size_t hl = 0, vl = 0;
   const char *hname = luaL_optlstring(L, 1, NULL, &hl);
   if (r && !t->openid[0] && hname) {
@@ -717,6 +724,33 @@ static int http_trace_context(lua_State *L) {
   if (t->openid[0]) lua_pushstring(L, t->openid);
   else lua_pushnil(L);
   return 7;
+}
+
+/* wxd.core.http.incoming_trace() -> traceparent|nil, tracestate|nil,
+ * x-request-id|nil: what the caller sent, when valid (a traceparent under
+ * the W3C rules, tracestate only with it, a sane request id); nothing
+ * outside a request handler. With trace = false, outbound calls pass these
+ * on unchanged instead of a context of wxd's own. */
+static int http_incoming_trace(lua_State *L) {
+  wxd_req_t *r = current_request(L);
+  if (!r) return 0;
+  size_t tpl = 0, tsl = 0, ridl = 0;
+  char tid[33], pid[17];
+  uint8_t flags;
+  const char *tp = find_header_value(r, "traceparent", 11, &tpl);
+  if (tp && wxd_trace_parse(tp, tpl, tid, pid, &flags)) {
+    lua_pushfstring(L, "00-%s-%s-%c%c", tid, pid, "0123456789abcdef"[flags >> 4], "0123456789abcdef"[flags & 15]);
+    const char *ts = find_header_value(r, "tracestate", 10, &tsl);
+    if (ts && tsl <= 512 && header_value_ok(ts, tsl)) lua_pushlstring(L, ts, tsl);
+    else lua_pushnil(L);
+  } else {
+    lua_pushnil(L);
+    lua_pushnil(L);
+  }
+  const char *rid = find_header_value(r, "x-request-id", 12, &ridl);
+  if (rid && wxd_trace_id_ok(rid, ridl, WXD_TRACE_REQUEST_ID_MAX)) lua_pushlstring(L, rid, ridl);
+  else lua_pushnil(L);
+  return 3;
 }
 
 /* wxd.core.http.set_openid(openid) -> true, or false when it is not sane
@@ -769,11 +803,12 @@ int wxd_open_http_lua(lua_State *L) {
                                  {"send_file", wxd__http_send_file},
                                  {"trace_context", http_trace_context},
                                  {"set_openid", http_set_openid},
+                                 {"incoming_trace", http_incoming_trace},
                                  {"new_span_id", http_new_span_id},
                                  {"new_trace_id", http_new_trace_id},
                                  {"parse_traceparent", http_parse_traceparent},
                                  {NULL, NULL}};
-  lua_createtable(L, 0, 9);
+  lua_createtable(L, 0, 10);
   luaL_register(L, NULL, fns);
   return 1;
 }

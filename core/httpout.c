@@ -214,10 +214,13 @@ int wxd__http_conn_writev(wxd_conn_t *c, uv_buf_t *bufs, unsigned nbufs) {
 
 void wxd__http_access_log(wxd_worker_t *w, wxd_req_t *r, const char *method, int status,
                        const char *remote) {
-  /* Counted here: every answered request, routed or refused, passes by. */
+  int metrics = w->cfg->metrics, logged = w->cfg->access_log && wxd_log_level() <= WXD_LOG_INFO;
+  if (!metrics && !logged) return;
   double secs = r ? (double)(uv_hrtime() - r->start_ns) / 1e9 : 0;
-  wxd_metrics_request(w->id, r && r->route_len ? r->route : NULL, r ? r->route_len : 0, method, status, secs);
-  if (!w->cfg->access_log || wxd_log_level() > WXD_LOG_INFO) return;
+  /* Counted here: every answered request, routed or refused, passes by. */
+  if (metrics)
+    wxd_metrics_request(w->id, r && r->route_len ? r->route : NULL, r ? r->route_len : 0, method, status, secs);
+  if (!logged) return;
   struct timespec ts;
   clock_gettime(CLOCK_REALTIME, &ts);
   if (ts.tv_sec != w->ts_sec) {
@@ -239,7 +242,7 @@ void wxd__http_access_log(wxd_worker_t *w, wxd_req_t *r, const char *method, int
   double ms = secs * 1e3;
   /* A request refused before dispatch has no trace context of its own. */
   char ids[256] = "";
-  if (r && r->finished)
+  if (r && r->finished && r->trace.trace_id[0])
     snprintf(ids, sizeof ids, ",\"trace_id\":\"%s\",\"span_id\":\"%s\",\"request_id\":\"%s\"", r->trace.trace_id,
              r->trace.span_id, r->trace.request_id);
   char line[1280];

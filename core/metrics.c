@@ -71,6 +71,7 @@ static struct {
   unsigned nheads; /* a power of two */
   int fam_requests, fam_duration, fam_inflight, inflight_slot;
   route_entry_t *routes; /* [worker * ROUTE_CACHE]: touched only by that worker */
+  int off;                /* config metrics = false: set before the workers start */
 } R = {.mu = PTHREAD_MUTEX_INITIALIZER};
 
 static inline double bits_double(uint64_t b) {
@@ -361,8 +362,9 @@ static void init_locked(int nworkers) {
   R.inflight_slot = series_locked(R.fam_inflight, NULL, NULL, err, sizeof err);
 }
 
-void wxd_metrics_init(int nworkers) {
+void wxd_metrics_init(int nworkers, int enabled) {
   pthread_mutex_lock(&R.mu);
+  R.off = !enabled;
   init_locked(nworkers);
   pthread_mutex_unlock(&R.mu);
 }
@@ -722,11 +724,15 @@ int wxd_open_metrics(lua_State *L) {
                                  {"observe", l_observe}, {"set", l_set},       {"add_shared", l_add_shared},
                                  {"value", l_value},   {"render", l_render}, {NULL, NULL}};
   int writer = wxd_metrics_writer(wxd_vm_get(L)->worker);
-  lua_createtable(L, 0, 8);
+  lua_createtable(L, 0, 9);
   for (const luaL_Reg *r = fns; r->name; r++) {
     lua_pushinteger(L, writer);
     lua_pushcclosure(L, r->func, 1);
     lua_setfield(L, -2, r->name);
   }
+  pthread_mutex_lock(&R.mu);
+  lua_pushboolean(L, !R.off);
+  pthread_mutex_unlock(&R.mu);
+  lua_setfield(L, -2, "enabled");
   return 1;
 }

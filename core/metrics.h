@@ -29,8 +29,10 @@ enum { WXD_METRIC_COUNTER = 0, WXD_METRIC_GAUGE, WXD_METRIC_HISTOGRAM };
 
 /* Sets up the registry for nworkers worker threads. Called by the server
  * before its workers start; other processes (wxd script) get a registry
- * with no worker writers on first use. */
-void wxd_metrics_init(int nworkers);
+ * with no worker writers on first use. enabled 0 (config metrics = false):
+ * the core counts no requests (its callers check cfg->metrics), and the
+ * library's modules see wxd.core.metrics.enabled false and count nothing. */
+void wxd_metrics_init(int nworkers, int enabled);
 
 /* The writer index of worker `worker` (-1: any other thread). */
 int wxd_metrics_writer(int worker);

@@ -100,7 +100,18 @@ void wxd_trace_begin(wxd_trace_t *t, const char *tp, size_t tplen, const char *r
     memcpy(t->request_id, rid, ridlen);
     t->request_id[ridlen] = 0;
   } else {
-    snprintf(t->request_id, sizeof t->request_id, "%s", fallback_id);
+    size_t n = strnlen(fallback_id, WXD_TRACE_REQUEST_ID_MAX);
+    memcpy(t->request_id, fallback_id, n);
+    t->request_id[n] = 0;
   }
+  t->openid[0] = 0;
+}
+
+void wxd_trace_none(wxd_trace_t *t, const char *request_id) {
+  t->trace_id[0] = t->span_id[0] = t->parent_id[0] = 0;
+  t->flags = 0;
+  size_t n = strnlen(request_id, WXD_TRACE_REQUEST_ID_MAX);
+  memcpy(t->request_id, request_id, n);
+  t->request_id[n] = 0;
   t->openid[0] = 0;
 }

@@ -35,6 +35,10 @@ int wxd_trace_parse(const char *v, size_t n, char trace_id[33], char parent_id[1
 void wxd_trace_begin(wxd_trace_t *t, const char *tp, size_t tplen, const char *rid, size_t ridlen,
                      const char *fallback_id);
 
+/* A request without trace context (config trace = false): no ids made,
+ * trace_id "" (what readers test); request_id is the core's own id. */
+void wxd_trace_none(wxd_trace_t *t, const char *request_id);
+
 /* 1 when v (n bytes) may be used as a request id or an openid: 1..max
  * bytes of letters, digits and -_.:@/+= (nothing a log or header could
  * be broken with). */

@@ -88,7 +88,8 @@ local LOG_LEVELS = { debug = true, info = true, warn = true, error = true }
 -- (their modules validate them).
 local FREE_SECTIONS = { "mp", "pay", "miniprogram", "token", "app", "order", "websocket", "trace" }
 
-local TOP_KEYS = { "listen", "workers", "steering", "limits", "log", "admin_listen", "shdict", "https", "redis", "store" }
+local TOP_KEYS = { "listen", "workers", "steering", "limits", "log", "admin_listen", "shdict", "https", "redis", "store",
+  "metrics" }
 for _, k in ipairs(FREE_SECTIONS) do
   TOP_KEYS[#TOP_KEYS + 1] = k
 end
@@ -111,6 +112,8 @@ function _M.defaults()
     steering = "auto",
     limits  = limits,
     log     = { level = "info", access = true },
+    -- Request metrics and GET /metrics (docs/observability.md); false: off.
+    metrics = true,
   }
 end
 
@@ -671,6 +674,12 @@ function _M.validate(t, opts)
       out.redis = check_redis(ctx, path, v)
     elseif k == "store" then
       out.store = check_store(ctx, path, v, t.redis ~= nil)
+    elseif k == "metrics" then
+      -- false: no request metrics, no GET /metrics (docs/observability.md).
+      out.metrics = boolean(ctx, path, v)
+    elseif k == "trace" and v == false then
+      -- No trace context: no ids made, no spans (docs/observability.md).
+      out.trace = false
     elseif FREE[k] then
       if check_section(ctx, path, v) then
         out[k] = v

@@ -10,6 +10,11 @@
 -- X-OpenID, or the one an Official Account message carries) is forwarded only
 -- to hosts listed in `trace.forward_openid_to`.
 --
+-- `trace = false` in config.lua turns all of this off: the core makes no
+-- ids (current() is nil, log lines carry none, no spans), and outbound
+-- calls only pass on a traceparent, tracestate and X-Request-Id the caller
+-- sent.
+--
 -- Config (section `trace`, all optional):
 --   openid_header = "X-OpenID"   -- false: never read an openid from headers
 --   forward_openid_to = { "api.internal", "*.svc.cluster.local" }
@@ -22,8 +27,8 @@ local core_http = require "wxd.core.http"
 local metrics = require "wxd.metrics"
 
 local type, tonumber, tostring, sub, lower = type, tonumber, tostring, string.sub, string.lower
-local trace_context, set_openid, new_span_id = core_http.trace_context, core_http.set_openid,
-  core_http.new_span_id
+local trace_context, set_openid, new_span_id, incoming_trace = core_http.trace_context, core_http.set_openid,
+  core_http.new_span_id, core_http.incoming_trace
 
 local _M = {}
 
@@ -113,7 +118,13 @@ _M.openid_allowed = openid_allowed
 -- @treturn ?table headers name → value
 function _M.outbound(host, span_id)
   local ctx = _M.current()
-  if not ctx then return nil end
+  if not ctx then
+    -- trace = false: what the caller sent passes on unchanged (a hop that
+    -- does not trace keeps its caller's trace whole); nothing of our own.
+    local tp, tstate, rid = incoming_trace()
+    if not (tp or rid) then return nil end
+    return {}, { traceparent = tp, tracestate = tstate, ["x-request-id"] = rid }
+  end
   local h = {
     traceparent = "00-" .. ctx.trace_id .. "-" .. (span_id or ctx.span_id) .. (ctx.sampled and "-01" or "-00"),
     ["x-request-id"] = ctx.request_id,

@@ -1,0 +1,144 @@
+-- Observability switched off in config.lua: `metrics = false` answers GET
+-- /metrics with a 404 that says why; `trace = false` makes no trace context
+-- (no ids in the handler, log lines or the access line) and generates no
+-- traceparent on outbound calls, passing on only what the caller sent. On
+-- (the default) is what 23-metrics_spec and 24-trace_spec show; the same
+-- app here shows the two side by side.
+local H = require "helpers"
+local cjson = require "cjson"
+local socket = require "socket"
+
+local APP = H.app("obs")
+local TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+local function admin_get(port, path)
+  local c = assert(socket.connect("127.0.0.1", port))
+  c:send("GET " .. path .. " HTTP/1.1\r\nHost: x\r\n\r\n")
+  local out = H.read_all(c, 5)
+  c:close()
+  return H.parse_responses(out)[1]
+end
+
+local function hex(s, n) return type(s) == "string" and #s == n and s:match("^[0-9a-f]+$") ~= nil end
+
+-- The JSON lines of srv's log with `text` whose field `k` is `v`.
+local function lines_with(srv, text, k, v)
+  local out = {}
+  for _, l in ipairs(srv:log_lines(text)) do
+    local ok, line = pcall(cjson.decode, l)
+    if ok and line[k] == v then out[#out + 1] = line end
+  end
+  return out
+end
+
+describe("metrics = false, trace = false", function()
+  local up, on, off, on_admin, off_admin
+
+  setup(function()
+    up = H.start(APP, { workers = 1 })
+    on_admin, off_admin = H.free_port(), H.free_port()
+    on = H.start(APP, { workers = 2, args = "--admin 127.0.0.1:" .. on_admin })
+    off = H.start(APP, { workers = 2, args = "--admin 127.0.0.1:" .. off_admin,
+      env = "OBS_METRICS=off OBS_TRACE=off" })
+  end)
+
+  teardown(function()
+    for _, s in ipairs({ up, on, off }) do
+      if s then
+        s:stop()
+        s:cleanup()
+      end
+    end
+  end)
+
+  it("answers GET /metrics with a 404 saying metrics are off (on: the exposition)", function()
+    assert.equal(200, off:get("/hello").status)
+    local r = admin_get(off_admin, "/metrics")
+    assert.equal(404, r.status)
+    assert.truthy(r.body:find("metrics are off", 1, true), r.body)
+    assert.equal(200, admin_get(off_admin, "/status").status)
+    assert.equal(200, on:get("/hello").status)
+    r = admin_get(on_admin, "/metrics")
+    assert.equal(200, r.status)
+    assert.truthy(r.body:find('wxd_http_requests_total{route="/hello",method="GET",status="2xx"}', 1, true))
+  end)
+
+  it("makes no trace context: none in the handler, on log lines or the access line", function()
+    local r = off:get("/has-trace", { traceparent = TP, ["X-Request-Id"] = "off-req-1" })
+    assert.equal(200, r.status)
+    assert.same({ trace = false, current = false }, cjson.decode(r.body))
+    -- The response still names a request id: the core's own.
+    local rid = r.headers["x-request-id"]
+    assert.is_true(hex(rid, 18), rid)
+    local handler, access
+    H.wait_until(function()
+      handler = lines_with(off, '"msg":"has trace"', "msg", "has trace")[1]
+      access = lines_with(off, '"msg":"access"', "id", rid)[1]
+      return handler and access
+    end, 5, "the handler's and the access log line")
+    assert.is_nil(handler.trace_id)
+    assert.is_nil(handler.span_id)
+    assert.is_nil(access.trace_id)
+    assert.is_nil(access.span_id)
+    -- On: the same request has a context.
+    r = on:get("/has-trace", { traceparent = TP })
+    assert.same({ trace = true, current = true }, cjson.decode(r.body))
+  end)
+
+  it("generates no traceparent on outbound calls; passes on the caller's unchanged", function()
+    local url = "http://127.0.0.1:" .. up.port .. "/echo"
+    local got = cjson.decode(cjson.decode(off:get("/call?url=" .. url).body).upstream)
+    assert.is_false(got.traceparent)
+    assert.is_false(got.tracestate)
+    assert.is_false(got.request_id)
+    got = cjson.decode(cjson.decode(off:get("/call?url=" .. url, { traceparent = TP, tracestate = "k=v",
+      ["X-Request-Id"] = "outer-off", ["X-OpenID"] = "oABCD1234efgh5678" }).body).upstream)
+    assert.equal(TP, got.traceparent)
+    assert.equal("k=v", got.tracestate)
+    assert.equal("outer-off", got.request_id)
+    assert.is_false(got.openid) -- openid propagation is part of the trace context
+    -- A malformed traceparent is not passed on (nor its tracestate).
+    got = cjson.decode(cjson.decode(off:get("/call?url=" .. url,
+      { traceparent = "ff-" .. TP:sub(4), tracestate = "k=v" }).body).upstream)
+    assert.is_false(got.traceparent)
+    assert.is_false(got.tracestate)
+    -- On: a traceparent of wxd's own, a new trace.
+    got = cjson.decode(cjson.decode(on:get("/call?url=" .. url).body).upstream)
+    assert.truthy(got.traceparent:match("^00%-%x+%-%x+%-0[01]$"), got.traceparent)
+    assert.is_true(hex(got.request_id, 18))
+  end)
+end)
+
+describe("config: metrics and trace switches", function()
+  local config = require "wxd.config"
+
+  it("take booleans (metrics) and false (trace)", function()
+    local cfg = assert(config.validate({ metrics = false, trace = false }))
+    assert.is_false(cfg.metrics)
+    assert.is_false(cfg.trace)
+    assert.is_true(assert(config.validate({})).metrics)
+    local _, err = config.validate({ metrics = "no" })
+    assert.truthy(err:find("config.metrics: expected true or false", 1, true), err)
+    _, err = config.validate({ trace = true })
+    assert.truthy(err:find("config.trace: expected a table", 1, true), err)
+  end)
+
+  it("need a restart: a reload that changes them says so", function()
+    local dir = H.tmpdir()
+    os.execute("cp " .. APP .. "/app.lua " .. APP .. "/config.lua " .. dir .. "/")
+    local admin = H.free_port()
+    local srv = H.start(dir, { args = "--admin 127.0.0.1:" .. admin })
+    finally(function()
+      srv:stop()
+      srv:cleanup()
+      os.execute("rm -rf " .. dir)
+    end)
+    local cfg = H.read_file(dir .. "/config.lua")
+    H.write_file(dir .. "/config.lua", (cfg:gsub('metrics = os.getenv%("OBS_METRICS"%) ~= "off"', "metrics = false")))
+    srv:signal("HUP")
+    H.wait_until(function() return #srv:log_lines('"restart_needed":["metrics"]') > 0 end, 10,
+      "a reload that names metrics as needing a restart")
+    -- Still on until the restart.
+    assert.equal(200, admin_get(admin, "/metrics").status)
+  end)
+end)
