@@ -59,6 +59,8 @@ static void req_reset(wxd_req_t *r) {
   r->status = 0;
   r->bytes_out = 0;
   r->route_len = 0;
+  r->trace_pending = 0;
+  r->trace.trace_id[0] = 0;
   r->start_ns = uv_hrtime();
 }
 

@@ -276,10 +276,11 @@ static void log_request_error(wxd_req_t *r, const char *what, const char *detail
   char extra[4096];
   char esc[3400];
   size_t el = wxd_json_escape(esc, sizeof esc, detail, strlen(detail));
-  if (r->trace.trace_id[0])
+  const wxd_trace_t *t = wxd__http_trace(r);
+  if (t)
     snprintf(extra, sizeof extra,
              "\"id\":\"%s\",\"error\":\"%.*s\",\"trace_id\":\"%s\",\"span_id\":\"%s\",\"request_id\":\"%s\"",
-             r->id, (int)el, esc, r->trace.trace_id, r->trace.span_id, r->trace.request_id);
+             r->id, (int)el, esc, t->trace_id, t->span_id, t->request_id);
   else /* trace = false (or refused before dispatch): no trace context */
     snprintf(extra, sizeof extra, "\"id\":\"%s\",\"error\":\"%.*s\"", r->id, (int)el, esc);
   wxd_log(WXD_LOG_ERROR, r->w->id, what, extra);
@@ -515,10 +516,14 @@ void wxd__http_dispatch(wxd_conn_t *c) {
   fmt_hex(r->id + 10, w->seq & 0xffffffffu, 8);
   r->id[18] = 0;
   if (w->cfg->trace) {
-    size_t tpl = 0, ridl = 0;
-    const char *tp = find_header_value(r, "traceparent", 11, &tpl);
+    /* The request id now (every response names it); the trace ids when
+     * something first asks (wxd__http_trace). */
+    size_t ridl = 0;
     const char *rid = find_header_value(r, "x-request-id", 12, &ridl);
-    wxd_trace_begin(&r->trace, tp, tpl, rid, ridl, r->id);
+    wxd_trace_set_request_id(&r->trace, rid, ridl, r->id);
+    r->trace.trace_id[0] = 0;
+    r->trace.openid[0] = 0;
+    r->trace_pending = 1;
   } else {
     wxd_trace_none(&r->trace, r->id);
   }
@@ -688,9 +693,19 @@ static wxd_req_t *current_request(lua_State *L) {
   return co && co->kind == WXD_CO_REQUEST ? co->data : NULL;
 }
 
+wxd_trace_t *wxd__http_trace(wxd_req_t *r) {
+  if (r->trace_pending) {
+    size_t tpl = 0;
+    const char *tp = find_header_value(r, "traceparent", 11, &tpl);
+    wxd_trace_make_ids(&r->trace, tp, tpl);
+    r->trace_pending = 0;
+  }
+  return r->trace.trace_id[0] ? &r->trace : NULL;
+}
+
 wxd_trace_t *wxd_trace_of(wxd_co_t *co) {
   if (!co) return NULL;
-  if (co->kind == WXD_CO_REQUEST) return &((wxd_req_t *)co->data)->trace;
+  if (co->kind == WXD_CO_REQUEST) return wxd__http_trace(co->data);
   return wxd_task_trace(co);
 }
 
@@ -700,7 +715,7 @@ wxd_trace_t *wxd_trace_of(wxd_co_t *co) {
  * else the named request header's (lower-case name), when it is sane. */
 static int http_trace_context(lua_State *L) {
   wxd_req_t *r = current_request(L);
-  wxd_trace_t *t = r ? &r->trace : wxd_task_trace(wxd_co_lookup(L));
+  wxd_trace_t *t = r ? wxd__http_trace(r) : wxd_task_trace(wxd_co_lookup(L));
   if (!t || !t->trace_id[0]) return 0; /* trace = false: no context */
   size_t hl = 0, vl = 0;
   const char *hname = luaL_optlstring(L, 1, NULL, &hl);
@@ -724,6 +739,42 @@ static int http_trace_context(lua_State *L) {
   if (t->openid[0]) lua_pushstring(L, t->openid);
   else lua_pushnil(L);
   return 7;
+}
+
+/* wxd.core.http.span_context(rate) -> trace_id, span_id, parent_id|nil,
+ * seconds since the request's first byte, when its span is sampled, false when it is not, nothing
+ * outside a request or with trace = false. Sampled: the caller's flag when
+ * it sent a traceparent, else the trace id's digits 17..24 read as a share
+ * of 2^32 below rate (wxd.trace's rule, the same on every node). The
+ * exporter asks after each request: an unsampled one makes no strings. */
+static int http_span_context(lua_State *L) {
+  double rate = luaL_checknumber(L, 1);
+  wxd_req_t *r = current_request(L);
+  wxd_trace_t *t = r ? wxd__http_trace(r) : NULL;
+  if (!t) return 0;
+  int sampled;
+  if (t->parent_id[0]) {
+    sampled = t->flags & 1;
+  } else if (rate <= 0 || rate >= 1) {
+    sampled = rate >= 1;
+  } else {
+    uint32_t v = 0;
+    for (int i = 16; i < 24; i++) {
+      char ch = t->trace_id[i];
+      v = v << 4 | (uint32_t)(ch <= '9' ? ch - '0' : ch - 'a' + 10);
+    }
+    sampled = (double)v / 4294967296.0 < rate;
+  }
+  if (!sampled) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  lua_pushlstring(L, t->trace_id, 32);
+  lua_pushlstring(L, t->span_id, 16);
+  if (t->parent_id[0]) lua_pushlstring(L, t->parent_id, 16);
+  else lua_pushnil(L);
+  lua_pushnumber(L, (double)(uv_hrtime() - r->start_ns) / 1e9);
+  return 4;
 }
 
 /* wxd.core.http.incoming_trace() -> traceparent|nil, tracestate|nil,
@@ -804,11 +855,12 @@ int wxd_open_http_lua(lua_State *L) {
                                  {"trace_context", http_trace_context},
                                  {"set_openid", http_set_openid},
                                  {"incoming_trace", http_incoming_trace},
+                                 {"span_context", http_span_context},
                                  {"new_span_id", http_new_span_id},
                                  {"new_trace_id", http_new_trace_id},
                                  {"parse_traceparent", http_parse_traceparent},
                                  {NULL, NULL}};
-  lua_createtable(L, 0, 10);
+  lua_createtable(L, 0, 11);
   luaL_register(L, NULL, fns);
   return 1;
 }

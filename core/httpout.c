@@ -242,9 +242,10 @@ void wxd__http_access_log(wxd_worker_t *w, wxd_req_t *r, const char *method, int
   double ms = secs * 1e3;
   /* A request refused before dispatch has no trace context of its own. */
   char ids[256] = "";
-  if (r && r->finished && r->trace.trace_id[0])
-    snprintf(ids, sizeof ids, ",\"trace_id\":\"%s\",\"span_id\":\"%s\",\"request_id\":\"%s\"", r->trace.trace_id,
-             r->trace.span_id, r->trace.request_id);
+  const wxd_trace_t *t = r && r->finished ? wxd__http_trace(r) : NULL;
+  if (t)
+    snprintf(ids, sizeof ids, ",\"trace_id\":\"%s\",\"span_id\":\"%s\",\"request_id\":\"%s\"", t->trace_id,
+             t->span_id, t->request_id);
   char line[1280];
   int n = snprintf(line, sizeof line,
                    "{\"ts\":\"%s.%03ldZ\",\"level\":\"info\",\"worker\":%d,\"msg\":\"access\","

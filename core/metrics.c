@@ -5,6 +5,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -402,7 +403,7 @@ static inline void cas_add(slot_t *p, double v) {
   }
 }
 
-void wxd_metrics_add(int writer, int slot, double v) {
+static inline void add(int writer, int slot, double v) {
   slot_t *p = slot_ptr(writer, slot);
   if (writer >= WRITER_WORKER0) /* the only writer of this array: no read-modify-write needed */
     atomic_store_explicit(p, double_bits(bits_double(atomic_load_explicit(p, memory_order_relaxed)) + v),
@@ -411,13 +412,17 @@ void wxd_metrics_add(int writer, int slot, double v) {
     cas_add(p, v);
 }
 
-void wxd_metrics_observe(int writer, int family, int slot, double v) {
+static inline void observe(int writer, int family, int slot, double v) {
   const family_t *f = R.fam[family];
   int i = 0;
   while (i < f->nbuckets && v > f->buckets[i]) i++;
-  wxd_metrics_add(writer, slot + i, 1);
-  wxd_metrics_add(writer, slot + f->nbuckets + 1, v);
+  add(writer, slot + i, 1);
+  add(writer, slot + f->nbuckets + 1, v);
 }
+
+void wxd_metrics_add(int writer, int slot, double v) { add(writer, slot, v); }
+
+void wxd_metrics_observe(int writer, int family, int slot, double v) { observe(writer, family, slot, v); }
 
 void wxd_metrics_set_shared(int slot, double v) {
   atomic_store_explicit(slot_ptr(WRITER_SHARED, slot), double_bits(v), memory_order_relaxed);
@@ -458,6 +463,10 @@ static int request_series(const char *route, size_t rl, const char *method, int 
   return slot;
 }
 
+/* Each worker's last hit in its route cache: traffic mostly repeats a few
+ * routes, and a hit costs no hashing. Only that worker's thread uses it. */
+static _Thread_local route_entry_t *last_hit;
+
 void wxd_metrics_request(int worker, const char *route, size_t rl, const char *method, int status, double seconds) {
   if (!route) {
     route = "unmatched";
@@ -465,7 +474,16 @@ void wxd_metrics_request(int worker, const char *route, size_t rl, const char *m
   }
   int cls = status >= 100 && status < 600 ? status / 100 - 1 : 5;
   int hist = -1, slot = -1;
-  route_entry_t *e = NULL;
+  route_entry_t *e = last_hit;
+  /* method names are llhttp's static strings: the same method, the same pointer */
+  if (e && e->method == method && e->cls == cls && e->rlen == rl && memcmp(e->route, route, rl) == 0 &&
+      e - R.routes >= (ptrdiff_t)worker * ROUTE_CACHE && e - R.routes < (ptrdiff_t)(worker + 1) * ROUTE_CACHE) {
+    int writer = WRITER_WORKER0 + worker;
+    add(writer, e->count_slot, 1);
+    observe(writer, R.fam_duration, e->hist_slot, seconds);
+    return;
+  }
+  e = NULL;
   if (worker >= 0 && worker < R.nworkers && rl < ROUTE_MAX) {
     uint64_t h = hash_bytes(hash_bytes(hash_bytes(1469598103934665603ull, route, rl), method, strlen(method)),
                             &cls, sizeof cls);
@@ -480,6 +498,7 @@ void wxd_metrics_request(int worker, const char *route, size_t rl, const char *m
           strcmp(c->method, method) == 0) {
         slot = c->count_slot;
         hist = c->hist_slot;
+        if (slot >= 0 && hist >= 0) last_hit = c;
         break;
       }
     }
@@ -493,12 +512,12 @@ void wxd_metrics_request(int worker, const char *route, size_t rl, const char *m
   if (slot < 0 && !e) slot = request_series(route, rl, method, cls, &hist);
   /* Workers' ids are below nworkers (fixed once they run). */
   int writer = worker >= 0 && worker < R.nworkers ? WRITER_WORKER0 + worker : WRITER_OTHER;
-  if (slot >= 0) wxd_metrics_add(writer, slot, 1);
-  if (hist >= 0) wxd_metrics_observe(writer, R.fam_duration, hist, seconds);
+  if (slot >= 0) add(writer, slot, 1);
+  if (hist >= 0) observe(writer, R.fam_duration, hist, seconds);
 }
 
 void wxd_metrics_inflight(int worker, int delta) {
-  wxd_metrics_add(worker >= 0 && worker < R.nworkers ? WRITER_WORKER0 + worker : WRITER_OTHER, R.inflight_slot, delta);
+  add(worker >= 0 && worker < R.nworkers ? WRITER_WORKER0 + worker : WRITER_OTHER, R.inflight_slot, delta);
 }
 
 /* ---- exposition ---- */

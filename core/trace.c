@@ -88,14 +88,7 @@ int wxd_trace_id_ok(const char *v, size_t n, size_t max) {
   return 1;
 }
 
-void wxd_trace_begin(wxd_trace_t *t, const char *tp, size_t tplen, const char *rid, size_t ridlen,
-                     const char *fallback_id) {
-  if (!tp || !wxd_trace_parse(tp, tplen, t->trace_id, t->parent_id, &t->flags)) {
-    wxd_trace_new_trace_id(t->trace_id);
-    t->parent_id[0] = 0;
-    t->flags = 0;
-  }
-  wxd_trace_new_span_id(t->span_id);
+void wxd_trace_set_request_id(wxd_trace_t *t, const char *rid, size_t ridlen, const char *fallback_id) {
   if (rid && wxd_trace_id_ok(rid, ridlen, WXD_TRACE_REQUEST_ID_MAX)) {
     memcpy(t->request_id, rid, ridlen);
     t->request_id[ridlen] = 0;
@@ -104,6 +97,21 @@ void wxd_trace_begin(wxd_trace_t *t, const char *tp, size_t tplen, const char *r
     memcpy(t->request_id, fallback_id, n);
     t->request_id[n] = 0;
   }
+}
+
+void wxd_trace_make_ids(wxd_trace_t *t, const char *tp, size_t tplen) {
+  if (!tp || !wxd_trace_parse(tp, tplen, t->trace_id, t->parent_id, &t->flags)) {
+    wxd_trace_new_trace_id(t->trace_id);
+    t->parent_id[0] = 0;
+    t->flags = 0;
+  }
+  wxd_trace_new_span_id(t->span_id);
+}
+
+void wxd_trace_begin(wxd_trace_t *t, const char *tp, size_t tplen, const char *rid, size_t ridlen,
+                     const char *fallback_id) {
+  wxd_trace_make_ids(t, tp, tplen);
+  wxd_trace_set_request_id(t, rid, ridlen, fallback_id);
   t->openid[0] = 0;
 }
 

@@ -35,6 +35,12 @@ int wxd_trace_parse(const char *v, size_t n, char trace_id[33], char parent_id[1
 void wxd_trace_begin(wxd_trace_t *t, const char *tp, size_t tplen, const char *rid, size_t ridlen,
                      const char *fallback_id);
 
+/* The two halves of wxd_trace_begin, for a context made lazily: the
+ * request id (a sane X-Request-Id, else fallback_id), and the ids (the
+ * caller's trace from a valid traceparent, else a new one; a new span). */
+void wxd_trace_set_request_id(wxd_trace_t *t, const char *rid, size_t ridlen, const char *fallback_id);
+void wxd_trace_make_ids(wxd_trace_t *t, const char *tp, size_t tplen);
+
 /* A request without trace context (config trace = false): no ids made,
  * trace_id "" (what readers test); request_id is the core's own id. */
 void wxd_trace_none(wxd_trace_t *t, const char *request_id);

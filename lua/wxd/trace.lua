@@ -27,8 +27,9 @@ local core_http = require "wxd.core.http"
 local metrics = require "wxd.metrics"
 
 local type, tonumber, tostring, sub, lower = type, tonumber, tostring, string.sub, string.lower
-local trace_context, set_openid, new_span_id, incoming_trace = core_http.trace_context, core_http.set_openid,
-  core_http.new_span_id, core_http.incoming_trace
+local now = wxd.now
+local trace_context, set_openid, new_span_id, incoming_trace, span_context = core_http.trace_context,
+  core_http.set_openid, core_http.new_span_id, core_http.incoming_trace, core_http.span_context
 
 local _M = {}
 
@@ -202,10 +203,16 @@ function _M.count_dropped(n) count_drop(n) end
 function _M.queued() return qn end
 
 --- The server's wrapper calls this after a request when exporting: the
--- request's server span.
-function _M.finish_request(raw, status, start_s, end_s)
-  local tid, sid, pid, flags = trace_context()
-  if not tid or not sampled(tid, pid, flags) or not _M.room() then return end
+-- request's server span, from its first byte to now.
+function _M.finish_request(raw, status)
+  local t = section()
+  local rate = t and type(t.otlp) == "table" and tonumber(t.otlp.sample or 1) or 0
+  -- sampled(), decided in C: an unsampled request costs no strings and no
+  -- clock read.
+  local tid, sid, pid, elapsed = span_context(rate)
+  if not tid or not _M.room() then return end
+  local end_s = now()
+  local start_s = end_s - elapsed
   _M.record({
     trace_id = tid, span_id = sid, parent_id = pid, kind = 2, -- SERVER
     name = (raw.method or "") .. " " .. (raw.route or "unmatched"),

@@ -142,3 +142,50 @@ describe("config: metrics and trace switches", function()
     assert.equal(200, admin_get(admin, "/metrics").status)
   end)
 end)
+
+-- The exporter decides in C (wxd.core.http.span_context) whether a
+-- request's span is sampled; req.trace.sampled (wxd.trace, Lua) must say the
+-- same for every request, or a trace would lose spans between the two.
+describe("OTLP sampling", function()
+  it("exports exactly the spans req.trace calls sampled", function()
+    local collector = H.start(APP, { workers = 1 })
+    local srv = H.start(APP, { workers = 1,
+      env = "OBS_OTLP_SAMPLE=0.5 OBS_OTLP_URL=http://127.0.0.1:" .. collector.port .. "/v1/traces" })
+    finally(function()
+      for _, s in ipairs({ srv, collector }) do
+        s:stop()
+        s:cleanup()
+      end
+    end)
+    local want, n = {}, 0
+    for i = 1, 40 do
+      -- A third come with a caller's traceparent: its flag decides.
+      local h = i % 3 == 0 and { traceparent = string.format("00-%032x-00f067aa0ba902b7-0%d", i, i % 2) } or nil
+      local c = cjson.decode(srv:get("/ctx", h).body)
+      if c.traceparent:sub(-2) == "01" then
+        want[c.span_id] = true
+        n = n + 1
+      end
+    end
+    assert.is_true(n > 5 and n < 35, "a sample of 0.5 sampled " .. n .. " of 40")
+    -- A sentinel the caller marked sampled: once it arrived, so did every
+    -- span queued before it (one worker: one queue, sent in order).
+    local last = cjson.decode(srv:get("/ctx",
+      { traceparent = "00-" .. string.rep("ab", 16) .. "-00f067aa0ba902b7-01" }).body).span_id
+    local got
+    H.wait_until(function()
+      got = {}
+      local r = collector:get("/collected")
+      for _, b in ipairs(cjson.decode(r.body).batches) do
+        for _, rs in ipairs(cjson.decode(b).resourceSpans) do
+          for _, ss in ipairs(rs.scopeSpans) do
+            for _, s in ipairs(ss.spans) do got[s.spanId] = true end
+          end
+        end
+      end
+      return got[last]
+    end, 10, "the sentinel span at the collector")
+    got[last] = nil
+    assert.same(want, got)
+  end)
+end)
