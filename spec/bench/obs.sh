@@ -4,7 +4,9 @@
 # `trace = false` in config.lua), and on with OTLP export to a fake
 # collector at a sampling rate. Same app, same binary, three processes side
 # by side; rounds interleaved (the order rotates each round), medians and
-# ratios to `off` at the end, with the machine's CPU idle share per run.
+# ratios to `off` at the end, with the machine's CPU idle share per run and
+# the server's CPU time per request (which other jobs on the machine move
+# much less than req/s).
 # See spec/bench/README.md ("Observability cost").
 #
 # Environment:
@@ -105,25 +107,37 @@ echo "peers: off (metrics = false, trace = false), on (default), otlp (on + OTLP
 for n in "${NAMES[@]}"; do wrk -t"$THREADS" -c"$CONNS" -d1s "http://127.0.0.1:${PORT[$n]}/hello" >/dev/null; done # warm-up
 echo "wrk -t$THREADS -c$CONNS -d${SECONDS_PER_RUN}s /hello, $ROUNDS rounds, order rotating"
 
-declare -A RUNS IDLES
+# proc_cpu PID -> the CPU time the process used so far, in clock ticks
+# (user + system, all threads). Per request, it is what the work costs,
+# whatever share of the machine the process got: the figure to trust when
+# other jobs take CPUs and move req/s around.
+TICK=$(getconf CLK_TCK)
+proc_cpu() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+
+declare -A RUNS IDLES COSTS
 failed=0
 for ((r = 0; r < ROUNDS; r++)); do
     for ((k = 0; k < ${#NAMES[@]}; k++)); do
         n=${NAMES[$(((k + r) % ${#NAMES[@]}))]}
         t0=$(cpu_ticks)
+        c0=$(proc_cpu "${PID[$n]}")
         out=$(wrk -t"$THREADS" -c"$CONNS" -d"${SECONDS_PER_RUN}s" "http://127.0.0.1:${PORT[$n]}/hello")
+        c1=$(proc_cpu "${PID[$n]}")
         t1=$(cpu_ticks)
         idle=$(idle_share "$t0" "$t1")
         wrk_parse "$out"
+        cost=$(awk -v c="$((c1 - c0))" -v t="$TICK" -v n="${WRK_REQUESTS:-0}" \
+            'BEGIN { if (n > 0) printf "%.2f", c / t * 1e6 / n; else print 0 }')
         errs=""
         if [[ -n $WRK_NON2XX || ${WRK_SOCKERR:-0} != 0 || -z $WRK_RPS ]]; then
             failed=1
             errs="  ${WRK_NON2XX:+non-2xx $WRK_NON2XX }$WRK_SOCKERR_LINE"
         fi
-        printf 'round %d  %-5s %10s req/s  idle %5s%%  latency %s%s\n' "$((r + 1))" "$n" "${WRK_RPS:-0}" "$idle" \
-            "$WRK_LAT" "$errs"
+        printf 'round %d  %-5s %10s req/s  %6s cpu-us/req  idle %5s%%  latency %s%s\n' "$((r + 1))" "$n" \
+            "${WRK_RPS:-0}" "$cost" "$idle" "$WRK_LAT" "$errs"
         RUNS[$n]+=" ${WRK_RPS:-0}"
         IDLES[$n]+=" $idle"
+        COSTS[$n]+=" $cost"
     done
 done
 
@@ -144,18 +158,26 @@ round_ratios() { # peer
 }
 # shellcheck disable=SC2086
 b=$(median ${RUNS[off]})
+# shellcheck disable=SC2086
+bc=$(median ${COSTS[off]})
 echo
-printf '%-5s %12s %8s %14s %11s  %s\n' peer "median req/s" "vs off" "round ratios" "idle (med)" rounds
+printf '%-5s %12s %8s %13s %13s %8s %11s  %s\n' peer "median req/s" "vs off" "round ratios" "cpu-us/req" "off/this" \
+    "idle (med)" rounds
 for n in "${NAMES[@]}"; do
     # shellcheck disable=SC2086
     m=$(median ${RUNS[$n]})
     rr=$(round_ratios "$n")
     # shellcheck disable=SC2086
-    printf '%-5s %12s %8s %14s %10s%%  %s\n' "$n" "$m" "$(awk -v a="$m" -v b="$b" 'BEGIN { printf "%.3f", a / b }')" \
-        "$(median3 $rr)" "$(median ${IDLES[$n]})" "$(echo "${RUNS[$n]# }" | tr ' ' '/')"
+    mc=$(median ${COSTS[$n]})
+    # shellcheck disable=SC2086
+    printf '%-5s %12s %8s %13s %13s %8s %10s%%  %s\n' "$n" "$m" "$(awk -v a="$m" -v b="$b" 'BEGIN { printf "%.3f", a / b }')" \
+        "$(median3 $rr)" "$mc" "$(awk -v a="$mc" -v b="$bc" 'BEGIN { if (a > 0) printf "%.3f", b / a; else print "n/a" }')" \
+        "$(median ${IDLES[$n]})" "$(echo "${RUNS[$n]# }" | tr ' ' '/')"
 done
+echo "(cpu-us/req: the server's CPU time per request, user + system, all threads; off/this: the throughput"
+echo " ratio it implies when the CPUs are the limit. round ratios: median of each round's req/s over off's.)"
 echo "spans at the collector: $(curl -s -m 5 "http://127.0.0.1:$COLLECTOR/count")"
-echo "goal (issue 16): on within 5% of off (ratio >= 0.95)"
+echo "goal (issue 16): on within 5% of off (ratios >= 0.95)"
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 if [[ ${BENCH_PERF:-0} == 1 ]]; then
