@@ -446,7 +446,7 @@ void wxd__http_req_finish(wxd_req_t *r) {
   r->finished = 1;
   r->in_handler = 0;
   wxd__http_file_release(r);
-  if (w->cfg->metrics) wxd_metrics_inflight(w->id, -1);
+  wxd__http_in_flight(w, -1);
   wxd__http_access_log(w, r, llhttp_method_name(r->method), r->status, c ? c->remote : "-");
   if (!c) {
     wxd__http_req_free(r);

@@ -124,6 +124,14 @@ void wxd__http_add_request_id(wxd_buf_t *o, const wxd_req_t *r);
 /* The request's trace context, its ids made on first use (a request that
  * nothing asks draws none); NULL with trace = false or before dispatch. */
 wxd_trace_t *wxd__http_trace(wxd_req_t *r);
+/* A request entered (+1) or left (-1) its handler: the in-flight gauge of
+ * GET /metrics (with metrics on). */
+static inline void wxd__http_in_flight(wxd_worker_t *w, int d) {
+  if (!w->cfg->metrics) return;
+  /* Only this worker writes it: a relaxed load and store, no locked add. */
+  atomic_uint *p = &w->stats.in_flight;
+  atomic_store_explicit(p, atomic_load_explicit(p, memory_order_relaxed) + (unsigned)d, memory_order_relaxed);
+}
 void wxd__http_access_log(wxd_worker_t *w, wxd_req_t *r, const char *method, int status,
                           const char *remote);
 

@@ -492,7 +492,7 @@ static void on_request_done(wxd_co_t *co, int status) {
 /* The worker stops while the handler still waits (shutdown deadline). */
 static void on_request_abandoned(wxd_co_t *co) {
   wxd_req_t *r = co->data;
-  if (r->w->cfg->metrics) wxd_metrics_inflight(r->w->id, -1);
+  wxd__http_in_flight(r->w, -1);
   if (r->conn) r->conn->req = NULL;
   wxd__http_req_free(r);
 }
@@ -527,7 +527,7 @@ void wxd__http_dispatch(wxd_conn_t *c) {
   } else {
     wxd_trace_none(&r->trace, r->id);
   }
-  if (w->cfg->metrics) wxd_metrics_inflight(w->id, 1);
+  wxd__http_in_flight(w, 1);
   wxd_co_t *co = wxd_co_new(w->vm, WXD_CO_REQUEST, on_request_done, r);
   if (!co) {
     wxd__http_respond_error_500(r);

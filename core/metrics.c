@@ -70,7 +70,7 @@ static struct {
   int nseries, cap;
   int *heads;
   unsigned nheads; /* a power of two */
-  int fam_requests, fam_duration, fam_inflight, inflight_slot;
+  int fam_requests, fam_duration;
   route_entry_t *routes; /* [worker * ROUTE_CACHE]: touched only by that worker */
   int off;                /* config metrics = false: set before the workers start */
 } R = {.mu = PTHREAD_MUTEX_INITIALIZER};
@@ -358,9 +358,6 @@ static void init_locked(int nworkers) {
   R.fam_duration = family_locked("wxd_http_request_duration_seconds",
                                  "Time from a request's first byte to its response, by route pattern",
                                  WXD_METRIC_HISTOGRAM, 1, req_labels, 11, DURATION_BUCKETS, 500, err, sizeof err);
-  R.fam_inflight = family_locked("wxd_http_requests_in_flight", "Requests in their handler now",
-                                 WXD_METRIC_GAUGE, 0, NULL, 0, NULL, 1, err, sizeof err);
-  R.inflight_slot = series_locked(R.fam_inflight, NULL, NULL, err, sizeof err);
 }
 
 void wxd_metrics_init(int nworkers, int enabled) {
@@ -516,9 +513,6 @@ void wxd_metrics_request(int worker, const char *route, size_t rl, const char *m
   if (hist >= 0) observe(writer, R.fam_duration, hist, seconds);
 }
 
-void wxd_metrics_inflight(int worker, int delta) {
-  add(worker >= 0 && worker < R.nworkers ? WRITER_WORKER0 + worker : WRITER_OTHER, R.inflight_slot, delta);
-}
 
 /* ---- exposition ---- */
 

@@ -67,8 +67,9 @@ void wxd_metrics_render(wxd_buf_t *out);
  * method and status class, and observes its duration. */
 void wxd_metrics_request(int worker, const char *route, size_t route_len, const char *method, int status,
                          double seconds);
-/* A request entered (+1) or left (-1) its handler. */
-void wxd_metrics_inflight(int worker, int delta);
+/* Requests in their handler are the workers' stats.in_flight (server.h),
+ * kept next to the request counter the worker writes anyway, and shown by
+ * metrics_server.c. */
 
 /* Everything GET /metrics shows: the server's state (metrics_server.c),
  * then the registry. Main thread. */

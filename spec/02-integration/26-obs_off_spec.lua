@@ -63,6 +63,18 @@ describe("metrics = false, trace = false", function()
     assert.truthy(r.body:find('wxd_http_requests_total{route="/hello",method="GET",status="2xx"}', 1, true))
   end)
 
+  it("counts requests in their handler (on)", function()
+    local function in_flight()
+      return tonumber(admin_get(on_admin, "/metrics").body:match("\nwxd_http_requests_in_flight (%d+)"))
+    end
+    local c = on:connect()
+    c:send("GET /wait?ms=1000 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    H.wait_until(function() return in_flight() == 1 end, 5, "one request in flight")
+    assert.truthy(H.read_all(c, 10):find("waited", 1, true))
+    c:close()
+    H.wait_until(function() return in_flight() == 0 end, 5, "none in flight")
+  end)
+
   it("makes no trace context: none in the handler, on log lines or the access line", function()
     local r = off:get("/has-trace", { traceparent = TP, ["X-Request-Id"] = "off-req-1" })
     assert.equal(200, r.status)
