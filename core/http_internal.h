@@ -57,6 +57,7 @@ typedef struct wxd_req {
   unsigned wants_keep_alive : 1; /* what the client asked for, decided at the end of the message */
   int host_count;
   int te_count;
+  int rid_idx, tp_idx;   /* the first X-Request-Id and traceparent fields (-1: none), noted while parsing */
   int status;
   size_t bytes_out;
   uint64_t stream_left;  /* stream_sized: body bytes still owed */
@@ -64,6 +65,8 @@ typedef struct wxd_req {
   struct wxd_http_file *file; /* a file being sent (httpfile.c), NULL else */
   wxd_trace_t trace;     /* trace context and request id (trace.h): read it with wxd__http_trace */
   int trace_pending;     /* its ids are not made yet (made on first use) */
+  int trace_drawn;       /* pending, and a new trace's ids drawn (trace_draw) but not formatted */
+  uint64_t trace_draw[3];
   char route[96];        /* the matched route pattern wxd.app reported */
   size_t route_len;      /* 0: none (unmatched, or refused before routing) */
 } wxd_req_t;

@@ -272,6 +272,13 @@ static const char *find_header_value(wxd_req_t *r, const char *name, size_t nl, 
   return r->head.data + r->hdrs.v[i].value_off;
 }
 
+/* The value of the field noted at index idx while parsing (-1: none). */
+static const char *noted_header(wxd_req_t *r, int idx, size_t *len) {
+  if (idx < 0) return NULL;
+  *len = r->hdrs.v[idx].value_len;
+  return r->head.data + r->hdrs.v[idx].value_off;
+}
+
 static void log_request_error(wxd_req_t *r, const char *what, const char *detail) {
   char extra[4096];
   char esc[3400];
@@ -519,7 +526,7 @@ void wxd__http_dispatch(wxd_conn_t *c) {
     /* The request id now (every response names it); the trace ids when
      * something first asks (wxd__http_trace). */
     size_t ridl = 0;
-    const char *rid = find_header_value(r, "x-request-id", 12, &ridl);
+    const char *rid = noted_header(r, r->rid_idx, &ridl);
     wxd_trace_set_request_id(&r->trace, rid, ridl, r->id);
     r->trace.trace_id[0] = 0;
     r->trace.openid[0] = 0;
@@ -696,9 +703,10 @@ static wxd_req_t *current_request(lua_State *L) {
 wxd_trace_t *wxd__http_trace(wxd_req_t *r) {
   if (r->trace_pending) {
     size_t tpl = 0;
-    const char *tp = find_header_value(r, "traceparent", 11, &tpl);
-    wxd_trace_make_ids(&r->trace, tp, tpl);
-    r->trace_pending = 0;
+    const char *tp = noted_header(r, r->tp_idx, &tpl);
+    if (r->trace_drawn) wxd_trace_set_new(&r->trace, r->trace_draw);
+    else wxd_trace_make_ids(&r->trace, tp, tpl);
+    r->trace_pending = r->trace_drawn = 0;
   }
   return r->trace.trace_id[0] ? &r->trace : NULL;
 }
@@ -750,6 +758,18 @@ static int http_trace_context(lua_State *L) {
 static int http_span_context(lua_State *L) {
   double rate = luaL_checknumber(L, 1);
   wxd_req_t *r = current_request(L);
+  if (r && r->trace_pending && r->tp_idx < 0 && rate > 0 && rate < 1) {
+    /* A new trace nothing has asked about yet: decide on the drawn ids,
+     * and write them out only when sampled (or when asked later). */
+    if (!r->trace_drawn) {
+      wxd_trace_draw(r->trace_draw);
+      r->trace_drawn = 1;
+    }
+    if (!((double)(r->trace_draw[1] >> 32) / 4294967296.0 < rate)) {
+      lua_pushboolean(L, 0);
+      return 1;
+    }
+  }
   wxd_trace_t *t = r ? wxd__http_trace(r) : NULL;
   if (!t) return 0;
   int sampled;

@@ -5,7 +5,6 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
-#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -49,10 +48,12 @@ typedef struct route_entry {
   uint64_t hash;
   int used;
   int cls;
+  int worker;
   const char *method;
   char route[ROUTE_MAX];
   size_t rlen;
   int count_slot, hist_slot;
+  slot_t *count, *hist; /* the worker's own slots of the two series (NULL: none) */
 } route_entry_t;
 
 /* The registry; every field is guarded by mu, except what the hot path
@@ -215,9 +216,13 @@ static int label_value_ok(const unsigned char *s, size_t n) {
   return 1;
 }
 
-/* Makes room for `width` more slots in every writer's array. */
+/* Makes room for `width` more slots in every writer's array. A series
+ * never straddles two pages, so a pointer to its first slot reaches all of
+ * them (the core's request metrics keep such pointers). */
 static int grow_slots_locked(int width) {
-  int first = R.nslots, last = R.nslots + width - 1;
+  int first = R.nslots;
+  if (first / PAGE_SLOTS != (first + width - 1) / PAGE_SLOTS) first = (first / PAGE_SLOTS + 1) * PAGE_SLOTS;
+  int last = first + width - 1;
   if (last / PAGE_SLOTS >= MAX_PAGES) return -1;
   for (int pg = first / PAGE_SLOTS; pg <= last / PAGE_SLOTS; pg++) {
     if (R.pages[pg]) continue; /* writer 0's page exists: all do */
@@ -227,7 +232,7 @@ static int grow_slots_locked(int width) {
       R.pages[w * MAX_PAGES + pg] = p;
     }
   }
-  R.nslots += width;
+  R.nslots = first + width;
   return first;
 }
 
@@ -400,13 +405,17 @@ static inline void cas_add(slot_t *p, double v) {
   }
 }
 
+/* A slot of the calling worker's own array: it is the only writer, so no
+ * read-modify-write is needed. */
+static inline void own_add(slot_t *p, double v) {
+  atomic_store_explicit(p, double_bits(bits_double(atomic_load_explicit(p, memory_order_relaxed)) + v),
+                        memory_order_relaxed);
+}
+
 static inline void add(int writer, int slot, double v) {
   slot_t *p = slot_ptr(writer, slot);
-  if (writer >= WRITER_WORKER0) /* the only writer of this array: no read-modify-write needed */
-    atomic_store_explicit(p, double_bits(bits_double(atomic_load_explicit(p, memory_order_relaxed)) + v),
-                          memory_order_relaxed);
-  else
-    cas_add(p, v);
+  if (writer >= WRITER_WORKER0) own_add(p, v);
+  else cas_add(p, v);
 }
 
 static inline void observe(int writer, int family, int slot, double v) {
@@ -473,11 +482,14 @@ void wxd_metrics_request(int worker, const char *route, size_t rl, const char *m
   int hist = -1, slot = -1;
   route_entry_t *e = last_hit;
   /* method names are llhttp's static strings: the same method, the same pointer */
-  if (e && e->method == method && e->cls == cls && e->rlen == rl && memcmp(e->route, route, rl) == 0 &&
-      e - R.routes >= (ptrdiff_t)worker * ROUTE_CACHE && e - R.routes < (ptrdiff_t)(worker + 1) * ROUTE_CACHE) {
-    int writer = WRITER_WORKER0 + worker;
-    add(writer, e->count_slot, 1);
-    observe(writer, R.fam_duration, e->hist_slot, seconds);
+  if (e && e->method == method && e->cls == cls && e->rlen == rl && e->worker == worker &&
+      memcmp(e->route, route, rl) == 0) {
+    own_add(e->count, 1);
+    const family_t *f = R.fam[R.fam_duration];
+    int i = 0;
+    while (i < f->nbuckets && seconds > f->buckets[i]) i++;
+    own_add(e->hist + i, 1);
+    own_add(e->hist + f->nbuckets + 1, seconds);
     return;
   }
   e = NULL;
@@ -495,14 +507,17 @@ void wxd_metrics_request(int worker, const char *route, size_t rl, const char *m
           strcmp(c->method, method) == 0) {
         slot = c->count_slot;
         hist = c->hist_slot;
-        if (slot >= 0 && hist >= 0) last_hit = c;
+        if (c->count && c->hist) last_hit = c;
         break;
       }
     }
     if (slot < 0 && e) {
       slot = request_series(route, rl, method, cls, &hist);
-      *e = (route_entry_t){.hash = h, .used = 1, .cls = cls, .method = method, .rlen = rl,
-                           .count_slot = slot, .hist_slot = hist};
+      int writer = WRITER_WORKER0 + worker;
+      *e = (route_entry_t){.hash = h, .used = 1, .cls = cls, .worker = worker, .method = method, .rlen = rl,
+                           .count_slot = slot, .hist_slot = hist,
+                           .count = slot >= 0 ? slot_ptr(writer, slot) : NULL,
+                           .hist = hist >= 0 ? slot_ptr(writer, hist) : NULL};
       memcpy(e->route, route, rl);
     }
   }

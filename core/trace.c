@@ -99,13 +99,31 @@ void wxd_trace_set_request_id(wxd_trace_t *t, const char *rid, size_t ridlen, co
   }
 }
 
+void wxd_trace_draw(uint64_t ids[3]) {
+  ids[0] = next_random();
+  ids[1] = next_random();
+  if ((ids[0] | ids[1]) == 0) ids[1] = 1;
+  do ids[2] = next_random(); while (ids[2] == 0);
+}
+
+void wxd_trace_set_new(wxd_trace_t *t, const uint64_t ids[3]) {
+  hex64(t->trace_id, ids[0]);
+  hex64(t->trace_id + 16, ids[1]);
+  t->trace_id[32] = 0;
+  hex64(t->span_id, ids[2]);
+  t->span_id[16] = 0;
+  t->parent_id[0] = 0;
+  t->flags = 0;
+}
+
 void wxd_trace_make_ids(wxd_trace_t *t, const char *tp, size_t tplen) {
-  if (!tp || !wxd_trace_parse(tp, tplen, t->trace_id, t->parent_id, &t->flags)) {
-    wxd_trace_new_trace_id(t->trace_id);
-    t->parent_id[0] = 0;
-    t->flags = 0;
+  if (tp && wxd_trace_parse(tp, tplen, t->trace_id, t->parent_id, &t->flags)) {
+    wxd_trace_new_span_id(t->span_id);
+    return;
   }
-  wxd_trace_new_span_id(t->span_id);
+  uint64_t ids[3];
+  wxd_trace_draw(ids);
+  wxd_trace_set_new(t, ids);
 }
 
 void wxd_trace_begin(wxd_trace_t *t, const char *tp, size_t tplen, const char *rid, size_t ridlen,

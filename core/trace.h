@@ -40,6 +40,12 @@ void wxd_trace_begin(wxd_trace_t *t, const char *tp, size_t tplen, const char *r
  * caller's trace from a valid traceparent, else a new one; a new span). */
 void wxd_trace_set_request_id(wxd_trace_t *t, const char *rid, size_t ridlen, const char *fallback_id);
 void wxd_trace_make_ids(wxd_trace_t *t, const char *tp, size_t tplen);
+/* A new trace in two steps: the random ids drawn (trace id high and low
+ * halves, span id; never zero), then written as hex into t. Between the
+ * two, a sampling decision can read the draw without formatting it: the
+ * trace id's hex digits 16..23 are ids[1] >> 32. */
+void wxd_trace_draw(uint64_t ids[3]);
+void wxd_trace_set_new(wxd_trace_t *t, const uint64_t ids[3]);
 
 /* A request without trace context (config trace = false): no ids made,
  * trace_id "" (what readers test); request_id is the core's own id. */

@@ -204,9 +204,13 @@ function _M.queued() return qn end
 
 --- The server's wrapper calls this after a request when exporting: the
 -- request's server span, from its first byte to now.
+local rate_of, rate = nil, 0 -- the sampling rate, read again when wxd.config changes
 function _M.finish_request(raw, status)
-  local t = section()
-  local rate = t and type(t.otlp) == "table" and tonumber(t.otlp.sample or 1) or 0
+  if wxd.config ~= rate_of then
+    rate_of = wxd.config
+    local t = section()
+    rate = t and type(t.otlp) == "table" and tonumber(t.otlp.sample or 1) or 0
+  end
   -- sampled(), decided in C: an unsampled request costs no strings and no
   -- clock read.
   local tid, sid, pid, elapsed = span_context(rate)

@@ -200,4 +200,60 @@ describe("OTLP sampling", function()
     got[last] = nil
     assert.same(want, got)
   end)
+
+  -- A request nothing asked about: the exporter decides on the drawn ids
+  -- before writing them out; the access line writes them later. Both must
+  -- be the same trace, and the decision the rule's on that trace id.
+  it("decides on a new trace's ids the way the ids later show", function()
+    local collector = H.start(APP, { workers = 1 })
+    local srv = H.start(APP, { workers = 1,
+      env = "OBS_OTLP_SAMPLE=0.5 OBS_OTLP_URL=http://127.0.0.1:" .. collector.port .. "/v1/traces" })
+    finally(function()
+      for _, s in ipairs({ srv, collector }) do
+        s:stop()
+        s:cleanup()
+      end
+    end)
+    local ids = {}
+    for i = 1, 40 do
+      local r = srv:get("/hello", { ["X-Request-Id"] = "drawn-" .. i })
+      assert.equal(200, r.status)
+    end
+    local last = cjson.decode(srv:get("/ctx",
+      { traceparent = "00-" .. string.rep("cd", 16) .. "-00f067aa0ba902b7-01" }).body).span_id
+    H.wait_until(function()
+      for _, l in ipairs(srv:log_lines('"msg":"access"')) do
+        local v = cjson.decode(l)
+        if v.request_id and v.request_id:match("^drawn%-") then ids[v.request_id] = v.trace_id end
+      end
+      local n = 0
+      for _ in pairs(ids) do n = n + 1 end
+      return n == 40
+    end, 10, "40 access lines with trace ids")
+    local want, n = {}, 0
+    for _, tid in pairs(ids) do
+      if tonumber(tid:sub(17, 24), 16) / 4294967296 < 0.5 then
+        want[tid] = true
+        n = n + 1
+      end
+    end
+    assert.is_true(n > 5 and n < 35, "a sample of 0.5 sampled " .. n .. " of 40")
+    local got, seen_last
+    H.wait_until(function()
+      got, seen_last = {}, false
+      local r = collector:get("/collected")
+      for _, b in ipairs(cjson.decode(r.body).batches) do
+        for _, rs in ipairs(cjson.decode(b).resourceSpans) do
+          for _, ss in ipairs(rs.scopeSpans) do
+            for _, sp in ipairs(ss.spans) do
+              if sp.spanId == last then seen_last = true
+              elseif sp.name == "GET /hello" then got[sp.traceId] = true end
+            end
+          end
+        end
+      end
+      return seen_last
+    end, 10, "the sentinel span at the collector")
+    assert.same(want, got)
+  end)
 end)
