@@ -21,6 +21,7 @@ void wxd_config_defaults(wxd_config_t *cfg) {
   cfg->admin_port = 0;
   cfg->nshdicts = 0;
   cfg->plain = 1;
+  cfg->metrics = cfg->trace = 1;
   memset(&cfg->https, 0, sizeof cfg->https);
 }
 
@@ -272,6 +273,14 @@ static int read_table(lua_State *L, int c, wxd_config_t *cfg, char *err, size_t 
   if (!lua_isboolean(L, -1)) return missing(err, errlen, "log.access");
   cfg->access_log = lua_toboolean(L, -1);
   lua_pop(L, 2);
+  lua_getfield(L, c, "metrics");
+  if (!lua_isboolean(L, -1)) return missing(err, errlen, "metrics");
+  cfg->metrics = lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  /* A free section (wxd.trace reads it); only `trace = false` concerns the core. */
+  lua_getfield(L, c, "trace");
+  cfg->trace = !(lua_isboolean(L, -1) && !lua_toboolean(L, -1));
+  lua_pop(L, 1);
   lua_getfield(L, c, "https");
   if (lua_istable(L, -1) && read_https(L, cfg, err, errlen) != 0) return -1;
   lua_pop(L, 1);

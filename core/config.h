@@ -57,6 +57,8 @@ typedef struct wxd_config {
   int steering;           /* WXD_STEER_* (steer.h): which worker gets a connection */
   int access_log;
   int log_level;
+  int metrics;            /* request metrics and GET /metrics (config `metrics`) */
+  int trace;              /* trace context per request (config `trace ~= false`) */
   wxd_limits_t limits;
   char admin_host[256];   /* status endpoint; empty: off */
   int admin_port;

@@ -56,9 +56,12 @@ static void req_reset(wxd_req_t *r) {
   r->conn_close = r->conn_keep_alive = r->wants_keep_alive = 0;
   r->host_count = 0;
   r->te_count = 0;
+  r->rid_idx = r->tp_idx = -1;
   r->status = 0;
   r->bytes_out = 0;
   r->route_len = 0;
+  r->trace_pending = r->trace_drawn = 0;
+  r->trace.trace_id[0] = 0;
   r->start_ns = uv_hrtime();
 }
 
@@ -174,6 +177,9 @@ static int on_header_value_complete(llhttp_t *p) {
     r->te_count++;
   }
   else if (h->name_len == 4 && memcmp(name, "host", 4) == 0) r->host_count++;
+  /* The trace context reads these two per request: found here, no lookup later. */
+  else if (h->name_len == 12 && r->rid_idx < 0 && memcmp(name, "x-request-id", 12) == 0) r->rid_idx = (int)r->hdrs.n - 1;
+  else if (h->name_len == 11 && r->tp_idx < 0 && memcmp(name, "traceparent", 11) == 0) r->tp_idx = (int)r->hdrs.n - 1;
   else if (h->name_len == 10 && memcmp(name, "connection", 10) == 0)
     note_connection_options(r, r->head.data + h->value_off, h->value_len);
   wxd_hdrs_value_done(&r->hdrs);
@@ -444,7 +450,7 @@ void wxd__http_req_finish(wxd_req_t *r) {
   r->finished = 1;
   r->in_handler = 0;
   wxd__http_file_release(r);
-  wxd_metrics_inflight(w->id, -1);
+  wxd__http_in_flight(w, -1);
   wxd__http_access_log(w, r, llhttp_method_name(r->method), r->status, c ? c->remote : "-");
   if (!c) {
     wxd__http_req_free(r);

@@ -57,12 +57,16 @@ typedef struct wxd_req {
   unsigned wants_keep_alive : 1; /* what the client asked for, decided at the end of the message */
   int host_count;
   int te_count;
+  int rid_idx, tp_idx;   /* the first X-Request-Id and traceparent fields (-1: none), noted while parsing */
   int status;
   size_t bytes_out;
   uint64_t stream_left;  /* stream_sized: body bytes still owed */
   size_t max_body;       /* this request's body limit (its route's, else the global one) */
   struct wxd_http_file *file; /* a file being sent (httpfile.c), NULL else */
-  wxd_trace_t trace;     /* trace context and request id (trace.h) */
+  wxd_trace_t trace;     /* trace context and request id (trace.h): read it with wxd__http_trace */
+  int trace_pending;     /* its ids are not made yet (made on first use) */
+  int trace_drawn;       /* pending, and a new trace's ids drawn (trace_draw) but not formatted */
+  uint64_t trace_draw[3];
   char route[96];        /* the matched route pattern wxd.app reported */
   size_t route_len;      /* 0: none (unmatched, or refused before routing) */
 } wxd_req_t;
@@ -120,6 +124,17 @@ void wxd__http_respond_error_500(wxd_req_t *r);
 /* The same with another status and text ("service unavailable"). */
 void wxd__http_respond_error(wxd_req_t *r, int status, const char *what);
 void wxd__http_add_request_id(wxd_buf_t *o, const wxd_req_t *r);
+/* The request's trace context, its ids made on first use (a request that
+ * nothing asks draws none); NULL with trace = false or before dispatch. */
+wxd_trace_t *wxd__http_trace(wxd_req_t *r);
+/* A request entered (+1) or left (-1) its handler: the in-flight gauge of
+ * GET /metrics (with metrics on). */
+static inline void wxd__http_in_flight(wxd_worker_t *w, int d) {
+  if (!w->cfg->metrics) return;
+  /* Only this worker writes it: a relaxed load and store, no locked add. */
+  atomic_uint *p = &w->stats.in_flight;
+  atomic_store_explicit(p, atomic_load_explicit(p, memory_order_relaxed) + (unsigned)d, memory_order_relaxed);
+}
 void wxd__http_access_log(wxd_worker_t *w, wxd_req_t *r, const char *method, int status,
                           const char *remote);
 

@@ -272,13 +272,24 @@ static const char *find_header_value(wxd_req_t *r, const char *name, size_t nl, 
   return r->head.data + r->hdrs.v[i].value_off;
 }
 
+/* The value of the field noted at index idx while parsing (-1: none). */
+static const char *noted_header(wxd_req_t *r, int idx, size_t *len) {
+  if (idx < 0) return NULL;
+  *len = r->hdrs.v[idx].value_len;
+  return r->head.data + r->hdrs.v[idx].value_off;
+}
+
 static void log_request_error(wxd_req_t *r, const char *what, const char *detail) {
   char extra[4096];
   char esc[3400];
   size_t el = wxd_json_escape(esc, sizeof esc, detail, strlen(detail));
-  snprintf(extra, sizeof extra,
-           "\"id\":\"%s\",\"error\":\"%.*s\",\"trace_id\":\"%s\",\"span_id\":\"%s\",\"request_id\":\"%s\"", r->id,
-           (int)el, esc, r->trace.trace_id, r->trace.span_id, r->trace.request_id);
+  const wxd_trace_t *t = wxd__http_trace(r);
+  if (t)
+    snprintf(extra, sizeof extra,
+             "\"id\":\"%s\",\"error\":\"%.*s\",\"trace_id\":\"%s\",\"span_id\":\"%s\",\"request_id\":\"%s\"",
+             r->id, (int)el, esc, t->trace_id, t->span_id, t->request_id);
+  else /* trace = false (or refused before dispatch): no trace context */
+    snprintf(extra, sizeof extra, "\"id\":\"%s\",\"error\":\"%.*s\"", r->id, (int)el, esc);
   wxd_log(WXD_LOG_ERROR, r->w->id, what, extra);
 }
 
@@ -488,7 +499,7 @@ static void on_request_done(wxd_co_t *co, int status) {
 /* The worker stops while the handler still waits (shutdown deadline). */
 static void on_request_abandoned(wxd_co_t *co) {
   wxd_req_t *r = co->data;
-  wxd_metrics_inflight(r->w->id, -1);
+  wxd__http_in_flight(r->w, -1);
   if (r->conn) r->conn->req = NULL;
   wxd__http_req_free(r);
 }
@@ -511,11 +522,20 @@ void wxd__http_dispatch(wxd_conn_t *c) {
   fmt_hex(r->id + 8, (uint64_t)(w->id & 0xff), 2);
   fmt_hex(r->id + 10, w->seq & 0xffffffffu, 8);
   r->id[18] = 0;
-  size_t tpl = 0, ridl = 0;
-  const char *tp = find_header_value(r, "traceparent", 11, &tpl);
-  const char *rid = find_header_value(r, "x-request-id", 12, &ridl);
-  wxd_trace_begin(&r->trace, tp, tpl, rid, ridl, r->id);
-  wxd_metrics_inflight(w->id, 1);
+  if (w->cfg->trace) {
+    /* The request id now (every response names it); the trace ids when
+     * something first asks (wxd__http_trace). */
+    size_t ridl = 0;
+    const char *rid = noted_header(r, r->rid_idx, &ridl);
+    wxd_trace_set_request_id(&r->trace, rid, ridl, r->id);
+    r->trace.trace_id[0] = 0;
+    r->trace.openid[0] = 0;
+    r->trace.gray[0] = 0;
+    r->trace_pending = 1;
+  } else {
+    wxd_trace_none(&r->trace, r->id);
+  }
+  wxd__http_in_flight(w, 1);
   wxd_co_t *co = wxd_co_new(w->vm, WXD_CO_REQUEST, on_request_done, r);
   if (!co) {
     wxd__http_respond_error_500(r);
@@ -681,9 +701,20 @@ static wxd_req_t *current_request(lua_State *L) {
   return co && co->kind == WXD_CO_REQUEST ? co->data : NULL;
 }
 
+wxd_trace_t *wxd__http_trace(wxd_req_t *r) {
+  if (r->trace_pending) {
+    size_t tpl = 0;
+    const char *tp = noted_header(r, r->tp_idx, &tpl);
+    if (r->trace_drawn) wxd_trace_set_new(&r->trace, r->trace_draw);
+    else wxd_trace_make_ids(&r->trace, tp, tpl);
+    r->trace_pending = r->trace_drawn = 0;
+  }
+  return r->trace.trace_id[0] ? &r->trace : NULL;
+}
+
 wxd_trace_t *wxd_trace_of(wxd_co_t *co) {
   if (!co) return NULL;
-  if (co->kind == WXD_CO_REQUEST) return &((wxd_req_t *)co->data)->trace;
+  if (co->kind == WXD_CO_REQUEST) return wxd__http_trace(co->data);
   return wxd_task_trace(co);
 }
 
@@ -693,8 +724,8 @@ wxd_trace_t *wxd_trace_of(wxd_co_t *co) {
  * else the named request header's (lower-case name), when it is sane. */
 static int http_trace_context(lua_State *L) {
   wxd_req_t *r = current_request(L);
-  wxd_trace_t *t = r ? &r->trace : wxd_task_trace(wxd_co_lookup(L));
-  if (!t) return 0;
+  wxd_trace_t *t = r ? wxd__http_trace(r) : wxd_task_trace(wxd_co_lookup(L));
+  if (!t || !t->trace_id[0]) return 0; /* trace = false: no context */
   size_t hl = 0, vl = 0;
   const char *hname = luaL_optlstring(L, 1, NULL, &hl);
   if (r && !t->openid[0] && hname) {
@@ -719,6 +750,81 @@ static int http_trace_context(lua_State *L) {
   return 7;
 }
 
+/* wxd.core.http.span_context(rate) -> trace_id, span_id, parent_id|nil,
+ * seconds since the request's first byte, when its span is sampled, false when it is not, nothing
+ * outside a request or with trace = false. Sampled: the caller's flag when
+ * it sent a traceparent, else the trace id's digits 17..24 read as a share
+ * of 2^32 below rate (wxd.trace's rule, the same on every node). The
+ * exporter asks after each request: an unsampled one makes no strings. */
+static int http_span_context(lua_State *L) {
+  double rate = luaL_checknumber(L, 1);
+  wxd_req_t *r = current_request(L);
+  if (r && r->trace_pending && r->tp_idx < 0 && rate > 0 && rate < 1) {
+    /* A new trace nothing has asked about yet: decide on the drawn ids,
+     * and write them out only when sampled (or when asked later). */
+    if (!r->trace_drawn) {
+      wxd_trace_draw(r->trace_draw);
+      r->trace_drawn = 1;
+    }
+    if (!((double)(r->trace_draw[1] >> 32) / 4294967296.0 < rate)) {
+      lua_pushboolean(L, 0);
+      return 1;
+    }
+  }
+  wxd_trace_t *t = r ? wxd__http_trace(r) : NULL;
+  if (!t) return 0;
+  int sampled;
+  if (t->parent_id[0]) {
+    sampled = t->flags & 1;
+  } else if (rate <= 0 || rate >= 1) {
+    sampled = rate >= 1;
+  } else {
+    uint32_t v = 0;
+    for (int i = 16; i < 24; i++) {
+      char ch = t->trace_id[i];
+      v = v << 4 | (uint32_t)(ch <= '9' ? ch - '0' : ch - 'a' + 10);
+    }
+    sampled = (double)v / 4294967296.0 < rate;
+  }
+  if (!sampled) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  lua_pushlstring(L, t->trace_id, 32);
+  lua_pushlstring(L, t->span_id, 16);
+  if (t->parent_id[0]) lua_pushlstring(L, t->parent_id, 16);
+  else lua_pushnil(L);
+  lua_pushnumber(L, (double)(uv_hrtime() - r->start_ns) / 1e9);
+  return 4;
+}
+
+/* wxd.core.http.incoming_trace() -> traceparent|nil, tracestate|nil,
+ * x-request-id|nil: what the caller sent, when valid (a traceparent under
+ * the W3C rules, tracestate only with it, a sane request id); nothing
+ * outside a request handler. With trace = false, outbound calls pass these
+ * on unchanged instead of a context of wxd's own. */
+static int http_incoming_trace(lua_State *L) {
+  wxd_req_t *r = current_request(L);
+  if (!r) return 0;
+  size_t tpl = 0, tsl = 0, ridl = 0;
+  char tid[33], pid[17];
+  uint8_t flags;
+  const char *tp = find_header_value(r, "traceparent", 11, &tpl);
+  if (tp && wxd_trace_parse(tp, tpl, tid, pid, &flags)) {
+    lua_pushfstring(L, "00-%s-%s-%c%c", tid, pid, "0123456789abcdef"[flags >> 4], "0123456789abcdef"[flags & 15]);
+    const char *ts = find_header_value(r, "tracestate", 10, &tsl);
+    if (ts && tsl <= 512 && header_value_ok(ts, tsl)) lua_pushlstring(L, ts, tsl);
+    else lua_pushnil(L);
+  } else {
+    lua_pushnil(L);
+    lua_pushnil(L);
+  }
+  const char *rid = find_header_value(r, "x-request-id", 12, &ridl);
+  if (rid && wxd_trace_id_ok(rid, ridl, WXD_TRACE_REQUEST_ID_MAX)) lua_pushlstring(L, rid, ridl);
+  else lua_pushnil(L);
+  return 3;
+}
+
 /* wxd.core.http.set_openid(openid) -> true, or false when it is not sane
  * or outside a request. */
 static int http_set_openid(lua_State *L) {
@@ -736,8 +842,16 @@ static int http_set_openid(lua_State *L) {
 
 /* wxd.core.http.gray() -> the colour wxd.gray gave the running request (or
  * the request a task was spawned from), or nothing. */
+/* Where the running coroutine's colour lives: the request's context even
+ * with trace = false or before its ids are drawn (a colour draws none). */
+static wxd_trace_t *gray_slot(lua_State *L) {
+  wxd_co_t *co = wxd_co_lookup(L);
+  if (co && co->kind == WXD_CO_REQUEST) return &((wxd_req_t *)co->data)->trace;
+  return wxd_trace_of(co);
+}
+
 static int http_gray(lua_State *L) {
-  wxd_trace_t *t = wxd_trace_of(wxd_co_lookup(L));
+  wxd_trace_t *t = gray_slot(L);
   if (!t || !t->gray[0]) return 0;
   lua_pushstring(L, t->gray);
   return 1;
@@ -748,7 +862,7 @@ static int http_gray(lua_State *L) {
 static int http_set_gray(lua_State *L) {
   size_t n = 0;
   const char *v = luaL_optlstring(L, 1, NULL, &n);
-  wxd_trace_t *t = wxd_trace_of(wxd_co_lookup(L));
+  wxd_trace_t *t = gray_slot(L);
   int ok = t && (!v || wxd_trace_gray_ok(v, n));
   if (ok) {
     if (v) memcpy(t->gray, v, n);
@@ -795,6 +909,8 @@ int wxd_open_http_lua(lua_State *L) {
                                  {"set_openid", http_set_openid},
                                  {"gray", http_gray},
                                  {"set_gray", http_set_gray},
+                                 {"incoming_trace", http_incoming_trace},
+                                 {"span_context", http_span_context},
                                  {"new_span_id", http_new_span_id},
                                  {"new_trace_id", http_new_trace_id},
                                  {"parse_traceparent", http_parse_traceparent},

@@ -214,10 +214,13 @@ int wxd__http_conn_writev(wxd_conn_t *c, uv_buf_t *bufs, unsigned nbufs) {
 
 void wxd__http_access_log(wxd_worker_t *w, wxd_req_t *r, const char *method, int status,
                        const char *remote) {
-  /* Counted here: every answered request, routed or refused, passes by. */
+  int metrics = w->cfg->metrics, logged = w->cfg->access_log && wxd_log_level() <= WXD_LOG_INFO;
+  if (!metrics && !logged) return;
   double secs = r ? (double)(uv_hrtime() - r->start_ns) / 1e9 : 0;
-  wxd_metrics_request(w->id, r && r->route_len ? r->route : NULL, r ? r->route_len : 0, method, status, secs);
-  if (!w->cfg->access_log || wxd_log_level() > WXD_LOG_INFO) return;
+  /* Counted here: every answered request, routed or refused, passes by. */
+  if (metrics)
+    wxd_metrics_request(w->id, r && r->route_len ? r->route : NULL, r ? r->route_len : 0, method, status, secs);
+  if (!logged) return;
   struct timespec ts;
   clock_gettime(CLOCK_REALTIME, &ts);
   if (ts.tv_sec != w->ts_sec) {
@@ -239,11 +242,14 @@ void wxd__http_access_log(wxd_worker_t *w, wxd_req_t *r, const char *method, int
   double ms = secs * 1e3;
   /* A request refused before dispatch has no trace context of its own. */
   char ids[320] = "";
-  /* The colour needs no escaping: wxd_trace_gray_ok allows [A-Za-z0-9_.-]. */
-  if (r && r->finished)
-    snprintf(ids, sizeof ids, ",\"trace_id\":\"%s\",\"span_id\":\"%s\",\"request_id\":\"%s\"%s%s%s",
-             r->trace.trace_id, r->trace.span_id, r->trace.request_id, r->trace.gray[0] ? ",\"gray\":\"" : "",
-             r->trace.gray, r->trace.gray[0] ? "\"" : "");
+  const wxd_trace_t *t = r && r->finished ? wxd__http_trace(r) : NULL;
+  int n_ids = t ? snprintf(ids, sizeof ids, ",\"trace_id\":\"%s\",\"span_id\":\"%s\",\"request_id\":\"%s\"",
+                           t->trace_id, t->span_id, t->request_id)
+                : 0;
+  /* The colour needs no escaping: wxd_trace_gray_ok allows [A-Za-z0-9_.-].
+   * It is there with trace = false too. */
+  if (r && r->finished && r->trace.gray[0] && n_ids >= 0 && (size_t)n_ids < sizeof ids)
+    snprintf(ids + n_ids, sizeof ids - (size_t)n_ids, ",\"gray\":\"%s\"", r->trace.gray);
   char line[1344];
   int n = snprintf(line, sizeof line,
                    "{\"ts\":\"%s.%03ldZ\",\"level\":\"info\",\"worker\":%d,\"msg\":\"access\","

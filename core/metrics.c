@@ -48,10 +48,12 @@ typedef struct route_entry {
   uint64_t hash;
   int used;
   int cls;
+  int worker;
   const char *method;
   char route[ROUTE_MAX];
   size_t rlen;
   int count_slot, hist_slot;
+  slot_t *count, *hist; /* the worker's own slots of the two series (NULL: none) */
 } route_entry_t;
 
 /* The registry; every field is guarded by mu, except what the hot path
@@ -69,8 +71,9 @@ static struct {
   int nseries, cap;
   int *heads;
   unsigned nheads; /* a power of two */
-  int fam_requests, fam_duration, fam_inflight, inflight_slot;
+  int fam_requests, fam_duration;
   route_entry_t *routes; /* [worker * ROUTE_CACHE]: touched only by that worker */
+  int off;                /* config metrics = false: set before the workers start */
 } R = {.mu = PTHREAD_MUTEX_INITIALIZER};
 
 static inline double bits_double(uint64_t b) {
@@ -213,9 +216,13 @@ static int label_value_ok(const unsigned char *s, size_t n) {
   return 1;
 }
 
-/* Makes room for `width` more slots in every writer's array. */
+/* Makes room for `width` more slots in every writer's array. A series
+ * never straddles two pages, so a pointer to its first slot reaches all of
+ * them (the core's request metrics keep such pointers). */
 static int grow_slots_locked(int width) {
-  int first = R.nslots, last = R.nslots + width - 1;
+  int first = R.nslots;
+  if (first / PAGE_SLOTS != (first + width - 1) / PAGE_SLOTS) first = (first / PAGE_SLOTS + 1) * PAGE_SLOTS;
+  int last = first + width - 1;
   if (last / PAGE_SLOTS >= MAX_PAGES) return -1;
   for (int pg = first / PAGE_SLOTS; pg <= last / PAGE_SLOTS; pg++) {
     if (R.pages[pg]) continue; /* writer 0's page exists: all do */
@@ -225,7 +232,7 @@ static int grow_slots_locked(int width) {
       R.pages[w * MAX_PAGES + pg] = p;
     }
   }
-  R.nslots += width;
+  R.nslots = first + width;
   return first;
 }
 
@@ -356,13 +363,11 @@ static void init_locked(int nworkers) {
   R.fam_duration = family_locked("wxd_http_request_duration_seconds",
                                  "Time from a request's first byte to its response, by route pattern",
                                  WXD_METRIC_HISTOGRAM, 1, req_labels, 11, DURATION_BUCKETS, 500, err, sizeof err);
-  R.fam_inflight = family_locked("wxd_http_requests_in_flight", "Requests in their handler now",
-                                 WXD_METRIC_GAUGE, 0, NULL, 0, NULL, 1, err, sizeof err);
-  R.inflight_slot = series_locked(R.fam_inflight, NULL, NULL, err, sizeof err);
 }
 
-void wxd_metrics_init(int nworkers) {
+void wxd_metrics_init(int nworkers, int enabled) {
   pthread_mutex_lock(&R.mu);
+  R.off = !enabled;
   init_locked(nworkers);
   pthread_mutex_unlock(&R.mu);
 }
@@ -400,22 +405,30 @@ static inline void cas_add(slot_t *p, double v) {
   }
 }
 
-void wxd_metrics_add(int writer, int slot, double v) {
-  slot_t *p = slot_ptr(writer, slot);
-  if (writer >= WRITER_WORKER0) /* the only writer of this array: no read-modify-write needed */
-    atomic_store_explicit(p, double_bits(bits_double(atomic_load_explicit(p, memory_order_relaxed)) + v),
-                          memory_order_relaxed);
-  else
-    cas_add(p, v);
+/* A slot of the calling worker's own array: it is the only writer, so no
+ * read-modify-write is needed. */
+static inline void own_add(slot_t *p, double v) {
+  atomic_store_explicit(p, double_bits(bits_double(atomic_load_explicit(p, memory_order_relaxed)) + v),
+                        memory_order_relaxed);
 }
 
-void wxd_metrics_observe(int writer, int family, int slot, double v) {
+static inline void add(int writer, int slot, double v) {
+  slot_t *p = slot_ptr(writer, slot);
+  if (writer >= WRITER_WORKER0) own_add(p, v);
+  else cas_add(p, v);
+}
+
+static inline void observe(int writer, int family, int slot, double v) {
   const family_t *f = R.fam[family];
   int i = 0;
   while (i < f->nbuckets && v > f->buckets[i]) i++;
-  wxd_metrics_add(writer, slot + i, 1);
-  wxd_metrics_add(writer, slot + f->nbuckets + 1, v);
+  add(writer, slot + i, 1);
+  add(writer, slot + f->nbuckets + 1, v);
 }
+
+void wxd_metrics_add(int writer, int slot, double v) { add(writer, slot, v); }
+
+void wxd_metrics_observe(int writer, int family, int slot, double v) { observe(writer, family, slot, v); }
 
 void wxd_metrics_set_shared(int slot, double v) {
   atomic_store_explicit(slot_ptr(WRITER_SHARED, slot), double_bits(v), memory_order_relaxed);
@@ -456,6 +469,10 @@ static int request_series(const char *route, size_t rl, const char *method, int 
   return slot;
 }
 
+/* Each worker's last hit in its route cache: traffic mostly repeats a few
+ * routes, and a hit costs no hashing. Only that worker's thread uses it. */
+static _Thread_local route_entry_t *last_hit;
+
 void wxd_metrics_request(int worker, const char *route, size_t rl, const char *method, int status, double seconds) {
   if (!route) {
     route = "unmatched";
@@ -463,7 +480,19 @@ void wxd_metrics_request(int worker, const char *route, size_t rl, const char *m
   }
   int cls = status >= 100 && status < 600 ? status / 100 - 1 : 5;
   int hist = -1, slot = -1;
-  route_entry_t *e = NULL;
+  route_entry_t *e = last_hit;
+  /* method names are llhttp's static strings: the same method, the same pointer */
+  if (e && e->method == method && e->cls == cls && e->rlen == rl && e->worker == worker &&
+      memcmp(e->route, route, rl) == 0) {
+    own_add(e->count, 1);
+    const family_t *f = R.fam[R.fam_duration];
+    int i = 0;
+    while (i < f->nbuckets && seconds > f->buckets[i]) i++;
+    own_add(e->hist + i, 1);
+    own_add(e->hist + f->nbuckets + 1, seconds);
+    return;
+  }
+  e = NULL;
   if (worker >= 0 && worker < R.nworkers && rl < ROUTE_MAX) {
     uint64_t h = hash_bytes(hash_bytes(hash_bytes(1469598103934665603ull, route, rl), method, strlen(method)),
                             &cls, sizeof cls);
@@ -478,26 +507,27 @@ void wxd_metrics_request(int worker, const char *route, size_t rl, const char *m
           strcmp(c->method, method) == 0) {
         slot = c->count_slot;
         hist = c->hist_slot;
+        if (c->count && c->hist) last_hit = c;
         break;
       }
     }
     if (slot < 0 && e) {
       slot = request_series(route, rl, method, cls, &hist);
-      *e = (route_entry_t){.hash = h, .used = 1, .cls = cls, .method = method, .rlen = rl,
-                           .count_slot = slot, .hist_slot = hist};
+      int writer = WRITER_WORKER0 + worker;
+      *e = (route_entry_t){.hash = h, .used = 1, .cls = cls, .worker = worker, .method = method, .rlen = rl,
+                           .count_slot = slot, .hist_slot = hist,
+                           .count = slot >= 0 ? slot_ptr(writer, slot) : NULL,
+                           .hist = hist >= 0 ? slot_ptr(writer, hist) : NULL};
       memcpy(e->route, route, rl);
     }
   }
   if (slot < 0 && !e) slot = request_series(route, rl, method, cls, &hist);
   /* Workers' ids are below nworkers (fixed once they run). */
   int writer = worker >= 0 && worker < R.nworkers ? WRITER_WORKER0 + worker : WRITER_OTHER;
-  if (slot >= 0) wxd_metrics_add(writer, slot, 1);
-  if (hist >= 0) wxd_metrics_observe(writer, R.fam_duration, hist, seconds);
+  if (slot >= 0) add(writer, slot, 1);
+  if (hist >= 0) observe(writer, R.fam_duration, hist, seconds);
 }
 
-void wxd_metrics_inflight(int worker, int delta) {
-  wxd_metrics_add(worker >= 0 && worker < R.nworkers ? WRITER_WORKER0 + worker : WRITER_OTHER, R.inflight_slot, delta);
-}
 
 /* ---- exposition ---- */
 
@@ -733,11 +763,15 @@ int wxd_open_metrics(lua_State *L) {
                                  {"observe", l_observe}, {"set", l_set},       {"add_shared", l_add_shared},
                                  {"value", l_value},   {"render", l_render}, {NULL, NULL}};
   int writer = wxd_metrics_writer(wxd_vm_get(L)->worker);
-  lua_createtable(L, 0, 8);
+  lua_createtable(L, 0, 9);
   for (const luaL_Reg *r = fns; r->name; r++) {
     lua_pushinteger(L, writer);
     lua_pushcclosure(L, r->func, 1);
     lua_setfield(L, -2, r->name);
   }
+  pthread_mutex_lock(&R.mu);
+  lua_pushboolean(L, !R.off);
+  pthread_mutex_unlock(&R.mu);
+  lua_setfield(L, -2, "enabled");
   return 1;
 }

@@ -29,8 +29,10 @@ enum { WXD_METRIC_COUNTER = 0, WXD_METRIC_GAUGE, WXD_METRIC_HISTOGRAM };
 
 /* Sets up the registry for nworkers worker threads. Called by the server
  * before its workers start; other processes (wxd script) get a registry
- * with no worker writers on first use. */
-void wxd_metrics_init(int nworkers);
+ * with no worker writers on first use. enabled 0 (config metrics = false):
+ * the core counts no requests (its callers check cfg->metrics), and the
+ * library's modules see wxd.core.metrics.enabled false and count nothing. */
+void wxd_metrics_init(int nworkers, int enabled);
 
 /* The writer index of worker `worker` (-1: any other thread). */
 int wxd_metrics_writer(int worker);
@@ -69,8 +71,9 @@ void wxd_metrics_put_label(wxd_buf_t *b, const char *s, size_t n);
  * method and status class, and observes its duration. */
 void wxd_metrics_request(int worker, const char *route, size_t route_len, const char *method, int status,
                          double seconds);
-/* A request entered (+1) or left (-1) its handler. */
-void wxd_metrics_inflight(int worker, int delta);
+/* Requests in their handler are the workers' stats.in_flight (server.h),
+ * kept next to the request counter the worker writes anyway, and shown by
+ * metrics_server.c. */
 
 /* Everything GET /metrics shows: the server's state (metrics_server.c),
  * then the registry. Main thread. */

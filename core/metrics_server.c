@@ -124,6 +124,10 @@ void wxd_metrics_render_server(struct wxd_server *s, wxd_buf_t *b) {
     sample(b, "wxd_worker_busy_ratio", labels,
            atomic_load_explicit(&s->workers[i].stats.busy_permille, memory_order_relaxed) / 1000.0);
   }
+  family(b, "wxd_http_requests_in_flight", "gauge", "Requests in their handler now");
+  unsigned in_flight = 0;
+  for (int i = 0; i < s->n; i++) in_flight += atomic_load_explicit(&s->workers[i].stats.in_flight, memory_order_relaxed);
+  sample(b, "wxd_http_requests_in_flight", "", in_flight);
   family(b, "wxd_retired_generations", "gauge", "Replaced app generations still finishing requests");
   unsigned retired = 0;
   for (int i = 0; i < s->n; i++) retired += atomic_load_explicit(&s->workers[i].stats.retired, memory_order_relaxed);

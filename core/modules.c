@@ -11,6 +11,7 @@
 #include "json.h"
 #include "limit.h"
 #include "metrics.h"
+#include "otlp.h"
 #include "paystate.h"
 #include "queue.h"
 #include "redis.h"
@@ -46,6 +47,7 @@ static const struct {
     {"wxd.core.breaker", wxd_open_breaker},
     {"wxd.core.fs", wxd_open_fs},
     {"wxd.core.metrics", wxd_open_metrics},
+    {"wxd.core.otlp", wxd_open_otlp},
     {"cjson", luaopen_cjson},
     {"cjson.safe", luaopen_cjson_safe},
 };

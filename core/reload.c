@@ -80,6 +80,8 @@ static void restart_needed(const wxd_config_t *old, const wxd_config_t *nw, char
   else if (strcmp(old->https.file_listen, nw->https.file_listen) != 0) CHANGED("https.listen");
   if (memcmp(&old->limits, &nw->limits, sizeof old->limits) != 0) CHANGED("limits");
   if (old->log_level != nw->log_level || old->access_log != nw->access_log) CHANGED("log");
+  if (old->metrics != nw->metrics) CHANGED("metrics");
+  if (old->trace != nw->trace) CHANGED("trace");
   /* Dictionaries are created once, before the workers: their data survives
    * reloads, and so do their names and sizes. */
   int shd = old->nshdicts != nw->nshdicts;
@@ -394,6 +396,11 @@ static void admin_respond(admin_conn_t *c) {
   if (strncmp(c->buf, "GET /status ", 12) == 0 || strncmp(c->buf, "GET /status?", 12) == 0) {
     status = 200;
     status_json(c->srv, &body);
+  } else if ((strncmp(c->buf, "GET /metrics ", 13) == 0 || strncmp(c->buf, "GET /metrics?", 13) == 0) &&
+             !c->srv->cfg->metrics) {
+    /* A scraper sees the target down, and a person reads why. */
+    ctype = "text/plain; charset=utf-8";
+    append_str(&body, "metrics are off (metrics = false in config.lua)\n");
   } else if (strncmp(c->buf, "GET /metrics ", 13) == 0 || strncmp(c->buf, "GET /metrics?", 13) == 0) {
     status = 200;
     ctype = "text/plain; version=0.0.4; charset=utf-8";

@@ -582,7 +582,7 @@ int wxd_server_run(wxd_config_t *cfg, char **argv) {
     return 1;
   }
   wxd_worker_t *workers = srv.workers;
-  wxd_metrics_init(n); /* before any worker could count */
+  wxd_metrics_init(n, cfg->metrics); /* before any worker could count */
   /* Asyncs the workers signal must exist before the workers run. */
   uv_async_init(srv.loop, &srv.worker_exited, on_worker_exited);
   srv.worker_exited.data = &srv;

@@ -27,6 +27,7 @@ typedef struct wxd_server wxd_server_t;
 /* Counters the main thread reads for the status endpoint. */
 typedef struct wxd_worker_stats {
   atomic_uint_fast64_t requests;
+  atomic_uint in_flight; /* requests in their handler (metrics on); only the worker writes it */
   atomic_uint connections;
   atomic_uint generation;
   atomic_uint retired; /* replaced generations still finishing requests */

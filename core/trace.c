@@ -88,20 +88,58 @@ int wxd_trace_id_ok(const char *v, size_t n, size_t max) {
   return 1;
 }
 
-void wxd_trace_begin(wxd_trace_t *t, const char *tp, size_t tplen, const char *rid, size_t ridlen,
-                     const char *fallback_id) {
-  if (!tp || !wxd_trace_parse(tp, tplen, t->trace_id, t->parent_id, &t->flags)) {
-    wxd_trace_new_trace_id(t->trace_id);
-    t->parent_id[0] = 0;
-    t->flags = 0;
-  }
-  wxd_trace_new_span_id(t->span_id);
+void wxd_trace_set_request_id(wxd_trace_t *t, const char *rid, size_t ridlen, const char *fallback_id) {
   if (rid && wxd_trace_id_ok(rid, ridlen, WXD_TRACE_REQUEST_ID_MAX)) {
     memcpy(t->request_id, rid, ridlen);
     t->request_id[ridlen] = 0;
   } else {
-    snprintf(t->request_id, sizeof t->request_id, "%s", fallback_id);
+    size_t n = strnlen(fallback_id, WXD_TRACE_REQUEST_ID_MAX);
+    memcpy(t->request_id, fallback_id, n);
+    t->request_id[n] = 0;
   }
+}
+
+void wxd_trace_draw(uint64_t ids[3]) {
+  ids[0] = next_random();
+  ids[1] = next_random();
+  if ((ids[0] | ids[1]) == 0) ids[1] = 1;
+  do ids[2] = next_random(); while (ids[2] == 0);
+}
+
+void wxd_trace_set_new(wxd_trace_t *t, const uint64_t ids[3]) {
+  hex64(t->trace_id, ids[0]);
+  hex64(t->trace_id + 16, ids[1]);
+  t->trace_id[32] = 0;
+  hex64(t->span_id, ids[2]);
+  t->span_id[16] = 0;
+  t->parent_id[0] = 0;
+  t->flags = 0;
+}
+
+void wxd_trace_make_ids(wxd_trace_t *t, const char *tp, size_t tplen) {
+  if (tp && wxd_trace_parse(tp, tplen, t->trace_id, t->parent_id, &t->flags)) {
+    wxd_trace_new_span_id(t->span_id);
+    return;
+  }
+  uint64_t ids[3];
+  wxd_trace_draw(ids);
+  wxd_trace_set_new(t, ids);
+}
+
+void wxd_trace_begin(wxd_trace_t *t, const char *tp, size_t tplen, const char *rid, size_t ridlen,
+                     const char *fallback_id) {
+  wxd_trace_make_ids(t, tp, tplen);
+  wxd_trace_set_request_id(t, rid, ridlen, fallback_id);
+  t->openid[0] = 0;
+  t->gray[0] = 0;
+}
+
+void wxd_trace_none(wxd_trace_t *t, const char *request_id) {
+  t->trace_id[0] = t->span_id[0] = t->parent_id[0] = 0;
+  t->flags = 0;
+  size_t n = strnlen(request_id, WXD_TRACE_REQUEST_ID_MAX);
+  memcpy(t->request_id, request_id, n);
+  t->request_id[n] = 0;
   t->openid[0] = 0;
   t->gray[0] = 0;
 }

@@ -37,6 +37,22 @@ int wxd_trace_parse(const char *v, size_t n, char trace_id[33], char parent_id[1
 void wxd_trace_begin(wxd_trace_t *t, const char *tp, size_t tplen, const char *rid, size_t ridlen,
                      const char *fallback_id);
 
+/* The two halves of wxd_trace_begin, for a context made lazily: the
+ * request id (a sane X-Request-Id, else fallback_id), and the ids (the
+ * caller's trace from a valid traceparent, else a new one; a new span). */
+void wxd_trace_set_request_id(wxd_trace_t *t, const char *rid, size_t ridlen, const char *fallback_id);
+void wxd_trace_make_ids(wxd_trace_t *t, const char *tp, size_t tplen);
+/* A new trace in two steps: the random ids drawn (trace id high and low
+ * halves, span id; never zero), then written as hex into t. Between the
+ * two, a sampling decision can read the draw without formatting it: the
+ * trace id's hex digits 16..23 are ids[1] >> 32. */
+void wxd_trace_draw(uint64_t ids[3]);
+void wxd_trace_set_new(wxd_trace_t *t, const uint64_t ids[3]);
+
+/* A request without trace context (config trace = false): no ids made,
+ * trace_id "" (what readers test); request_id is the core's own id. */
+void wxd_trace_none(wxd_trace_t *t, const char *request_id);
+
 /* 1 when v (n bytes) may be used as a request id or an openid: 1..max
  * bytes of letters, digits and -_.:@/+= (nothing a log or header could
  * be broken with). */

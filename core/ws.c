@@ -822,7 +822,7 @@ static int ws_upgrade(lua_State *L) {
   wxd__http_access_log(c->w, r, "GET", 101, c->remote);
   /* Answered: the request leaves the in-flight gauge like any other (its
    * coroutine lives on as the connection's handler). */
-  wxd_metrics_inflight(c->w->id, -1);
+  wxd__http_in_flight(c->w, -1);
 
   /* The request ends here; its coroutine is the WebSocket's from now on. */
   ws->conn = c;

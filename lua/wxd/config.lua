@@ -90,7 +90,7 @@ local FREE_SECTIONS = { "mp", "pay", "miniprogram", "token", "app", "order", "we
                         "cloudbase", "alert", "queue", "degrade" }
 
 local TOP_KEYS = { "listen", "workers", "steering", "limits", "log", "admin_listen", "shdict", "https", "redis", "store",
-  "gray" }
+  "gray", "metrics" }
 for _, k in ipairs(FREE_SECTIONS) do
   TOP_KEYS[#TOP_KEYS + 1] = k
 end
@@ -113,6 +113,8 @@ function _M.defaults()
     steering = "auto",
     limits  = limits,
     log     = { level = "info", access = true },
+    -- Request metrics and GET /metrics (docs/observability.md); false: off.
+    metrics = true,
   }
 end
 
@@ -682,6 +684,12 @@ function _M.validate(t, opts)
       else
         for _, e in ipairs(errs) do ctx.errors[#ctx.errors + 1] = e end
       end
+    elseif k == "metrics" then
+      -- false: no request metrics, no GET /metrics (docs/observability.md).
+      out.metrics = boolean(ctx, path, v)
+    elseif k == "trace" and v == false then
+      -- No trace context: no ids made, no spans (docs/observability.md).
+      out.trace = false
     elseif FREE[k] then
       if check_section(ctx, path, v) then
         out[k] = v

@@ -30,6 +30,12 @@ local c_family, c_series, c_add, c_observe, c_set, c_add_shared, c_value =
 
 local _M = {}
 
+--- false when config.lua says `metrics = false`: GET /metrics is off, the
+-- core counts no requests and the library's own metrics (count, observe,
+-- set_value below) count nothing. App metrics still work (m:value()), but
+-- nothing shows them.
+_M.enabled = core.enabled ~= false
+
 _M.DEFAULT_BUCKETS = { 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10 }
 
 local Metric = {}
@@ -173,6 +179,7 @@ end
 --- For the library's modules: like inc/observe, but a full metric counts
 -- under label value "other" and never raises.
 function _M.count(m, labels, n)
+  if not _M.enabled then return end
   local ok = pcall(Metric.inc, m, n or 1, labels)
   if not ok and type(labels) == "table" then
     local other = {}
@@ -185,11 +192,13 @@ end
 -- stats): sets a library metric's value for the whole process, counters
 -- included (the source counts; this only shows it).
 function _M.set_value(m, v, labels)
+  if not _M.enabled then return end
   local ok, slot = pcall(slot_of, m, labels)
   if ok then c_set(slot, v) end
 end
 
 function _M.observe(m, v, labels)
+  if not _M.enabled then return end
   local ok = pcall(Metric.observe, m, v, labels)
   if not ok and type(labels) == "table" then
     local other = {}

@@ -18,46 +18,22 @@
 -- @module wxd.otlp
 
 local wxd = require "wxd"
-local json = require "wxd.json"
 local timer = require "wxd.timer"
 local http = require "wxd.http"
 local log = require "wxd.log"
 local trace = require "wxd.trace"
 local metrics = require "wxd.metrics"
+local core_otlp = require "wxd.core.otlp"
 
-local type, pairs, tostring, tonumber, format, floor, pcall =
-  type, pairs, tostring, tonumber, string.format, math.floor, pcall
+local type, pairs, tostring, tonumber, pcall = type, pairs, tostring, tonumber, pcall
 
 local _M = {}
 
-local function attr(k, v)
-  local t = type(v)
-  if t == "number" and v == floor(v) then return { key = k, value = { intValue = format("%d", v) } } end
-  if t == "number" then return { key = k, value = { doubleValue = v } } end
-  if t == "boolean" then return { key = k, value = { boolValue = v } } end
-  return { key = k, value = { stringValue = tostring(v) } }
-end
-
-local function nanos(s) return format("%.0f", s * 1e9) end
-
---- The OTLP/HTTP JSON body for a list of spans (as wxd.trace records them).
+--- The OTLP/HTTP JSON body for a list of spans (as wxd.trace records them),
+-- written in C (core/otlp.c): attribute values that are not strings,
+-- numbers or booleans are left out.
 function _M.encode(spans, service_name)
-  local out = {}
-  for i = 1, #spans do
-    local s = spans[i]
-    local attrs = {}
-    for k, v in pairs(s.attrs or {}) do attrs[#attrs + 1] = attr(k, v) end
-    out[i] = {
-      traceId = s.trace_id, spanId = s.span_id, parentSpanId = s.parent_id or "",
-      name = s.name, kind = s.kind, startTimeUnixNano = nanos(s.start_s), endTimeUnixNano = nanos(s.end_s),
-      attributes = attrs, status = { code = s.error and 2 or 0 },
-    }
-  end
-  return json.encode({ resourceSpans = { {
-    resource = { attributes = { attr("service.name", service_name or "wxd"),
-      attr("service.instance.id", tostring(wxd.worker_id())) } },
-    scopeSpans = { { scope = { name = "wxd", version = wxd.version }, spans = out } },
-  } } })
+  return core_otlp.encode(spans, tostring(service_name or "wxd"), tostring(wxd.worker_id()), tostring(wxd.version or ""))
 end
 
 local exported_metric

@@ -74,11 +74,9 @@ function _M.load_app(appdir, _worker, generation)
   -- this worker's exporter runs from a timer.
   if trace.exporting() then
     require("wxd.otlp").start()
-    local now = wxd.now
     return function(raw)
-      local t0 = now()
       local ok2, status, headers, body = xpcall(handle, traceback, app, raw)
-      trace.finish_request(raw, ok2 and status or 500, t0, now())
+      trace.finish_request(raw, ok2 and status or 500)
       if count_gray then count_gray(rawget(raw, "gray")) end
       if ok2 then return status, headers, body, nil, raw.route end
       log.error("handler error", { id = raw.id, method = raw.method, path = raw.path, error = status })

@@ -10,6 +10,11 @@
 -- X-OpenID, or the one an Official Account message carries) is forwarded only
 -- to hosts listed in `trace.forward_openid_to`.
 --
+-- `trace = false` in config.lua turns all of this off: the core makes no
+-- ids (current() is nil, log lines carry none, no spans), and outbound
+-- calls only pass on a traceparent, tracestate and X-Request-Id the caller
+-- sent.
+--
 -- Config (section `trace`, all optional):
 --   openid_header = "X-OpenID"   -- false: never read an openid from headers
 --   forward_openid_to = { "api.internal", "*.svc.cluster.local" }
@@ -22,8 +27,9 @@ local core_http = require "wxd.core.http"
 local metrics = require "wxd.metrics"
 
 local type, tonumber, tostring, sub, lower = type, tonumber, tostring, string.sub, string.lower
-local trace_context, set_openid, new_span_id, gray_of = core_http.trace_context, core_http.set_openid,
-  core_http.new_span_id, core_http.gray
+local now = wxd.now
+local trace_context, set_openid, new_span_id, incoming_trace, span_context, gray_of = core_http.trace_context,
+  core_http.set_openid, core_http.new_span_id, core_http.incoming_trace, core_http.span_context, core_http.gray
 
 local _M = {}
 
@@ -118,7 +124,13 @@ _M.openid_allowed = openid_allowed
 -- @treturn ?table headers name → value
 function _M.outbound(host, span_id)
   local ctx = _M.current()
-  if not ctx then return nil end
+  if not ctx then
+    -- trace = false: what the caller sent passes on unchanged (a hop that
+    -- does not trace keeps its caller's trace whole); nothing of our own.
+    local tp, tstate, rid = incoming_trace()
+    if not (tp or rid) then return nil end
+    return {}, { traceparent = tp, tracestate = tstate, ["x-request-id"] = rid }
+  end
   local h = {
     traceparent = "00-" .. ctx.trace_id .. "-" .. (span_id or ctx.span_id) .. (ctx.sampled and "-01" or "-00"),
     ["x-request-id"] = ctx.request_id,
@@ -199,10 +211,20 @@ function _M.count_dropped(n) count_drop(n) end
 function _M.queued() return qn end
 
 --- The server's wrapper calls this after a request when exporting: the
--- request's server span.
-function _M.finish_request(raw, status, start_s, end_s)
-  local tid, sid, pid, flags = trace_context()
-  if not tid or not sampled(tid, pid, flags) or not _M.room() then return end
+-- request's server span, from its first byte to now.
+local rate_of, rate = nil, 0 -- the sampling rate, read again when wxd.config changes
+function _M.finish_request(raw, status)
+  if wxd.config ~= rate_of then
+    rate_of = wxd.config
+    local t = section()
+    rate = t and type(t.otlp) == "table" and tonumber(t.otlp.sample or 1) or 0
+  end
+  -- sampled(), decided in C: an unsampled request costs no strings and no
+  -- clock read.
+  local tid, sid, pid, elapsed = span_context(rate)
+  if not tid or not _M.room() then return end
+  local end_s = now()
+  local start_s = end_s - elapsed
   _M.record({
     trace_id = tid, span_id = sid, parent_id = pid, kind = 2, -- SERVER
     name = (raw.method or "") .. " " .. (raw.route or "unmatched"),

@@ -61,6 +61,7 @@ describe("wxd.config", function()
                     lua_memory_bytes            = 1073741824,
                 },
                 log = { level = "info", access = true },
+                metrics = true,
             }, config.defaults())
         end)
 

@@ -230,6 +230,23 @@ describe("gray release", function()
   end)
 end)
 
+describe("gray release with trace = false", function()
+  it("still colours requests, shows req.gray and logs the colour", function()
+    local dir = H.tmpdir()
+    os.execute("cp -r " .. H.app("gray") .. "/. " .. dir)
+    H.write_file(dir .. "/config.lua", string.format(CONFIG, "", "5"):gsub("^return {", "return {\n  trace = false,"))
+    local srv = H.start(dir, { workers = 2 })
+    finally(function() srv:stop() srv:cleanup() end)
+    local scene = { ["X-Wechat-Scene"] = "miniapp_v3", ["X-OpenID"] = "oNoTrace2" } -- bucket 2193: outside the 5%
+    for _ = 1, 20 do
+      assert.equal("v2 v2", srv:get("/who", scene).body)
+      assert.equal("v1 -", srv:get("/who", { ["X-OpenID"] = "oNoTrace2" }).body)
+    end
+    H.wait_until(function() return #srv:log_lines('"gray":"v2"') >= 20 end, 5, "access lines with the colour")
+    assert.equal(0, #srv:log_lines('"trace_id"'))
+  end)
+end)
+
 describe("gray release reload under load", function()
   it("applies a new percentage to the next request, with no failed request (wrk, 2 workers)", function()
     local dir = H.tmpdir()

@@ -148,3 +148,16 @@ wrk_parse() {
     WRK_SOCKERR_LINE=$(grep -m1 'Socket errors' <<<"$out" | sed 's/^ *//' || true)
     WRK_REQUESTS=$(awk '/ requests in / {print $1; exit}' <<<"$out")
 }
+
+# cpu_ticks -> "idle total": the machine's CPU time so far (/proc/stat, all
+# CPUs), idle counting iowait too.
+cpu_ticks() {
+    awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print $5 + $6, t; exit }' /proc/stat
+}
+
+# idle_share BEFORE AFTER -> the idle share of the machine's CPUs between two
+# cpu_ticks readings, in percent with one decimal.
+idle_share() {
+    awk -v a="$1" -v b="$2" 'BEGIN { split(a, x, " "); split(b, y, " ");
+        t = y[2] - x[2]; if (t <= 0) print "n/a"; else printf "%.1f", 100 * (y[1] - x[1]) / t }'
+}
