@@ -227,6 +227,58 @@ describe("wx_* (native WeChat message crypto)", function()
       refused(400, "^decrypt failed$", open(body(enc), nil, core.wx_signature(TOKEN, TS, NONCE, enc)))
     end)
 
+    it("reads the outer document as expat does, whether it takes its fast path or not", function()
+      -- wx_open reads WeChat's usual outer document with a scanner of its
+      -- own and anything else with expat. A comment right after <xml> makes
+      -- any document take expat's way: both ways must agree.
+      local function outcome(doc, max_elements)
+        local m, a, b, c, d = core.wx_open(TOKEN, TS, NONCE, SIG, doc, APPID, { KEY }, 65536, 10,
+                                           max_elements or 1000, ARRAYS)
+        if m then return { "ok", m.Content, a, b, c, d } end
+        return { "refused", b, (a:gsub(" %(.*", "")) }
+      end
+      local function through_expat(doc) return (doc:gsub("^<xml>", "<xml><!---->", 1)) end
+      local half = math.floor(#ENC / 2)
+      local cases = {
+        { body(ENC), "ok" },
+        { "<xml>\n  <ToUserName><![CDATA[gh_x]]></ToUserName>\n\t<Encrypt><![CDATA[" .. ENC
+          .. "]]></Encrypt>\r\n</xml>\n", "ok" },
+        { "<xml><Encrypt>" .. ENC .. "</Encrypt></xml>", "ok" },
+        { "<xml><Encrypt>" .. ENC:gsub("%+", "&#43;") .. "</Encrypt></xml>", "ok" },
+        { body(ENC, "<MsgType><![CDATA[text]]></MsgType><CreateTime>1458300676</CreateTime>"), "ok" },
+        { "<xml><Encrypt><![CDATA[" .. ENC .. "]]></Encrypt><Encrypt>x</Encrypt></xml>", "ok" },
+        { "<xml><Encrypt>x</Encrypt><Encrypt><![CDATA[" .. ENC .. "]]></Encrypt></xml>", 403 },
+        { "<xml><Encrypt><![CDATA[" .. ENC:sub(1, half) .. "]]><![CDATA[" .. ENC:sub(half + 1)
+          .. "]]></Encrypt></xml>", "ok" },
+        { '<xml><Encrypt a="1"><![CDATA[' .. ENC .. "]]></Encrypt></xml>", "ok" },
+        { "<xml><Encrypt> " .. ENC .. " </Encrypt></xml>", 403 },
+        { "<xml><Encrypt><![CDATA[" .. ENC .. "]]></Encrypt></xml>junk", 400 },
+        { "<xml><Encrypt><![CDATA[" .. ENC .. "]]></Encrypt></xml><xml/>", 400 },
+        { "<xml><Encrypt><![CDATA[" .. ENC .. "]]></Encrypt></Xml>", 400 },
+        { "<xml><Encrypt><![CDATA[" .. ENC .. "]]></encrypt></xml>", 400 },
+        { "<xml><Encrypt><E>" .. ENC .. "</E></Encrypt></xml>", 400 },
+        { "<xml><ToUserName>gh_x</ToUserName></xml>", 400 },
+        { "<xml><Encrypt><![CDATA[]]></Encrypt></xml>", 400 },
+        { "<xml><Encrypt></Encrypt></xml>", 400 },
+        { "<xml><A><![CDATA[a\r\nb]]></A><Encrypt><![CDATA[" .. ENC .. "]]></Encrypt></xml>", "ok" },
+        { "<xml><A><![CDATA[\229\190\174]]></A><Encrypt><![CDATA[" .. ENC .. "]]></Encrypt></xml>", "ok" },
+        { "<xml><A>a]]>b</A><Encrypt><![CDATA[" .. ENC .. "]]></Encrypt></xml>", 400 },
+        { "<xml><1A>a</1A><Encrypt><![CDATA[" .. ENC .. "]]></Encrypt></xml>", 400 },
+        { "<xml><A>\1</A><Encrypt><![CDATA[" .. ENC .. "]]></Encrypt></xml>", 400 },
+        { "<xml><Encrypt><![CDATA[" .. ENC .. "]]></Encrypt>", 400 },
+        { "<xml><Encrypt><![CDATA[" .. ENC .. "]></Encrypt></xml>", 400 },
+        -- The element limit counts the root: 3 elements where 2 are allowed.
+        { body(ENC), 400, 2 },
+      }
+      for _, case in ipairs(cases) do
+        local doc, want, max_elements = case[1], case[2], case[3]
+        local fast, slow = outcome(doc, max_elements), outcome(through_expat(doc), max_elements)
+        assert.same(slow, fast, doc)
+        assert.equal(want, fast[1] == "ok" and "ok" or fast[2], doc)
+        if want == "ok" then assert.equal("hello", fast[2]) end
+      end
+    end)
+
     it("raises for a key of the wrong size and other wrong arguments", function()
       assert.has_error(function() open(body(ENC), { "short" }) end)
       assert.has_error(function() open(body(ENC), "not a table") end)
