@@ -95,6 +95,10 @@ typedef struct ps_store {
   uint64_t durable;       /* every change up to this one is on disk */
   int fd;
   int io_errno;           /* a write or fsync failed: changes refused */
+  /* Owned by the journal thread once it runs (by the opener before). */
+  off_t wr_off;           /* where the next commit is written */
+  off_t alloc_end;        /* the file is zero-filled and synced up to here */
+  int no_prealloc;        /* zero-filling failed once: commits extend the file */
   ps_waiter_t *waiters;
   uint64_t n_transitions, n_duplicates, n_illegal, n_late, n_commits;
 } ps_store_t;
@@ -393,17 +397,50 @@ static void wake_waiters(ps_store_t *st) {
   }
 }
 
-static int write_all(int fd, const char *p, size_t len) {
+static int pwrite_all(int fd, const char *p, size_t len, off_t at) {
   while (len > 0) {
-    ssize_t n = write(fd, p, len);
+    ssize_t n = pwrite(fd, p, len, at);
     if (n < 0) {
       if (errno == EINTR) continue;
       return errno;
     }
     p += n;
     len -= (size_t)n;
+    at += n;
   }
   return 0;
+}
+
+/* Zero-filled space kept ahead of the commits. */
+#define PS_PREALLOC ((off_t)4 << 20)
+
+/* Zero-fills the next PS_PREALLOC bytes after alloc_end and syncs them, so
+ * that commits overwrite blocks that are allocated and on disk: their
+ * fdatasync then flushes the data alone, with no size or block-map update
+ * (on ext4 one device write instead of two: about half the time per group
+ * commit). Replay ends at the first zero length. A failure (no space, a
+ * file size limit) is not an error: the file is cut back and commits extend
+ * it as they write, fdatasync persisting the size each time. Run by the
+ * opener, then by the journal thread alone, without st->mu. */
+static void journal_prealloc(ps_store_t *st) {
+  static const char zeros[65536];
+  if (st->no_prealloc) return;
+  off_t at = st->alloc_end, end = st->alloc_end + PS_PREALLOC;
+  int err = 0;
+  while (at < end && !err) {
+    size_t n = end - at < (off_t)sizeof zeros ? (size_t)(end - at) : sizeof zeros;
+    err = pwrite_all(st->fd, zeros, n, at);
+    if (!err) at += (off_t)n;
+  }
+  if (!err && fdatasync(st->fd) != 0) err = errno;
+  if (err) {
+    st->no_prealloc = 1;
+    if (ftruncate(st->fd, st->alloc_end) != 0) err = errno;
+    wxd_logf(WXD_LOG_WARN, -1, "order journal %s: cannot zero-fill space ahead (%s); commits extend the file instead",
+             st->path, strerror(err));
+    return;
+  }
+  st->alloc_end = at;
 }
 
 static void *journal_main(void *arg) {
@@ -417,8 +454,12 @@ static void *journal_main(void *arg) {
     out = tmp;
     uint64_t upto = st->appended;
     pthread_mutex_unlock(&st->mu);
-    int err = write_all(st->fd, out.data, out.len);
+    /* One write and one fdatasync for every change queued meanwhile (group
+     * commit), into space zero-filled beforehand when there is some. */
+    while (st->wr_off + (off_t)out.len > st->alloc_end && !st->no_prealloc) journal_prealloc(st);
+    int err = pwrite_all(st->fd, out.data, out.len, st->wr_off);
     if (!err && fdatasync(st->fd) != 0) err = errno;
+    if (!err) st->wr_off += (off_t)out.len;
     out.len = 0;
     pthread_mutex_lock(&st->mu);
     if (err) st->io_errno = err;
@@ -427,6 +468,13 @@ static void *journal_main(void *arg) {
     wake_waiters(st);
     pthread_cond_broadcast(&st->durable_cv);
     if (err) break;
+    if (st->alloc_end - st->wr_off < PS_PREALLOC / 4 && !st->no_prealloc) {
+      /* Ahead of need, after the waiters are woken: changes queued
+       * meanwhile wait for it (about 20 ms per 4 MiB) once in a while. */
+      pthread_mutex_unlock(&st->mu);
+      journal_prealloc(st);
+      pthread_mutex_lock(&st->mu);
+    }
   }
   pthread_mutex_unlock(&st->mu);
   wxd_logf(WXD_LOG_ERROR, -1, "order journal %s: %s; changes are refused until a restart", st->path,
@@ -516,7 +564,10 @@ static int journal_replay(ps_store_t *st, const char *data, size_t len, char *er
     off += 8 + plen;
     nrec++;
   }
-  if (off < len)
+  /* Zeros after the last record are the space kept ahead (journal_prealloc). */
+  size_t tail = off;
+  while (tail < len && data[tail] == 0) tail++;
+  if (tail < len)
     wxd_logf(WXD_LOG_WARN, -1, "order journal %s: ignored a torn or corrupt tail of %zu bytes at offset %zu",
              st->path, len - off, off);
   wxd_logf(WXD_LOG_INFO, -1, "order journal %s: replayed %zu records, %zu orders", st->path, nrec, st->count);
@@ -589,7 +640,8 @@ static int journal_open(ps_store_t *st, char *err, size_t errlen) {
     return -1;
   }
   fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  int e = fd < 0 ? errno : write_all(fd, out.data, out.len);
+  off_t written = (off_t)out.len;
+  int e = fd < 0 ? errno : pwrite_all(fd, out.data, out.len, 0);
   if (!e && fsync(fd) != 0) e = errno;
   if (fd >= 0) close(fd);
   wxd_buf_free(&out);
@@ -600,11 +652,13 @@ static int journal_open(ps_store_t *st, char *err, size_t errlen) {
     snprintf(err, errlen, "order journal %s: compaction failed: %s", st->path, strerror(e));
     return -1;
   }
-  st->fd = open(st->path, O_WRONLY | O_APPEND | O_CLOEXEC);
+  st->fd = open(st->path, O_WRONLY | O_CLOEXEC);
   if (st->fd < 0) {
     snprintf(err, errlen, "order journal %s: %s", st->path, strerror(errno));
     return -1;
   }
+  st->wr_off = st->alloc_end = written;
+  journal_prealloc(st);
   return 0;
 }
 
