@@ -254,17 +254,47 @@ uint64_t wxd_journal_queued(wxd_journal_t *j) {
 
 /* ---- Files ---- */
 
-static int write_all(int fd, const char *p, size_t len) {
+static int pwrite_all(int fd, const char *p, size_t len, size_t at) {
   while (len > 0) {
-    ssize_t n = write(fd, p, len);
+    ssize_t n = pwrite(fd, p, len, (off_t)at);
     if (n < 0) {
       if (errno == EINTR) continue;
       return errno;
     }
     p += n;
     len -= (size_t)n;
+    at += (size_t)n;
   }
   return 0;
+}
+
+/* Zero-filled space kept ahead of the commits. */
+#define PREALLOC_BYTES ((size_t)4 << 20)
+
+/* Zero-fills the next PREALLOC_BYTES after alloc_end and syncs them, so that
+ * commits overwrite allocated blocks whose size and block map are on disk.
+ * A failure (no space, a file size limit) is not an error: the file is cut
+ * back and commits extend it as they write, fdatasync persisting the size.
+ * Run by the opener, then by the writer thread alone, without the mutex. */
+static void prealloc(wxd_journal_t *j) {
+  static const char zeros[65536];
+  if (j->no_prealloc) return;
+  size_t at = j->alloc_end, end = j->alloc_end + PREALLOC_BYTES;
+  int err = 0;
+  while (at < end && !err) {
+    size_t n = end - at < sizeof zeros ? end - at : sizeof zeros;
+    err = pwrite_all(j->fd, zeros, n, at);
+    if (!err) at += n;
+  }
+  if (!err && fdatasync(j->fd) != 0) err = errno;
+  if (err) {
+    j->no_prealloc = 1;
+    if (ftruncate(j->fd, (off_t)j->alloc_end) != 0) err = errno;
+    wxd_logf(WXD_LOG_WARN, -1, "%s %s: cannot zero-fill space ahead (%s); commits extend the file instead", j->what,
+             j->path, strerror(err));
+    return;
+  }
+  j->alloc_end = at;
 }
 
 static int fsync_dir_of(const char *path) {
@@ -282,12 +312,12 @@ static int fsync_dir_of(const char *path) {
 }
 
 /* Writes `out` as the whole journal (PATH.tmp, fsync, rename, fsync of the
- * directory) and opens it for appending into *fd. Returns 0 or an errno. */
+ * directory) and opens it for writing into *fd. Returns 0 or an errno. */
 static int rewrite(const char *path, const wxd_buf_t *out, int *fd_out) {
   char tmp[PATH_MAX + 8];
   snprintf(tmp, sizeof tmp, "%s.tmp", path);
   int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  int e = fd < 0 ? errno : write_all(fd, out->data, out->len);
+  int e = fd < 0 ? errno : pwrite_all(fd, out->data, out->len, 0);
   if (!e && fsync(fd) != 0) e = errno;
   if (fd >= 0) close(fd);
   if (!e && rename(tmp, path) != 0) e = errno;
@@ -296,7 +326,7 @@ static int rewrite(const char *path, const wxd_buf_t *out, int *fd_out) {
     unlink(tmp);
     return e;
   }
-  fd = open(path, O_WRONLY | O_APPEND | O_CLOEXEC);
+  fd = open(path, O_WRONLY | O_CLOEXEC);
   if (fd < 0) return errno;
   *fd_out = fd;
   return 0;
@@ -333,10 +363,15 @@ static void *writer_main(void *arg) {
       err = rewrite(j->path, &out, &fd);
       if (!err) {
         close(j->fd);
-        j->fd = fd; /* only this thread uses fd once running */
+        j->fd = fd; /* only this thread uses fd, file_bytes' offset and alloc_end once running */
+        j->alloc_end = out.len;
+        j->no_prealloc = 0;
       }
     } else {
-      err = write_all(j->fd, out.data, out.len);
+      /* One write and one fdatasync for every record queued meanwhile
+       * (group commit), into zero-filled space when there is some. */
+      while (j->file_bytes + out.len > j->alloc_end && !j->no_prealloc) prealloc(j);
+      err = pwrite_all(j->fd, out.data, out.len, j->file_bytes);
       if (!err && fdatasync(j->fd) != 0) err = errno;
     }
     size_t written = out.len;
@@ -358,6 +393,13 @@ static void *writer_main(void *arg) {
     wake_waiters(j);
     pthread_cond_broadcast(&j->durable_cv);
     if (err) break;
+    if (!j->no_prealloc && j->alloc_end - j->file_bytes < PREALLOC_BYTES / 4) {
+      /* Ahead of need, once the waiters are woken: records queued meanwhile
+       * wait for it (about 20 ms per 4 MiB) once in a while. */
+      pthread_mutex_unlock(j->mu);
+      prealloc(j);
+      pthread_mutex_lock(j->mu);
+    }
   }
   pthread_mutex_unlock(j->mu);
   wxd_logf(WXD_LOG_ERROR, -1, "%s %s: %s; changes are refused until a restart", j->what, j->path,
@@ -417,7 +459,10 @@ int wxd_journal_open(wxd_journal_t *j, const char *what, const char *path, pthre
     off += 8 + plen;
     nrec++;
   }
-  if (off < file.len)
+  /* Zeros after the last record are the space kept ahead (prealloc). */
+  size_t tail = off;
+  while (tail < file.len && file.data[tail] == 0) tail++;
+  if (tail < file.len)
     wxd_logf(WXD_LOG_WARN, -1, "%s %s: ignored a torn or corrupt tail of %zu bytes at offset %zu", what, path,
              file.len - off, off);
   wxd_logf(WXD_LOG_INFO, -1, "%s %s: replayed %zu records", what, path, nrec);
@@ -432,7 +477,8 @@ int wxd_journal_open(wxd_journal_t *j, const char *what, const char *path, pthre
     goto fail;
   }
   int e = rewrite(path, &out, &j->fd);
-  j->file_bytes = out.len;
+  j->file_bytes = j->alloc_end = out.len;
+  if (!e) prealloc(j);
   j->compact_min = 4u << 20;
   j->compact_bytes = next_compaction(j, out.len);
   wxd_buf_free(&out);

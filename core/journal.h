@@ -22,6 +22,12 @@
  * and the pending records are dropped. After a failed write or fsync the
  * journal refuses changes (io_errno) until the process restarts.
  *
+ * The file keeps 4 MiB of zero-filled, synced space after its last record,
+ * and commits overwrite it (pwrite at their offset): the file's size and
+ * block map are on disk already, so a commit's fdatasync writes the data
+ * alone (one device write instead of two on ext4). Replay ends at the first
+ * zero length; zeros after the last record are that space, not a torn tail.
+ *
  * The owner's mutex guards every field below; the writer thread takes it.
  */
 #ifndef WXD_JOURNAL_H
@@ -55,7 +61,9 @@ typedef struct wxd_journal {
   uint64_t durable;           /* every record up to this one is on disk */
   int fd;
   int io_errno;               /* a write or fsync failed: changes refused */
-  size_t file_bytes;          /* size of the file now */
+  size_t file_bytes;          /* bytes of records in the file: where the next commit goes */
+  size_t alloc_end;           /* the file is zero-filled and synced up to here (writer's own) */
+  int no_prealloc;            /* zero-filling failed once: commits extend the file */
   size_t compact_bytes;       /* compact when the file grows past this (0: never) */
   size_t compact_min;         /* ... which is max(compact_min, 4 x the last compacted size) */
   wxd_journal_dump_fn dump;

@@ -540,11 +540,38 @@ typedef struct transition_args {
   const char *no, *key, *event, *data;
   int to;
   int64_t expect_version; /* -1: any */
+  /* A notification's check against the order (transition_checked): */
+  int check;              /* compare the fields below first */
+  const char *mchid, *appid, *currency; /* NULL: must be absent (appid: check_appid) */
+  int check_appid;
+  double amount;
+  const char *ref;        /* JSON text `"field":value`: an entry into `to` under another key
+                           * whose data holds it means the event was applied before */
 } transition_args_t;
+
+/* The checks of a notification against its order, under the same lock as
+ * its transition: 0 to go on, else r holds the answer. */
+static int check_notification(ps_store_t *st, ps_order_t *o, const transition_args_t *a, ps_result_t *r) {
+  (void)st;
+  if (!same_str(o->mchid, a->mchid)) return result_error(r, "mchid mismatch"), 1;
+  if (a->check_appid && !same_str(o->appid, a->appid)) return result_error(r, "appid mismatch"), 1;
+  if ((double)o->amount != a->amount) return result_error(r, "amount mismatch"), 1;
+  if (!same_str(o->currency, a->currency)) return result_error(r, "currency mismatch"), 1;
+  if (a->ref)
+    for (size_t i = 0; i < o->hist.n; i++) {
+      const ps_entry_t *e = &o->hist.v[i];
+      if (e->to == a->to && strcmp(e->key, a->key) != 0 && e->data && strstr(e->data, a->ref)) {
+        result_order(r, o, "already");
+        return 1;
+      }
+    }
+  return 0;
+}
 
 static void op_transition(ps_store_t *st, const transition_args_t *a, ps_result_t *r) {
   ps_order_t *o = order_find(st, a->no);
   if (!o) return result_error(r, "not found");
+  if (a->check && check_notification(st, o, a, r)) return;
   /* The key first: a retried event is a duplicate even when the order has
    * moved on since (PAID, then CONFIRMED, then PAID's retry). */
   for (size_t i = 0; i < o->hist.n; i++)
@@ -783,7 +810,7 @@ static int store_get(lua_State *L) {
  *   -> o, "ok" | o, "duplicate" | nil, err [, "late"] */
 static int store_transition(lua_State *L) {
   ps_store_t *st = check_store(L);
-  transition_args_t a;
+  transition_args_t a = {0};
   a.no = luaL_checkstring(L, 2);
   const char *to = luaL_checkstring(L, 3);
   luaL_argcheck(L, strlen(a.no) <= PS_NO_MAX, 2, "out_trade_no too long");
@@ -791,6 +818,39 @@ static int store_transition(lua_State *L) {
   a.event = luaL_optstring(L, 5, NULL);
   a.data = luaL_optstring(L, 6, NULL);
   a.expect_version = (int64_t)luaL_optnumber(L, 7, -1);
+  a.to = state_parse(to);
+  if (a.to < 0) return luaL_argerror(L, 3, "unknown state");
+  ps_result_t *r = new_result(L);
+  pthread_mutex_lock(&st->mu);
+  op_transition(st, &a, r);
+  pthread_mutex_unlock(&st->mu);
+  return finish(L, st, r);
+}
+
+/* st:transition_checked(no, to, key, event, data_json|nil, mchid|nil, appid|false|nil, amount,
+ *                       currency, ref|nil)
+ *   -> as transition, or nil, "mchid mismatch" | "appid mismatch" | "amount mismatch" |
+ *      "currency mismatch", or o, "already" (ref found under another key).
+ * wxd.pay's notification step in one call: the order is checked against
+ * the notification and moved under one lock, with one copy of it back.
+ * appid false: not compared. */
+static int store_transition_checked(lua_State *L) {
+  ps_store_t *st = check_store(L);
+  transition_args_t a = {0};
+  a.no = luaL_checkstring(L, 2);
+  const char *to = luaL_checkstring(L, 3);
+  luaL_argcheck(L, strlen(a.no) <= PS_NO_MAX, 2, "out_trade_no too long");
+  a.key = luaL_checkstring(L, 4);
+  a.event = luaL_optstring(L, 5, NULL);
+  a.data = luaL_optstring(L, 6, NULL);
+  a.expect_version = -1;
+  a.check = 1;
+  a.mchid = luaL_optstring(L, 7, NULL);
+  a.check_appid = !(lua_type(L, 8) == LUA_TBOOLEAN && !lua_toboolean(L, 8));
+  a.appid = a.check_appid ? luaL_optstring(L, 8, NULL) : NULL;
+  a.amount = luaL_checknumber(L, 9);
+  a.currency = luaL_checkstring(L, 10);
+  a.ref = luaL_optstring(L, 11, NULL);
   a.to = state_parse(to);
   if (a.to < 0) return luaL_argerror(L, 3, "unknown state");
   ps_result_t *r = new_result(L);
@@ -893,7 +953,8 @@ static int mod_pairs(lua_State *L) {
 
 int wxd_open_order(lua_State *L) {
   static const luaL_Reg methods[] = {{"create", store_create}, {"get", store_get},
-                                     {"transition", store_transition}, {"due", store_due},
+                                     {"transition", store_transition},
+                                     {"transition_checked", store_transition_checked}, {"due", store_due},
                                      {"stats", store_stats}, {NULL, NULL}};
   static const luaL_Reg fns[] = {{"open", mod_open}, {"states", mod_states}, {"legal", mod_legal},
                                  {"pairs", mod_pairs}, {NULL, NULL}};

@@ -286,6 +286,9 @@ static int key_decrypt(lua_State *L) {
   size_t len, outlen = RSA_MAX_BYTES;
   const char *ct = check_bytes(L, 2, &len);
   if (EVP_PKEY_get_size(k->pkey) > RSA_MAX_BYTES) return luaL_error(L, "RSA key too large");
+  /* RFC 8017 7.1.2 step 1: a ciphertext is exactly k octets. OpenSSL
+   * would read a shorter one as the same number with leading zeros. */
+  if (len != (size_t)EVP_PKEY_get_size(k->pkey)) return push_fail(L, "decrypt failed");
   unsigned char out[RSA_MAX_BYTES];
   EVP_PKEY_CTX *c = oaep_ctx(k->pkey, 0);
   int ok = c && EVP_PKEY_decrypt(c, out, &outlen, (const unsigned char *)ct, len) > 0;

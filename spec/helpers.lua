@@ -26,6 +26,20 @@ function H.read_file(path)
   return s
 end
 
+-- A wxd journal's records (core/journal.c) without the zero-filled space it
+-- keeps after them (each record: u32 length, u32 CRC, payload; a zero
+-- length ends them).
+function H.journal_records(data)
+  local off = 1
+  while off + 8 <= #data do
+    local a, b, c, d = data:byte(off, off + 3)
+    local plen = a + b * 256 + c * 65536 + d * 16777216
+    if plen == 0 then break end
+    off = off + 8 + plen
+  end
+  return data:sub(1, off - 1)
+end
+
 function H.write_file(path, s)
   local f = assert(io.open(path, "wb"))
   f:write(s)

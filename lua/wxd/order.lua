@@ -224,6 +224,16 @@ function Memory:transition(no, to, opts)
   return o, status, late
 end
 
+function Memory:transition_checked(no, to, opts, expect)
+  local o, status, late = self.st:transition_checked(no, to, opts.key, opts.event, opts.data, expect.mchid,
+    expect.appid, expect.amount, expect.currency, expect.ref)
+  if o then
+    decode_entries(o.history)
+    decode_entries(o.late)
+  end
+  return o, status, late
+end
+
 function Memory:due(cutoff_ms, limit) return self.st:due(cutoff_ms, limit) end
 
 function Memory:stats() return self.st:stats() end
@@ -448,6 +458,29 @@ function Orders:transition(no, to, opts)
   return o, status
 end
 
+--- wxd.pay's notification step in one call where the backend has it
+-- (memory): the order checked against `expect` and moved, under one lock.
+-- `expect`: mchid, appid (false: not compared), amount, currency, ref
+-- (the JSON text `"transaction_id":"..."`: an entry into `to` under another
+-- key whose data holds it means the event was applied before). Returns as
+-- transition, or nil, "mchid mismatch" | "appid mismatch" | "amount
+-- mismatch" | "currency mismatch", or o, "already"; or false when the
+-- backend has no such call (the caller checks in Lua then).
+function Orders:transition_checked(no, to, opts, expect)
+  if not self.impl.transition_checked then return false end
+  check_transition(no, to, opts)
+  local args = opts
+  if opts.data ~= nil then
+    local text = cjson.encode(opts.data)
+    if not text then error("wxd.order.transition_checked: data must be encodable as JSON", 2) end
+    args = { key = opts.key, event = opts.event, data = text }
+  end
+  local o, status, late = self.impl:transition_checked(no, to, args, expect)
+  if o and status == "ok" then after_transition(o, self.backend)
+  elseif late == "late" then after_late(self, no, to, opts, status) end
+  return o, status
+end
+
 --- Closes unpaid (CREATED or PAYING) orders older than close_after; the
 -- closer timer calls it. Returns how many it closed.
 function Orders:close_due(limit)
@@ -477,7 +510,7 @@ local function the_orders()
   return default
 end
 
-for _, name in ipairs({ "create", "get", "transition", "close_due", "stats" }) do
+for _, name in ipairs({ "create", "get", "transition", "transition_checked", "close_due", "stats" }) do
   local method = Orders[name]
   _M[name] = function(...) return method(the_orders(), ...) end
 end

@@ -386,6 +386,17 @@ describe("keys, certificates and PKCS#12 from bad input", function()
     fails("decrypt failed", key.decrypt, key, "")
     fails("decrypt failed", key.decrypt, key, string.rep("\255", 256))
     fails("decrypt failed", key.decrypt, key, ct:sub(1, 99) .. string.char(bit.bxor(ct:byte(100), 1)) .. ct:sub(101))
+    -- A ciphertext shorter than the modulus is refused (RFC 8017 7.1.2),
+    -- also one whose missing byte was a leading zero (1 in 256 ciphertexts:
+    -- the same number, which OpenSSL alone would decrypt).
+    local zero_led
+    for _ = 1, 5000 do
+      local c = key:encrypt("secret")
+      if c:byte(1) == 0 then zero_led = c break end
+    end
+    assert.truthy(zero_led, "no ciphertext with a leading zero in 5000")
+    assert.equal("secret", key:decrypt(zero_led))
+    fails("decrypt failed", key.decrypt, key, zero_led:sub(2))
     fails("message too long", key.encrypt, key, string.rep("x", 215))
     assert.truthy(key:encrypt(string.rep("x", 214)))
   end)

@@ -23,6 +23,7 @@ local type, tostring, ipairs, getmetatable = type, tostring, ipairs, getmetatabl
 local find = string.find
 
 local _M = {}
+local apply_checked -- below
 
 -- A notification's trade_state / refund_status → the state it moves the order to.
 _M.TRADE_TARGET = { SUCCESS = "PAID", PAYERROR = "FAILED", CLOSED = "CLOSED", REVOKED = "CLOSED" }
@@ -46,6 +47,7 @@ function _M.resolve(setting)
       create = function(t) return setting:create(t) end,
       get = function(no) return setting:get(no) end,
       transition = function(no, to, opts) return setting:transition(no, to, opts) end,
+      transition_checked = function(no, to, opts, expect) return setting:transition_checked(no, to, opts, expect) end,
     }
   end
   error("wxd.pay: cfg.orders must be true, false or a store from wxd.order.new", 3)
@@ -149,6 +151,67 @@ local function has_late(o, key)
   return false
 end
 
+-- What follows a transition that did not happen: a late event recorded,
+-- an event applied already, or a refusal.
+local function after_refusal(orders, no, to, id, status, fields)
+  fields.error = status
+  if not logical(status) then return refuse(503, "order store unavailable", fields) end
+  if status == "not found" then return refuse(400, "unknown order", fields) end
+  local now_o, gerr = orders.get(no)
+  if not now_o then
+    fields.error = gerr
+    return refuse(503, "order store unavailable", fields)
+  end
+  -- Late events are recorded by wxd.order (durably, once per key; logged,
+  -- counted, given to on_late): WeChat Pay need not repeat them.
+  if has_late(now_o, id) then return "late", now_o end
+  if now_o.state == to then return "already", now_o end
+  return refuse(409, status, fields)
+end
+
+local MISMATCH = { ["mchid mismatch"] = true, ["appid mismatch"] = true, ["amount mismatch"] = true,
+  ["currency mismatch"] = true }
+
+local function plain_json_string(v)
+  return type(v) == "string" and find(v, "^[%w_%-]+$") ~= nil
+end
+
+-- A payment notification in one call of the store (memory backend): the
+-- same checks, in the same order, as the Lua path below, under the store's
+-- lock, with one copy of the order back instead of two. false: the Lua
+-- path must do it (a target that needs the order first, odd field types).
+function apply_checked(orders, n, d, no, ev, fields)
+  local to = _M.TRADE_TARGET[d.trade_state]
+  local amount = d.amount
+  if not to or (d.mchid ~= nil and type(d.mchid) ~= "string") or (d.appid ~= nil and type(d.appid) ~= "string")
+      or (d.transaction_id ~= nil and not plain_json_string(d.transaction_id))
+      or (type(amount) == "table" and amount.currency ~= nil and type(amount.currency) ~= "string") then
+    return false
+  end
+  if type(amount) ~= "table" or type(amount.total) ~= "number" then
+    fields.amount = type(amount) == "table" and amount.total or nil
+    -- Still "unknown order" first when there is none, as the Lua path says.
+    local o, err = orders.get(no)
+    if not o and err == "not found" then return refuse(400, "unknown order", fields) end
+    if not o then
+      fields.error = err
+      return refuse(503, "order store unavailable", fields)
+    end
+    return refuse(400, "amount mismatch", fields)
+  end
+  local data = { transaction_id = d.transaction_id, trade_state = d.trade_state }
+  local moved, status = orders.transition_checked(no, to, { key = n.id, event = ev, data = data }, {
+    mchid = d.mchid, appid = d.appid, amount = amount.total, currency = amount.currency or "CNY",
+    ref = d.transaction_id ~= nil and '"transaction_id":"' .. d.transaction_id .. '"' or nil })
+  if moved == false then return false end
+  if moved then return status, moved end
+  if MISMATCH[status] then
+    if status == "amount mismatch" then fields.amount = amount.total end
+    return refuse(400, status, fields)
+  end
+  return after_refusal(orders, no, to, n.id, status, fields)
+end
+
 --- Checks a verified notification against its order and drives the
 -- transition. Returns status, order with status "ok" (moved now),
 -- "duplicate" (this id moved it before), "already" (another notification
@@ -165,6 +228,10 @@ function _M.apply(orders, n)
   local fields = { id = n.id, event_type = ev, out_trade_no = tostring(no) }
   if type(no) ~= "string" or not find(no, "^[%w_%-|*@.]+$") or #no > 64 then
     return refuse(400, "no out_trade_no", fields)
+  end
+  if not is_refund and orders.transition_checked then
+    local st, a, b = apply_checked(orders, n, d, no, ev, fields)
+    if st ~= false then return st, a, b end
   end
   local o, err = orders.get(no)
   if not o then
@@ -202,19 +269,7 @@ function _M.apply(orders, n)
   end
   local moved, status = orders.transition(no, to, { key = n.id, event = ev, data = data })
   if moved then return status, moved end
-  fields.error = status
-  if not logical(status) then return refuse(503, "order store unavailable", fields) end
-  if status == "not found" then return refuse(400, "unknown order", fields) end
-  local now_o, gerr = orders.get(no)
-  if not now_o then
-    fields.error = gerr
-    return refuse(503, "order store unavailable", fields)
-  end
-  -- Late events are recorded by wxd.order (durably, once per key; logged,
-  -- counted, given to on_late): WeChat Pay need not repeat them.
-  if has_late(now_o, n.id) then return "late", now_o end
-  if now_o.state == to then return "already", now_o end
-  return refuse(409, status, fields)
+  return after_refusal(orders, no, to, n.id, status, fields)
 end
 
 return _M
