@@ -171,12 +171,19 @@ run_wrk() {
     rate=$(awk -v r="$RATE" -v b="${BEST[$peer]:-0}" 'BEGIN { b = int(b * 2); print (b > r ? b : r) }')
     pool=$((rate * secs))
     prepare "$peer" "$TMP/pool.txt" "$pool"
+    rm -f "$TMP/pool.txt.ready"
     t0=$(cpu_ticks)
     out=$(PAY_REQUESTS="$TMP/pool.txt" PAY_THREADS=$THREADS \
         wrk -t"$THREADS" -c"$CONNS" -d"${secs}s" -s spec/bench/pay_wrk.lua "${URL_BASE[$peer]}/pay/notify" 2>&1) || rc=$?
     t1=$(cpu_ticks)
-    IDLE=$(idle_share "$t0" "$t1")
-    rm -f "$TMP/pool.txt"
+    # The idle share of the run itself (pay_wrk.lua prints /proc/stat once
+    # every thread has loaded and at the end; see wrk_start.lua); around
+    # wrk as a fallback.
+    local s0 s1
+    s0=$(awk '/^pay_wrk: CPU START cpu / { t = 0; for (i = 5; i <= NF; i++) t += $i; print $8 + $9, t; exit }' <<<"$out")
+    s1=$(awk '/^pay_wrk: CPU END cpu / { t = 0; for (i = 5; i <= NF; i++) t += $i; print $8 + $9, t; exit }' <<<"$out")
+    if [[ -n $s0 && -n $s1 ]]; then IDLE=$(idle_share "$s0" "$s1"); else IDLE=$(idle_share "$t0" "$t1"); fi
+    rm -f "$TMP/pool.txt" "$TMP/pool.txt.ready"
     wrk_parse "$out"
     rps=$WRK_RPS
     if ((rc != 0)) || [[ -z $rps ]]; then FAILURES+=("$label $peer: wrk failed (exit $rc)"); echo "$out" >&2; rps=0; fi

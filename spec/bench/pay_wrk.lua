@@ -4,10 +4,15 @@
 -- k + PAY_THREADS, ... A thread that runs out starts over (the nonces then
 -- repeat and are refused as replays): done() prints "pay_wrk: POOL
 -- EXHAUSTED" and the script fails the run. Every answer must be 204;
--- others are counted ("pay_wrk: BAD REPLIES n").
+-- others are counted ("pay_wrk: BAD REPLIES n"). All threads start
+-- together and the CPU counters of the run itself are printed: see
+-- wrk_start.lua.
 
 local file = os.getenv("PAY_REQUESTS")
 local nthreads = tonumber(os.getenv("PAY_THREADS") or "1")
+
+local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
+local start = dofile(here .. "wrk_start.lua")("pay_wrk", file .. ".ready", nthreads)
 
 local threads = {}
 local next_id = 0
@@ -38,9 +43,11 @@ function init()
   end
   f:close()
   assert(n > 0, "pay_wrk: no requests for this thread")
+  start.init_done()
 end
 
 function request()
+  start.before_request()
   i = i + 1
   if i > n then
     i = 1
@@ -54,6 +61,7 @@ function response(status)
 end
 
 function done()
+  start.done()
   local nbad = 0
   for _, t in ipairs(threads) do
     if (tonumber(t:get("wrapped")) or 0) > 0 then
