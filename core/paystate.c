@@ -176,79 +176,37 @@ static int list_reserve(ps_list_t *l) {
   return 0;
 }
 
-/* ---- Encoding: journal records and snapshots share one format ---- */
+/* ---- Encoding: journal records and snapshots share one format ----
+ * (core/journal.c's little-endian integers and length-prefixed strings) */
 
 static int put_u32(wxd_buf_t *b, uint32_t v) {
-  unsigned char p[4] = {(unsigned char)v, (unsigned char)(v >> 8), (unsigned char)(v >> 16),
-                        (unsigned char)(v >> 24)};
-  return wxd_buf_append(b, p, 4);
+  int rc = 0;
+  wxd_jput_u32(b, v, &rc);
+  return rc;
 }
 
 static int put_i64(wxd_buf_t *b, int64_t v) {
-  uint64_t u = (uint64_t)v;
-  return put_u32(b, (uint32_t)u) | put_u32(b, (uint32_t)(u >> 32));
+  int rc = 0;
+  wxd_jput_i64(b, v, &rc);
+  return rc;
 }
 
 static int put_u8(wxd_buf_t *b, int v) {
-  unsigned char c = (unsigned char)v;
-  return wxd_buf_append(b, &c, 1);
+  int rc = 0;
+  wxd_jput_u8(b, v, &rc);
+  return rc;
 }
 
-#define NO_STR 0xffffffffu
-/* A string as u32 length + bytes; NULL as length NO_STR. */
+/* A string; NULL stays NULL. */
 static int put_str(wxd_buf_t *b, const char *s) {
-  if (!s) return put_u32(b, NO_STR);
-  size_t len = strlen(s);
-  return put_u32(b, (uint32_t)len) | wxd_buf_append(b, s, len);
+  int rc = 0;
+  wxd_jput_str(b, s, s ? strlen(s) : 0, &rc);
+  return rc;
 }
 
-typedef struct rd {
-  const unsigned char *p;
-  size_t len, off;
-  int bad; /* read past the end, or a malformed field */
-} rd_t;
-
-static uint32_t get_u32(rd_t *r) {
-  if (r->len - r->off < 4) {
-    r->bad = 1;
-    return 0;
-  }
-  const unsigned char *p = r->p + r->off;
-  r->off += 4;
-  return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static int64_t get_i64(rd_t *r) {
-  uint64_t lo = get_u32(r), hi = get_u32(r);
-  return (int64_t)(lo | hi << 32);
-}
-
-static int get_u8(rd_t *r) {
-  if (r->off >= r->len) {
-    r->bad = 1;
-    return 0;
-  }
-  return r->p[r->off++];
-}
-
-/* A string field: its bytes (not NUL-terminated) and length, or NULL. */
-static const char *get_str(rd_t *r, size_t *len) {
-  uint32_t n = get_u32(r);
-  *len = 0;
-  if (r->bad || n == NO_STR) return NULL;
-  if (r->len - r->off < n) {
-    r->bad = 1;
-    return NULL;
-  }
-  const char *s = (const char *)r->p + r->off;
-  r->off += n;
-  *len = n;
-  return s;
-}
-
-static char *get_dup(rd_t *r, int *oom) {
+static char *get_dup(wxd_jreader_t *r, int *oom) {
   size_t len;
-  const char *s = get_str(r, &len);
+  const char *s = wxd_jget_str(r, &len);
   if (!s) return NULL;
   char *d = dup_n(s, len);
   if (!d) *oom = 1;
@@ -338,11 +296,11 @@ static uint64_t journal_queued(ps_store_t *st) { return wxd_journal_queued(&st->
 static int journal_replay(void *ctx, const unsigned char *payload, size_t plen, size_t off, char *err,
                           size_t errlen) {
   ps_store_t *st = ctx;
-  rd_t r = {payload, plen, 0, 0};
-  int type = get_u8(&r);
+  wxd_jreader_t r = {payload, plen, 0, 0};
+  int type = wxd_jget_u8(&r);
   int oom = 0;
   size_t nolen;
-  const char *nop = get_str(&r, &nolen);
+  const char *nop = wxd_jget_str(&r, &nolen);
   char no[PS_NO_MAX + 1];
   if (!nop || nolen >= sizeof no) {
     snprintf(err, errlen, "order journal %s: malformed record at offset %zu", st->path, off);
@@ -355,14 +313,14 @@ static int journal_replay(void *ctx, const unsigned char *payload, size_t plen, 
     ps_order_t *n = calloc(1, sizeof *n);
     if (!n) goto oom;
     n->no = dup_n(no, nolen);
-    n->amount = get_i64(&r);
+    n->amount = wxd_jget_i64(&r);
     n->currency = get_dup(&r, &oom);
     n->appid = get_dup(&r, &oom);
     n->mchid = get_dup(&r, &oom);
     n->openid = get_dup(&r, &oom);
     n->description = get_dup(&r, &oom);
     n->key = get_dup(&r, &oom);
-    n->created_at = n->updated_at = get_i64(&r);
+    n->created_at = n->updated_at = wxd_jget_i64(&r);
     if (!n->no || oom || r.bad || o || store_insert(st, n) != 0) {
       order_free(n);
       if (oom || (!r.bad && !o)) goto oom;
@@ -370,10 +328,10 @@ static int journal_replay(void *ctx, const unsigned char *payload, size_t plen, 
       return -1;
     }
   } else if (type == REC_TRANSITION || type == REC_LATE) {
-    int from = get_u8(&r), to = get_u8(&r);
-    int64_t version = get_i64(&r), at = get_i64(&r);
+    int from = wxd_jget_u8(&r), to = wxd_jget_u8(&r);
+    int64_t version = wxd_jget_i64(&r), at = wxd_jget_i64(&r);
     size_t el, kl, dl;
-    const char *ev = get_str(&r, &el), *key = get_str(&r, &kl), *dat = get_str(&r, &dl);
+    const char *ev = wxd_jget_str(&r, &el), *key = wxd_jget_str(&r, &kl), *dat = wxd_jget_str(&r, &dl);
     if (r.bad || !o || !key || from >= S_COUNT || to >= S_COUNT ||
         (type == REC_TRANSITION && (o->state != from || version != o->version + 1))) {
       snprintf(err, errlen, "order journal %s: inconsistent record for %s at offset %zu", st->path, no, off);
@@ -633,9 +591,9 @@ static ps_store_t *check_store(lua_State *L) {
   return *box;
 }
 
-static void push_entry(lua_State *L, rd_t *r) {
-  int from = get_u8(r), to = get_u8(r);
-  int64_t at = get_i64(r);
+static void push_entry(lua_State *L, wxd_jreader_t *r) {
+  int from = wxd_jget_u8(r), to = wxd_jget_u8(r);
+  int64_t at = wxd_jget_i64(r);
   lua_createtable(L, 0, 6);
   lua_pushstring(L, state_names[from < S_COUNT ? from : 0]);
   lua_setfield(L, -2, "from");
@@ -646,7 +604,7 @@ static void push_entry(lua_State *L, rd_t *r) {
   static const char *const names[3] = {"event", "key", "data"};
   for (int i = 0; i < 3; i++) {
     size_t len;
-    const char *s = get_str(r, &len);
+    const char *s = wxd_jget_str(r, &len);
     if (!s) continue;
     lua_pushlstring(L, s, len);
     lua_setfield(L, -2, names[i]);
@@ -654,31 +612,31 @@ static void push_entry(lua_State *L, rd_t *r) {
 }
 
 static void push_snapshot(lua_State *L, const wxd_buf_t *b) {
-  rd_t r = {(const unsigned char *)b->data, b->len, 0, 0};
+  wxd_jreader_t r = {(const unsigned char *)b->data, b->len, 0, 0};
   lua_createtable(L, 0, 14);
   size_t len;
-  const char *s = get_str(&r, &len);
+  const char *s = wxd_jget_str(&r, &len);
   lua_pushlstring(L, s ? s : "", len);
   lua_setfield(L, -2, "out_trade_no");
-  lua_pushnumber(L, (lua_Number)get_i64(&r));
+  lua_pushnumber(L, (lua_Number)wxd_jget_i64(&r));
   lua_setfield(L, -2, "amount");
   static const char *const strs[] = {"currency", "appid", "mchid", "payer_openid", "description"};
   for (int i = 0; i < 5; i++) {
-    s = get_str(&r, &len);
+    s = wxd_jget_str(&r, &len);
     if (!s) continue;
     lua_pushlstring(L, s, len);
     lua_setfield(L, -2, strs[i]);
   }
-  lua_pushnumber(L, (lua_Number)get_i64(&r));
+  lua_pushnumber(L, (lua_Number)wxd_jget_i64(&r));
   lua_setfield(L, -2, "created_at");
-  lua_pushnumber(L, (lua_Number)get_i64(&r));
+  lua_pushnumber(L, (lua_Number)wxd_jget_i64(&r));
   lua_setfield(L, -2, "updated_at");
-  lua_pushnumber(L, (lua_Number)get_i64(&r));
+  lua_pushnumber(L, (lua_Number)wxd_jget_i64(&r));
   lua_setfield(L, -2, "version");
-  int state = get_u8(&r);
+  int state = wxd_jget_u8(&r);
   lua_pushstring(L, state_names[state < S_COUNT ? state : 0]);
   lua_setfield(L, -2, "state");
-  uint32_t nh = get_u32(&r), nl = get_u32(&r);
+  uint32_t nh = wxd_jget_u32(&r), nl = wxd_jget_u32(&r);
   const char *lists[2] = {"history", "late"};
   uint32_t counts[2] = {nh, nl};
   for (int l = 0; l < 2; l++) {
@@ -877,10 +835,10 @@ static int store_due(lua_State *L) {
       }
   pthread_mutex_unlock(&st->mu);
   lua_createtable(L, (int)n, 0);
-  rd_t r = {(const unsigned char *)b.data, b.len, 0, 0};
+  wxd_jreader_t r = {(const unsigned char *)b.data, b.len, 0, 0};
   for (size_t i = 0; i < n; i++) {
     size_t len;
-    const char *s = get_str(&r, &len);
+    const char *s = wxd_jget_str(&r, &len);
     if (!s) break;
     lua_pushlstring(L, s, len);
     lua_rawseti(L, -2, (int)i + 1);
