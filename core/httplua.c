@@ -840,8 +840,6 @@ static int http_set_openid(lua_State *L) {
   return 1;
 }
 
-/* wxd.core.http.gray() -> the colour wxd.gray gave the running request (or
- * the request a task was spawned from), or nothing. */
 /* Where the running coroutine's colour lives: the request's context even
  * with trace = false or before its ids are drawn (a colour draws none). */
 static wxd_trace_t *gray_slot(lua_State *L) {
@@ -850,6 +848,8 @@ static wxd_trace_t *gray_slot(lua_State *L) {
   return wxd_trace_of(co);
 }
 
+/* wxd.core.http.gray() -> the colour wxd.gray gave the running request (or
+ * the request a task was spawned from), or nothing. */
 static int http_gray(lua_State *L) {
   wxd_trace_t *t = gray_slot(L);
   if (!t || !t->gray[0]) return 0;

@@ -82,7 +82,9 @@ int wxd_trace_id_ok(const char *v, size_t n, size_t max) {
   if (n == 0 || n > max) return 0;
   for (size_t i = 0; i < n; i++) {
     char c = v[i];
-    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || strchr("-_.:@/+=", c)))
+    /* c != 0: strchr would find the set's own terminator. */
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+          (c != 0 && strchr("-_.:@/+=", c))))
       return 0;
   }
   return 1;

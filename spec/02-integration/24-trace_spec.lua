@@ -145,6 +145,17 @@ describe("trace context", function()
     assert.equal(c.trace_id, access.trace_id)
   end)
 
+  it("takes an openid of the allowed characters only (no NUL byte cutting it short)", function()
+    local function set(v)
+      local r = srv:get("/set-openid?v=" .. v)
+      assert.equal(200, r.status, r.body)
+      return cjson.decode(r.body)
+    end
+    assert.same({ took = true, openid = "oABCD1234efgh5678" }, set("oABCD1234efgh5678"))
+    assert.same({ took = false, openid = false }, set("oABCD%00efgh5678"))
+    assert.same({ took = false, openid = false }, set("oABCD%20efgh"))
+  end)
+
   it("forwards the openid only to allowed hosts", function()
     local r = srv:get("/call?url=http://localhost:" .. up.port .. "/echo", { ["X-OpenID"] = "oABCD1234efgh5678" })
     local got = cjson.decode(cjson.decode(r.body).upstream)
