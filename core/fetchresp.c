@@ -50,7 +50,7 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len) {
 
 static int on_header_value_complete(llhttp_t *p) {
   fetch_req_t *r = p->data;
-  wxd_hdrs_value_done(&r->hdrs);
+  wxd_hdrs_value_done(&r->hdrs, &r->head);
   return 0;
 }
 

@@ -93,8 +93,19 @@ static inline int wxd_hdrs_value(wxd_hdrs_t *h, wxd_buf_t *buf, const char *at, 
   return WXD_HDRS_OK;
 }
 
-/* The value is complete (on_header_value_complete): the field is, too. */
-static inline void wxd_hdrs_value_done(wxd_hdrs_t *h) { h->state = 0; }
+/* The value is complete (on_header_value_complete): the field is, too.
+ * Whitespace after the value is not part of it (RFC 9110 5.5; llhttp
+ * leaves it in, and drops only what precedes the value). */
+static inline void wxd_hdrs_value_done(wxd_hdrs_t *h, const wxd_buf_t *buf) {
+  h->state = 0;
+  if (h->n == 0) return;
+  wxd_hdr_t *f = &h->v[h->n - 1];
+  while (f->value_len > 0) {
+    char c = buf->data[f->value_off + f->value_len - 1];
+    if (c != ' ' && c != '\t') break;
+    f->value_len--;
+  }
+}
 
 /* The index of the first field called `name` (lower case), or -1. */
 static inline int wxd_hdrs_find(const wxd_hdrs_t *h, const wxd_buf_t *buf, const char *name, size_t nl) {

@@ -170,6 +170,7 @@ static int on_header_value_complete(llhttp_t *p) {
   wxd_conn_t *c = p->data;
   wxd_req_t *r = c->req;
   if (r->in_trailers || r->hdrs.n == 0) return 0;
+  wxd_hdrs_value_done(&r->hdrs, &r->head);
   wxd_hdr_t *h = &r->hdrs.v[r->hdrs.n - 1];
   const char *name = r->head.data + h->name_off;
   if (h->name_len == 17 && memcmp(name, "transfer-encoding", 17) == 0) {
@@ -182,7 +183,6 @@ static int on_header_value_complete(llhttp_t *p) {
   else if (h->name_len == 11 && r->tp_idx < 0 && memcmp(name, "traceparent", 11) == 0) r->tp_idx = (int)r->hdrs.n - 1;
   else if (h->name_len == 10 && memcmp(name, "connection", 10) == 0)
     note_connection_options(r, r->head.data + h->value_off, h->value_len);
-  wxd_hdrs_value_done(&r->hdrs);
   return 0;
 }
 

@@ -35,6 +35,18 @@ describe("server header fields (basic app: max_header_bytes 2048)", function()
     assert.equal("a, b", seen.multi)
   end)
 
+  it("drops whitespace after a value (RFC 9110 5.5), also when it arrives one byte at a time", function()
+    local req = "GET /headers HTTP/1.1\r\nHost: x\r\nUser-Agent: \t spaced out \t \r\n"
+      .. "X-Multi: a \r\nX-Multi: b\t\r\nConnection: close\r\n\r\n"
+    for _, split in ipairs({ false, true }) do
+      local r = one_response((srv:raw(req, { split = split })))
+      assert.equal(200, r.status)
+      local seen = cjson.decode(r.body)
+      assert.equal("spaced out", seen.ua)
+      assert.equal("a, b", seen.multi)
+    end
+  end)
+
   it("takes 100 fields and refuses 101 with 431", function()
     local head = "GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
     assert.equal(200, one_response((srv:raw(head .. extra_fields(98) .. "\r\n"))).status)
