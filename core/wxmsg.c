@@ -25,6 +25,8 @@
  *   wx_seal(token, key, receive_id, message, timestamp [, fmt [, nonce
  *       [, random]]]) -> the reply envelope, XML (fmt "xml", the default)
  *       or JSON ("json"): Encrypt, MsgSignature, TimeStamp, Nonce
+ *   wx_open(...), wx_open_query(...): an encrypted XML message from the
+ *       request to the message table (see each below)
  * `key` is the 32-byte AES key; `random` (16 bytes) and `nonce` exist so
  * that specs can reproduce published values. Wrong argument types raise.
  */
@@ -38,6 +40,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <limits.h>
+#include <math.h>
 #include <string.h>
 
 #define WX_FAILED "decrypt failed"
@@ -329,6 +332,9 @@ static int outer_scan(const char *s, size_t n, const wxd_xml_limits_t *lim, cons
  * dedup id (see push_dedup_id); or nil, reason,
  * status (400 or 403) as wxd.mp logs and answers them. No Lua string is
  * made of the Encrypt value or the plaintext. */
+static int open_core(lua_State *L, part_t parts[4], const char *sig, size_t slen, const char *body, size_t blen,
+                     const char *rid, size_t rlen, int keys, const wxd_xml_limits_t *limits, int arrays);
+
 static int wx_open(lua_State *L) {
   part_t parts[4];
   size_t slen, blen, rlen;
@@ -337,12 +343,150 @@ static int wx_open(lua_State *L) {
   const char *body = check_str(L, 5, &blen);
   const char *rid = check_str(L, 6, &rlen);
   luaL_checktype(L, 7, LUA_TTABLE);
-  int nkeys = (int)lua_objlen(L, 7);
   wxd_xml_limits_t lim;
   int arrays = wxd_xml_check_limits(L, 8, &lim);
   lua_settop(L, 11);
+  return open_core(L, parts, sig, slen, body, blen, rid, rlen, 7, &lim, arrays);
+}
+
+/* ---- the query string, read in place ---- */
+
+enum { Q_SIGNATURE, Q_TIMESTAMP, Q_NONCE, Q_ENCRYPT_TYPE, Q_COUNT };
+static const char *const query_names[Q_COUNT] = {"msg_signature", "timestamp", "nonce", "encrypt_type"};
+#define Q_VALUE_MAX 4096 /* wxd.mp's bound on each of them */
+
+static int hexval(unsigned char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  c |= 0x20;
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  return -1;
+}
+
+/* Decodes s[0..n) by wxd.app's query rules (core/query.c: '+' is a space, a
+ * valid %XX its byte, anything else itself); writes the first `cap` bytes
+ * of the result to out and returns its whole length. */
+static size_t query_decode(const char *s, size_t n, char *out, size_t cap) {
+  size_t o = 0;
+  for (size_t i = 0; i < n; i++, o++) {
+    unsigned char c = (unsigned char)s[i];
+    if (c == '+') {
+      c = ' ';
+    } else if (c == '%' && i + 2 < n && hexval((unsigned char)s[i + 1]) >= 0 && hexval((unsigned char)s[i + 2]) >= 0) {
+      c = (unsigned char)(hexval((unsigned char)s[i + 1]) * 16 + hexval((unsigned char)s[i + 2]));
+      i += 2;
+    }
+    if (o < cap) out[o] = (char)c;
+  }
+  return o;
+}
+
+typedef struct query_value {
+  const char *raw; /* NULL: absent */
+  size_t raw_len;
+} query_value_t;
+
+/* Finds the four names wxd.mp reads, as parse_query(s) (last one wins,
+ * nothing after max_params pairs) would give them. */
+static void query_find(const char *s, size_t len, lua_Integer max_params, query_value_t v[Q_COUNT]) {
+  for (int i = 0; i < Q_COUNT; i++) v[i].raw = NULL, v[i].raw_len = 0;
+  lua_Integer pairs = 0;
+  size_t pos = 0;
+  while (pos < len) {
+    const char *amp = memchr(s + pos, '&', len - pos);
+    size_t stop = amp ? (size_t)(amp - s) : len;
+    if (stop > pos) {
+      if (++pairs > max_params) break;
+      const char *pair = s + pos;
+      size_t plen = stop - pos;
+      const char *eq = memchr(pair, '=', plen);
+      size_t klen = eq ? (size_t)(eq - pair) : plen;
+      char name[16];
+      /* Every name sought is under 16 bytes, and decoding shrinks a name at most 3 times. */
+      if (klen > 0 && klen <= 3 * sizeof name) {
+        size_t nlen = query_decode(pair, klen, name, sizeof name);
+        for (int i = 0; i < Q_COUNT && nlen <= sizeof name; i++)
+          if (strlen(query_names[i]) == nlen && memcmp(query_names[i], name, nlen) == 0) {
+            v[i].raw = eq ? eq + 1 : pair + plen;
+            v[i].raw_len = eq ? plen - klen - 1 : 0;
+          }
+      }
+    }
+    if (!amp) break;
+    pos = stop + 1;
+  }
+}
+
+/* wx_open_query(token, query_string, body, receive_id, keys, max_bytes,
+ *               max_depth, max_elements, arrays, now, window, max_params,
+ *               wecom)
+ * wx_open for a request as it arrives: msg_signature, timestamp, nonce and
+ * encrypt_type are read from the raw query string here, with wxd.mp's
+ * checks and reasons, so that no query table and no Lua string of them is
+ * made per message. Returns wx_open's results; nil, reason, status for a
+ * refusal; or false when the request is not an encrypted message that
+ * this path answers the way wxd.mp's general path would (encrypt_type not
+ * "aes", or for WeCom present and not "aes"): the caller takes that path. */
+static int wx_open_query(lua_State *L) {
+  part_t parts[4];
+  size_t qlen, blen, rlen;
+  parts[0].s = check_str(L, 1, &parts[0].n);
+  const char *query = check_str(L, 2, &qlen);
+  const char *body = check_str(L, 3, &blen);
+  const char *rid = check_str(L, 4, &rlen);
+  luaL_checktype(L, 5, LUA_TTABLE);
+  wxd_xml_limits_t lim;
+  int arrays = wxd_xml_check_limits(L, 6, &lim);
+  lua_Number now = luaL_checknumber(L, 10);
+  int windowed = lua_isnumber(L, 11);
+  lua_Number window = windowed ? lua_tonumber(L, 11) : 0;
+  lua_Integer max_params = luaL_checkinteger(L, 12);
+  int wecom = lua_toboolean(L, 13);
+  lua_settop(L, 13);
+
+  query_value_t v[Q_COUNT];
+  query_find(query, qlen, max_params, v);
+  char enc_type[4];
+  size_t etlen = v[Q_ENCRYPT_TYPE].raw ? query_decode(v[Q_ENCRYPT_TYPE].raw, v[Q_ENCRYPT_TYPE].raw_len, enc_type, 4) : 0;
+  int aes = v[Q_ENCRYPT_TYPE].raw && etlen == 3 && memcmp(enc_type, "aes", 3) == 0;
+  if (!(aes || (wecom && !v[Q_ENCRYPT_TYPE].raw))) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  /* check_query's order: presence and size of each, then the timestamp's
+   * form, the nonce's length, the window. */
+  char sig[41], ts[12], nonce[128];
+  char *const out[3] = {sig, ts, nonce};
+  const size_t cap[3] = {sizeof sig, sizeof ts, sizeof nonce};
+  size_t n[3];
+  for (int i = 0; i < 3; i++) {
+    n[i] = v[i].raw ? query_decode(v[i].raw, v[i].raw_len, out[i], cap[i]) : 0;
+    if (n[i] == 0 || n[i] > Q_VALUE_MAX) return open_fail(L, 400, "missing or oversized %s%s", query_names[i], NULL);
+  }
+  if (n[Q_TIMESTAMP] > sizeof ts) return open_fail(L, 400, "malformed timestamp%s%s", NULL, NULL);
+  lua_Number t = 0;
+  for (size_t i = 0; i < n[Q_TIMESTAMP]; i++) {
+    if (ts[i] < '0' || ts[i] > '9') return open_fail(L, 400, "malformed timestamp%s%s", NULL, NULL);
+    t = t * 10 + (ts[i] - '0');
+  }
+  if (n[Q_NONCE] > sizeof nonce) return open_fail(L, 400, "nonce too long%s%s", NULL, NULL);
+  if (windowed && fabs(now - t) > window) return open_fail(L, 403, "timestamp outside the window%s%s", NULL, NULL);
+  parts[1].s = ts;
+  parts[1].n = n[Q_TIMESTAMP];
+  parts[2].s = nonce;
+  parts[2].n = n[Q_NONCE];
+  /* A longer signature cannot match: its first 41 bytes fail as well. */
+  size_t slen = n[Q_SIGNATURE] < sizeof sig ? n[Q_SIGNATURE] : sizeof sig;
+  return open_core(L, parts, sig, slen, body, blen, rid, rlen, 5, &lim, arrays);
+}
+
+/* parts[0..2]: the token, timestamp and nonce; the keys array at index
+ * `keys`. */
+static int open_core(lua_State *L, part_t parts[4], const char *sig, size_t slen, const char *body, size_t blen,
+                     const char *rid, size_t rlen, int keys, const wxd_xml_limits_t *limits, int arrays) {
+  wxd_xml_limits_t lim = *limits;
+  int nkeys = (int)lua_objlen(L, keys);
   for (int i = 1; i <= nkeys; i++) { /* checked before any C allocation */
-    lua_rawgeti(L, 7, i);
+    lua_rawgeti(L, keys, i);
     check_key(L, -1);
     lua_pop(L, 1);
   }
@@ -409,7 +553,7 @@ static int wx_open(lua_State *L) {
   size_t mlen = 0;
   int used = 0, oom = 0;
   for (int i = 1; i <= nkeys && !used && !oom; i++) {
-    lua_rawgeti(L, 7, i); /* a string of the table: anchored by it */
+    lua_rawgeti(L, keys, i); /* a string of the table: anchored by it */
     const unsigned char *key = (const unsigned char *)lua_tostring(L, -1);
     lua_pop(L, 1);
     int drc = decrypt_into(L, b, key, enc, enclen, rid, rlen, &msg, &mlen);
@@ -581,7 +725,7 @@ void wxd__crypto_open_wxmsg(lua_State *L, int algs) {
   static const luaL_Reg fns[] = {
       {"wx_signature", wx_signature}, {"wx_verify", wx_verify}, {"wx_decrypt", wx_decrypt},
       {"wx_encrypt", wx_encrypt},     {"wx_seal", wx_seal},     {"wx_open", wx_open},
-      {NULL, NULL},
+      {"wx_open_query", wx_open_query}, {NULL, NULL},
   };
   for (const luaL_Reg *f = fns; f->name; f++) {
     lua_pushvalue(L, algs);

@@ -65,8 +65,9 @@ local metrics = require "wxd.metrics"
 local trace = require "wxd.trace"
 local gray = require "wxd.gray"
 local native = require "wxd.core.crypto"
-local wx_signature, wx_verify, wx_decrypt, wx_encrypt, wx_seal, wx_open =
-  native.wx_signature, native.wx_verify, native.wx_decrypt, native.wx_encrypt, native.wx_seal, native.wx_open
+local wx_signature, wx_verify, wx_decrypt, wx_encrypt, wx_seal, wx_open, wx_open_query =
+  native.wx_signature, native.wx_verify, native.wx_decrypt, native.wx_encrypt, native.wx_seal, native.wx_open,
+  native.wx_open_query
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -81,6 +82,10 @@ local KINDS = { mp = true, miniprogram = true, wecom = true }
 
 -- Messages are small (WeChat's are a few KiB): these bound the work a
 -- request can cause before and after its signature is checked.
+-- wxd.app's MAX_PARAMS (wxd.app sits above this module; a spec checks
+-- that the two agree).
+local MAX_QUERY_PARAMS = 1000
+_M._MAX_QUERY_PARAMS = MAX_QUERY_PARAMS
 local XML_OPTS = { arrays = { item = true }, max_depth = 10, max_elements = 1000 }
 
 ------------------------------------------------------------------------
@@ -453,6 +458,7 @@ local function new_endpoint(path, cfg, handlers)
     window = window,
     allow_plaintext = allow_plaintext and kind ~= "wecom",
     json = kind == "miniprogram",
+    open_query = #keys > 0 and kind ~= "miniprogram", -- see Endpoint:receive
     deadline_ms = deadline_ms,
     max_body_bytes = positive(cfg, "max_body_bytes", 64 * 1024, 1024 * 1024 * 1024),
     dedup_ttl = dedup_ttl,
@@ -837,37 +843,63 @@ end
 function Endpoint:receive(req, res)
   local body = req.body or ""
   if #body > self.max_body_bytes then return refuse(self, req, 413, "body over max_body_bytes") end
+  local msg, fmt, mode, key, doc, id
+  local qs = self.open_query and byte(body, 1) == 60 and rawget(req, "query") == nil and rawget(req, "query_string")
+  if qs then
+    -- The usual case, an encrypted XML message, with no query table: the
+    -- query string is read in C with check_query's rules and reasons, then
+    -- as wx_open below. false: not that case, the general path decides.
+    local m, a, b, compatible, d = wx_open_query(self.token, qs, body, self.receive_id, self.raw_keys,
+      self.max_body_bytes, XML_OPTS.max_depth, XML_OPTS.max_elements, XML_OPTS.arrays, now(), self.window,
+      MAX_QUERY_PARAMS, self.kind == "wecom")
+    if m then
+      msg, fmt, key, id = m, "xml", self.keys[b], d
+      mode = (self.kind ~= "wecom" and compatible) and "compatible" or "safe"
+    elseif m == nil then
+      return refuse(self, req, b, a)
+    end
+  end
+  if not msg then
+    msg, fmt, mode, key, doc, id = self:open(req, body)
+    if not msg then return refuse(self, req, mode, fmt) end
+  end
+  return self:answer(req, res, msg, fmt, mode, key, doc, id)
+end
+
+-- The general path: every mode and format. msg, fmt, mode, key, doc, id |
+-- nil, reason, status.
+function Endpoint:open(req, body)
   local q = req.query
   local encrypted = self.kind == "wecom" or q.encrypt_type == "aes"
   if q.encrypt_type ~= nil and q.encrypt_type ~= "aes" and q.encrypt_type ~= "raw" then
-    return refuse(self, req, 400, "unknown encrypt_type")
+    return nil, "unknown encrypt_type", 400
   end
   local msg, fmt, mode, key, doc, id
   if encrypted and not self.json and byte(body, 1) == 60 then
     -- XML, encrypted: one native call from the body to the message table
     -- (core/wxmsg.c), in the same order as below: the signature over the
     -- Encrypt value holds before anything is decrypted.
-    if #self.keys == 0 then return refuse(self, req, 400, "encrypted message but no aes_key configured") end
+    if #self.keys == 0 then return nil, "encrypted message but no aes_key configured", 400 end
     local st, why = check_query(self, req, q, { "msg_signature", "timestamp", "nonce" })
-    if st then return refuse(self, req, st, why) end
+    if st then return nil, why, st end
     -- msg, key index, compatible, dedup id | nil, reason, status
     local m, a, b, compatible, d = wx_open(self.token, q.timestamp, q.nonce, q.msg_signature, body,
       self.receive_id, self.raw_keys, self.max_body_bytes, XML_OPTS.max_depth, XML_OPTS.max_elements,
       XML_OPTS.arrays)
-    if not m then return refuse(self, req, b, a) end
+    if not m then return nil, a, b end
     msg, fmt, key, id = m, "xml", self.keys[b], d
     mode = (self.kind ~= "wecom" and compatible) and "compatible" or "safe"
   elseif encrypted then
-    if #self.keys == 0 then return refuse(self, req, 400, "encrypted message but no aes_key configured") end
+    if #self.keys == 0 then return nil, "encrypted message but no aes_key configured", 400 end
     local st, why = check_query(self, req, q, { "msg_signature", "timestamp", "nonce" })
-    if st then return refuse(self, req, st, why) end
+    if st then return nil, why, st end
     local outer, ofmt = parse(self, body)
-    if not outer then return refuse(self, req, 400, ofmt) end
+    if not outer then return nil, ofmt, 400 end
     local enc = outer.Encrypt
-    if type(enc) ~= "string" or enc == "" then return refuse(self, req, 400, "no Encrypt field") end
+    if type(enc) ~= "string" or enc == "" then return nil, "no Encrypt field", 400 end
     -- The signature covers the ciphertext: nothing is decrypted before it holds.
     if not wx_verify(q.msg_signature, self.token, q.timestamp, q.nonce, enc) then
-      return refuse(self, req, 403, "bad msg_signature")
+      return nil, "bad msg_signature", 403
     end
     local plain
     for _, k in ipairs(self.keys) do
@@ -877,25 +909,29 @@ function Endpoint:receive(req, res)
         break
       end
     end
-    if not plain then return refuse(self, req, 400, "decrypt failed") end
+    if not plain then return nil, "decrypt failed", 400 end
     local inner, ifmt = parse(self, plain)
-    if not inner then return refuse(self, req, 400, "decrypted message: " .. ifmt) end
+    if not inner then return nil, "decrypted message: " .. ifmt, 400 end
     msg, fmt, doc = inner, ifmt, plain
     mode = (self.kind ~= "wecom" and outer.MsgType ~= nil) and "compatible" or "safe"
   else
     if not self.allow_plaintext then
-      return refuse(self, req, 403, "plaintext message but encryption is configured (cfg.allow_plaintext)")
+      return nil, "plaintext message but encryption is configured (cfg.allow_plaintext)", 403
     end
     local st, why = check_query(self, req, q, { "signature", "timestamp", "nonce" })
-    if st then return refuse(self, req, st, why) end
+    if st then return nil, why, st end
     if not equals(signature(self.token, q.timestamp, q.nonce), q.signature) then
-      return refuse(self, req, 403, "bad signature")
+      return nil, "bad signature", 403
     end
     local m, mfmt = parse(self, body)
-    if not m then return refuse(self, req, 400, mfmt) end
+    if not m then return nil, mfmt, 400 end
     msg, fmt, mode, doc = m, mfmt, "plaintext", body
   end
+  return msg, fmt, mode, key, doc, id
+end
 
+-- Dispatches an opened message and answers.
+function Endpoint:answer(req, res, msg, fmt, mode, key, doc, id)
   -- The sender becomes part of the request's context (logged masked,
   -- forwarded to allowed hosts only).
   if type(msg.FromUserName) == "string" then
