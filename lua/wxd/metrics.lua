@@ -188,6 +188,26 @@ function _M.count(m, labels, n)
   end
 end
 
+--- For the library's hot paths: the series of a library metric's labels,
+-- resolved once and kept by the caller, then counted with `add`. The
+-- second result is true when the label set did not fit (its metric is
+-- full) and the series is the "other" one: a caller keeping series by
+-- label values should not keep that one under them. nil when metrics are
+-- off.
+function _M.series(m, labels)
+  if not _M.enabled then return nil end
+  local ok, slot = pcall(slot_of, m, labels)
+  if ok then return slot, false end
+  local other = {}
+  for i = 1, #m.labels do other[i] = "other" end
+  return slot_of(m, other), true
+end
+
+--- Adds `n` (default 1) to a counter's series from `series`.
+function _M.add(slot, n)
+  if slot then c_add(slot, n or 1) end
+end
+
 --- For collectors (a timer copying numbers kept elsewhere, e.g. wxd.order's
 -- stats): sets a library metric's value for the whole process, counters
 -- included (the source counts; this only shows it).

@@ -217,9 +217,10 @@ _M.reply = {}
 
 --- A text reply.
 -- @usage return mp.reply.text("hello")
+local TEXT_ORDER = { "Content" } -- shared by every text reply: render never changes it
 function _M.reply.text(content)
   check_str(content, "text: content", 2)
-  return make_reply({ MsgType = "text", Content = content, _order = { "Content" } })
+  return make_reply({ MsgType = "text", Content = content, _order = TEXT_ORDER })
 end
 
 --- An image reply (a media_id from the material API).
@@ -291,11 +292,18 @@ end
 local HEAD_ORDER = { "ToUserName", "FromUserName", "CreateTime", "MsgType" }
 
 -- The reply's document (XML or JSON) for the message it answers.
+-- The whole field order of a reply: the head, then its own _order. The
+-- text reply's (the same _order table for every text reply) is built once.
+local function full_order(own)
+  local order = { HEAD_ORDER[1], HEAD_ORDER[2], HEAD_ORDER[3], HEAD_ORDER[4] }
+  for _, k in ipairs(own or {}) do order[#order + 1] = k end
+  return order
+end
+local TEXT_FULL_ORDER = full_order(TEXT_ORDER)
+
 local function render(reply, msg, fmt)
   local t = { ToUserName = msg.FromUserName, FromUserName = msg.ToUserName,
               CreateTime = floor(now()), MsgType = reply.MsgType }
-  local order = { HEAD_ORDER[1], HEAD_ORDER[2], HEAD_ORDER[3], HEAD_ORDER[4] }
-  for _, k in ipairs(reply._order or {}) do order[#order + 1] = k end
   for k, v in pairs(reply) do
     if k ~= "_order" and t[k] == nil then t[k] = v end
   end
@@ -308,7 +316,8 @@ local function render(reply, msg, fmt)
     end
     return json.encode(strip(t))
   end
-  t._order = order
+  local own = reply._order
+  t._order = own == TEXT_ORDER and TEXT_FULL_ORDER or full_order(own)
   return xml.encode(t)
 end
 _M.render = render
@@ -479,13 +488,40 @@ local BODIES = { [400] = "bad request\n", [403] = "forbidden\n", [413] = "reques
 -- Messages by type and outcome: handled, duplicate, late (past the
 -- deadline), no_handler, or refused (with the reason).
 local messages_metric
+-- series[outcome][reason][type]: each label set is resolved once (no label
+-- table, no key string per message). Bounded like the metric itself: a set
+-- that did not fit counts as "other" and is not kept.
+local MESSAGE_SERIES_MAX = 500
+local message_series, message_series_n = {}, 0
+
 local function count_message(msg_type, outcome, reason)
-  if not messages_metric then
-    messages_metric = metrics.builtin("counter", "wxd_mp_messages_total",
-      "Official Account messages, by type, outcome (handled, duplicate, late, no_handler, refused) and reason",
-      { "type", "outcome", "reason" }, { max_series = 500 })
+  if not metrics.enabled then return end
+  msg_type, reason = msg_type or "", reason or ""
+  local by_reason = message_series[outcome]
+  if not by_reason then
+    by_reason = {}
+    message_series[outcome] = by_reason
   end
-  metrics.count(messages_metric, { msg_type or "", outcome, reason or "" })
+  local by_type = by_reason[reason]
+  if not by_type then
+    by_type = {}
+    by_reason[reason] = by_type
+  end
+  local series = by_type[msg_type]
+  if not series then
+    if not messages_metric then
+      messages_metric = metrics.builtin("counter", "wxd_mp_messages_total",
+        "Official Account messages, by type, outcome (handled, duplicate, late, no_handler, refused) and reason",
+        { "type", "outcome", "reason" }, { max_series = MESSAGE_SERIES_MAX })
+    end
+    local other
+    series, other = metrics.series(messages_metric, { msg_type, outcome, reason })
+    if not other and message_series_n < MESSAGE_SERIES_MAX then
+      by_type[msg_type] = series
+      message_series_n = message_series_n + 1
+    end
+  end
+  metrics.add(series)
 end
 
 local function refuse(self, req, status, reason)

@@ -66,6 +66,33 @@ describe("library metrics", function()
     assert.is_nil(sample('obs_unit_hosts_total{host="c"}'))
     assert.equal(3, sample('obs_unit_hosts_total{host="other"}'))
   end)
+
+  it("resolve a series once for a hot path (series, add), \"other\" past the limit", function()
+    local m = metrics.builtin("counter", "obs_unit_paths_total", "test", { "path" }, { max_series = 2 })
+    local a, a_other = metrics.series(m, { "/a" })
+    assert.is_false(a_other)
+    metrics.add(a)
+    metrics.add(a, 2)
+    assert.equal(3, sample('obs_unit_paths_total{path="/a"}'))
+    local b, b_other = metrics.series(m, { "/b" }) -- "other" and "/a" fill the 2
+    assert.is_true(b_other)
+    metrics.add(b)
+    assert.is_nil(sample('obs_unit_paths_total{path="/b"}'))
+    assert.equal(1, sample('obs_unit_paths_total{path="other"}'))
+  end)
+
+  it("count Official Account messages past the metric's 500 label sets as \"other\"", function()
+    local app = require("wxd.app").new()
+    local appid = "wxobsmany000001"
+    app:mp("/wx", { token = C.token, appid = appid }, { default = function() return nil end })
+    local wx = testing.wechat({ token = C.token, appid = appid, mode = "plaintext" })
+    for i = 1, 520 do
+      assert.equal(200, (app:handle(wx:request({ MsgType = "t" .. i, Content = "x" }))))
+    end
+    assert.equal(1, sample('wxd_mp_messages_total{type="t1",outcome="handled",reason=""}'))
+    assert.is_nil(sample('wxd_mp_messages_total{type="t520",outcome="handled",reason=""}'))
+    assert.is_true(sample('wxd_mp_messages_total{type="other",outcome="other",reason="other"}') >= 20)
+  end)
 end)
 
 describe("WeChat API metrics", function()
