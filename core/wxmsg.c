@@ -247,79 +247,31 @@ done:
 
 /* ---- the outer document's common shape, without a tree ---- */
 
-static int is_ws(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
-
-static int name_start(char c) { return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || c == '_'; }
-
-static int name_char(char c) { return name_start(c) || (c >= '0' && c <= '9'); }
-
-/* Text that means the same to every XML parser: printable ASCII without
- * the bytes that start markup or references, and (outside CDATA) no white
- * space and no ']' (a "]]>" there is an error). */
-static int plain_byte(unsigned char c, int cdata) {
-  if (cdata) return (c >= 0x20 && c <= 0x7e) || c == '\t' || c == '\n';
-  return c > 0x20 && c <= 0x7e && c != '<' && c != '&' && c != '>' && c != ']';
-}
-
-/* WeChat's outer document in the shape it always has: "<xml>", then child
- * elements only, each named with [A-Za-z_][A-Za-z0-9_]*, without
- * attributes, whose whole content is one CDATA section or plain text (see
- * plain_byte), with white space between them, then "</xml>" and white
- * space. Finds the first Encrypt child's text (*enc stays NULL without
+/* WeChat's outer document in the shape it always has (xml.h's flat
+ * shape). Finds the first Encrypt child's text (*enc stays NULL without
  * one) and whether a MsgType child exists. Returns 1 for a document of
  * that shape (within the limits), else 0: the caller then parses it with
  * expat, which accepts or refuses whatever else it is (a declaration,
- * entities, a DOCTYPE, non-ASCII text, ...). What this accepts, expat
- * reads the same way: spec/01-unit/wxmsg_spec.lua compares the two. */
+ * entities, a DOCTYPE, ...). What this accepts, expat reads the same way:
+ * spec/01-unit/wxmsg_spec.lua compares the two. */
 static int outer_scan(const char *s, size_t n, const wxd_xml_limits_t *lim, const char **enc, size_t *enclen,
                       int *compatible) {
-  static const char cdata_open[] = "<![CDATA[";
+  wxd_xml_flat_t f;
+  wxd_xml_field_t field;
   *enc = NULL;
   *enclen = 0;
   *compatible = 0;
-  if (n > lim->max_bytes || lim->max_depth < 2 || n < 11 || memcmp(s, "<xml>", 5) != 0) return 0;
-  size_t i = 5, elements = 1;
-  for (;;) {
-    while (i < n && is_ws(s[i])) i++;
-    if (i + 6 <= n && memcmp(s + i, "</xml>", 6) == 0) break;
-    if (i + 2 > n || s[i] != '<' || !name_start(s[i + 1])) return 0;
-    size_t name = ++i;
-    while (i < n && name_char(s[i])) i++;
-    size_t nlen = i - name;
-    if (i >= n || s[i] != '>' || nlen > 64) return 0;
-    if (++elements > lim->max_elements) return 0;
-    i++;
-    const char *text;
-    size_t tlen;
-    if (n - i > sizeof cdata_open - 1 && memcmp(s + i, cdata_open, sizeof cdata_open - 1) == 0) {
-      text = s + i + sizeof cdata_open - 1;
-      const char *end = memmem(text, n - (size_t)(text - s), "]]>", 3);
-      if (!end) return 0;
-      tlen = (size_t)(end - text);
-      for (size_t k = 0; k < tlen; k++)
-        if (!plain_byte((unsigned char)text[k], 1)) return 0;
-      i = (size_t)(end - s) + 3;
-    } else {
-      text = s + i;
-      while (i < n && plain_byte((unsigned char)s[i], 0)) i++;
-      tlen = (size_t)(s + i - text);
-      if (tlen == 0) return 0;
-    }
-    /* The end tag of the same element. */
-    if (n - i < nlen + 3 || s[i] != '<' || s[i + 1] != '/' || memcmp(s + i + 2, s + name, nlen) != 0 ||
-        s[i + 2 + nlen] != '>')
-      return 0;
-    i += nlen + 3;
-    if (nlen == 7 && memcmp(s + name, "Encrypt", 7) == 0 && !*enc) {
-      *enc = text;
-      *enclen = tlen;
-    } else if (nlen == 7 && memcmp(s + name, "MsgType", 7) == 0) {
+  if (!wxd_xml_flat_open(&f, s, n, lim)) return 0;
+  int rc;
+  while ((rc = wxd_xml_flat_next(&f, &field)) == 1) {
+    if (field.name_len == 7 && memcmp(field.name, "Encrypt", 7) == 0 && !*enc) {
+      *enc = field.text;
+      *enclen = field.text_len;
+    } else if (field.name_len == 7 && memcmp(field.name, "MsgType", 7) == 0) {
       *compatible = 1;
     }
   }
-  for (i += 6; i < n; i++)
-    if (!is_ws(s[i])) return 0;
-  return 1;
+  return rc == 0;
 }
 
 /* wx_open(token, timestamp, nonce, msg_signature, body, receive_id, keys,

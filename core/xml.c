@@ -370,17 +370,168 @@ done:
   return WXD_XML_OK;
 }
 
+/* ---- the flat shape, without expat ---- */
+
+static int flat_ws(unsigned char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
+
+static int flat_name_start(unsigned char c) { return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || c == '_'; }
+
+static int flat_name_char(unsigned char c) { return flat_name_start(c) || (c >= '0' && c <= '9'); }
+
+/* The length of the strict UTF-8 sequence of one XML character (not
+ * ASCII) at p[0..n), or 0: no overlong forms, no surrogates, nothing above
+ * U+10FFFF, not U+FFFE or U+FFFF (not XML characters). */
+static size_t flat_utf8(const unsigned char *p, size_t n) {
+  unsigned char c = p[0];
+  if (c >= 0xc2 && c <= 0xdf) return n >= 2 && (p[1] & 0xc0) == 0x80 ? 2 : 0;
+  if (c >= 0xe0 && c <= 0xef) {
+    if (n < 3 || (p[1] & 0xc0) != 0x80 || (p[2] & 0xc0) != 0x80) return 0;
+    if (c == 0xe0 && p[1] < 0xa0) return 0;                   /* overlong */
+    if (c == 0xed && p[1] >= 0xa0) return 0;                  /* surrogates */
+    if (c == 0xef && p[1] == 0xbf && p[2] >= 0xbe) return 0; /* U+FFFE, U+FFFF */
+    return 3;
+  }
+  if (c >= 0xf0 && c <= 0xf4) {
+    if (n < 4 || (p[1] & 0xc0) != 0x80 || (p[2] & 0xc0) != 0x80 || (p[3] & 0xc0) != 0x80) return 0;
+    if (c == 0xf0 && p[1] < 0x90) return 0; /* overlong */
+    if (c == 0xf4 && p[1] >= 0x90) return 0; /* above U+10FFFF */
+    return 4;
+  }
+  return 0;
+}
+
+/* How many bytes from p[0..n) are text that expat passes through as is:
+ * XML characters without CR (line ends are normalised), and in plain text
+ * (cdata 0) without white space, '<', '&', '>' or ']'. */
+static size_t flat_text(const unsigned char *p, size_t n, int cdata) {
+  size_t i = 0;
+  while (i < n) {
+    unsigned char c = p[i];
+    if (c < 0x80) {
+      if (cdata ? c < 0x20 && c != '\t' && c != '\n'
+                : c <= 0x20 || c == '<' || c == '&' || c == '>' || c == ']')
+        break;
+      i++;
+    } else {
+      size_t k = flat_utf8(p + i, n - i);
+      if (!k) break;
+      i += k;
+    }
+  }
+  return i;
+}
+
+int wxd_xml_flat_open(wxd_xml_flat_t *f, const char *s, size_t n, const wxd_xml_limits_t *lim) {
+  f->s = s;
+  f->n = n;
+  f->at = 5;
+  f->elements = 1;
+  f->max_elements = lim->max_elements;
+  return n <= lim->max_bytes && n <= (size_t)INT_MAX && lim->max_depth >= 2 && lim->max_elements >= 1 &&
+         n >= 11 && memcmp(s, "<xml>", 5) == 0;
+}
+
+int wxd_xml_flat_next(wxd_xml_flat_t *f, wxd_xml_field_t *field) {
+  static const char cdata_open[] = "<![CDATA[";
+  const size_t copen = sizeof cdata_open - 1;
+  const char *s = f->s;
+  size_t n = f->n, i = f->at;
+  while (i < n && flat_ws((unsigned char)s[i])) i++;
+  if (n - i >= 6 && memcmp(s + i, "</xml>", 6) == 0) {
+    for (i += 6; i < n; i++)
+      if (!flat_ws((unsigned char)s[i])) return -1;
+    f->at = n;
+    return 0;
+  }
+  if (n - i < 2 || s[i] != '<' || !flat_name_start((unsigned char)s[i + 1])) return -1;
+  size_t name = ++i;
+  while (i < n && flat_name_char((unsigned char)s[i])) i++;
+  size_t nlen = i - name;
+  if (i >= n || s[i] != '>') return -1;
+  if (++f->elements > f->max_elements) return -1;
+  i++;
+  const char *text;
+  size_t tlen;
+  if (n - i > copen && memcmp(s + i, cdata_open, copen) == 0) {
+    text = s + i + copen;
+    const char *end = memmem(text, n - (i + copen), "]]>", 3);
+    if (!end) return -1;
+    tlen = (size_t)(end - text);
+    if (flat_text((const unsigned char *)text, tlen, 1) != tlen) return -1;
+    i = (size_t)(end - s) + 3;
+  } else {
+    text = s + i;
+    tlen = flat_text((const unsigned char *)text, n - i, 0);
+    if (tlen == 0) return -1;
+    i += tlen;
+  }
+  /* The end tag of the same element. */
+  if (n - i < nlen + 3 || s[i] != '<' || s[i + 1] != '/' || memcmp(s + i + 2, s + name, nlen) != 0 ||
+      s[i + 2 + nlen] != '>')
+    return -1;
+  f->at = i + nlen + 3;
+  field->name = s + name;
+  field->name_len = nlen;
+  field->text = text;
+  field->text_len = tlen;
+  return 1;
+}
+
 /* ---- Lua ---- */
 
 #define DOC_MT "wxd.xml.doc"
 
-/* A parsed document is held by a userdata until its tables are built, so
- * that a Lua error (out of memory) while building them cannot leak it. */
+/* A parsed document is held by a box (a userdata whose __gc frees it)
+ * until its tables are built, so that a raise while they are built (out of
+ * memory) cannot leak it. One box per state, kept in the registry between
+ * parses: a userdata with a finalizer per message costs LuaJIT's collector
+ * far more than the box itself (each is separated and finalized). A box in
+ * use is taken out of the registry and anchored on the stack: a parse that
+ * starts meanwhile (Lua run by a finalizer) makes its own, and a box that a
+ * raise left holding a document is never reused: the collector frees it. */
+typedef struct doc_box {
+  wxd_xml_doc_t *doc;
+} doc_box_t;
+
+static const char box_key = 0; /* its address is the box's registry key */
+
 static int doc_gc(lua_State *L) {
-  wxd_xml_doc_t **box = luaL_checkudata(L, 1, DOC_MT);
-  wxd_xml_free(*box);
-  *box = NULL;
+  doc_box_t *box = luaL_checkudata(L, 1, DOC_MT);
+  wxd_xml_free(box->doc);
+  box->doc = NULL;
   return 0;
+}
+
+/* Pushes this state's box, taken out of the registry, or a new one. */
+static doc_box_t *box_take(lua_State *L) {
+  lua_pushlightuserdata(L, (void *)&box_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  doc_box_t *box = lua_touserdata(L, -1);
+  if (box) {
+    lua_pushlightuserdata(L, (void *)&box_key);
+    lua_pushnil(L);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+    return box;
+  }
+  lua_pop(L, 1);
+  box = lua_newuserdata(L, sizeof *box);
+  box->doc = NULL;
+  luaL_getmetatable(L, DOC_MT);
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    luaL_newmetatable(L, DOC_MT);
+    lua_pushcfunction(L, doc_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_setmetatable(L, -2);
+  return box;
+}
+
+/* Puts the (empty) box at idx back for the next parse. */
+static void box_put_back(lua_State *L, int idx) {
+  lua_pushlightuserdata(L, (void *)&box_key);
+  lua_pushvalue(L, idx);
+  lua_rawset(L, LUA_REGISTRYINDEX);
 }
 
 static void push_element(lua_State *L, const wxd_xml_node_t *n, int arrays);
@@ -460,8 +611,6 @@ static void push_element(lua_State *L, const wxd_xml_node_t *n, int arrays) {
   lua_settop(L, t);
 }
 
-/* decode(s, max_bytes, max_depth, max_elements [, arrays]) -> table, root
- * | nil, err, detail. Arguments are checked by lua/wxd/xml.lua. */
 int wxd_xml_check_limits(lua_State *L, int first, wxd_xml_limits_t *lim) {
   lua_Number mb = luaL_checknumber(L, first), md = luaL_checknumber(L, first + 1),
              me = luaL_checknumber(L, first + 2);
@@ -476,32 +625,57 @@ int wxd_xml_check_limits(lua_State *L, int first, wxd_xml_limits_t *lim) {
   return first + 3;
 }
 
-static int xml_decode(lua_State *L) {
-  size_t len;
-  const char *s = luaL_checklstring(L, 1, &len);
-  wxd_xml_limits_t lim;
-  int arrays = wxd_xml_check_limits(L, 2, &lim);
-  lua_settop(L, 5);
-  return wxd_xml_decode_push(L, s, len, &lim, arrays);
+/* The flat shape (see xml.h) straight into a table: pushes the table and
+ * "xml" (2), or nothing (0) for any other document, and for one with a
+ * name twice or a name of `arrays` (push_element makes arrays of those) or
+ * more children than FLAT_MAX_FIELDS. Nothing to free, so nothing to box. */
+#define FLAT_MAX_FIELDS 64
+
+static int decode_flat(lua_State *L, const char *s, size_t len, const wxd_xml_limits_t *lim, int arrays) {
+  wxd_xml_flat_t f;
+  wxd_xml_field_t fields[FLAT_MAX_FIELDS];
+  int nf = 0, rc;
+  if (!wxd_xml_flat_open(&f, s, len, lim)) return 0;
+  for (;;) {
+    if (nf == FLAT_MAX_FIELDS) return 0;
+    rc = wxd_xml_flat_next(&f, &fields[nf]);
+    if (rc != 1) break;
+    for (int j = 0; j < nf; j++)
+      if (fields[j].name_len == fields[nf].name_len && memcmp(fields[j].name, fields[nf].name, fields[nf].name_len) == 0)
+        return 0;
+    nf++;
+  }
+  if (rc != 0) return 0;
+  luaL_checkstack(L, 6, "xml: no stack space");
+  int top = lua_gettop(L);
+  lua_createtable(L, 0, nf);
+  for (int i = 0; i < nf; i++) {
+    lua_pushlstring(L, fields[i].name, fields[i].name_len);
+    if (arrays) {
+      lua_pushvalue(L, -1);
+      lua_rawget(L, arrays);
+      int listed = lua_toboolean(L, -1);
+      lua_pop(L, 1);
+      if (listed) {
+        lua_settop(L, top);
+        return 0;
+      }
+    }
+    lua_pushlstring(L, fields[i].text, fields[i].text_len);
+    lua_rawset(L, -3);
+  }
+  lua_pushliteral(L, "xml");
+  return 2;
 }
 
-int wxd_xml_decode_push(lua_State *L, const char *s, size_t len, const wxd_xml_limits_t *lim, int arrays) {
-  /* The document is boxed in a userdata until it is freed, so that a raise
-   * while its table is built (out of memory) cannot leak it. */
-  wxd_xml_doc_t **box = lua_newuserdata(L, sizeof *box);
-  *box = NULL;
-  luaL_getmetatable(L, DOC_MT);
-  if (lua_isnil(L, -1)) {
-    lua_pop(L, 1);
-    luaL_newmetatable(L, DOC_MT);
-    lua_pushcfunction(L, doc_gc);
-    lua_setfield(L, -2, "__gc");
-  }
-  lua_setmetatable(L, -2);
+/* Any document through expat and its tree. */
+static int decode_expat(lua_State *L, const char *s, size_t len, const wxd_xml_limits_t *lim, int arrays) {
+  doc_box_t *box = box_take(L);
   int boxi = lua_gettop(L);
   wxd_xml_error_t err;
-  int rc = wxd_xml_parse(s, len, lim, box, &err);
+  int rc = wxd_xml_parse(s, len, lim, &box->doc, &err);
   if (rc != WXD_XML_OK) {
+    box_put_back(L, boxi);
     lua_pushnil(L);
     lua_pushstring(L, wxd_xml_strerror(rc));
     if (err.line) lua_pushfstring(L, "line %d, column %d: %s", (int)err.line, (int)err.column, err.detail);
@@ -509,15 +683,48 @@ int wxd_xml_decode_push(lua_State *L, const char *s, size_t len, const wxd_xml_l
     lua_remove(L, boxi);
     return 3;
   }
-  const wxd_xml_node_t *root = wxd_xml_root(*box);
+  const wxd_xml_node_t *root = wxd_xml_root(box->doc);
   if (root->children) push_element(L, root, arrays);
   else lua_newtable(L);
   lua_pushstring(L, root->name);
-  wxd_xml_free(*box);
-  *box = NULL;
+  wxd_xml_free(box->doc);
+  box->doc = NULL;
+  box_put_back(L, boxi);
   lua_remove(L, boxi);
   return 2;
 }
+
+int wxd_xml_decode_push(lua_State *L, const char *s, size_t len, const wxd_xml_limits_t *lim, int arrays) {
+  int n = decode_flat(L, s, len, lim, arrays);
+  return n ? n : decode_expat(L, s, len, lim, arrays);
+}
+
+enum { DECODE_ANY, DECODE_EXPAT, DECODE_FLAT };
+
+/* decode(s, max_bytes, max_depth, max_elements [, arrays]) -> table, root
+ * | nil, err, detail. Arguments are checked by lua/wxd/xml.lua. */
+static int decode_with(lua_State *L, int way) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  wxd_xml_limits_t lim;
+  int arrays = wxd_xml_check_limits(L, 2, &lim);
+  lua_settop(L, 5);
+  if (way == DECODE_EXPAT) return decode_expat(L, s, len, &lim, arrays);
+  if (way == DECODE_FLAT) {
+    int n = decode_flat(L, s, len, &lim, arrays);
+    if (!n) lua_pushnil(L);
+    return n ? n : 1;
+  }
+  return wxd_xml_decode_push(L, s, len, &lim, arrays);
+}
+
+static int xml_decode(lua_State *L) { return decode_with(L, DECODE_ANY); }
+
+/* For specs only: one way of decode, forced. _decode_fast returns nil
+ * alone when the document is not its to read. */
+static int xml_decode_expat(lua_State *L) { return decode_with(L, DECODE_EXPAT); }
+
+static int xml_decode_fast(lua_State *L) { return decode_with(L, DECODE_FLAT); }
 
 /* ---- encoding ---- */
 
@@ -762,7 +969,11 @@ static int xml_encode(lua_State *L) {
 }
 
 int wxd_open_xml(lua_State *L) {
-  static const luaL_Reg fns[] = {{"decode", xml_decode}, {"encode", xml_encode}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"decode", xml_decode},
+                                 {"encode", xml_encode},
+                                 {"_decode_expat", xml_decode_expat}, /* internal: specs only */
+                                 {"_decode_fast", xml_decode_fast},   /* internal: specs only */
+                                 {NULL, NULL}};
   luaL_newmetatable(L, DOC_MT);
   lua_pushcfunction(L, doc_gc);
   lua_setfield(L, -2, "__gc");

@@ -82,10 +82,46 @@ void wxd_xml_free(wxd_xml_doc_t *doc);
  * "too large", "too deep", "too many elements", "out of memory"). */
 const char *wxd_xml_strerror(int code);
 
+/* ---- WeChat's flat shape, read without expat ----
+ *
+ * Almost every WeChat document is "<xml>", then child elements named
+ * [A-Za-z_][A-Za-z0-9_]* without attributes, each holding exactly one
+ * CDATA section or non-empty plain text, white space between them, then
+ * "</xml>" and white space. The flat scanner reads that shape and nothing
+ * else: whatever it accepts, expat reads the same way (same elements, same
+ * texts, no error), so a caller may skip expat for it. Text must be XML
+ * characters in strict UTF-8 without CR (expat would normalise line ends);
+ * plain text also has no white space, '<', '&', '>' or ']'. Anything else
+ * (a declaration, comment, attribute, entity, nested or empty element,
+ * max_bytes or max_elements exceeded, max_depth < 2) is "not the shape":
+ * the caller then parses with expat, which accepts or refuses it.
+ * spec/01-unit/xml_fast_spec.lua and wxmsg_spec.lua compare the two. */
+typedef struct wxd_xml_flat {
+  const char *s;
+  size_t n, at;        /* the document and the scan position */
+  size_t elements;     /* seen so far, the root included */
+  size_t max_elements;
+} wxd_xml_flat_t;
+
+typedef struct wxd_xml_field {
+  const char *name; /* into the document, not NUL-terminated */
+  size_t name_len;
+  const char *text; /* the element's text as expat gives it */
+  size_t text_len;
+} wxd_xml_field_t;
+
+/* Starts a scan of s[0..n): 1, or 0 when it cannot be of the shape. */
+int wxd_xml_flat_open(wxd_xml_flat_t *f, const char *s, size_t n, const wxd_xml_limits_t *lim);
+/* The next child: 1 (*field set), 0 (the document ended, and all of it
+ * is of the shape), -1 (not the shape). */
+int wxd_xml_flat_next(wxd_xml_flat_t *f, wxd_xml_field_t *field);
+
 /* Parses buf[0..len) and pushes what wxd.core.xml's decode returns: the
  * root's children as a table and the root's name (2), or nil, err, detail
  * (3). `arrays` is the stack index of a set of names always made arrays,
- * or 0. For native callers that hold the bytes in C (core/wxmsg.c). */
+ * or 0. For native callers that hold the bytes in C (core/wxmsg.c).
+ * A document of the flat shape is pushed straight from its bytes (the
+ * same table expat's tree gives); anything else goes through expat. */
 int wxd_xml_decode_push(lua_State *L, const char *buf, size_t len, const wxd_xml_limits_t *lim, int arrays);
 
 /* Reads the limits from arguments first..first+2 (max_bytes, max_depth,
