@@ -397,6 +397,7 @@ describe("wxd.pay against the fake WeChat Pay", function()
       local before = calls().calls
       r = ctl("POST", "/_ctl/notify_v2", { url = url, key = "wrong-key-wrong-key-wrong-key-00" })
       assert.truthy(r.body:find("FAIL", 1, true))
+      assert.equal(before, calls().calls)
       local no2, tid2 = paid_order("V2R", 100)
       before = calls().calls
       r = ctl("POST", "/_ctl/notify_v2", { url = v2url(), key = V2_KEY,
