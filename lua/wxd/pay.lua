@@ -51,8 +51,6 @@ local floor, abs = math.floor, math.abs
 local format, find, gsub, sub, byte = string.format, string.find, string.gsub, string.sub, string.byte
 local concat, sort = table.concat, table.sort
 local now = core.now
-local monotonic_ms = core.monotonic_ms
-local spawn = require("wxd.task").spawn
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -838,43 +836,10 @@ function Notify:receive(req, res)
     if kind == "store" then return fail_answer(res, 503, "try again") end
     return fail_answer(res, kind == "signature" and 401 or 400, kind == "signature" and "bad signature" or kind)
   end
-  local ctx = { req = req, client = self.client, path = self.path, version = 3 }
-  local deadline = monotonic_ms() + self.deadline_ms
-  local orders = self.client.orders
-  if orders then
-    -- The order step runs within the deadline too: a store that hangs
-    -- gets FAIL in time (WeChat Pay retries; the retry is a duplicate).
-    local t = {}
-    local h = spawn(function()
-      local ok, st, a, b = xpcall(pay_orders.apply, debug.traceback, orders, n)
-      if ok then
-        t.status, t.a, t.b = st, a, b
-      else
-        log.error("pay: order step failed", { path = self.path, id = n.id, error = tostring(st) })
-        t.a, t.b = 500, "order step error"
-      end
-      t.finished = true
-    end)
-    if not t.finished then
-      local left = deadline - monotonic_ms()
-      h:wait(left > 0 and left or 0)
-    end
-    if not t.finished then
-      log.warn("pay: order store past the deadline; answered FAIL so that WeChat Pay retries",
-        { path = self.path, id = n.id })
-      return fail_answer(res, 503, "order store slow")
-    end
-    if not t.status then return fail_answer(res, t.a, t.b) end
-    ctx.order, ctx.order_status = t.a, t.status
-    -- Late (recorded for reconciliation) or applied under another id: no
-    -- handler run; WeChat Pay need not repeat it.
-    if t.status == "late" or t.status == "already" then return 204 end
-    -- The order holds the event durably: a handler is optional then.
-    if t.status ~= "none" and not (self.handlers[n.event_type] or self.handlers.default) then return 204 end
-  end
-  local ok, why = self:dispatch(n, ctx, deadline)
+  local ok, status, message = self:process(self.client.orders,
+    n, { req = req, client = self.client, path = self.path, version = 3 })
   if ok then return 204 end
-  return fail_answer(res, 500, why or "not processed")
+  return fail_answer(res, status, message)
 end
 
 --- Mounts a v3 notification URL (what `app:pay_notify` calls): POST
@@ -908,7 +873,7 @@ function _M.mount(app, path, cfg, handlers)
     max_body_bytes = cfg.max_body_bytes or 65536, done_ttl = 25 * 3600,
     run_expire = cfg.handler_timeout or 120 }, Notify)
   if cfg.v2 ~= nil then
-    self.v2 = require("wxd.pay.v2").notify_endpoint(path, cfg.v2, handlers, self)
+    self.v2 = require("wxd.pay.v2").notify_endpoint(path, cfg.v2, handlers, self, client.orders)
   end
   app:post(path, function(req, res) return self:receive(req, res) end)
   return app

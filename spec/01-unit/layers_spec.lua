@@ -14,7 +14,7 @@ local LAYERS = {
   "wxd.log", "wxd.lock", "wxd.redis", "wxd.limit", "wxd.retry", "wxd.breaker", "wxd.http", "wxd.otlp", "wxd.jwt",
   "wxd.ws",
   "wxd.config", "wxd.store", "wxd.alert", "wxd.session", "wxd.internal", "wxd.order", "wxd.queue", "wxd.degrade",
-  "wxd.miniprogram", "wxd.wechat", "wxd.cloudbase", "wxd.mp", "wxd.pay.notify", "wxd.pay.v2", "wxd.pay.orders", "wxd.pay",
+  "wxd.miniprogram", "wxd.wechat", "wxd.cloudbase", "wxd.mp", "wxd.pay.orders", "wxd.pay.notify", "wxd.pay.v2", "wxd.pay",
   "wxd.app", "wxd.testing", "wxd.server", "wxd.cli",
 }
 

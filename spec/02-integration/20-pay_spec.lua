@@ -360,42 +360,181 @@ describe("wxd.pay against the fake WeChat Pay", function()
       assert.same({ 502, "order", "order is PAID" }, { st, b.error, b.info.detail })
     end)
 
+    -- v2 notifications (docs/pay.md, "Orders"): about orders prepaid here.
+    local function v2url(name) return "http://127.0.0.1:" .. srv.port .. "/pay/v2/" .. (name or "notify") end
+    local tid_seq = 0
+    local function fresh_tid()
+      tid_seq = tid_seq + 1
+      return string.format("42%08d%06d", tid_seq, math.random(0, 999999))
+    end
+    local function v2_pay(no, amount, extra, opts)
+      local pay = { out_trade_no = no, transaction_id = fresh_tid(), total_fee = tostring(amount) }
+      for k, v in pairs(extra or {}) do pay[k] = v end
+      local b = { url = v2url(), key = V2_KEY, pay = pay }
+      for k, v in pairs(opts or {}) do b[k] = v end
+      return ctl("POST", "/_ctl/notify_v2", b), pay.transaction_id
+    end
+    local function handler_calls(id) return select(2, call(srv, "GET", "/ctl/calls/" .. id)).calls end
+    local function paid_order(tag, amount)
+      local no = new_order(srv, tag, amount)
+      local r, tid = v2_pay(no, amount)
+      assert.truthy(r.body:find("SUCCESS", 1, true), r.body)
+      assert.equal("PAID", order_of(srv, no).state)
+      return no, tid
+    end
+
     it("routes a v2 XML refund notification on the v3 URL", function()
-      local r = ctl("POST", "/_ctl/notify_v2", { url = url, key = V2_KEY, refund = { out_refund_no = "R-v2-1" } })
+      local no, tid = paid_order("V2R", 100)
+      local r = ctl("POST", "/_ctl/notify_v2", { url = url, key = V2_KEY, refund = { out_refund_no = "R-v2-1",
+        out_trade_no = no, transaction_id = tid } })
       assert.equal(200, r.status)
-      assert.truthy(r.body:find("SUCCESS", 1, true))
+      assert.truthy(r.body:find("SUCCESS", 1, true), r.body)
       local last = calls().last
       assert.equal("REFUND.SUCCESS", last.event_type)
       assert.equal(2, last.version)
       assert.equal("R-v2-1", last.data.out_refund_no)
+      assert.equal("REFUNDED", order_of(srv, no).state)
       local before = calls().calls
       r = ctl("POST", "/_ctl/notify_v2", { url = url, key = "wrong-key-wrong-key-wrong-key-00" })
       assert.truthy(r.body:find("FAIL", 1, true))
-      r = ctl("POST", "/_ctl/notify_v2", { url = "http://127.0.0.1:" .. srv.port .. "/pay/v2/notify", key = V2_KEY,
-        refund = { out_refund_no = "R-v2-2" } })
-      assert.truthy(r.body:find("SUCCESS", 1, true))
+      assert.equal(before, calls().calls)
+      local no2, tid2 = paid_order("V2R", 100)
+      before = calls().calls
+      r = ctl("POST", "/_ctl/notify_v2", { url = v2url(), key = V2_KEY,
+        refund = { out_refund_no = "R-v2-2", out_trade_no = no2, transaction_id = tid2 } })
+      assert.truthy(r.body:find("SUCCESS", 1, true), r.body)
       assert.equal(before + 1, calls().calls)
+      assert.equal("REFUNDED", order_of(srv, no2).state)
     end)
 
     it("serves v2 payment results (MD5 or HMAC-SHA256) and refuses a bad sign and XXE", function()
-      local v2url = "http://127.0.0.1:" .. srv.port .. "/pay/v2/notify"
       local before = calls().calls
       for i, st in ipairs({ "MD5", "HMAC-SHA256" }) do
-        local r = ctl("POST", "/_ctl/notify_v2", { url = v2url, key = V2_KEY, sign_type = st,
-          pay = { out_trade_no = "T-v2-" .. i, transaction_id = "4200000" .. i } })
+        local no = new_order(srv, "T-v2-" .. i, 100)
+        local r = v2_pay(no, 100, nil, { sign_type = st })
         assert.equal(200, r.status)
         assert.truthy(r.body:find("SUCCESS", 1, true), r.body)
         local last = calls().last
-        assert.same({ "TRANSACTION.SUCCESS", 2, "T-v2-" .. i }, { last.event_type, last.version, last.data.out_trade_no })
+        assert.same({ "TRANSACTION.SUCCESS", 2, no }, { last.event_type, last.version, last.data.out_trade_no })
       end
       assert.equal(before + 2, calls().calls)
-      local r = ctl("POST", "/_ctl/notify_v2", { url = v2url, key = "another-key", pay = { out_trade_no = "T-v2-x" } })
+      local no = new_order(srv, "T-v2-x", 100)
+      local r = v2_pay(no, 100, nil, { key = "another-key" })
       assert.truthy(r.body:find("FAIL", 1, true), r.body)
-      r = ctl("POST", "/_ctl/notify_v2", { url = v2url, raw = '<?xml version="1.0"?><!DOCTYPE xml [<!ENTITY x SYSTEM '
+      r = ctl("POST", "/_ctl/notify_v2", { url = v2url(), raw = '<?xml version="1.0"?><!DOCTYPE xml [<!ENTITY x SYSTEM '
         .. '"file:///etc/passwd">]><xml><return_code>SUCCESS</return_code><out_trade_no>&x;</out_trade_no></xml>' })
       assert.truthy(r.body:find("FAIL", 1, true), r.body)
       assert.is_nil(r.body:find("root:", 1, true))
       assert.equal(before + 2, calls().calls)
+      assert.equal("PAYING", order_of(srv, no).state)
+    end)
+
+    describe("v2 notifications on orders", function()
+      it("moves the order to PAID once for 20 concurrent duplicates, the handler run once", function()
+        local no = new_order(srv, "V2DUP", 250)
+        local before = calls().calls
+        local r, tid = v2_pay(no, 250, nil, { copies = 20 })
+        assert.equal(20, #r.statuses)
+        for i = 1, 20 do
+          assert.equal(200, r.statuses[i])
+          assert.truthy(r.bodies[i]:find("SUCCESS", 1, true), r.bodies[i])
+        end
+        local o = order_of(srv, no)
+        assert.same({ "PAID", 2 }, { o.state, o.version })
+        local paid = {}
+        for _, e in ipairs(o.history) do if e.to == "PAID" then paid[#paid + 1] = e end end
+        assert.equal(1, #paid)
+        assert.same({ "v2pay:" .. tid, "TRANSACTION.SUCCESS", tid, "SUCCESS" },
+          { paid[1].key, paid[1].event, paid[1].data.transaction_id, paid[1].data.trade_state })
+        assert.equal(1, handler_calls("v2pay:" .. tid))
+        assert.equal(before + 1, calls().calls)
+        -- The run may be any copy's: the one that moved the order, or one that found it moved.
+        local last = calls().last
+        assert.equal("PAID", last.order_state)
+        assert.truthy(last.order_status == "ok" or last.order_status == "duplicate", last.order_status)
+        -- WeChat Pay's retry later: SUCCESS, nothing more.
+        r = v2_pay(no, 250, { transaction_id = tid })
+        assert.truthy(r.body:find("SUCCESS", 1, true), r.body)
+        assert.equal(2, order_of(srv, no).version)
+        assert.equal(before + 1, calls().calls)
+      end)
+
+      it("refuses an amount, currency, mchid or appid mismatch and an unknown order: no handler, no change", function()
+        local no = new_order(srv, "V2MIS", 300)
+        local other = fresh_no("V2OTHER") -- an order of another merchant, in this store
+        call(srv, "POST", "/ctl/create_order", { out_trade_no = other, amount = 300, appid = "wxfakeappid00001",
+          mchid = "1900000999" })
+        assert.equal("PAYING", order_of(srv, other).state)
+        local before = calls().calls
+        local cases = {
+          { no, 301, nil, nil, "amount mismatch" },
+          { no, "300.00", nil, nil, "amount mismatch" },
+          { no, 300, { total_fee = "" }, nil, "amount mismatch" },
+          { no, 300, { fee_type = "USD" }, nil, "currency mismatch" },
+          { no, 300, { mch_id = "1900000002" }, nil, "mchid mismatch" },      -- the endpoint's merchant
+          { other, 300, nil, nil, "mchid mismatch" },                        -- the order's merchant
+          { no, 300, { appid = "wxotherapp000001" }, nil, "appid mismatch" }, -- the endpoint's appid
+          { no, 300, { appid = "wxotherapp000001" }, { url = v2url("any_appid") }, "appid mismatch" }, -- the order's
+          { fresh_no("V2NONE"), 300, nil, nil, "unknown order" },
+        }
+        for i, c in ipairs(cases) do
+          local r = v2_pay(c[1], c[2], c[3], c[4])
+          assert.equal(200, r.status)
+          assert.truthy(r.body:find("FAIL", 1, true), "case " .. i .. ": " .. r.body)
+          assert.truthy(r.body:find(c[5], 1, true), "case " .. i .. ": " .. r.body)
+        end
+        assert.equal(before, calls().calls)
+        assert.same({ "PAYING", 1 }, { order_of(srv, no).state, order_of(srv, no).version })
+        assert.same({ "PAYING", 1 }, { order_of(srv, other).state, order_of(srv, other).version })
+        -- The genuine one goes through.
+        local r = v2_pay(no, 300)
+        assert.truthy(r.body:find("SUCCESS", 1, true), r.body)
+        assert.equal("PAID", order_of(srv, no).state)
+        assert.equal(before + 1, calls().calls)
+      end)
+
+      it("is one transition with the v3 notification of the same payment", function()
+        local no = new_order(srv, "V2V3", 120)
+        assert.same({ 204 }, notify({ out_trade_no = no }).statuses)
+        local tid = select(2, call(srv, "GET", "/query/" .. no)).data.transaction_id
+        local before = calls().calls
+        local r = v2_pay(no, 120, { transaction_id = tid })
+        assert.truthy(r.body:find("SUCCESS", 1, true), r.body)
+        assert.same({ "PAID", 2 }, { order_of(srv, no).state, order_of(srv, no).version })
+        assert.equal(before, calls().calls)
+      end)
+
+      it("moves a refund to REFUNDED once, through REFUNDING, and refuses a mismatch", function()
+        local no, tid = paid_order("V2REF", 400)
+        local rid = "50" .. fresh_tid()
+        local refund = { out_trade_no = no, transaction_id = tid, out_refund_no = "RR-" .. no, refund_id = rid,
+          total_fee = "400", refund_fee = "400" }
+        local before = calls().calls
+        -- Mismatches first: nothing changes, no handler.
+        local bad = {
+          { { total_fee = "401" }, "amount mismatch" },
+          { { out_trade_no = fresh_no("V2NONE") }, "unknown order" },
+        }
+        for i, c in ipairs(bad) do
+          local rf = {}
+          for k, v in pairs(refund) do rf[k] = v end
+          for k, v in pairs(c[1]) do rf[k] = v end
+          local r = ctl("POST", "/_ctl/notify_v2", { url = url, key = V2_KEY, refund = rf })
+          assert.truthy(r.body:find("FAIL", 1, true) and r.body:find(c[2], 1, true), "case " .. i .. ": " .. r.body)
+        end
+        assert.equal(before, calls().calls)
+        assert.same({ "PAID", 2 }, { order_of(srv, no).state, order_of(srv, no).version })
+        local r = ctl("POST", "/_ctl/notify_v2", { url = url, key = V2_KEY, refund = refund, copies = 20 })
+        for i = 1, 20 do assert.truthy(r.bodies[i]:find("SUCCESS", 1, true), r.bodies[i]) end
+        local o = order_of(srv, no)
+        assert.same({ "REFUNDED", 4 }, { o.state, o.version })
+        local id = "v2refund:" .. rid .. ":SUCCESS"
+        assert.same({ "REFUNDING", id .. ":REFUNDING" }, { o.history[3].to, o.history[3].key })
+        assert.same({ "REFUNDED", id, rid, "SUCCESS" },
+          { o.history[4].to, o.history[4].key, o.history[4].data.refund_id, o.history[4].data.refund_status })
+        assert.equal(1, handler_calls(id))
+        assert.equal(before + 1, calls().calls)
+      end)
     end)
 
     it("follows a certificate rotation with no failed call or notification", function()

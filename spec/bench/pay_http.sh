@@ -9,17 +9,24 @@
 # and the ratio wxd/node. Called by `make bench-pay-http` (and `make bench`)
 # from the repo root. See spec/bench/README.md.
 #
+# The ceiling: the same wrk load against a wxd route that answers 204 and
+# checks nothing (peer wxd-null: the HTTP layer's and wrk's own cost) and
+# the machine's RSA-2048 verify rate on one core (openssl speed) bound what
+# any server that verifies one signature per notification could do here:
+# 1 / (1/null_rps + 1/(CPUS * verify_per_s)), printed next to node's rate.
+#
 # Every request is a distinct notification (its own id, order, nonce and
 # RSA signature, made with the fake WeChat Pay's platform key by
 # spec/bench/pay_tool.lua before each run, outside the measurement); for
 # wxd the orders they name are created (PAYING) before the run too.
 #
-# Environment: WXD (build/wxd), BENCH_PEERS ("wxd,node"), BENCH_ROUNDS (3),
+# Environment: WXD (build/wxd), BENCH_PEERS ("wxd,node,wxd-null"), BENCH_ROUNDS (3),
 # BENCH_SECONDS (5), BENCH_WARMUP (2), (BENCH_PEERS may add "wxd-noorders":
 # the same wxd app with the client's orders off, to show the order step's share), BENCH_CONNS (64), BENCH_THREADS (2),
 # BENCH_STEERING (hash), BENCH_PAY_RATE (notifications generated per second
 # of a run, at least; default 30000, or 2 x the best rate seen so far),
-# BENCH_KEEP_TMP.
+# BENCH_NULL_POOL (notifications in wxd-null's pool, sent over and over:
+# 4000), BENCH_KEEP_TMP.
 set -euo pipefail
 
 ROUNDS=${BENCH_ROUNDS:-3}
@@ -27,7 +34,8 @@ SECONDS_PER_RUN=${BENCH_SECONDS:-5}
 WARMUP=${BENCH_WARMUP:-2}
 CONNS=${BENCH_CONNS:-64}
 THREADS=${BENCH_THREADS:-2}
-PEERS_SPEC=${BENCH_PEERS:-wxd,node}
+PEERS_SPEC=${BENCH_PEERS:-wxd,node,wxd-null}
+NULL_POOL=${BENCH_NULL_POOL:-4000}
 START_TIMEOUT=${BENCH_START_TIMEOUT:-15}
 RATE=${BENCH_PAY_RATE:-30000}
 
@@ -41,24 +49,26 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
 TOOL=spec/bench/pay_tool.lua
 
-RUN_WXD=0 RUN_NODE=0 RUN_NOORD=0
+RUN_WXD=0 RUN_NODE=0 RUN_NOORD=0 RUN_NULL=0
 for p in ${PEERS_SPEC//,/ }; do
     case $p in
         wxd) RUN_WXD=1 ;;
         node) RUN_NODE=1 ;;
         wxd-noorders) RUN_NOORD=1 ;;
-        *) die "unknown peer '$p' in BENCH_PEERS (use wxd, node, wxd-noorders, comma separated)" ;;
+        wxd-null) RUN_NULL=1 ;;
+        *) die "unknown peer '$p' in BENCH_PEERS (use wxd, node, wxd-noorders, wxd-null, comma separated)" ;;
     esac
 done
 PEERS=()
 ((RUN_WXD)) && PEERS+=(wxd)
 ((RUN_NOORD)) && PEERS+=(wxd-noorders)
 ((RUN_NODE)) && PEERS+=(node)
+((RUN_NULL)) && PEERS+=(wxd-null)
 ((${#PEERS[@]})) || die "BENCH_PEERS selects no peer"
-for n in ROUNDS SECONDS_PER_RUN WARMUP CONNS THREADS RATE; do
+for n in ROUNDS SECONDS_PER_RUN WARMUP CONNS THREADS RATE NULL_POOL; do
     [[ ${!n} =~ ^[0-9]+$ ]] || die "$n must be a non-negative integer, got '${!n}'"
 done
-((ROUNDS >= 1 && SECONDS_PER_RUN >= 1 && THREADS >= 1 && RATE >= 100)) || die "bad settings"
+((ROUNDS >= 1 && SECONDS_PER_RUN >= 1 && THREADS >= 1 && RATE >= 100 && NULL_POOL >= THREADS)) || die "bad settings"
 for tool in wrk curl ss openssl; do command -v "$tool" >/dev/null || die "$tool is not installed"; done
 [[ -x $WXD ]] || die "wxd binary not found at $WXD (run make first): it also generates the notifications"
 ((RUN_NODE)) && { command -v node >/dev/null || die "node is not installed (Node.js 20 or later)"; }
@@ -102,6 +112,11 @@ start_peer() {
                 WXD_STEERING=${BENCH_STEERING:-hash} "$WXD" run spec/bench/pay_app \
                 --listen "127.0.0.1:$port" --workers 2 >"$log" 2>&1 &
             ;;
+        wxd-null)
+            BENCH_PAY_ORDERS=off BENCH_PAY_JOURNAL_OFF=1 WXD_ACCESS_LOG=off \
+                WXD_STEERING=${BENCH_STEERING:-hash} "$WXD" run spec/bench/pay_app \
+                --listen "127.0.0.1:$port" --workers 2 >"$log" 2>&1 &
+            ;;
         node)
             BENCH_PAY_PORT=$port BENCH_PAY_NODE_WORKERS=2 NODE_ENV=production node spec/bench/pay_node.js >"$log" 2>&1 &
             ;;
@@ -113,8 +128,14 @@ start_peer() {
 }
 
 # prepare PEER FILE COUNT: the notifications, and for wxd their orders (PAYING).
+# wxd-null reads none of them: one pool of NULL_POOL, made once, sent over and over.
 prepare() {
     local peer=$1 file=$2 count=$3 out
+    if [[ $peer == wxd-null && $file == "$TMP/pool.txt" ]]; then
+        [[ -s $TMP/null_pool.txt ]] || gen "$TMP/null_pool.txt" "$NULL_POOL"
+        cp "$TMP/null_pool.txt" "$file"
+        return
+    fi
     gen "$file" "$count"
     if [[ $peer == wxd ]]; then
         out=$(curl -s -m 600 -X POST "${URL_BASE[wxd]}/bench/orders?run=$RUN_ID&first=$FIRST_SEQ&count=$count")
@@ -122,12 +143,14 @@ prepare() {
     fi
 }
 
+path_of() { if [[ $1 == wxd-null ]]; then echo /bench/null; else echo /pay/notify; fi; }
+
 post_first() {
     local peer=$1 file=$2 ts nonce sig serial body
     IFS=$'\t' read -r ts nonce sig serial body <"$file"
     curl -s -m 5 -o "$TMP/post.body" -w '%{http_code}' -H 'Content-Type: application/json' \
         -H "Wechatpay-Timestamp: $ts" -H "Wechatpay-Nonce: $nonce" -H "Wechatpay-Signature: $sig" \
-        -H "Wechatpay-Serial: $serial" --data-binary "$body" "${URL_BASE[$peer]}/pay/notify" || true
+        -H "Wechatpay-Serial: $serial" --data-binary "$body" "${URL_BASE[$peer]}$(path_of "$peer")" || true
 }
 
 # check_peer PEER: a notification gets 204 (and wxd's order is PAID); the same
@@ -137,6 +160,10 @@ check_peer() {
     prepare "$peer" "$TMP/check.txt" 1
     code=$(post_first "$peer" "$TMP/check.txt")
     [[ $code == 204 ]] || { echo "$peer answered a valid notification with ${code:-none}" >&2; cat "$TMP/post.body" >&2; return 1; }
+    if [[ $peer == wxd-null ]]; then
+        echo "  $peer: /bench/null answers 204 (nothing verified: the ceiling's HTTP layer)"
+        return 0
+    fi
     if [[ $peer == wxd ]]; then
         curl -s "${URL_BASE[wxd]}/bench/order/B${RUN_ID}x$FIRST_SEQ" | grep -q '"state":"PAID"' ||
             { echo "wxd: the order is not PAID after its notification" >&2; return 1; }
@@ -170,11 +197,12 @@ run_wrk() {
     local label=$1 peer=$2 secs=$3 out rc=0 rps pool rate nbad t0 t1
     rate=$(awk -v r="$RATE" -v b="${BEST[$peer]:-0}" 'BEGIN { b = int(b * 2); print (b > r ? b : r) }')
     pool=$((rate * secs))
+    [[ $peer == wxd-null ]] && pool=$NULL_POOL
     prepare "$peer" "$TMP/pool.txt" "$pool"
     rm -f "$TMP/pool.txt.ready"
     t0=$(cpu_ticks)
-    out=$(PAY_REQUESTS="$TMP/pool.txt" PAY_THREADS=$THREADS \
-        wrk -t"$THREADS" -c"$CONNS" -d"${secs}s" -s spec/bench/pay_wrk.lua "${URL_BASE[$peer]}/pay/notify" 2>&1) || rc=$?
+    out=$(PAY_REQUESTS="$TMP/pool.txt" PAY_THREADS=$THREADS PAY_PATH=$(path_of "$peer") \
+        wrk -t"$THREADS" -c"$CONNS" -d"${secs}s" -s spec/bench/pay_wrk.lua "${URL_BASE[$peer]}$(path_of "$peer")" 2>&1) || rc=$?
     t1=$(cpu_ticks)
     # The idle share of the run itself (pay_wrk.lua prints /proc/stat once
     # every thread has loaded and at the end; see wrk_start.lua); around
@@ -187,7 +215,7 @@ run_wrk() {
     wrk_parse "$out"
     rps=$WRK_RPS
     if ((rc != 0)) || [[ -z $rps ]]; then FAILURES+=("$label $peer: wrk failed (exit $rc)"); echo "$out" >&2; rps=0; fi
-    grep -q 'POOL EXHAUSTED' <<<"$out" && FAILURES+=("$label $peer: sent all $pool notifications (raise BENCH_PAY_RATE)")
+    [[ $peer != wxd-null ]] && grep -q 'POOL EXHAUSTED' <<<"$out" && FAILURES+=("$label $peer: sent all $pool notifications (raise BENCH_PAY_RATE)")
     nbad=$(awk '/^pay_wrk: BAD REPLIES/ {print $4}' <<<"$out")
     if [[ -z $nbad ]]; then FAILURES+=("$label $peer: the wrk script did not report its check")
     elif ((nbad > 0)); then FAILURES+=("$label $peer: $nbad answers were not 204"); fi
@@ -251,6 +279,34 @@ for peer in "${PEERS[@]}"; do
     printf '  %-5s rounds %s   idle (median) %s%%\n' "$peer" "$(echo "${RESULTS[$peer]% }" | tr ' ' '/')" "$(median ${IDLES[$peer]})"
 done
 echo "goal (issue 14): wxd/node >= 3.0"
+if ((RUN_NULL)); then
+    # The ceiling (spec/bench/README.md, "The ceiling"): the HTTP layer and
+    # wrk measured (wxd-null), plus one RSA-2048 verification per
+    # notification at the rate one core of this machine does it.
+    # shellcheck disable=SC2086
+    null_rps=$(median ${RESULTS[wxd-null]})
+    # shellcheck disable=SC2086
+    null_idle=$(median ${IDLES[wxd-null]})
+    cpus=$(nproc)
+    speed=$(openssl speed -seconds 2 rsa2048 2>/dev/null) || speed=
+    verify_s=$(awk '/verify\/s/ { for (i = 1; i <= NF; i++) if ($i == "verify/s") col = i }
+        col && /^rsa +2048 +bits/ { print $(col + 3); exit }' <<<"$speed")
+    if [[ -z $verify_s ]]; then
+        FAILURES+=("ceiling: no verify/s in the output of openssl speed rsa2048")
+        verify_s=0
+    fi
+    echo "ceiling inputs: null_rps $null_rps/s (wxd-null median, idle $null_idle%), CPUS $cpus," \
+        "verify_per_s $verify_s (openssl speed -seconds 2 rsa2048, one core)"
+    read -r ceil cratio <<<"$(awk -v z="$null_rps" -v c="$cpus" -v v="$verify_s" -v n="$n" 'BEGIN {
+        if (z <= 0 || v <= 0) { print "n/a n/a"; exit }
+        x = 1 / (1 / z + 1 / (c * v)); printf "%.0f %s\n", x, (n + 0 > 0 ? sprintf("%.2f", x / n) : "n/a") }')"
+    echo "ceiling: a server verifying one RSA-2048 signature per notification over this HTTP layer cannot exceed" \
+        "1 / (1/null_rps + 1/(CPUS*verify_per_s)) = $ceil/s = $cratio x node"
+    if awk -v i="$null_idle" 'BEGIN { exit !(i + 0 > 5) }'; then
+        echo "  (the null runs left $null_idle% of the CPUs idle: their CPU per request is overstated, so this" \
+            "ceiling is too low to be a bound)"
+    fi
+fi
 if ((RUN_WXD)); then
     echo "wxd's state machine after the runs: $(curl -s -m 5 "${URL_BASE[wxd]}/bench/stats")"
     read -r rss pss nproc <<<"$(tree_mem "${PID[wxd]}")"

@@ -1,6 +1,7 @@
 -- wrk script of spec/bench/pay_http.sh: sends pre-generated WeChat Pay v3
 -- notifications (spec/bench/pay_tool.lua gen), each once. PAY_REQUESTS
--- names the file, PAY_THREADS is wrk's -t; thread k takes lines k,
+-- names the file, PAY_PATH the path they go to ("/pay/notify"; the
+-- ceiling's null route "/bench/null"), PAY_THREADS is wrk's -t; thread k takes lines k,
 -- k + PAY_THREADS, ... A thread that runs out starts over (the nonces then
 -- repeat and are refused as replays): done() prints "pay_wrk: POOL
 -- EXHAUSTED" and the script fails the run. Every answer must be 204;
@@ -10,6 +11,7 @@
 
 local file = os.getenv("PAY_REQUESTS")
 local nthreads = tonumber(os.getenv("PAY_THREADS") or "1")
+local path = os.getenv("PAY_PATH") or "/pay/notify"
 
 local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
 local start = dofile(here .. "wrk_start.lua")("pay_wrk", file .. ".ready", nthreads)
@@ -35,7 +37,7 @@ function init()
       local ts, nonce, sig, serial, body = line:match("^([^\t]+)\t([^\t]+)\t([^\t]+)\t([^\t]+)\t(.*)$")
       assert(ts, "pay_wrk: malformed line in PAY_REQUESTS")
       n = n + 1
-      reqs[n] = wrk.format("POST", "/pay/notify", { ["Content-Type"] = "application/json",
+      reqs[n] = wrk.format("POST", path, { ["Content-Type"] = "application/json",
         ["Wechatpay-Timestamp"] = ts, ["Wechatpay-Nonce"] = nonce, ["Wechatpay-Signature"] = sig,
         ["Wechatpay-Serial"] = serial, ["Wechatpay-Signature-Type"] = "WECHATPAY2-SHA256-RSA2048" }, body)
     end

@@ -6,6 +6,11 @@
 -- record kept 25 h, WeChat Pay's retry span). It runs in a task
 -- (wxd.task): the request waits for it until the deadline, then answers
 -- FAIL so that WeChat Pay retries, while the handler goes on.
+--
+-- `process` puts the order step (wxd.pay.orders: the notification checked
+-- against its stored order and applied to it, durably, keyed by the
+-- notification id) before the handler, within the same deadline; v3 and
+-- v2 notifications go through it alike.
 -- @module wxd.pay.notify
 
 local store = require "wxd.store"
@@ -13,6 +18,7 @@ local crypto = require "wxd.crypto"
 local log = require "wxd.log"
 local json = require "wxd.json"
 local core = require "wxd.core"
+local pay_orders = require "wxd.pay.orders"
 
 local type, tostring, pcall, xpcall = type, tostring, pcall, xpcall
 local monotonic_ms = core.monotonic_ms
@@ -87,6 +93,58 @@ function _M.dispatch(self, n, ctx, deadline)
     return nil, "handler still running"
   end
   return nil, t.message
+end
+
+-- The order step in a task, so that a store that hangs still gets an
+-- answer (FAIL) by the deadline; WeChat Pay's retry is then a duplicate.
+-- status, order, or nil, http_status, message (as wxd.pay.orders.apply).
+local function order_step(self, orders, n, deadline)
+  local t = {}
+  local h = spawn(function()
+    local ok, st, a, b = xpcall(pay_orders.apply, traceback, orders, n)
+    if ok then
+      t.status, t.a, t.b = st, a, b
+    else
+      log.error("pay: order step failed", { path = self.path, id = n.id, error = tostring(st) })
+      t.a, t.b = 500, "order step error"
+    end
+    t.finished = true
+  end)
+  if not t.finished then
+    local left = deadline - monotonic_ms()
+    h:wait(left > 0 and left or 0)
+  end
+  if not t.finished then
+    log.warn("pay: order store past the deadline; answered FAIL so that WeChat Pay retries",
+      { path = self.path, id = n.id })
+    return nil, 503, "order store slow"
+  end
+  return t.status, t.a, t.b
+end
+
+--- A verified notification from here on: with `orders` (a store of
+-- wxd.pay.orders.resolve) the order step first, then the handler (once
+-- per id). `ctx.order` and `ctx.order_status` are set for the handler.
+-- @treturn[1] true answer success (2xx / SUCCESS)
+-- @treturn[2] nil
+-- @treturn[2] number the HTTP status of the refusal (4xx: refused for
+--   good; 5xx: WeChat Pay should retry)
+-- @treturn[2] string the message
+function _M.process(self, orders, n, ctx)
+  local deadline = monotonic_ms() + self.deadline_ms
+  if orders then
+    local status, o, message = order_step(self, orders, n, deadline)
+    if not status then return nil, o, message end
+    ctx.order, ctx.order_status = o, status
+    -- Late (recorded for reconciliation) or applied under another id: no
+    -- handler run; WeChat Pay need not repeat it.
+    if status == "late" or status == "already" then return true end
+    -- The order holds the event durably: a handler is optional then.
+    if status ~= "none" and not find_handler(self.handlers, n.event_type) then return true end
+  end
+  local ok, why = _M.dispatch(self, n, ctx, deadline)
+  if ok then return true end
+  return nil, 500, why or "not processed"
 end
 
 return _M

@@ -223,7 +223,7 @@ function _M.apply(orders, n)
   local ev = type(n.event_type) == "string" and n.event_type or ""
   local is_refund = find(ev, "^REFUND%.") ~= nil
   if not is_refund and find(ev, "^TRANSACTION%.") == nil then return "none" end
-  local d = n.data
+  local d = n.order_data or n.data -- a v2 notification brings its facts in v3's shape
   local no = d.out_trade_no
   local fields = { id = n.id, event_type = ev, out_trade_no = tostring(no) }
   if type(no) ~= "string" or not find(no, "^[%w_%-|*@.]+$") or #no > 64 then

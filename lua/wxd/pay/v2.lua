@@ -25,7 +25,8 @@ local crypto = require "wxd.crypto"
 local xml = require "wxd.xml"
 local log = require "wxd.log"
 
-local type, error, pairs, ipairs, tostring, setmetatable = type, error, pairs, ipairs, tostring, setmetatable
+local type, error, pairs, ipairs, tostring, tonumber, setmetatable =
+  type, error, pairs, ipairs, tostring, tonumber, setmetatable
 local find, gsub, format = string.find, string.gsub, string.format
 local concat, sort = table.concat, table.sort
 
@@ -223,6 +224,8 @@ end
 ------------------------------------------------------------------------
 
 local REFUND_EVENTS = { SUCCESS = "REFUND.SUCCESS", CHANGE = "REFUND.ABNORMAL", REFUNDCLOSE = "REFUND.CLOSED" }
+-- v2 refund_status → v3's (what wxd.pay.orders maps to a state).
+local REFUND_STATUS = { SUCCESS = "SUCCESS", CHANGE = "ABNORMAL", REFUNDCLOSE = "CLOSED" }
 
 local Endpoint = {}
 Endpoint.__index = Endpoint
@@ -236,7 +239,18 @@ local function answer(res, ok, msg)
     (gsub(msg or "FAIL", "]]>", "")))
 end
 
--- The notification as a v3-like table: id, event_type, data, version = 2.
+-- A v2 amount in fen: an integer string becomes a number; anything else is
+-- kept as it is, which no stored amount equals (an amount mismatch).
+local function fen(v)
+  if type(v) == "string" and #v <= 15 and find(v, "^%d+$") then return tonumber(v) end
+  return v
+end
+
+-- The notification as a v3-like table: id, event_type, data (the v2
+-- fields, for the handler), version = 2, and order_data: the same facts
+-- in the shape of a v3 resource (mchid, appid, amount = { total, currency },
+-- trade_state / refund_status, ...), which wxd.pay.orders checks against
+-- the stored order. The id is the order's idempotency key too.
 function Endpoint:open(body)
   local t, err = _M.decode(body)
   if not t then return nil, "xml", err end
@@ -249,11 +263,20 @@ function Endpoint:open(body)
     if not info then return nil, "decrypt failed" end
     local ev = REFUND_EVENTS[info.refund_status] or "REFUND.UNKNOWN"
     return { id = "v2refund:" .. tostring(info.refund_id or info.out_refund_no) .. ":" .. tostring(info.refund_status),
-      event_type = ev, data = info, outer = t, version = 2 }
+      event_type = ev, data = info, outer = t, version = 2,
+      order_data = { mchid = t.mch_id, out_trade_no = info.out_trade_no, transaction_id = info.transaction_id,
+        out_refund_no = info.out_refund_no, refund_id = info.refund_id,
+        refund_status = REFUND_STATUS[info.refund_status],
+        amount = { total = fen(info.total_fee), refund = fen(info.refund_fee) } } }
   end
   if not _M.verify(t, self.key) then return nil, "bad signature" end
   local ev = t.result_code == "SUCCESS" and "TRANSACTION.SUCCESS" or "TRANSACTION.FAIL"
-  return { id = "v2pay:" .. tostring(t.transaction_id or t.out_trade_no), event_type = ev, data = t, version = 2 }
+  return { id = "v2pay:" .. tostring(t.transaction_id or t.out_trade_no), event_type = ev, data = t, version = 2,
+    -- A v2 payment result says SUCCESS or FAIL, no trade_state: FAIL moves
+    -- nothing (the customer may pay the same order again).
+    order_data = { mchid = t.mch_id, appid = t.appid, out_trade_no = t.out_trade_no,
+      transaction_id = t.transaction_id, trade_state = t.result_code == "SUCCESS" and "SUCCESS" or nil,
+      amount = { total = fen(t.total_fee), currency = t.fee_type } } }
 end
 
 function Endpoint:receive(req, res)
@@ -262,23 +285,26 @@ function Endpoint:receive(req, res)
     log.warn("pay.v2: notification refused", { path = self.path, reason = why, remote = req.remote_addr })
     return answer(res, false, why)
   end
-  local ok, err = self.dispatcher:dispatch(n, { req = req, path = self.path, version = 2 })
+  local ok, _, message = self.dispatcher:process(self.orders, n, { req = req, path = self.path, version = 2 })
   if ok then return answer(res, true) end
-  return answer(res, false, err)
+  return answer(res, false, message)
 end
 
 --- The v2 notification handling of a path (used by wxd.pay's mount for v2
--- refund notifications on a v3 URL). cfg: `key`, `mchid`, `appid`.
-function _M.notify_endpoint(path, cfg, handlers, dispatcher)
+-- refund notifications on a v3 URL). cfg: `key`, `mchid`, `appid`;
+-- `orders`: a store of wxd.pay.orders.resolve, or nil (none).
+function _M.notify_endpoint(path, cfg, handlers, dispatcher, orders)
   if type(cfg) ~= "table" then fail("cfg must be a table (key, mchid, appid)", 3) end
   check_key(cfg.key, 3)
   if type(cfg.mchid) ~= "string" then fail("cfg.mchid must be a string", 3) end
   return setmetatable({ path = path, key = cfg.key, mchid = cfg.mchid, appid = cfg.appid, handlers = handlers,
-    dispatcher = dispatcher }, Endpoint)
+    dispatcher = dispatcher, orders = orders }, Endpoint)
 end
 
 --- Mounts a v2 notification URL (what `app:pay_notify_v2` calls).
--- @tparam table cfg `key` (APIv2), `mchid`, `appid`, `deadline_ms` (4500)
+-- @tparam table cfg `key` (APIv2), `mchid`, `appid`, `deadline_ms` (4500),
+--   `orders` (as wxd.pay's client: `true` wxd.order's default store, a
+--   store from wxd.order.new, `false` none)
 -- @tparam table|function handlers by event_type ("TRANSACTION.SUCCESS",
 --   "TRANSACTION.FAIL", "REFUND.SUCCESS", "REFUND.ABNORMAL",
 --   "REFUND.CLOSED"), `default`; `fn(data, notification, ctx)` returns true
@@ -289,7 +315,7 @@ function _M.mount(app, path, cfg, handlers)
   if type(handlers) ~= "table" then fail("pay_notify_v2: handlers must be a table or a function", 2) end
   local d = setmetatable({ path = path, prefix = "wxd:pay:" .. tostring(cfg.mchid) .. ":", handlers = handlers,
     deadline_ms = cfg.deadline_ms or 4500, done_ttl = 25 * 3600, run_expire = cfg.handler_timeout or 120 }, DISPATCHER)
-  local ep = _M.notify_endpoint(path, cfg, handlers, d)
+  local ep = _M.notify_endpoint(path, cfg, handlers, d, require("wxd.pay.orders").resolve(cfg.orders))
   app:post(path, function(req, res) return ep:receive(req, res) end)
   return app
 end

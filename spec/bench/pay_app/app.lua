@@ -26,6 +26,10 @@ app:pay_notify("/pay/notify", { client = client }, {
   ["TRANSACTION.SUCCESS"] = function(_, _, ctx) return not ctx.order or ctx.order.state == "PAID" end,
 })
 
+-- The ceiling's null route (peer wxd-null of pay_http.sh): the same
+-- requests, read by the same HTTP layer, answered 204 with nothing checked.
+app:post("/bench/null", function() return 204 end)
+
 -- Outside the measurement: the orders the next run's notifications are
 -- about, created and moved to PAYING as a prepay would (64 at a time, so
 -- that the journal commits them in groups).
