@@ -44,11 +44,13 @@ typedef struct shd_entry {
   char kv[];                       /* the key, then a string value */
 } shd_entry_t;
 
-/* A coroutine waiting for a lock. Lives on its waiter's loop; the memory is
- * freed once both handles are closed. Fields marked (mu) are guarded by the
- * dictionary's mutex: a thread removing a key reads them and sends `wake`. */
+/* A coroutine waiting for a lock, or for a key's value to change
+ * (wait_change). Lives on its waiter's loop; the memory is freed once both
+ * handles are closed. Fields marked (mu) are guarded by the dictionary's
+ * mutex: a thread removing (or, for a change waiter, writing) a key reads
+ * them and sends `wake`. */
 typedef struct shd_waiter {
-  uv_async_t wake;                  /* sent when the key goes away */
+  uv_async_t wake;                  /* sent when the key goes away (or changes) */
   uv_timer_t timer;                 /* timeout, or the holder's expiry */
   wxd_co_t *co;
   wxd_shdict_t *d;
@@ -57,6 +59,11 @@ typedef struct shd_waiter {
   int woken;                        /* dequeued by a remover (mu) */
   int done;                         /* resumed or cancelled (loop thread) */
   int nclosed;                      /* handles closed (loop thread) */
+  int change;                       /* a wait_change waiter, not a lock's */
+  uint8_t otype;                    /* change: the value waited away from */
+  double onum;
+  size_t olen;                      /* change: its string, after the key */
+  uint64_t deadline_ns;             /* change: uv_hrtime() of the timeout */
   uint64_t hash;
   size_t klen;
   char key[];
@@ -77,6 +84,7 @@ struct wxd_shdict {
   shd_entry_t **heap;              /* min-heap on expire_ns */
   uint32_t nheap, heapcap;
   shd_waiter_t *waiters, *waiters_tail;
+  size_t nchange;                  /* change waiters on d->waiters */
   wxd_shdict_t *next;              /* registry list */
 };
 
@@ -219,6 +227,17 @@ static void entry_unlink(wxd_shdict_t *d, shd_entry_t *e) {
   d->count--;
 }
 
+static void waiter_link(wxd_shdict_t *d, shd_waiter_t *w) {
+  w->prev = d->waiters_tail;
+  w->next = NULL;
+  if (d->waiters_tail) d->waiters_tail->next = w;
+  else d->waiters = w;
+  d->waiters_tail = w;
+  w->linked = 1;
+  w->woken = 0;
+  if (w->change) d->nchange++;
+}
+
 static void waiter_dequeue(wxd_shdict_t *d, shd_waiter_t *w) {
   if (w->prev) w->prev->next = w->next;
   else d->waiters = w->next;
@@ -226,25 +245,35 @@ static void waiter_dequeue(wxd_shdict_t *d, shd_waiter_t *w) {
   else d->waiters_tail = w->prev;
   w->prev = w->next = NULL;
   w->linked = 0;
+  if (w->change) d->nchange--;
 }
 
-/* The key went away: the first coroutine waiting for it may take it. One
- * at a time: a woken waiter that cannot use the wake-up passes it on. */
-static void wake_key(wxd_shdict_t *d, const char *key, size_t klen, uint64_t hash) {
-  for (shd_waiter_t *w = d->waiters; w; w = w->next) {
-    if (w->hash == hash && w->klen == klen && memcmp(w->key, key, klen) == 0) {
+enum { WAKE_LOCK = 1, WAKE_CHANGE = 2 };
+
+/* Something happened to key. WAKE_LOCK (it went away): the first coroutine
+ * waiting for its lock may take it; one at a time: a woken lock waiter
+ * that cannot use the wake-up passes it on. WAKE_CHANGE (it was written or
+ * went away): every coroutine waiting for its value to change looks again. */
+static void wake_key(wxd_shdict_t *d, const char *key, size_t klen, uint64_t hash, int what) {
+  shd_waiter_t *w = d->waiters;
+  while (w) {
+    shd_waiter_t *next = w->next;
+    if ((what & (w->change ? WAKE_CHANGE : WAKE_LOCK)) && w->hash == hash && w->klen == klen &&
+        memcmp(w->key, key, klen) == 0) {
+      if (!w->change) what &= ~WAKE_LOCK;
       waiter_dequeue(d, w);
       w->woken = 1;
       uv_async_send(&w->wake);
-      return;
+      if (!(what & WAKE_LOCK) && (!(what & WAKE_CHANGE) || d->nchange == 0)) return;
     }
+    w = next;
   }
 }
 
 /* Removes and frees e, waking a waiter of its key. */
 static void entry_drop(wxd_shdict_t *d, shd_entry_t *e) {
   entry_unlink(d, e);
-  if (d->waiters) wake_key(d, e->kv, e->klen, e->hash);
+  if (d->waiters) wake_key(d, e->kv, e->klen, e->hash, d->nchange ? WAKE_LOCK | WAKE_CHANGE : WAKE_LOCK);
   free(e);
 }
 
@@ -358,6 +387,7 @@ static int store(wxd_shdict_t *d, int mode, const char *key, size_t klen, uint64
       }
     }
     touch(d, e);
+    if (d->nchange) wake_key(d, key, klen, hash, WAKE_CHANGE);
     return SHD_OK;
   }
   shd_entry_t *n = malloc(sizeof *n + klen + vlen);
@@ -369,11 +399,13 @@ static int store(wxd_shdict_t *d, int mode, const char *key, size_t klen, uint64
   n->expire_ns = expire_ns;
   entry_assign(n, v);
   if (e) {
-    /* Replaced, not removed: the key stays, so no waiter is woken. */
+    /* Replaced, not removed: the key stays, so no lock waiter is woken
+     * (change waiters are, below). */
     entry_unlink(d, e);
     free(e);
   }
   entry_insert(d, n, now);
+  if (d->nchange) wake_key(d, key, klen, hash, WAKE_CHANGE);
   return SHD_OK;
 }
 
@@ -385,6 +417,7 @@ static int incr(wxd_shdict_t *d, const char *key, size_t klen, uint64_t hash, do
     e->num += by;
     *out = e->num;
     touch(d, e);
+    if (d->nchange) wake_key(d, key, klen, hash, WAKE_CHANGE);
     return SHD_OK;
   }
   if (!has_init) return SHD_NOT_FOUND;
@@ -869,8 +902,19 @@ static void waiter_resume(shd_waiter_t *w) {
   wxd_co_resume(co, 2);
 }
 
-static void waiter_on_wake(uv_async_t *a) { waiter_resume(a->data); }
-static void waiter_on_timer(uv_timer_t *t) { waiter_resume(t->data); }
+static void change_recheck(shd_waiter_t *w);
+
+static void waiter_on_wake(uv_async_t *a) {
+  shd_waiter_t *w = a->data;
+  if (w->change) change_recheck(w);
+  else waiter_resume(w);
+}
+
+static void waiter_on_timer(uv_timer_t *t) {
+  shd_waiter_t *w = t->data;
+  if (w->change) change_recheck(w);
+  else waiter_resume(w);
+}
 
 /* The waiting VM shuts down: close without resuming. A wake-up it received
  * but can no longer use goes to the next waiter of the key. */
@@ -881,7 +925,7 @@ static void waiter_cancel(void *p) {
   wxd_shdict_t *d = w->d;
   pthread_mutex_lock(&d->mu);
   if (w->linked) waiter_dequeue(d, w);
-  else if (w->woken) wake_key(d, w->key, w->klen, w->hash);
+  else if (w->woken && !w->change) wake_key(d, w->key, w->klen, w->hash, WAKE_LOCK);
   pthread_mutex_unlock(&d->mu);
   waiter_close(w);
 }
@@ -930,11 +974,7 @@ static int dict_lock(lua_State *L) {
   int arc = uv_async_init(co->vm->loop, &w->wake, waiter_on_wake);
   if (arc == 0) {
     w->wake.data = w;
-    w->prev = d->waiters_tail;
-    if (d->waiters_tail) d->waiters_tail->next = w;
-    else d->waiters = w;
-    d->waiters_tail = w;
-    w->linked = 1;
+    waiter_link(d, w);
   }
   pthread_mutex_unlock(&d->mu);
   if (arc != 0) {
@@ -977,6 +1017,202 @@ static int dict_unlock(lua_State *L) {
   }
   pthread_mutex_unlock(&d->mu);
   return push_result(L, rc);
+}
+
+/* ---- waiting for a value to change ---- */
+
+/* True when e (NULL: absent) holds the waiter's old value. */
+static int change_same(const shd_waiter_t *w, const shd_entry_t *e) {
+  if (!e) return w->otype == SHD_NIL;
+  shd_value_t old = {w->otype, w->onum, w->key + w->klen, w->olen};
+  return w->otype != SHD_NIL && entry_equals(e, &old);
+}
+
+/* A copy of e's value (NULL: absent) taken under the mutex, pushed after. */
+typedef struct shd_copy {
+  shd_value_t v;
+  char *str;                       /* owned, SHD_STRING only */
+  int nomem;
+} shd_copy_t;
+
+static void copy_value(const shd_entry_t *e, shd_copy_t *c) {
+  memset(c, 0, sizeof *c);
+  if (!e) return;
+  c->v.type = e->type;
+  c->v.num = e->num;
+  if (e->type != SHD_STRING) return;
+  c->str = malloc(e->vlen ? e->vlen : 1);
+  if (!c->str) {
+    c->nomem = 1;
+    return;
+  }
+  memcpy(c->str, e->kv + e->klen, e->vlen);
+  c->v.len = e->vlen;
+}
+
+/* Pushes the copy (frees it): 1 value, or nil, "no memory". */
+static int push_copy(lua_State *L, shd_copy_t *c) {
+  if (c->nomem) return push_result(L, SHD_NOMEM);
+  switch (c->v.type) {
+  case SHD_STRING: lua_pushlstring(L, c->str, c->v.len); break;
+  case SHD_NUMBER: lua_pushnumber(L, c->v.num); break;
+  case SHD_BOOLEAN: lua_pushboolean(L, c->v.num != 0); break;
+  default: lua_pushnil(L); break;
+  }
+  free(c->str);
+  return 1;
+}
+
+/* Milliseconds until `at` (uv_hrtime), rounded up, plus one so that the
+ * timer never fires before it; at least 1. */
+static uint64_t ms_until(uint64_t at, uint64_t now) {
+  if (at <= now) return 1;
+  return (at - now + 999999) / 1000000 + 1;
+}
+
+/* Queues w (under the mutex) and arms its timer for the earlier of its
+ * timeout and the expiry of the entry it waits on (expiry removes the key
+ * without any writer to wake it). */
+static void change_arm(shd_waiter_t *w, uint64_t entry_expire, uint64_t now) {
+  uint64_t at = w->deadline_ns;
+  if (entry_expire && entry_expire < at) at = entry_expire;
+  uv_update_time(w->co->vm->loop);
+  uv_timer_start(&w->timer, waiter_on_timer, ms_until(at, now), 0);
+}
+
+/* Woken (the key was written or removed) or the timer fired: resume the
+ * coroutine with the new value or "timeout", or wait on if the value is
+ * still the old one (a write of the same value, an early timer). The
+ * check and the re-queueing happen under one mutex hold, so no write in
+ * between is missed. */
+static void change_recheck(shd_waiter_t *w) {
+  if (w->done) return;
+  wxd_shdict_t *d = w->d;
+  uint64_t now = uv_hrtime();
+  shd_copy_t c;
+  pthread_mutex_lock(&d->mu);
+  if (w->linked) waiter_dequeue(d, w);
+  shd_entry_t *e = lookup(d, w->key, w->klen, w->hash, now);
+  int same = change_same(w, e);
+  if (same && now < w->deadline_ns) {
+    uint64_t expire = e ? e->expire_ns : 0;
+    waiter_link(d, w);
+    pthread_mutex_unlock(&d->mu);
+    change_arm(w, expire, now);
+    return;
+  }
+  if (!same) copy_value(e, &c);
+  pthread_mutex_unlock(&d->mu);
+  w->done = 1;
+  waiter_close(w);
+  wxd_co_t *co = w->co;
+  if (same) {
+    lua_pushnil(co->T);
+    lua_pushliteral(co->T, "timeout");
+    wxd_co_resume(co, 2);
+    return;
+  }
+  wxd_co_resume(co, push_copy(co->T, &c));
+}
+
+/* d:wait_change(key, old, timeout_s) -> value | nil | nil, "timeout" |
+ * nil, "no memory". When key does not hold `old` (nil: absent), returns its
+ * value at once (nil when absent). Otherwise the coroutine waits, woken the
+ * moment the key is written (set, add, replace, incr, cas), removed
+ * (delete, eviction, flush) or expires, and returns the new value; if the
+ * value is still `old` at the timeout, nil, "timeout". A write of the same
+ * value goes on waiting. Waiting needs a wxd coroutine; a cancelled
+ * coroutine (a VM shutting down, a killed task) leaves the queue. */
+static int dict_wait_change(lua_State *L) {
+  shd_state_t *st = state(L);
+  wxd_shdict_t *d = check_dict(L, 1);
+  size_t klen;
+  const char *key = check_key(L, 2, &klen);
+  shd_value_t old = {SHD_NIL, 0, NULL, 0};
+  if (!lua_isnil(L, 3)) check_value(L, 3, &old);
+  lua_Number timeout = check_number(L, 4);
+  luaL_argcheck(L, timeout >= 0 && timeout <= 1e9, 4, "expected a timeout in seconds, 0..1e9");
+  uint64_t h = hash_key(d, key, klen);
+  shd_waiter_t *w = NULL;
+  for (;;) {
+    uint64_t now = uv_hrtime();
+    pthread_mutex_lock(&d->mu);
+    shd_entry_t *e = lookup(d, key, klen, h, now);
+    int same = e ? (old.type != SHD_NIL && entry_equals(e, &old)) : old.type == SHD_NIL;
+    if (!same) {
+      /* Changed already: the common case, no allocation but the scratch. */
+      shd_value_t v = {SHD_NIL, 0, NULL, 0};
+      int nomem = 0;
+      if (e) {
+        v.type = e->type;
+        v.num = e->num;
+        if (e->type == SHD_STRING) {
+          if (scratch_reserve(st, e->vlen) == 0) {
+            if (e->vlen) memcpy(st->buf, e->kv + e->klen, e->vlen);
+            v.len = e->vlen;
+          } else {
+            nomem = 1;
+          }
+        }
+      }
+      pthread_mutex_unlock(&d->mu);
+      free(w);
+      if (nomem) return push_result(L, SHD_NOMEM);
+      shd_copy_t c = {v, NULL, 0};
+      if (v.type == SHD_STRING) {
+        lua_pushlstring(L, st->buf ? st->buf : "", v.len);
+        scratch_trim(st);
+        return 1;
+      }
+      return push_copy(L, &c);
+    }
+    if (timeout <= 0) {
+      pthread_mutex_unlock(&d->mu);
+      free(w);
+      lua_pushnil(L);
+      lua_pushliteral(L, "timeout");
+      return 2;
+    }
+    if (w) {
+      /* Queued under the same mutex hold as the check, so that a write in
+       * between cannot be missed. */
+      wxd_co_t *co = w->co;
+      uint64_t expire = e ? e->expire_ns : 0;
+      int arc = uv_async_init(co->vm->loop, &w->wake, waiter_on_wake);
+      if (arc == 0) {
+        w->wake.data = w;
+        w->deadline_ns = now + (uint64_t)(timeout * 1e9);
+        waiter_link(d, w);
+      }
+      pthread_mutex_unlock(&d->mu);
+      if (arc != 0) {
+        free(w);
+        lua_pushnil(L);
+        lua_pushstring(L, uv_strerror(arc));
+        return 2;
+      }
+      uv_timer_init(co->vm->loop, &w->timer);
+      w->timer.data = w;
+      change_arm(w, expire, now);
+      return wxd_co_yield_cancellable(co, L, waiter_cancel, w);
+    }
+    pthread_mutex_unlock(&d->mu);
+    /* Waiting: allocate outside the mutex, then look again. */
+    wxd_co_t *co = wxd_co_current(L, "wxd.shdict wait_change"); /* raises outside a coroutine */
+    size_t olen = old.type == SHD_STRING ? old.len : 0;
+    w = calloc(1, sizeof *w + klen + olen);
+    if (!w) return push_result(L, SHD_NOMEM);
+    memcpy(w->key, key, klen);
+    if (olen) memcpy(w->key + klen, old.str, olen);
+    w->klen = klen;
+    w->hash = h;
+    w->d = d;
+    w->co = co;
+    w->change = 1;
+    w->otype = (uint8_t)old.type;
+    w->onum = old.num;
+    w->olen = olen;
+  }
 }
 
 /* ---- module functions ---- */
@@ -1083,7 +1319,7 @@ int wxd_open_shdict(lua_State *L) {
       {"replace", dict_replace}, {"incr", dict_incr},     {"delete", dict_delete},
       {"ttl", dict_ttl},         {"keys", dict_keys},     {"flush_all", dict_flush_all},
       {"stats", dict_stats},     {"_lock", dict_lock},    {"_unlock", dict_unlock},
-      {"cas", dict_cas},
+      {"cas", dict_cas},         {"wait_change", dict_wait_change},
       {NULL, NULL},
   };
   static const luaL_Reg fns[] = {

@@ -471,9 +471,9 @@ local function new_endpoint(path, cfg, handlers)
     deadline_ms = deadline_ms,
     max_body_bytes = positive(cfg, "max_body_bytes", 64 * 1024, 1024 * 1024 * 1024),
     dedup_ttl = dedup_ttl,
-    -- The running handler's lock outlives the deadline by far, so that a
-    -- retry never starts a second run of a slow handler.
-    lock_expire = positive(cfg, "handler_timeout", math.max(60, deadline_ms / 1000 * 4), 86400),
+    -- A run's claim (the PENDING record) outlives the deadline by far, so
+    -- that a retry never starts a second run of a slow handler.
+    claim_ttl = positive(cfg, "handler_timeout", math.max(60, deadline_ms / 1000 * 4), 86400),
     on_late_reply = cfg.on_late_reply,
     client = client or nil,
     handlers = handlers,
@@ -706,7 +706,8 @@ local function find_handler(handlers, msg)
   return handlers.default
 end
 
--- Records in the store: a run in progress, or the reply sent (plain).
+-- Records in the store: a run in progress (the claim, for handler_timeout),
+-- or the reply sent (plain, for dedup_ttl).
 local PENDING = "p"
 
 local function late(self, task, reply)
@@ -776,20 +777,10 @@ local function run_handler(self, task)
   end
 end
 
--- Ends a run: the first delivery's claim is deleted (a retry waiting on
--- it is woken), a retry's lock unlocked.
-local function release(run)
-  if run.lock then
-    run.lock:unlock()
-  else
-    local ok, err = pcall(store.delete, run.runkey)
-    if not ok then log.warn("mp: run claim not released", { error = tostring(err) }) end
-  end
-end
-
 -- Runs the handler (in a task: the request can answer in time while it
--- goes on), records its reply, releases the run lock. No error on the way
--- may skip the release: retries would wait for the lock's expiry.
+-- goes on) and records its reply over the claim: the one write of a run,
+-- which also wakes the retries waiting on the claim. No error on the way
+-- may skip it: retries would wait for their deadline.
 local function run_task(self, task)
   local ok, err = xpcall(run_handler, traceback, self, task)
   if not ok then
@@ -802,7 +793,6 @@ local function run_task(self, task)
   end
   task.body = body
   task.done = true
-  release(task)
 end
 
 local function record_body(rec)
@@ -819,41 +809,42 @@ end
 -- returns the plain reply body, or nil to answer "success". `doc` is the
 -- message's document as received (decrypted if it was encrypted).
 --
--- The first delivery claims the message with one add (its run key) and
--- runs the handler as a task, which usually ends inside spawn: no loop
--- turn, no timer, no lock object. A retry that arrives while the first
--- run goes on finds the lock taken and waits for its release natively (the
--- shdict wakes it; the Redis store polls), then answers with the recorded
--- reply.
+-- One key per message, two store writes per run: the first delivery
+-- claims the key with an add of PENDING that lasts handler_timeout, and
+-- the run's end sets the reply over it for dedup_ttl. The handler runs as
+-- a task, which usually ends inside spawn: no loop turn, no timer. A retry
+-- whose add finds the key reads it: a reply is answered at once; PENDING
+-- (the run goes on) is waited away from natively (the shdict wakes the
+-- retry the moment the reply is set; the Redis store polls) until the
+-- retry's deadline. A claim that expired (a run past handler_timeout) is
+-- taken anew: a second run may start only then.
 function Endpoint:dispatch(_req, msg, ctx, doc, id)
   local deadline = monotonic_ms() + self.deadline_ms
   local key = self.prefix .. (id or dedup_id(msg, doc))
-  local runkey = key .. ":run"
-  local run = { runkey = runkey }
-  if not store.add(runkey, "1", self.lock_expire) then
-    -- Taken: a run of this message goes on. Wait for its end (the key's
-    -- removal), then hold the key while reading what it recorded.
-    run.lock = store.lock(runkey, { timeout = seconds_left(deadline), expire = self.lock_expire })
-    if not run.lock then -- still running past our deadline
-      count_message(msg.MsgType, "duplicate")
-      return nil
+  local added, why = store.add(key, PENDING, self.claim_ttl)
+  while not added do
+    local rec
+    if why == "exists" then
+      rec, why = store.wait_change(key, PENDING, seconds_left(deadline))
     end
-  end
-  local added, why = store.add(key, PENDING, self.dedup_ttl)
-  if not added and why == "exists" then
-    local rec = store.get(key)
-    release(run)
-    count_message(msg.MsgType, "duplicate")
-    return record_body(rec) -- a retry: the same reply (nil while in progress)
+    if rec ~= nil or why ~= nil then
+      -- A reply (the same as the first delivery's); or still PENDING at our
+      -- deadline ("timeout": "success" as before); or a store error.
+      if why ~= nil and why ~= "timeout" then log.warn("mp: dedup store failed", { error = tostring(why) }) end
+      count_message(msg.MsgType, "duplicate")
+      return record_body(rec)
+    end
+    -- The claim went away without a reply (expired past handler_timeout,
+    -- evicted): claim it again.
+    added, why = store.add(key, PENDING, self.claim_ttl)
   end
   local fn = find_handler(self.handlers, msg)
   if not fn then
     store.set(key, "rsuccess", self.dedup_ttl)
-    release(run)
     count_message(msg.MsgType, "no_handler")
     return nil
   end
-  local t = { msg = msg, ctx = ctx, fn = fn, key = key, runkey = runkey, lock = run.lock, format = ctx.format }
+  local t = { msg = msg, ctx = ctx, fn = fn, key = key, format = ctx.format }
   local h = spawn(run_task, self, t)
   if not t.done then
     local left = deadline - monotonic_ms()

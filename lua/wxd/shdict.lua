@@ -30,6 +30,12 @@
 --   nil, "not found" (absent and no init), or nil, "not a number"
 -- * `d:delete(key)` → true
 -- * `d:ttl(key)` → seconds left (0: no TTL), or nil, "not found"
+-- * `d:wait_change(key, old, timeout)` → the key's value once it is no
+--   longer `old` (nil: absent), nil when it was removed, or nil, "timeout".
+--   Returns at once when the value already differs; otherwise the calling
+--   coroutine waits (the worker does not), woken natively the moment any
+--   worker writes, deletes or evicts the key, or it expires: no polling.
+--   A write of the same value waits on. Needs a wxd coroutine to wait.
 -- * `d:keys([max = 1024])` → live keys, most recently used first (0: all)
 -- * `d:flush_all()` → removes everything
 -- * `d:stats()` → `{ name, capacity, used, count, evictions, expired }`

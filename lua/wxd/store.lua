@@ -75,6 +75,7 @@ function Memory:incr(key, by, ttl) return self.dict:incr(key, by or 1, 0, ttl) e
 function Memory:delete(key) return self.dict:delete(key) end
 function Memory:cas(key, old, new, ttl) return self.dict:cas(key, old, new, ttl) end
 function Memory:ttl(key) return self.dict:ttl(key) end
+function Memory:wait_change(key, old, timeout) return self.dict:wait_change(key, old, timeout) end
 
 function Memory:lock(key, opts)
   local lk = require("wxd.lock").new(self.dict_name, opts)
@@ -239,6 +240,30 @@ function Redis:ttl(key)
   return ms / 1000
 end
 
+-- Polls GET with a backoff (2 ms doubling to 50 ms), for the reason
+-- given at Redis:lock below.
+function Redis:wait_change(key, old, timeout)
+  local old_enc = old ~= nil and encode(old, "old") or nil
+  local k = self.prefix .. key
+  local wxd = require "wxd"
+  local core = require "wxd.core"
+  local deadline = core.monotonic_ms() + timeout * 1000
+  local pause = 2
+  while true do
+    local v, err, detail = self.r:call("GET", k)
+    if v == nil then return nil, err, detail end
+    if v == self.null then
+      if old_enc ~= nil then return nil end
+    elseif v ~= old_enc then
+      return decode(v)
+    end
+    local left = deadline - core.monotonic_ms()
+    if left <= 0 then return nil, "timeout" end
+    wxd.sleep(math_min(pause, left))
+    pause = math_min(pause * 2, 50)
+  end
+end
+
 local RedisLock = {}
 RedisLock.__index = RedisLock
 
@@ -390,6 +415,26 @@ function Store:ttl(key)
   return self.impl:ttl(key)
 end
 
+--- Waits until key no longer holds `old` (nil: until it exists) and
+-- returns its value then. Returns at once when it already differs. The
+-- memory backend is woken natively the moment a worker writes, deletes or
+-- evicts the key, or it expires; the Redis one polls (2 ms doubling to
+-- 50 ms). Needs a wxd coroutine to wait (a handler, a task, a timer).
+-- @tparam string key
+-- @param old the value to wait away from (string, number, boolean or nil)
+-- @tparam number timeout seconds to wait at most (0: look once)
+-- @return the new value, nil when the key was removed (or is absent)
+-- @treturn ?string "timeout" (still `old`), "no memory", or a Redis error
+-- @usage local v, err = store.wait_change("job:" .. id, "pending", 3)
+function Store:wait_change(key, old, timeout)
+  check_key(key)
+  if old ~= nil then check_value(old) end
+  if type(timeout) ~= "number" or not (timeout >= 0 and timeout <= 1e9) then
+    error("wxd.store.wait_change: timeout must be a number of seconds 0..1e9, got " .. tostring(timeout), 2)
+  end
+  return self.impl:wait_change(key, old, timeout)
+end
+
 --- Takes a lock across workers (and, with Redis, nodes) on `key`.
 -- @tparam string key
 -- @tparam[opt] table opts `timeout` (seconds to wait, default 5),
@@ -415,7 +460,7 @@ local function the_store()
   return default
 end
 
-for _, name in ipairs({ "get", "set", "add", "incr", "delete", "cas", "ttl", "lock" }) do
+for _, name in ipairs({ "get", "set", "add", "incr", "delete", "cas", "ttl", "lock", "wait_change" }) do
   local method = Store[name]
   _M[name] = function(...) return method(the_store(), ...) end
 end

@@ -180,6 +180,94 @@ describe("shdict config in a server", function()
   end)
 end)
 
+describe("wait_change across 2 workers", function()
+  local srv
+  setup(function() srv = H.start(APP, { workers = 2 }) end)
+  teardown(function()
+    if srv then
+      assert.equal(0, srv:stop())
+      srv:cleanup()
+    end
+  end)
+
+  -- Opens n connections waiting on key; returns them once all wait.
+  local function waiters(key, n, query)
+    local base = get_json(srv, "/get/counters/change_waiting").value or 0
+    local conns = {}
+    for i = 1, n do
+      conns[i] = srv:connect()
+      conns[i]:send("GET /wait-change?key=" .. key .. (query or "") .. " HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    end
+    H.wait_until(function()
+      return (get_json(srv, "/get/counters/change_waiting").value or 0) >= base + n
+    end, 10, "the waiters")
+    return conns
+  end
+
+  local function answers(conns)
+    local out = {}
+    for i, c in ipairs(conns) do
+      local r = H.parse_responses(H.read_all(c, 20))[1]
+      c:close()
+      assert.equal(200, r.status, r.body)
+      out[i] = cjson.decode(r.body)
+    end
+    return out
+  end
+
+  it("wakes waiters on both workers the moment one worker sets the key", function()
+    local conns = waiters("cw1", 16, "&timeout=60")
+    local r = srv:request("POST", "/set/counters/cw1", nil, "hello")
+    assert.is_true(cjson.decode(r.body).ok)
+    local workers = {}
+    for _, a in ipairs(answers(conns)) do
+      assert.equal("hello", a.value)
+      assert.is_nil(a.err)
+      workers[a.worker] = true
+    end
+    -- 16 connections spread over 2 SO_REUSEPORT sockets: both took some.
+    assert.truthy(workers[0] and workers[1], "waiters on both workers")
+  end)
+
+  it("keeps waiting across a hot reload (the request runs on its generation) and is woken after it", function()
+    srv:request("POST", "/set/counters/cw2", nil, "p")
+    local conns = waiters("cw2", 4, "&old=p&timeout=60")
+    local gen = tonumber(srv:get("/generation").body)
+    srv:signal("HUP")
+    H.wait_until(function()
+      for _ = 1, 6 do if tonumber(srv:get("/generation").body) ~= gen + 1 then return false end end
+      return true
+    end, 10, "the next generation on both workers")
+    assert.is_true(cjson.decode(srv:request("POST", "/set/counters/cw2", nil, "q").body).ok)
+    for _, a in ipairs(answers(conns)) do
+      assert.equal("q", a.value)
+      assert.equal(gen, a.generation, "answered by the generation it started on")
+    end
+  end)
+end)
+
+describe("change waiters at shutdown", function()
+  it("are cancelled at the shutdown deadline: the server exits cleanly", function()
+    local srv = H.start(APP, { workers = 2 })
+    local conns = {}
+    for i = 1, 6 do
+      conns[i] = srv:connect()
+      conns[i]:send("GET /wait-change?key=never&timeout=60 HTTP/1.1\r\nHost: x\r\n\r\n")
+    end
+    H.wait_until(function()
+      return (cjson.decode(srv:get("/get/counters/change_waiting").body).value or 0) >= 6
+    end, 10, "the waiters")
+    local t0 = socket.gettime()
+    srv:signal("TERM")
+    local code = srv:stop(10)
+    local took = socket.gettime() - t0
+    assert.equal(0, code)
+    assert.is_true(took < 4, string.format("exited after %.1f s", took))
+    for _, c in ipairs(conns) do c:close() end
+    srv:cleanup()
+  end)
+end)
+
 describe("lock waiters at shutdown", function()
   it("are cancelled at the shutdown deadline: the server exits cleanly", function()
     local srv = H.start(APP, { workers = 2 })
