@@ -661,15 +661,37 @@ static int wx_seal(lua_State *L) {
   }
   wxd_hex_encode(md, sizeof md, hex, 0);
   char *doc = cat + off;
-  int n = json ? snprintf(doc, doc_cap, "{\"Encrypt\":\"%.*s\",\"MsgSignature\":\"%.40s\",\"TimeStamp\":%s,\"Nonce\":\"%.*s\"}",
-                          (int)enclen, b->data, hex, ts, (int)nlen, nonce)
-               : snprintf(doc, doc_cap, "<xml><Encrypt><![CDATA[%.*s]]></Encrypt><MsgSignature><![CDATA[%.40s]]>"
-                          "</MsgSignature><TimeStamp>%s</TimeStamp><Nonce><![CDATA[%.*s]]></Nonce></xml>",
-                          (int)enclen, b->data, hex, ts, (int)nlen, nonce);
-  if (n > 0 && (size_t)n < doc_cap) lua_pushlstring(L, doc, (size_t)n);
+  /* The envelope, piece by piece (no printf per message). doc_cap covers
+   * the Encrypt value plus the fixed parts, the signature, timestamp and
+   * nonce (at most 40 + 23 + 32 bytes). */
+#define LIT(s) {s, sizeof s - 1}
+  const part_t xml_parts[] = {LIT("<xml><Encrypt><![CDATA["),
+                              {b->data, enclen},
+                              LIT("]]></Encrypt><MsgSignature><![CDATA["),
+                              {hex, sizeof hex},
+                              LIT("]]></MsgSignature><TimeStamp>"),
+                              {ts, (size_t)tslen},
+                              LIT("</TimeStamp><Nonce><![CDATA["),
+                              {nonce, nlen},
+                              LIT("]]></Nonce></xml>")};
+  const part_t json_parts[] = {LIT("{\"Encrypt\":\""),  {b->data, enclen}, LIT("\",\"MsgSignature\":\""),
+                               {hex, sizeof hex},        LIT("\",\"TimeStamp\":"), {ts, (size_t)tslen},
+                               LIT(",\"Nonce\":\""),      {nonce, nlen},     LIT("\"}")};
+#undef LIT
+  const part_t *pp = json ? json_parts : xml_parts;
+  size_t n = 0;
+  for (int i = 0; i < 9; i++) {
+    if (n + pp[i].n >= doc_cap) {
+      n = doc_cap;
+      break;
+    }
+    memcpy(doc + n, pp[i].s, pp[i].n);
+    n += pp[i].n;
+  }
+  if (n < doc_cap) lua_pushlstring(L, doc, n);
   OPENSSL_cleanse(b->data, at); /* the plaintext; the rest is public */
   wxd_scratch_release(b);
-  if (n <= 0 || (size_t)n >= doc_cap) return luaL_error(L, "wx_seal: document too large");
+  if (n >= doc_cap) return luaL_error(L, "wx_seal: document too large");
   return 1;
 }
 

@@ -121,7 +121,10 @@ describe("wx_* (native WeChat message crypto)", function()
     -- The same document as the general XML encoder writes.
     assert.equal(xml.encode({ Encrypt = ENC, MsgSignature = SIG, TimeStamp = 1458300676, Nonce = "260774613",
                               _order = { "Encrypt", "MsgSignature", "TimeStamp", "Nonce" } }), doc)
-    local j = cjson.decode(core.wx_seal(TOKEN, KEY, APPID, MSG, 1458300676, "json", "260774613", RANDOM))
+    local jdoc = core.wx_seal(TOKEN, KEY, APPID, MSG, 1458300676, "json", "260774613", RANDOM)
+    assert.equal('{"Encrypt":"' .. ENC .. '","MsgSignature":"' .. SIG
+      .. '","TimeStamp":1458300676,"Nonce":"260774613"}', jdoc)
+    local j = cjson.decode(jdoc)
     assert.same({ Encrypt = ENC, MsgSignature = SIG, TimeStamp = 1458300676, Nonce = "260774613" }, j)
     -- Fresh nonce and random bytes by default; always verifiable.
     local t = xml.decode(core.wx_seal(TOKEN, KEY, APPID, "reply", 1796000000))
