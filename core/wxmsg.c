@@ -187,9 +187,12 @@ static int append_field(lua_State *L, wxd_buf_t *b, int mt, const char *name) {
   if (t == LUA_TSTRING) v = lua_tolstring(L, -1, &len);
   int rc = 1;
   if (t == LUA_TSTRING || t == LUA_TNIL) {
-    char pre[24];
-    int plen = snprintf(pre, sizeof pre, "%zu:", len);
-    rc = wxd_buf_append(b, pre, (size_t)plen) == 0 && wxd_buf_append(b, v, len) == 0 ? 0 : -2;
+    char pre[24]; /* len in decimal, then ':', written backwards */
+    size_t at = sizeof pre;
+    pre[--at] = ':';
+    size_t x = len;
+    do pre[--at] = (char)('0' + x % 10); while ((x /= 10) > 0);
+    rc = wxd_buf_append(b, pre + at, sizeof pre - at) == 0 && wxd_buf_append(b, v, len) == 0 ? 0 : -2;
   }
   lua_pop(L, 1);
   return rc;
