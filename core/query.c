@@ -23,6 +23,21 @@ static int hexval(unsigned char c) {
   return -1;
 }
 
+size_t wxd_query_decode(const char *s, size_t n, char *out, size_t cap) {
+  size_t o = 0;
+  for (size_t i = 0; i < n; i++, o++) {
+    unsigned char c = (unsigned char)s[i];
+    if (c == '+') {
+      c = ' ';
+    } else if (c == '%' && i + 2 < n && hexval((unsigned char)s[i + 1]) >= 0 && hexval((unsigned char)s[i + 2]) >= 0) {
+      c = (unsigned char)(hexval((unsigned char)s[i + 1]) * 16 + hexval((unsigned char)s[i + 2]));
+      i += 2;
+    }
+    if (o < cap) out[o] = (char)c;
+  }
+  return o;
+}
+
 /* Pushes the decoded s[0..len), less `drop` trailing bytes of the decoded
  * form when it ends in "[]" (see wxd_query_parse). out has room for len
  * bytes: decoding never grows a string. */
@@ -32,19 +47,7 @@ static void push_decoded(lua_State *L, const char *s, size_t len, char *out, int
     lua_pushlstring(L, s, len);
     return;
   }
-  size_t o = 0;
-  for (size_t i = 0; i < len; i++) {
-    unsigned char c = (unsigned char)s[i];
-    if (c == '+') {
-      out[o++] = ' ';
-    } else if (c == '%' && i + 2 < len && hexval((unsigned char)s[i + 1]) >= 0 &&
-               hexval((unsigned char)s[i + 2]) >= 0) {
-      out[o++] = (char)(hexval((unsigned char)s[i + 1]) * 16 + hexval((unsigned char)s[i + 2]));
-      i += 2;
-    } else {
-      out[o++] = (char)c;
-    }
-  }
+  size_t o = wxd_query_decode(s, len, out, len);
   if (drop_brackets && o > 2 && out[o - 2] == '[' && out[o - 1] == ']') o -= 2;
   lua_pushlstring(L, out, o);
 }

@@ -538,6 +538,18 @@ static int scratch_reserve(shd_state_t *st, size_t n) {
   return 0;
 }
 
+/* e's value into v, a string's bytes copied to the state's scratch (the
+ * entry may change once the mutex is released): 0, or -1 out of memory. */
+static int value_to_scratch(shd_state_t *st, const shd_entry_t *e, shd_value_t *v) {
+  v->type = e->type;
+  v->num = e->num;
+  if (e->type != SHD_STRING) return 0;
+  if (scratch_reserve(st, e->vlen) != 0) return -1;
+  if (e->vlen) memcpy(st->buf, e->kv + e->klen, e->vlen);
+  v->len = e->vlen;
+  return 0;
+}
+
 static void scratch_trim(shd_state_t *st) {
   if (st->cap > SCRATCH_KEEP) {
     free(st->buf);
@@ -634,16 +646,7 @@ static int dict_get(lua_State *L) {
   shd_entry_t *e = lookup(d, key, klen, h, uv_hrtime());
   if (e) {
     touch(d, e);
-    v.type = e->type;
-    v.num = e->num;
-    if (e->type == SHD_STRING) {
-      if (scratch_reserve(st, e->vlen) == 0) {
-        if (e->vlen) memcpy(st->buf, e->kv + e->klen, e->vlen);
-        v.len = e->vlen;
-      } else {
-        nomem = 1;
-      }
-    }
+    nomem = value_to_scratch(st, e, &v) != 0;
   }
   pthread_mutex_unlock(&d->mu);
   if (nomem) return push_result(L, SHD_NOMEM);
@@ -1143,18 +1146,7 @@ static int dict_wait_change(lua_State *L) {
       /* Changed already: the common case, no allocation but the scratch. */
       shd_value_t v = {SHD_NIL, 0, NULL, 0};
       int nomem = 0;
-      if (e) {
-        v.type = e->type;
-        v.num = e->num;
-        if (e->type == SHD_STRING) {
-          if (scratch_reserve(st, e->vlen) == 0) {
-            if (e->vlen) memcpy(st->buf, e->kv + e->klen, e->vlen);
-            v.len = e->vlen;
-          } else {
-            nomem = 1;
-          }
-        }
-      }
+      if (e) nomem = value_to_scratch(st, e, &v) != 0;
       pthread_mutex_unlock(&d->mu);
       free(w);
       if (nomem) return push_result(L, SHD_NOMEM);

@@ -31,6 +31,7 @@
  * that specs can reproduce published values. Wrong argument types raise.
  */
 #include "buf.h"
+#include "query.h"
 #include "crypto.h"
 #include "xml.h"
 
@@ -310,31 +311,6 @@ enum { Q_SIGNATURE, Q_TIMESTAMP, Q_NONCE, Q_ENCRYPT_TYPE, Q_COUNT };
 static const char *const query_names[Q_COUNT] = {"msg_signature", "timestamp", "nonce", "encrypt_type"};
 #define Q_VALUE_MAX 4096 /* wxd.mp's bound on each of them */
 
-static int hexval(unsigned char c) {
-  if (c >= '0' && c <= '9') return c - '0';
-  c |= 0x20;
-  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  return -1;
-}
-
-/* Decodes s[0..n) by wxd.app's query rules (core/query.c: '+' is a space, a
- * valid %XX its byte, anything else itself); writes the first `cap` bytes
- * of the result to out and returns its whole length. */
-static size_t query_decode(const char *s, size_t n, char *out, size_t cap) {
-  size_t o = 0;
-  for (size_t i = 0; i < n; i++, o++) {
-    unsigned char c = (unsigned char)s[i];
-    if (c == '+') {
-      c = ' ';
-    } else if (c == '%' && i + 2 < n && hexval((unsigned char)s[i + 1]) >= 0 && hexval((unsigned char)s[i + 2]) >= 0) {
-      c = (unsigned char)(hexval((unsigned char)s[i + 1]) * 16 + hexval((unsigned char)s[i + 2]));
-      i += 2;
-    }
-    if (o < cap) out[o] = (char)c;
-  }
-  return o;
-}
-
 typedef struct query_value {
   const char *raw; /* NULL: absent */
   size_t raw_len;
@@ -358,7 +334,7 @@ static void query_find(const char *s, size_t len, lua_Integer max_params, query_
       char name[16];
       /* Every name sought is under 16 bytes, and decoding shrinks a name at most 3 times. */
       if (klen > 0 && klen <= 3 * sizeof name) {
-        size_t nlen = query_decode(pair, klen, name, sizeof name);
+        size_t nlen = wxd_query_decode(pair, klen, name, sizeof name);
         for (int i = 0; i < Q_COUNT && nlen <= sizeof name; i++)
           if (strlen(query_names[i]) == nlen && memcmp(query_names[i], name, nlen) == 0) {
             v[i].raw = eq ? eq + 1 : pair + plen;
@@ -401,7 +377,7 @@ static int wx_open_query(lua_State *L) {
   query_value_t v[Q_COUNT];
   query_find(query, qlen, max_params, v);
   char enc_type[4];
-  size_t etlen = v[Q_ENCRYPT_TYPE].raw ? query_decode(v[Q_ENCRYPT_TYPE].raw, v[Q_ENCRYPT_TYPE].raw_len, enc_type, 4) : 0;
+  size_t etlen = v[Q_ENCRYPT_TYPE].raw ? wxd_query_decode(v[Q_ENCRYPT_TYPE].raw, v[Q_ENCRYPT_TYPE].raw_len, enc_type, 4) : 0;
   int aes = v[Q_ENCRYPT_TYPE].raw && etlen == 3 && memcmp(enc_type, "aes", 3) == 0;
   if (!(aes || (wecom && !v[Q_ENCRYPT_TYPE].raw))) {
     lua_pushboolean(L, 0);
@@ -414,7 +390,7 @@ static int wx_open_query(lua_State *L) {
   const size_t cap[3] = {sizeof sig, sizeof ts, sizeof nonce};
   size_t n[3];
   for (int i = 0; i < 3; i++) {
-    n[i] = v[i].raw ? query_decode(v[i].raw, v[i].raw_len, out[i], cap[i]) : 0;
+    n[i] = v[i].raw ? wxd_query_decode(v[i].raw, v[i].raw_len, out[i], cap[i]) : 0;
     if (n[i] == 0 || n[i] > Q_VALUE_MAX) return open_fail(L, 400, "missing or oversized %s%s", query_names[i], NULL);
   }
   if (n[Q_TIMESTAMP] > sizeof ts) return open_fail(L, 400, "malformed timestamp%s%s", NULL, NULL);
