@@ -216,10 +216,10 @@ fuzz: $(FUZZ_TARGETS)
 	    2>build/fuzz/$$n.log || { tail -n 40 build/fuzz/$$n.log; exit 1; }; \
 	  grep -E '^(Done|stat::number_of_executed_units)' build/fuzz/$$n.log; done
 
-build/fuzz/%: spec/fuzz/%.c core/crypto.c core/rsa.c core/wxmsg.c core/buf.c core/xml.c core/crypto.h | deps-fuzz
+build/fuzz/%: spec/fuzz/%.c core/crypto.c core/rsa.c core/ecdsa.c core/wxmsg.c core/query.c core/buf.c core/xml.c core/crypto.h | deps-fuzz
 	@mkdir -p $(dir $@)
 	$(FUZZ_CC) -std=c11 -D_GNU_SOURCE $(WARN) -g -O1 -fsanitize=fuzzer,address,undefined \
-	  -I$(LUAJIT_INC) -Icore -o $@ $< core/crypto.c core/rsa.c core/wxmsg.c core/buf.c core/xml.c $(LIBDIR)/libluajit-5.1.a -lcrypto -lexpat -ldl -lm
+	  -I$(LUAJIT_INC) -Icore -o $@ $< core/crypto.c core/rsa.c core/ecdsa.c core/wxmsg.c core/query.c core/buf.c core/xml.c $(LIBDIR)/libluajit-5.1.a -lcrypto -lexpat -ldl -lm
 
 # An explicit rule wins over the pattern above: xml_fuzz links expat instead.
 build/fuzz/xml_fuzz: spec/fuzz/xml_fuzz.c core/xml.c core/xml.h core/buf.c core/buf.h | deps-fuzz

@@ -5,6 +5,9 @@
  * parse must return a known code and free everything (ASan checks that).
  * On success the tree must respect the limits, and writing it back out
  * (leaf text escaped) and parsing that must give the same tree.
+ * Whatever the flat scanner (wxd_xml_flat_*: WeChat's usual shape, read
+ * without expat) accepts, expat must accept too and read as the same
+ * elements with the same texts, in order.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -74,6 +77,30 @@ static void same(const wxd_xml_node_t *a, const wxd_xml_node_t *b) {
   if (x || y) abort();
 }
 
+/* 1 when the flat scanner takes the whole document; then the parse (rc,
+ * doc) must agree field by field. */
+static int flat_agrees(const char *s, size_t n, const wxd_xml_limits_t *lim, int rc, const wxd_xml_doc_t *doc) {
+  wxd_xml_flat_t f;
+  if (!wxd_xml_flat_open(&f, s, n, lim)) return 0;
+  wxd_xml_field_t fields[64];
+  size_t nf = 0;
+  int r;
+  while ((r = wxd_xml_flat_next(&f, &fields[nf < 64 ? nf : 63])) == 1) nf++;
+  if (r != 0) return 0;
+  if (rc != WXD_XML_OK) abort(); /* the scanner took what expat refuses */
+  const wxd_xml_node_t *root = wxd_xml_root(doc);
+  if (strcmp(root->name, "xml") != 0) abort();
+  const wxd_xml_node_t *c = root->children;
+  for (size_t i = 0; i < nf; i++, c = c->next) {
+    if (!c || c->children) abort();
+    if (i >= 64) continue; /* counted, not kept */
+    if (strlen(c->name) != fields[i].name_len || memcmp(c->name, fields[i].name, fields[i].name_len) != 0) abort();
+    if (c->text_len != fields[i].text_len || memcmp(c->text, fields[i].text, c->text_len) != 0) abort();
+  }
+  if (c) abort();
+  return 1;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   if (size < 1) return 0;
   wxd_xml_limits_t lim = {WXD_XML_MAX_BYTES, (unsigned)(data[0] & 31) + 1,
@@ -81,6 +108,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   wxd_xml_doc_t *doc = NULL;
   wxd_xml_error_t err;
   int rc = wxd_xml_parse((const char *)data + 1, size - 1, &lim, &doc, &err);
+  flat_agrees((const char *)data + 1, size - 1, &lim, rc, doc);
   if (rc != WXD_XML_OK) {
     if (doc || rc < WXD_XML_ENOMEM || !err.detail || !wxd_xml_strerror(rc)) abort();
     return 0;
