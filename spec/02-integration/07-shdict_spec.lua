@@ -258,12 +258,11 @@ describe("change waiters at shutdown", function()
     H.wait_until(function()
       return (cjson.decode(srv:get("/get/counters/change_waiting").body).value or 0) >= 6
     end, 10, "the waiters")
-    local t0 = socket.gettime()
     srv:signal("TERM")
-    local code = srv:stop(10)
-    local took = socket.gettime() - t0
-    assert.equal(0, code)
-    assert.is_true(took < 4, string.format("exited after %.1f s", took))
+    -- Exit 0 within 10 s (killed otherwise: not 0), while the waiters asked
+    -- for 60 s: they were cancelled at the 1 s shutdown deadline. No
+    -- wall-clock bound tighter than that (a loaded machine).
+    assert.equal(0, srv:stop(10))
     for _, c in ipairs(conns) do c:close() end
     srv:cleanup()
   end)
@@ -282,12 +281,11 @@ describe("lock waiters at shutdown", function()
     H.wait_until(function()
       return cjson.decode(srv:get("/get/locks/held").body).type == "string"
     end, 5, "the lock to be held")
-    local t0 = socket.gettime()
     srv:signal("TERM")
-    local code = srv:stop(10)
-    local took = socket.gettime() - t0
-    assert.equal(0, code)
-    assert.is_true(took < 4, string.format("exited after %.1f s", took))
+    -- Exit 0 within 10 s (killed otherwise: not 0), while the waiters asked
+    -- for 60 s: they were cancelled at the 1 s shutdown deadline. No
+    -- wall-clock bound tighter than that (a loaded machine).
+    assert.equal(0, srv:stop(10))
     holder:close()
     for _, c in ipairs(waiters) do c:close() end
     srv:cleanup()
