@@ -70,10 +70,12 @@ function _M.dispatch(self, n, ctx, deadline)
     local left = (deadline - monotonic_ms()) / 1000
     t.lock = store.lock(t.run_key, { timeout = left > 0 and left or 0, expire = self.run_expire })
     if not t.lock then return nil, "a delivery of this notification is being handled" end
-    if store.get(t.done_key) then
-      t.lock:unlock()
-      return true
-    end
+  end
+  -- Checked again under the claim: a run in another worker may have
+  -- succeeded and let go of the claim since the first look.
+  if store.get(t.done_key) then
+    if t.lock then t.lock:unlock() else store.delete(t.run_key) end
+    return true
   end
   local fn = find_handler(self.handlers, n.event_type)
   if not fn then
