@@ -12,6 +12,7 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include "bell.h"
 #include "log.h"
 #include "vm.h"
 
@@ -117,7 +118,8 @@ void wxd_journal_rec_end(wxd_buf_t *b, size_t start) {
 /* ---- Waiters ---- */
 
 struct wxd_journal_waiter {
-  uv_async_t async;          /* sent by the writer once durable */
+  wxd_bell_item_t item;      /* first member: posted to the bell once durable */
+  wxd_bell_t *bell;          /* the waiting coroutine's loop's */
   wxd_journal_t *j;
   wxd_co_t *co;
   uint64_t seq;
@@ -126,7 +128,6 @@ struct wxd_journal_waiter {
   void *data;                /* the owner's, until push or drop took it */
   wxd_journal_waiter_t *prev, *next;
   int linked;                /* in j->waiters */
-  int done;                  /* resumed or cancelled */
 };
 
 static void unlink_waiter(wxd_journal_t *j, wxd_journal_waiter_t *w) {
@@ -136,15 +137,16 @@ static void unlink_waiter(wxd_journal_t *j, wxd_journal_waiter_t *w) {
   w->linked = 0;
 }
 
-/* Wakes every waiter whose record is durable (or never will be). Mutex
- * held; the waiter takes it before it closes, so it waits out a send. */
+/* Hands every waiter whose record is durable (or never will be) to its
+ * loop's bell: a batch wakes each loop once. Mutex held. A bell that
+ * refuses (its loop is ending) leaves the waiter to its cancel. */
 static void wake_waiters(wxd_journal_t *j) {
   wxd_journal_waiter_t *w = j->waiters;
   while (w) {
     wxd_journal_waiter_t *next = w->next;
     if (w->seq <= j->durable || j->io_errno) {
       unlink_waiter(j, w);
-      uv_async_send(&w->async);
+      wxd_bell_post(w->bell, &w->item);
     }
     w = next;
   }
@@ -168,36 +170,30 @@ static int push_sync(lua_State *L, void *data, int err) {
   return 2;
 }
 
-static void waiter_closed(uv_handle_t *h) {
-  wxd_journal_waiter_t *w = h->data;
-  if (w->data && w->drop) w->drop(w->data);
-  free(w);
-}
-
-static void waiter_on_durable(uv_async_t *a) {
-  wxd_journal_waiter_t *w = a->data;
-  if (w->done) return;
-  w->done = 1;
+/* The bell runs it on the waiting coroutine's loop. */
+static void waiter_run(wxd_bell_item_t *it) {
+  wxd_journal_waiter_t *w = (wxd_journal_waiter_t *)it;
+  wxd_bell_settle(w->bell);
   pthread_mutex_lock(w->j->mu);
   int err = outcome(w->j, w->seq);
   pthread_mutex_unlock(w->j->mu);
   wxd_co_t *co = w->co;
-  void *data = w->data;
-  w->data = NULL;
-  int n = w->push(co->T, data, err);
-  uv_close((uv_handle_t *)&w->async, waiter_closed);
+  int n = w->push(co->T, w->data, err);
+  free(w);
   wxd_co_resume(co, n);
 }
 
-/* The waiting coroutine's VM shuts down: close without resuming. */
+/* The waiting coroutine's VM shuts down: free without resuming. */
 static void waiter_cancel(void *p) {
   wxd_journal_waiter_t *w = p;
-  if (w->done) return;
-  w->done = 1;
   pthread_mutex_lock(w->j->mu);
   if (w->linked) unlink_waiter(w->j, w);
   pthread_mutex_unlock(w->j->mu);
-  uv_close((uv_handle_t *)&w->async, waiter_closed);
+  /* Not linked: handed to the bell (under the mutex, so before we looked). */
+  wxd_bell_unpost(w->bell, &w->item);
+  wxd_bell_settle(w->bell);
+  if (w->data && w->drop) w->drop(w->data);
+  free(w);
 }
 
 int wxd_journal_wait(lua_State *L, wxd_journal_t *j, uint64_t seq, wxd_journal_push_fn push,
@@ -206,30 +202,33 @@ int wxd_journal_wait(lua_State *L, wxd_journal_t *j, uint64_t seq, wxd_journal_p
   int ready = seq <= j->durable || j->io_errno;
   pthread_mutex_unlock(j->mu);
   wxd_co_t *co = ready ? NULL : wxd_co_lookup(L);
-  if (co) {
-    wxd_journal_waiter_t *w = calloc(1, sizeof *w);
-    if (w && uv_async_init(co->vm->loop, &w->async, waiter_on_durable) == 0) {
-      w->async.data = w;
-      w->j = j;
-      w->co = co;
-      w->seq = seq;
-      w->push = push;
-      w->drop = drop;
-      w->data = data;
-      pthread_mutex_lock(j->mu);
-      if (seq <= j->durable || j->io_errno) {
-        uv_async_send(&w->async); /* became durable meanwhile */
-      } else {
-        w->next = j->waiters;
-        if (j->waiters) j->waiters->prev = w;
-        j->waiters = w;
-        w->linked = 1;
-      }
-      pthread_mutex_unlock(j->mu);
+  wxd_journal_waiter_t *w = co && co->vm->bell ? calloc(1, sizeof *w) : NULL;
+  if (w) {
+    w->item.run = waiter_run;
+    w->bell = co->vm->bell;
+    w->j = j;
+    w->co = co;
+    w->seq = seq;
+    w->push = push;
+    w->drop = drop;
+    w->data = data;
+    pthread_mutex_lock(j->mu);
+    ready = seq <= j->durable || j->io_errno; /* became durable meanwhile */
+    if (!ready) {
+      w->next = j->waiters;
+      if (j->waiters) j->waiters->prev = w;
+      j->waiters = w;
+      w->linked = 1;
+    }
+    pthread_mutex_unlock(j->mu);
+    if (!ready) {
+      wxd_bell_expect(w->bell);
       return wxd_co_yield_cancellable(co, L, waiter_cancel, w);
     }
-    free(w); /* no async: block instead */
+    free(w);
   }
+  /* Durable already, or outside a coroutine (or a loop without a bell, or
+   * no memory for the waiter): block. */
   pthread_mutex_lock(j->mu);
   while (seq > j->durable && !j->io_errno) pthread_cond_wait(&j->durable_cv, j->mu);
   int err = outcome(j, seq);

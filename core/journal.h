@@ -7,8 +7,9 @@
  * number. A writer thread per journal writes what is pending and
  * fdatasyncs it (changes arriving during one fsync go out together with the
  * next: group commit), then wakes the callers waiting for their sequence:
- * wxd_journal_sync() yields a wxd coroutine until then (a uv_async_t per
- * waiting call) or blocks outside one.
+ * wxd_journal_sync() yields a wxd coroutine until then (the writer hands
+ * the waiters of a commit to their loops' bells: one wake-up per loop and
+ * commit) or blocks outside one (or where the VM has no bell).
  *
  * Format: records [u32 length][u32 CRC-32][payload], little-endian. At open
  * the file is replayed through the owner's callback up to the first short

@@ -11,6 +11,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bell.h"
 #include "log.h"
 #include "server.h"
 #include "timer.h"
@@ -465,6 +466,17 @@ static int run_chunk(wxd_vm_t *vm, uv_loop_t *loop, int argc, char **argv) {
   return st.exit_code;
 }
 
+/* Frees a script's VM (its waits cancelled), then its bell and loop. */
+static void free_script_vm(wxd_vm_t *vm, uv_loop_t *loop) {
+  wxd_bell_t *bell = vm->bell;
+  wxd_vm_free(vm);
+  if (bell) wxd_bell_close(bell);
+  uv_walk(loop, close_unclosed, NULL);
+  uv_run(loop, UV_RUN_DEFAULT);
+  uv_loop_close(loop);
+  if (bell) wxd_bell_destroy(bell);
+}
+
 /* Commands written in Lua (lua/wxd/cli.lua): reload, restart, new, test. */
 static int cmd_lua_cli(const char *name, int argc, char **argv) {
   char lua_dir[PATH_MAX];
@@ -474,16 +486,15 @@ static int cmd_lua_cli(const char *name, int argc, char **argv) {
   wxd_vm_options_t opts = {lua_dir[0] ? lua_dir : NULL, NULL, -1, 0};
   wxd_vm_t *vm = wxd_vm_new(&loop, &opts);
   if (!vm) return 1;
+  wxd_bell_t bell;
+  vm->bell = wxd_bell_open(&bell, &loop) == 0 ? &bell : NULL;
   lua_State *L = vm->L;
   char code[128];
   snprintf(code, sizeof code, "return require('wxd.cli').%s(...)", name);
   int rc = 1;
   if (luaL_loadstring(L, code) != 0) fprintf(stderr, "wxd: %s\n", lua_tostring(L, -1));
   else rc = run_chunk(vm, &loop, argc, argv);
-  wxd_vm_free(vm);
-  uv_walk(&loop, close_unclosed, NULL);
-  uv_run(&loop, UV_RUN_DEFAULT);
-  uv_loop_close(&loop);
+  free_script_vm(vm, &loop);
   return rc;
 }
 
@@ -504,6 +515,8 @@ static int cmd_script(int argc, char **argv) {
   wxd_vm_options_t opts = {lua_dir[0] ? lua_dir : NULL, NULL, -1, 0};
   wxd_vm_t *vm = wxd_vm_new(&loop, &opts);
   if (!vm) return 1;
+  wxd_bell_t bell;
+  vm->bell = wxd_bell_open(&bell, &loop) == 0 ? &bell : NULL;
   lua_State *L = vm->L;
   /* arg, as the lua interpreter sets it: arg[0] is the script. */
   lua_createtable(L, argc, 1);
@@ -515,10 +528,7 @@ static int cmd_script(int argc, char **argv) {
   int rc = 1;
   if (luaL_loadfile(L, argv[0]) != 0) fprintf(stderr, "wxd: %s\n", lua_tostring(L, -1));
   else rc = run_chunk(vm, &loop, argc - 1, argv + 1);
-  wxd_vm_free(vm);
-  uv_walk(&loop, close_unclosed, NULL);
-  uv_run(&loop, UV_RUN_DEFAULT);
-  uv_loop_close(&loop);
+  free_script_vm(vm, &loop);
   return rc;
 }
 

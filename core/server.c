@@ -66,6 +66,7 @@ wxd_vm_t *wxd_worker_load(wxd_worker_t *w, unsigned gen, char *err, size_t errle
   vm->fetch = w->fetch;
   vm->redis = w->redis;
   vm->ws_topics = w->srv->ws_topics;
+  vm->bell = w->bell_ok ? &w->bell : NULL;
   vm->generation = gen;
   vm->on_idle = on_vm_idle;
   lua_State *L = vm->L;
@@ -298,6 +299,7 @@ static void worker_main(void *arg) {
   if (w->next_vm) w->next_vm->redis = NULL;
   for (wxd_vm_t *vm = w->retired; vm; vm = vm->next_retired) vm->redis = NULL;
   wxd_ws_worker_close(w->srv->ws_topics, w->id);
+  if (w->bell_ok) wxd_bell_close(&w->bell);
   uv_walk(&w->loop, walk_close, NULL);
   uv_run(&w->loop, UV_RUN_DEFAULT);
   wxd_logbuf_free(&w->access);
@@ -648,6 +650,7 @@ int wxd_server_run(wxd_config_t *cfg, char **argv) {
     uv_async_init(&w->loop, &w->ctl_async, on_ctl);
     w->ctl_async.data = w;
     wxd_ws_worker_open(srv.ws_topics, w->id, &w->loop, w);
+    w->bell_ok = wxd_bell_open(&w->bell, &w->loop) == 0;
     uv_async_init(&w->loop, &w->adopt_async, wxd_watchdog_on_adopt);
     w->adopt_async.data = w;
     uv_timer_init(&w->loop, &w->tick);
@@ -774,6 +777,7 @@ cleanup:
       uv_run(&w->loop, UV_RUN_DEFAULT);
       uv_loop_close(&w->loop);
     }
+    if (w->bell_ok) wxd_bell_destroy(&w->bell); /* its handle closed with the loop */
     wxd_buf_free(&w->out);
     free(w->readbuf);
   }

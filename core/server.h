@@ -15,6 +15,7 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "bell.h"
 #include "buf.h"
 #include "config.h"
 #include "log.h"
@@ -47,6 +48,8 @@ typedef struct wxd_worker {
   char *tls_scratch;        /* HTTPS: ciphertext on its way to the socket */
   uv_async_t stop_async;    /* main thread asks us to drain */
   uv_async_t ctl_async;     /* main thread's reload commands */
+  wxd_bell_t bell;          /* other threads' finished waits (journal commits) */
+  int bell_ok;              /* bell opened: VMs use it */
   uv_timer_t tick;          /* connection timeouts, access log flush */
   uv_timer_t deadline;      /* shutdown grace period */
   uv_thread_t thread;

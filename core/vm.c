@@ -10,6 +10,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "bell.h"
 #include "log.h"
 #include "version.h"
 
@@ -140,6 +141,23 @@ static int core_kill(lua_State *L) {
   return 1;
 }
 
+/* core.bell_stats(): { posted, runs } of this VM's loop bell (bell.h): items
+ * other threads handed to the loop, and the wake-ups that ran them; nil
+ * where the VM has none. */
+static int core_bell_stats(lua_State *L) {
+  wxd_bell_t *b = wxd_vm_get(L)->bell;
+  if (!b) return 0;
+  pthread_mutex_lock(&b->mu);
+  uint64_t posted = b->posted, runs = b->runs;
+  pthread_mutex_unlock(&b->mu);
+  lua_createtable(L, 0, 2);
+  lua_pushnumber(L, (lua_Number)posted);
+  lua_setfield(L, -2, "posted");
+  lua_pushnumber(L, (lua_Number)runs);
+  lua_setfield(L, -2, "runs");
+  return 1;
+}
+
 int wxd_open_core(lua_State *L) {
   static const luaL_Reg fns[] = {
       {"sleep", core_sleep},
@@ -150,9 +168,10 @@ int wxd_open_core(lua_State *L) {
       {"worker_id", core_worker_id},
       {"in_coroutine", core_in_coroutine},
       {"kill", core_kill},
+      {"bell_stats", core_bell_stats},
       {NULL, NULL},
   };
-  lua_createtable(L, 0, 8);
+  lua_createtable(L, 0, 10);
   luaL_register(L, NULL, fns);
   lua_pushstring(L, WXD_VERSION);
   lua_setfield(L, -2, "version");

@@ -95,6 +95,9 @@ struct wxd_vm {
   /* The WebSocket topic registry (ws.h), set like shdicts; NULL outside a
    * server. Not owned. */
   struct wxd_ws_topics *ws_topics;
+  /* Its loop's bell (bell.h): other threads hand it finished waits. Set by
+   * the worker or the script runner; NULL: such waits block. Not owned. */
+  struct wxd_bell *bell;
   /* Pub/sub subscriptions this generation made (redis.c): dropped when it
    * retires or is freed. */
   struct wxd_redis_sub *redis_subs;
