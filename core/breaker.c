@@ -50,8 +50,13 @@ typedef struct wxd_breaker {
   struct wxd_breaker *next;
 } wxd_breaker_t;
 
+/* Breakers are named after upstreams; a name per request or per user would
+ * grow the registry, and the metrics labelled by name, without end. */
+#define MAX_BREAKERS 1024
+
 static pthread_mutex_t registry_mu = PTHREAD_MUTEX_INITIALIZER;
 static wxd_breaker_t *registry;
+static int nbreakers;
 
 /* A state change, reported after the mutex is released. */
 typedef struct {
@@ -229,6 +234,11 @@ static int mod_new(lua_State *L) {
   pthread_mutex_lock(&registry_mu);
   wxd_breaker_t *b = registry;
   while (b && strcmp(b->name, name) != 0) b = b->next;
+  if (!b && nbreakers >= MAX_BREAKERS) {
+    pthread_mutex_unlock(&registry_mu);
+    return luaL_error(L, "wxd.breaker: too many breakers (%d): name them after upstreams, not after requests "
+                      "or users", MAX_BREAKERS);
+  }
   if (b) {
     pthread_mutex_lock(&b->mu);
     b->conf = c;
@@ -241,6 +251,7 @@ static int mod_new(lua_State *L) {
       b->conf = c;
       b->next = registry;
       registry = b;
+      nbreakers++;
     }
   }
   pthread_mutex_unlock(&registry_mu);

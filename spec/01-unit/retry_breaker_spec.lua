@@ -246,4 +246,22 @@ c:report(true, p, 11)
     assert.truthy(calls - logical >= 0.2 * logical - 1, "the budget is used: " .. calls)
     assert.equal(calls - logical, b:stats().retries)
   end)
+
+  it("holds at most 1,024 breakers per process: a new name past that raises; known names still work", function()
+    -- In a process of its own: the registry lives as long as the process.
+    local dir = H.tmpdir()
+    H.write_file(dir .. "/many.lua", [[
+local breaker = require "wxd.breaker"
+for i = 1, 1024 do assert(breaker.new("upstream-" .. i)) end
+local ok, err = pcall(breaker.new, "upstream-1025")
+print("new: " .. tostring(ok) .. " " .. tostring(err))
+local again = breaker.new("upstream-7", { failures = 2 })
+print("known: " .. tostring(again ~= nil) .. " " .. again:state())
+]])
+    local out, code = H.sh(H.WXD .. " script " .. dir .. "/many.lua")
+    H.sh("rm -rf " .. dir)
+    assert.equal(0, code, out)
+    assert.truthy(out:find("new: false [^\n]*too many breakers %(1024%)"), out)
+    assert.truthy(out:find("known: true closed", 1, true), out)
+  end)
 end)
