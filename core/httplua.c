@@ -840,13 +840,14 @@ static int http_set_openid(lua_State *L) {
   return 1;
 }
 
-/* Where the running coroutine's colour lives: the request's context even
- * with trace = false or before its ids are drawn (a colour draws none). */
-static wxd_trace_t *gray_slot(lua_State *L) {
-  wxd_co_t *co = wxd_co_lookup(L);
+/* The request's context even with trace = false or before its ids are
+ * drawn (a colour draws none); a task's copy. */
+wxd_trace_t *wxd_trace_slot(wxd_co_t *co) {
   if (co && co->kind == WXD_CO_REQUEST) return &((wxd_req_t *)co->data)->trace;
-  return wxd_trace_of(co);
+  return wxd_task_slot(co);
 }
+
+static wxd_trace_t *gray_slot(lua_State *L) { return wxd_trace_slot(wxd_co_lookup(L)); }
 
 /* wxd.core.http.gray() -> the colour wxd.gray gave the running request (or
  * the request a task was spawned from), or nothing. */

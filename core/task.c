@@ -31,7 +31,8 @@ typedef struct task {
   int nresults;          /* values kept in the handle's environment table */
   int error_logged;      /* task_on_error logged the error it raised */
   int has_trace;         /* spawned under a request's trace context: */
-  wxd_trace_t trace;     /* a copy of it (log lines, outbound calls) */
+  wxd_trace_t trace;     /* a copy of it (log lines, outbound calls); with
+                          * trace = false, of the spawner's colour alone */
 } task_t;
 
 struct wxd_task_waiter {
@@ -310,7 +311,9 @@ static int task_spawn(lua_State *L) {
   t->error_logged = 0;
   wxd_trace_t *pt = wxd_trace_of(parent);
   t->has_trace = pt != NULL;
+  if (!pt) pt = wxd_trace_slot(parent); /* trace = false: the colour still goes along */
   if (pt) t->trace = *pt;
+  else t->trace.gray[0] = 0;
   lua_pushvalue(L, lua_upvalueindex(1));
   lua_setmetatable(L, -2);
   wxd_co_t *co = wxd_co_new(vm, WXD_CO_TASK, task_done, t);
@@ -334,6 +337,12 @@ wxd_trace_t *wxd_task_trace(wxd_co_t *co) {
   if (!co || co->kind != WXD_CO_TASK) return NULL;
   task_t *t = co->data;
   return t && t->has_trace ? &t->trace : NULL;
+}
+
+wxd_trace_t *wxd_task_slot(wxd_co_t *co) {
+  if (!co || co->kind != WXD_CO_TASK) return NULL;
+  task_t *t = co->data;
+  return t ? &t->trace : NULL;
 }
 
 /* What wait() returns for a task that has ended (handle at index 1). */

@@ -65,6 +65,11 @@ struct wxd_co;
 wxd_trace_t *wxd_trace_of(struct wxd_co *co);
 /* task.c: a task's copy, or NULL. */
 wxd_trace_t *wxd_task_trace(struct wxd_co *co);
+/* Where a coroutine's gray colour lives, with trace = false too: a
+ * request's context, or a task's copy of its spawner's; NULL for timers
+ * and scripts. httplua.c; task.c's is wxd_task_slot. */
+wxd_trace_t *wxd_trace_slot(struct wxd_co *co);
+wxd_trace_t *wxd_task_slot(struct wxd_co *co);
 
 /* 1 when v (n bytes) may be a gray colour: 1..WXD_TRACE_GRAY_MAX letters,
  * digits and -_. (it goes into headers, baggage and log lines as is). */

@@ -126,10 +126,12 @@ function _M.outbound(host, span_id)
   local ctx = _M.current()
   if not ctx then
     -- trace = false: what the caller sent passes on unchanged (a hop that
-    -- does not trace keeps its caller's trace whole); nothing of our own.
+    -- does not trace keeps its caller's trace whole); of our own only the
+    -- gray colour, which routes the next service (docs/gray.md).
     local tp, tstate, rid = incoming_trace()
-    if not (tp or rid) then return nil end
-    return {}, { traceparent = tp, tracestate = tstate, ["x-request-id"] = rid }
+    local gray = gray_of()
+    if not (tp or rid or gray) then return nil end
+    return { gray = gray }, { traceparent = tp, tracestate = tstate, ["x-request-id"] = rid, ["x-wxd-gray"] = gray }
   end
   local h = {
     traceparent = "00-" .. ctx.trace_id .. "-" .. (span_id or ctx.span_id) .. (ctx.sampled and "-01" or "-00"),

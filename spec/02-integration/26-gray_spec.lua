@@ -231,7 +231,7 @@ describe("gray release", function()
 end)
 
 describe("gray release with trace = false", function()
-  it("still colours requests, shows req.gray and logs the colour", function()
+  it("still colours requests, shows req.gray, logs the colour and sends it on (tasks too)", function()
     local dir = H.tmpdir()
     os.execute("cp -r " .. H.app("gray") .. "/. " .. dir)
     H.write_file(dir .. "/config.lua", string.format(CONFIG, "", "5"):gsub("^return {", "return {\n  trace = false,"))
@@ -244,6 +244,21 @@ describe("gray release with trace = false", function()
     end
     H.wait_until(function() return #srv:log_lines('"gray":"v2"') >= 20 end, 5, "access lines with the colour")
     assert.equal(0, #srv:log_lines('"trace_id"'))
+    -- Its calls, and a task's it spawned, still carry the colour (no trace context).
+    local up = "http://127.0.0.1:" .. srv.port .. "/echo"
+    local r = srv:get("/call?url=" .. up, scene)
+    assert.equal(200, r.status, r.body)
+    local got = cjson.decode(cjson.decode(r.body).upstream)
+    assert.same({ "v2", "wxd-gray=v2" }, { got.gray, got.baggage })
+    got = cjson.decode(cjson.decode(srv:get("/call?url=" .. up, { ["X-OpenID"] = "oNoTrace2" }).body).upstream)
+    assert.same({ false, false }, { got.gray, got.baggage })
+    assert.equal("spawned", srv:get("/later?id=nt1&url=" .. up, { ["X-User-Region"] = "shanghai" }).body)
+    local res = H.wait_until(function()
+      local b = srv:get("/result?id=nt1").body
+      return b ~= "" and b
+    end, 5, "the task's call")
+    got = cjson.decode(res)
+    assert.same({ "sh", "wxd-gray=sh" }, { got.gray, got.baggage })
   end)
 end)
 
