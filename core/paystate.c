@@ -1169,6 +1169,23 @@ static int mod_pairs(lua_State *L) {
   return 2;
 }
 
+/* retention() -> { "FAILED", ... }, { "PAID", ... }: the states forgotten
+ * after the final and after the settled retention (Redis mode sets its
+ * keys' expiry from them). */
+static int mod_retention(lua_State *L) {
+  const unsigned sets[2] = {final_states, settled_states};
+  for (int k = 0; k < 2; k++) {
+    lua_newtable(L);
+    int n = 0;
+    for (int i = 0; i < S_COUNT; i++)
+      if (sets[k] & TO(i)) {
+        lua_pushstring(L, state_names[i]);
+        lua_rawseti(L, -2, ++n);
+      }
+  }
+  return 2;
+}
+
 int wxd_open_order(lua_State *L) {
   static const luaL_Reg methods[] = {{"create", store_create}, {"get", store_get},
                                      {"transition", store_transition},
@@ -1176,7 +1193,7 @@ int wxd_open_order(lua_State *L) {
                                      {"forget_due", store_forget_due},
                                      {"stats", store_stats}, {NULL, NULL}};
   static const luaL_Reg fns[] = {{"open", mod_open}, {"states", mod_states}, {"legal", mod_legal},
-                                 {"pairs", mod_pairs}, {NULL, NULL}};
+                                 {"pairs", mod_pairs}, {"retention", mod_retention}, {NULL, NULL}};
   luaL_newmetatable(L, STORE_MT);
   lua_createtable(L, 0, 5);
   luaL_register(L, NULL, methods);
