@@ -451,9 +451,9 @@ static ps_store_t *store_open(const char *path, char *err, size_t errlen) {
     return NULL;
   }
   pthread_mutex_init(&st->mu, NULL);
-  /* Replayed, then compacted at open; orders are never dropped, so no
-   * compaction while running (compact_bytes 0): the file grows until the
-   * next start. */
+  /* Replayed, then compacted at open; no compaction while running
+   * (compact_bytes 0): the file grows until the next start, which also
+   * leaves forgotten orders out. */
   if (wxd_journal_open(&st->j, "order journal", path, &st->mu, journal_replay, journal_dump, st, err, errlen) != 0) {
     store_free(st);
     pthread_mutex_unlock(&registry_mu);
