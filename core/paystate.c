@@ -95,6 +95,7 @@ typedef struct ps_store {
   ps_order_t *limbo;      /* forgotten orders whose FORGET record is not yet durable */
   size_t n_limbo;
   int sweeping;           /* a forget_due is between its scan and its FORGET records */
+  size_t sweep_at;        /* bucket where the next forget_due scan starts (batches resume) */
 } ps_store_t;
 
 static pthread_mutex_t registry_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -1031,7 +1032,11 @@ static int store_forget_due(lua_State *L) {
   reap(st);
   if (st->sweeping) busy = 1;
   else if (st->j.io_errno) io = st->j.io_errno;
-  for (size_t i = 0; i < st->nbuckets && (size_t)n < (size_t)limit && !busy && !io && !rc; i++)
+  /* From where the last batch stopped, once around the table at most: a
+   * sweep's batches do not rescan the orders kept before them. */
+  size_t nb = st->nbuckets, start = nb ? st->sweep_at & (nb - 1) : 0;
+  for (size_t k = 0; k < nb && !busy && !io && !rc; k++) {
+    size_t i = (start + k) & (nb - 1);
     for (ps_order_t *o = st->buckets[i]; o && n < (size_t)limit && !rc; o = o->next) {
       /* An order whose last change is not durable yet waits for the next sweep. */
       if (o->forget_seq || o->seq > st->j.durable || !is_forgettable(o, final_cutoff, settled_cutoff)) continue;
@@ -1039,6 +1044,11 @@ static int store_forget_due(lua_State *L) {
       if (archive) rc |= put_archive_line(&lines, o);
       n++;
     }
+    if (n >= (size_t)limit) {
+      st->sweep_at = i; /* this bucket may hold more */
+      break;
+    }
+  }
   if (n && !rc) st->sweeping = 1;
   pthread_mutex_unlock(&st->mu);
   int e = 0;
