@@ -438,8 +438,10 @@ local RETAIN_FINAL, RETAIN_SETTLED = core.retention()
 local function expire_ms(retain)
   local t = {}
   if not retain then return t end
-  for _, st in ipairs(RETAIN_FINAL) do t[st] = str_format("%d", retain.final_days * DAY_MS) end
-  for _, st in ipairs(RETAIN_SETTLED) do t[st] = str_format("%d", retain.settled_days * DAY_MS) end
+  -- At least 1 ms: "0" would mean no expiry.
+  local final, settled = math.max(1, retain.final_days * DAY_MS), math.max(1, retain.settled_days * DAY_MS)
+  for _, st in ipairs(RETAIN_FINAL) do t[st] = str_format("%d", final) end
+  for _, st in ipairs(RETAIN_SETTLED) do t[st] = str_format("%d", settled) end
   return t
 end
 
