@@ -331,6 +331,29 @@ static int rewrite(const char *path, const wxd_buf_t *out, int *fd_out) {
   return 0;
 }
 
+int wxd_journal_append_file(const char *path, const void *p, size_t len) {
+  int created = 1;
+  int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0 && errno == EEXIST) {
+    created = 0;
+    fd = open(path, O_RDWR | O_CLOEXEC);
+  }
+  if (fd < 0) return errno;
+  struct stat sb;
+  int e = fstat(fd, &sb) != 0 ? errno : 0;
+  size_t at = e ? 0 : (size_t)sb.st_size;
+  char last = '\n';
+  if (!e && at > 0 && pread(fd, &last, 1, (off_t)at - 1) != 1) e = errno ? errno : EIO;
+  if (!e && last != '\n') e = pwrite_all(fd, "\n", 1, at);
+  if (!e) e = pwrite_all(fd, p, len, at + (last != '\n'));
+  if (!e && fsync(fd) != 0) e = errno;
+  if (e && ftruncate(fd, (off_t)at) == 0) (void)fsync(fd);
+  close(fd);
+  if (!e && created && fsync_dir_of(path) != 0) e = errno;
+  if (e && created) unlink(path);
+  return e;
+}
+
 static size_t next_compaction(const wxd_journal_t *j, size_t live) {
   size_t at = live * 4;
   return at < j->compact_min ? j->compact_min : at;

@@ -99,6 +99,14 @@ typedef void (*wxd_journal_drop_fn)(void *data);
 int wxd_journal_wait(lua_State *L, wxd_journal_t *j, uint64_t seq, wxd_journal_push_fn push,
                      wxd_journal_drop_fn drop, void *data);
 
+/* Appends len bytes to the file at path (created 0600 if missing) and
+ * fsyncs it, and its directory when it was created: durable on return 0.
+ * A file whose last byte is not a newline (a line torn by a crash) gets
+ * one first. On failure (an errno) the file is cut back to its old size.
+ * Blocking: for writes rare enough to take on a worker's thread (wxd.order's
+ * retention archive). */
+int wxd_journal_append_file(const char *path, const void *p, size_t len);
+
 /* Encoding helpers: little-endian integers, strings as u32 length + bytes
  * (NULL as length 0xffffffff). Each ORs -1 into *rc on failure. */
 void wxd_jput_u8(wxd_buf_t *b, int v, int *rc);

@@ -79,6 +79,9 @@ typedef struct ps_order {
   ps_list_t hist;         /* transitions, oldest first */
   ps_list_t late;         /* late events, oldest first */
   uint64_t seq;           /* journal sequence of its last change */
+  uint64_t forget_seq;    /* nonzero: forgotten (retention) by the FORGET record of this sequence; the
+                           * order is invisible and freed once that record is durable */
+  struct ps_order *limbo_next; /* in st->limbo while forgotten but not yet freed */
 } ps_order_t;
 
 typedef struct ps_store {
@@ -88,7 +91,11 @@ typedef struct ps_store {
   ps_order_t **buckets;
   size_t nbuckets, count;
   wxd_journal_t j;        /* records, sequence numbers, durability (core/journal.c) */
-  uint64_t n_transitions, n_duplicates, n_illegal, n_late;
+  uint64_t n_transitions, n_duplicates, n_illegal, n_late, n_forgotten;
+  ps_order_t *limbo;      /* forgotten orders whose FORGET record is not yet durable */
+  size_t n_limbo;
+  int sweeping;           /* a forget_due is between its scan and its FORGET records */
+  size_t sweep_at;        /* bucket where the next forget_due scan starts (batches resume) */
 } ps_store_t;
 
 static pthread_mutex_t registry_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -106,11 +113,31 @@ static uint64_t hash_str(const char *s) {
   return h;
 }
 
-static ps_order_t *order_find(ps_store_t *st, const char *no) {
+/* The live order `no`, or NULL. A forgotten order still in the table (its
+ * FORGET record not yet durable) is not found; *gone_seq, when given, gets
+ * the sequence a "not found" must wait for then (0: none). */
+static ps_order_t *order_find_seq(ps_store_t *st, const char *no, uint64_t *gone_seq) {
+  if (gone_seq) *gone_seq = 0;
   if (!st->nbuckets) return NULL;
   for (ps_order_t *o = st->buckets[hash_str(no) & (st->nbuckets - 1)]; o; o = o->next)
-    if (strcmp(o->no, no) == 0) return o;
+    if (strcmp(o->no, no) == 0) {
+      if (!o->forget_seq) return o;
+      if (gone_seq && o->forget_seq > *gone_seq) *gone_seq = o->forget_seq;
+    }
   return NULL;
+}
+
+static ps_order_t *order_find(ps_store_t *st, const char *no) { return order_find_seq(st, no, NULL); }
+
+/* Takes this very order out of its hash chain (the table is chained, so
+ * the other orders' places do not move). */
+static void store_unlink(ps_store_t *st, ps_order_t *o) {
+  ps_order_t **pp = &st->buckets[hash_str(o->no) & (st->nbuckets - 1)];
+  while (*pp && *pp != o) pp = &(*pp)->next;
+  if (*pp) {
+    *pp = o->next;
+    st->count--;
+  }
 }
 
 /* Makes room for one more order; -1 when out of memory. */
@@ -216,7 +243,10 @@ static char *get_dup(wxd_jreader_t *r, int *oom) {
 /* Longest out_trade_no the store takes (WeChat Pay allows 32). */
 #define PS_NO_MAX 128
 
-enum { REC_CREATE = 'C', REC_TRANSITION = 'T', REC_LATE = 'L' };
+/* FORGET (retention): the order left the store; its archive line is on
+ * disk already. A journal without them replays as before; code older than
+ * them refuses a journal that has one (unknown record type). */
+enum { REC_CREATE = 'C', REC_TRANSITION = 'T', REC_LATE = 'L', REC_FORGET = 'F' };
 
 /* Appends a record around the payload (length, crc: core/journal.c). */
 static int rec_begin(wxd_buf_t *b, size_t *start) {
@@ -241,6 +271,13 @@ static int put_entry(wxd_buf_t *b, int type, const char *no, int64_t version, co
   int rc = rec_begin(b, &s) | put_u8(b, type) | put_str(b, no) | put_u8(b, e->from) | put_u8(b, e->to) |
            put_i64(b, version) | put_i64(b, e->at) | put_str(b, e->event) | put_str(b, e->key) |
            put_str(b, e->data);
+  if (rc == 0) rec_end(b, s);
+  return rc;
+}
+
+static int put_forget(wxd_buf_t *b, const ps_order_t *o, int64_t at) {
+  size_t s;
+  int rc = rec_begin(b, &s) | put_u8(b, REC_FORGET) | put_str(b, o->no) | put_i64(b, o->version) | put_i64(b, at);
   if (rc == 0) rec_end(b, s);
   return rc;
 }
@@ -349,6 +386,15 @@ static int journal_replay(void *ctx, const unsigned char *payload, size_t plen, 
       o->version = version;
       o->updated_at = at;
     }
+  } else if (type == REC_FORGET) {
+    int64_t version = wxd_jget_i64(&r);
+    (void)wxd_jget_i64(&r); /* when: for people reading the journal */
+    if (r.bad || !o || version != o->version) {
+      snprintf(err, errlen, "order journal %s: inconsistent record for %s at offset %zu", st->path, no, off);
+      return -1;
+    }
+    store_unlink(st, o);
+    order_free(o);
   } else {
     snprintf(err, errlen, "order journal %s: unknown record type at offset %zu", st->path, off);
     return -1;
@@ -364,6 +410,7 @@ static int journal_dump(void *ctx, wxd_buf_t *b) {
   ps_store_t *st = ctx;
   for (size_t i = 0; i < st->nbuckets; i++)
     for (ps_order_t *o = st->buckets[i]; o; o = o->next) {
+      if (o->forget_seq) continue; /* its FORGET record is pending: the dump is what remains */
       if (put_create(b, o) != 0) return -1;
       for (size_t j = 0; j < o->hist.n; j++)
         if (put_entry(b, REC_TRANSITION, o->no, (int64_t)j + 1, &o->hist.v[j]) != 0) return -1;
@@ -405,9 +452,9 @@ static ps_store_t *store_open(const char *path, char *err, size_t errlen) {
     return NULL;
   }
   pthread_mutex_init(&st->mu, NULL);
-  /* Replayed, then compacted at open; orders are never dropped, so no
-   * compaction while running (compact_bytes 0): the file grows until the
-   * next start. */
+  /* Replayed, then compacted at open; no compaction while running
+   * (compact_bytes 0): the file grows until the next start, which also
+   * leaves forgotten orders out. */
   if (wxd_journal_open(&st->j, "order journal", path, &st->mu, journal_replay, journal_dump, st, err, errlen) != 0) {
     store_free(st);
     pthread_mutex_unlock(&registry_mu);
@@ -527,8 +574,8 @@ static int check_notification(ps_store_t *st, ps_order_t *o, const transition_ar
 }
 
 static void op_transition(ps_store_t *st, const transition_args_t *a, ps_result_t *r) {
-  ps_order_t *o = order_find(st, a->no);
-  if (!o) return result_error(r, "not found");
+  ps_order_t *o = order_find_seq(st, a->no, &r->seq);
+  if (!o) return result_error(r, "not found"); /* once its FORGET record, if any, is durable */
   if (a->check && check_notification(st, o, a, r)) return;
   /* The key first: a retried event is a duplicate even when the order has
    * moved on since (PAID, then CONFIRMED, then PAID's retry). */
@@ -757,9 +804,9 @@ static int store_get(lua_State *L) {
   const char *no = luaL_checkstring(L, 2);
   ps_result_t *r = new_result(L);
   pthread_mutex_lock(&st->mu);
-  ps_order_t *o = order_find(st, no);
+  ps_order_t *o = order_find_seq(st, no, &r->seq);
   if (o) result_order(r, o, "ok");
-  else result_error(r, "not found");
+  else result_error(r, "not found"); /* once its FORGET record, if any, is durable */
   pthread_mutex_unlock(&st->mu);
   return finish(L, st, r);
 }
@@ -829,7 +876,7 @@ static int store_due(lua_State *L) {
   pthread_mutex_lock(&st->mu);
   for (size_t i = 0; i < st->nbuckets && n < limit; i++)
     for (ps_order_t *o = st->buckets[i]; o && n < limit; o = o->next)
-      if ((o->state == S_CREATED || o->state == S_PAYING) && o->created_at <= cutoff) {
+      if ((o->state == S_CREATED || o->state == S_PAYING) && o->created_at <= cutoff && !o->forget_seq) {
         if (put_str(&b, o->no) != 0) break;
         n++;
       }
@@ -847,16 +894,239 @@ static int store_due(lua_State *L) {
   return 1;
 }
 
-/* st:stats() -> { orders, transitions, duplicates, illegal, late, commits } */
+/* ---- Retention ----
+ * Orders whose last change is old enough leave the store: a final one
+ * (FAILED, CLOSED, REFUNDED) after the final cutoff, a settled one (PAID,
+ * CONFIRMED, REFUND_FAILED: money was taken and may still be refunded)
+ * after the settled cutoff. CREATED, PAYING and REFUNDING stay: the closer
+ * and notifications still act on them. Order of events, so that a crash
+ * anywhere loses nothing: the orders' JSON lines are appended to the
+ * archive and fsync'd; then, under the lock, a FORGET record per order is
+ * queued and the order hidden (lookups say "not found" once that record is
+ * durable); the order's memory is freed once it is durable (reap). */
+
+static const unsigned final_states = TO(S_FAILED) | TO(S_CLOSED) | TO(S_REFUNDED);
+static const unsigned settled_states = TO(S_PAID) | TO(S_CONFIRMED) | TO(S_REFUND_FAILED);
+
+static int is_forgettable(const ps_order_t *o, int64_t final_cutoff, int64_t settled_cutoff) {
+  if (final_states & TO(o->state)) return o->updated_at <= final_cutoff;
+  if (settled_states & TO(o->state)) return o->updated_at <= settled_cutoff;
+  return 0;
+}
+
+/* Frees the forgotten orders whose FORGET record is durable (mutex held). */
+static void reap(ps_store_t *st) {
+  ps_order_t **pp = &st->limbo;
+  while (*pp) {
+    ps_order_t *o = *pp;
+    if (o->forget_seq <= st->j.durable && !st->j.io_errno) {
+      *pp = o->limbo_next;
+      store_unlink(st, o);
+      order_free(o);
+      st->n_limbo--;
+    } else {
+      pp = &o->limbo_next;
+    }
+  }
+}
+
+static int json_raw(wxd_buf_t *b, const char *s) { return wxd_buf_append(b, s, strlen(s)); }
+
+static int json_str(wxd_buf_t *b, const char *s) {
+  size_t len = strlen(s);
+  if (len > (SIZE_MAX - 2) / 6 || wxd_buf_reserve(b, 6 * len + 2) != 0) return -1;
+  b->data[b->len++] = '"';
+  b->len += wxd_json_escape(b->data + b->len, 6 * len, s, len);
+  b->data[b->len++] = '"';
+  return 0;
+}
+
+static int json_int(wxd_buf_t *b, int64_t v) {
+  char num[32];
+  int n = snprintf(num, sizeof num, "%lld", (long long)v);
+  return wxd_buf_append(b, num, (size_t)n);
+}
+
+/* ,"name":"value" when value is not NULL (an absent field, as get has it). */
+static int json_opt(wxd_buf_t *b, const char *name, const char *v) {
+  if (!v) return 0;
+  return json_raw(b, ",\"") | json_raw(b, name) | json_raw(b, "\":") | json_str(b, v);
+}
+
+static int json_entries(wxd_buf_t *b, const char *name, const ps_list_t *l) {
+  int rc = json_raw(b, ",\"") | json_raw(b, name) | json_raw(b, "\":[");
+  for (size_t i = 0; i < l->n; i++) {
+    const ps_entry_t *e = &l->v[i];
+    rc |= json_raw(b, i ? ",{\"from\":\"" : "{\"from\":\"") | json_raw(b, state_names[e->from]) |
+          json_raw(b, "\",\"to\":\"") | json_raw(b, state_names[e->to]) | json_raw(b, "\",\"at\":") |
+          json_int(b, e->at) | json_opt(b, "event", e->event) | json_opt(b, "key", e->key);
+    /* data is JSON text already (wxd.order encodes it): kept as it is */
+    if (e->data) rc |= json_raw(b, ",\"data\":") | json_raw(b, e->data);
+    rc |= json_raw(b, "}");
+  }
+  return rc | json_raw(b, "]");
+}
+
+/* The order as one JSON line, with the fields order.get returns. */
+static int put_archive_line(wxd_buf_t *b, const ps_order_t *o) {
+  return json_raw(b, "{\"out_trade_no\":") | json_str(b, o->no) | json_raw(b, ",\"amount\":") |
+         json_int(b, o->amount) | json_opt(b, "currency", o->currency) | json_opt(b, "appid", o->appid) |
+         json_opt(b, "mchid", o->mchid) | json_opt(b, "payer_openid", o->openid) |
+         json_opt(b, "description", o->description) | json_raw(b, ",\"state\":\"") |
+         json_raw(b, state_names[o->state]) | json_raw(b, "\",\"version\":") | json_int(b, o->version) |
+         json_raw(b, ",\"created_at\":") | json_int(b, o->created_at) | json_raw(b, ",\"updated_at\":") |
+         json_int(b, o->updated_at) | json_entries(b, "history", &o->hist) | json_entries(b, "late", &o->late) |
+         json_raw(b, "}\n");
+}
+
+typedef struct forget_wait {
+  ps_store_t *st;
+  size_t n;
+} forget_wait_t;
+
+/* wxd_journal_wait's callbacks for forget_due. */
+static int push_forgotten(lua_State *L, void *data, int err) {
+  forget_wait_t *w = data;
+  ps_store_t *st = w->st;
+  size_t n = w->n;
+  free(w);
+  if (err) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "journal: %s", strerror(err));
+    return 2;
+  }
+  pthread_mutex_lock(&st->mu);
+  reap(st);
+  pthread_mutex_unlock(&st->mu);
+  lua_pushnumber(L, (lua_Number)n);
+  return 1;
+}
+
+static void drop_forgotten(void *data) { free(data); } /* the next sweep reaps */
+
+static int push_fail(lua_State *L, const char *fmt, const char *a, const char *b) {
+  lua_pushnil(L);
+  lua_pushfstring(L, fmt, a, b);
+  return 2;
+}
+
+/* st:forget_due(final_cutoff_ms, settled_cutoff_ms, limit, archive_path|nil) -> n | nil, err
+ * Forgets at most `limit` due orders (see above), archiving them first
+ * unless archive_path is nil. Returns once their FORGET records are
+ * durable. Errors: "archive <path>: <strerror>" (nothing forgotten),
+ * "journal: <strerror>", "sweep running" (another call is between its scan
+ * and its records), "no memory". Blocks the calling thread for the
+ * archive's write and fsync. */
+static int store_forget_due(lua_State *L) {
+  ps_store_t *st = check_store(L);
+  int64_t final_cutoff = (int64_t)luaL_checknumber(L, 2), settled_cutoff = (int64_t)luaL_checknumber(L, 3);
+  lua_Integer limit = luaL_checkinteger(L, 4);
+  const char *archive = luaL_optstring(L, 5, NULL);
+  luaL_argcheck(L, limit > 0, 4, "limit must be > 0");
+  forget_wait_t *w = calloc(1, sizeof *w);
+  if (!w) return luaL_error(L, "wxd.order: out of memory");
+  wxd_buf_t lines = {0}, due = {0};
+  size_t n = 0;
+  int rc = 0, busy = 0, io = 0;
+  pthread_mutex_lock(&st->mu);
+  reap(st);
+  if (st->sweeping) busy = 1;
+  else if (st->j.io_errno) io = st->j.io_errno;
+  /* From where the last batch stopped, once around the table at most: a
+   * sweep's batches do not rescan the orders kept before them. */
+  size_t nb = st->nbuckets, start = nb ? st->sweep_at & (nb - 1) : 0;
+  for (size_t k = 0; k < nb && !busy && !io && !rc; k++) {
+    size_t i = (start + k) & (nb - 1);
+    for (ps_order_t *o = st->buckets[i]; o && n < (size_t)limit && !rc; o = o->next) {
+      /* An order whose last change is not durable yet waits for the next sweep. */
+      if (o->forget_seq || o->seq > st->j.durable || !is_forgettable(o, final_cutoff, settled_cutoff)) continue;
+      rc = put_str(&due, o->no) | put_i64(&due, o->version) | put_u32(&due, (uint32_t)o->late.n);
+      if (archive) rc |= put_archive_line(&lines, o);
+      n++;
+    }
+    if (n >= (size_t)limit) {
+      st->sweep_at = i; /* this bucket may hold more */
+      break;
+    }
+  }
+  if (n && !rc) st->sweeping = 1;
+  pthread_mutex_unlock(&st->mu);
+  int e = 0;
+  if (!busy && !io && !rc && n && archive) e = wxd_journal_append_file(archive, lines.data, lines.len);
+  wxd_buf_free(&lines);
+  if (busy || io || rc || !n || e) {
+    if (n && !rc) {
+      pthread_mutex_lock(&st->mu);
+      st->sweeping = 0;
+      pthread_mutex_unlock(&st->mu);
+    }
+    wxd_buf_free(&due);
+    free(w);
+    if (busy) return push_fail(L, "%s%s", "sweep running", "");
+    if (io) return push_fail(L, "journal: %s%s", strerror(io), "");
+    if (rc) return push_fail(L, "%s%s", "no memory", "");
+    if (e) return push_fail(L, "archive %s: %s", archive, strerror(e));
+    lua_pushnumber(L, 0);
+    return 1;
+  }
+  /* Archived: now the FORGET records, for the orders that did not change
+   * meanwhile (one that did keeps its place and its archive line is
+   * superseded by a later one when it is due again). */
+  uint64_t last = 0;
+  size_t forgot = 0;
+  wxd_jreader_t r = {(const unsigned char *)due.data, due.len, 0, 0};
+  pthread_mutex_lock(&st->mu);
+  int64_t at = now_ms();
+  for (size_t i = 0; i < n && !st->j.io_errno; i++) {
+    size_t len;
+    const char *s = wxd_jget_str(&r, &len);
+    int64_t version = wxd_jget_i64(&r);
+    uint32_t nlate = wxd_jget_u32(&r);
+    char no[PS_NO_MAX + 1];
+    if (!s || len > PS_NO_MAX) break;
+    memcpy(no, s, len);
+    no[len] = '\0';
+    ps_order_t *o = order_find(st, no);
+    if (!o || o->version != version || o->late.n != nlate) continue;
+    size_t mark = st->j.pending.len;
+    if (put_forget(&st->j.pending, o, at) != 0) {
+      st->j.pending.len = mark;
+      break;
+    }
+    o->forget_seq = last = journal_queued(st);
+    o->limbo_next = st->limbo;
+    st->limbo = o;
+    st->n_limbo++;
+    st->n_forgotten++;
+    forgot++;
+  }
+  io = st->j.io_errno;
+  st->sweeping = 0;
+  pthread_mutex_unlock(&st->mu);
+  wxd_buf_free(&due);
+  if (!forgot) {
+    free(w);
+    if (io) return push_fail(L, "journal: %s%s", strerror(io), "");
+    lua_pushnumber(L, 0);
+    return 1;
+  }
+  w->st = st;
+  w->n = forgot;
+  return wxd_journal_wait(L, &st->j, last, push_forgotten, drop_forgotten, w);
+}
+
+/* st:stats() -> { orders, transitions, duplicates, illegal, late, commits, forgotten } */
 static int store_stats(lua_State *L) {
   ps_store_t *st = check_store(L);
   pthread_mutex_lock(&st->mu);
-  lua_Number v[6] = {(lua_Number)st->count, (lua_Number)st->n_transitions, (lua_Number)st->n_duplicates,
-                     (lua_Number)st->n_illegal, (lua_Number)st->n_late, (lua_Number)st->j.commits};
+  lua_Number v[7] = {(lua_Number)(st->count - st->n_limbo), (lua_Number)st->n_transitions,
+                     (lua_Number)st->n_duplicates, (lua_Number)st->n_illegal, (lua_Number)st->n_late,
+                     (lua_Number)st->j.commits, (lua_Number)st->n_forgotten};
   pthread_mutex_unlock(&st->mu);
-  static const char *const names[6] = {"orders", "transitions", "duplicates", "illegal", "late", "commits"};
-  lua_createtable(L, 0, 6);
-  for (int i = 0; i < 6; i++) {
+  static const char *const names[7] = {"orders", "transitions", "duplicates", "illegal", "late", "commits",
+                                       "forgotten"};
+  lua_createtable(L, 0, 7);
+  for (int i = 0; i < 7; i++) {
     lua_pushnumber(L, v[i]);
     lua_setfield(L, -2, names[i]);
   }
@@ -909,13 +1179,31 @@ static int mod_pairs(lua_State *L) {
   return 2;
 }
 
+/* retention() -> { "FAILED", ... }, { "PAID", ... }: the states forgotten
+ * after the final and after the settled retention (Redis mode sets its
+ * keys' expiry from them). */
+static int mod_retention(lua_State *L) {
+  const unsigned sets[2] = {final_states, settled_states};
+  for (int k = 0; k < 2; k++) {
+    lua_newtable(L);
+    int n = 0;
+    for (int i = 0; i < S_COUNT; i++)
+      if (sets[k] & TO(i)) {
+        lua_pushstring(L, state_names[i]);
+        lua_rawseti(L, -2, ++n);
+      }
+  }
+  return 2;
+}
+
 int wxd_open_order(lua_State *L) {
   static const luaL_Reg methods[] = {{"create", store_create}, {"get", store_get},
                                      {"transition", store_transition},
                                      {"transition_checked", store_transition_checked}, {"due", store_due},
+                                     {"forget_due", store_forget_due},
                                      {"stats", store_stats}, {NULL, NULL}};
   static const luaL_Reg fns[] = {{"open", mod_open}, {"states", mod_states}, {"legal", mod_legal},
-                                 {"pairs", mod_pairs}, {NULL, NULL}};
+                                 {"pairs", mod_pairs}, {"retention", mod_retention}, {NULL, NULL}};
   luaL_newmetatable(L, STORE_MT);
   lua_createtable(L, 0, 5);
   luaL_register(L, NULL, methods);

@@ -25,8 +25,14 @@
  * replayed up to the first short or corrupt record (a torn tail is logged
  * and ignored) and then compacted: rewritten from memory into a temporary
  * file, fsync'd and renamed over the journal. After a write error the
- * store refuses changes until the process restarts. Orders are never
- * dropped, so the order journal is compacted only at open.
+ * store refuses changes until the process restarts. The order journal is
+ * compacted only at open.
+ *
+ * Retention (forget_due, docs/order.md): an order final or settled for
+ * long enough is appended to an archive file (fsync'd), then a FORGET
+ * record is queued and the order hidden; its memory is freed once the
+ * record is durable. Replay applies FORGET records; the compaction at open
+ * leaves the forgotten orders out.
  */
 #ifndef WXD_PAYSTATE_H
 #define WXD_PAYSTATE_H

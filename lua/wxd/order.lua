@@ -18,7 +18,9 @@
 --               prefix = "wxd:",             -- redis keys
 --               close_after = 1800,          -- seconds until an unpaid order closes; 0: never
 --               close_interval = 5,          -- seconds between scans for them
---               hook_retries = 8 }           -- attempts of a failing hook
+--               hook_retries = 8,            -- attempts of a failing hook
+--               retain = { final_days = 30, settled_days = 400, sweep_interval = 3600,
+--                          batch = 1000, archive = "orders.archive.jsonl" } }  -- false: keep all
 --
 -- Every call that changes or reads an order returns only once the change is
 -- durable; it yields the calling coroutine meanwhile.
@@ -236,6 +238,10 @@ end
 
 function Memory:due(cutoff_ms, limit) return self.st:due(cutoff_ms, limit) end
 
+function Memory:forget_due(final_cutoff, settled_cutoff, limit)
+  return self.st:forget_due(final_cutoff, settled_cutoff, limit, self.archive or nil)
+end
+
 function Memory:stats() return self.st:stats() end
 
 ------------------------------------------------------------------------
@@ -267,7 +273,8 @@ return {'ok', js}
 -- KEYS: order, unpaid zset, late counter. ARGV: to, key, event ('' none),
 -- data JSON ('' none), now ms, expected version ('' any), the legal pairs
 -- (" FROM>TO ... ", from the core), the late targets (" PAID ... "), the
--- channel to publish on.
+-- channel to publish on, the key's expiry in state `to` (ms, '0': none;
+-- retention).
 local TRANSITION = [[
 local cur = redis.call('GET', KEYS[1])
 if not cur then return {'not found'} end
@@ -292,7 +299,7 @@ if not string.find(ARGV[7], ' ' .. from .. '>' .. to .. ' ', 1, true) then
   local msg = 'illegal transition ' .. from .. ' -> ' .. to
   if from ~= to and string.find(ARGV[8], ' ' .. to .. ' ', 1, true) then
     o.late[#o.late + 1] = entry
-    redis.call('SET', KEYS[1], cjson.encode(o))
+    redis.call('SET', KEYS[1], cjson.encode(o), 'KEEPTTL')
     redis.call('INCR', KEYS[3])
     return {msg, '', 'late'}
   end
@@ -304,6 +311,7 @@ o.version = o.version + 1
 o.updated_at = now
 local js = cjson.encode(o)
 redis.call('SET', KEYS[1], js)
+if ARGV[10] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[10]) else redis.call('PERSIST', KEYS[1]) end
 if to ~= 'CREATED' and to ~= 'PAYING' then redis.call('ZREM', KEYS[2], o.out_trade_no) end
 redis.call('PUBLISH', ARGV[9], '{"out_trade_no":' .. cjson.encode(o.out_trade_no) .. ',"from":"' .. from
   .. '","state":"' .. to .. '","version":' .. string.format('%d', o.version) .. ',"event":' .. cjson.encode(event)
@@ -355,7 +363,8 @@ function Redis:transition(no, to, opts)
   local res, err, detail = self.r:eval(TRANSITION,
     { self:k(no), self.prefix .. "order:unpaid", self.prefix .. "order:late" },
     { to, opts.key, opts.event or "", data, str_format("%d", now_ms()),
-      opts.version and str_format("%d", opts.version) or "", PAIRS, LATE_TARGETS, "wxd:topic:order/" .. no })
+      opts.version and str_format("%d", opts.version) or "", PAIRS, LATE_TARGETS, "wxd:topic:order/" .. no,
+      self.expire_ms[to] or "0" })
   if not res then return nil, err, detail end
   if res[1] == "ok" or res[1] == "duplicate" then return redis_order(res[2]), res[1] end
   return nil, res[1], res[3]
@@ -368,6 +377,9 @@ function Redis:due(cutoff_ms, limit)
   if not res then return nil, err end
   return res
 end
+
+-- Redis forgets by itself: each key expires (retention set by TRANSITION).
+function Redis:forget_due() return 0 end
 
 function Redis:stats()
   local v = self.r:call("GET", self.prefix .. "order:late")
@@ -387,6 +399,52 @@ local function resolve_path(p)
   return dir and (dir .. "/" .. p) or p
 end
 
+local DAY_MS = 86400 * 1000
+-- Retention (docs/order.md, "Retention"). Final orders: WeChat Pay retries
+-- a notification for about 24 h, and a month covers a monthly
+-- reconciliation. Settled orders: a refund is allowed up to a year after
+-- the payment, plus a month for its notification and reconciliation.
+local RETAIN_DEFAULTS = { final_days = 30, settled_days = 400, sweep_interval = 3600, batch = 1000 }
+local RETAIN_KEYS = { final_days = true, settled_days = true, sweep_interval = true, batch = true, archive = true }
+
+-- The checked retention settings, or false (keep every order).
+local function retain_config(r)
+  if r == false then return false end
+  if r ~= nil and type(r) ~= "table" then error("wxd.order: retain must be a table or false", 3) end
+  r = r or {}
+  for k in pairs(r) do
+    if not RETAIN_KEYS[k] then error("wxd.order: unknown retain setting " .. tostring(k), 3) end
+  end
+  local c = {}
+  for k, default in pairs(RETAIN_DEFAULTS) do
+    local v = r[k]
+    if v == nil then v = default end
+    if type(v) ~= "number" or not (v > 0) or v == math.huge then
+      error("wxd.order: retain." .. k .. " must be a number > 0", 3)
+    end
+    c[k] = v
+  end
+  if c.batch ~= math_floor(c.batch) then error("wxd.order: retain.batch must be an integer > 0", 3) end
+  if r.archive ~= nil and r.archive ~= false and (type(r.archive) ~= "string" or r.archive == "") then
+    error("wxd.order: retain.archive must be a path or false", 3)
+  end
+  c.archive = r.archive
+  return c
+end
+
+local RETAIN_FINAL, RETAIN_SETTLED = core.retention()
+
+-- Redis mode: each key's expiry (ms, as text) in each state; none when kept.
+local function expire_ms(retain)
+  local t = {}
+  if not retain then return t end
+  -- At least 1 ms: "0" would mean no expiry.
+  local final, settled = math.max(1, retain.final_days * DAY_MS), math.max(1, retain.settled_days * DAY_MS)
+  for _, st in ipairs(RETAIN_FINAL) do t[st] = str_format("%d", final) end
+  for _, st in ipairs(RETAIN_SETTLED) do t[st] = str_format("%d", settled) end
+  return t
+end
+
 --- An order store with its own settings (the module's functions use the
 -- one of config.lua). Stores of the same journal path share their orders.
 -- @tparam[opt] table cfg as the `order` section of config.lua, plus
@@ -400,6 +458,7 @@ function _M.new(cfg)
   local backend = cfg.backend or (conf.store and conf.store.backend == "redis" and "redis") or "memory"
   local close_after = cfg.close_after or 1800
   if type(close_after) ~= "number" or close_after < 0 then error("wxd.order: close_after must be seconds >= 0", 2) end
+  local retain = retain_config(cfg.retain)
   local impl
   if backend == "memory" then
     local journal = cfg.journal
@@ -407,18 +466,28 @@ function _M.new(cfg)
     if journal ~= false and type(journal) ~= "string" then error("wxd.order: journal must be a path or false", 2) end
     local st, err = core.open(journal and resolve_path(journal) or nil)
     if not st then error("wxd.order: " .. err, 2) end
-    impl = setmetatable({ st = st }, Memory)
+    -- The archive: next to the journal unless said otherwise; none without
+    -- a journal (memory only) unless a path is given.
+    local archive = retain and retain.archive
+    if archive == nil and journal then
+      archive = (resolve_path(journal):match("^(.*)/[^/]*$") or ".") .. "/orders.archive.jsonl"
+    elseif archive then
+      archive = resolve_path(archive)
+    end
+    impl = setmetatable({ st = st, archive = archive or false }, Memory)
   elseif backend == "redis" then
     local redis = require "wxd.redis"
     local url = cfg.redis or conf.redis
     if url == nil then error('wxd.order: backend "redis" needs redis = "redis://..." in config.lua', 2) end
     local prefix = cfg.prefix or "wxd:"
     if type(prefix) ~= "string" then error("wxd.order: prefix must be a string", 2) end
-    impl = setmetatable({ r = redis.new(url), prefix = prefix, null = redis.null, close_after = close_after }, Redis)
+    if retain and retain.archive then error("wxd.order: retain.archive is for the memory backend (Redis keys expire)", 2) end
+    impl = setmetatable({ r = redis.new(url), prefix = prefix, null = redis.null, close_after = close_after,
+      expire_ms = expire_ms(retain) }, Redis)
   else
     error('wxd.order: unknown backend "' .. tostring(backend) .. '" (expected "memory" or "redis")', 2)
   end
-  return setmetatable({ impl = impl, backend = backend, close_after = close_after }, Orders)
+  return setmetatable({ impl = impl, backend = backend, close_after = close_after, retain = retain }, Orders)
 end
 
 --- Creates an order in state CREATED.
@@ -495,8 +564,40 @@ function Orders:close_due(limit)
   return n
 end
 
---- Counters: orders, transitions, duplicates, illegal, late, commits (memory);
--- late (redis).
+--- Forgets (memory backend) at most `limit` orders that are due under the
+-- retention: archived, then dropped from memory and the journal. Redis keys
+-- expire by themselves (0). `now_ms` (default: now) is for specs and tools.
+-- @treturn ?number how many were forgotten
+-- @treturn ?string "archive <path>: <error>" (nothing forgotten), "journal: <error>", ...
+function Orders:forget_due(limit, now_ms_)
+  if not self.retain then return 0 end
+  if limit ~= nil and (type(limit) ~= "number" or limit < 1) then
+    error("wxd.order.forget_due: limit must be a number >= 1", 2)
+  end
+  if now_ms_ ~= nil and type(now_ms_) ~= "number" then error("wxd.order.forget_due: now_ms must be a number", 2) end
+  local now = now_ms_ or now_ms()
+  return self.impl:forget_due(now - self.retain.final_days * DAY_MS, now - self.retain.settled_days * DAY_MS,
+    math_floor(limit or self.retain.batch))
+end
+
+--- One sweep: forget_due in batches of retain.batch until none is left,
+-- letting the worker serve between batches. Returns how many it forgot, or
+-- nil, err at the first failure (with the count so far).
+function Orders:sweep(now_ms_)
+  local total = 0
+  if not self.retain then return total end
+  local batch = self.retain.batch
+  while true do
+    local n, err = self:forget_due(batch, now_ms_)
+    if not n then return nil, err, total end
+    total = total + n
+    if n < batch then return total end
+    pcall(require("wxd.core").sleep, 0) -- between batches; outside a coroutine, straight on
+  end
+end
+
+--- Counters: orders, transitions, duplicates, illegal, late, commits, forgotten
+-- (memory); late (redis).
 function Orders:stats() return self.impl:stats() end
 
 local default
@@ -510,7 +611,8 @@ local function the_orders()
   return default
 end
 
-for _, name in ipairs({ "create", "get", "transition", "transition_checked", "close_due", "stats" }) do
+for _, name in ipairs({ "create", "get", "transition", "transition_checked", "close_due", "forget_due", "sweep",
+  "stats" }) do
   local method = Orders[name]
   _M[name] = function(...) return method(the_orders(), ...) end
 end
@@ -533,6 +635,25 @@ local function start_closer()
 end
 start_closer()
 
+--- Starts the retention sweep (worker 0, every retain.sweep_interval
+-- seconds) for the memory backend unless config.lua says retain = false.
+local function start_sweeper()
+  local wxd = require "wxd"
+  if not wxd.app_dir then return end
+  local cfg = type(wxd.config) == "table" and wxd.config.order or nil
+  cfg = type(cfg) == "table" and cfg or {}
+  if cfg.retain == false then return end
+  local ok, retain = pcall(retain_config, cfg.retain)
+  if not ok then return end -- the first order call raises with the message
+  require("wxd.timer").every(retain.sweep_interval * 1000, function()
+    local ok2, n, err = pcall(_M.sweep)
+    if not ok2 then log.error("order sweep failed", { error = tostring(n) })
+    elseif not n then log.error("order sweep failed; nothing more forgotten until the next sweep", { error = err })
+    elseif n > 0 then log.info("order sweep", { forgotten = n }) end
+  end, { worker = 0 })
+end
+start_sweeper()
+
 -- The store's own counters, copied into /metrics every few seconds by
 -- worker 0 (the store counts; this only shows it). Pay metrics can follow
 -- the same way.
@@ -540,13 +661,13 @@ local function start_metrics()
   local wxd = require "wxd"
   if not wxd.app_dir then return end
   local m = metrics.builtin("counter", "wxd_order_events_total",
-    "Order store counters: transitions, duplicates, illegal, late (events for a final state), commits",
+    "Order store counters: transitions, duplicates, illegal, late (events for a final state), commits, forgotten",
     { "kind" })
   local orders = metrics.builtin("gauge", "wxd_order_orders", "Orders in the embedded store")
   require("wxd.timer").every(5000, function()
     local ok, s = pcall(_M.stats)
     if not ok or type(s) ~= "table" then return end
-    for _, k in ipairs({ "transitions", "duplicates", "illegal", "late", "commits" }) do
+    for _, k in ipairs({ "transitions", "duplicates", "illegal", "late", "commits", "forgotten" }) do
       if s[k] then metrics.set_value(m, s[k], { k }) end
     end
     if s.orders then metrics.set_value(orders, s.orders) end
