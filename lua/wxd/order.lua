@@ -459,6 +459,8 @@ function _M.new(cfg)
   local close_after = cfg.close_after or 1800
   if type(close_after) ~= "number" or close_after < 0 then error("wxd.order: close_after must be seconds >= 0", 2) end
   local retain = retain_config(cfg.retain)
+  -- Redis keys that expire are deleted with no archive: only when asked.
+  if backend == "redis" and cfg.retain == nil then retain = false end
   local impl
   if backend == "memory" then
     local journal = cfg.journal

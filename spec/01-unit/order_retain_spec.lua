@@ -396,10 +396,16 @@ describe("wxd.order retention (redis)", function()
     assert.is_true(ttl <= 5 * DAY and ttl > 5 * DAY - 600000, ttl)
   end)
 
-  it("sets no expiry with retain = false, and an expired order is not found", function()
+  it("sets no expiry with retain = false or unset, and an expired order is not found", function()
     local s = order.new{ backend = "redis", redis = H.redis_url(), prefix = prefix .. "off:", retain = false }
     make(s, "OFF", "CLOSED")
     assert.equal(-1, assert(r:call("PTTL", prefix .. "off:order:OFF")))
+    -- Unset: off in Redis mode (expiry deletes; there is no archive).
+    local unset = order.new{ backend = "redis", redis = H.redis_url(), prefix = prefix .. "unset:" }
+    make(unset, "UNSET", "CLOSED")
+    make(unset, "UNSETP", "PAID")
+    assert.equal(-1, assert(r:call("PTTL", prefix .. "unset:order:UNSET")))
+    assert.equal(-1, assert(r:call("PTTL", prefix .. "unset:order:UNSETP")))
     assert.equal(0, s:forget_due(10))
     local short = order.new{ backend = "redis", redis = H.redis_url(), prefix = prefix .. "short:",
       retain = { final_days = 1e-7 } } -- about 9 ms
