@@ -379,7 +379,7 @@ function Redis:due(cutoff_ms, limit)
 end
 
 -- Redis forgets by itself: each key expires (retention set by TRANSITION).
-function Redis:forget_due() return 0 end
+function Redis.forget_due() return 0 end
 
 function Redis:stats()
   local v = self.r:call("GET", self.prefix .. "order:late")
@@ -419,7 +419,7 @@ local function retain_config(r)
   for k, default in pairs(RETAIN_DEFAULTS) do
     local v = r[k]
     if v == nil then v = default end
-    if type(v) ~= "number" or not (v > 0) or v == math.huge then
+    if type(v) ~= "number" or v ~= v or v <= 0 or v == math.huge then -- v ~= v: NaN
       error("wxd.order: retain." .. k .. " must be a number > 0", 3)
     end
     c[k] = v

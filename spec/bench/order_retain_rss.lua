@@ -78,7 +78,8 @@ end
 local dir = io.popen("mktemp -d /tmp/wxd-bench.XXXXXX"):read("*l")
 local function run(mode)
   os.execute("mkdir -p " .. dir .. "/" .. mode)
-  local cmd = string.format("BENCH_RETAIN_CHILD=%s BENCH_RETAIN_DIR=%s/%s BENCH_RETAIN_N=%d BENCH_RETAIN_ROUNDS=%d %s script %s 2>/dev/null",
+  local cmd = string.format("BENCH_RETAIN_CHILD=%s BENCH_RETAIN_DIR=%s/%s BENCH_RETAIN_N=%d BENCH_RETAIN_ROUNDS=%d "
+    .. "%s script %s 2>/dev/null",
     mode, dir, mode, N, ROUNDS, os.getenv("WXD") or "build/wxd", "spec/bench/order_retain_rss.lua")
   local p = assert(io.popen(cmd))
   local rows = {}
