@@ -65,6 +65,10 @@ int wxd_bell_post(wxd_bell_t *b, wxd_bell_item_t *it) {
     pthread_mutex_unlock(&b->mu);
     return -1;
   }
+  if (it->queued) { /* posted again before it ran: it runs once, as an async's sends do */
+    pthread_mutex_unlock(&b->mu);
+    return 0;
+  }
   it->next = NULL;
   it->prev = b->tail;
   if (b->tail) b->tail->next = it;

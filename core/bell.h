@@ -46,7 +46,8 @@ int wxd_bell_open(wxd_bell_t *b, uv_loop_t *loop);
 void wxd_bell_close(wxd_bell_t *b);
 /* After the handle's close completed (the loop ran out): frees the mutex. */
 void wxd_bell_destroy(wxd_bell_t *b);
-/* Any thread: queues `it` and wakes the loop. 0, or -1 when closed. */
+/* Any thread: queues `it` and wakes the loop (an item queued already stays
+ * queued once). 0, or -1 when closed. */
 int wxd_bell_post(wxd_bell_t *b, wxd_bell_item_t *it);
 /* Loop thread: takes back an item that is still queued (its waiter went away). */
 void wxd_bell_unpost(wxd_bell_t *b, wxd_bell_item_t *it);

@@ -1,6 +1,7 @@
 /* shdict: see shdict.h. */
 #include "shdict.h"
 
+#include "bell.h"
 #include "crypto.h"
 
 #include <errno.h>
@@ -45,20 +46,21 @@ typedef struct shd_entry {
 } shd_entry_t;
 
 /* A coroutine waiting for a lock, or for a key's value to change
- * (wait_change). Lives on its waiter's loop; the memory is freed once both
- * handles are closed. Fields marked (mu) are guarded by the dictionary's
+ * (wait_change). Lives on its waiter's loop; the memory is freed once its
+ * timer is closed. Fields marked (mu) are guarded by the dictionary's
  * mutex: a thread removing (or, for a change waiter, writing) a key reads
- * them and sends `wake`. */
+ * them and posts `wake` to the waiter's loop bell (core/bell.c). */
 typedef struct shd_waiter {
-  uv_async_t wake;                  /* sent when the key goes away (or changes) */
-  uv_timer_t timer;                 /* timeout, or the holder's expiry */
+  wxd_bell_item_t wake;             /* first member: posted to the loop's bell when the key
+                                     * goes away (or changes) */
+  wxd_bell_t *bell;                 /* the waiting coroutine's loop's */
+  uv_timer_t timer;                 /* timeout, or the holder's expiry; keeps the loop alive */
   wxd_co_t *co;
   wxd_shdict_t *d;
   struct shd_waiter *prev, *next;   /* d->waiters (mu) */
   int linked;                       /* queued on d->waiters (mu) */
   int woken;                        /* dequeued by a remover (mu) */
   int done;                         /* resumed or cancelled (loop thread) */
-  int nclosed;                      /* handles closed (loop thread) */
   int change;                       /* a wait_change waiter, not a lock's */
   uint8_t otype;                    /* change: the value waited away from */
   double onum;
@@ -263,7 +265,7 @@ static void wake_key(wxd_shdict_t *d, const char *key, size_t klen, uint64_t has
       if (!w->change) what &= ~WAKE_LOCK;
       waiter_dequeue(d, w);
       w->woken = 1;
-      uv_async_send(&w->wake);
+      wxd_bell_post(w->bell, &w->wake);
       if (!(what & WAKE_LOCK) && (!(what & WAKE_CHANGE) || d->nchange == 0)) return;
     }
     w = next;
@@ -832,7 +834,7 @@ static int dict_flush_all(lua_State *L) {
     shd_waiter_t *w = d->waiters;
     waiter_dequeue(d, w);
     w->woken = 1;
-    uv_async_send(&w->wake);
+    wxd_bell_post(w->bell, &w->wake);
   }
   pthread_mutex_unlock(&d->mu);
   return 0;
@@ -879,19 +881,18 @@ static int dict_tostring(lua_State *L) {
 
 /* ---- locks ---- */
 
-static void waiter_closed(uv_handle_t *h) {
-  shd_waiter_t *w = h->data;
-  if (++w->nclosed == 2) free(w);
-}
+static void waiter_closed(uv_handle_t *h) { free(h->data); }
 
+/* A wake-up still queued on the bell is taken back; the memory goes with
+ * the timer's close (at once when the worker's final walk closed it). */
 static void waiter_close(shd_waiter_t *w) {
-  uv_close((uv_handle_t *)&w->wake, waiter_closed);
-  uv_close((uv_handle_t *)&w->timer, waiter_closed);
+  wxd_bell_unpost(w->bell, &w->wake);
+  if (uv_is_closing((uv_handle_t *)&w->timer)) free(w);
+  else uv_close((uv_handle_t *)&w->timer, waiter_closed);
 }
 
 /* Woken (the key went away), or the timer fired: leave the queue and let
- * lock.lua try again. Taking the mutex also waits out a remover that is
- * still inside uv_async_send. */
+ * lock.lua try again. */
 static void waiter_resume(shd_waiter_t *w) {
   if (w->done) return;
   w->done = 1;
@@ -907,8 +908,8 @@ static void waiter_resume(shd_waiter_t *w) {
 
 static void change_recheck(shd_waiter_t *w);
 
-static void waiter_on_wake(uv_async_t *a) {
-  shd_waiter_t *w = a->data;
+static void waiter_on_wake(wxd_bell_item_t *it) {
+  shd_waiter_t *w = (shd_waiter_t *)it;
   if (w->change) change_recheck(w);
   else waiter_resume(w);
 }
@@ -949,7 +950,7 @@ static int dict_lock(lua_State *L) {
   wxd_co_t *co = wxd_co_lookup(L);
   uint64_t h = hash_key(d, key, klen);
   shd_waiter_t *w = NULL;
-  if (wait_ms > 0 && co) {
+  if (wait_ms > 0 && co && co->vm->bell) { /* no bell (wxd check): no waiting */
     w = calloc(1, sizeof *w + klen);
     if (!w) return push_result(L, SHD_NOMEM);
     memcpy(w->key, key, klen);
@@ -974,18 +975,10 @@ static int dict_lock(lua_State *L) {
   }
   /* Queued under the same mutex hold as the failed attempt, so that an
    * unlock in between cannot be missed. */
-  int arc = uv_async_init(co->vm->loop, &w->wake, waiter_on_wake);
-  if (arc == 0) {
-    w->wake.data = w;
-    waiter_link(d, w);
-  }
+  w->wake.run = waiter_on_wake;
+  w->bell = co->vm->bell;
+  waiter_link(d, w);
   pthread_mutex_unlock(&d->mu);
-  if (arc != 0) {
-    free(w);
-    lua_pushnil(L);
-    lua_pushstring(L, uv_strerror(arc));
-    return 2;
-  }
   double ms = ceil(wait_ms);
   if (holder) {
     double left = ceil((double)(holder - now) / 1e6) + 1;
@@ -1170,19 +1163,11 @@ static int dict_wait_change(lua_State *L) {
        * between cannot be missed. */
       wxd_co_t *co = w->co;
       uint64_t expire = e ? e->expire_ns : 0;
-      int arc = uv_async_init(co->vm->loop, &w->wake, waiter_on_wake);
-      if (arc == 0) {
-        w->wake.data = w;
-        w->deadline_ns = now + (uint64_t)(timeout * 1e9);
-        waiter_link(d, w);
-      }
+      w->wake.run = waiter_on_wake;
+      w->bell = co->vm->bell;
+      w->deadline_ns = now + (uint64_t)(timeout * 1e9);
+      waiter_link(d, w);
       pthread_mutex_unlock(&d->mu);
-      if (arc != 0) {
-        free(w);
-        lua_pushnil(L);
-        lua_pushstring(L, uv_strerror(arc));
-        return 2;
-      }
       uv_timer_init(co->vm->loop, &w->timer);
       w->timer.data = w;
       change_arm(w, expire, now);
@@ -1191,6 +1176,7 @@ static int dict_wait_change(lua_State *L) {
     pthread_mutex_unlock(&d->mu);
     /* Waiting: allocate outside the mutex, then look again. */
     wxd_co_t *co = wxd_co_current(L, "wxd.shdict wait_change"); /* raises outside a coroutine */
+    if (!co->vm->bell) return luaL_error(L, "wxd.shdict wait_change: this loop has no bell to be woken by");
     size_t olen = old.type == SHD_STRING ? old.len : 0;
     w = calloc(1, sizeof *w + klen + olen);
     if (!w) return push_result(L, SHD_NOMEM);
