@@ -1,8 +1,8 @@
 /* bell: other threads hand work to one event loop, with one uv_async_t.
  *
  * A thread that finishes something a coroutine waits for (the journal's
- * writer, after an fdatasync) posts the waiter's item to the bell of the
- * coroutine's loop; the loop runs the posted items, in order, from one
+ * writer after an fdatasync; a worker that unlocks or writes a shdict key)
+ * posts the waiter's item to the bell of the coroutine's loop; the loop runs the posted items, in order, from one
  * async callback. However many items a batch posts, the loop is woken once
  * (libuv coalesces the sends of one handle), and no handle is made or
  * closed per wait.
