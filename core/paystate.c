@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <lauxlib.h>
 #include <limits.h>
+#include <stdarg.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -1004,9 +1005,13 @@ static int push_forgotten(lua_State *L, void *data, int err) {
 
 static void drop_forgotten(void *data) { free(data); } /* the next sweep reaps */
 
-static int push_fail(lua_State *L, const char *fmt, const char *a, const char *b) {
+/* nil, message (lua_pushfstring's format). */
+static int push_fail(lua_State *L, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
   lua_pushnil(L);
-  lua_pushfstring(L, fmt, a, b);
+  lua_pushvfstring(L, fmt, ap);
+  va_end(ap);
   return 2;
 }
 
@@ -1062,9 +1067,9 @@ static int store_forget_due(lua_State *L) {
     }
     wxd_buf_free(&due);
     free(w);
-    if (busy) return push_fail(L, "%s%s", "sweep running", "");
-    if (io) return push_fail(L, "journal: %s%s", strerror(io), "");
-    if (rc) return push_fail(L, "%s%s", "no memory", "");
+    if (busy) return push_fail(L, "sweep running");
+    if (io) return push_fail(L, "journal: %s", strerror(io));
+    if (rc) return push_fail(L, "no memory");
     if (e) return push_fail(L, "archive %s: %s", archive, strerror(e));
     lua_pushnumber(L, 0);
     return 1;
@@ -1106,7 +1111,7 @@ static int store_forget_due(lua_State *L) {
   wxd_buf_free(&due);
   if (!forgot) {
     free(w);
-    if (io) return push_fail(L, "journal: %s%s", strerror(io), "");
+    if (io) return push_fail(L, "journal: %s", strerror(io));
     lua_pushnumber(L, 0);
     return 1;
   }

@@ -68,6 +68,17 @@ local function metric(port, colour)
   return tonumber(body:match('wxd_gray_requests_total{colour="' .. colour .. '"} (%d+)')) or 0
 end
 
+-- What the upstream `up` received from a task that a request with
+-- `headers` spawned (/later), once the task has called it.
+local function task_call(srv, id, up, headers)
+  assert.equal("spawned", srv:get("/later?id=" .. id .. "&url=" .. up, headers).body)
+  local res = H.wait_until(function()
+    local b = srv:get("/result?id=" .. id).body
+    return b ~= "" and b
+  end, 5, "the task's call")
+  return cjson.decode(res)
+end
+
 local function reload(srv)
   local out, code = H.sh(H.WXD .. " reload --pid " .. srv.dir .. "/wxd.pid")
   assert.equal(0, code, out)
@@ -219,12 +230,7 @@ describe("gray release", function()
     assert.is_false(got.gray)
     assert.equal("tenant=acme", got.baggage)
     -- A task spawned by a coloured request calls out with its colour.
-    assert.equal("spawned", srv:get("/later?id=t1&url=" .. up, { ["X-User-Region"] = "shanghai" }).body)
-    local res = H.wait_until(function()
-      local b = srv:get("/result?id=t1").body
-      return b ~= "" and b
-    end, 5, "the task's call")
-    got = cjson.decode(res)
+    got = task_call(srv, "t1", up, { ["X-User-Region"] = "shanghai" })
     assert.equal("sh", got.gray)
     assert.equal("wxd-gray=sh", got.baggage)
   end)
@@ -252,12 +258,7 @@ describe("gray release with trace = false", function()
     assert.same({ "v2", "wxd-gray=v2" }, { got.gray, got.baggage })
     got = cjson.decode(cjson.decode(srv:get("/call?url=" .. up, { ["X-OpenID"] = "oNoTrace2" }).body).upstream)
     assert.same({ false, false }, { got.gray, got.baggage })
-    assert.equal("spawned", srv:get("/later?id=nt1&url=" .. up, { ["X-User-Region"] = "shanghai" }).body)
-    local res = H.wait_until(function()
-      local b = srv:get("/result?id=nt1").body
-      return b ~= "" and b
-    end, 5, "the task's call")
-    got = cjson.decode(res)
+    got = task_call(srv, "nt1", up, { ["X-User-Region"] = "shanghai" })
     assert.same({ "sh", "wxd-gray=sh" }, { got.gray, got.baggage })
   end)
 end)
